@@ -1,0 +1,317 @@
+"""Staged execution of timm models: run a backbone section by section, cut after chosen stages.
+
+A backbone with shallow exits after ``feature_info`` stages ``e_1 < … < e_{K-1}`` is run as K
+sections: section ``k`` (0-based) ends at stage ``e_{k+1}``, the last section runs to the end of
+``forward_features``. ``head`` then runs the backbone's own ``forward_head``: it is the deepest
+classifier. Hidden states between sections keep the backbone's own layout (NCHW for CNNs, NHWC for
+Swin, tokens for ViT); ``to_map`` turns one into the NCHW map an exit head reads.
+
+Runners hold references to the backbone's modules in plain Python lists, so the modules stay
+registered once, under the timm model (safetensors refuses shared tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+NUM_DEFAULT_SHALLOW_EXITS = 3  # four classifiers in all, as the papers recommend (TPAMI §4.8-4.9)
+STEM_MAX_REDUCTION = 2
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One ``feature_info`` entry: output of ``module`` has ``num_chs`` channels at ``reduction``."""
+
+    index: int
+    module: str
+    num_chs: int
+    reduction: int
+
+
+def model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def feature_stages(model: nn.Module) -> list[Stage]:
+    """The backbone's ``feature_info`` as ``Stage``s; a clear error where there is none."""
+    info = getattr(model, "feature_info", None)
+    if info is None or len(info) == 0:
+        raise ValueError(
+            f"cannot wrap {model_name(model)!r}: it has no feature_info, so its stages are unknown. "
+            "Pass a timm model created with timm.create_model(...) from a family that reports "
+            "feature_info (ResNet, EfficientNet, ConvNeXt, ViT, Swin, …)."
+        )
+    entries = info.info if hasattr(info, "info") else info
+    return [Stage(i, e["module"], int(e["num_chs"]), int(e["reduction"])) for i, e in enumerate(entries)]
+
+
+def default_exit_indices(stages: list[Stage]) -> list[int]:
+    """Papers' default placement: three shallow exits at the ends of the main sections.
+
+    Candidates are every stage but the last (whose head is the backbone's) and but the stem
+    (stages at reduction <= 2, kept only if nothing else is left). Where more than three remain
+    (ViT: 12 equal blocks), exits go at 1/4, 2/4 and 3/4 of the candidates' depth.
+    """
+    candidates = [s.index for s in stages[:-1] if s.reduction > STEM_MAX_REDUCTION]
+    if not candidates:
+        candidates = [s.index for s in stages[:-1]]
+    m = len(candidates)
+    if m <= NUM_DEFAULT_SHALLOW_EXITS:
+        return candidates
+    n = NUM_DEFAULT_SHALLOW_EXITS + 1
+    positions = sorted({int(k * (m + 1) / n + 0.5) for k in range(1, n)})  # 1-based, half-up
+    return [candidates[p - 1] for p in positions]
+
+
+def resolve_exit_indices(model: nn.Module, exits: list[int | str] | None) -> list[int]:
+    """``ScanConfig.exits`` → ascending ``feature_info`` indices, validated against the model."""
+    stages = feature_stages(model)
+    if exits is None:
+        return default_exit_indices(stages)
+    n = len(stages)
+    by_name = {s.module: s.index for s in stages}
+    resolved = []
+    for i, e in enumerate(exits):
+        if isinstance(e, str):
+            if e not in by_name:
+                raise ValueError(
+                    f"ScanConfig.exits[{i}] = {e!r} is not a feature_info module of {model_name(model)!r}; "
+                    f"valid names are {[s.module for s in stages[:-1]]}"
+                )
+            idx = by_name[e]
+        else:
+            if not -n <= e < n:
+                raise ValueError(
+                    f"ScanConfig.exits[{i}] = {e} is out of range for {model_name(model)!r}: valid "
+                    f"feature_info indices are 0..{n - 2} (or {-n}..-2)"
+                )
+            idx = e % n
+        if idx == n - 1:
+            raise ValueError(
+                f"ScanConfig.exits[{i}] = {e!r} names the last stage ({stages[-1].module!r}) of "
+                f"{model_name(model)!r}, whose head is the backbone's own classifier; choose from "
+                f"indices 0..{n - 2}"
+            )
+        resolved.append(idx)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"ScanConfig.exits {exits!r} names the same stage twice for {model_name(model)!r}")
+    return sorted(resolved)
+
+
+class _ClassifierInput:
+    """Forward pre-hook on the backbone's classifier: records its input while ``active``.
+
+    It never changes what the classifier computes; it is inert when the backbone runs on its own.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.value: Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.active:
+            self.value = args[0]
+
+
+def _run(modules: list[nn.Module], h: Tensor) -> Tensor:
+    for m in modules:
+        h = m(h)
+    return h
+
+
+class StagedBackbone:
+    """Base runner: ``sections``, ``to_map`` and ``head`` of a timm model cut after ``cuts``.
+
+    Subclasses fill ``self.sections`` (K lists of callables) from ``self.cuts`` (the shallow exits'
+    ``feature_info`` indices).
+    """
+
+    def __init__(self, model: nn.Module, cuts: list[int]) -> None:
+        self.model = model
+        self.cuts = list(cuts)
+        classifier = model.get_classifier()
+        if not isinstance(classifier, nn.Module):
+            raise ValueError(
+                f"cannot wrap {model_name(model)!r}: it has several classifiers ({type(classifier).__name__}); "
+                "only models with one classification head are supported"
+            )
+        self._capture = _ClassifierInput()
+        classifier.register_forward_pre_hook(self._capture)
+        self.sections: list[list[Any]] = []
+
+    @property
+    def num_sections(self) -> int:
+        return len(self.sections)
+
+    def run_section(self, k: int, h: Tensor) -> Tensor:
+        """Section ``k`` (0-based); section 0 takes the image ``(B, 3, H, W)``."""
+        return _run(self.sections[k], h)
+
+    def to_map(self, h: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """Hidden state after a section → ``(B, C, H', W')`` feature map."""
+        return h
+
+    def head(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Last section's output → (logits ``(B, num_classes)``, pre-logits ``(B, head_hidden_size)``).
+
+        Runs the backbone's own ``forward_head``; the pre-logits are the classifier's input.
+        """
+        self._capture.active = True
+        try:
+            logits = self.model.forward_head(h)
+            pre_logits = self._capture.value
+        finally:
+            self._capture.active = False
+            self._capture.value = None
+        return logits, pre_logits
+
+
+class SequentialStages(StagedBackbone):
+    """Most CNNs and Swin: ``forward_features`` runs top-level children in order.
+
+    The children that ``forward_features`` calls are recorded once on ``example``; a child that
+    holds a cut (``blocks.2`` inside ``blocks``) is expanded if it is an ``nn.Sequential``.
+    """
+
+    def __init__(self, model: nn.Module, cuts: list[int], example: Tensor) -> None:
+        super().__init__(model, cuts)
+        stages = feature_stages(model)
+        self.output_fmt = getattr(model, "output_fmt", "NCHW")
+        path = [(name, module) for name, module in _children_called(model, example)]
+        cut_names = [stages[c].module for c in self.cuts]
+        for name in cut_names:
+            path = _expand_to(model, path, name)
+        names = [n for n, _ in path]
+        self.sections = []
+        start = 0
+        for name in cut_names:
+            end = names.index(name) + 1
+            self.sections.append([m for _, m in path[start:end]])
+            start = end
+        self.sections.append([m for _, m in path[start:]])
+
+    def to_map(self, h: Tensor, image_size: tuple[int, int]) -> Tensor:
+        return h.permute(0, 3, 1, 2) if self.output_fmt == "NHWC" else h
+
+
+class VitStages(StagedBackbone):
+    """timm ``VisionTransformer``: embeddings, blocks and norm run by hand, tokens → maps."""
+
+    def __init__(self, model: VisionTransformer, cuts: list[int]) -> None:
+        super().__init__(model, cuts)
+        blocks = list(model.blocks)
+        prelude = [model.patch_embed, model._pos_embed, model.patch_drop, model.norm_pre]
+        bounds = [0] + [c + 1 for c in self.cuts] + [len(blocks)]
+        self.sections = [blocks[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        self.sections[0] = prelude + self.sections[0]
+        self.sections[-1] = self.sections[-1] + [model.norm]
+
+    def to_map(self, h: Tensor, image_size: tuple[int, int]) -> Tensor:
+        vit: VisionTransformer = self.model
+        grid_h, grid_w = vit.patch_embed.dynamic_feat_size(image_size)
+        tokens = h[:, vit.num_prefix_tokens :]
+        return tokens.reshape(h.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2)
+
+
+def _children_called(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Module]]:
+    """Top-level children that ``forward_features`` calls, in call order (each once)."""
+    called: list[tuple[str, nn.Module]] = []
+    handles = []
+    for name, child in model.named_children():
+        def record(module: nn.Module, args: Any, name: str = name) -> None:
+            if all(n != name for n, _ in called):
+                called.append((name, module))
+        handles.append(child.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            model.forward_features(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return called
+
+
+def _expand_to(model: nn.Module, path: list[tuple[str, nn.Module]], target: str) -> list[tuple[str, nn.Module]]:
+    """Expand the containers in ``path`` until the module named ``target`` is an entry of it."""
+    while all(n != target for n, _ in path):
+        parent = next((i for i, (n, _) in enumerate(path) if target.startswith(n + ".")), None)
+        if parent is None:
+            raise ValueError(
+                f"cannot wrap {model_name(model)!r}: stage module {target!r} is not reached by running "
+                "its top-level children in order; this family needs a runner of its own. Choose other "
+                "exits (ScanConfig.exits) or another model."
+            )
+        name, container = path[parent]
+        if type(container).forward is not nn.Sequential.forward:
+            raise ValueError(
+                f"cannot wrap {model_name(model)!r}: stage {target!r} sits inside {name!r}, a "
+                f"{type(container).__name__} that cannot be cut into sections (only nn.Sequential "
+                "can). Choose exits at top-level stages (ScanConfig.exits) or another model."
+            )
+        inner = [(f"{name}.{n}", m) for n, m in container.named_children()]
+        path = path[:parent] + inner + path[parent + 1 :]
+    return path
+
+
+def build_staged(model: nn.Module, cuts: list[int], example: Tensor) -> StagedBackbone:
+    """The runner for ``model`` (ViT by hand, the rest sequentially); not yet verified."""
+    if isinstance(model, VisionTransformer):
+        return VitStages(model, cuts)
+    return SequentialStages(model, cuts, example)
+
+
+def verify_staged(staged: StagedBackbone, example: Tensor) -> None:
+    """Prove on ``example`` that staged features and logits equal the backbone's own.
+
+    Compares each cut's feature map with ``forward_intermediates`` and the final logits with
+    ``model(x)``, in eval mode (training flags are restored). Raises ``ValueError`` on mismatch.
+    """
+    model = staged.model
+    name = model_name(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected_logits = model(example)
+            expected_maps = []
+            if staged.cuts and hasattr(model, "forward_intermediates"):
+                expected_maps = model.forward_intermediates(
+                    example, indices=staged.cuts, intermediates_only=True, stop_early=True
+                )
+            image_size = tuple(example.shape[-2:])
+            h = example
+            maps = []
+            for k in range(staged.num_sections):
+                h = staged.run_section(k, h)
+                if k < len(staged.cuts):
+                    maps.append(staged.to_map(h, image_size))
+            logits, _ = staged.head(h)
+    except Exception as exc:
+        raise ValueError(
+            f"cannot wrap {name!r}: running it section by section failed ({type(exc).__name__}: {exc}). "
+            "Its forward does more than run its children in order; this family needs a runner of its own."
+        ) from exc
+    finally:
+        model.train(was_training)
+    for stage, got, want in zip(staged.cuts, maps, expected_maps):
+        _check_close(name, f"feature map of stage {stage}", got, want)
+    _check_close(name, "logits", logits, expected_logits)
+
+
+def _check_close(name: str, what: str, got: Tensor, want: Tensor) -> None:
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        detail = (
+            f"shape {tuple(got.shape)} vs {tuple(want.shape)}"
+            if got.shape != want.shape
+            else f"max abs difference {(got - want).abs().max().item():.3g}"
+        )
+        raise ValueError(
+            f"cannot wrap {name!r}: the staged {what} differ from the backbone's own ({detail}). "
+            "Its forward does more than run its children in order; this family needs a runner of its own."
+        )

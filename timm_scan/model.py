@@ -1,0 +1,186 @@
+"""MultiExitModel and ``wrap``: a timm backbone plus shallow exits, run section by section."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .backbone import Stage, StagedBackbone, build_staged, feature_stages, model_name, resolve_exit_indices, verify_staged
+from .config import ScanConfig
+from .flops import count_macs
+from .heads import ExitHead
+
+CHECK_BATCH = 2
+
+
+class MultiExitOutput(NamedTuple):
+    """Outputs of all K exits, shallowest first, deepest (the backbone's own head) last.
+
+    ``logits[i]``: ``(B, num_classes)``. ``features[i]``: ``(B, feature_dim)``, exit i's pooled
+    feature projected to the deepest classifier's pre-logits width; ``features[-1]`` is that
+    pre-logits feature itself (the input of the backbone's classifier).
+    """
+
+    logits: list[Tensor]
+    features: list[Tensor]
+
+
+class MultiExitModel(nn.Module):
+    """A timm backbone with shallow exits; build it with ``timm_scan.wrap``.
+
+    Exits are numbered 0..K-1 from the shallowest; exit K-1 is the backbone's own head. Section k
+    (0-based) runs the backbone from exit k-1's stage to exit k's, so a sample can stop after any
+    exit without computing deeper sections. The backbone stays a plain timm model under
+    ``self.backbone``; the heads are ``self.exits`` (K-1 of them).
+    """
+
+    def __init__(self, backbone: nn.Module, config: ScanConfig, staged: StagedBackbone, heads: list[ExitHead]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.exits = nn.ModuleList(heads)
+        self.config = config
+        self._staged = staged  # plain object: the backbone's modules stay registered once
+        stages = feature_stages(backbone)
+        self.exit_stages: list[Stage] = [stages[i] for i in config.exits] + [stages[-1]]
+        self.train(backbone.training)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits) + 1
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.num_classes
+
+    def forward_section(self, k: int, h: Tensor) -> Tensor:
+        """Run section k on hidden state ``h`` (the image ``(B, 3, H, W)`` for k = 0)."""
+        return self._staged.run_section(k, h)
+
+    def exit_logits(self, k: int, h: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """Logits ``(B, num_classes)`` of exit k from section k's output; ``image_size`` is the
+        input's ``(H, W)`` (ViTs need it to lay tokens out as a map)."""
+        if k == self.num_exits - 1:
+            return self._staged.head(h)[0]
+        return self.exits[k](self._staged.to_map(h, image_size))[0]
+
+    def forward(self, x: Tensor) -> MultiExitOutput:
+        image_size = (x.shape[-2], x.shape[-1])
+        logits, features = [], []
+        h = x
+        for k in range(self.num_exits):
+            h = self._staged.run_section(k, h)
+            if k < self.num_exits - 1:
+                head = self.exits[k]
+                out, pooled = head(self._staged.to_map(h, image_size))
+                feature = head.proj(pooled)
+            else:
+                out, feature = self._staged.head(h)
+            logits.append(out)
+            features.append(feature)
+        return MultiExitOutput(logits, features)
+
+    def exit_macs(self, input_size: tuple[int, int, int]) -> list[int]:
+        """Cumulative MACs for one sample of ``input_size`` (C, H, W) to leave at each exit.
+
+        Entry i counts sections 0..i and the heads of exits 0..i (a sample reaching exit i has had
+        every shallower head evaluated). The last entry is ``backbone_macs`` plus all shallow heads.
+        """
+        x = self._dummy(input_size)
+        image_size = (x.shape[-2], x.shape[-1])
+        total, cumulative = 0, []
+        with _eval(self), torch.no_grad():
+            h = x
+            for k in range(self.num_exits):
+                total += count_macs(self._staged.run_section, k, h)
+                h = self._staged.run_section(k, h)
+                total += count_macs(self.exit_logits, k, h, image_size)
+                cumulative.append(total)
+        return cumulative
+
+    def backbone_macs(self, input_size: tuple[int, int, int]) -> int:
+        """MACs of the plain backbone for one sample: the baseline of every acceleration ratio."""
+        with _eval(self):
+            return count_macs(self.backbone, self._dummy(input_size))
+
+    def _dummy(self, input_size: tuple[int, int, int]) -> Tensor:
+        if len(input_size) != 3 or not all(isinstance(v, int) and v > 0 for v in input_size):
+            raise ValueError(f"input_size must be (channels, height, width) of positive ints; got {input_size!r}")
+        p = next(self.parameters())
+        return torch.zeros((1, *input_size), device=p.device, dtype=p.dtype)
+
+
+class _eval:
+    """Context manager: eval mode inside, the previous training flags restored after."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.flags = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.flags:
+            m.training = flag
+
+
+def wrap(
+    model: nn.Module,
+    config: ScanConfig | None = None,
+    *,
+    check_input_size: tuple[int, int, int] | None = None,
+) -> MultiExitModel:
+    """Turn a timm model into a ``MultiExitModel`` with shallow exits after ``config.exits``.
+
+    The model is used as is (weights, head and ``pretrained_cfg`` included) and what it computes is
+    unchanged: one forward pre-hook on its classifier records the pre-logits while the wrapper
+    runs. Wrapping proves staged execution on a random batch of ``check_input_size`` (default: the
+    model's ``pretrained_cfg`` input size) against ``forward_intermediates`` and ``model(x)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"wrap expects a timm model (torch.nn.Module); got {type(model).__name__}")
+    config = config if config is not None else ScanConfig()
+    name = model_name(model)
+    stages = feature_stages(model)
+    num_classes = getattr(model, "num_classes", 0)
+    if not num_classes:
+        raise ValueError(
+            f"cannot wrap {name!r}: it has no classifier (num_classes={num_classes}); create it with "
+            "timm.create_model(..., num_classes=N)"
+        )
+    cuts = resolve_exit_indices(model, config.exits)
+    example = _check_input(model, check_input_size)
+    staged = build_staged(model, cuts, example)
+    verify_staged(staged, example)
+
+    feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
+    out_chs = config.head_channels or stages[-1].num_chs
+    num_exits = len(cuts) + 1
+    heads = [
+        ExitHead(
+            in_chs=stages[c].num_chs,
+            in_reduction=stages[c].reduction,
+            out_chs=out_chs,
+            out_reduction=stages[-1].reduction,
+            num_blocks=config.head_blocks or (num_exits - (i + 1)),
+            num_classes=num_classes,
+            feature_dim=feature_dim,
+            attention=config.attention,
+        ).to(device=example.device, dtype=example.dtype)
+        for i, c in enumerate(cuts)
+    ]
+    return MultiExitModel(model, dataclasses.replace(config, exits=cuts), staged, heads)
+
+
+def _check_input(model: nn.Module, input_size: tuple[int, int, int] | None) -> Tensor:
+    """A small random batch for the equivalence check, drawn without touching the global RNG."""
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        input_size = tuple(cfg.get("input_size", (3, 224, 224)))
+    p = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((CHECK_BATCH, *input_size), generator=generator)
+    return x.to(device=p.device, dtype=p.dtype)
