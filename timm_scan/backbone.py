@@ -12,6 +12,8 @@ registered once, under the timm model (safetensors refuses shared tensors).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +119,18 @@ class _ClassifierInput:
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self.active:
             self.value = args[0]
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode inside (no BN statistics updated, no dropout); every module's flag restored after."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def _run(modules: list[nn.Module], h: Tensor) -> Tensor:
@@ -229,7 +243,7 @@ def _children_called(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Mo
                 called.append((name, module))
         handles.append(child.register_forward_pre_hook(record))
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model.forward_features(example)
     finally:
         for h in handles:
@@ -274,10 +288,8 @@ def verify_staged(staged: StagedBackbone, example: Tensor) -> None:
     """
     model = staged.model
     name = model_name(model)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             expected_logits = model(example)
             expected_maps = []
             if staged.cuts and hasattr(model, "forward_intermediates"):
@@ -297,8 +309,6 @@ def verify_staged(staged: StagedBackbone, example: Tensor) -> None:
             f"cannot wrap {name!r}: running it section by section failed ({type(exc).__name__}: {exc}). "
             "Its forward does more than run its children in order; this family needs a runner of its own."
         ) from exc
-    finally:
-        model.train(was_training)
     for stage, got, want in zip(staged.cuts, maps, expected_maps):
         _check_close(name, f"feature map of stage {stage}", got, want)
     _check_close(name, "logits", logits, expected_logits)

@@ -8,7 +8,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .backbone import Stage, StagedBackbone, build_staged, feature_stages, model_name, resolve_exit_indices, verify_staged
+from .backbone import (
+    Stage,
+    StagedBackbone,
+    build_staged,
+    eval_mode,
+    feature_stages,
+    model_name,
+    resolve_exit_indices,
+    verify_staged,
+)
 from .config import ScanConfig
 from .flops import count_macs
 from .heads import ExitHead
@@ -91,7 +100,7 @@ class MultiExitModel(nn.Module):
         x = self._dummy(input_size)
         image_size = (x.shape[-2], x.shape[-1])
         total, cumulative = 0, []
-        with _eval(self), torch.no_grad():
+        with eval_mode(self), torch.no_grad():
             h = x
             for k in range(self.num_exits):
                 total += count_macs(self._staged.run_section, k, h)
@@ -102,7 +111,7 @@ class MultiExitModel(nn.Module):
 
     def backbone_macs(self, input_size: tuple[int, int, int]) -> int:
         """MACs of the plain backbone for one sample: the baseline of every acceleration ratio."""
-        with _eval(self):
+        with eval_mode(self):
             return count_macs(self.backbone, self._dummy(input_size))
 
     def _dummy(self, input_size: tuple[int, int, int]) -> Tensor:
@@ -110,21 +119,6 @@ class MultiExitModel(nn.Module):
             raise ValueError(f"input_size must be (channels, height, width) of positive ints; got {input_size!r}")
         p = next(self.parameters())
         return torch.zeros((1, *input_size), device=p.device, dtype=p.dtype)
-
-
-class _eval:
-    """Context manager: eval mode inside, the previous training flags restored after."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __enter__(self) -> None:
-        self.flags = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, flag in self.flags:
-            m.training = flag
 
 
 def wrap(

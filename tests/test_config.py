@@ -1,0 +1,43 @@
+import pytest
+
+from timm_scan import ScanConfig
+
+
+def test_defaults_are_valid():
+    cfg = ScanConfig()
+    assert cfg.exits is None and cfg.attention == "sd"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"exits": 3}, "exits"),
+        ({"exits": "layer1"}, "exits"),
+        ({"exits": [1, 1.5]}, "exits[1]"),
+        ({"exits": [True]}, "exits[0]"),
+        ({"exits": [1, 1]}, "duplicates"),
+        ({"attention": "cbam"}, "attention"),
+        ({"head_channels": 0}, "head_channels"),
+        ({"head_blocks": -1}, "head_blocks"),
+        ({"head_blocks": 2.0}, "head_blocks"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        ScanConfig(**kwargs)
+
+
+def test_attention_error_lists_valid_choices():
+    with pytest.raises(ValueError, match="'sd', 'scan', 'none'"):
+        ScanConfig(attention="SD")
+
+
+def test_json_round_trip():
+    cfg = ScanConfig(exits=[1, "layer3", -3], attention="scan", head_channels=256, head_blocks=2)
+    assert ScanConfig.from_json(cfg.to_json()) == cfg
+    assert ScanConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(ValueError, match="unknown ScanConfig field.*'exit'"):
+        ScanConfig.from_dict({"exit": [1]})

@@ -1,0 +1,251 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FAMILIES, create
+from timm.models.resnet import ResNet
+
+import timm_scan
+from timm_scan import ScanConfig
+from timm_scan.backbone import Stage, default_exit_indices
+from timm_scan.flops import count_macs
+from timm_scan.heads import align_plan
+
+
+def wrap(name, size, config=None, **kwargs):
+    backbone = create(name, **kwargs).eval()
+    return backbone, timm_scan.wrap(backbone, config, check_input_size=(3, size, size))
+
+
+@pytest.mark.parametrize("name, size", FAMILIES, ids=[n for n, _ in FAMILIES])
+def test_family_deepest_exit_equals_backbone(name, size):
+    backbone, model = wrap(name, size)
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        out = model(x)
+        reference = backbone(x)
+    assert model.num_exits == 4 == len(out.logits) == len(out.features)
+    assert torch.equal(out.logits[-1], reference)
+    feature_dim = out.features[-1].shape[-1]
+    for logits, feature in zip(out.logits, out.features):
+        assert logits.shape == (3, 10)
+        assert feature.shape == (3, feature_dim)
+    macs = model.exit_macs((3, size, size))
+    assert all(a < b for a, b in zip(macs, macs[1:]))
+
+
+def test_staged_subsets_equal_full_run():
+    """Run section by section, keeping only some samples after each exit, as early exit does."""
+    _, model = wrap("resnet18", 32)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        full = model(x).logits
+        keep = torch.arange(8)
+        h = x
+        for k in range(model.num_exits):
+            h = model.forward_section(k, h)
+            logits = model.exit_logits(k, h, (32, 32))
+            torch.testing.assert_close(logits, full[k][keep], rtol=1e-5, atol=1e-5)
+            h, keep = h[1::2], keep[1::2]  # half the batch goes on
+    assert len(keep) == 0
+
+
+def test_vit_staged_subsets_equal_full_run():
+    _, model = wrap("test_vit", 160)
+    x = torch.randn(4, 3, 160, 160)
+    with torch.no_grad():
+        full = model(x).logits
+        h = model.forward_section(0, x)[2:]
+        for k in range(1, model.num_exits):
+            h = model.forward_section(k, h)
+        torch.testing.assert_close(model.exit_logits(model.num_exits - 1, h, (160, 160)), full[-1][2:])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_large_100"])
+def test_train_mode_is_the_same_computation(name):
+    """Same seed, same numbers as the backbone in train mode, dropout and BN statistics included."""
+    backbone = create(name, drop_rate=0.5)
+    reference = copy.deepcopy(backbone)
+    model = timm_scan.wrap(backbone, check_input_size=(3, 32, 32))
+    assert model.training and backbone.training
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(1)
+    expected = reference(x)
+    torch.manual_seed(1)
+    got = model(x).logits[-1]
+    assert torch.equal(got, expected)
+    for a, b in zip(backbone.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_wrap_leaves_backbone_untouched():
+    backbone = create("resnet18").eval()
+    before = copy.deepcopy(backbone.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    expected = backbone(x)
+    timm_scan.wrap(backbone, check_input_size=(3, 32, 32))
+    assert not backbone.training
+    assert backbone.state_dict().keys() == before.keys()
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in before.items())
+    assert torch.equal(backbone(x), expected)
+
+
+def test_heads_are_initialised_from_the_seed():
+    backbone = create("resnet18")
+    torch.manual_seed(3)
+    a = timm_scan.wrap(backbone, check_input_size=(3, 32, 32))
+    torch.manual_seed(3)
+    b = timm_scan.wrap(backbone, check_input_size=(3, 32, 32))
+    assert all(torch.equal(x, y) for x, y in zip(a.exits.state_dict().values(), b.exits.state_dict().values()))
+
+
+def test_macs_last_is_backbone_plus_heads():
+    _, model = wrap("resnet18", 32)
+    macs = model.exit_macs((3, 32, 32))
+    heads = 0
+    h = torch.zeros(1, 3, 32, 32)
+    for k, head in enumerate(model.exits):
+        h = model.forward_section(k, h)
+        heads += count_macs(head, h)
+    assert heads > 0
+    assert macs[-1] == model.backbone_macs((3, 32, 32)) + heads
+    assert all(a < b for a, b in zip(macs, macs[1:]))
+
+
+def test_macs_count_cpu_attention():
+    q = torch.randn(2, 3, 50, 16)
+    assert count_macs(F.scaled_dot_product_attention, q, q, q) == 2 * (2 * 3 * 50 * 50 * 16)
+
+
+def test_macs_reject_bad_input_size():
+    _, model = wrap("resnet18", 32)
+    with pytest.raises(ValueError, match="input_size"):
+        model.exit_macs((32, 32))
+
+
+def test_exits_by_index_negative_index_and_name_agree():
+    _, a = wrap("resnet18", 32, ScanConfig(exits=[1, 3]))
+    _, b = wrap("resnet18", 32, ScanConfig(exits=[-4, -2]))
+    _, c = wrap("resnet18", 32, ScanConfig(exits=["layer3", "layer1"]))
+    assert a.config.exits == b.config.exits == c.config.exits == [1, 3]
+    assert [s.module for s in a.exit_stages] == ["layer1", "layer3", "layer4"]
+
+
+def test_nested_exits_cut_inside_sequential_containers():
+    _, model = wrap("efficientnet_b0", 32, ScanConfig(exits=["blocks.1", "blocks.4"]))
+    assert model.num_exits == 3
+    _, model = wrap("densenet121", 32, ScanConfig(exits=["features.denseblock2"]))
+    assert model.num_exits == 2
+
+
+def test_no_shallow_exit_is_the_plain_backbone():
+    backbone, model = wrap("resnet18", 32, ScanConfig(exits=[]))
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert model.num_exits == 1 and torch.equal(out.logits[0], backbone(x))
+    assert model.exit_macs((3, 32, 32)) == [model.backbone_macs((3, 32, 32))]
+
+
+@pytest.mark.parametrize(
+    "exits, message",
+    [
+        ([7], r"out of range .* 0\.\.3"),
+        ([4], "last stage .*layer4"),
+        ([-1], "last stage"),
+        (["layer9"], "not a feature_info module"),
+        ([1, -4], "same stage twice"),
+    ],
+)
+def test_bad_exits_name_the_field(exits, message):
+    with pytest.raises(ValueError, match=message):
+        wrap("resnet18", 32, ScanConfig(exits=exits))
+
+
+def test_model_without_feature_info_is_refused():
+    with pytest.raises(ValueError, match="no feature_info"):
+        timm_scan.wrap(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten()))
+
+
+def test_model_without_classifier_is_refused():
+    with pytest.raises(ValueError, match="num_classes"):
+        wrap("resnet18", 32, num_classes=0)
+
+
+def test_model_whose_forward_is_not_its_children_is_refused():
+    class ScaledResNet(ResNet):
+        def forward_features(self, x):
+            return super().forward_features(x) * 2  # functional step the generic runner cannot see
+
+    backbone = ScaledResNet(block=create("resnet18").layer1[0].__class__, layers=[1, 1, 1, 1], num_classes=10)
+    with pytest.raises(ValueError, match="staged logits differ"):
+        timm_scan.wrap(backbone, check_input_size=(3, 32, 32))
+
+
+def test_hrnet_gets_an_honest_refusal():
+    with pytest.raises(ValueError, match="hrnet_w18_small.*runner of its own"):
+        wrap("hrnet_w18_small", 64)
+
+
+def test_default_placement_follows_the_papers():
+    def stages(reductions):
+        return [Stage(i, f"s{i}", 8, r) for i, r in enumerate(reductions)]
+
+    assert default_exit_indices(stages([2, 4, 8, 16, 32])) == [1, 2, 3]  # resnet: not on the stem
+    assert default_exit_indices(stages([4, 8, 16, 32])) == [0, 1, 2]  # convnext, swin
+    assert default_exit_indices(stages([1, 2, 4, 8, 16, 32])) == [2, 3, 4]  # vgg
+    assert default_exit_indices(stages([16] * 12)) == [2, 5, 8]  # vit: blocks 3, 6, 9 of 12
+    assert default_exit_indices(stages([2, 32])) == [0]  # nothing but a stem: keep it
+
+
+def test_align_net_follows_the_papers():
+    # resnet18's first exit: three SepConvs, widths doubling, each halving the map
+    assert align_plan(64, 4, 512, 32, 3) == [(64, 128, 2), (128, 256, 2), (256, 512, 2)]
+    # ViT: all stages at the same reduction, so no halving
+    assert [s for _, _, s in align_plan(192, 16, 192, 16, 3)] == [1, 1, 1]
+    _, model = wrap("resnet18", 32)
+    assert [len(head.align) for head in model.exits] == [3, 2, 1]
+
+
+@pytest.mark.parametrize("attention", ["sd", "scan", "none"])
+def test_heads_work_at_any_resolution(attention):
+    _, model = wrap("resnet18", 32, ScanConfig(attention=attention, head_channels=96, head_blocks=2))
+    for size in (36, 64, 97):  # odd maps at every stage for SCAN's transposed conv
+        out = model(torch.randn(2, 3, size, size))
+        assert [tuple(t.shape) for t in out.logits] == [(2, 10)] * 4
+
+
+def test_gradients_reach_backbone_and_every_head():
+    _, model = wrap("resnet18", 32, zero_init_last=False)  # timm zero-inits residual BNs by default
+    model.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    out = model(x)
+    loss = sum(F.cross_entropy(logits, y) for logits in out.logits)
+    loss = loss + sum((f - out.features[-1].detach()).pow(2).mean() for f in out.features[:-1])
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_saved_config_recreates_the_same_model():
+    backbone, model = wrap("resnet18", 32, ScanConfig(attention="scan", head_blocks=2))
+    again = timm_scan.wrap(backbone, ScanConfig.from_json(model.config.to_json()), check_input_size=(3, 32, 32))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in again.state_dict().items()}
+
+
+def test_backbone_weights_are_registered_once():
+    backbone, model = wrap("resnet18", 32)
+    keys = model.state_dict().keys()
+    assert sum(k.startswith("backbone.") for k in keys) == len(backbone.state_dict())
+    assert all(k.startswith(("backbone.", "exits.")) for k in keys)
+
+
+def test_torch_compile():
+    _, model = wrap("resnet18", 32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        got = torch.compile(model)(x)
+    for a, b in zip(got.logits + got.features, expected.logits + expected.features):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
