@@ -25,3 +25,47 @@ def _seed():
 def create(name: str, **kwargs) -> torch.nn.Module:
     kwargs.setdefault("num_classes", 10)
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _synthetic_images(n: int, classes: int, seed: int):
+    """Learnable toy images: each class has its own mean colour, plus noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, size=(classes, 3))
+    labels = [i % classes for i in range(n)]
+    images = []
+    for label in labels:
+        pixels = np.clip(palette[label] + rng.normal(0, 40, size=(32, 32, 3)), 0, 255).astype("uint8")
+        images.append(Image.fromarray(pixels))
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def tiny_parquet(tmp_path_factory):
+    """A folder in the Hub's parquet layout (img: Image, label: ClassLabel), 4 classes."""
+    import datasets
+
+    folder = tmp_path_factory.mktemp("tiny_parquet")
+    names = ["red", "green", "blue", "grey"]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names),
+                                  "note": datasets.Value("string")})
+    for split, n, seed in (("train", 96, 0), ("test", 32, 1)):
+        images, labels = _synthetic_images(n, len(names), seed)
+        ds = datasets.Dataset.from_dict({"img": images, "label": labels, "note": ["x"] * n}, features=features)
+        ds.to_parquet(str(folder / f"{split}.parquet"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory):
+    """An image folder: train/<class>/*.png and test/<class>/*.png, 3 classes."""
+    folder = tmp_path_factory.mktemp("tiny_imagefolder")
+    for split, n, seed in (("train", 30, 0), ("test", 12, 1)):
+        images, labels = _synthetic_images(n, 3, seed)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            path = folder / split / f"class{label}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+    return folder

@@ -1,0 +1,108 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from timm_scan.training import Trainer, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(data, out, **kwargs):
+    base = dict(
+        dataset=str(data), output_dir=str(out), model="test_resnet", input_size=32, crop_pct=1.0, val_size=16,
+        epochs=2, anneal_epochs=1, batch_size=16, lr=0.05, num_workers=0,
+    )
+    return TrainConfig(**{**base, **kwargs})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_parquet, tmp_path):
+    full = Trainer(config(tiny_parquet, tmp_path / "full", num_workers=1)).fit()
+
+    def kill_after_first_epoch(trainer, metrics):
+        raise Interrupt
+
+    cfg = config(tiny_parquet, tmp_path / "resumed", num_workers=1)
+    with pytest.raises(Interrupt):
+        Trainer(cfg, callbacks=[kill_after_first_epoch]).fit()
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["epoch_0001"]
+    resumed = Trainer(cfg).fit()  # same command again
+
+    a = load_file(tmp_path / "full" / "checkpoints" / "epoch_0002" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "epoch_0002" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert full["test"] == resumed["test"]
+    lines = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    mean_ce = [sum(x[f"train_ce_exit{i}"] for i in range(1, 5)) / 4 for x in lines]
+    assert lines[0]["train_loss"] > mean_ce[0]  # distilling: KD and hint terms on top
+    assert lines[1]["train_loss"] == pytest.approx(mean_ce[1])  # annealed: alpha = lam = 0
+    assert full["test"]["samples"] == 32 and len(full["exit_macs"]) == 4
+
+
+def test_checkpoints_are_pruned_and_best_is_safetensors(tiny_parquet, tmp_path):
+    results = Trainer(config(tiny_parquet, tmp_path, epochs=3, keep_checkpoints=2)).fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_0002", "epoch_0003"]
+    best = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert best["class_names"] == ["red", "green", "blue", "grey"] and best["scan_config"]["exits"] == [1, 2, 3]
+    assert best["epoch"] == results["best_epoch"]
+    assert (tmp_path / "best" / "model.safetensors").stat().st_size > 0
+
+
+def test_baseline_is_the_plain_backbone(tiny_parquet, tmp_path):
+    trainer = Trainer(config(tiny_parquet, tmp_path, epochs=1, baseline=True))
+    assert trainer.accelerator.unwrap_model(trainer.model).num_exits == 1
+    results = trainer.fit()
+    assert results["exit_macs"] == [results["backbone_macs"]]
+    line = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert line["train_loss"] == pytest.approx(line["train_ce_exit1"])
+
+
+def test_kd_from_an_external_teacher(tiny_parquet, tmp_path):
+    teacher = timm.create_model("test_resnet", num_classes=4)
+    save_file(teacher.state_dict(), str(tmp_path / "teacher.safetensors"))
+    cfg = config(tiny_parquet, tmp_path / "run", epochs=1, teacher_model="test_resnet",
+                 teacher_checkpoint=str(tmp_path / "teacher.safetensors"))
+    trainer = Trainer(cfg)
+    assert not any(p.requires_grad for p in trainer.external_teacher.parameters())
+    assert trainer.fit()["test"]["samples"] == 32
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image_column": "picture"}, "not in the dataset"),
+        ({"image_column": "note"}, "not images"),
+        ({"num_classes": 10}, "num_classes=10 but dataset .* has 4 classes"),
+        ({"optimizer": "lion"}, "TrainConfig.optimizer"),
+        ({"teacher_model": "test_resnet"}, "teacher_checkpoint"),
+    ],
+)
+def test_bad_inputs_fail_before_training(tiny_parquet, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(config(tiny_parquet, tmp_path, **kwargs))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_two_cpu_processes_are_one_data_parallel_job(tiny_parquet, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "tests" / "ddp_worker.py"), str(tiny_parquet), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert report["val_samples"] == report["val_size"] == 16  # gathered over both ranks, no duplicates
+    assert report["train_batches_per_rank"] == 80 // 2 // 16  # each rank sees half of train
+    assert report["weights_equal_across_ranks"]
+    assert report["weights_changed"]
