@@ -1,6 +1,6 @@
 """Wrap a timm model and print its exits: stage, map size, head parameters and cumulative MACs.
 
-    python examples/demo.py --model resnet18 --input-size 32
+    python examples/inspect_exits.py --model resnet18 --input-size 32
 """
 
 from __future__ import annotations

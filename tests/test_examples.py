@@ -1,0 +1,37 @@
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(name, monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    runpy.run_path(str(ROOT / "examples" / name), run_name="__main__")
+
+
+def test_train_cli_maps_flags_to_the_config(tiny_parquet, tmp_path, monkeypatch, capsys):
+    run_example(
+        "train.py", monkeypatch,
+        "--dataset", str(tiny_parquet), "--output-dir", str(tmp_path), "--model", "test_resnet",
+        "--input-size", "32", "--crop-pct", "1.0", "--train-scale", "0.5", "1", "--val-size", "0.25",
+        "--exits", "layer1", "-3", "--attention", "scan", "--epochs", "1", "--anneal-epochs", "0",
+        "--batch-size", "16", "--num-workers", "0", "--schedule", "step", "--milestones", "1",
+    )
+    best = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert best["scan_config"]["exits"] == [1, 2] and best["scan_config"]["attention"] == "scan"
+    assert "ensemble" in capsys.readouterr().out
+
+
+def test_train_cli_rejects_a_bad_value(tiny_parquet, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="TrainConfig.mixed_precision"):
+        run_example("train.py", monkeypatch, "--dataset", str(tiny_parquet), "--mixed-precision", "fp8")
+
+
+def test_inspect_exits(monkeypatch, capsys):
+    run_example("inspect_exits.py", monkeypatch, "--model", "test_convnext", "--input-size", "64")
+    out = capsys.readouterr().out
+    assert "backbone head" in out and out.count("stages.") == 4
