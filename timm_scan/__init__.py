@@ -1,8 +1,23 @@
 """timm-scan: multi-exit timm models with self-distillation and early-exit inference."""
 
 from .config import ScanConfig
+from .inference import EarlyExitPredictor, EarlyExitResult, ensemble_probs
 from .losses import LossOutput, SelfDistillationLoss
 from .model import MultiExitModel, MultiExitOutput, wrap
+from .thresholds import SearchResult, search_thresholds, sweep_beta
 
-__all__ = ["LossOutput", "MultiExitModel", "MultiExitOutput", "ScanConfig", "SelfDistillationLoss", "wrap"]
+__all__ = [
+    "EarlyExitPredictor",
+    "EarlyExitResult",
+    "LossOutput",
+    "MultiExitModel",
+    "MultiExitOutput",
+    "ScanConfig",
+    "SearchResult",
+    "SelfDistillationLoss",
+    "ensemble_probs",
+    "search_thresholds",
+    "sweep_beta",
+    "wrap",
+]
 __version__ = "0.1.0"

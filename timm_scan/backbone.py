@@ -12,6 +12,7 @@ registered once, under the timm model (safetensors refuses shared tensors).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,6 +134,14 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def without_capture_hooks(model: nn.Module) -> nn.Module:
+    """Remove the inert hooks ``wrap`` put on ``model``'s classifier (e.g. from a copy)."""
+    hooks = model.get_classifier()._forward_pre_hooks
+    for key in [key for key, hook in hooks.items() if isinstance(hook, _ClassifierInput)]:
+        del hooks[key]
+    return model
+
+
 def _run(modules: list[nn.Module], h: Tensor) -> Tensor:
     for m in modules:
         h = m(h)
@@ -170,6 +179,10 @@ class StagedBackbone:
     def to_map(self, h: Tensor, image_size: tuple[int, int]) -> Tensor:
         """Hidden state after a section → ``(B, C, H', W')`` feature map."""
         return h
+
+    def trunk(self, k: int) -> nn.Module:
+        """A standalone copy of sections 0..k: images ``(B, 3, H, W)`` → exit k's NCHW map."""
+        raise NotImplementedError
 
     def head(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Last section's output → (logits ``(B, num_classes)``, pre-logits ``(B, head_hidden_size)``).
@@ -213,6 +226,17 @@ class SequentialStages(StagedBackbone):
     def to_map(self, h: Tensor, image_size: tuple[int, int]) -> Tensor:
         return h.permute(0, 3, 1, 2) if self.output_fmt == "NHWC" else h
 
+    def trunk(self, k: int) -> nn.Module:
+        layers = copy.deepcopy(nn.Sequential(*(m for section in self.sections[: k + 1] for m in section)))
+        if self.output_fmt == "NHWC":
+            layers.append(_NhwcToNchw())
+        return layers
+
+
+class _NhwcToNchw(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, 3, 1, 2)
+
 
 class VitStages(StagedBackbone):
     """timm ``VisionTransformer``: embeddings, blocks and norm run by hand, tokens → maps."""
@@ -227,10 +251,33 @@ class VitStages(StagedBackbone):
         self.sections[-1] = self.sections[-1] + [model.norm]
 
     def to_map(self, h: Tensor, image_size: tuple[int, int]) -> Tensor:
-        vit: VisionTransformer = self.model
-        grid_h, grid_w = vit.patch_embed.dynamic_feat_size(image_size)
-        tokens = h[:, vit.num_prefix_tokens :]
-        return tokens.reshape(h.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2)
+        return vit_tokens_to_map(self.model, h, image_size)
+
+    def trunk(self, k: int) -> nn.Module:
+        vit = copy.deepcopy(self.model)
+        vit.blocks = vit.blocks[: self.cuts[k] + 1]
+        vit.norm = vit.fc_norm = vit.head_drop = vit.head = nn.Identity()
+        return _VitTrunk(vit)
+
+
+def vit_tokens_to_map(vit: VisionTransformer, h: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """ViT tokens ``(B, prefix + H'W', C)`` → ``(B, C, H', W')``, prefix (class, register) tokens dropped."""
+    grid_h, grid_w = vit.patch_embed.dynamic_feat_size(image_size)
+    tokens = h[:, vit.num_prefix_tokens :]
+    return tokens.reshape(h.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2)
+
+
+class _VitTrunk(nn.Module):
+    """A ViT cut after some block: embeddings and the kept blocks, tokens → map."""
+
+    def __init__(self, vit: VisionTransformer) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: Tensor) -> Tensor:
+        v = self.vit
+        h = v.blocks(v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x)))))
+        return vit_tokens_to_map(v, h, (x.shape[-2], x.shape[-1]))
 
 
 def _children_called(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Module]]:

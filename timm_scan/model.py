@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ from .backbone import (
     model_name,
     resolve_exit_indices,
     verify_staged,
+    without_capture_hooks,
 )
 from .config import ScanConfig
 from .flops import count_macs
@@ -91,6 +93,18 @@ class MultiExitModel(nn.Module):
             features.append(feature)
         return MultiExitOutput(logits, features)
 
+    def truncate(self, exit_index: int) -> nn.Module:
+        """A standalone copy that computes exit ``exit_index``'s logits from images, holding only the
+        sections up to that exit and its head (the compact model the papers deploy). For the deepest
+        exit it is a copy of the plain backbone."""
+        if isinstance(exit_index, bool) or not isinstance(exit_index, int) or not 0 <= exit_index < self.num_exits:
+            raise ValueError(f"exit_index must be an int in 0..{self.num_exits - 1}; got {exit_index!r}")
+        if exit_index == self.num_exits - 1:
+            return without_capture_hooks(copy.deepcopy(self.backbone))
+        head = copy.deepcopy(self.exits[exit_index])
+        head.proj = nn.Identity()  # the hint projection only serves training
+        return TruncatedModel(self._staged.trunk(exit_index), head)
+
     def exit_macs(self, input_size: tuple[int, int, int]) -> list[int]:
         """Cumulative MACs for one sample of ``input_size`` (C, H, W) to leave at each exit.
 
@@ -119,6 +133,18 @@ class MultiExitModel(nn.Module):
             raise ValueError(f"input_size must be (channels, height, width) of positive ints; got {input_size!r}")
         p = next(self.parameters())
         return torch.zeros((1, *input_size), device=p.device, dtype=p.dtype)
+
+
+class TruncatedModel(nn.Module):
+    """``trunk`` (images → NCHW map) then a shallow ``head``; ``forward`` returns logits ``(B, C)``."""
+
+    def __init__(self, trunk: nn.Module, head: ExitHead) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.trunk(x))[0]
 
 
 def wrap(

@@ -1,0 +1,130 @@
+"""Scalable inference (SCAN Algorithm 1): answer confident samples at shallow exits, for real.
+
+A sample stops at the first shallow exit whose max softmax exceeds that exit's threshold; only the
+samples still undecided run the next section (the batch shrinks). Samples that pass no threshold
+get the fallback: the ensemble (mean of all exits' softmax) or the deepest exit. Exits are indexed
+0..K-1 from the shallowest; ``exit_index == K-1`` means the sample ran every section.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import MultiExitModel
+
+FALLBACKS = ("ensemble", "deepest")
+
+
+def ensemble_probs(logits: Sequence[Tensor]) -> Tensor:
+    """The ensemble of all exits: the mean of their softmax probabilities, ``(B, C)``."""
+    return torch.stack([F.softmax(z.float(), dim=-1) for z in logits]).mean(0)
+
+
+def validate_thresholds(thresholds: Sequence[float], num_exits: int) -> list[float]:
+    """One number in [0, 1] per shallow exit, or a ``ValueError`` saying what is wrong."""
+    values = list(thresholds) if not isinstance(thresholds, Tensor) else thresholds.tolist()
+    if len(values) != num_exits - 1:
+        raise ValueError(
+            f"thresholds: need one per shallow exit, {num_exits - 1} for this {num_exits}-exit model; got {len(values)}"
+        )
+    for i, t in enumerate(values):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"thresholds[{i}] must be a number in [0, 1] (a softmax confidence); got {t!r}")
+    return [float(t) for t in values]
+
+
+@dataclass
+class EarlyExitResult:
+    """Per sample, in input order: ``labels`` (N,), ``exit_index`` (N,) 0-based, ``confidence``
+    (N,) the answering distribution's max, ``probs`` (N, C), ``macs`` (N,) what the sample cost."""
+
+    labels: Tensor
+    exit_index: Tensor
+    confidence: Tensor
+    probs: Tensor
+    macs: Tensor
+
+
+def simulate_early_exit(
+    exit_probs: Sequence[Tensor], thresholds: Sequence[float], fallback: str = "ensemble"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Algorithm 1 on precomputed probabilities of every exit (``(N, C)`` each, deepest last).
+
+    Returns ``(exit_index, confidence, probs)`` per sample: the reference the real predictor must
+    match, and what threshold search evaluates.
+    """
+    k = len(exit_probs)
+    thresholds = validate_thresholds(thresholds, k)
+    stacked = torch.stack([p.float() for p in exit_probs])  # (K, N, C)
+    n = stacked.shape[1]
+    probs = stacked.mean(0) if fallback == "ensemble" else stacked[-1].clone()
+    exit_index = torch.full((n,), k - 1, dtype=torch.int64)
+    undecided = torch.ones(n, dtype=torch.bool)
+    for i, threshold in enumerate(thresholds):
+        done = undecided & (stacked[i].max(-1).values > threshold)
+        exit_index[done], probs[done] = i, stacked[i][done]
+        undecided &= ~done
+    return exit_index, probs.max(-1).values, probs
+
+
+class EarlyExitPredictor:
+    """Runs a ``MultiExitModel`` with early exits; ``predictor(images)`` → ``EarlyExitResult``.
+
+    ``thresholds``: one per shallow exit (K-1 numbers in [0, 1]). ``fallback``: ``"ensemble"`` or
+    ``"deepest"`` for samples that pass no threshold. The model is put in eval mode.
+    """
+
+    def __init__(self, model: MultiExitModel, thresholds: Sequence[float], fallback: str = "ensemble") -> None:
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}; got {fallback!r}")
+        self.model = model.eval()
+        self.thresholds = validate_thresholds(thresholds, model.num_exits)
+        self.fallback = fallback
+        self._macs: dict[tuple[int, ...], Tensor] = {}
+
+    def exit_macs(self, input_size: tuple[int, int, int]) -> Tensor:
+        """Cumulative MACs per exit for one sample of ``input_size``, counted once and cached."""
+        if input_size not in self._macs:
+            self._macs[input_size] = torch.tensor(self.model.exit_macs(input_size), dtype=torch.int64)
+        return self._macs[input_size]
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> EarlyExitResult:
+        model, k = self.model, self.model.num_exits
+        n, image_size = images.shape[0], (images.shape[-2], images.shape[-1])
+        labels = torch.empty(n, dtype=torch.int64, device=images.device)
+        exit_index = torch.full((n,), k - 1, dtype=torch.int64, device=images.device)
+        confidence = torch.empty(n, device=images.device)
+        probs_out = torch.empty(n, model.num_classes, device=images.device)
+        pending = torch.arange(n, device=images.device)  # original positions of the samples still running
+        prob_sum = None  # running sum of softmax over exits, for the ensemble fallback
+        h = images
+        for i in range(k):
+            h = model.forward_section(i, h)
+            probs = F.softmax(model.exit_logits(i, h, image_size).float(), dim=-1)
+            if self.fallback == "ensemble":
+                prob_sum = probs if prob_sum is None else prob_sum + probs
+            if i == k - 1:
+                final = prob_sum / k if self.fallback == "ensemble" else probs
+                conf, pred = final.max(-1)
+                labels[pending], confidence[pending], probs_out[pending] = pred, conf, final
+                break
+            conf, pred = probs.max(-1)
+            done = conf > self.thresholds[i]
+            if done.any():
+                idx = pending[done]
+                labels[idx], confidence[idx], probs_out[idx], exit_index[idx] = pred[done], conf[done], probs[done], i
+                keep = ~done
+                if not keep.any():
+                    break
+                pending, h = pending[keep], h[keep]
+                if prob_sum is not None:
+                    prob_sum = prob_sum[keep]
+        macs = self.exit_macs((images.shape[1], *image_size)).to(images.device)[exit_index]
+        return EarlyExitResult(labels, exit_index, confidence, probs_out, macs)

@@ -1,0 +1,257 @@
+"""Threshold search for scalable inference: SCAN's genetic algorithm (Algorithm 2), an exhaustive
+reference on the same grid, and the β sweep that traces the accuracy / acceleration trade-off.
+
+Each threshold is a gene of ``bits`` binary digits decoded as ``σ = 1 − (0.3 / bits) · popcount``,
+so σ lies on the grid {1 − 0.3·j/bits : j = 0..bits} ⊂ [0.70, 1.00]. Fitness of a threshold vector
+is ``acceleration + β · (accuracy − baseline_accuracy)`` with accuracy in percent and acceleration
+``backbone_macs / mean MACs per sample``. Everything is evaluated on cached outputs (``probs``: one
+``(N, C)`` array per exit, deepest last), vectorised over the population. Search on validation
+outputs; report on test.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SPAN = 0.3  # thresholds cover [1 - SPAN, 1]
+
+
+@dataclass
+class ExitTable:
+    """What threshold evaluation needs, precomputed once from cached outputs.
+
+    ``confidence`` (K-1, N): max softmax of each shallow exit. ``correct`` (K, N): whether exit i
+    (rows 0..K-2) or the fallback (row K-1) is right. ``exit_macs`` (K,): cumulative MACs.
+    """
+
+    confidence: np.ndarray
+    correct: np.ndarray
+    exit_macs: np.ndarray
+    backbone_macs: float
+
+    @classmethod
+    def from_outputs(
+        cls,
+        probs: Sequence[np.ndarray],
+        labels: np.ndarray,
+        exit_macs: Sequence[int],
+        backbone_macs: float,
+        fallback: str = "ensemble",
+    ) -> ExitTable:
+        probs = [np.asarray(p, dtype=np.float32) for p in probs]
+        labels = np.asarray(labels)
+        if len(probs) != len(exit_macs):
+            raise ValueError(f"probs has {len(probs)} exits but exit_macs has {len(exit_macs)}")
+        if any(p.shape != probs[0].shape or p.ndim != 2 for p in probs) or probs[0].shape[0] != len(labels):
+            raise ValueError("probs must be K arrays of shape (N, C) with N = len(labels)")
+        final = np.mean(probs, axis=0) if fallback == "ensemble" else probs[-1]
+        correct = np.stack([p.argmax(-1) == labels for p in probs[:-1]] + [final.argmax(-1) == labels])
+        confidence = np.stack([p.max(-1) for p in probs[:-1]]) if len(probs) > 1 else np.zeros((0, len(labels)))
+        return cls(confidence, correct, np.asarray(exit_macs, dtype=np.float64), float(backbone_macs))
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_macs)
+
+    def evaluate(self, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For thresholds ``(P, K-1)``: accuracy in percent ``(P,)`` and acceleration ``(P,)`` under
+        Algorithm 1 (a sample leaves at the first exit with confidence > σ)."""
+        exit_index = self.exit_index(thresholds)
+        accuracy = 100.0 * self.correct[exit_index, np.arange(exit_index.shape[1])].mean(1)
+        acceleration = self.backbone_macs / self.exit_macs[exit_index].mean(1)
+        return accuracy, acceleration
+
+    def exit_index(self, thresholds: np.ndarray) -> np.ndarray:
+        """``(P, N)``: the exit each sample leaves at, for thresholds ``(P, K-1)``."""
+        thresholds = np.atleast_2d(thresholds)
+        exit_index = np.full((len(thresholds), self.correct.shape[1]), self.num_exits - 1, dtype=np.intp)
+        for i in reversed(range(self.num_exits - 1)):  # the first passing exit wins
+            exit_index = np.where(self.confidence[i][None] > thresholds[:, i : i + 1], i, exit_index)
+        return exit_index
+
+    def exit_shares(self, thresholds: np.ndarray) -> np.ndarray:
+        """``(P, K)``: share of samples leaving at each exit."""
+        exit_index = self.exit_index(thresholds)
+        return np.stack([(exit_index == i).mean(1) for i in range(self.num_exits)], axis=1)
+
+
+@dataclass
+class SearchResult:
+    """Best thresholds found (one per shallow exit), their accuracy (percent), acceleration,
+    fitness and share of samples per exit; ``history``: best fitness per generation."""
+
+    thresholds: list[float]
+    accuracy: float
+    acceleration: float
+    fitness: float
+    exit_shares: list[float]
+    beta: float
+    history: list[float] = field(default_factory=list)
+
+
+def decode(genes: np.ndarray, bits: int) -> np.ndarray:
+    """Bit genes ``(P, K-1, bits)`` → thresholds ``(P, K-1)``: σ = 1 − (0.3/bits)·popcount."""
+    return 1.0 - (SPAN / bits) * genes.sum(-1)
+
+
+def _fitness(table: ExitTable, thresholds: np.ndarray, beta: float, baseline: float) -> tuple[np.ndarray, ...]:
+    accuracy, acceleration = table.evaluate(thresholds)
+    return acceleration + beta * (accuracy - baseline), accuracy, acceleration
+
+
+def _result(table: ExitTable, thresholds: np.ndarray, beta: float, baseline: float, history=()) -> SearchResult:
+    fit, acc, accel = _fitness(table, thresholds[None], beta, baseline)
+    shares = table.exit_shares(thresholds[None])[0]
+    return SearchResult(
+        [float(t) for t in thresholds], float(acc[0]), float(accel[0]), float(fit[0]),
+        [float(s) for s in shares], beta, list(history),
+    )
+
+
+def baseline_accuracy_of(table: ExitTable, baseline_accuracy: float | None) -> float:
+    """The given baseline (percent), else the accuracy of the deepest path (all thresholds 1)."""
+    if baseline_accuracy is not None:
+        return float(baseline_accuracy)
+    return float(table.evaluate(np.ones((1, table.num_exits - 1)))[0][0])
+
+
+def search_thresholds(
+    probs: Sequence[np.ndarray],
+    labels: np.ndarray,
+    exit_macs: Sequence[int],
+    backbone_macs: float,
+    beta: float = 1.0,
+    *,
+    baseline_accuracy: float | None = None,
+    fallback: str = "ensemble",
+    bits: int = 30,
+    population: int = 64,
+    generations: int = 100,
+    crossover: float = 0.8,
+    mutation: float | None = None,
+    seed: int = 0,
+) -> SearchResult:
+    """SCAN's genetic search for one threshold per shallow exit.
+
+    ``baseline_accuracy`` (percent): the plain backbone's accuracy, else that of the deepest path.
+    Each generation keeps the best individual (elitism), picks parents with probability
+    proportional to fitness (shifted to be positive), applies one-point crossover with probability
+    ``crossover`` and flips each bit with probability ``mutation`` (default 1 / genome length).
+    """
+    table = ExitTable.from_outputs(probs, labels, exit_macs, backbone_macs, fallback)
+    return genetic_search(table, beta, baseline_accuracy_of(table, baseline_accuracy), bits=bits,
+                          population=population, generations=generations, crossover=crossover,
+                          mutation=mutation, seed=seed)
+
+
+def genetic_search(
+    table: ExitTable,
+    beta: float,
+    baseline: float,
+    *,
+    bits: int = 30,
+    population: int = 64,
+    generations: int = 100,
+    crossover: float = 0.8,
+    mutation: float | None = None,
+    seed: int = 0,
+) -> SearchResult:
+    """The genetic algorithm on a prepared ``ExitTable`` (see ``search_thresholds``)."""
+    n_genes = table.num_exits - 1
+    if n_genes == 0:
+        return _result(table, np.zeros(0), beta, baseline)
+    rng = np.random.default_rng(seed)
+    length = n_genes * bits
+    mutation = 1.0 / length if mutation is None else mutation
+    pop = rng.random((population, length)) < rng.random((population, 1))  # varied bit densities
+    history = []
+    best, best_fit = pop[0], -np.inf
+    for _ in range(generations):
+        fit = _fitness(table, decode(pop.reshape(population, n_genes, bits), bits), beta, baseline)[0]
+        top = int(fit.argmax())
+        if fit[top] > best_fit:
+            best, best_fit = pop[top].copy(), float(fit[top])
+        history.append(best_fit)
+        weights = fit - fit.min() + 1e-9
+        parents = pop[rng.choice(population, size=(population, 2), p=weights / weights.sum())]
+        cut = rng.integers(1, length, size=population)[:, None]
+        do_cross = (rng.random(population) < crossover)[:, None]
+        take_second = do_cross & (np.arange(length)[None] >= cut)
+        children = np.where(take_second, parents[:, 1], parents[:, 0])
+        children ^= rng.random(children.shape) < mutation
+        children[0] = best  # elitism
+        pop = children
+    return _result(table, decode(best.reshape(1, n_genes, bits), bits)[0], beta, baseline, history)
+
+
+def exhaustive_search(
+    table: ExitTable, beta: float, baseline: float, *, bits: int = 30, chunk: int = 4096
+) -> SearchResult:
+    """Every threshold vector on the GA's grid (``(bits+1)^(K-1)`` of them): the reference for small K."""
+    grid = 1.0 - SPAN * np.arange(bits + 1) / bits
+    combos = np.array(list(itertools.product(grid, repeat=table.num_exits - 1)))
+    best, best_fit = combos[0], -np.inf
+    for start in range(0, len(combos), chunk):
+        block = combos[start : start + chunk]
+        fit = _fitness(table, block, beta, baseline)[0]
+        if fit.max() > best_fit:
+            best, best_fit = block[int(fit.argmax())], float(fit.max())
+    return _result(table, best, beta, baseline)
+
+
+def sweep_beta(
+    probs: Sequence[np.ndarray],
+    labels: np.ndarray,
+    exit_macs: Sequence[int],
+    backbone_macs: float,
+    betas: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
+    *,
+    baseline_accuracy: float | None = None,
+    fallback: str = "ensemble",
+    seed: int = 0,
+    **ga_kwargs,
+) -> list[SearchResult]:
+    """One genetic search per β: the accuracy / acceleration trade-off (SCAN Fig. 5)."""
+    table = ExitTable.from_outputs(probs, labels, exit_macs, backbone_macs, fallback)
+    baseline = baseline_accuracy_of(table, baseline_accuracy)
+    return [genetic_search(table, b, baseline, seed=seed, **ga_kwargs) for b in betas]
+
+
+def plot_tradeoff(
+    points: Sequence[tuple[float, float]],
+    path: str | Path,
+    *,
+    baseline: tuple[float, float] | None = None,
+    labels: Sequence[str] | None = None,
+    title: str = "Accuracy against cost",
+) -> Path:
+    """PNG of accuracy (percent) against relative MACs for ``points`` = (acceleration, accuracy);
+    ``baseline`` = (1.0, accuracy) marks the plain backbone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    cost = [1.0 / a for a, _ in points]
+    ax.plot(cost, [acc for _, acc in points], "o-", label="early exit (β sweep)")
+    for (c, (_, acc)), text in zip(zip(cost, points), labels or []):
+        ax.annotate(text, (c, acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if baseline is not None:
+        ax.axhline(baseline[1], color="grey", ls="--", lw=1)
+        ax.plot([1.0 / baseline[0]], [baseline[1]], "s", color="black", label="plain backbone")
+    ax.set_xlabel("MACs relative to the plain backbone")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
