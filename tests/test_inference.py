@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+from conftest import create
+
+import timm_scan
+from timm_scan import EarlyExitPredictor, ensemble_probs
+from timm_scan.inference import simulate_early_exit
+
+
+def wrapped(name="resnet18", size=32):
+    return timm_scan.wrap(create(name).eval(), check_input_size=(3, size, size))
+
+
+def all_exit_probs(model, x):
+    with torch.no_grad():
+        return [torch.softmax(z, -1) for z in model(x).logits]
+
+
+def quantile_thresholds(probs, generator):
+    """Thresholds that send some samples out at every shallow exit."""
+    return [torch.quantile(p.max(-1).values, torch.rand(1, generator=generator).item() * 0.6 + 0.3).item()
+            for p in probs[:-1]]
+
+
+@pytest.mark.parametrize("name, size", [("resnet18", 32), ("test_vit", 160), ("convnext_atto", 64)])
+@pytest.mark.parametrize("fallback", ["ensemble", "deepest"])
+def test_real_early_exit_equals_the_simulated_one(name, size, fallback):
+    model = wrapped(name, size)
+    x = torch.randn(24, 3, size, size)
+    probs = all_exit_probs(model, x)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        thresholds = quantile_thresholds(probs, generator)
+        result = EarlyExitPredictor(model, thresholds, fallback)(x)
+        exit_index, confidence, expected_probs = simulate_early_exit(probs, thresholds, fallback)
+        assert torch.equal(result.exit_index, exit_index)
+        assert torch.equal(result.labels, expected_probs.argmax(-1))
+        torch.testing.assert_close(result.probs, expected_probs, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(result.confidence, confidence, rtol=1e-4, atol=1e-5)
+        macs = torch.tensor(model.exit_macs((3, size, size)))
+        assert torch.equal(result.macs, macs[exit_index])
+        assert 0 < (exit_index < model.num_exits - 1).sum() < len(x)  # a real mix of exits
+
+
+def test_batch_order_is_preserved():
+    model = wrapped()
+    x = torch.randn(16, 3, 32, 32)
+    probs = all_exit_probs(model, x)
+    predictor = EarlyExitPredictor(model, quantile_thresholds(probs, torch.Generator().manual_seed(1)))
+    perm = torch.randperm(16)
+    a, b = predictor(x), predictor(x[perm])
+    assert torch.equal(a.exit_index[perm], b.exit_index) and torch.equal(a.labels[perm], b.labels)
+    single = [predictor(x[i : i + 1]) for i in range(16)]  # batch size 1 too
+    assert torch.equal(torch.cat([r.exit_index for r in single]), a.exit_index)
+
+
+def test_zero_thresholds_send_everyone_to_the_first_exit_and_skip_the_rest():
+    model = wrapped()
+    predictor = EarlyExitPredictor(model, [0.0, 0.0, 0.0])
+    predictor.exit_macs((3, 32, 32))  # counting MACs runs every section once; cached from here on
+    calls = []
+    model.backbone.layer2.register_forward_hook(lambda *args: calls.append("layer2"))
+    x = torch.randn(8, 3, 32, 32)
+    result = predictor(x)
+    assert result.exit_index.tolist() == [0] * 8
+    assert calls == []  # deeper sections never ran
+    assert result.macs.tolist() == [model.exit_macs((3, 32, 32))[0]] * 8
+    with torch.no_grad():
+        assert torch.equal(result.labels, model(x).logits[0].argmax(-1))
+
+
+def test_thresholds_above_every_confidence_send_everyone_to_the_fallback():
+    model = wrapped()
+    x = torch.randn(8, 3, 32, 32)
+    probs = all_exit_probs(model, x)
+    result = EarlyExitPredictor(model, [1.0, 1.0, 1.0])(x)
+    assert result.exit_index.tolist() == [3] * 8
+    with torch.no_grad():
+        torch.testing.assert_close(result.probs, ensemble_probs(model(x).logits))
+    deepest = EarlyExitPredictor(model, [1.0, 1.0, 1.0], fallback="deepest")(x)
+    torch.testing.assert_close(deepest.probs, probs[-1])
+
+
+@pytest.mark.parametrize(
+    "thresholds, message",
+    [([0.9, 0.9], "need one per shallow exit, 3"), ([0.9, math.nan, 0.9], r"thresholds\[1\]"),
+     ([0.9, 0.9, 1.2], r"thresholds\[2\]"), ([-0.1, 0.9, 0.9], r"thresholds\[0\]"), (["0.9", 0.9, 0.9], "number")],
+)
+def test_threshold_validation(thresholds, message):
+    with pytest.raises(ValueError, match=message):
+        EarlyExitPredictor(wrapped(), thresholds)
+
+
+def test_fallback_validation():
+    with pytest.raises(ValueError, match="fallback"):
+        EarlyExitPredictor(wrapped(), [0.9] * 3, fallback="vote")
+
+
+@pytest.mark.parametrize("name, size", [("resnet18", 32), ("swin_tiny_patch4_window7_224", 224), ("test_vit", 160)])
+def test_truncate_equals_the_exit(name, size):
+    model = wrapped(name, size)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        logits = model(x).logits
+        sizes = []
+        for k in range(model.num_exits):
+            small = model.truncate(k).eval()
+            torch.testing.assert_close(small(x), logits[k], rtol=1e-4, atol=1e-5)
+            sizes.append(sum(p.numel() for p in small.parameters()))
+    assert sizes == sorted(sizes) and sizes[-1] == sum(p.numel() for p in model.backbone.parameters())
+    with pytest.raises(ValueError, match="exit_index"):
+        model.truncate(model.num_exits)
