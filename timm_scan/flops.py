@@ -1,4 +1,4 @@
-"""Counting multiply-accumulates (MACs) with torch's flop counter.
+"""Cost of inference: multiply-accumulates (MACs) counted with torch's flop counter, and wall-clock.
 
 Convention: MACs = FLOPs / 2 as ``torch.utils.flop_counter.FlopCounterMode`` counts them:
 convolutions (transposed too), matrix products and attention. Element-wise ops, normalisation and
@@ -7,6 +7,8 @@ pooling are not counted, as in fvcore and most papers' tables.
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any, Callable
 
 import torch
@@ -28,3 +30,23 @@ def count_macs(fn: Callable[..., Any], *args: Any) -> int:
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
         fn(*args)
     return counter.get_total_flops() // 2
+
+
+def wall_clock(fn: Callable[[torch.Tensor], Any], batches: list[torch.Tensor], repeats: int = 3) -> float:
+    """Seconds to run ``fn`` over all ``batches`` (median of ``repeats`` passes, after one warm-up
+    batch), under ``torch.no_grad``; CUDA is synchronised around each pass."""
+    def synchronise() -> None:
+        if batches[0].is_cuda:
+            torch.cuda.synchronize()
+
+    times = []
+    with torch.no_grad():
+        fn(batches[0])
+        for _ in range(repeats):
+            synchronise()
+            started = time.perf_counter()
+            for batch in batches:
+                fn(batch)
+            synchronise()
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)

@@ -88,21 +88,20 @@ class EarlyExitPredictor:
         self.fallback = fallback
         self._macs: dict[tuple[int, ...], Tensor] = {}
 
-    def exit_macs(self, input_size: tuple[int, int, int]) -> Tensor:
+    def exit_macs(self, input_size: tuple[int, int, int], device: torch.device | str = "cpu") -> Tensor:
         """Cumulative MACs per exit for one sample of ``input_size``, counted once and cached."""
-        if input_size not in self._macs:
-            self._macs[input_size] = torch.tensor(self.model.exit_macs(input_size), dtype=torch.int64)
-        return self._macs[input_size]
+        key = (*input_size, str(device))
+        if key not in self._macs:
+            self._macs[key] = torch.tensor(self.model.exit_macs(input_size), dtype=torch.int64, device=device)
+        return self._macs[key]
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> EarlyExitResult:
         model, k = self.model, self.model.num_exits
         n, image_size = images.shape[0], (images.shape[-2], images.shape[-1])
-        labels = torch.empty(n, dtype=torch.int64, device=images.device)
-        exit_index = torch.full((n,), k - 1, dtype=torch.int64, device=images.device)
-        confidence = torch.empty(n, device=images.device)
-        probs_out = torch.empty(n, model.num_classes, device=images.device)
-        pending = torch.arange(n, device=images.device)  # original positions of the samples still running
+        macs = self.exit_macs((images.shape[1], *image_size), images.device)
+        pending = torch.arange(n, device=images.device)  # input positions of the samples still running
+        answered: list[tuple[Tensor, Tensor, int]] = []  # (positions, probs, exit) per group that left
         prob_sum = None  # running sum of softmax over exits, for the ensemble fallback
         h = images
         for i in range(k):
@@ -111,20 +110,31 @@ class EarlyExitPredictor:
             if self.fallback == "ensemble":
                 prob_sum = probs if prob_sum is None else prob_sum + probs
             if i == k - 1:
-                final = prob_sum / k if self.fallback == "ensemble" else probs
-                conf, pred = final.max(-1)
-                labels[pending], confidence[pending], probs_out[pending] = pred, conf, final
+                answered.append((pending, prob_sum / k if self.fallback == "ensemble" else probs, i))
                 break
-            conf, pred = probs.max(-1)
-            done = conf > self.thresholds[i]
-            if done.any():
-                idx = pending[done]
-                labels[idx], confidence[idx], probs_out[idx], exit_index[idx] = pred[done], conf[done], probs[done], i
+            done = probs.max(-1).values > self.thresholds[i]
+            n_done = int(done.sum())
+            if n_done == len(pending):
+                answered.append((pending, probs, i))
+                break
+            if n_done:
                 keep = ~done
-                if not keep.any():
-                    break
+                answered.append((pending[done], probs[done], i))
                 pending, h = pending[keep], h[keep]
                 if prob_sum is not None:
                     prob_sum = prob_sum[keep]
-        macs = self.exit_macs((images.shape[1], *image_size)).to(images.device)[exit_index]
-        return EarlyExitResult(labels, exit_index, confidence, probs_out, macs)
+        return self._assemble(answered, n, macs)
+
+    @staticmethod
+    def _assemble(answered: list[tuple[Tensor, Tensor, int]], n: int, macs: Tensor) -> EarlyExitResult:
+        """Groups of answered samples → one result in input order."""
+        if len(answered) == 1:  # the whole batch left at one exit: already in input order
+            probs, exit_index = answered[0][1], torch.full((n,), answered[0][2], device=macs.device)
+        else:
+            positions = torch.cat([pos for pos, _, _ in answered])
+            order = torch.empty_like(positions)
+            order[positions] = torch.arange(n, device=positions.device)
+            probs = torch.cat([p for _, p, _ in answered])[order]
+            exit_index = torch.cat([torch.full((len(pos),), i, device=macs.device) for pos, _, i in answered])[order]
+        confidence, labels = probs.max(-1)
+        return EarlyExitResult(labels, exit_index, confidence, probs, macs[exit_index])

@@ -2,6 +2,7 @@
 
 Layout of ``output_dir``::
 
+    train_config.json         the TrainConfig of the run (what evaluation rebuilds the splits from)
     checkpoints/epoch_0003/   Accelerate ``save_state``: weights (safetensors), optimizer, RNG, progress
     best/model.safetensors    weights of the best epoch on validation (deepest-exit accuracy)
     best/config.json          what re-creates the model: timm name, num_classes, ScanConfig, classes
@@ -229,6 +230,9 @@ class Trainer:
         """Train (resuming if a checkpoint exists), then evaluate the best model on test."""
         acc = self.accelerator
         self._resume()
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(_jsonable(dataclasses.asdict(self.cfg)), indent=2))
         if acc.is_main_process and self.cfg.log_with:
             acc.init_trackers(self.out.name, config=_jsonable(dataclasses.asdict(self.cfg)))
         for epoch in range(self.progress.epoch, self.cfg.epochs):

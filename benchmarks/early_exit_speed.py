@@ -1,0 +1,80 @@
+"""Does early exit save wall-clock time in proportion to the MACs it saves?
+
+resnet18 (random weights: speed does not depend on them), wrapped with the default exits. The first
+exit's threshold is the median of its confidence on the images, so half of them leave there; the
+other thresholds are 1.0, so the other half runs every section and gets the ensemble. For each input
+size and batch size: the plain backbone's time, the predictor's time, the measured speed-up, the
+MACs speed-up, and their ratio (1.0 = the MACs saving is fully realised).
+
+    python benchmarks/early_exit_speed.py                      # 32x32 and 224x224, batch 1 and 256
+    python benchmarks/early_exit_speed.py --sizes 32 --batch-sizes 256 --images 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import timm
+import torch
+
+import timm_scan
+from timm_scan.flops import wall_clock
+
+
+def measure(size: int, batch_size: int, images: int, repeats: int, channels_last: bool) -> dict:
+    torch.manual_seed(0)
+    model = timm_scan.wrap(timm.create_model("resnet18", num_classes=10), check_input_size=(3, size, size)).eval()
+    x = torch.randn(images, 3, size, size)
+    if channels_last:  # both the plain backbone and the wrapped model
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        h = model.forward_section(0, x)
+        first = torch.softmax(model.exit_logits(0, h, (size, size)), -1).max(-1).values
+    thresholds = [first.median().item()] + [1.0] * (model.num_exits - 2)
+    predictor = timm_scan.EarlyExitPredictor(model, thresholds)
+    batches = list(x.split(batch_size))
+    result = predictor(x)
+    macs_speedup = model.backbone_macs((3, size, size)) / result.macs.double().mean().item()
+    backbone_s = wall_clock(model.backbone, batches, repeats)
+    early_exit_s = wall_clock(predictor, batches, repeats)
+    measured = backbone_s / early_exit_s
+    return {
+        "input": size, "batch_size": batch_size, "images": images, "channels_last": channels_last,
+        "share_at_exit1": (result.exit_index == 0).float().mean().item(),
+        "backbone_ms_per_image": 1000 * backbone_s / images, "early_exit_ms_per_image": 1000 * early_exit_s / images,
+        "measured_speedup": measured, "macs_speedup": macs_speedup, "ratio": measured / macs_speedup,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--images", type=int, default=None, help="images per setting (default: 1024 at batch>1, 256 at batch 1; 256 at 224x224)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--channels-last", action="store_true", help="run backbone and early exit in channels_last")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "early_exit_speed.json"))
+    args = p.parse_args()
+    rows = []
+    for size in args.sizes:
+        for bs in args.batch_sizes:
+            images = args.images or (256 if bs == 1 or size >= 224 else 1024)
+            rows.append(measure(size, bs, max(images, bs), args.repeats, args.channels_last))
+            r = rows[-1]
+            print(f"{size:>4}px batch {bs:>4}: backbone {r['backbone_ms_per_image']:.3f} ms/img, early exit "
+                  f"{r['early_exit_ms_per_image']:.3f} ms/img, measured {r['measured_speedup']:.2f}x, "
+                  f"MACs {r['macs_speedup']:.2f}x, ratio {r['ratio']:.2f} ({r['share_at_exit1']:.0%} at exit 1)", flush=True)
+    record = {
+        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__, "command": "python benchmarks/early_exit_speed.py", "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
