@@ -35,3 +35,22 @@ def test_inspect_exits(monkeypatch, capsys):
     run_example("inspect_exits.py", monkeypatch, "--model", "test_convnext", "--input-size", "64")
     out = capsys.readouterr().out
     assert "backbone head" in out and out.count("stages.") == 4
+
+
+def test_search_thresholds_then_evaluate(tiny_parquet, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run_example("train.py", monkeypatch, "--dataset", str(tiny_parquet), "--output-dir", str(run),
+                "--model", "test_resnet", "--input-size", "32", "--crop-pct", "1.0", "--val-size", "24",
+                "--epochs", "2", "--anneal-epochs", "0", "--batch-size", "16", "--num-workers", "0")
+    run_example("search_thresholds.py", monkeypatch, str(run), "--betas", "0.1", "10", "--beta", "1",
+                "--generations", "10")
+    searched = json.loads((run / "thresholds.json").read_text())
+    assert [p["beta"] for p in searched["sweep"]] == [0.1, 1.0, 10.0] and len(searched["thresholds"]) == 3
+    assert (run / "outputs" / "val.safetensors").is_file() and (run / "tradeoff_val.png").is_file()
+    assert not (run / "outputs" / "test.safetensors").exists()  # the search never reads test
+    run_example("evaluate.py", monkeypatch, str(run), "--latency-images", "32", "--latency-images-b1", "4")
+    report = json.loads((run / "evaluation.json").read_text())
+    assert len(report["per_exit_accuracy"]) == 4 and len(report["early_exit"]["exit_shares"]) == 4
+    assert [t["batch_size"] for t in report["early_exit"]["wall_clock"]] == [256, 1]
+    assert (run / "tradeoff_test.png").is_file() and (run / "exit_shares.png").is_file()
+    assert "agree on the exit of 100.0%" in capsys.readouterr().out
