@@ -21,7 +21,8 @@ import torch
 
 from timm_scan import EarlyExitPredictor
 from timm_scan.flops import wall_clock
-from timm_scan.runs import cached_outputs, eval_dataset, load_run, run_splits
+from timm_scan.runs import cached_outputs, eval_dataset, load_run
+from timm_scan.training import run_splits
 from timm_scan.thresholds import ExitTable, plot_tradeoff
 
 

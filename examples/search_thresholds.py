@@ -14,7 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from timm_scan.runs import cached_outputs, eval_dataset, load_run, run_splits
+from timm_scan.runs import cached_outputs, eval_dataset, load_run
+from timm_scan.training import run_splits
 from timm_scan.thresholds import plot_tradeoff, sweep_beta
 
 DEFAULT_BETAS = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]

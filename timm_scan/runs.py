@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import ScanConfig
-from .data import ImageSplits, TorchImageDataset, build_transforms, load_splits
+from .data import ImageSplits, TorchImageDataset, build_transforms
 from .model import MultiExitModel, wrap
 from .training import TrainConfig
 
@@ -34,19 +34,6 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[MultiExitModel, 
     model = wrap(backbone, ScanConfig.from_dict(best["scan_config"]), check_input_size=size)
     model.load_state_dict(load_file(str(run / "best" / "model.safetensors")), strict=True)
     return model.to(device).eval(), cfg, best
-
-
-def run_splits(cfg: TrainConfig) -> ImageSplits:
-    """The run's own train/val/test splits (same source, seed and sizes)."""
-    return load_splits(
-        cfg.dataset,
-        image_column=cfg.image_column,
-        label_column=cfg.label_column,
-        val_size=cfg.val_size,
-        seed=cfg.seed,
-        max_train_samples=cfg.max_train_samples,
-        max_test_samples=cfg.max_test_samples,
-    )
 
 
 def eval_dataset(splits: ImageSplits, split: str, data_config: dict) -> TorchImageDataset:

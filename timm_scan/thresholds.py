@@ -129,24 +129,16 @@ def search_thresholds(
     *,
     baseline_accuracy: float | None = None,
     fallback: str = "ensemble",
-    bits: int = 30,
-    population: int = 64,
-    generations: int = 100,
-    crossover: float = 0.8,
-    mutation: float | None = None,
-    seed: int = 0,
+    **ga_options,
 ) -> SearchResult:
-    """SCAN's genetic search for one threshold per shallow exit.
+    """SCAN's genetic search for one threshold per shallow exit, on cached outputs.
 
     ``baseline_accuracy`` (percent): the plain backbone's accuracy, else that of the deepest path.
-    Each generation keeps the best individual (elitism), picks parents with probability
-    proportional to fitness (shifted to be positive), applies one-point crossover with probability
-    ``crossover`` and flips each bit with probability ``mutation`` (default 1 / genome length).
+    ``ga_options`` go to ``genetic_search``: ``bits``, ``population``, ``generations``,
+    ``crossover``, ``mutation``, ``seed``.
     """
     table = ExitTable.from_outputs(probs, labels, exit_macs, backbone_macs, fallback)
-    return genetic_search(table, beta, baseline_accuracy_of(table, baseline_accuracy), bits=bits,
-                          population=population, generations=generations, crossover=crossover,
-                          mutation=mutation, seed=seed)
+    return genetic_search(table, beta, baseline_accuracy_of(table, baseline_accuracy), **ga_options)
 
 
 def genetic_search(
@@ -161,7 +153,12 @@ def genetic_search(
     mutation: float | None = None,
     seed: int = 0,
 ) -> SearchResult:
-    """The genetic algorithm on a prepared ``ExitTable`` (see ``search_thresholds``)."""
+    """The genetic algorithm on a prepared ``ExitTable``.
+
+    Each generation keeps the best individual (elitism), picks parents with probability
+    proportional to fitness (shifted to be positive), applies one-point crossover with probability
+    ``crossover`` and flips each bit with probability ``mutation`` (default 1 / genome length).
+    """
     n_genes = table.num_exits - 1
     if n_genes == 0:
         return _result(table, np.zeros(0), beta, baseline)

@@ -123,6 +123,19 @@ class Progress:
             setattr(self, key, value)
 
 
+def run_splits(cfg: TrainConfig) -> ImageSplits:
+    """The run's train/val/test splits: its source, seed and sizes."""
+    return load_splits(
+        cfg.dataset,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        val_size=cfg.val_size,
+        seed=cfg.seed,
+        max_train_samples=cfg.max_train_samples,
+        max_test_samples=cfg.max_test_samples,
+    )
+
+
 def build_model(cfg: TrainConfig, num_classes: int) -> MultiExitModel:
     """The timm backbone of ``cfg.model`` wrapped with its exits (none for ``--baseline``)."""
     backbone = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes)
@@ -167,15 +180,7 @@ class Trainer:
         )
         set_seed(cfg.seed)
         with self.accelerator.main_process_first():
-            self.data = load_splits(
-                cfg.dataset,
-                image_column=cfg.image_column,
-                label_column=cfg.label_column,
-                val_size=cfg.val_size,
-                seed=cfg.seed,
-                max_train_samples=cfg.max_train_samples,
-                max_test_samples=cfg.max_test_samples,
-            )
+            self.data = run_splits(cfg)
         if cfg.num_classes is not None and cfg.num_classes != self.data.num_classes:
             raise ValueError(
                 f"num_classes={cfg.num_classes} but dataset {cfg.dataset!r} has {self.data.num_classes} classes "
