@@ -60,10 +60,10 @@ def main() -> None:
 
     run = Path(args.run)
     searched = json.loads(Path(args.thresholds or run / "thresholds.json").read_text())
-    model, cfg, best = load_run(run)
-    dataset = eval_dataset(run_splits(cfg), "test", best["data_config"])
+    model, cfg = load_run(run)
+    dataset = eval_dataset(run_splits(cfg), "test", model.data_config)
     probs, labels = cached_outputs(run, "test", model, dataset)
-    size = tuple(best["data_config"]["input_size"])
+    size = tuple(model.data_config["input_size"])
     exit_macs, backbone_macs = model.exit_macs(size), model.backbone_macs(size)
     table = ExitTable.from_outputs(probs, labels, exit_macs, backbone_macs, searched["fallback"])
 
@@ -86,7 +86,7 @@ def main() -> None:
     timings = [timing(model, predictor, images[: args.latency_images], 256),
                timing(model, predictor, images[: args.latency_images_b1], 1)]
 
-    print(f"{best['model']} on {len(labels)} test images ({size[1]}x{size[2]})")
+    print(f"{model.backbone.pretrained_cfg['architecture']} on {len(labels)} test images ({size[1]}x{size[2]})")
     print(f"{'exit':<14}{'accuracy':>9}{'MMACs':>9}{'of backbone':>13}")
     for i, (a, m) in enumerate(zip(per_exit, exit_macs)):
         print(f"{i + 1:<14}{a:>8.2f}%{m / 1e6:>9.2f}{m / backbone_macs:>12.1%}")
@@ -102,7 +102,7 @@ def main() -> None:
 
     sweep = [(float(a), float(c)) for a, c in zip(*table.evaluate(np.array([pt["thresholds"] for pt in searched["sweep"]])))]
     plot_tradeoff([(c, a) for a, c in sweep], run / "tradeoff_test.png", baseline=(1.0, per_exit[-1]),
-                  labels=[f"β={pt['beta']:g}" for pt in searched["sweep"]], title=f"{best['model']}: test, thresholds from validation")
+                  labels=[f"β={pt['beta']:g}" for pt in searched["sweep"]], title=f"{model.backbone.pretrained_cfg['architecture']}: test, thresholds from validation")
     plot_shares(shares, run / "exit_shares.png", f"Where test samples leave (β = {searched['beta']:g})")
     record = {"per_exit_accuracy": per_exit, "ensemble_accuracy": ensemble, "exit_macs": exit_macs,
               "backbone_macs": backbone_macs, "thresholds": searched["thresholds"], "beta": searched["beta"],

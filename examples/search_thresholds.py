@@ -5,7 +5,8 @@
 
 Caches every exit's validation outputs once (<run>/outputs/val.safetensors), runs the genetic
 search for each β of the sweep, prints the trade-off, plots it (<run>/tradeoff_val.png) and writes
-<run>/thresholds.json: the thresholds of --beta plus the whole sweep. The test split is not read.
+<run>/thresholds.json: the thresholds of --beta plus the whole sweep; the kept thresholds are also
+recorded in <run>/best, so from_pretrained and push_to_hub carry them. The test split is not read.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from timm_scan.hub import save_thresholds
 from timm_scan.runs import cached_outputs, eval_dataset, load_run
 from timm_scan.training import run_splits
 from timm_scan.thresholds import plot_tradeoff, sweep_beta
@@ -43,10 +45,10 @@ def main() -> None:
     args = p.parse_args()
 
     run = Path(args.run)
-    model, cfg, best = load_run(run)
+    model, cfg = load_run(run)
     splits = run_splits(cfg)
-    probs, labels = cached_outputs(run, "val", model, eval_dataset(splits, "val", best["data_config"]))
-    size = tuple(best["data_config"]["input_size"])
+    probs, labels = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
+    size = tuple(model.data_config["input_size"])
     exit_macs, backbone_macs = model.exit_macs(size), model.backbone_macs(size)
     baseline = baseline_accuracy(args.baseline_run)
     betas = sorted(set(args.betas) | {args.beta})
@@ -64,7 +66,7 @@ def main() -> None:
     deepest = 100.0 * float((probs[-1].argmax(-1) == labels).mean())
     plot_tradeoff([(pt.acceleration, pt.accuracy) for pt in points], run / "tradeoff_val.png",
                   baseline=(1.0, deepest if baseline is None else baseline), labels=[f"β={b:g}" for b in betas],
-                  title=f"{best['model']}: validation, β sweep")
+                  title=f"{model.backbone.pretrained_cfg['architecture']}: validation, β sweep")
     record = {
         "beta": args.beta, "fallback": args.fallback, "thresholds": chosen.thresholds,
         "baseline_accuracy": baseline, "validation": {"accuracy": chosen.accuracy, "acceleration": chosen.acceleration,
@@ -73,6 +75,7 @@ def main() -> None:
                    "acceleration": pt.acceleration, "exit_shares": pt.exit_shares} for pt in points],
     }
     (run / "thresholds.json").write_text(json.dumps(record, indent=2))
+    save_thresholds(run / "best", chosen.thresholds, args.fallback)  # from_pretrained(run/best) carries them
     print(f"kept β = {args.beta:g}: thresholds {chosen.thresholds} → {run / 'thresholds.json'}; plot {run / 'tradeoff_val.png'}")
 
 

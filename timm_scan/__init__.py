@@ -1,6 +1,7 @@
 """timm-scan: multi-exit timm models with self-distillation and early-exit inference."""
 
 from .config import ScanConfig
+from .hub import HubUploadError, from_pretrained
 from .inference import EarlyExitPredictor, EarlyExitResult, ensemble_probs
 from .losses import LossOutput, SelfDistillationLoss
 from .model import MultiExitModel, MultiExitOutput, wrap
@@ -9,6 +10,7 @@ from .thresholds import SearchResult, search_thresholds, sweep_beta
 __all__ = [
     "EarlyExitPredictor",
     "EarlyExitResult",
+    "HubUploadError",
     "LossOutput",
     "MultiExitModel",
     "MultiExitOutput",
@@ -16,6 +18,7 @@ __all__ = [
     "SearchResult",
     "SelfDistillationLoss",
     "ensemble_probs",
+    "from_pretrained",
     "search_thresholds",
     "sweep_beta",
     "wrap",

@@ -79,3 +79,8 @@ class ScanConfig:
     @classmethod
     def from_json(cls, text: str) -> ScanConfig:
         return cls.from_dict(json.loads(text))
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with tuples as lists and anything JSON cannot hold as its ``str``."""
+    return json.loads(json.dumps(obj, default=str))

@@ -76,11 +76,19 @@ def simulate_early_exit(
 class EarlyExitPredictor:
     """Runs a ``MultiExitModel`` with early exits; ``predictor(images)`` → ``EarlyExitResult``.
 
-    ``thresholds``: one per shallow exit (K-1 numbers in [0, 1]). ``fallback``: ``"ensemble"`` or
+    ``thresholds``: one per shallow exit (K-1 numbers in [0, 1]); ``None`` takes the model's saved
+    ones (``model.thresholds``, with ``model.fallback``). ``fallback``: ``"ensemble"`` or
     ``"deepest"`` for samples that pass no threshold. The model is put in eval mode.
     """
 
-    def __init__(self, model: MultiExitModel, thresholds: Sequence[float], fallback: str = "ensemble") -> None:
+    def __init__(
+        self, model: MultiExitModel, thresholds: Sequence[float] | None = None, fallback: str | None = None
+    ) -> None:
+        if thresholds is None:
+            if model.thresholds is None:
+                raise ValueError("no thresholds: pass thresholds=[...] (one per shallow exit) or load a model saved with some")
+            thresholds, fallback = model.thresholds, fallback or model.fallback
+        fallback = fallback or "ensemble"
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}; got {fallback!r}")
         self.model = model.eval()

@@ -56,6 +56,11 @@ class MultiExitModel(nn.Module):
         self._staged = staged  # plain object: the backbone's modules stay registered once
         stages = feature_stages(backbone)
         self.exit_stages: list[Stage] = [stages[i] for i in config.exits] + [stages[-1]]
+        # What travels with the weights (save_pretrained): set by the trainer and threshold search.
+        self.class_names: list[str] | None = None
+        self.data_config: dict | None = None  # timm data config: input_size, mean, std, crop
+        self.thresholds: list[float] | None = None  # one per shallow exit
+        self.fallback: str = "ensemble"
         self.train(backbone.training)
 
     @property
@@ -104,6 +109,18 @@ class MultiExitModel(nn.Module):
         head = copy.deepcopy(self.exits[exit_index])
         head.proj = nn.Identity()  # the hint projection only serves training
         return TruncatedModel(self._staged.trunk(exit_index), head)
+
+    def save_pretrained(self, save_directory: str, card: str | None = None) -> None:
+        """Save to a folder that ``timm_scan.from_pretrained`` and plain timm can read (see ``hub.py``)."""
+        from .hub import save_pretrained
+
+        save_pretrained(self, save_directory, card)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Save and upload to a Hub model repo; see ``timm_scan.hub.push_to_hub`` for the options."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     def exit_macs(self, input_size: tuple[int, int, int]) -> list[int]:
         """Cumulative MACs for one sample of ``input_size`` (C, H, W) to leave at each exit.

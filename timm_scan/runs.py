@@ -1,7 +1,7 @@
 """Reading what the trainer wrote: the best model, the run's splits, and cached per-exit outputs.
 
 Cached outputs live in ``<run>/outputs/<split>.safetensors`` (``probs_exit1`` … shallowest first,
-``labels``); they are recomputed when ``best/model.safetensors`` is newer than the cache.
+``labels``); they are recomputed when the best model's weights are newer than the cache.
 """
 
 from __future__ import annotations
@@ -10,30 +10,24 @@ import json
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import ScanConfig
 from .data import ImageSplits, TorchImageDataset, build_transforms
-from .model import MultiExitModel, wrap
+from .hub import from_pretrained
+from .model import MultiExitModel
 from .training import TrainConfig
 
 
-def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[MultiExitModel, TrainConfig, dict]:
-    """The best model of a training run (strict safetensors load), its TrainConfig and best/config.json."""
+def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[MultiExitModel, TrainConfig]:
+    """The best model of a training run (``<run>/best``, strict load) and the run's TrainConfig."""
     run = Path(run_dir)
-    for needed in ("train_config.json", "best/config.json", "best/model.safetensors"):
+    for needed in ("train_config.json", "best/scan_config.json"):
         if not (run / needed).is_file():
             raise ValueError(f"{run} is not a finished timm-scan training run: {needed} is missing")
     cfg = TrainConfig(**json.loads((run / "train_config.json").read_text()))
-    best = json.loads((run / "best" / "config.json").read_text())
-    backbone = timm.create_model(best["model"], num_classes=best["num_classes"])
-    size = tuple(best["data_config"]["input_size"])
-    model = wrap(backbone, ScanConfig.from_dict(best["scan_config"]), check_input_size=size)
-    model.load_state_dict(load_file(str(run / "best" / "model.safetensors")), strict=True)
-    return model.to(device).eval(), cfg, best
+    return from_pretrained(run / "best").to(device).eval(), cfg
 
 
 def eval_dataset(splits: ImageSplits, split: str, data_config: dict) -> TorchImageDataset:
@@ -65,7 +59,8 @@ def cached_outputs(run_dir: str | Path, split: str, model: MultiExitModel, datas
     """``compute_outputs`` once per split and model; later calls read ``<run>/outputs/<split>.safetensors``."""
     run = Path(run_dir)
     cache = run / "outputs" / f"{split}.safetensors"
-    if cache.is_file() and cache.stat().st_mtime >= (run / "best" / "model.safetensors").stat().st_mtime:
+    weights = [run / "best" / name for name in ("model.safetensors", "scan_exits.safetensors")]
+    if cache.is_file() and all(cache.stat().st_mtime >= w.stat().st_mtime for w in weights):
         tensors = load_file(str(cache))
         if len(tensors) == model.num_exits + 1 and len(tensors["labels"]) == len(dataset):
             return [tensors[f"probs_exit{i + 1}"].numpy() for i in range(model.num_exits)], tensors["labels"].numpy()

@@ -4,8 +4,8 @@ Layout of ``output_dir``::
 
     train_config.json         the TrainConfig of the run (what evaluation rebuilds the splits from)
     checkpoints/epoch_0003/   Accelerate ``save_state``: weights (safetensors), optimizer, RNG, progress
-    best/model.safetensors    weights of the best epoch on validation (deepest-exit accuracy)
-    best/config.json          what re-creates the model: timm name, num_classes, ScanConfig, classes
+    best/                     the best epoch on validation (deepest-exit accuracy), as ``save_pretrained``
+                              writes it: timm's config.json and model.safetensors, the exits, a card
     metrics.jsonl             one line per epoch: train loss parts and validation accuracy per exit
     results.json              test accuracy per exit and ensemble, MACs per exit
 
@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import ScanConfig
+from .config import ScanConfig, jsonable
 from .data import ImageSplits, TorchImageDataset, build_transforms, data_config, load_splits
+from .hub import load_weights, model_card, push_to_hub
 from .losses import TEACHERS, LossOutput, SelfDistillationLoss
 from .model import MultiExitModel, wrap
 
@@ -86,6 +87,7 @@ class TrainConfig:
     num_workers: int = 2
     keep_checkpoints: int = 3
     log_with: str | None = None  # an Accelerate tracker, e.g. "tensorboard"
+    push_to_hub: str | None = None  # a Hub repo id: the best model is pushed there at the end
 
     def __post_init__(self) -> None:
         checks = [
@@ -237,9 +239,9 @@ class Trainer:
         self._resume()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(json.dumps(_jsonable(dataclasses.asdict(self.cfg)), indent=2))
+            (self.out / "train_config.json").write_text(json.dumps(jsonable(dataclasses.asdict(self.cfg)), indent=2))
         if acc.is_main_process and self.cfg.log_with:
-            acc.init_trackers(self.out.name, config=_jsonable(dataclasses.asdict(self.cfg)))
+            acc.init_trackers(self.out.name, config=jsonable(dataclasses.asdict(self.cfg)))
         for epoch in range(self.progress.epoch, self.cfg.epochs):
             distilling = epoch < self.cfg.epochs - self.cfg.anneal_epochs
             self.loss.alpha = self.cfg.alpha if distilling else 0.0
@@ -340,22 +342,19 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            best = self.out / "best"
-            best.mkdir(parents=True, exist_ok=True)
-            model: MultiExitModel = acc.unwrap_model(self.model)
-            state = {k: v.contiguous() for k, v in model.state_dict().items()}
-            save_file(state, str(best / "model.safetensors"))
-            config = {
-                "model": self.cfg.model,
-                "num_classes": self.data.num_classes,
-                "class_names": self.data.class_names,
-                "scan_config": model.config.to_dict(),
-                "data_config": _jsonable(self.data_config),
-                "epoch": self.progress.epoch,
-                "val_accuracy": self.progress.best_accuracy,
-            }
-            (best / "config.json").write_text(json.dumps(config, indent=2))
+            model = self._unwrapped()
+            model.save_pretrained(str(self.out / "best"), card=self._card(model))
         acc.wait_for_everyone()
+
+    def _unwrapped(self) -> MultiExitModel:
+        """The model without Accelerate's wrappers, carrying its class names and data config."""
+        model: MultiExitModel = self.accelerator.unwrap_model(self.model)
+        model.class_names, model.data_config = self.data.class_names, self.data_config
+        return model
+
+    def _card(self, model: MultiExitModel, results: dict | None = None) -> str:
+        return model_card(model, repo_id=self.cfg.push_to_hub, dataset=self.cfg.dataset,
+                          train_config=dataclasses.asdict(self.cfg), results=results)
 
     def _log(self, metrics: dict[str, float]) -> None:
         acc = self.accelerator
@@ -375,8 +374,8 @@ class Trainer:
         """Load the best weights, evaluate on test, print the table, write ``results.json``."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        model: MultiExitModel = acc.unwrap_model(self.model)
-        model.load_state_dict(load_file(str(self.out / "best" / "model.safetensors"), device=str(acc.device)), strict=True)
+        model = self._unwrapped()
+        load_weights(model, self.out / "best")
         size = tuple(self.data_config["input_size"])
         macs = model.exit_macs(size)
         backbone_macs = model.backbone_macs(size)
@@ -394,7 +393,12 @@ class Trainer:
             results["test"] = self.evaluate(test_loader, desc="test")
         if acc.is_main_process:
             (self.out / "results.json").write_text(json.dumps(results, indent=2))
+            (self.out / "best" / "README.md").write_text(self._card(model, results))
             acc.print(format_results(results))
+            if self.cfg.push_to_hub:
+                url = push_to_hub(model, self.cfg.push_to_hub, save_directory=self.out / "best",
+                                  card=self._card(model, results))
+                acc.print(f"pushed the best model to {self.cfg.push_to_hub}: {url}")
         acc.end_training()
         return results
 
@@ -419,7 +423,3 @@ def format_results(results: dict[str, Any]) -> str:
 
 def _loss_vector(loss: LossOutput) -> Tensor:
     return torch.stack([loss.total.detach(), *loss.ce, *loss.kd, *loss.hint]).float()
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
