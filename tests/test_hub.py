@@ -1,0 +1,130 @@
+"""save_pretrained / from_pretrained on local folders (the Hub round trip is in test_hub_push.py)."""
+
+import json
+
+import pytest
+import timm
+import torch
+import yaml
+from conftest import create
+
+import timm_scan
+from timm_scan import EarlyExitPredictor, ScanConfig
+from timm_scan.hub import model_card, save_thresholds
+
+
+def trained_like(name="test_resnet", size=32, **config):
+    """A wrapped model with non-default weights everywhere (so a lost tensor would show)."""
+    model = timm_scan.wrap(create(name, num_classes=4), ScanConfig(**config), check_input_size=(3, size, size))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+    model.class_names = ["a", "b", "c", "d"]
+    model.data_config = timm.data.resolve_model_data_config(model.backbone, args={"input_size": (3, size, size)})
+    return model.eval()
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("name, size, config", [
+    ("test_resnet", 32, {"attention": "scan"}),
+    ("test_vit", 160, {}),
+    ("mobilenetv3_large_100", 32, {"exits": [2, 3], "head_channels": 64}),  # pre-logits width != exits': a projection
+])
+def test_round_trip_is_exact(tmp_path, name, size, config):
+    model = trained_like(name, size, **config)
+    model.thresholds, model.fallback = [0.9] * (model.num_exits - 1), "deepest"
+    model.save_pretrained(str(tmp_path))
+    loaded = timm_scan.from_pretrained(tmp_path).eval()
+    x = torch.randn(3, 3, size, size)
+    a, b = outputs(model, x), outputs(loaded, x)
+    for u, v in zip(a.logits + a.features, b.logits + b.features):
+        assert torch.equal(u, v)
+    assert loaded.config == model.config and loaded.class_names == model.class_names
+    assert loaded.data_config["input_size"] == [3, size, size] and loaded.thresholds == model.thresholds
+    assert EarlyExitPredictor(loaded).fallback == "deepest"  # the saved thresholds and fallback
+
+
+def test_plain_timm_loads_the_backbone(tmp_path):
+    model = trained_like()
+    model.save_pretrained(str(tmp_path))
+    backbone = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(backbone(x), outputs(model, x).logits[-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "scan_config.json", "scan_exits.safetensors"]
+
+
+def test_thresholds_can_be_recorded_later(tmp_path):
+    model = trained_like()
+    model.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="no thresholds"):
+        EarlyExitPredictor(timm_scan.from_pretrained(tmp_path))
+    save_thresholds(tmp_path, [0.8, 0.85, 0.9])
+    assert EarlyExitPredictor(timm_scan.from_pretrained(tmp_path)).thresholds == [0.8, 0.85, 0.9]
+
+
+def test_a_plain_timm_folder_is_not_a_timm_scan_model(tmp_path):
+    timm.models.save_for_hf(create("test_resnet"), str(tmp_path), safe_serialization=True)
+    with pytest.raises(ValueError, match="not a timm-scan model.*timm.create_model"):
+        timm_scan.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate_exits", "scan_exits.safetensors cannot be read"),
+    ("truncate_backbone", "cannot load the backbone"),
+    ("drop_exits", "scan_exits.safetensors is missing"),
+    ("bad_json", "not valid JSON"),
+    ("other_format", "format"),
+    ("wrong_shapes", "does not match the model"),
+])
+def test_damaged_folders_get_a_clear_error(tmp_path, damage, message):
+    model = trained_like()
+    model.save_pretrained(str(tmp_path))
+    if damage.startswith("truncate"):
+        path = tmp_path / ("scan_exits.safetensors" if damage == "truncate_exits" else "model.safetensors")
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "drop_exits":
+        (tmp_path / "scan_exits.safetensors").unlink()
+    elif damage == "bad_json":
+        (tmp_path / "scan_config.json").write_text("{")
+    elif damage == "other_format":
+        meta = json.loads((tmp_path / "scan_config.json").read_text())
+        (tmp_path / "scan_config.json").write_text(json.dumps({**meta, "format_version": 99}))
+    else:  # exits saved for another width
+        meta = json.loads((tmp_path / "scan_config.json").read_text())
+        meta["scan_config"]["head_channels"] = 16
+        (tmp_path / "scan_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message):
+        timm_scan.from_pretrained(tmp_path)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="neither a folder nor a Hub model"):
+        timm_scan.from_pretrained(tmp_path / "nothing")
+
+
+def test_model_card_has_the_hub_header_and_the_tables():
+    model = trained_like()
+    model.thresholds = [0.9, 0.8, 0.7]
+    results = {"exit_macs": [1e6, 2e6, 3e6, 4e6], "backbone_macs": 3.8e6,
+               "test": {"acc_exit1": 0.5, "acc_exit2": 0.6, "acc_exit3": 0.7, "acc_exit4": 0.8, "acc_ensemble": 0.75}}
+    evaluation = {"early_exit": {"accuracy": 79.0, "macs_speedup": 1.5, "exit_shares": [0.4, 0.2, 0.1, 0.3],
+                                 "wall_clock": [{"batch_size": 256, "measured_speedup": 1.3}]}}
+    card = model_card(model, repo_id="me/m", dataset="uoft-cs/cifar10", train_config={"epochs": 200, "lr": 0.1},
+                      results=results, evaluation=evaluation, plot="tradeoff.png")
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["library_name"] == "timm" and "timm-scan" in header["tags"]
+    assert header["license"] == "apache-2.0" and header["datasets"] == ["uoft-cs/cifar10"]
+    assert header["metrics"] == ["accuracy"] and header["pipeline_tag"] == "image-classification"
+    for text in ["| 1 | layer1 | 50.00% | 1.00 |", "| ensemble | all | 75.00%", "0.900, 0.800, 0.700",
+                 "MACs speed-up 1.50x", "batch 256: 1.30x", "![accuracy against MACs](tradeoff.png)",
+                 'timm_scan.from_pretrained("hf-hub:me/m")', 'timm.create_model("hf-hub:me/m", pretrained=True)',
+                 "epochs=200, lr=0.1"]:
+        assert text in card, text
