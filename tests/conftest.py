@@ -1,6 +1,33 @@
-import pytest
-import timm
-import torch
+"""Shared fixtures. The Hub client is pointed at a local test server before anything imports it."""
+
+import atexit
+import os
+import shutil
+import socket
+import tempfile
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# huggingface_hub reads these at import (timm and datasets import it), so they are set first.
+HUB_PORT = _free_port()
+_HF_HOME = tempfile.mkdtemp(prefix="timm-scan-tests-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, True)
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
+os.environ["HF_XET_CACHE"] = os.path.join(_HF_HOME, "xet")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("HF_HUB_OFFLINE", None)
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from hub_server import HubServer  # noqa: E402
 
 # (model name, input size) pairs small enough for 2 CPU cores; ViT and Swin need their fixed size.
 FAMILIES = [
@@ -69,3 +96,11 @@ def tiny_imagefolder(tmp_path_factory):
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path)
     return folder
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """The test Hub on 127.0.0.1:HUB_PORT, where HF_ENDPOINT points; its uploads succeed unless a
+    test sets ``hub.fail_uploads`` (and resets it)."""
+    with HubServer(tmp_path_factory.mktemp("hub"), port=HUB_PORT) as server:
+        yield server

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+import timm_scan
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,6 +50,7 @@ def test_search_thresholds_then_evaluate(tiny_parquet, tmp_path, monkeypatch, ca
     assert [p["beta"] for p in searched["sweep"]] == [0.1, 1.0, 10.0] and len(searched["thresholds"]) == 3
     assert (run / "outputs" / "val.safetensors").is_file() and (run / "tradeoff_val.png").is_file()
     assert not (run / "outputs" / "test.safetensors").exists()  # the search never reads test
+    assert timm_scan.from_pretrained(run / "best").thresholds == searched["thresholds"]
     run_example("evaluate.py", monkeypatch, str(run), "--latency-images", "32", "--latency-images-b1", "4")
     report = json.loads((run / "evaluation.json").read_text())
     assert len(report["per_exit_accuracy"]) == 4 and len(report["early_exit"]["exit_shares"]) == 4

@@ -157,7 +157,7 @@ def push_to_hub(
                                  commit_message=commit_message)
     except Exception as exc:
         raise HubUploadError(
-            f"push of {repo_id} failed while {step}: {exc}. The saved model is intact in {folder}; "
+            f"push of {repo_id} failed while {step}: {str(exc).rstrip('.')}. The saved model is intact in {folder}; "
             f"retry with push_to_hub(..., save_directory={str(folder)!r}) or upload that folder yourself."
         ) from exc
     if save_directory is None:
