@@ -240,7 +240,7 @@ class Trainer:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(jsonable(dataclasses.asdict(self.cfg)), indent=2))
-        if acc.is_main_process and self.cfg.log_with:
+        if self.cfg.log_with:  # on every process: Accelerate logs from the main one
             acc.init_trackers(self.out.name, config=jsonable(dataclasses.asdict(self.cfg)))
         for epoch in range(self.progress.epoch, self.cfg.epochs):
             distilling = epoch < self.cfg.epochs - self.cfg.anneal_epochs
