@@ -183,7 +183,7 @@ def test_model_whose_forward_is_not_its_children_is_refused():
 
 
 def test_hrnet_gets_an_honest_refusal():
-    with pytest.raises(ValueError, match="hrnet_w18_small.*runner of its own"):
+    with pytest.raises(ValueError, match="hrnet_w18_small.*needs a runner of its own; use another family"):
         wrap("hrnet_w18_small", 64)
 
 
@@ -249,3 +249,16 @@ def test_torch_compile():
         got = torch.compile(model)(x)
     for a, b in zip(got.logits + got.features, expected.logits + expected.features):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_an_uncuttable_stage_gets_the_stages_that_can_be_cut():
+    backbone = create("resnet18").eval()
+    backbone.feature_info[1]["module"] = "layer1.0.act1"  # inside a BasicBlock: not a section boundary
+    with pytest.raises(ValueError, match=r"'layer1.0.act1' sits inside 'layer1.0', a BasicBlock.*exits=\.\.\.\) with stages it can cut: \[0, 2, 3\]"):
+        timm_scan.wrap(backbone, ScanConfig(exits=[1, 2]), check_input_size=(3, 32, 32))
+    assert timm_scan.wrap(backbone, ScanConfig(exits=[2, 3]), check_input_size=(3, 32, 32)).num_exits == 3
+
+
+def test_distilled_models_are_refused_with_an_alternative():
+    with pytest.raises(ValueError, match="several classifiers.*non-distilled variant"):
+        wrap("deit_tiny_distilled_patch16_224", 224)

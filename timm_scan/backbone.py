@@ -161,8 +161,9 @@ class StagedBackbone:
         classifier = model.get_classifier()
         if not isinstance(classifier, nn.Module):
             raise ValueError(
-                f"cannot wrap {model_name(model)!r}: it has several classifiers ({type(classifier).__name__}); "
-                "only models with one classification head are supported"
+                f"cannot wrap {model_name(model)!r}: it has several classifiers ({type(classifier).__name__}, e.g. a "
+                "distillation head); only models with one classification head are supported: use the family's "
+                "non-distilled variant (deit_tiny_patch16_224 rather than deit_tiny_distilled_patch16_224)"
             )
         self._capture = _ClassifierInput()
         classifier.register_forward_pre_hook(self._capture)
@@ -210,10 +211,14 @@ class SequentialStages(StagedBackbone):
         super().__init__(model, cuts)
         stages = feature_stages(model)
         self.output_fmt = getattr(model, "output_fmt", "NCHW")
-        path = [(name, module) for name, module in _children_called(model, example)]
+        top_level = _children_called(model, example)
         cut_names = [stages[c].module for c in self.cuts]
-        for name in cut_names:
-            path = _expand_to(model, path, name)
+        path = top_level
+        try:
+            for name in cut_names:
+                path = _expand_to(path, name)
+        except _CannotCut as reason:
+            raise _cannot_cut_error(model, top_level, reason, example) from None
         names = [n for n, _ in path]
         self.sections = []
         start = 0
@@ -298,26 +303,57 @@ def _children_called(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Mo
     return called
 
 
-def _expand_to(model: nn.Module, path: list[tuple[str, nn.Module]], target: str) -> list[tuple[str, nn.Module]]:
+class _CannotCut(Exception):
+    """A stage the sequential runner cannot end a section at (the message says why)."""
+
+
+def _expand_to(path: list[tuple[str, nn.Module]], target: str) -> list[tuple[str, nn.Module]]:
     """Expand the containers in ``path`` until the module named ``target`` is an entry of it."""
     while all(n != target for n, _ in path):
         parent = next((i for i, (n, _) in enumerate(path) if target.startswith(n + ".")), None)
         if parent is None:
-            raise ValueError(
-                f"cannot wrap {model_name(model)!r}: stage module {target!r} is not reached by running "
-                "its top-level children in order; this family needs a runner of its own. Choose other "
-                "exits (ScanConfig.exits) or another model."
-            )
+            raise _CannotCut(f"stage module {target!r} is not reached by running its top-level children in order")
         name, container = path[parent]
         if type(container).forward is not nn.Sequential.forward:
-            raise ValueError(
-                f"cannot wrap {model_name(model)!r}: stage {target!r} sits inside {name!r}, a "
-                f"{type(container).__name__} that cannot be cut into sections (only nn.Sequential "
-                "can). Choose exits at top-level stages (ScanConfig.exits) or another model."
+            raise _CannotCut(
+                f"stage {target!r} sits inside {name!r}, a {type(container).__name__} that cannot be cut "
+                "into sections (only nn.Sequential can)"
             )
         inner = [(f"{name}.{n}", m) for n, m in container.named_children()]
         path = path[:parent] + inner + path[parent + 1 :]
     return path
+
+
+def _runs_in_order(model: nn.Module, path: list[tuple[str, nn.Module]], example: Tensor) -> bool:
+    """Whether running ``path`` then ``forward_head`` gives ``model(example)``."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            h = example
+            for _, module in path:
+                h = module(h)
+            return bool(torch.allclose(model.forward_head(h), model(example), rtol=1e-4, atol=1e-5))
+    except Exception:
+        return False
+
+
+def _cannot_cut_error(
+    model: nn.Module, path: list[tuple[str, nn.Module]], reason: _CannotCut, example: Tensor
+) -> ValueError:
+    """The user-facing error: why, and which exits (if any) this runner can cut instead."""
+    cuttable = []
+    for stage in feature_stages(model)[:-1] if _runs_in_order(model, path, example) else []:
+        try:
+            _expand_to(path, stage.module)
+            cuttable.append(stage.index)
+        except _CannotCut:
+            pass
+    advice = (
+        f"pass ScanConfig(exits=...) with stages it can cut: {cuttable}"
+        if cuttable
+        else "none of its stages can take an exit with the sequential runner: this family needs a runner of its own; "
+        "use another family (ResNet, EfficientNet, ConvNeXt, ViT, Swin, …)"
+    )
+    return ValueError(f"cannot wrap {model_name(model)!r}: {reason}; {advice}")
 
 
 def build_staged(model: nn.Module, cuts: list[int], example: Tensor) -> StagedBackbone:
