@@ -108,3 +108,11 @@ def test_two_cpu_processes_are_one_data_parallel_job(tiny_parquet, tmp_path):
     assert report["train_batches_per_rank"] == 80 // 2 // 16  # each rank sees half of train
     assert report["weights_equal_across_ranks"]
     assert report["weights_changed"]
+
+
+def test_gradient_accumulation_and_bf16(tiny_parquet, tmp_path):
+    trainer = Trainer(config(tiny_parquet, tmp_path, epochs=1, grad_accum=2, mixed_precision="bf16"))
+    results = trainer.fit()
+    batches = len(trainer.train_loader)  # 80 train images / 16 = 5 batches
+    assert trainer.scheduler.last_epoch == -(-batches // 2)  # one optimizer (and LR) step per 2 batches
+    assert results["test"]["samples"] == 32
