@@ -237,8 +237,12 @@ def plot_tradeoff(
     fig, ax = plt.subplots(figsize=(5.5, 4))
     cost = [1.0 / a for a, _ in points]
     ax.plot(cost, [acc for _, acc in points], "o-", label="early exit (β sweep)")
-    for (c, (_, acc)), text in zip(zip(cost, points), labels or []):
-        ax.annotate(text, (c, acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    groups: dict[tuple[float, float], list[str]] = {}  # points that coincide share one label
+    for c, (_, acc), text in zip(cost, points, labels or []):
+        groups.setdefault((round(c, 4), round(acc, 3)), []).append(text)
+    for (c, acc), texts in groups.items():
+        text = texts[0] if len(texts) == 1 else f"{texts[0]} … {texts[-1]}"
+        ax.annotate(text, (c, acc), textcoords="offset points", xytext=(-4, 6), ha="right", fontsize=7)
     if baseline is not None:
         ax.axhline(baseline[1], color="grey", ls="--", lw=1)
         ax.plot([1.0 / baseline[0]], [baseline[1]], "s", color="black", label="plain backbone")
@@ -246,7 +250,7 @@ def plot_tradeoff(
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
