@@ -49,6 +49,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps one global state per process; each test's Trainer gets its own settings."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def create(name: str, **kwargs) -> torch.nn.Module:
     kwargs.setdefault("num_classes", 10)
     return timm.create_model(name, pretrained=False, **kwargs)
