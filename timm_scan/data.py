@@ -160,7 +160,10 @@ def data_config(model: nn.Module, input_size: int | None = None, crop_pct: float
 
 def build_transforms(config: dict[str, Any], train_scale: tuple[float, float] = (0.08, 1.0)) -> tuple[Callable, Callable]:
     """(train, eval) transforms from a timm data config: random-resized crop and flip for train
-    (``train_scale`` is the crop's area range), resize and centre crop for eval."""
-    train = timm.data.create_transform(**config, is_training=True, scale=train_scale)
-    evaluate = timm.data.create_transform(**config, is_training=False)
-    return train, evaluate
+    (``train_scale`` is the crop's area range), and ``eval_transform``."""
+    return timm.data.create_transform(**config, is_training=True, scale=train_scale), eval_transform(config)
+
+
+def eval_transform(config: dict[str, Any]) -> Callable:
+    """Resize and centre crop from a timm data config (``input_size``, ``crop_pct``, mean, std)."""
+    return timm.data.create_transform(**{**config, "input_size": tuple(config["input_size"])}, is_training=False)

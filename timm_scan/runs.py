@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import ImageSplits, TorchImageDataset, build_transforms
+from .data import ImageSplits, TorchImageDataset, eval_transform
 from .hub import from_pretrained
 from .model import MultiExitModel
 from .training import TrainConfig
@@ -35,8 +35,7 @@ def eval_dataset(splits: ImageSplits, split: str, data_config: dict) -> TorchIma
     ds = getattr(splits, split)
     if ds is None:
         raise ValueError(f"the run's dataset has no {split} split")
-    config = {**data_config, "input_size": tuple(data_config["input_size"])}
-    return TorchImageDataset(ds, splits.image_column, splits.label_column, build_transforms(config)[1])
+    return TorchImageDataset(ds, splits.image_column, splits.label_column, eval_transform(data_config))
 
 
 @torch.no_grad()
