@@ -6,6 +6,7 @@ from conftest import create
 
 import timm_scan
 from timm_scan import EarlyExitPredictor, ensemble_probs
+from timm_scan.heads import fold_batchnorm
 from timm_scan.inference import simulate_early_exit
 
 
@@ -26,14 +27,15 @@ def quantile_thresholds(probs, generator):
 
 @pytest.mark.parametrize("name, size", [("resnet18", 32), ("test_vit", 160), ("convnext_atto", 64)])
 @pytest.mark.parametrize("fallback", ["ensemble", "deepest"])
-def test_real_early_exit_equals_the_simulated_one(name, size, fallback):
+@pytest.mark.parametrize("fold", [True, False])
+def test_real_early_exit_equals_the_simulated_one(name, size, fallback, fold):
     model = wrapped(name, size)
     x = torch.randn(24, 3, size, size)
     probs = all_exit_probs(model, x)
     generator = torch.Generator().manual_seed(0)
     for _ in range(4):
         thresholds = quantile_thresholds(probs, generator)
-        result = EarlyExitPredictor(model, thresholds, fallback)(x)
+        result = EarlyExitPredictor(model, thresholds, fallback, fold_batchnorm=fold)(x)
         exit_index, confidence, expected_probs = simulate_early_exit(probs, thresholds, fallback)
         assert torch.equal(result.exit_index, exit_index)
         assert torch.equal(result.labels, expected_probs.argmax(-1))
@@ -42,6 +44,28 @@ def test_real_early_exit_equals_the_simulated_one(name, size, fallback):
         macs = torch.tensor(model.exit_macs((3, size, size)))
         assert torch.equal(result.macs, macs[exit_index])
         assert 0 < (exit_index < model.num_exits - 1).sum() < len(x)  # a real mix of exits
+
+
+@pytest.mark.parametrize("attention", ["sd", "scan", "none"])
+def test_folded_heads_compute_the_same_function_without_batchnorm(attention):
+    model = timm_scan.wrap(create("resnet18"), timm_scan.ScanConfig(attention=attention))
+    generator = torch.Generator().manual_seed(0)
+    for m in model.exits.modules():  # trained-looking statistics, so folding has work to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator))
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=generator))
+    model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    h = x
+    with torch.no_grad():
+        for k, head in enumerate(model.exits):
+            h = model.forward_section(k, h)
+            folded = fold_batchnorm(head)
+            assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+            torch.testing.assert_close(folded(h)[0], head(h)[0], rtol=1e-4, atol=1e-4)
+    assert all(isinstance(m.bn, torch.nn.BatchNorm2d) for m in model.exits.modules() if hasattr(m, "bn"))  # untouched
 
 
 def test_batch_order_is_preserved():

@@ -5,10 +5,14 @@ All modules take and return NCHW maps and work at any input resolution (global p
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from timm.layers import ConvNormAct, SelectAdaptivePool2d, SeparableConvNormAct, make_divisible
+from timm.layers.norm_act import BatchNormAct2d
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 class SdAttention(nn.Module):
@@ -109,3 +113,29 @@ class ExitHead(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pooled = self.pool(self.align(self.attention(x)))
         return self.fc(pooled), pooled
+
+
+def _folded(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> tuple[nn.Module, nn.Module]:
+    """``(conv with bn folded in, what is left of bn)``: its activation for timm's BatchNormAct2d."""
+    fused = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
+    if not isinstance(bn, BatchNormAct2d):
+        return fused, nn.Identity()
+    return fused, bn.act if isinstance(bn.drop, nn.Identity) else nn.Sequential(bn.drop, bn.act)
+
+
+def fold_batchnorm(head: nn.Module) -> nn.Module:
+    """An eval-mode copy of an exit head with every BatchNorm folded into the conv before it.
+
+    The copy computes the same function as ``head.eval()`` (up to float rounding) with fewer
+    kernels, which matters at small batches on CPU. It is for inference only: it cannot be trained,
+    and it does not follow later changes to ``head``'s weights.
+    """
+    head = copy.deepcopy(head).eval()
+    for mod in head.modules():
+        if isinstance(mod, SeparableConvNormAct):
+            mod.conv_pw, mod.bn = _folded(mod.conv_pw, mod.bn)
+        elif isinstance(mod, ConvNormAct):
+            mod.conv, mod.bn = _folded(mod.conv, mod.bn)
+        elif isinstance(mod, ScanAttention):
+            mod.up, mod.bn = _folded(mod.up, mod.bn)
+    return head

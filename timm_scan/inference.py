@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import heads
 from .model import MultiExitModel
 
 FALLBACKS = ("ensemble", "deepest")
@@ -79,10 +80,18 @@ class EarlyExitPredictor:
     ``thresholds``: one per shallow exit (K-1 numbers in [0, 1]); ``None`` takes the model's saved
     ones (``model.thresholds``, with ``model.fallback``). ``fallback``: ``"ensemble"`` or
     ``"deepest"`` for samples that pass no threshold. The model is put in eval mode.
+
+    ``fold_batchnorm`` (default on) runs eval-mode copies of the exit heads with each BatchNorm folded
+    into its conv: the same function up to float rounding, fewer kernels. The copies are taken
+    here, so build a new predictor after changing the model's weights.
     """
 
     def __init__(
-        self, model: MultiExitModel, thresholds: Sequence[float] | None = None, fallback: str | None = None
+        self,
+        model: MultiExitModel,
+        thresholds: Sequence[float] | None = None,
+        fallback: str | None = None,
+        fold_batchnorm: bool = True,
     ) -> None:
         if thresholds is None:
             if model.thresholds is None:
@@ -94,6 +103,7 @@ class EarlyExitPredictor:
         self.model = model.eval()
         self.thresholds = validate_thresholds(thresholds, model.num_exits)
         self.fallback = fallback
+        self.heads = [heads.fold_batchnorm(h) if fold_batchnorm else h for h in model.exits]
         self._macs: dict[tuple[int, ...], Tensor] = {}
 
     def exit_macs(self, input_size: tuple[int, int, int], device: torch.device | str = "cpu") -> Tensor:
@@ -114,7 +124,7 @@ class EarlyExitPredictor:
         h = images
         for i in range(k):
             h = model.forward_section(i, h)
-            probs = F.softmax(model.exit_logits(i, h, image_size).float(), dim=-1)
+            probs = F.softmax(model.exit_logits(i, h, image_size, self.heads[i] if i < k - 1 else None).float(), dim=-1)
             if self.fallback == "ensemble":
                 prob_sum = probs if prob_sum is None else prob_sum + probs
             if i == k - 1:

@@ -75,12 +75,13 @@ class MultiExitModel(nn.Module):
         """Run section k on hidden state ``h`` (the image ``(B, 3, H, W)`` for k = 0)."""
         return self._staged.run_section(k, h)
 
-    def exit_logits(self, k: int, h: Tensor, image_size: tuple[int, int]) -> Tensor:
+    def exit_logits(self, k: int, h: Tensor, image_size: tuple[int, int], head: nn.Module | None = None) -> Tensor:
         """Logits ``(B, num_classes)`` of exit k from section k's output; ``image_size`` is the
-        input's ``(H, W)`` (ViTs need it to lay tokens out as a map)."""
+        input's ``(H, W)`` (ViTs need it to lay tokens out as a map). ``head`` stands in for shallow
+        exit k's head (the predictor passes BN-folded copies)."""
         if k == self.num_exits - 1:
             return self._staged.head(h)[0]
-        return self.exits[k](self._staged.to_map(h, image_size))[0]
+        return (head or self.exits[k])(self._staged.to_map(h, image_size))[0]
 
     def forward(self, x: Tensor) -> MultiExitOutput:
         image_size = (x.shape[-2], x.shape[-1])
