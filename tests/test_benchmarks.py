@@ -5,6 +5,8 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,3 +33,67 @@ def test_timm_coverage(tmp_path, monkeypatch):
 def test_threshold_search_speed(monkeypatch, capsys):
     run("threshold_search_speed.py", monkeypatch)
     assert "median" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def bench_runs(tiny_parquet, tmp_path_factory):
+    """The accuracy benchmark on a tiny budget: a baseline and a self-distilled run."""
+    runs = tmp_path_factory.mktemp("bench_runs")
+    out = runs / "accuracy.json"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        run("accuracy.py", monkeypatch, "--dataset", str(tiny_parquet), "--runs-dir", str(runs), "--epochs", "1",
+            "--anneal-epochs", "0", "--val-size", "16", "--batch-size", "16", "--num-workers", "0", "--out", str(out))
+    return runs, json.loads(out.read_text())
+
+
+def test_accuracy_then_reuse(bench_runs, monkeypatch, capsys):
+    runs, report = bench_runs
+    assert [r["exit"] for r in report["baseline"]["rows"]] == ["1 (deepest)"]
+    sd = report["sd"]["rows"]
+    assert [r["exit"] for r in sd] == ["1", "2", "3", "4 (deepest)", "ensemble"]
+    assert all(a["macs"] < b["macs"] and a["params"] < b["params"] for a, b in zip(sd[:3], sd[1:4]))
+    assert sd[3]["params"] == report["baseline"]["rows"][0]["params"]  # truncate(deepest) is the plain backbone
+    assert (runs / "accuracy.png").is_file()
+    run("accuracy.py", monkeypatch, "--dataset", report["recipe"]["dataset"], "--runs-dir", str(runs), "--epochs", "1",
+        "--anneal-epochs", "0", "--val-size", "16", "--batch-size", "16", "--out", str(runs / "again.json"))
+    assert capsys.readouterr().out.count("reusing the finished run") == 2  # no second training
+
+
+def test_accuracy_refuses_a_run_of_another_recipe(bench_runs, monkeypatch):
+    runs, _ = bench_runs
+    with pytest.raises(SystemExit, match="another recipe"):
+        run("accuracy.py", monkeypatch, "--dataset", str(runs), "--runs-dir", str(runs), "--epochs", "2",
+            "--anneal-epochs", "0", "--val-size", "16", "--out", str(runs / "again.json"))
+
+
+def test_scalable_inference(bench_runs, monkeypatch, capsys):
+    runs, _ = bench_runs
+    out = runs / "scalable.json"
+    run("scalable_inference.py", monkeypatch, "--sd", str(runs / "resnet18-sd"), "--baseline",
+        str(runs / "resnet18-baseline"), "--betas", "0.1", "10", "--generations", "5", "--images-b1", "4",
+        "--images-b256", "32", "--repeats", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert [r["beta"] for r in report["rows"]] == [0.1, 10]
+    for r in report["rows"]:
+        assert r["test_macs_speedup"] > 0 and 0 <= r["test_accuracy"] <= 100
+        assert abs(sum(r["test_exit_shares"]) - 1) < 1e-6 and set(r["measured_speedup"]) == {"1", "256"}
+    assert report["images_timed"] == {"1": 4, "256": 32} and out.with_suffix(".png").is_file()
+    assert "plain backbone: test accuracy" in capsys.readouterr().out
+
+
+def test_training_overhead(tmp_path, monkeypatch):
+    out = tmp_path / "overhead.json"
+    run("training_overhead.py", monkeypatch, "--model", "test_resnet", "--batch-size", "4", "--steps", "2",
+        "--warmup", "1", "--rounds", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["ratio"] > 0 and report["steps_timed"] == 2
+    assert report["forward_macs_per_image"]["self-distillation"] > report["forward_macs_per_image"]["baseline"]
+
+
+def test_cost_growth(tmp_path, monkeypatch):
+    out = tmp_path / "growth.json"
+    run("cost_growth.py", monkeypatch, "--batch-sizes", "1", "2", "--sizes", "32", "48", "--size-batch", "2",
+        "--images", "4", "--repeats", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert [r["batch_size"] for r in report["batch"]] == [1, 2] and [r["input"] for r in report["input"]] == [32, 48]
+    assert out.with_suffix(".png").is_file()

@@ -88,6 +88,7 @@ def test_kd_from_an_external_teacher(tiny_parquet, tmp_path):
         ({"num_classes": 10}, "num_classes=10 but dataset .* has 4 classes"),
         ({"optimizer": "lion"}, "TrainConfig.optimizer"),
         ({"teacher_model": "test_resnet"}, "teacher_checkpoint"),
+        ({"batch_size": 512}, "fewer than one batch of 512"),
     ],
 )
 def test_bad_inputs_fail_before_training(tiny_parquet, tmp_path, kwargs, message):

@@ -192,6 +192,11 @@ class Trainer:
         self.data_config = data_config(self.model.backbone, cfg.input_size, cfg.crop_pct)
         train_tf, self.eval_tf = build_transforms(self.data_config, cfg.train_scale)
         self.train_loader = self._loader(self.data.train, train_tf, shuffle=True)
+        if len(self.train_loader) == 0:
+            raise ValueError(
+                f"the training split has {len(self.data.train)} samples, fewer than one batch of {cfg.batch_size} "
+                "(incomplete batches are dropped); lower batch_size or use more training data"
+            )
         self.val_loader = self._loader(self.data.val, self.eval_tf, shuffle=False)
         self.loss = SelfDistillationLoss(
             cfg.alpha, cfg.lam, cfg.temperature, cfg.teacher, cfg.external_weight, cfg.hint_reduction

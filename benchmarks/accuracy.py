@@ -1,0 +1,169 @@
+"""Does self-distillation beat plain training? (TPAMI Table 1, SCAN Table 1, at CPU scale.)
+
+Trains the plain backbone (``--baseline``: cross-entropy on the deepest classifier only) and the
+self-distilled multi-exit model under one recipe, seed and data split, then reports per-exit and
+ensemble test accuracy with the parameters and MACs each exit needs (``model.truncate(i)``: the
+compact model the papers deploy). The checkpoint is chosen on the validation split carved out of
+train; the test split is only reported.
+
+    python benchmarks/accuracy.py                 # CPU recipe: resnet18 at 32x32, 12 epochs (~25+20 min)
+    python benchmarks/accuracy.py --epochs 1 --max-train-samples 2000 --runs-dir /tmp/runs   # quick look
+
+Finished runs in ``--runs-dir`` (``resnet18-baseline/`` and ``resnet18-sd/``) are reused when their recipe matches,
+so the training happens once; an interrupted run resumes from its last checkpoint. Writes
+``results/accuracy.json`` and ``results/accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from timm_scan.config import jsonable  # noqa: E402
+from timm_scan.runs import load_run  # noqa: E402
+from timm_scan.training import Trainer, TrainConfig  # noqa: E402
+
+HERE = Path(__file__).parent
+DATASET = "../shared/data/cifar10" if Path("../shared/data/cifar10").is_dir() else "uoft-cs/cifar10"
+# The CPU recipe: resnet18 (timm's ImageNet stem) on 32x32 CIFAR-10, 45k train / 5k validation.
+RECIPE = dict(
+    dataset=DATASET, model="resnet18", input_size=32, crop_pct=1.0, train_scale=(0.35, 1.0), val_size=5000,
+    epochs=12, anneal_epochs=2, batch_size=128, lr=0.1, warmup_epochs=1, seed=0,
+)
+
+# Fields that do not change what is trained.
+NOT_RECIPE = ("output_dir", "num_workers", "keep_checkpoints", "log_with", "push_to_hub")
+
+
+def train_or_reuse(cfg: TrainConfig) -> Path:
+    """Train ``cfg`` unless its output folder holds a finished run of the same recipe."""
+    out = Path(cfg.output_dir)
+    saved = out / "train_config.json"
+    if saved.is_file():
+        previous, wanted = (
+            {k: v for k, v in jsonable(config).items() if k not in NOT_RECIPE}
+            for config in (json.loads(saved.read_text()), dataclasses.asdict(cfg))
+        )
+        if previous != wanted:
+            changed = sorted(k for k in wanted if previous.get(k) != wanted[k])
+            raise SystemExit(f"{out} holds a run of another recipe (differs in {changed}); pass another --runs-dir")
+        if (out / "results.json").is_file():
+            print(f"reusing the finished run in {out}")
+            return out
+    Trainer(cfg).fit()
+    return out
+
+
+def training_seconds(run: Path) -> float:
+    """Wall-clock of the run's epochs (training and validation) from ``metrics.jsonl``."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return sum(json.loads(line)["seconds"] for line in lines)
+
+
+def exit_rows(run: Path) -> list[dict]:
+    """One row per exit of a finished run: test accuracy, params and MACs of ``truncate(i)``."""
+    results = json.loads((run / "results.json").read_text())
+    model, _ = load_run(run)
+    rows = []
+    for i, macs in enumerate(results["exit_macs"]):
+        deepest = i == model.num_exits - 1
+        rows.append({
+            "exit": f"{i + 1}" + (" (deepest)" if deepest else ""),
+            "test_accuracy": results["test"][f"acc_exit{i + 1}"],
+            "params": sum(p.numel() for p in model.truncate(i).parameters()),
+            "macs": macs,
+        })
+    if model.num_exits > 1:
+        rows.append({"exit": "ensemble", "test_accuracy": results["test"]["acc_ensemble"],
+                     "params": sum(p.numel() for p in model.parameters()) - _hint_params(model),
+                     "macs": results["exit_macs"][-1]})
+    return rows
+
+
+def _hint_params(model) -> int:
+    """Parameters of the hint projections, which only serve training."""
+    return sum(p.numel() for head in model.exits for p in head.proj.parameters())
+
+
+def plot(report: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sd = [r for r in report["sd"]["rows"] if r["exit"] != "ensemble"]
+    ax.plot([r["macs"] / 1e6 for r in sd], [100 * r["test_accuracy"] for r in sd], "o-", label="self-distilled exits")
+    for r in sd:
+        ax.annotate(r["exit"].split()[0], (r["macs"] / 1e6, 100 * r["test_accuracy"]), textcoords="offset points",
+                    xytext=(4, -10))
+    ens = next((r for r in report["sd"]["rows"] if r["exit"] == "ensemble"), None)
+    if ens:
+        ax.plot(ens["macs"] / 1e6, 100 * ens["test_accuracy"], "s", label="self-distilled ensemble")
+    base = report["baseline"]["rows"][0]
+    ax.plot(base["macs"] / 1e6, 100 * base["test_accuracy"], "*", markersize=12, label="plain backbone (baseline)")
+    ax.set_xlabel("MMACs per image")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{report['recipe']['model']} on CIFAR-10 at {report['recipe']['input_size']}px, "
+                 f"{report['recipe']['epochs']} epochs")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(report: dict) -> str:
+    lines = ["| model | exit | test acc | params (M) | MMACs | of backbone |", "| --- | --- | --- | --- | --- | --- |"]
+    backbone_macs = report["baseline"]["rows"][0]["macs"]
+    for name in ("baseline", "sd"):
+        for r in report[name]["rows"]:
+            lines.append(f"| {name} | {r['exit']} | {100 * r['test_accuracy']:.2f}% | {r['params'] / 1e6:.2f} | "
+                         f"{r['macs'] / 1e6:.1f} | {r['macs'] / backbone_macs:.0%} |")
+    for name in ("baseline", "sd"):
+        lines.append(f"\n{name}: best epoch {report[name]['best_epoch']}, training {report[name]['training_seconds'] / 60:.1f} min")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs-dir", default="runs/bench", help="where the two training runs live")
+    p.add_argument("--epochs", type=int, default=RECIPE["epochs"])
+    p.add_argument("--anneal-epochs", type=int, default=RECIPE["anneal_epochs"])
+    p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--max-test-samples", type=int, default=None)
+    p.add_argument("--val-size", type=int, default=RECIPE["val_size"])
+    p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
+    p.add_argument("--dataset", default=RECIPE["dataset"])
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--out", default=str(HERE / "results" / "accuracy.json"))
+    args = p.parse_args()
+    recipe = {**RECIPE, "epochs": args.epochs, "anneal_epochs": args.anneal_epochs, "val_size": args.val_size, "batch_size": args.batch_size,
+              "dataset": args.dataset, "max_train_samples": args.max_train_samples,
+              "max_test_samples": args.max_test_samples, "num_workers": args.num_workers}
+    runs = Path(args.runs_dir)
+    report: dict = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}",
+        "torch": torch.__version__, "command": "python benchmarks/accuracy.py", "recipe": jsonable(recipe),
+    }
+    for name, baseline in (("baseline", True), ("sd", False)):
+        run = train_or_reuse(TrainConfig(**recipe, baseline=baseline, output_dir=str(runs / f"{recipe['model']}-{name}")))
+        results = json.loads((run / "results.json").read_text())
+        report[name] = {"run": str(run), "best_epoch": results["best_epoch"], "val_accuracy": results["val_accuracy"],
+                        "training_seconds": training_seconds(run), "rows": exit_rows(run)}
+    print(table(report))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""How much faster is early exit at no loss of accuracy? (SCAN Fig. 5, TPAMI Tables 5-6.)
+
+On the self-distilled run of ``benchmarks/accuracy.py``: the genetic threshold search for each β
+of a sweep on the validation split (fitness baseline: the plain backbone's validation accuracy),
+each point reported on the test split: accuracy, acceleration in MACs, share of samples per exit,
+and the measured wall-clock speed-up of the real early-exit predictor over the plain backbone at
+batch 1 and batch 256 on test images. Then the largest acceleration whose test accuracy is at
+least the plain backbone's.
+
+    python benchmarks/scalable_inference.py                    # runs/bench/resnet18-{sd,baseline}
+    python benchmarks/scalable_inference.py --sd RUN --baseline RUN --channels-last
+
+Writes ``results/scalable_inference.json`` and ``results/scalable_inference.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from timm_scan import EarlyExitPredictor
+from timm_scan.flops import wall_clock
+from timm_scan.runs import cached_outputs, eval_dataset, load_run
+from timm_scan.thresholds import ExitTable, plot_tradeoff, sweep_beta
+from timm_scan.training import run_splits
+
+HERE = Path(__file__).parent
+BETAS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
+
+
+def test_images(dataset, n: int) -> torch.Tensor:
+    """The first ``n`` test images through the eval transform, ``(n, 3, H, W)``."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(min(n, len(dataset)))), batch_size=256)
+    return torch.cat([x for x, _ in loader])
+
+
+def timings(fn, images: torch.Tensor, batch_sizes: dict[int, int], repeats: int) -> dict[int, float]:
+    """ms per image of ``fn`` at each batch size, over (at most) its number of images."""
+    return {bs: 1000 * wall_clock(fn, list(images[:n].split(bs)), repeats) / len(images[:n])
+            for bs, n in batch_sizes.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sd", default="runs/bench/resnet18-sd", help="the self-distilled run")
+    p.add_argument("--baseline", default="runs/bench/resnet18-baseline", help="the plain backbone's --baseline run")
+    p.add_argument("--betas", type=float, nargs="+", default=BETAS)
+    p.add_argument("--generations", type=int, default=100)
+    p.add_argument("--images-b1", type=int, default=256, help="test images timed at batch 1")
+    p.add_argument("--images-b256", type=int, default=2048, help="test images timed at batch 256")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--channels-last", action="store_true", help="time backbone and predictor in channels_last")
+    p.add_argument("--out", default=str(HERE / "results" / "scalable_inference.json"))
+    args = p.parse_args()
+
+    model, cfg = load_run(args.sd)
+    baseline_model, _ = load_run(args.baseline)
+    baseline_results = json.loads((Path(args.baseline) / "results.json").read_text())
+    if not baseline_results["baseline"]:
+        raise SystemExit(f"{args.baseline} is not a --baseline run")
+    baseline_val, baseline_test = 100 * baseline_results["val_accuracy"], 100 * baseline_results["test"]["acc_exit_last"]
+    splits = run_splits(cfg)
+    size = tuple(model.data_config["input_size"])
+    exit_macs, backbone_macs = model.exit_macs(size), model.backbone_macs(size)
+    val_probs, val_labels = cached_outputs(args.sd, "val", model, eval_dataset(splits, "val", model.data_config))
+    test_set = eval_dataset(splits, "test", model.data_config)
+    test_probs, test_labels = cached_outputs(args.sd, "test", model, test_set)
+    points = sweep_beta(val_probs, val_labels, exit_macs, backbone_macs, args.betas, baseline_accuracy=baseline_val,
+                        generations=args.generations)
+    table = ExitTable.from_outputs(test_probs, test_labels, exit_macs, backbone_macs)
+
+    batch_sizes = {1: args.images_b1, 256: args.images_b256}
+    images = test_images(test_set, max(batch_sizes.values()))
+    backbone = baseline_model.backbone
+    if args.channels_last:
+        model, backbone = model.to(memory_format=torch.channels_last), backbone.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    backbone_ms = timings(backbone, images, batch_sizes, args.repeats)
+    measured: dict[tuple[float, ...], dict[int, float]] = {}  # β values often share thresholds
+    rows = []
+    for point in points:
+        thresholds = np.array([point.thresholds])
+        accuracy, acceleration = (float(v[0]) for v in table.evaluate(thresholds))
+        key = tuple(round(t, 6) for t in point.thresholds)
+        if key not in measured:
+            measured[key] = timings(EarlyExitPredictor(model, point.thresholds), images, batch_sizes, args.repeats)
+        rows.append({
+            "beta": point.beta, "thresholds": point.thresholds, "val_accuracy": point.accuracy,
+            "val_acceleration": point.acceleration, "test_accuracy": accuracy, "test_macs_speedup": acceleration,
+            "test_exit_shares": [float(s) for s in table.exit_shares(thresholds)[0]],
+            "early_exit_ms_per_image": {str(b): t for b, t in measured[key].items()},
+            "measured_speedup": {str(b): backbone_ms[b] / t for b, t in measured[key].items()},
+        })
+    at_least_baseline = [r for r in rows if r["test_accuracy"] >= baseline_test]
+    best = max(at_least_baseline, key=lambda r: r["test_macs_speedup"], default=None)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}",
+        "torch": torch.__version__, "command": "python benchmarks/scalable_inference.py"
+        + (" --channels-last" if args.channels_last else ""), "sd_run": args.sd, "baseline_run": args.baseline,
+        "baseline_val_accuracy": baseline_val, "baseline_test_accuracy": baseline_test,
+        "sd_deepest_test_accuracy": 100 * float((test_probs[-1].argmax(-1) == test_labels).mean()),
+        "exit_macs": exit_macs, "backbone_macs": backbone_macs, "channels_last": args.channels_last,
+        "images_timed": {str(b): n for b, n in batch_sizes.items()},
+        "backbone_ms_per_image": {str(b): t for b, t in backbone_ms.items()}, "rows": rows,
+        "largest_speedup_at_baseline_accuracy": best,
+    }
+    print(f"plain backbone: test accuracy {baseline_test:.2f}% (validation {baseline_val:.2f}%), "
+          + ", ".join(f"{t:.3f} ms/img at batch {b}" for b, t in backbone_ms.items()))
+    print("| β | thresholds | test acc | MACs speed-up | measured b1 | measured b256 | exit shares |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['beta']:g} | {' '.join(f'{t:.3f}' for t in r['thresholds'])} | {r['test_accuracy']:.2f}% | "
+              f"{r['test_macs_speedup']:.2f}x | {r['measured_speedup']['1']:.2f}x | {r['measured_speedup']['256']:.2f}x | "
+              f"{' '.join(f'{s:.0%}' for s in r['test_exit_shares'])} |")
+    if best is None:
+        print(f"no point of the sweep reaches the plain backbone's test accuracy ({baseline_test:.2f}%)")
+    else:
+        print(f"largest speed-up at accuracy ≥ the plain backbone's: β = {best['beta']:g}, {best['test_accuracy']:.2f}%, "
+              f"{best['test_macs_speedup']:.2f}x in MACs, {best['measured_speedup']['1']:.2f}x measured at batch 1, "
+              f"{best['measured_speedup']['256']:.2f}x at batch 256")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    plot_tradeoff([(r["test_macs_speedup"], r["test_accuracy"]) for r in rows], out.with_suffix(".png"),
+                  baseline=(1.0, baseline_test), labels=[f"β={r['beta']:g}" for r in rows],
+                  title=f"{cfg.model} on CIFAR-10: test, thresholds from validation")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
