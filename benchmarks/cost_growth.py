@@ -71,8 +71,7 @@ def main() -> None:
                   f"MACs {r['macs_speedup']:.2f}x, ratio {r['ratio']:.2f}", flush=True)
     record = {
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__, "command": "python benchmarks/cost_growth.py"
-        + (" --channels-last" if args.channels_last else ""), "size_batch": args.size_batch, **rows,
+        "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "size_batch": args.size_batch, **rows,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

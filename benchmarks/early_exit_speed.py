@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 from pathlib import Path
 
 import timm
@@ -70,7 +71,7 @@ def main() -> None:
                   f"MACs {r['macs_speedup']:.2f}x, ratio {r['ratio']:.2f} ({r['share_at_exit1']:.0%} at exit 1)", flush=True)
     record = {
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__, "command": "python benchmarks/early_exit_speed.py", "rows": rows,
+        "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))

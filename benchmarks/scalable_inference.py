@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +103,7 @@ def main() -> None:
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}",
-        "torch": torch.__version__, "command": "python benchmarks/scalable_inference.py"
-        + (" --channels-last" if args.channels_last else ""), "sd_run": args.sd, "baseline_run": args.baseline,
+        "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "sd_run": args.sd, "baseline_run": args.baseline,
         "baseline_val_accuracy": baseline_val, "baseline_test_accuracy": baseline_test,
         "sd_deepest_test_accuracy": 100 * float((test_probs[-1].argmax(-1) == test_labels).mean()),
         "exit_macs": exit_macs, "backbone_macs": backbone_macs, "channels_last": args.channels_last,

@@ -7,7 +7,8 @@ data, so the loader does not enter the timing. The papers (TPAMI §5.6): the ext
 a quarter of the training computation; our target is at most 1.3x.
 
     python benchmarks/training_overhead.py                     # resnet18, 32x32, batch 128
-    python benchmarks/training_overhead.py --model resnet18 --input-size 224 --batch-size 32
+    python benchmarks/training_overhead.py --input-size 224 --batch-size 32 --out results/training_overhead_224.json
+    python benchmarks/training_overhead.py --attention none --out results/training_overhead_no_attention.json
 
 Writes ``results/training_overhead.json``.
 """
@@ -18,6 +19,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -57,6 +59,7 @@ def main() -> None:
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--attention", default="sd", choices=["sd", "scan", "none"], help="the exits' attention module")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="alternate the two models this many times; medians reported")
@@ -71,7 +74,7 @@ def main() -> None:
         "baseline": timm_scan.wrap(timm.create_model(args.model, num_classes=args.num_classes), ScanConfig(exits=[]),
                                    check_input_size=size).to(device),
         "self-distillation": timm_scan.wrap(timm.create_model(args.model, num_classes=args.num_classes),
-                                            check_input_size=size).to(device),
+                                            ScanConfig(attention=args.attention), check_input_size=size).to(device),
     }
     loss_fn = SelfDistillationLoss()  # TPAMI defaults; on one exit it is plain cross-entropy
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -83,14 +86,15 @@ def main() -> None:
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, device={device}",
-        "torch": torch.__version__, "command": "python benchmarks/training_overhead.py", "model": args.model,
-        "input_size": args.input_size, "batch_size": args.batch_size, "precision": "fp32",
+        "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "model": args.model,
+        "input_size": args.input_size, "batch_size": args.batch_size, "attention": args.attention, "precision": "fp32",
         "steps_timed": args.steps * args.rounds, "median_step_seconds": median,
         "params": {name: sum(q.numel() for q in m.parameters()) for name, m in models.items()},
         "forward_macs_per_image": {name: count_macs(m.eval(), images[:1]) for name, m in models.items()},
         "ratio": ratio,
     }
-    print(f"{args.model} at {args.input_size}x{args.input_size}, batch {args.batch_size}, fp32 on {device}: "
+    print(f"{args.model} at {args.input_size}x{args.input_size}, batch {args.batch_size}, attention {args.attention}, "
+          f"fp32 on {device}: "
           f"baseline {1000 * median['baseline']:.1f} ms/step, self-distillation {1000 * median['self-distillation']:.1f} "
           f"ms/step, ratio {ratio:.2f}x (target ≤ 1.3x)")
     out = Path(args.out)

@@ -53,10 +53,13 @@ def test_accuracy_then_reuse(bench_runs, monkeypatch, capsys):
     assert [r["exit"] for r in sd] == ["1", "2", "3", "4 (deepest)", "ensemble"]
     assert all(a["macs"] < b["macs"] and a["params"] < b["params"] for a, b in zip(sd[:3], sd[1:4]))
     assert sd[3]["params"] == report["baseline"]["rows"][0]["params"]  # truncate(deepest) is the plain backbone
+    assert report["variants"] == ["sd", "sd-released"] and report["sd-released"]["settings"] == {"alpha": 0.3, "lam": 0.0}
+    released = json.loads((runs / "resnet18-sd-released" / "train_config.json").read_text())
+    assert (released["alpha"], released["lam"]) == (0.3, 0.0)
     assert (runs / "accuracy.png").is_file()
     run("accuracy.py", monkeypatch, "--dataset", report["recipe"]["dataset"], "--runs-dir", str(runs), "--epochs", "1",
         "--anneal-epochs", "0", "--val-size", "16", "--batch-size", "16", "--out", str(runs / "again.json"))
-    assert capsys.readouterr().out.count("reusing the finished run") == 2  # no second training
+    assert capsys.readouterr().out.count("reusing the finished run") == 3  # no second training
 
 
 def test_accuracy_refuses_a_run_of_another_recipe(bench_runs, monkeypatch):
