@@ -91,6 +91,7 @@ def test_training_overhead(tmp_path, monkeypatch):
     report = json.loads(out.read_text())
     assert report["ratio"] > 0 and report["steps_timed"] == 2
     assert report["forward_macs_per_image"]["self-distillation"] > report["forward_macs_per_image"]["baseline"]
+    assert out.with_suffix(".png").is_file()
 
 
 def test_cost_growth(tmp_path, monkeypatch):
