@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		examples/train.py --dataset $(DATASET) --output-dir $(DEMO_DIR) --model resnet18 \
 		--input-size 32 --crop-pct 1.0 --train-scale 0.35 1 --max-train-samples 20000 --val-size 2000 \
-		--epochs 4 --anneal-epochs 1 --batch-size 64 --lr 0.05
+		--epochs 4 --anneal-epochs 1 --batch-size 64 --lr 0.05 --alpha 0.3 --lam 0
 	$(PYTHON) examples/search_thresholds.py $(DEMO_DIR)
 	$(PYTHON) examples/evaluate.py $(DEMO_DIR)
 
