@@ -81,7 +81,8 @@ class MultiExitModel(nn.Module):
         exit k's head (the predictor passes BN-folded copies)."""
         if k == self.num_exits - 1:
             return self._staged.head(h)[0]
-        return (head or self.exits[k])(self._staged.to_map(h, image_size))[0]
+        head = self.exits[k] if head is None else head
+        return head(self._staged.to_map(h, image_size))[0]
 
     def forward(self, x: Tensor) -> MultiExitOutput:
         image_size = (x.shape[-2], x.shape[-1])
