@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from timm_scan.config import jsonable  # noqa: E402
-from timm_scan.runs import load_run  # noqa: E402
+from timm_scan.runs import epoch_seconds, load_run  # noqa: E402
 from timm_scan.training import Trainer, TrainConfig  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -68,11 +68,6 @@ def train_or_reuse(cfg: TrainConfig) -> Path:
             return out
     Trainer(cfg).fit()
     return out
-
-
-def epoch_seconds(run: Path) -> list[float]:
-    """Wall-clock of each of the run's epochs (training and validation) from ``metrics.jsonl``."""
-    return [json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def exit_rows(run: Path) -> list[dict]:
@@ -168,9 +163,10 @@ def main() -> None:
         settings = {"baseline": True} if name == "baseline" else VARIANTS[name]
         run = train_or_reuse(TrainConfig(**recipe, **settings, output_dir=str(runs / f"{recipe['model']}-{name}")))
         results = json.loads((run / "results.json").read_text())
-        report[name] = {"run": str(run), "settings": settings or "the library's defaults", "best_epoch": results["best_epoch"], "val_accuracy": results["val_accuracy"],
-                        "training_seconds": sum(epoch_seconds(run)),
-                        "median_epoch_seconds": statistics.median(epoch_seconds(run)), "rows": exit_rows(run)}
+        seconds = epoch_seconds(run)
+        report[name] = {"run": str(run), "settings": settings or "the library's defaults", "best_epoch": results["best_epoch"],
+                        "val_accuracy": results["val_accuracy"], "training_seconds": sum(seconds),
+                        "median_epoch_seconds": statistics.median(seconds), "rows": exit_rows(run)}
     print(table(report))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,7 @@ from timm_scan.config import jsonable
 from timm_scan.data import ImageSplits, TorchImageDataset, build_transforms, data_config
 from timm_scan.flops import count_macs, wall_clock
 from timm_scan.model import MultiExitModel
-from timm_scan.runs import cached_outputs, eval_dataset, load_run
+from timm_scan.runs import cached_outputs, epoch_seconds, eval_dataset, load_run
 from timm_scan.thresholds import ExitTable
 from timm_scan.training import TrainConfig, lr_lambda, run_splits
 
@@ -257,16 +257,8 @@ def ours_side(run: Path, model: MultiExitModel, cfg: TrainConfig, splits: ImageS
     return Side(
         OURS, [float(m) for m in exit_macs], [float((p.argmax(-1) == test_labels).mean()) for p in test_probs],
         float((val_probs[-1].argmax(-1) == val_labels).mean()), points,
-        {"test_ensemble_accuracy": float(ensemble.mean()), "training_seconds": training_seconds(run)},
+        {"test_ensemble_accuracy": float(ensemble.mean()), "training_seconds": sum(epoch_seconds(run))},
     )
-
-
-def training_seconds(run: Path) -> float | None:
-    """Our run's training time: the sum of its epochs' seconds (training and validation) in metrics.jsonl."""
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    return round(sum(json.loads(line).get("seconds", 0.0) for line in metrics.read_text().splitlines() if line), 1)
 
 
 def shares_of(distribution: dict[str, float], n_exits: int) -> list[float]:
@@ -384,9 +376,8 @@ def pct(value: float | None) -> str:
 
 def report(sides: list[Side], budgets: list[dict[str, Any]], latency: list[dict[str, Any]], backbone_macs: int) -> str:
     """The markdown tables."""
-    seconds = [side.extra["training_seconds"] for side in sides]
-    lines = ["training: " + ", ".join(f"{side.name} {'?' if s is None else f'{s / 60:.1f} min'}"
-                                      for side, s in zip(sides, seconds)) + " (with a val pass per epoch)", ""]
+    lines = ["training: " + ", ".join(f"{side.name} {side.extra['training_seconds'] / 60:.1f} min" for side in sides)
+             + " (with a val pass per epoch)", ""]
     lines += ["| method | exit | MMACs | of backbone | test accuracy |", "| --- | --- | ---: | ---: | ---: |"]
     for side in sides:
         for i, (macs, acc) in enumerate(zip(side.exit_macs, side.test_exit_accuracy)):

@@ -89,7 +89,7 @@ def test_training_overhead(tmp_path, monkeypatch):
     run("training_overhead.py", monkeypatch, "--model", "test_resnet", "--batch-size", "4", "--steps", "2",
         "--warmup", "1", "--rounds", "1", "--out", str(out))
     report = json.loads(out.read_text())
-    assert report["ratio"] > 0 and report["steps_timed"] == 2
+    assert set(report["median_step_seconds"]) == {"baseline", "self-distillation"} and report["steps_timed"] == 2
     assert report["forward_macs_per_image"]["self-distillation"] > report["forward_macs_per_image"]["baseline"]
     assert out.with_suffix(".png").is_file()
 
@@ -101,3 +101,13 @@ def test_cost_growth(tmp_path, monkeypatch):
     report = json.loads(out.read_text())
     assert [r["batch_size"] for r in report["batch"]] == [1, 2] and [r["input"] for r in report["input"]] == [32, 48]
     assert out.with_suffix(".png").is_file()
+
+
+def test_exit_cost_breakdown(tmp_path, monkeypatch):
+    out = tmp_path / "breakdown.json"
+    run("exit_cost_breakdown.py", monkeypatch, "--calls", "2", "--repeats", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["channels_last"] for r in rows] == [False, True]
+    for r in rows:
+        assert all(r[f"head {i} folded"] > 0 and r[f"section {i}"] > 0 for i in range(3))
+        assert len(r["exit 1 depthwise convs"]) == 7  # SD attention + three SepConv blocks of two

@@ -30,6 +30,12 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[MultiExitModel, 
     return from_pretrained(run / "best").to(device).eval(), cfg
 
 
+def epoch_seconds(run_dir: str | Path) -> list[float]:
+    """Wall-clock of each epoch of a training run (training and validation), from ``metrics.jsonl``."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line)["seconds"] for line in metrics.read_text().splitlines() if line]
+
+
 def eval_dataset(splits: ImageSplits, split: str, data_config: dict) -> TorchImageDataset:
     """``split`` ("val" or "test") through the eval transform of ``data_config``."""
     ds = getattr(splits, split)
