@@ -23,7 +23,7 @@ import timm
 import torch
 
 import timm_scan
-from timm_scan.flops import wall_clock
+from timm_scan.flops import wall_clocks
 
 
 def measure(size: int, batch_size: int, images: int, repeats: int, channels_last: bool) -> dict:
@@ -40,8 +40,8 @@ def measure(size: int, batch_size: int, images: int, repeats: int, channels_last
     batches = list(x.split(batch_size))
     result = predictor(x)
     macs_speedup = model.backbone_macs((3, size, size)) / result.macs.double().mean().item()
-    backbone_s = wall_clock(model.backbone, batches, repeats)
-    early_exit_s = wall_clock(predictor, batches, repeats)
+    seconds = wall_clocks({"backbone": model.backbone, "early exit": predictor}, batches, repeats)
+    backbone_s, early_exit_s = seconds["backbone"], seconds["early exit"]
     measured = backbone_s / early_exit_s
     return {
         "input": size, "batch_size": batch_size, "images": images, "channels_last": channels_last,

@@ -2,11 +2,11 @@
 
 resnet18 (random weights: speed does not depend on them) with the default exits, in NCHW and in
 channels_last. Per call, in ms: the plain backbone, each section on the previous one's output,
-each shallow head as trained (with BatchNorm) and as the predictor runs it (BatchNorm folded), the
-deepest head, each depthwise convolution of exit 1's head, and the predictor when every image
-leaves at exit 1 and when every image runs to the end. "Interleaving cost": sections and folded
-heads run in sequence (no predictor logic) minus the backbone and the heads timed alone, each of
-which then finds its weights in cache.
+each shallow head as trained (with BatchNorm) and as the predictor runs it (``inference_copy``),
+the deepest head, each separable conv block of exit 1's head (as trained, its depthwise conv alone,
+and its inference form), and the predictor when every image leaves at exit 1 and when every image
+runs to the end. "Interleaving cost": sections and inference heads run in sequence (no predictor
+logic) minus the backbone and the heads timed alone, each of which then finds its weights in cache.
 
     python benchmarks/exit_cost_breakdown.py                  # 32x32, batch 1
     python benchmarks/exit_cost_breakdown.py --size 224 --batch-size 256 --calls 5
@@ -26,11 +26,12 @@ from typing import Any, Callable
 
 import timm
 import torch
+from timm.layers import SeparableConvNormAct
 from torch import Tensor, nn
 
 import timm_scan
 from timm_scan.flops import wall_clock
-from timm_scan.heads import fold_batchnorm
+from timm_scan.heads import InferenceSeparableConv, inference_copy
 
 HERE = Path(__file__).parent
 
@@ -39,11 +40,11 @@ def per_call_ms(fn: Callable[[Tensor], Any], x: Tensor, calls: int, repeats: int
     return 1000 * wall_clock(fn, [x] * calls, repeats) / calls
 
 
-def depthwise_inputs(head: nn.Module, h: Tensor) -> list[tuple[nn.Conv2d, Tensor]]:
-    """Each depthwise convolution of ``head`` with the input it receives from ``h``."""
-    seen: list[tuple[nn.Conv2d, Tensor]] = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append((m, args[0])))
-             for m in head.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+def separable_inputs(head: nn.Module, h: Tensor) -> list[Tensor]:
+    """The input each separable conv block of ``head`` receives from ``h``, in module order."""
+    seen: list[Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+             for m in head.modules() if isinstance(m, SeparableConvNormAct)]
     with torch.no_grad():
         head(h)
     for hook in hooks:
@@ -66,25 +67,29 @@ def breakdown(size: int, batch_size: int, channels_last: bool, calls: int, repea
             row[f"section {i}"] = per_call_ms(lambda z, i=i: model.forward_section(i, z), h, calls, repeats)
             h = model.forward_section(i, h)
             outputs.append(h)
-    folded = [fold_batchnorm(head) for head in model.exits]
-    for i, (head, fast) in enumerate(zip(model.exits, folded)):
+    fast = [inference_copy(head) for head in model.exits]
+    for i, (head, copy) in enumerate(zip(model.exits, fast)):
         row[f"head {i}"] = per_call_ms(head, outputs[i], calls, repeats)
-        row[f"head {i} folded"] = per_call_ms(fast, outputs[i], calls, repeats)
+        row[f"head {i} for inference"] = per_call_ms(copy, outputs[i], calls, repeats)
     row["deepest head"] = per_call_ms(lambda z: model.exit_logits(k - 1, z, image_size), outputs[-1], calls, repeats)
-    row["exit 1 depthwise convs"] = [
-        {"input": list(inp.shape), "ms": per_call_ms(conv, inp, calls, repeats)} for conv, inp in depthwise_inputs(folded[0], outputs[0])
+    trained_blocks = [m for m in model.exits[0].modules() if isinstance(m, SeparableConvNormAct)]
+    fast_blocks = [m for m in fast[0].modules() if isinstance(m, InferenceSeparableConv)]
+    row["exit 1 separable convs"] = [
+        {"input": list(inp.shape), "as trained ms": per_call_ms(a, inp, calls, repeats),
+         "depthwise conv ms": per_call_ms(b.conv_dw, inp, calls, repeats), "for inference ms": per_call_ms(b, inp, calls, repeats)}
+        for a, b, inp in zip(trained_blocks, fast_blocks, separable_inputs(model.exits[0], outputs[0]))
     ]
 
     def in_sequence(z: Tensor) -> None:  # what the predictor runs for an image that goes to the end, nothing else
         for i in range(k):
             z = model.forward_section(i, z)
-            model.exit_logits(i, z, image_size, folded[i] if i < k - 1 else None)
+            model.exit_logits(i, z, image_size, fast[i] if i < k - 1 else None)
 
-    row["sections and folded heads in sequence"] = per_call_ms(in_sequence, x, calls, repeats)
+    row["sections and inference heads in sequence"] = per_call_ms(in_sequence, x, calls, repeats)
     row["predictor, all leave at exit 1"] = per_call_ms(timm_scan.EarlyExitPredictor(model, [0.0] * (k - 1)), x, calls, repeats)
     row["predictor, all run to the end"] = per_call_ms(timm_scan.EarlyExitPredictor(model, [1.0] * (k - 1)), x, calls, repeats)
-    alone = row["backbone"] + sum(row[f"head {i} folded"] for i in range(k - 1)) + row["deepest head"]
-    row["interleaving cost"] = row["sections and folded heads in sequence"] - alone
+    alone = row["backbone"] + sum(row[f"head {i} for inference"] for i in range(k - 1)) + row["deepest head"]
+    row["interleaving cost"] = row["sections and inference heads in sequence"] - alone
     return row
 
 
@@ -103,8 +108,10 @@ def main() -> None:
         if isinstance(value, float):
             print(f"| {key} | {value:.3f} | {rows[1][key]:.3f} |")
     for name, row in zip(("NCHW", "channels_last"), rows):
-        convs = ", ".join(f"{c['ms']:.3f} ({c['input'][1]}x{c['input'][2]}x{c['input'][3]})" for c in row["exit 1 depthwise convs"])
-        print(f"exit 1's depthwise convs, {name}: {convs}")
+        print(f"exit 1's separable conv blocks, {name}: input, ms as trained / depthwise conv alone / inference form")
+        for c in row["exit 1 separable convs"]:
+            print(f"  {c['input'][1]}x{c['input'][2]}x{c['input'][3]}: {c['as trained ms']:.3f} / "
+                  f"{c['depthwise conv ms']:.3f} / {c['for inference ms']:.3f}")
     record = {"date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
               "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "rows": rows}

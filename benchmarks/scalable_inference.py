@@ -21,12 +21,13 @@ import json
 import platform
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from timm_scan import EarlyExitPredictor
-from timm_scan.flops import wall_clock
+from timm_scan.flops import wall_clocks
 from timm_scan.runs import cached_outputs, eval_dataset, load_run
 from timm_scan.thresholds import ExitTable, plot_tradeoff, sweep_beta
 from timm_scan.training import run_splits
@@ -41,10 +42,12 @@ def test_images(dataset, n: int) -> torch.Tensor:
     return torch.cat([x for x, _ in loader])
 
 
-def timings(fn, images: torch.Tensor, batch_sizes: dict[int, int], repeats: int) -> dict[int, float]:
-    """ms per image of ``fn`` at each batch size, over (at most) its number of images."""
-    return {bs: 1000 * wall_clock(fn, list(images[:n].split(bs)), repeats) / len(images[:n])
-            for bs, n in batch_sizes.items()}
+def timings(fns: dict[str, Callable[[torch.Tensor], Any]], images: torch.Tensor, batch_sizes: dict[int, int],
+            repeats: int) -> dict[str, dict[int, float]]:
+    """ms per image of each function at each batch size, over (at most) that size's number of images;
+    the functions take turns (``wall_clocks``), so they are compared under the same conditions."""
+    seconds = {bs: wall_clocks(fns, list(images[:n].split(bs)), repeats) for bs, n in batch_sizes.items()}
+    return {name: {bs: 1000 * seconds[bs][name] / len(images[:n]) for bs, n in batch_sizes.items()} for name in fns}
 
 
 def main() -> None:
@@ -82,15 +85,14 @@ def main() -> None:
     if args.channels_last:
         model, backbone = model.to(memory_format=torch.channels_last), backbone.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    backbone_ms = timings(backbone, images, batch_sizes, args.repeats)
-    measured: dict[tuple[float, ...], dict[int, float]] = {}  # β values often share thresholds
+    keys = [" ".join(f"{t:.6f}" for t in point.thresholds) for point in points]  # β values often share thresholds
+    predictors = {key: EarlyExitPredictor(model, point.thresholds) for key, point in zip(keys, points)}
+    measured = timings({"backbone": backbone, **predictors}, images, batch_sizes, args.repeats)
+    backbone_ms = measured["backbone"]
     rows = []
-    for point in points:
+    for point, key in zip(points, keys):
         thresholds = np.array([point.thresholds])
         accuracy, acceleration = (float(v[0]) for v in table.evaluate(thresholds))
-        key = tuple(round(t, 6) for t in point.thresholds)
-        if key not in measured:
-            measured[key] = timings(EarlyExitPredictor(model, point.thresholds), images, batch_sizes, args.repeats)
         rows.append({
             "beta": point.beta, "thresholds": point.thresholds, "val_accuracy": point.accuracy,
             "val_acceleration": point.acceleration, "test_accuracy": accuracy, "test_macs_speedup": acceleration,

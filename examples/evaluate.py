@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from timm_scan import EarlyExitPredictor
-from timm_scan.flops import wall_clock
+from timm_scan.flops import wall_clocks
 from timm_scan.runs import cached_outputs, eval_dataset, load_run
 from timm_scan.training import run_splits
 from timm_scan.thresholds import ExitTable, plot_tradeoff
@@ -44,8 +44,8 @@ def plot_shares(shares: list[float], path: Path, title: str) -> None:
 
 def timing(model, predictor, images: torch.Tensor, batch_size: int) -> dict:
     batches = list(images.split(batch_size))
-    backbone_s = wall_clock(model.backbone, batches)
-    early_s = wall_clock(predictor, batches)
+    seconds = wall_clocks({"backbone": model.backbone, "early exit": predictor}, batches)
+    backbone_s, early_s = seconds["backbone"], seconds["early exit"]
     return {"batch_size": batch_size, "images": len(images), "backbone_ms_per_image": 1000 * backbone_s / len(images),
             "early_exit_ms_per_image": 1000 * early_s / len(images), "measured_speedup": backbone_s / early_s}
 

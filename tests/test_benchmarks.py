@@ -109,5 +109,5 @@ def test_exit_cost_breakdown(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert [r["channels_last"] for r in rows] == [False, True]
     for r in rows:
-        assert all(r[f"head {i} folded"] > 0 and r[f"section {i}"] > 0 for i in range(3))
-        assert len(r["exit 1 depthwise convs"]) == 7  # SD attention + three SepConv blocks of two
+        assert all(r[f"head {i} for inference"] > 0 and r[f"section {i}"] > 0 for i in range(3))
+        assert len(r["exit 1 separable convs"]) == 7  # SD attention + three SepConv blocks of two

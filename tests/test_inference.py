@@ -6,7 +6,8 @@ from conftest import create
 
 import timm_scan
 from timm_scan import EarlyExitPredictor, ensemble_probs
-from timm_scan.heads import fold_batchnorm
+from timm_scan import heads
+from timm_scan.heads import InferenceSeparableConv, inference_copy
 from timm_scan.inference import simulate_early_exit
 
 
@@ -27,15 +28,15 @@ def quantile_thresholds(probs, generator):
 
 @pytest.mark.parametrize("name, size", [("resnet18", 32), ("test_vit", 160), ("convnext_atto", 64)])
 @pytest.mark.parametrize("fallback", ["ensemble", "deepest"])
-@pytest.mark.parametrize("fold", [True, False])
-def test_real_early_exit_equals_the_simulated_one(name, size, fallback, fold):
+@pytest.mark.parametrize("optimize", [True, False])
+def test_real_early_exit_equals_the_simulated_one(name, size, fallback, optimize):
     model = wrapped(name, size)
     x = torch.randn(24, 3, size, size)
     probs = all_exit_probs(model, x)
     generator = torch.Generator().manual_seed(0)
     for _ in range(4):
         thresholds = quantile_thresholds(probs, generator)
-        result = EarlyExitPredictor(model, thresholds, fallback, fold_batchnorm=fold)(x)
+        result = EarlyExitPredictor(model, thresholds, fallback, optimize_heads=optimize)(x)
         exit_index, confidence, expected_probs = simulate_early_exit(probs, thresholds, fallback)
         assert torch.equal(result.exit_index, exit_index)
         assert torch.equal(result.labels, expected_probs.argmax(-1))
@@ -47,7 +48,7 @@ def test_real_early_exit_equals_the_simulated_one(name, size, fallback, fold):
 
 
 @pytest.mark.parametrize("attention", ["sd", "scan", "none"])
-def test_folded_heads_compute_the_same_function_without_batchnorm(attention):
+def test_inference_heads_compute_the_same_function_without_batchnorm(attention):
     model = timm_scan.wrap(create("resnet18"), timm_scan.ScanConfig(attention=attention))
     generator = torch.Generator().manual_seed(0)
     for m in model.exits.modules():  # trained-looking statistics, so folding has work to do
@@ -62,10 +63,45 @@ def test_folded_heads_compute_the_same_function_without_batchnorm(attention):
     with torch.no_grad():
         for k, head in enumerate(model.exits):
             h = model.forward_section(k, h)
-            folded = fold_batchnorm(head)
-            assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-            torch.testing.assert_close(folded(h)[0], head(h)[0], rtol=1e-4, atol=1e-4)
+            fast = inference_copy(head)
+            assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+            torch.testing.assert_close(fast(h)[0], head(h)[0], rtol=1e-4, atol=1e-4)
     assert all(isinstance(m.bn, torch.nn.BatchNorm2d) for m in model.exits.modules() if hasattr(m, "bn"))  # untouched
+
+
+@pytest.mark.parametrize("padding", ["", "same"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_inference_separable_conv_matches_timm_on_small_and_large_maps(padding, stride):
+    from timm.layers import SeparableConvNormAct
+
+    torch.manual_seed(0)
+    timm_block = SeparableConvNormAct(16, 24, kernel_size=3, stride=stride, padding=padding)
+    bn = timm_block.bn
+    bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 1.5), bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.normal_()
+    timm_block.eval()
+    block = inference_copy(torch.nn.Sequential(timm_block))[0]
+    assert isinstance(block, InferenceSeparableConv)
+    with torch.no_grad():
+        for size, batch in [(1, 1), (2, 3), (3, 1), (5, 2), (8, 1), (11, 1), (16, 2)]:
+            for channels_last in (False, True):
+                x = torch.randn(batch, 16, size, size)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                torch.testing.assert_close(block(x), timm_block(x), rtol=1e-4, atol=1e-5)
+            out = timm_block(x).shape[-1]
+            small = (size * out) ** 2 <= heads.SMALL_MAP  # the matrix path where it is cheap, oneDNN elsewhere
+            assert (block._matrices[(size, size, x.dtype, x.device)] is not None) == small, (size, stride)
+
+
+def test_inference_separable_conv_leaves_large_channels_last_batches_to_the_conv(monkeypatch):
+    block = inference_copy(torch.nn.Sequential(heads.SepConv(8, 8, stride=2)).eval())[0][0]
+    calls = []
+    monkeypatch.setattr(block, "_matrix", lambda x: calls.append(x.shape) or None)
+    with torch.no_grad():
+        block(torch.randn(heads.SMALL_BATCH_NOT_NCHW // 32 + 1, 8, 2, 2).contiguous(memory_format=torch.channels_last))
+        assert calls == []  # copying it to NCHW would cost more than the conv
+        block(torch.randn(2, 8, 2, 2).contiguous(memory_format=torch.channels_last))
+        assert calls == [(2, 8, 2, 2)]
 
 
 def test_batch_order_is_preserved():

@@ -81,9 +81,10 @@ class EarlyExitPredictor:
     ones (``model.thresholds``, with ``model.fallback``). ``fallback``: ``"ensemble"`` or
     ``"deepest"`` for samples that pass no threshold. The model is put in eval mode.
 
-    ``fold_batchnorm`` (default on) runs eval-mode copies of the exit heads with each BatchNorm folded
-    into its conv: the same function up to float rounding, fewer kernels. The copies are taken
-    here, so build a new predictor after changing the model's weights.
+    ``optimize_heads`` (default on) runs ``heads.inference_copy`` of each exit head: BatchNorm folded
+    into the convs, depthwise convs on small maps as matrix products. The same function up to float
+    rounding, and cheaper at small batches. The copies are taken here, so build a new predictor
+    after changing the model's weights.
     """
 
     def __init__(
@@ -91,7 +92,7 @@ class EarlyExitPredictor:
         model: MultiExitModel,
         thresholds: Sequence[float] | None = None,
         fallback: str | None = None,
-        fold_batchnorm: bool = True,
+        optimize_heads: bool = True,
     ) -> None:
         if thresholds is None:
             if model.thresholds is None:
@@ -103,7 +104,7 @@ class EarlyExitPredictor:
         self.model = model.eval()
         self.thresholds = validate_thresholds(thresholds, model.num_exits)
         self.fallback = fallback
-        self.heads = [heads.fold_batchnorm(h) if fold_batchnorm else h for h in model.exits]
+        self.heads = [heads.inference_copy(h) if optimize_heads else h for h in model.exits]
         self._macs: dict[tuple[int, ...], Tensor] = {}
 
     def exit_macs(self, input_size: tuple[int, int, int], device: torch.device | str = "cpu") -> Tensor:
