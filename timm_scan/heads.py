@@ -123,7 +123,7 @@ SMALL_BATCH_NOT_NCHW = 1 << 16
 
 class InferenceSeparableConv(nn.Module):
     """Inference form of timm's ``SeparableConvNormAct`` with its BatchNorm folded into the pointwise
-    conv: depthwise conv → pointwise conv (with bias) → activation; NCHW in and out.
+    conv: depthwise conv → pointwise (1x1, stride 1) conv with bias → activation; NCHW in and out.
 
     On CPU and small maps (``H·W·H'·W' <= SMALL_MAP``, e.g. 8x8 → 4x4) the depthwise conv runs as
     one batched matrix product, ``(C, B, H·W) @ (C, H·W, H'·W')``, with each channel's matrix built
@@ -162,7 +162,7 @@ class InferenceSeparableConv(nn.Module):
             b, c = x.shape[:2]
             y = torch.baddbmm(bias, x.contiguous().view(b, c, -1).transpose(0, 1), weights)  # (C, B, H'W')
             y = y.transpose(0, 1).reshape(b, c, *size)
-        return self.act(self.conv_pw(y))
+        return self.act(F.conv2d(y, self.conv_pw.weight, self.conv_pw.bias))  # a plain 1x1 conv: no module call
 
 
 def _folded(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> tuple[nn.Module, nn.Module]:
@@ -175,6 +175,10 @@ def _folded(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> tuple[n
 
 def _depthwise(conv: nn.Module) -> bool:
     return isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels
+
+
+def _plain_pointwise(conv: nn.Module) -> bool:
+    return type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
 
 
 def inference_copy(head: nn.Module) -> nn.Module:
@@ -190,7 +194,7 @@ def inference_copy(head: nn.Module) -> nn.Module:
         for name, mod in list(parent.named_children()):
             if isinstance(mod, SeparableConvNormAct):
                 conv_pw, act = _folded(mod.conv_pw, mod.bn)
-                if _depthwise(mod.conv_dw):
+                if _depthwise(mod.conv_dw) and _plain_pointwise(conv_pw):
                     setattr(parent, name, InferenceSeparableConv(mod.conv_dw, conv_pw, act))
                 else:
                     mod.conv_pw, mod.bn = conv_pw, act

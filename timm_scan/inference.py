@@ -131,7 +131,7 @@ class EarlyExitPredictor:
             if i == k - 1:
                 answered.append((pending, prob_sum / k if self.fallback == "ensemble" else probs, i))
                 break
-            done = probs.max(-1).values > self.thresholds[i]
+            done = probs.amax(-1) > self.thresholds[i]
             n_done = int(done.sum())
             if n_done == len(pending):
                 answered.append((pending, probs, i))
