@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     p.add_argument("--images", type=int, default=None, help="images per setting (default: 1024 at batch>1, 256 at batch 1; 256 at 224x224)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7, help="timed passes, backbone and predictor in turns; the median counts")
     p.add_argument("--channels-last", action="store_true", help="run backbone and early exit in channels_last")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "early_exit_speed.json"))
     args = p.parse_args()

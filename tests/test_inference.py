@@ -65,7 +65,10 @@ def test_inference_heads_compute_the_same_function_without_batchnorm(attention):
             h = model.forward_section(k, h)
             fast = inference_copy(head)
             assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+            seen = []
+            fast.module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
             torch.testing.assert_close(fast(h)[0], head(h)[0], rtol=1e-4, atol=1e-4)
+            assert seen[0].is_contiguous(memory_format=torch.channels_last)  # the layout oneDNN is fastest in
     assert all(isinstance(m.bn, torch.nn.BatchNorm2d) for m in model.exits.modules() if hasattr(m, "bn"))  # untouched
 
 
@@ -79,7 +82,7 @@ def test_inference_separable_conv_matches_timm_on_small_and_large_maps(padding, 
     bn = timm_block.bn
     bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 1.5), bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.normal_()
     timm_block.eval()
-    block = inference_copy(torch.nn.Sequential(timm_block))[0]
+    block = inference_copy(torch.nn.Sequential(timm_block)).module[0]
     assert isinstance(block, InferenceSeparableConv)
     with torch.no_grad():
         for size, batch in [(1, 1), (2, 3), (3, 1), (5, 2), (8, 1), (11, 1), (16, 2)]:
@@ -94,7 +97,7 @@ def test_inference_separable_conv_matches_timm_on_small_and_large_maps(padding, 
 
 
 def test_inference_separable_conv_leaves_large_channels_last_batches_to_the_conv(monkeypatch):
-    block = inference_copy(torch.nn.Sequential(heads.SepConv(8, 8, stride=2)).eval())[0][0]
+    block = inference_copy(torch.nn.Sequential(heads.SepConv(8, 8, stride=2)).eval()).module[0][0]
     calls = []
     monkeypatch.setattr(block, "_matrix", lambda x: calls.append(x.shape) or None)
     with torch.no_grad():

@@ -6,6 +6,7 @@ All modules take and return NCHW maps and work at any input resolution (global p
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +166,21 @@ class InferenceSeparableConv(nn.Module):
         return self.act(F.conv2d(y, self.conv_pw.weight, self.conv_pw.bias))  # a plain 1x1 conv: no module call
 
 
+class ChannelsLastOnCpu(nn.Module):
+    """Runs ``module`` on a channels_last copy of its input when that is on CPU, where oneDNN's
+    convolutions are faster in that layout than in NCHW for all but the smallest maps; elsewhere
+    the input passes unchanged. Outputs are whatever ``module`` returns."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Any:
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.module(x)
+
+
 def _folded(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> tuple[nn.Module, nn.Module]:
     """``(conv with bn folded in, what is left of bn)``: its activation for timm's BatchNormAct2d."""
     fused = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
@@ -183,11 +199,12 @@ def _plain_pointwise(conv: nn.Module) -> bool:
 
 def inference_copy(head: nn.Module) -> nn.Module:
     """An eval-mode copy of an exit head for fast inference: every BatchNorm folded into the conv
-    before it, and timm's ``SeparableConvNormAct`` replaced by ``InferenceSeparableConv``.
+    before it, timm's ``SeparableConvNormAct`` replaced by ``InferenceSeparableConv``, and the whole
+    wrapped in ``ChannelsLastOnCpu``.
 
     The copy computes the same function as ``head.eval()`` (up to float rounding) with fewer and
-    cheaper kernels, which matters at small batches on CPU. It is for inference only: it cannot be
-    trained, and it does not follow later changes to ``head``'s weights.
+    cheaper kernels. It is for inference only: it cannot be trained, and it does not follow later
+    changes to ``head``'s weights.
     """
     head = copy.deepcopy(head).eval()
     for parent in list(head.modules()):
@@ -202,4 +219,4 @@ def inference_copy(head: nn.Module) -> nn.Module:
                 mod.conv, mod.bn = _folded(mod.conv, mod.bn)
             elif isinstance(mod, ScanAttention):
                 mod.up, mod.bn = _folded(mod.up, mod.bn)
-    return head
+    return ChannelsLastOnCpu(head)
