@@ -107,6 +107,13 @@ def test_inference_separable_conv_leaves_large_channels_last_batches_to_the_conv
         assert calls == [(2, 8, 2, 2)]
 
 
+def test_inference_separable_conv_caches_plain_tensors_even_when_called_with_grad():
+    block = inference_copy(torch.nn.Sequential(heads.SepConv(8, 8, stride=2)).eval()).module[0][0]
+    block(torch.randn(1, 8, 4, 4))  # grad mode on, as a user calling the head directly might
+    weights, bias, _ = block._matrices[(4, 4, torch.float32, torch.device("cpu"))]
+    assert not weights.requires_grad and not bias.requires_grad
+
+
 def test_batch_order_is_preserved():
     model = wrapped()
     x = torch.randn(16, 3, 32, 32)

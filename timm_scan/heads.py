@@ -124,7 +124,8 @@ SMALL_BATCH_NOT_NCHW = 1 << 16
 
 class InferenceSeparableConv(nn.Module):
     """Inference form of timm's ``SeparableConvNormAct`` with its BatchNorm folded into the pointwise
-    conv: depthwise conv → pointwise (1x1, stride 1) conv with bias → activation; NCHW in and out.
+    conv: depthwise conv → pointwise (1x1, stride 1) conv with bias → activation; ``(B, C, H, W)`` in
+    either memory format.
 
     On CPU and small maps (``H·W·H'·W' <= SMALL_MAP``, e.g. 8x8 → 4x4) the depthwise conv runs as
     one batched matrix product, ``(C, B, H·W) @ (C, H·W, H'·W')``, with each channel's matrix built
@@ -145,12 +146,13 @@ class InferenceSeparableConv(nn.Module):
         key = (h, w, x.dtype, x.device)
         if key not in self._matrices:
             c = self.conv_dw.in_channels
-            bias = self.conv_dw(x.new_zeros(1, c, h, w))[0]  # (C, H', W'): the response to a zero map
-            self._matrices[key] = None
-            if h * w * bias[0].numel() <= SMALL_MAP:  # the response to each pixel, minus the bias
-                basis = torch.eye(h * w, dtype=x.dtype, device=x.device).view(h * w, 1, h, w).expand(-1, c, -1, -1)
-                columns = (self.conv_dw(basis) - bias).flatten(2).transpose(0, 1)  # (C, HW, H'W')
-                self._matrices[key] = (columns.contiguous(), bias.flatten(1)[:, None], bias.shape[-2:])
+            with torch.no_grad():  # cached constants, never part of a graph
+                bias = self.conv_dw(x.new_zeros(1, c, h, w))[0]  # (C, H', W'): the response to a zero map
+                self._matrices[key] = None
+                if h * w * bias[0].numel() <= SMALL_MAP:  # the response to each pixel, minus the bias
+                    basis = torch.eye(h * w, dtype=x.dtype, device=x.device).view(h * w, 1, h, w).expand(-1, c, -1, -1)
+                    columns = (self.conv_dw(basis) - bias).flatten(2).transpose(0, 1)  # (C, HW, H'W')
+                    self._matrices[key] = (columns.contiguous(), bias.flatten(1)[:, None], bias.shape[-2:])
         return self._matrices[key]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -194,7 +196,10 @@ def _depthwise(conv: nn.Module) -> bool:
 
 
 def _plain_pointwise(conv: nn.Module) -> bool:
-    return type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+    """A 1x1 conv that ``F.conv2d(x, weight, bias)`` computes with its defaults."""
+    return type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and (
+        conv.padding == (0, 0) and conv.groups == 1
+    )
 
 
 def inference_copy(head: nn.Module) -> nn.Module:
