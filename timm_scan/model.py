@@ -78,7 +78,7 @@ class MultiExitModel(nn.Module):
     def exit_logits(self, k: int, h: Tensor, image_size: tuple[int, int], head: nn.Module | None = None) -> Tensor:
         """Logits ``(B, num_classes)`` of exit k from section k's output; ``image_size`` is the
         input's ``(H, W)`` (ViTs need it to lay tokens out as a map). ``head`` stands in for shallow
-        exit k's head (the predictor passes BN-folded copies)."""
+        exit k's head (the predictor passes its inference copies, `heads.inference_copy`)."""
         if k == self.num_exits - 1:
             return self._staged.head(h)[0]
         head = self.exits[k] if head is None else head
