@@ -101,7 +101,7 @@ def test_inference_separable_conv_leaves_large_channels_last_batches_to_the_conv
     calls = []
     monkeypatch.setattr(block, "_matrix", lambda x: calls.append(x.shape) or None)
     with torch.no_grad():
-        block(torch.randn(heads.SMALL_BATCH_NOT_NCHW // 32 + 1, 8, 2, 2).contiguous(memory_format=torch.channels_last))
+        block(torch.randn(heads.CHANNELS_LAST_COPY_LIMIT // 32 + 1, 8, 2, 2).contiguous(memory_format=torch.channels_last))
         assert calls == []  # copying it to NCHW would cost more than the conv
         block(torch.randn(2, 8, 2, 2).contiguous(memory_format=torch.channels_last))
         assert calls == [(2, 8, 2, 2)]

@@ -118,7 +118,7 @@ class ExitHead(nn.Module):
 
 SMALL_MAP = 1024
 """Largest ``H·W·H'·W'`` for which ``InferenceSeparableConv`` runs its depthwise conv as a matrix product."""
-SMALL_BATCH_NOT_NCHW = 1 << 16
+CHANNELS_LAST_COPY_LIMIT = 1 << 16
 """Largest input (elements) that ``InferenceSeparableConv`` copies from channels_last to NCHW for that."""
 
 
@@ -156,7 +156,7 @@ class InferenceSeparableConv(nn.Module):
         return self._matrices[key]
 
     def forward(self, x: Tensor) -> Tensor:
-        dense = x.device.type != "cpu" or (not x.is_contiguous() and x.numel() > SMALL_BATCH_NOT_NCHW)
+        dense = x.device.type != "cpu" or (not x.is_contiguous() and x.numel() > CHANNELS_LAST_COPY_LIMIT)
         matrix = None if dense else self._matrix(x)
         if matrix is None:
             y = self.conv_dw(x)
