@@ -47,8 +47,13 @@ def test_real_early_exit_equals_the_simulated_one(name, size, fallback, optimize
         assert 0 < (exit_index < model.num_exits - 1).sum() < len(x)  # a real mix of exits
 
 
+def channel_major(t):
+    return t.transpose(0, 1).is_contiguous()
+
+
 @pytest.mark.parametrize("attention", ["sd", "scan", "none"])
-def test_inference_heads_compute_the_same_function_without_batchnorm(attention):
+@pytest.mark.parametrize("size", [32, 128])
+def test_inference_heads_compute_the_same_function_without_batchnorm(attention, size):
     model = timm_scan.wrap(create("resnet18"), timm_scan.ScanConfig(attention=attention))
     generator = torch.Generator().manual_seed(0)
     for m in model.exits.modules():  # trained-looking statistics, so folding has work to do
@@ -58,7 +63,7 @@ def test_inference_heads_compute_the_same_function_without_batchnorm(attention):
             m.weight.data.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
             m.bias.data.copy_(torch.randn(m.bias.shape, generator=generator))
     model.eval()
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(3, 3, size, size)
     h = x
     with torch.no_grad():
         for k, head in enumerate(model.exits):
@@ -68,7 +73,10 @@ def test_inference_heads_compute_the_same_function_without_batchnorm(attention):
             seen = []
             fast.module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
             torch.testing.assert_close(fast(h)[0], head(h)[0], rtol=1e-4, atol=1e-4)
-            assert seen[0].is_contiguous(memory_format=torch.channels_last)  # the layout oneDNN is fastest in
+            if h.shape[-1] <= 8:  # small maps: the matrix path, which computes channel-major
+                assert channel_major(seen[0]) and not seen[0].is_contiguous()
+            else:  # oneDNN's convs, fastest in channels_last
+                assert seen[0].is_contiguous(memory_format=torch.channels_last)
     assert all(isinstance(m.bn, torch.nn.BatchNorm2d) for m in model.exits.modules() if hasattr(m, "bn"))  # untouched
 
 
@@ -96,22 +104,40 @@ def test_inference_separable_conv_matches_timm_on_small_and_large_maps(padding, 
             assert (block._matrices[(size, size, x.dtype, x.device)] is not None) == small, (size, stride)
 
 
-def test_inference_separable_conv_leaves_large_channels_last_batches_to_the_conv(monkeypatch):
-    block = inference_copy(torch.nn.Sequential(heads.SepConv(8, 8, stride=2)).eval()).module[0][0]
-    calls = []
-    monkeypatch.setattr(block, "_matrix", lambda x: calls.append(x.shape) or None)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel_major"])
+def test_a_chain_of_inference_blocks_computes_channel_major_without_copies(layout):
+    torch.manual_seed(0)
+    chain = torch.nn.Sequential(heads.SepConv(8, 16, stride=2), heads.SepConv(16, 32, stride=2)).eval()
+    fast = inference_copy(chain).module
+    x = torch.randn(5, 8, 8, 8)
+    x = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last), "channel_major": heads.channel_major(x)}[layout]
+    assert channel_major(heads.channel_major(x)) and (heads.channel_major(x) is x) == (layout == "channel_major")
+    outputs = []
+    for block in fast.modules():
+        if isinstance(block, InferenceSeparableConv):
+            block.register_forward_hook(lambda m, args, out: outputs.append((args[0], out)))
     with torch.no_grad():
-        block(torch.randn(heads.CHANNELS_LAST_COPY_LIMIT // 32 + 1, 8, 2, 2).contiguous(memory_format=torch.channels_last))
-        assert calls == []  # copying it to NCHW would cost more than the conv
-        block(torch.randn(2, 8, 2, 2).contiguous(memory_format=torch.channels_last))
-        assert calls == [(2, 8, 2, 2)]
+        torch.testing.assert_close(fast(x), chain(x), rtol=1e-4, atol=1e-5)
+    assert len(outputs) == 4 and all(channel_major(out) for _, out in outputs)
+    for (_, out), (inp, _) in zip(outputs, outputs[1:]):
+        assert inp is out  # each block reads the one before it in place
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel_major"])
+def test_inference_average_pool_matches_timm_in_every_layout(layout):
+    from timm.layers import SelectAdaptivePool2d
+
+    x = torch.randn(4, 6, 3, 5)
+    laid_out = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last), "channel_major": heads.channel_major(x)}
+    expected = SelectAdaptivePool2d(pool_type="avg", flatten=True)(x)
+    torch.testing.assert_close(heads.InferenceAvgPool()(laid_out[layout]), expected)
 
 
 def test_inference_separable_conv_caches_plain_tensors_even_when_called_with_grad():
     block = inference_copy(torch.nn.Sequential(heads.SepConv(8, 8, stride=2)).eval()).module[0][0]
     block(torch.randn(1, 8, 4, 4))  # grad mode on, as a user calling the head directly might
-    weights, bias, _ = block._matrices[(4, 4, torch.float32, torch.device("cpu"))]
-    assert not weights.requires_grad and not bias.requires_grad
+    matrices = block._matrices[(4, 4, torch.float32, torch.device("cpu"))]
+    assert not any(t.requires_grad for t in matrices[:4])
 
 
 def test_batch_order_is_preserved():

@@ -117,69 +117,128 @@ class ExitHead(nn.Module):
 
 
 SMALL_MAP = 1024
-"""Largest ``H·W·H'·W'`` for which ``InferenceSeparableConv`` runs its depthwise conv as a matrix product."""
-CHANNELS_LAST_COPY_LIMIT = 1 << 16
-"""Largest input (elements) that ``InferenceSeparableConv`` copies from channels_last to NCHW for that."""
+"""Largest ``H·W·H'·W'`` for which the inference heads run a depthwise conv (or the attention's
+upsampling) as a matrix product instead of a oneDNN call."""
+
+
+def channel_major(x: Tensor) -> Tensor:
+    """``x`` ``(B, C, H, W)`` with its memory laid out as ``(C, B, H, W)``: the layout the matrix
+    path of the inference heads computes in (a copy unless ``x`` already is)."""
+    if x.transpose(0, 1).is_contiguous():
+        return x
+    # by way of NCHW: from channels_last, two plain copies take a quarter of the time of torch's one
+    return x.contiguous().transpose(0, 1).contiguous().transpose(0, 1)
 
 
 class InferenceSeparableConv(nn.Module):
     """Inference form of timm's ``SeparableConvNormAct`` with its BatchNorm folded into the pointwise
     conv: depthwise conv → pointwise (1x1, stride 1) conv with bias → activation; ``(B, C, H, W)`` in
-    either memory format.
+    any memory layout.
 
-    On CPU and small maps (``H·W·H'·W' <= SMALL_MAP``, e.g. 8x8 → 4x4) the depthwise conv runs as
-    one batched matrix product, ``(C, B, H·W) @ (C, H·W, H'·W')``, with each channel's matrix built
-    once per map size from the conv itself. Same function up to float rounding; it avoids oneDNN's
-    fixed cost per conv call (about 40 µs, whatever the map size), which dominates exit heads at
-    small batches. A channels_last input takes that path only when small enough to copy to NCHW.
+    On CPU and small maps (``H·W·H'·W' <= SMALL_MAP``, e.g. 8x8 → 4x4) it runs as two matrix
+    products in the channel-major layout (`channel_major`): the depthwise conv as
+    ``(C, B, H·W) @ (C, H·W, H'·W')``, with each channel's matrix built once per map size from the
+    conv itself, then the pointwise conv as ``(C_out, C) @ (C, B·H'·W')``. The output is channel-major
+    too, so a chain of these blocks never copies. Same function up to float rounding; it avoids
+    oneDNN's fixed cost per conv call (about 40 µs, whatever the map size), which dominates exit heads
+    at small batches. Elsewhere the two convs run as they are.
     """
 
     def __init__(self, conv_dw: nn.Module, conv_pw: nn.Module, act: nn.Module) -> None:
         super().__init__()
         self.conv_dw, self.conv_pw, self.act = conv_dw, conv_pw, act
-        self._matrices: dict[tuple, tuple[Tensor, Tensor, torch.Size] | None] = {}
+        self._matrices: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor, torch.Size] | None] = {}
 
-    def _matrix(self, x: Tensor) -> tuple[Tensor, Tensor, torch.Size] | None:
-        """``(per-channel matrices (C, H·W, H'·W'), bias (C, 1, H'·W'), (H', W'))`` for ``x``'s map
-        size, or ``None`` where the map is too large to be worth it."""
+    def _matrix(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, torch.Size] | None:
+        """For ``x``'s map size: ``(depthwise matrices (C, H·W, H'·W'), their bias (C, 1, H'·W'),
+        pointwise matrix (C_out, C), its bias (C_out, 1), (H', W'))``, or ``None`` where the map is
+        too large to be worth it. Built on the first call for each size, dtype and device."""
         h, w = x.shape[-2:]
         key = (h, w, x.dtype, x.device)
         if key not in self._matrices:
-            c = self.conv_dw.in_channels
+            c, pw = self.conv_dw.in_channels, self.conv_pw
             with torch.no_grad():  # cached constants, never part of a graph
                 bias = self.conv_dw(x.new_zeros(1, c, h, w))[0]  # (C, H', W'): the response to a zero map
                 self._matrices[key] = None
                 if h * w * bias[0].numel() <= SMALL_MAP:  # the response to each pixel, minus the bias
                     basis = torch.eye(h * w, dtype=x.dtype, device=x.device).view(h * w, 1, h, w).expand(-1, c, -1, -1)
                     columns = (self.conv_dw(basis) - bias).flatten(2).transpose(0, 1)  # (C, HW, H'W')
-                    self._matrices[key] = (columns.contiguous(), bias.flatten(1)[:, None], bias.shape[-2:])
+                    pw_bias = pw.bias if pw.bias is not None else x.new_zeros(pw.out_channels)
+                    self._matrices[key] = (columns.contiguous(), bias.flatten(1)[:, None], pw.weight.flatten(1).clone(),
+                                           pw_bias[:, None].clone(), bias.shape[-2:])
         return self._matrices[key]
 
+    def matrix_path(self, x: Tensor) -> bool:
+        """Whether ``x`` would run as matrix products (CPU and a small map)."""
+        return x.device.type == "cpu" and self._matrix(x) is not None
+
     def forward(self, x: Tensor) -> Tensor:
-        dense = x.device.type != "cpu" or (not x.is_contiguous() and x.numel() > CHANNELS_LAST_COPY_LIMIT)
-        matrix = None if dense else self._matrix(x)
-        if matrix is None:
-            y = self.conv_dw(x)
-        else:
-            weights, bias, size = matrix
-            b, c = x.shape[:2]
-            y = torch.baddbmm(bias, x.contiguous().view(b, c, -1).transpose(0, 1), weights)  # (C, B, H'W')
-            y = y.transpose(0, 1).reshape(b, c, *size)
-        return self.act(F.conv2d(y, self.conv_pw.weight, self.conv_pw.bias))  # a plain 1x1 conv: no module call
+        matrices = self._matrix(x) if x.device.type == "cpu" else None
+        if matrices is None:
+            return self.act(F.conv2d(self.conv_dw(x), self.conv_pw.weight, self.conv_pw.bias))  # no nested module call
+        dw, dw_bias, pw, pw_bias, (h, w) = matrices
+        b, c = x.shape[:2]
+        y = torch.baddbmm(dw_bias, channel_major(x).transpose(0, 1).view(c, b, -1), dw)  # (C, B, H'W')
+        y = torch.addmm(pw_bias, pw, y.view(c, -1))  # (C_out, B·H'W')
+        return self.act(y.view(-1, b, h, w).transpose(0, 1))
 
 
-class ChannelsLastOnCpu(nn.Module):
-    """Runs ``module`` on a channels_last copy of its input when that is on CPU, where oneDNN's
-    convolutions are faster in that layout than in NCHW for all but the smallest maps; elsewhere
-    the input passes unchanged. Outputs are whatever ``module`` returns."""
+class InferenceSdAttention(nn.Module):
+    """Inference form of `SdAttention` around an ``InferenceSeparableConv``: where that conv takes
+    its matrix path, the bilinear upsampling is one matrix product too, ``(C, B, H'·W') @ (H'·W', H·W)``
+    (built once per map size from ``F.interpolate`` itself), and the output stays channel-major."""
+
+    def __init__(self, conv: InferenceSeparableConv) -> None:
+        super().__init__()
+        self.conv = conv
+        self._upsampling: dict[tuple, Tensor] = {}
+
+    def _upsampling_matrix(self, mask: Tensor, size: torch.Size) -> Tensor:
+        """``(H'·W', H·W)``: row j is the upsampled map of the j-th pixel of ``mask``'s map."""
+        key = (*mask.shape[-2:], *size, mask.dtype)
+        if key not in self._upsampling:
+            n = mask.shape[-2] * mask.shape[-1]
+            basis = torch.eye(n, dtype=mask.dtype, device=mask.device).view(n, 1, *mask.shape[-2:])
+            self._upsampling[key] = F.interpolate(basis, size=size, mode="bilinear", align_corners=False).view(n, -1)
+        return self._upsampling[key]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.conv.matrix_path(x):
+            mask = F.interpolate(self.conv(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            return x * torch.sigmoid(mask)
+        x = channel_major(x)
+        mask = self.conv(x)  # (B, C, H', W'), channel-major
+        b, c, h, w = x.shape
+        mask = mask.transpose(0, 1).reshape(c, b, -1) @ self._upsampling_matrix(mask, x.shape[-2:])  # (C, B, HW)
+        return x * mask.view(c, b, h, w).transpose(0, 1).sigmoid_()
+
+
+class InferenceAvgPool(nn.Module):
+    """Global average pooling, ``(B, C, H, W)`` → ``(B, C)``, in any layout; a channel-major map is
+    averaged as its contiguous ``(C, B, H·W)`` view, about twice as fast as the strided reduction."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.transpose(0, 1).is_contiguous():
+            return x.transpose(0, 1).reshape(x.shape[1], x.shape[0], -1).mean(-1).t()
+        return x.mean((2, 3))
+
+
+class InferenceLayout(nn.Module):
+    """Runs ``module`` (an inference head) on its input laid out for the faster path on CPU:
+    channel-major where the head's first ``InferenceSeparableConv`` takes its matrix path (small
+    maps), channels_last otherwise (oneDNN's convs are faster there than in NCHW). Elsewhere the
+    input passes unchanged. Outputs are whatever ``module`` returns."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
+        # a tuple, so that the block is not registered twice as a submodule
+        self._first = tuple(m for m in module.modules() if isinstance(m, InferenceSeparableConv))[:1]
 
     def forward(self, x: Tensor) -> Any:
         if x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
+            small = bool(self._first) and self._first[0].matrix_path(x)
+            x = channel_major(x) if small else x.contiguous(memory_format=torch.channels_last)
         return self.module(x)
 
 
@@ -204,8 +263,9 @@ def _plain_pointwise(conv: nn.Module) -> bool:
 
 def inference_copy(head: nn.Module) -> nn.Module:
     """An eval-mode copy of an exit head for fast inference: every BatchNorm folded into the conv
-    before it, timm's ``SeparableConvNormAct`` replaced by ``InferenceSeparableConv``, and the whole
-    wrapped in ``ChannelsLastOnCpu``.
+    before it, timm's ``SeparableConvNormAct`` replaced by ``InferenceSeparableConv`` (and
+    ``SdAttention`` by ``InferenceSdAttention``), average pooling by ``InferenceAvgPool``, and the
+    whole wrapped in ``InferenceLayout``.
 
     The copy computes the same function as ``head.eval()`` (up to float rounding) with fewer and
     cheaper kernels. It is for inference only: it cannot be trained, and it does not follow later
@@ -224,4 +284,10 @@ def inference_copy(head: nn.Module) -> nn.Module:
                 mod.conv, mod.bn = _folded(mod.conv, mod.bn)
             elif isinstance(mod, ScanAttention):
                 mod.up, mod.bn = _folded(mod.up, mod.bn)
-    return ChannelsLastOnCpu(head)
+            elif isinstance(mod, SelectAdaptivePool2d) and mod.pool_type == "avg" and isinstance(mod.flatten, nn.Flatten):
+                setattr(parent, name, InferenceAvgPool())
+    for parent in list(head.modules()):  # after the loop above has made its conv an InferenceSeparableConv
+        for name, mod in list(parent.named_children()):
+            if isinstance(mod, SdAttention) and isinstance(mod.conv, InferenceSeparableConv):
+                setattr(parent, name, InferenceSdAttention(mod.conv))
+    return InferenceLayout(head)
