@@ -82,11 +82,14 @@ def test_inference_heads_compute_the_same_function_without_batchnorm(attention, 
 
 @pytest.mark.parametrize("padding", ["", "same"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_inference_separable_conv_matches_timm_on_small_and_large_maps(padding, stride):
+@pytest.mark.parametrize("depthwise_bias", [False, True])
+def test_inference_separable_conv_matches_timm_on_small_and_large_maps(padding, stride, depthwise_bias):
     from timm.layers import SeparableConvNormAct
 
     torch.manual_seed(0)
     timm_block = SeparableConvNormAct(16, 24, kernel_size=3, stride=stride, padding=padding)
+    if depthwise_bias:  # timm's have none; a block built otherwise may
+        timm_block.conv_dw.bias = torch.nn.Parameter(torch.randn(16))
     bn = timm_block.bn
     bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 1.5), bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.normal_()
     timm_block.eval()
@@ -137,7 +140,7 @@ def test_inference_separable_conv_caches_plain_tensors_even_when_called_with_gra
     block = inference_copy(torch.nn.Sequential(heads.SepConv(8, 8, stride=2)).eval()).module[0][0]
     block(torch.randn(1, 8, 4, 4))  # grad mode on, as a user calling the head directly might
     matrices = block._matrices[(4, 4, torch.float32, torch.device("cpu"))]
-    assert not any(t.requires_grad for t in matrices[:4])
+    assert not any(t.requires_grad for t in matrices[:4] if t is not None)
 
 
 def test_batch_order_is_preserved():

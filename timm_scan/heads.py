@@ -150,9 +150,10 @@ class InferenceSeparableConv(nn.Module):
         self._matrices: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor, torch.Size] | None] = {}
 
     def _matrix(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, torch.Size] | None:
-        """For ``x``'s map size: ``(depthwise matrices (C, H·W, H'·W'), their bias (C, 1, H'·W'),
-        pointwise matrix (C_out, C), its bias (C_out, 1), (H', W'))``, or ``None`` where the map is
-        too large to be worth it. Built on the first call for each size, dtype and device."""
+        """For ``x``'s map size: ``(depthwise matrices (C, H·W, H'·W'), their bias (C, 1, H'·W') or
+        ``None`` where it is zero, pointwise matrix (C_out, C), its bias (C_out, 1), (H', W'))``, or
+        ``None`` where the map is too large to be worth it. Built on the first call for each size,
+        dtype and device."""
         h, w = x.shape[-2:]
         key = (h, w, x.dtype, x.device)
         if key not in self._matrices:
@@ -164,7 +165,8 @@ class InferenceSeparableConv(nn.Module):
                     basis = torch.eye(h * w, dtype=x.dtype, device=x.device).view(h * w, 1, h, w).expand(-1, c, -1, -1)
                     columns = (self.conv_dw(basis) - bias).flatten(2).transpose(0, 1)  # (C, HW, H'W')
                     pw_bias = pw.bias if pw.bias is not None else x.new_zeros(pw.out_channels)
-                    self._matrices[key] = (columns.contiguous(), bias.flatten(1)[:, None], pw.weight.flatten(1).clone(),
+                    dw_bias = bias.flatten(1)[:, None] if bias.any() else None  # timm's depthwise convs have none
+                    self._matrices[key] = (columns.contiguous(), dw_bias, pw.weight.flatten(1).clone(),
                                            pw_bias[:, None].clone(), bias.shape[-2:])
         return self._matrices[key]
 
@@ -178,7 +180,8 @@ class InferenceSeparableConv(nn.Module):
             return self.act(F.conv2d(self.conv_dw(x), self.conv_pw.weight, self.conv_pw.bias))  # no nested module call
         dw, dw_bias, pw, pw_bias, (h, w) = matrices
         b, c = x.shape[:2]
-        y = torch.baddbmm(dw_bias, channel_major(x).transpose(0, 1).view(c, b, -1), dw)  # (C, B, H'W')
+        x = channel_major(x).transpose(0, 1).view(c, b, -1)  # (C, B, HW)
+        y = torch.bmm(x, dw) if dw_bias is None else torch.baddbmm(dw_bias, x, dw)  # (C, B, H'W')
         y = torch.addmm(pw_bias, pw, y.view(c, -1))  # (C_out, B·H'W')
         return self.act(y.view(-1, b, h, w).transpose(0, 1))
 
@@ -210,7 +213,7 @@ class InferenceSdAttention(nn.Module):
         mask = self.conv(x)  # (B, C, H', W'), channel-major
         b, c, h, w = x.shape
         mask = mask.transpose(0, 1).reshape(c, b, -1) @ self._upsampling_matrix(mask, x.shape[-2:])  # (C, B, HW)
-        return x * mask.view(c, b, h, w).transpose(0, 1).sigmoid_()
+        return mask.view(c, b, h, w).transpose(0, 1).sigmoid_().mul_(x)  # in place: mask is a fresh tensor
 
 
 class InferenceAvgPool(nn.Module):
