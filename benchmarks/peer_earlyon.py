@@ -31,7 +31,7 @@ the same way), the transforms, the timm model, the seed, the optimiser, schedule
   among its early-exit points whose mean test MACs are within the budget and its deepest exit run
   alone (the backbone's own classifier, at the backbone's MACs); a pick among points on test, the
   same for both; "-" where none fits.
-- **Latency** (ms/image, ``timm_scan.flops.wall_clock``, same process and thread count) on the first
+- **Latency** (ms/image, ``timm_scan.flops.wall_clocks``: the three timed in turns, pass by pass) on the first
   test images at batch 1 and batch 256, at one operating point per method chosen on val: the
   lowest-MACs point whose val accuracy is within ``--tolerance`` points of that method's own deepest
   exit (else its most accurate point). earlyon: ``model(x, mode="inference")`` per image (batch 1;
@@ -85,7 +85,7 @@ from tqdm.auto import tqdm
 import timm_scan
 from timm_scan.config import jsonable
 from timm_scan.data import ImageSplits, TorchImageDataset, build_transforms, data_config
-from timm_scan.flops import count_macs, wall_clock
+from timm_scan.flops import count_macs, wall_clocks
 from timm_scan.model import MultiExitModel
 from timm_scan.runs import cached_outputs, epoch_seconds, eval_dataset, load_run
 from timm_scan.thresholds import ExitTable
@@ -316,19 +316,18 @@ def equal_macs(sides: list[Side], fractions: list[float], backbone_macs: int) ->
 
 
 # ---------------------------------------------------------------------------------------- latency
-def timed(name: str, setting: str, fn: Callable[[Tensor], Any], decode: Callable[[Any, Tensor], tuple[Tensor, Tensor]],
-          images: Tensor, labels: Tensor, batch_size: int, repeats: int,
-          backbone_s: float | None = None) -> dict[str, Any]:
-    """Time ``fn`` over ``images`` in batches, then run it once more for its answers: ``decode(output,
-    batch)`` gives predicted labels and MACs per sample."""
-    batches = list(images.split(batch_size))
-    seconds = wall_clock(fn, batches, repeats)
+Decode = Callable[[Any, Tensor], tuple[Tensor, Tensor]]
+
+
+def answers_row(name: str, setting: str, fn: Callable[[Tensor], Any], decode: Decode, batch_size: int,
+                batches: list[Tensor], labels: Tensor, seconds: float, backbone_s: float) -> dict[str, Any]:
+    """One timed setting: ``seconds`` for all ``batches``, then ``fn`` run once more for its answers
+    (``decode(output, batch)`` gives predicted labels and MACs per sample)."""
     with torch.no_grad():
         decoded = [decode(fn(b), b) for b in batches]
     preds, macs = torch.cat([d[0] for d in decoded]), torch.cat([d[1] for d in decoded]).double()
-    return {"method": name, "setting": setting, "batch_size": batch_size, "images": len(images),
-            "ms_per_image": 1000 * seconds / len(images),
-            "speedup_vs_backbone": None if backbone_s is None else backbone_s / seconds,
+    return {"method": name, "setting": setting, "batch_size": batch_size, "images": len(labels),
+            "ms_per_image": 1000 * seconds / len(labels), "speedup_vs_backbone": backbone_s / seconds,
             "accuracy": (preds == labels).double().mean().item(), "mean_macs": macs.mean().item()}
 
 
@@ -359,13 +358,16 @@ def latency_rows(plain: torch.nn.Module, ours: MultiExitModel, ours_point: Point
 
     rows = []
     for batch_size, n in batch_sizes:
-        x, y = images[:n], labels[:n]
-        base = timed("plain timm backbone (our weights)", "-", plain, plain_answers, x, y, batch_size, repeats)
-        base_s = base["ms_per_image"] * n / 1000
-        rows.append({**base, "speedup_vs_backbone": 1.0})
-        rows.append(timed(OURS, ours_point.setting, predictor, ours_answers, x, y, batch_size, repeats, base_s))
-        peer_fn = peer_single if batch_size == 1 else peer.forward_inference_batched
-        rows.append(timed(PEER, peer_point.setting, peer_fn, peer_answers, x, y, batch_size, repeats, base_s))
+        batches, y = list(images[:n].split(batch_size)), labels[:n]
+        settings = {  # name → (setting, function, decode)
+            "plain timm backbone (our weights)": ("-", plain, plain_answers),
+            OURS: (ours_point.setting, predictor, ours_answers),
+            PEER: (peer_point.setting, peer.forward_inference_batched if batch_size > 1 else peer_single, peer_answers),
+        }
+        seconds = wall_clocks({name: fn for name, (_, fn, _) in settings.items()}, batches, repeats)
+        base_s = seconds["plain timm backbone (our weights)"]
+        rows += [answers_row(name, setting, fn, decode, batch_size, batches, y, seconds[name], base_s)
+                 for name, (setting, fn, decode) in settings.items()]
     return rows
 
 

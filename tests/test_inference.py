@@ -51,6 +51,12 @@ def channel_major(t):
     return t.transpose(0, 1).is_contiguous()
 
 
+def laid_out(x):
+    """``x`` in each memory layout the inference heads take."""
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    return {"nchw": x, "channels_last": channels_last, "channel_major": heads.channel_major(x)}
+
+
 @pytest.mark.parametrize("attention", ["sd", "scan", "none"])
 @pytest.mark.parametrize("size", [32, 128])
 def test_inference_heads_compute_the_same_function_without_batchnorm(attention, size):
@@ -112,8 +118,7 @@ def test_a_chain_of_inference_blocks_computes_channel_major_without_copies(layou
     torch.manual_seed(0)
     chain = torch.nn.Sequential(heads.SepConv(8, 16, stride=2), heads.SepConv(16, 32, stride=2)).eval()
     fast = inference_copy(chain).module
-    x = torch.randn(5, 8, 8, 8)
-    x = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last), "channel_major": heads.channel_major(x)}[layout]
+    x = laid_out(torch.randn(5, 8, 8, 8))[layout]
     assert channel_major(heads.channel_major(x)) and (heads.channel_major(x) is x) == (layout == "channel_major")
     outputs = []
     for block in fast.modules():
@@ -131,9 +136,8 @@ def test_inference_average_pool_matches_timm_in_every_layout(layout):
     from timm.layers import SelectAdaptivePool2d
 
     x = torch.randn(4, 6, 3, 5)
-    laid_out = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last), "channel_major": heads.channel_major(x)}
     expected = SelectAdaptivePool2d(pool_type="avg", flatten=True)(x)
-    torch.testing.assert_close(heads.InferenceAvgPool()(laid_out[layout]), expected)
+    torch.testing.assert_close(heads.InferenceAvgPool()(laid_out(x)[layout]), expected)
 
 
 def test_inference_separable_conv_caches_plain_tensors_even_when_called_with_grad():

@@ -198,7 +198,7 @@ class InferenceSdAttention(nn.Module):
 
     def _upsampling_matrix(self, mask: Tensor, size: torch.Size) -> Tensor:
         """``(H'·W', H·W)``: row j is the upsampled map of the j-th pixel of ``mask``'s map."""
-        key = (*mask.shape[-2:], *size, mask.dtype)
+        key = (*mask.shape[-2:], *size, mask.dtype, mask.device)
         if key not in self._upsampling:
             n = mask.shape[-2] * mask.shape[-1]
             basis = torch.eye(n, dtype=mask.dtype, device=mask.device).view(n, 1, *mask.shape[-2:])
@@ -208,7 +208,7 @@ class InferenceSdAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.conv.matrix_path(x):
             mask = F.interpolate(self.conv(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
-            return x * torch.sigmoid(mask)
+            return mask.sigmoid_().mul_(x)  # in place: mask is a fresh tensor
         x = channel_major(x)
         mask = self.conv(x)  # (B, C, H', W'), channel-major
         b, c, h, w = x.shape
@@ -264,6 +264,14 @@ def _plain_pointwise(conv: nn.Module) -> bool:
     )
 
 
+def _global_avg_pool(mod: nn.Module) -> bool:
+    """timm's ``SelectAdaptivePool2d`` averaging ``(B, C, H, W)`` to ``(B, C)``, as the exit heads use it."""
+    pool = getattr(mod, "pool", None)
+    return isinstance(mod, SelectAdaptivePool2d) and isinstance(mod.flatten, nn.Flatten) and (
+        isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1))
+    )
+
+
 def inference_copy(head: nn.Module) -> nn.Module:
     """An eval-mode copy of an exit head for fast inference: every BatchNorm folded into the conv
     before it, timm's ``SeparableConvNormAct`` replaced by ``InferenceSeparableConv`` (and
@@ -287,7 +295,7 @@ def inference_copy(head: nn.Module) -> nn.Module:
                 mod.conv, mod.bn = _folded(mod.conv, mod.bn)
             elif isinstance(mod, ScanAttention):
                 mod.up, mod.bn = _folded(mod.up, mod.bn)
-            elif isinstance(mod, SelectAdaptivePool2d) and mod.pool_type == "avg" and isinstance(mod.flatten, nn.Flatten):
+            elif _global_avg_pool(mod):
                 setattr(parent, name, InferenceAvgPool())
     for parent in list(head.modules()):  # after the loop above has made its conv an InferenceSeparableConv
         for name, mod in list(parent.named_children()):
