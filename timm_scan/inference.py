@@ -82,8 +82,9 @@ class EarlyExitPredictor:
     ``"deepest"`` for samples that pass no threshold. The model is put in eval mode.
 
     ``optimize_heads`` (default on) runs ``heads.inference_copy`` of each exit head: BatchNorm folded
-    into the convs, depthwise convs on small maps as matrix products, channels_last input on CPU.
-    The same function up to float rounding, and cheaper. The copies are taken here, so build a new
+    into the convs; on CPU, separable convs on small maps as matrix products in a channel-major
+    layout, and channels_last input on larger maps. The same function up to float rounding, and
+    cheaper. The copies are taken here, so build a new
     predictor after changing the model's weights.
     """
 
