@@ -76,11 +76,18 @@ def test_inference_heads_compute_the_same_function_without_batchnorm(attention, 
             h = model.forward_section(k, h)
             fast = inference_copy(head)
             assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
-            seen = []
+            seen, blocks_called = [], []
             fast.module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-            torch.testing.assert_close(fast(h)[0], head(h)[0], rtol=1e-4, atol=1e-4)
-            if h.shape[-1] <= 8:  # small maps: the matrix path, which computes channel-major
-                assert channel_major(seen[0]) and not seen[0].is_contiguous()
+            for block in fast.modules():
+                if isinstance(block, InferenceSeparableConv):
+                    block.register_forward_pre_hook(lambda m, args: blocks_called.append(m))
+            logits, pooled = fast(h)
+            torch.testing.assert_close(logits, head(h)[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(pooled, head(h)[1], rtol=1e-4, atol=1e-4)
+            if h.shape[-1] <= 8 and attention != "scan":  # small maps: flat matrix products, no module calls
+                assert not seen and not blocks_called
+            elif h.shape[-1] <= 8:  # the SCAN attention's convs: the head runs module by module, channel-major
+                assert channel_major(seen[0]) and not seen[0].is_contiguous() and blocks_called
             else:  # oneDNN's convs, fastest in channels_last
                 assert seen[0].is_contiguous(memory_format=torch.channels_last)
     assert all(isinstance(m.bn, torch.nn.BatchNorm2d) for m in model.exits.modules() if hasattr(m, "bn"))  # untouched

@@ -147,24 +147,26 @@ class InferenceSeparableConv(nn.Module):
     def __init__(self, conv_dw: nn.Module, conv_pw: nn.Module, act: nn.Module) -> None:
         super().__init__()
         self.conv_dw, self.conv_pw, self.act = conv_dw, conv_pw, act
-        self._matrices: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor, torch.Size] | None] = {}
+        self._relu = isinstance(act, nn.ReLU)
+        self._matrices: dict[tuple, tuple[Tensor, Tensor | None, Tensor, Tensor, torch.Size] | None] = {}
 
-    def _matrix(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, torch.Size] | None:
-        """For ``x``'s map size: ``(depthwise matrices (C, H·W, H'·W'), their bias (C, 1, H'·W') or
-        ``None`` where it is zero, pointwise matrix (C_out, C), its bias (C_out, 1), (H', W'))``, or
-        ``None`` where the map is too large to be worth it. Built on the first call for each size,
-        dtype and device."""
-        h, w = x.shape[-2:]
-        key = (h, w, x.dtype, x.device)
+    def matrices(
+        self, h: int, w: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, torch.Size] | None:
+        """For an ``h`` x ``w`` input map: ``(depthwise matrices (C, H·W, H'·W'), their bias
+        (C, 1, H'·W') or ``None`` where it is zero, pointwise matrix (C_out, C), its bias (C_out, 1),
+        (H', W'))``, or ``None`` where the map is too large to be worth it. Built on the first call
+        for each size, dtype and device."""
+        key = (h, w, dtype, device)
         if key not in self._matrices:
             c, pw = self.conv_dw.in_channels, self.conv_pw
             with torch.no_grad():  # cached constants, never part of a graph
-                bias = self.conv_dw(x.new_zeros(1, c, h, w))[0]  # (C, H', W'): the response to a zero map
+                bias = self.conv_dw(torch.zeros(1, c, h, w, dtype=dtype, device=device))[0]  # (C, H', W'): the response to a zero map
                 self._matrices[key] = None
                 if h * w * bias[0].numel() <= SMALL_MAP:  # the response to each pixel, minus the bias
-                    basis = torch.eye(h * w, dtype=x.dtype, device=x.device).view(h * w, 1, h, w).expand(-1, c, -1, -1)
+                    basis = torch.eye(h * w, dtype=dtype, device=device).view(h * w, 1, h, w).expand(-1, c, -1, -1)
                     columns = (self.conv_dw(basis) - bias).flatten(2).transpose(0, 1)  # (C, HW, H'W')
-                    pw_bias = pw.bias if pw.bias is not None else x.new_zeros(pw.out_channels)
+                    pw_bias = pw.bias if pw.bias is not None else torch.zeros(pw.out_channels, dtype=dtype, device=device)
                     dw_bias = bias.flatten(1)[:, None] if bias.any() else None  # timm's depthwise convs have none
                     self._matrices[key] = (columns.contiguous(), dw_bias, pw.weight.flatten(1).clone(),
                                            pw_bias[:, None].clone(), bias.shape[-2:])
@@ -172,23 +174,29 @@ class InferenceSeparableConv(nn.Module):
 
     def matrix_path(self, x: Tensor) -> bool:
         """Whether ``x`` would run as matrix products (CPU and a small map)."""
-        return x.device.type == "cpu" and self._matrix(x) is not None
+        return x.device.type == "cpu" and self.matrices(x.shape[-2], x.shape[-1], x.dtype, x.device) is not None
+
+    def matmul(self, z: Tensor, batch: int, h: int, w: int) -> tuple[Tensor, int, int]:
+        """The matrix path on the flat channel-major form: ``z`` ``(C, B·H·W)`` (contiguous) of an
+        ``h`` x ``w`` map → ``(output (C_out, B·H'·W'), H', W')``. The map must be small enough
+        (``matrix_path``)."""
+        dw, dw_bias, pw, pw_bias, (h, w) = self.matrices(h, w, z.dtype, z.device)
+        x = z.view(dw.shape[0], batch, -1)  # (C, B, HW)
+        y = torch.bmm(x, dw) if dw_bias is None else torch.baddbmm(dw_bias, x, dw)  # (C, B, H'W')
+        y = torch.addmm(pw_bias, pw, y.view(dw.shape[0], -1))  # (C_out, B·H'W')
+        return (y.relu_() if self._relu else self.act(y)), h, w
 
     def forward(self, x: Tensor) -> Tensor:
-        matrices = self._matrix(x) if x.device.type == "cpu" else None
-        if matrices is None:
+        if not self.matrix_path(x):
             return self.act(F.conv2d(self.conv_dw(x), self.conv_pw.weight, self.conv_pw.bias))  # no nested module call
-        dw, dw_bias, pw, pw_bias, (h, w) = matrices
         b, c = x.shape[:2]
-        x = channel_major(x).transpose(0, 1).view(c, b, -1)  # (C, B, HW)
-        y = torch.bmm(x, dw) if dw_bias is None else torch.baddbmm(dw_bias, x, dw)  # (C, B, H'W')
-        y = torch.addmm(pw_bias, pw, y.view(c, -1))  # (C_out, B·H'W')
-        return self.act(y.view(-1, b, h, w).transpose(0, 1))
+        y, h, w = self.matmul(channel_major(x).transpose(0, 1).reshape(c, -1), b, x.shape[-2], x.shape[-1])
+        return y.view(-1, b, h, w).transpose(0, 1)
 
 
 class InferenceSdAttention(nn.Module):
     """Inference form of `SdAttention` around an ``InferenceSeparableConv``: where that conv takes
-    its matrix path, the bilinear upsampling is one matrix product too, ``(C, B, H'·W') @ (H'·W', H·W)``
+    its matrix path, the bilinear upsampling is one matrix product too, ``(C·B, H'·W') @ (H'·W', H·W)``
     (built once per map size from ``F.interpolate`` itself), and the output stays channel-major."""
 
     def __init__(self, conv: InferenceSeparableConv) -> None:
@@ -196,24 +204,29 @@ class InferenceSdAttention(nn.Module):
         self.conv = conv
         self._upsampling: dict[tuple, Tensor] = {}
 
-    def _upsampling_matrix(self, mask: Tensor, size: torch.Size) -> Tensor:
-        """``(H'·W', H·W)``: row j is the upsampled map of the j-th pixel of ``mask``'s map."""
-        key = (*mask.shape[-2:], *size, mask.dtype, mask.device)
+    def _upsampling_matrix(self, mask_size: torch.Size, size: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``(H'·W', H·W)``: row j is the map of ``size`` upsampled from the j-th pixel of ``mask_size``."""
+        key = (*mask_size, *size, dtype, device)
         if key not in self._upsampling:
-            n = mask.shape[-2] * mask.shape[-1]
-            basis = torch.eye(n, dtype=mask.dtype, device=mask.device).view(n, 1, *mask.shape[-2:])
+            n = mask_size[0] * mask_size[1]
+            basis = torch.eye(n, dtype=dtype, device=device).view(n, 1, *mask_size)
             self._upsampling[key] = F.interpolate(basis, size=size, mode="bilinear", align_corners=False).view(n, -1)
         return self._upsampling[key]
+
+    def matmul(self, z: Tensor, batch: int, h: int, w: int) -> Tensor:
+        """The matrix path on the flat channel-major form: ``z`` ``(C, B·H·W)`` → the masked map, same
+        shape. The conv must take its matrix path (``self.conv.matrix_path``)."""
+        mask, mh, mw = self.conv.matmul(z, batch, h, w)  # (C, B·H'W')
+        mask = mask.view(-1, mh * mw) @ self._upsampling_matrix((mh, mw), (h, w), z.dtype, z.device)  # (C·B, HW)
+        return mask.sigmoid_().mul_(z.view(mask.shape)).view(z.shape)  # in place: mask is a fresh tensor
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.conv.matrix_path(x):
             mask = F.interpolate(self.conv(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
             return mask.sigmoid_().mul_(x)  # in place: mask is a fresh tensor
         x = channel_major(x)
-        mask = self.conv(x)  # (B, C, H', W'), channel-major
         b, c, h, w = x.shape
-        mask = mask.transpose(0, 1).reshape(c, b, -1) @ self._upsampling_matrix(mask, x.shape[-2:])  # (C, B, HW)
-        return mask.view(c, b, h, w).transpose(0, 1).sigmoid_().mul_(x)  # in place: mask is a fresh tensor
+        return self.matmul(x.transpose(0, 1).reshape(c, -1), b, h, w).view(c, b, h, w).transpose(0, 1)
 
 
 class InferenceAvgPool(nn.Module):
@@ -226,23 +239,55 @@ class InferenceAvgPool(nn.Module):
         return x.mean((2, 3))
 
 
-class InferenceLayout(nn.Module):
-    """Runs ``module`` (an inference head) on its input laid out for the faster path on CPU:
-    channel-major where the head's first ``InferenceSeparableConv`` takes its matrix path (small
-    maps), channels_last otherwise (oneDNN's convs are faster there than in NCHW). Elsewhere the
-    input passes unchanged. Outputs are whatever ``module`` returns."""
+class InferenceHead(nn.Module):
+    """Runs ``module`` (an inference copy of a head) the fast way for its input on CPU; elsewhere as
+    it is. Outputs are whatever ``module`` returns.
+
+    - Small maps (the first ``InferenceSeparableConv`` takes its matrix path): an `ExitHead` whose
+      attention (SD or none) and align net are all matrix products runs flat: from the input's
+      channel-major ``(C, B·H·W)`` view through each block's ``matmul`` to the pooling and the
+      classifier, with no module calls and no reshaping between blocks (at batch 1 the per-call
+      overhead is most of a head's time). Any other head runs on channel-major input.
+    - Larger maps: the input goes channels_last, where oneDNN's convs are faster than in NCHW.
+    """
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
-        # a tuple, so that the block is not registered twice as a submodule
+        # tuples, so that no block is registered twice as a submodule
         self._first = tuple(m for m in module.modules() if isinstance(m, InferenceSeparableConv))[:1]
+        self._flat = _flat_chain(module)
 
     def forward(self, x: Tensor) -> Any:
-        if x.device.type == "cpu":
-            small = bool(self._first) and self._first[0].matrix_path(x)
-            x = channel_major(x) if small else x.contiguous(memory_format=torch.channels_last)
-        return self.module(x)
+        if x.device.type != "cpu":
+            return self.module(x)
+        if not (self._first and self._first[0].matrix_path(x)):
+            return self.module(x.contiguous(memory_format=torch.channels_last))
+        if not self._flat:
+            return self.module(channel_major(x))
+        attention, blocks = self._flat
+        b, c, h, w = x.shape
+        z = channel_major(x).transpose(0, 1).reshape(c, -1)  # (C, B·H·W), a view
+        if attention is not None:
+            z = attention.matmul(z, b, h, w)
+        for block in blocks:  # maps only shrink along the align net, so every block takes its matrix path
+            z, h, w = block.matmul(z, b, h, w)
+        pooled = z.view(z.shape[0], b, -1).mean(-1).t()  # (B, C_out)
+        return self.module.fc(pooled), pooled
+
+
+def _flat_chain(head: nn.Module) -> tuple[InferenceSdAttention | None, tuple[InferenceSeparableConv, ...]] | None:
+    """``(attention or None, align blocks)`` where ``head`` is an `ExitHead` that `InferenceHead` can
+    run flat (SD or no attention, every align block an ``InferenceSeparableConv``, average pooling);
+    ``None`` otherwise."""
+    if not isinstance(head, ExitHead) or not isinstance(head.pool, InferenceAvgPool):
+        return None
+    if not isinstance(head.attention, (InferenceSdAttention, nn.Identity)):
+        return None
+    blocks = tuple(block for sep_conv in head.align for block in sep_conv)
+    if not all(isinstance(block, InferenceSeparableConv) for block in blocks):
+        return None
+    return (head.attention if isinstance(head.attention, InferenceSdAttention) else None), blocks
 
 
 def _folded(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> tuple[nn.Module, nn.Module]:
@@ -276,7 +321,7 @@ def inference_copy(head: nn.Module) -> nn.Module:
     """An eval-mode copy of an exit head for fast inference: every BatchNorm folded into the conv
     before it, timm's ``SeparableConvNormAct`` replaced by ``InferenceSeparableConv`` (and
     ``SdAttention`` by ``InferenceSdAttention``), average pooling by ``InferenceAvgPool``, and the
-    whole wrapped in ``InferenceLayout``.
+    whole wrapped in ``InferenceHead``.
 
     The copy computes the same function as ``head.eval()`` (up to float rounding) with fewer and
     cheaper kernels. It is for inference only: it cannot be trained, and it does not follow later
@@ -301,4 +346,4 @@ def inference_copy(head: nn.Module) -> nn.Module:
         for name, mod in list(parent.named_children()):
             if isinstance(mod, SdAttention) and isinstance(mod.conv, InferenceSeparableConv):
                 setattr(parent, name, InferenceSdAttention(mod.conv))
-    return InferenceLayout(head)
+    return InferenceHead(head)
