@@ -47,6 +47,21 @@ def test_real_early_exit_equals_the_simulated_one(name, size, fallback, optimize
         assert 0 < (exit_index < model.num_exits - 1).sum() < len(x)  # a real mix of exits
 
 
+@pytest.mark.parametrize("fallback", ["ensemble", "deepest"])
+def test_one_image_at_a_time_equals_the_simulated_one(fallback):
+    model = wrapped()
+    x = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    probs = all_exit_probs(model, x)
+    thresholds = quantile_thresholds(probs, torch.Generator().manual_seed(1))
+    predictor = EarlyExitPredictor(model, thresholds, fallback)
+    exit_index, confidence, expected_probs = simulate_early_exit(probs, thresholds, fallback)
+    results = [predictor(image[None]) for image in x]  # batch 1 decides with one comparison per exit
+    assert torch.equal(torch.cat([r.exit_index for r in results]), exit_index)
+    assert len(set(exit_index.tolist())) > 1
+    torch.testing.assert_close(torch.cat([r.probs for r in results]), expected_probs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r.confidence for r in results]), confidence, rtol=1e-4, atol=1e-5)
+
+
 def channel_major(t):
     return t.transpose(0, 1).is_contiguous()
 
@@ -81,9 +96,14 @@ def test_inference_heads_compute_the_same_function_without_batchnorm(attention, 
             for block in fast.modules():
                 if isinstance(block, InferenceSeparableConv):
                     block.register_forward_pre_hook(lambda m, args: blocks_called.append(m))
-            logits, pooled = fast(h)
-            torch.testing.assert_close(logits, head(h)[0], rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(pooled, head(h)[1], rtol=1e-4, atol=1e-4)
+            expected = head(h)
+            for batch in (h, h[:1]):  # batch 1 too: (B, C, H, W) and channel-major coincide there
+                for layout, inp in laid_out(batch).items():
+                    logits, pooled = fast(inp)
+                    torch.testing.assert_close(logits, expected[0][: len(batch)], rtol=1e-4, atol=1e-4, msg=layout)
+                    torch.testing.assert_close(pooled, expected[1][: len(batch)], rtol=1e-4, atol=1e-4, msg=layout)
+            seen.clear(), blocks_called.clear()
+            fast(h)
             if h.shape[-1] <= 8 and attention != "scan":  # small maps: flat matrix products, no module calls
                 assert not seen and not blocks_called
             elif h.shape[-1] <= 8:  # the SCAN attention's convs: the head runs module by module, channel-major

@@ -152,11 +152,12 @@ class InferenceSeparableConv(nn.Module):
 
     def matrices(
         self, h: int, w: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, torch.Size] | None:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, torch.Size] | None:
         """For an ``h`` x ``w`` input map: ``(depthwise matrices (C, H·W, H'·W'), their bias
         (C, 1, H'·W') or ``None`` where it is zero, pointwise matrix (C_out, C), its bias (C_out, 1),
-        (H', W'))``, or ``None`` where the map is too large to be worth it. Built on the first call
-        for each size, dtype and device."""
+        (H', W'))``, or ``None`` where the map is too large to be worth it. On a 1x1 map the depthwise
+        conv is a scale and shift per channel, folded into the pointwise matrix and bias (the first
+        two entries are then ``None``). Built on the first call for each size, dtype and device."""
         key = (h, w, dtype, device)
         if key not in self._matrices:
             c, pw = self.conv_dw.in_channels, self.conv_pw
@@ -166,10 +167,15 @@ class InferenceSeparableConv(nn.Module):
                 if h * w * bias[0].numel() <= SMALL_MAP:  # the response to each pixel, minus the bias
                     basis = torch.eye(h * w, dtype=dtype, device=device).view(h * w, 1, h, w).expand(-1, c, -1, -1)
                     columns = (self.conv_dw(basis) - bias).flatten(2).transpose(0, 1)  # (C, HW, H'W')
+                    pw_weight = pw.weight.flatten(1)
                     pw_bias = pw.bias if pw.bias is not None else torch.zeros(pw.out_channels, dtype=dtype, device=device)
-                    dw_bias = bias.flatten(1)[:, None] if bias.any() else None  # timm's depthwise convs have none
-                    self._matrices[key] = (columns.contiguous(), dw_bias, pw.weight.flatten(1).clone(),
-                                           pw_bias[:, None].clone(), bias.shape[-2:])
+                    if h * w == 1:  # pw @ (scale * x + shift) = (pw * scale) @ x + pw @ shift
+                        self._matrices[key] = (None, None, pw_weight * columns.view(1, c), (pw_bias + pw_weight @ bias.view(c))[:, None],
+                                               bias.shape[-2:])
+                    else:
+                        dw_bias = bias.flatten(1)[:, None] if bias.any() else None  # timm's depthwise convs have none
+                        self._matrices[key] = (columns.contiguous(), dw_bias, pw_weight.clone(), pw_bias[:, None].clone(),
+                                               bias.shape[-2:])
         return self._matrices[key]
 
     def matrix_path(self, x: Tensor) -> bool:
@@ -181,9 +187,10 @@ class InferenceSeparableConv(nn.Module):
         ``h`` x ``w`` map → ``(output (C_out, B·H'·W'), H', W')``. The map must be small enough
         (``matrix_path``)."""
         dw, dw_bias, pw, pw_bias, (h, w) = self.matrices(h, w, z.dtype, z.device)
-        x = z.view(dw.shape[0], batch, -1)  # (C, B, HW)
-        y = torch.bmm(x, dw) if dw_bias is None else torch.baddbmm(dw_bias, x, dw)  # (C, B, H'W')
-        y = torch.addmm(pw_bias, pw, y.view(dw.shape[0], -1))  # (C_out, B·H'W')
+        if dw is not None:
+            x = z.view(dw.shape[0], batch, -1)  # (C, B, HW)
+            z = (torch.bmm(x, dw) if dw_bias is None else torch.baddbmm(dw_bias, x, dw)).view(dw.shape[0], -1)  # (C, B·H'W')
+        y = torch.addmm(pw_bias, pw, z)  # (C_out, B·H'W')
         return (y.relu_() if self._relu else self.act(y)), h, w
 
     def forward(self, x: Tensor) -> Tensor:

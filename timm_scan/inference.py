@@ -120,8 +120,8 @@ class EarlyExitPredictor:
         model, k = self.model, self.model.num_exits
         n, image_size = images.shape[0], (images.shape[-2], images.shape[-1])
         macs = self.exit_macs((images.shape[1], *image_size), images.device)
-        pending = torch.arange(n, device=images.device)  # input positions of the samples still running
-        answered: list[tuple[Tensor, Tensor, int]] = []  # (positions, probs, exit) per group that left
+        pending: Tensor | None = None  # input positions of the samples still running; None: all, in order
+        answered: list[tuple[Tensor | None, Tensor, int]] = []  # (positions, probs, exit) per group that left
         prob_sum = None  # running sum of softmax over exits, for the ensemble fallback
         h = images
         for i in range(k):
@@ -132,13 +132,19 @@ class EarlyExitPredictor:
             if i == k - 1:
                 answered.append((pending, prob_sum / k if self.fallback == "ensemble" else probs, i))
                 break
+            if len(probs) == 1:  # one sample: one comparison, no mask (most of the cost at batch 1 is per op)
+                if probs.max().item() > self.thresholds[i]:
+                    answered.append((pending, probs, i))
+                    break
+                continue
             done = probs.amax(-1) > self.thresholds[i]
             n_done = int(done.sum())
-            if n_done == len(pending):
+            if n_done == len(probs):
                 answered.append((pending, probs, i))
                 break
             if n_done:
                 keep = ~done
+                pending = torch.arange(n, device=images.device) if pending is None else pending
                 answered.append((pending[done], probs[done], i))
                 pending, h = pending[keep], h[keep]
                 if prob_sum is not None:
@@ -146,9 +152,10 @@ class EarlyExitPredictor:
         return self._assemble(answered, n, macs)
 
     @staticmethod
-    def _assemble(answered: list[tuple[Tensor, Tensor, int]], n: int, macs: Tensor) -> EarlyExitResult:
-        """Groups of answered samples → one result in input order."""
-        if len(answered) == 1:  # the whole batch left at one exit: already in input order
+    def _assemble(answered: list[tuple[Tensor | None, Tensor, int]], n: int, macs: Tensor) -> EarlyExitResult:
+        """Groups of answered samples → one result in input order (positions ``None``: the whole
+        batch left at one exit, already in input order)."""
+        if len(answered) == 1:
             probs, exit_index = answered[0][1], torch.full((n,), answered[0][2], device=macs.device)
         else:
             positions = torch.cat([pos for pos, _, _ in answered])
