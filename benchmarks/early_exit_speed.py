@@ -58,8 +58,11 @@ def main() -> None:
     p.add_argument("--images", type=int, default=None, help="images per setting (default: 1024 at batch>1, 256 at batch 1; 256 at 224x224)")
     p.add_argument("--repeats", type=int, default=7, help="timed passes, backbone and predictor in turns; the median counts")
     p.add_argument("--channels-last", action="store_true", help="run backbone and early exit in channels_last")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "early_exit_speed.json"))
+    p.add_argument("--out", default=None, help="default: results/early_exit_speed.json, or "
+                   "results/early_exit_speed_channels_last.json with --channels-last")
     args = p.parse_args()
+    name = "early_exit_speed_channels_last.json" if args.channels_last else "early_exit_speed.json"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / name
     rows = []
     for size in args.sizes:
         for bs in args.batch_sizes:
@@ -73,8 +76,8 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ channels_last. Per call, in ms: the plain backbone, each section on the previous
 each shallow head as trained (with BatchNorm) and as the predictor runs it (``inference_copy``),
 the deepest head, each separable conv block of exit 1's head (as trained, its depthwise conv alone,
 and its inference form), and the predictor when every image leaves at exit 1 and when every image
-runs to the end. "Interleaving cost": sections and inference heads run in sequence (no predictor
+runs to the end; and the stem's max-pool, which torch computes far faster in channels_last.
+"Interleaving cost": sections and inference heads run in sequence (no predictor
 logic) minus the backbone and the heads timed alone, each of which then finds its weights in cache.
 
     python benchmarks/exit_cost_breakdown.py                  # 32x32, batch 1
@@ -63,6 +64,8 @@ def breakdown(size: int, batch_size: int, channels_last: bool, calls: int, repea
                            "backbone": per_call_ms(model.backbone, x, calls, repeats)}
     outputs, h = [], x
     with torch.no_grad():
+        stem = model.backbone.act1(model.backbone.bn1(model.backbone.conv1(x)))
+        row["stem max-pool"] = per_call_ms(model.backbone.maxpool, stem, calls, repeats)  # no MACs, in section 0
         for i in range(k):
             row[f"section {i}"] = per_call_ms(lambda z, i=i: model.forward_section(i, z), h, calls, repeats)
             h = model.forward_section(i, h)

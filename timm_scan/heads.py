@@ -138,17 +138,18 @@ class InferenceSeparableConv(nn.Module):
     On CPU and small maps (``H·W·H'·W' <= SMALL_MAP``, e.g. 8x8 → 4x4) it runs as two matrix
     products in the channel-major layout (`channel_major`): the depthwise conv as
     ``(C, B, H·W) @ (C, H·W, H'·W')``, with each channel's matrix built once per map size from the
-    conv itself, then the pointwise conv as ``(C_out, C) @ (C, B·H'·W')``. The output is channel-major
-    too, so a chain of these blocks never copies. Same function up to float rounding; it avoids
-    oneDNN's fixed cost per conv call (about 40 µs, whatever the map size), which dominates exit heads
-    at small batches. Elsewhere the two convs run as they are.
+    conv itself, then the pointwise conv as ``(C_out, C) @ (C, B·H'·W')`` (on a 1x1 map the depthwise
+    conv is folded into it: one product). The output is channel-major too, so a chain of these blocks
+    never copies; ``matmul`` is the same on the flat ``(C, B·H·W)`` form, for `InferenceHead`. Same
+    function up to float rounding; it avoids oneDNN's fixed cost per conv call (about 40 µs, whatever
+    the map size), which dominates exit heads at small batches. Elsewhere the two convs run as they are.
     """
 
     def __init__(self, conv_dw: nn.Module, conv_pw: nn.Module, act: nn.Module) -> None:
         super().__init__()
         self.conv_dw, self.conv_pw, self.act = conv_dw, conv_pw, act
         self._relu = isinstance(act, nn.ReLU)
-        self._matrices: dict[tuple, tuple[Tensor, Tensor | None, Tensor, Tensor, torch.Size] | None] = {}
+        self._matrices: dict[tuple, tuple[Tensor | None, Tensor | None, Tensor, Tensor, torch.Size] | None] = {}
 
     def matrices(
         self, h: int, w: int, dtype: torch.dtype, device: torch.device
@@ -162,20 +163,21 @@ class InferenceSeparableConv(nn.Module):
         if key not in self._matrices:
             c, pw = self.conv_dw.in_channels, self.conv_pw
             with torch.no_grad():  # cached constants, never part of a graph
-                bias = self.conv_dw(torch.zeros(1, c, h, w, dtype=dtype, device=device))[0]  # (C, H', W'): the response to a zero map
+                zeros = torch.zeros(1, c, h, w, dtype=dtype, device=device)
+                bias = self.conv_dw(zeros)[0]  # (C, H', W'): the response to a zero map
                 self._matrices[key] = None
                 if h * w * bias[0].numel() <= SMALL_MAP:  # the response to each pixel, minus the bias
                     basis = torch.eye(h * w, dtype=dtype, device=device).view(h * w, 1, h, w).expand(-1, c, -1, -1)
                     columns = (self.conv_dw(basis) - bias).flatten(2).transpose(0, 1)  # (C, HW, H'W')
                     pw_weight = pw.weight.flatten(1)
-                    pw_bias = pw.bias if pw.bias is not None else torch.zeros(pw.out_channels, dtype=dtype, device=device)
+                    pw_bias = pw.bias if pw.bias is not None else zeros.new_zeros(pw.out_channels)
                     if h * w == 1:  # pw @ (scale * x + shift) = (pw * scale) @ x + pw @ shift
-                        self._matrices[key] = (None, None, pw_weight * columns.view(1, c), (pw_bias + pw_weight @ bias.view(c))[:, None],
-                                               bias.shape[-2:])
+                        folded_bias = (pw_bias + pw_weight @ bias.view(c))[:, None]
+                        self._matrices[key] = (None, None, pw_weight * columns.view(1, c), folded_bias, bias.shape[-2:])
                     else:
                         dw_bias = bias.flatten(1)[:, None] if bias.any() else None  # timm's depthwise convs have none
-                        self._matrices[key] = (columns.contiguous(), dw_bias, pw_weight.clone(), pw_bias[:, None].clone(),
-                                               bias.shape[-2:])
+                        self._matrices[key] = (columns.contiguous(), dw_bias, pw_weight.clone(),
+                                               pw_bias[:, None].clone(), bias.shape[-2:])
         return self._matrices[key]
 
     def matrix_path(self, x: Tensor) -> bool:
@@ -189,7 +191,8 @@ class InferenceSeparableConv(nn.Module):
         dw, dw_bias, pw, pw_bias, (h, w) = self.matrices(h, w, z.dtype, z.device)
         if dw is not None:
             x = z.view(dw.shape[0], batch, -1)  # (C, B, HW)
-            z = (torch.bmm(x, dw) if dw_bias is None else torch.baddbmm(dw_bias, x, dw)).view(dw.shape[0], -1)  # (C, B·H'W')
+            y = torch.bmm(x, dw) if dw_bias is None else torch.baddbmm(dw_bias, x, dw)  # (C, B, H'W')
+            z = y.view(dw.shape[0], -1)
         y = torch.addmm(pw_bias, pw, z)  # (C_out, B·H'W')
         return (y.relu_() if self._relu else self.act(y)), h, w
 
@@ -211,7 +214,9 @@ class InferenceSdAttention(nn.Module):
         self.conv = conv
         self._upsampling: dict[tuple, Tensor] = {}
 
-    def _upsampling_matrix(self, mask_size: torch.Size, size: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    def _upsampling_matrix(
+        self, mask_size: tuple[int, int], size: tuple[int, int], dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
         """``(H'·W', H·W)``: row j is the map of ``size`` upsampled from the j-th pixel of ``mask_size``."""
         key = (*mask_size, *size, dtype, device)
         if key not in self._upsampling:
