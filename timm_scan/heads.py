@@ -258,7 +258,7 @@ class InferenceHead(nn.Module):
     - Small maps (the first ``InferenceSeparableConv`` takes its matrix path): an `ExitHead` whose
       attention (SD or none) and align net are all matrix products runs flat: from the input's
       channel-major ``(C, B·H·W)`` view through each block's ``matmul`` to the pooling and the
-      classifier, with no module calls and no reshaping between blocks (at batch 1 the per-call
+      classifier, with no module calls and no copies between blocks (at batch 1 the per-call
       overhead is most of a head's time). Any other head runs on channel-major input.
     - Larger maps: the input goes channels_last, where oneDNN's convs are faster than in NCHW.
     """
