@@ -82,10 +82,9 @@ class EarlyExitPredictor:
     ``"deepest"`` for samples that pass no threshold. The model is put in eval mode.
 
     ``optimize_heads`` (default on) runs ``heads.inference_copy`` of each exit head: BatchNorm folded
-    into the convs; on CPU, separable convs on small maps as matrix products in a channel-major
-    layout, and channels_last input on larger maps. The same function up to float rounding, and
-    cheaper. The copies are taken here, so build a new
-    predictor after changing the model's weights.
+    into the convs; on CPU, heads on small maps run as a chain of matrix products in a channel-major
+    layout, and take channels_last input on larger maps. The same function up to float rounding, and
+    cheaper. The copies are taken here, so build a new predictor after changing the model's weights.
     """
 
     def __init__(
@@ -133,12 +132,10 @@ class EarlyExitPredictor:
                 answered.append((pending, prob_sum / k if self.fallback == "ensemble" else probs, i))
                 break
             if len(probs) == 1:  # one sample: one comparison, no mask (most of the cost at batch 1 is per op)
-                if probs.max().item() > self.thresholds[i]:
-                    answered.append((pending, probs, i))
-                    break
-                continue
-            done = probs.amax(-1) > self.thresholds[i]
-            n_done = int(done.sum())
+                n_done = int(probs.max().item() > self.thresholds[i])
+            else:
+                done = probs.amax(-1) > self.thresholds[i]
+                n_done = int(done.sum())
             if n_done == len(probs):
                 answered.append((pending, probs, i))
                 break
