@@ -22,6 +22,7 @@ HELP = {
     "val_size": "validation split carved out of train: a fraction (0.1) or a count (5000)",
     "train_scale": "area range of the random-resized crop",
     "exits": "feature_info indices or module names of the shallow exits (default: the papers')",
+    "loss_preset": "SelfDistillationLoss settings: default, tpami (the paper's text) or released (the authors' code)",
     "anneal_epochs": "alpha and lam are 0 for this many last epochs",
     "teacher_model": "timm name of an external frozen teacher (KD + Ours)",
     "teacher_checkpoint": "safetensors weights of that teacher",
@@ -49,6 +50,10 @@ def parser() -> argparse.ArgumentParser:
             kwargs["required"] = True
         if hint == "<class 'bool'>":
             p.add_argument(flag, action="store_true", **kwargs)
+            continue
+        if "bool" in hint:  # unset (None) means "the preset's"
+            kwargs["help"] += " (default: the loss preset's)"
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, **kwargs)
             continue
         if f.name == "exits":
             kwargs.update(nargs="*", type=_exit)

@@ -88,8 +88,9 @@ class ExitHead(nn.Module):
     """Shallow classifier ``c_i``: attention mask → align net → global average pool → linear.
 
     ``forward`` maps ``(B, in_chs, H, W)`` to ``(logits (B, num_classes), pooled (B, out_chs))``;
-    ``proj`` maps the pooled feature to the deepest classifier's pre-logits width for the hint loss
-    (identity when widths agree; training only, so not part of the inference cost).
+    ``proj`` is a learned linear map of the pooled feature to the deepest classifier's pre-logits
+    width, for the hint loss (always learned, even where the widths agree, so that the hint can reach
+    zero on backbones whose pre-logits are signed; training only, not part of the inference cost).
     """
 
     def __init__(
@@ -109,7 +110,7 @@ class ExitHead(nn.Module):
         self.align = nn.Sequential(*(SepConv(a, b, s) for a, b, s in plan))
         self.pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
         self.fc = nn.Linear(out_chs, num_classes)
-        self.proj = nn.Linear(out_chs, feature_dim) if out_chs != feature_dim else nn.Identity()
+        self.proj = nn.Linear(out_chs, feature_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pooled = self.pool(self.align(self.attention(x)))

@@ -235,7 +235,7 @@ def model_card(
 
 
 _RECIPE_KEYS = ("dataset", "model", "baseline", "input_size", "epochs", "batch_size", "optimizer", "lr", "weight_decay",
-                "schedule", "alpha", "lam", "temperature", "teacher", "anneal_epochs", "mixed_precision", "seed")
+                "schedule", "loss_preset", "alpha", "lam", "temperature", "teacher", "anneal_epochs", "mixed_precision", "seed")
 
 
 def _card_table(model: MultiExitModel, results: dict | None, evaluation: dict | None) -> list[str]:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .config import ScanConfig, jsonable
 from .data import ImageSplits, TorchImageDataset, build_transforms, data_config, load_splits
 from .hub import load_weights, model_card, push_to_hub
-from .losses import TEACHERS, LossOutput, SelfDistillationLoss
+from .losses import PRESETS, LossOutput, SelfDistillationLoss
 from .model import MultiExitModel, wrap
 
 
@@ -60,13 +60,17 @@ class TrainConfig:
     baseline: bool = False  # the plain backbone with cross-entropy, same recipe
     exits: list[int | str] | None = None
     attention: str = "sd"
-    # loss (TPAMI eq. 3-5)
-    alpha: float = 0.6
-    lam: float = 0.04
-    temperature: float = 3.0
-    teacher: str = "deepest"
-    hint_reduction: str = "sum"  # "sum" over the feature (the equation) or "mean"
-    anneal_epochs: int = 5  # alpha and lam are 0 for the last this many epochs
+    # loss: a preset of SelfDistillationLoss ("default", "tpami", "released"); set fields override it
+    loss_preset: str = "default"
+    alpha: float | None = None
+    lam: float | None = None
+    temperature: float | None = None
+    teacher: str | None = None
+    exit_reduction: str | None = None  # "sum" over exits or "mean" (1/K)
+    t_squared: bool | None = None  # KD scaled by T²
+    hint_reduction: str | None = None  # "mean", "sum" over the feature, or "dist"
+    hint_nearest: bool | None = None  # the shallow exit nearest the deepest gets the hint too
+    anneal_epochs: int = 0  # alpha and lam are 0 for the last this many epochs
     teacher_model: str | None = None  # external frozen teacher (timm name), "KD + Ours"
     teacher_checkpoint: str | None = None  # its weights, safetensors
     external_weight: float = 0.5
@@ -94,7 +98,6 @@ class TrainConfig:
             ("optimizer", self.optimizer in ("sgd", "adamw"), "'sgd' or 'adamw'"),
             ("schedule", self.schedule in ("cosine", "step"), "'cosine' or 'step'"),
             ("mixed_precision", self.mixed_precision in ("no", "bf16", "fp16"), "'no', 'bf16' or 'fp16'"),
-            ("teacher", self.teacher in TEACHERS, f"one of {TEACHERS}"),
             ("epochs", self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("grad_accum", self.grad_accum >= 1, ">= 1"),
@@ -105,8 +108,19 @@ class TrainConfig:
         for name, ok, valid in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be {valid}; got {getattr(self, name)!r}")
+        self.loss_settings()  # an unknown preset or an invalid loss setting fails here, before any data loads
         if (self.teacher_model is None) != (self.teacher_checkpoint is None):
             raise ValueError("TrainConfig.teacher_model and teacher_checkpoint go together: pass both or neither")
+
+
+    def loss_settings(self) -> dict[str, Any]:
+        """The ``SelfDistillationLoss`` arguments: the preset's, overridden by the fields that are set."""
+        if self.loss_preset not in PRESETS:
+            raise ValueError(f"TrainConfig.loss_preset must be one of {sorted(PRESETS)}; got {self.loss_preset!r}")
+        settings = dict(PRESETS[self.loss_preset])
+        settings.update({k: getattr(self, k) for k in settings if getattr(self, k) is not None})
+        SelfDistillationLoss(**settings, external_weight=self.external_weight)  # validates
+        return settings
 
 
 @dataclass
@@ -198,9 +212,8 @@ class Trainer:
                 "(incomplete batches are dropped); lower batch_size or use more training data"
             )
         self.val_loader = self._loader(self.data.val, self.eval_tf, shuffle=False)
-        self.loss = SelfDistillationLoss(
-            cfg.alpha, cfg.lam, cfg.temperature, cfg.teacher, cfg.external_weight, cfg.hint_reduction
-        )
+        self._loss_settings = cfg.loss_settings()
+        self.loss = SelfDistillationLoss(**self._loss_settings, external_weight=cfg.external_weight)
         self.external_teacher = self._external_teacher()
         self.optimizer = self._optimizer()
         self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
@@ -249,8 +262,8 @@ class Trainer:
             acc.init_trackers(self.out.name, config=jsonable(dataclasses.asdict(self.cfg)))
         for epoch in range(self.progress.epoch, self.cfg.epochs):
             distilling = epoch < self.cfg.epochs - self.cfg.anneal_epochs
-            self.loss.alpha = self.cfg.alpha if distilling else 0.0
-            self.loss.lam = self.cfg.lam if distilling else 0.0
+            self.loss.alpha = self._loss_settings["alpha"] if distilling else 0.0
+            self.loss.lam = self._loss_settings["lam"] if distilling else 0.0
             started = time.time()
             train_metrics = self._train_epoch(epoch)
             val_metrics = self.evaluate(self.val_loader, desc=f"val {epoch + 1}")

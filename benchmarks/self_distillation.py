@@ -1,0 +1,220 @@
+"""Which self-distillation loss beats plain training, across data sets, models and learning rates?
+
+Trains the plain backbone (``baseline``: cross-entropy on the deepest classifier) and loss variants
+of ``SelfDistillationLoss`` under one recipe per *setting*, for each learning rate and seed asked
+for, and reports the test accuracy of every exit (mean and spread over seeds) and the difference of
+each variant's deepest exit from the baseline's. Checkpoints are chosen on the validation split
+carved out of train; the test split is only reported.
+
+    python benchmarks/self_distillation.py --setting grey5 --variants baseline default --seeds 0 1 2 --lrs 0.1 0.05
+    python benchmarks/self_distillation.py --setting cifar10-10k --variants baseline default tpami released mean-exits
+
+Settings (``SETTINGS``): ``cifar10`` (the 12-epoch CPU recipe of ``accuracy.py``), ``cifar10-10k``
+(10,000 training images, 8 epochs: the ablation setting), ``grey5`` (a small data set made from
+CIFAR-10: 5 classes, grey, 16x16 pixels, 2,000 training images), ``mobilenetv3`` and ``convnext``
+(other families, signed pre-logits for ConvNeXt, on ``cifar10-10k``'s data). Variants
+(``VARIANTS``) name a loss preset and overrides; each run records the loss settings it resolved,
+so a change of the library's default never reuses a run trained under the old one. Finished runs in
+``--runs-dir`` are reused; an interrupted one resumes. Results: ``results/self_distillation_<setting>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import io
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from timm_scan.config import jsonable
+from timm_scan.losses import PRESETS
+from timm_scan.training import Trainer, TrainConfig
+
+HERE = Path(__file__).parent
+CIFAR10 = "../shared/data/cifar10" if Path("../shared/data/cifar10").is_dir() else "uoft-cs/cifar10"
+GREY5_CLASSES = 5
+GREY5_SIDE = 16
+GREY5_TRAIN = 2000
+
+_CIFAR_32 = dict(input_size=32, crop_pct=1.0, train_scale=(0.35, 1.0), batch_size=128, warmup_epochs=1)
+SETTINGS: dict[str, dict] = {
+    "cifar10": dict(dataset=CIFAR10, model="resnet18", val_size=5000, epochs=12, lr=0.1, **_CIFAR_32),
+    "cifar10-10k": dict(dataset=CIFAR10, model="resnet18", max_train_samples=12000, val_size=2000, epochs=8, lr=0.1,
+                        **_CIFAR_32),
+    "grey5": dict(dataset="grey5", model="resnet18", val_size=400, epochs=15, lr=0.1,
+                  **{**_CIFAR_32, "batch_size": 64}),
+    "mobilenetv3": dict(dataset=CIFAR10, model="mobilenetv3_large_100", max_train_samples=12000, val_size=2000,
+                        epochs=8, lr=0.1, **_CIFAR_32),
+    "convnext": dict(dataset=CIFAR10, model="convnext_atto", max_train_samples=12000, val_size=2000, epochs=8,
+                     optimizer="adamw", lr=2e-3, weight_decay=0.05, **_CIFAR_32),
+}
+
+VARIANTS: dict[str, dict] = {
+    "baseline": {"baseline": True},
+    "default": {"loss_preset": "default"},
+    "tpami": {"loss_preset": "tpami"},
+    "released": {"loss_preset": "released"},
+    # one change at a time from the default preset
+    "mean-exits": {"exit_reduction": "mean"},
+    "no-t2": {"t_squared": False},
+    "alpha0": {"alpha": 0.0},
+    "alpha0.1": {"alpha": 0.1},
+    "alpha0.5": {"alpha": 0.5},
+    "alpha0.7": {"alpha": 0.7},
+    "hint-mean-0.1": {"lam": 0.1, "hint_reduction": "mean"},
+    "hint-mean-1": {"lam": 1.0, "hint_reduction": "mean"},
+    "hint-sum-0.04": {"lam": 0.04, "hint_reduction": "sum"},
+    "hint-dist-0.03": {"lam": 0.03, "hint_reduction": "dist"},
+    "ensemble": {"teacher": "ensemble"},
+    "transitive": {"teacher": "transitive"},
+    "dense": {"teacher": "dense"},
+    "anneal": {"anneal_epochs": 2},
+    "t1": {"temperature": 1.0},
+}
+LOSS_FIELDS = tuple(PRESETS["default"])
+NOT_RECIPE = ("output_dir", "num_workers", "keep_checkpoints", "log_with", "push_to_hub")
+
+
+def grey5(root: Path) -> str:
+    """The small data set, written once as parquet in the Hub's layout under ``root``: CIFAR-10's first
+    5 classes, grey, downsampled to 16x16; the first 2,000 training images of those classes (about 400
+    per class, the rows being shuffled) and all 5,000 test images of those classes."""
+    folder = root / "grey5"
+    if (folder / "test.parquet").is_file():
+        return str(folder)
+    import datasets
+    from PIL import Image
+
+    source = datasets.load_dataset("parquet", data_files={"train": f"{CIFAR10}/train.parquet",
+                                                          "test": f"{CIFAR10}/test.parquet"})
+    names = source["train"].features["label"].names[:GREY5_CLASSES]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+
+    def shrink(row: dict) -> dict:
+        image = row["img"].convert("L").resize((GREY5_SIDE, GREY5_SIDE), Image.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return {"img": {"bytes": buffer.getvalue(), "path": None}, "label": row["label"]}
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, limit in (("train", GREY5_TRAIN), ("test", None)):
+        kept = source[split].filter(lambda label: label < GREY5_CLASSES, input_columns="label")
+        if limit is not None:
+            kept = kept.select(range(limit))
+        kept.map(shrink, features=features).to_parquet(str(folder / f"{split}.parquet"))
+    return str(folder)
+
+
+def train_config(setting: str, variant: str, lr: float, seed: int, runs: Path) -> TrainConfig:
+    """The run of ``variant`` in ``setting``, its loss settings resolved (never left to a preset)."""
+    recipe = dict(SETTINGS[setting])
+    if recipe["dataset"] == "grey5":
+        recipe["dataset"] = grey5(runs / "data")
+    overrides = dict(VARIANTS[variant])
+    loss = {}
+    if not overrides.get("baseline"):
+        preset = overrides.pop("loss_preset", "default")
+        loss = {"loss_preset": preset, **PRESETS[preset],
+                **{k: overrides.pop(k) for k in list(overrides) if k in LOSS_FIELDS}}
+    recipe.update(lr=lr, seed=seed, **overrides, **loss)
+    return TrainConfig(**recipe, output_dir=str(runs / setting / f"{variant}-lr{lr:g}-seed{seed}"))
+
+
+def train_or_reuse(cfg: TrainConfig) -> dict:
+    """``results.json`` of ``cfg``'s run, training it unless its folder holds a finished run of the same recipe."""
+    out = Path(cfg.output_dir)
+    saved = out / "train_config.json"
+    if saved.is_file():
+        previous, wanted = (
+            {k: v for k, v in jsonable(config).items() if k not in NOT_RECIPE}
+            for config in (json.loads(saved.read_text()), dataclasses.asdict(cfg))
+        )
+        if previous != wanted:
+            changed = sorted(k for k in wanted if previous.get(k) != wanted[k])
+            raise SystemExit(f"{out} holds a run of another recipe (differs in {changed}); pass another --runs-dir")
+    if not (out / "results.json").is_file():
+        Trainer(cfg).fit()
+    return json.loads((out / "results.json").read_text())
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and spread (sample standard deviation; 0 for one seed) of test accuracy per exit."""
+    keys = [k for k in runs[0]["test"] if k.startswith("acc_")]
+    out = {}
+    for key in keys:
+        values = [100 * r["test"][key] for r in runs]
+        out[key] = {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "values": values}
+    return out
+
+
+def table(report: dict) -> str:
+    lines = ["| variant | lr | seeds | exit 1 | exit 2 | exit 3 | deepest | ensemble | deepest − baseline |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for lr, by_variant in report["results"].items():
+        base = by_variant.get("baseline", {}).get("summary", {}).get("acc_exit_last", {}).get("mean")
+        for variant, entry in by_variant.items():
+            s = entry["summary"]
+
+            def cell(key: str) -> str:
+                if key not in s:
+                    return "-"
+                return f"{s[key]['mean']:.2f}" + (f" ± {s[key]['sd']:.2f}" if len(s[key]["values"]) > 1 else "")
+
+            shallow = [cell(f"acc_exit{i}") if variant != "baseline" else "-" for i in (1, 2, 3)]
+            delta = "-" if base is None or variant == "baseline" else f"{s['acc_exit_last']['mean'] - base:+.2f}"
+            lines.append(f"| {variant} | {lr} | {len(entry['seeds'])} | {' | '.join(shallow)} | "
+                         f"{cell('acc_exit_last')} | {cell('acc_ensemble') if variant != 'baseline' else '-'} | {delta} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setting", required=True, choices=list(SETTINGS))
+    p.add_argument("--variants", nargs="+", default=["baseline", "default"], choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--lrs", nargs="+", type=float, default=None, help="default: the setting's")
+    p.add_argument("--runs-dir", default="runs/sd")
+    p.add_argument("--out", default=None, help="default: results/self_distillation_<setting>.json")
+    args = p.parse_args()
+    runs = Path(args.runs_dir)
+    out = Path(args.out or HERE / "results" / f"self_distillation_{args.setting}.json")
+    report = json.loads(out.read_text()) if out.is_file() else {"results": {}}
+    report.update({
+        "setting": args.setting, "recipe": jsonable(SETTINGS[args.setting]),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}",
+        "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+    })
+    report.setdefault("commands", [])
+    command = " ".join(["python", *sys.argv])
+    if command not in report["commands"]:
+        report["commands"].append(command)
+    for lr in args.lrs or [SETTINGS[args.setting]["lr"]]:
+        for variant in args.variants:
+            results = []
+            for seed in args.seeds:
+                cfg = train_config(args.setting, variant, lr, seed, runs)
+                results.append(train_or_reuse(cfg))
+                entry = report["results"].setdefault(f"{lr:g}", {}).setdefault(variant, {"seeds": []})
+                known = dict(zip(entry["seeds"], entry.get("runs", [])))
+                known[seed] = {"val_accuracy": results[-1]["val_accuracy"], "best_epoch": results[-1]["best_epoch"],
+                               "test": results[-1]["test"]}
+                entry["seeds"] = sorted(known)
+                entry["runs"] = [known[s] for s in entry["seeds"]]
+                entry["loss"] = {k: getattr(cfg, k) for k in ("loss_preset", *LOSS_FIELDS, "anneal_epochs")} \
+                    if not cfg.baseline else None
+                entry["summary"] = summarise(entry["runs"])
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(report, indent=2))
+    print(table(report))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
