@@ -38,6 +38,7 @@ from timm_scan.training import Trainer, TrainConfig
 
 HERE = Path(__file__).parent
 CIFAR10 = "../shared/data/cifar10" if Path("../shared/data/cifar10").is_dir() else "uoft-cs/cifar10"
+DATA_DIR = Path("runs/data")  # where derived data sets are written (never into ../shared)
 GREY5_CLASSES = 5
 GREY5_SIDE = 16
 GREY5_TRAIN = 2000
@@ -115,7 +116,7 @@ def train_config(setting: str, variant: str, lr: float, seed: int, runs: Path) -
     """The run of ``variant`` in ``setting``, its loss settings resolved (never left to a preset)."""
     recipe = dict(SETTINGS[setting])
     if recipe["dataset"] == "grey5":
-        recipe["dataset"] = grey5(runs / "data")
+        recipe["dataset"] = grey5(DATA_DIR)
     overrides = dict(VARIANTS[variant])
     loss = {}
     if not overrides.get("baseline"):
