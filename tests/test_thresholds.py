@@ -100,3 +100,15 @@ def test_inconsistent_inputs_are_refused():
         search_thresholds(probs, labels, MACS[:3], 40)
     with pytest.raises(ValueError, match="shape"):
         search_thresholds(probs, labels[:10], MACS, 40)
+
+
+def test_default_fitness_baseline_is_the_deepest_exits_accuracy():
+    probs, labels = synthetic()
+    table = ExitTable.from_outputs(probs, labels, MACS, 42, fallback="ensemble")
+    deepest = 100.0 * float((probs[-1].argmax(-1) == labels).mean())
+    fallback = float(table.evaluate(np.ones((1, 3)))[0][0])  # the ensemble's accuracy: a different number
+    assert abs(deepest - fallback) > 0.5
+    result = search_thresholds(probs, labels, MACS, 42, beta=2.0, generations=5)
+    assert result.fitness == pytest.approx(result.acceleration + 2.0 * (result.accuracy - deepest))
+    given = search_thresholds(probs, labels, MACS, 42, beta=2.0, generations=5, baseline_accuracy=50.0)
+    assert given.fitness == pytest.approx(given.acceleration + 2.0 * (given.accuracy - 50.0))

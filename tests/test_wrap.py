@@ -262,3 +262,28 @@ def test_an_uncuttable_stage_gets_the_stages_that_can_be_cut():
 def test_distilled_models_are_refused_with_an_alternative():
     with pytest.raises(ValueError, match="several classifiers.*non-distilled variant"):
         wrap("deit_tiny_distilled_patch16_224", 224)
+
+
+@pytest.mark.parametrize("name, size, stage", [("resnet18", 32, "layer2"), ("convnext_atto", 32, "stages.1.blocks.0"),
+                                                ("test_vit", 160, "blocks.1")])
+@pytest.mark.parametrize("when", ["before wrap", "after wrap"])
+def test_gradient_checkpointing_is_honoured(name, size, stage, when):
+    """Checkpointed modules run their forward again in the backward pass; the gradients are unchanged."""
+    backbone = create(name)
+    reference = timm_scan.wrap(copy.deepcopy(backbone), check_input_size=(3, size, size)).eval()
+    if when == "before wrap":
+        backbone.set_grad_checkpointing(True)
+    model = timm_scan.wrap(backbone, check_input_size=(3, size, size)).eval()
+    if when == "after wrap":
+        model.set_grad_checkpointing(True)
+    model.exits.load_state_dict(reference.exits.state_dict())
+    calls = []
+    model.backbone.get_submodule(stage).register_forward_pre_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 3, size, size)
+    grads = []
+    for m in (reference, model):
+        sum(z.sum() for z in m(x).logits).backward()
+        grads.append([p.grad for p in m.parameters()])
+    assert len(calls) == 2  # once forward, once recomputed in backward
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 NUM_DEFAULT_SHALLOW_EXITS = 3  # four classifiers in all, as the papers recommend (TPAMI §4.8-4.9)
 STEM_MAX_REDUCTION = 2
@@ -174,7 +175,16 @@ class StagedBackbone:
         return len(self.sections)
 
     def run_section(self, k: int, h: Tensor) -> Tensor:
-        """Section ``k`` (0-based); section 0 takes the image ``(B, 3, H, W)``."""
+        """Section ``k`` (0-based); section 0 takes the image ``(B, 3, H, W)``.
+
+        Where the backbone's own gradient checkpointing is on (``model.grad_checkpointing``, set by
+        timm's ``set_grad_checkpointing``) and gradients are recorded, the section is checkpointed as
+        a whole: only its input is kept, and it runs again in the backward pass. Families that keep the
+        flag on their stages (ConvNeXt, Swin) checkpoint inside the stage modules, which the section
+        calls as they are.
+        """
+        if getattr(self.model, "grad_checkpointing", False) and torch.is_grad_enabled():
+            return checkpoint(_run, self.sections[k], h, use_reentrant=False)
         return _run(self.sections[k], h)
 
     def to_map(self, h: Tensor, image_size: tuple[int, int]) -> Tensor:
@@ -295,12 +305,26 @@ def _children_called(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Mo
                 called.append((name, module))
         handles.append(child.register_forward_pre_hook(record))
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), _no_checkpointing(model), torch.no_grad():
             model.forward_features(example)
     finally:
         for h in handles:
             h.remove()
     return called
+
+
+@contextmanager
+def _no_checkpointing(model: nn.Module) -> Iterator[None]:
+    """timm's gradient checkpointing off inside (it runs a stage's blocks, not the stage, so the
+    stages' hooks would not fire), every module's flag restored after."""
+    flags = [(m, m.grad_checkpointing) for m in model.modules() if isinstance(getattr(m, "grad_checkpointing", None), bool)]
+    for m, _ in flags:
+        m.grad_checkpointing = False
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.grad_checkpointing = flag
 
 
 class _CannotCut(Exception):

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ScanConfig, jsonable
+from .backbone import model_name
 from .model import MultiExitModel, wrap
 
 FORMAT = "timm-scan"
@@ -82,15 +83,7 @@ def from_pretrained(
         hint = f" To load the plain timm model: timm.create_model('{name_or_path}', pretrained=True)." if (
             folder / BACKBONE_CONFIG).is_file() else ""
         raise ValueError(f"{name_or_path} is not a timm-scan model: it has no {SCAN_CONFIG}.{hint}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{meta_path} is not valid JSON ({exc}); the file is damaged") from exc
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r}; this timm-scan "
-            f"reads {FORMAT!r} version {FORMAT_VERSION}"
-        )
+    meta = _read_meta(meta_path)
     for needed in (BACKBONE_CONFIG, BACKBONE_WEIGHTS, EXITS_WEIGHTS):
         if not (folder / needed).is_file():
             raise ValueError(f"{name_or_path}: {needed} is missing")
@@ -107,6 +100,81 @@ def from_pretrained(
     model.thresholds = meta.get("thresholds")
     model.fallback = meta.get("fallback", "ensemble")
     return model
+
+
+def load_initial_weights(
+    model: MultiExitModel, source: str | Path, *, revision: str | None = None, token: str | None = None
+) -> str:
+    """Start ``model`` from weights a user already has; returns what was loaded: ``"backbone"`` or
+    ``"backbone and exits"``.
+
+    ``source``: a ``save_pretrained`` folder or ``hf-hub:`` repo of timm-scan (its exits are loaded
+    too when it has some, which must then be the ones ``model`` was wrapped with) or of plain timm
+    (``config.json`` and ``model.safetensors``, as ``save_for_hf`` writes them), or a timm checkpoint
+    file (``.safetensors``, timm's key names). Loading is strict: the architecture, the number of
+    classes and every tensor's shape must match ``model``; a ``ValueError`` says what differs.
+    """
+    arch, src = model_name(model.backbone), str(source)
+    path = Path(src).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(
+                f"{src}: only safetensors checkpoints are loaded (pickle can run code). Convert a checkpoint you "
+                "trust with safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')"
+            )
+        state = _load_safetensors(path, src)
+        _check_classes(model, state, src)
+        _load_strict(model.backbone, state, path.name, src)
+        return "backbone"
+    folder = _resolve(src, revision, None, token)
+    if not (folder / BACKBONE_CONFIG).is_file():
+        raise ValueError(f"{src} is not a timm model folder or repo: it has no {BACKBONE_CONFIG}")
+    try:
+        config = json.loads((folder / BACKBONE_CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{src}: {BACKBONE_CONFIG} is not valid JSON ({exc}); the file is damaged") from exc
+    if config.get("architecture") != arch:
+        raise ValueError(f"{src} holds a {config.get('architecture')!r} model but this run builds {arch!r}; "
+                         f"pass --model {config.get('architecture')}")
+    state = _load_safetensors(folder / BACKBONE_WEIGHTS, src)
+    _check_classes(model, state, src)
+    _load_strict(model.backbone, state, BACKBONE_WEIGHTS, src)
+    if not (folder / SCAN_CONFIG).is_file():
+        return "backbone"
+    saved = ScanConfig.from_dict(_read_meta(folder / SCAN_CONFIG)["scan_config"])
+    if not saved.exits:  # a plain backbone (a --baseline run): the exits start afresh
+        return "backbone"
+    if saved != model.config:
+        raise ValueError(f"{src} has exits {saved.to_dict()} but this run wraps {model.config.to_dict()}; pass the "
+                         "same exits and head settings, or start from a model without exits")
+    _load_strict(model.exits, _load_safetensors(folder / EXITS_WEIGHTS, src), EXITS_WEIGHTS, src)
+    return "backbone and exits"
+
+
+def _check_classes(model: MultiExitModel, state: dict[str, torch.Tensor], source: str) -> None:
+    """A clear error where the classifier in ``state`` is for another number of classes."""
+    classifier = model.backbone.pretrained_cfg.get("classifier")
+    weight = state.get(f"{classifier}.weight") if isinstance(classifier, str) else None
+    if weight is not None and weight.shape[0] != model.num_classes:
+        raise ValueError(
+            f"{source} classifies {weight.shape[0]} classes ({classifier}.weight {tuple(weight.shape)}) but the data "
+            f"has {model.num_classes}; start from weights for these classes, or from timm's own (--pretrained), "
+            "whose classifier is replaced"
+        )
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``scan_config.json``, checked to be valid JSON of the format this version reads."""
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); the file is damaged") from exc
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}; this timm-scan "
+            f"reads {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    return meta
 
 
 def load_weights(model: MultiExitModel, folder: str | Path) -> None:

@@ -71,6 +71,11 @@ class MultiExitModel(nn.Module):
     def num_classes(self) -> int:
         return self.backbone.num_classes
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing of the backbone (timm's ``set_grad_checkpointing``); the sections
+        honour it whether it was turned on before or after ``wrap``."""
+        self.backbone.set_grad_checkpointing(enable)
+
     def forward_section(self, k: int, h: Tensor) -> Tensor:
         """Run section k on hidden state ``h`` (the image ``(B, 3, H, W)`` for k = 0)."""
         return self._staged.run_section(k, h)

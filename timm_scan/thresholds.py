@@ -27,12 +27,14 @@ class ExitTable:
 
     ``confidence`` (K-1, N): max softmax of each shallow exit. ``correct`` (K, N): whether exit i
     (rows 0..K-2) or the fallback (row K-1) is right. ``exit_macs`` (K,): cumulative MACs.
+    ``deepest_accuracy``: the deepest exit's own accuracy in percent (the default fitness baseline).
     """
 
     confidence: np.ndarray
     correct: np.ndarray
     exit_macs: np.ndarray
     backbone_macs: float
+    deepest_accuracy: float
 
     @classmethod
     def from_outputs(
@@ -52,7 +54,8 @@ class ExitTable:
         final = np.mean(probs, axis=0) if fallback == "ensemble" else probs[-1]
         correct = np.stack([p.argmax(-1) == labels for p in probs[:-1]] + [final.argmax(-1) == labels])
         confidence = np.stack([p.max(-1) for p in probs[:-1]]) if len(probs) > 1 else np.zeros((0, len(labels)))
-        return cls(confidence, correct, np.asarray(exit_macs, dtype=np.float64), float(backbone_macs))
+        deepest = 100.0 * float((probs[-1].argmax(-1) == labels).mean())
+        return cls(confidence, correct, np.asarray(exit_macs, dtype=np.float64), float(backbone_macs), deepest)
 
     @property
     def num_exits(self) -> int:
@@ -114,10 +117,8 @@ def _result(table: ExitTable, thresholds: np.ndarray, beta: float, baseline: flo
 
 
 def baseline_accuracy_of(table: ExitTable, baseline_accuracy: float | None) -> float:
-    """The given baseline (percent), else the accuracy of the deepest path (all thresholds 1)."""
-    if baseline_accuracy is not None:
-        return float(baseline_accuracy)
-    return float(table.evaluate(np.ones((1, table.num_exits - 1)))[0][0])
+    """The given baseline (percent: the plain backbone's), else the deepest exit's own accuracy."""
+    return float(table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy)
 
 
 def search_thresholds(
@@ -133,7 +134,7 @@ def search_thresholds(
 ) -> SearchResult:
     """SCAN's genetic search for one threshold per shallow exit, on cached outputs.
 
-    ``baseline_accuracy`` (percent): the plain backbone's accuracy, else that of the deepest path.
+    ``baseline_accuracy`` (percent): the plain backbone's accuracy; by default the deepest exit's.
     ``ga_options`` go to ``genetic_search``: ``bits``, ``population``, ``generations``,
     ``crossover``, ``mutation``, ``seed``.
     """

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .config import ScanConfig, jsonable
 from .data import ImageSplits, TorchImageDataset, build_transforms, data_config, load_splits
-from .hub import load_weights, model_card, push_to_hub
+from .hub import load_initial_weights, load_weights, model_card, push_to_hub
 from .losses import PRESETS, LossOutput, SelfDistillationLoss
 from .model import MultiExitModel, wrap
 
@@ -46,7 +46,10 @@ class TrainConfig:
     dataset: str
     output_dir: str = "runs/scan"
     model: str = "resnet18"
-    pretrained: bool = False
+    pretrained: bool = False  # timm's own weights (its classifier replaced where the classes differ)
+    init_from: str | None = None  # a save_pretrained folder, an hf-hub: id or a timm .safetensors checkpoint
+    freeze_backbone: bool = False  # train the exits only; the backbone (BN statistics too) stays as given
+    grad_checkpointing: bool = False
     num_classes: int | None = None  # None: the dataset's; set, it must match the dataset
     image_column: str | None = None
     label_column: str | None = None
@@ -108,6 +111,8 @@ class TrainConfig:
         for name, ok, valid in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be {valid}; got {getattr(self, name)!r}")
+        if self.freeze_backbone and (self.baseline or self.exits == []):
+            raise ValueError("TrainConfig.freeze_backbone trains only the exits, and this run has none (baseline)")
         self.loss_settings()  # an unknown preset or an invalid loss setting fails here, before any data loads
         if (self.teacher_model is None) != (self.teacher_checkpoint is None):
             raise ValueError("TrainConfig.teacher_model and teacher_checkpoint go together: pass both or neither")
@@ -153,11 +158,20 @@ def run_splits(cfg: TrainConfig) -> ImageSplits:
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> MultiExitModel:
-    """The timm backbone of ``cfg.model`` wrapped with its exits (none for ``--baseline``)."""
+    """The timm backbone of ``cfg.model`` wrapped with its exits (none for ``--baseline``), started
+    from ``cfg.init_from`` where given, its backbone frozen for ``cfg.freeze_backbone``."""
     backbone = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes)
     scan = ScanConfig(exits=[] if cfg.baseline else cfg.exits, attention=cfg.attention)
     size = (3, cfg.input_size, cfg.input_size) if cfg.input_size else None
-    return wrap(backbone, scan, check_input_size=size)
+    model = wrap(backbone, scan, check_input_size=size)
+    if cfg.init_from:
+        loaded = load_initial_weights(model, cfg.init_from)
+        print(f"initialised the {loaded} from {cfg.init_from}")
+    if cfg.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
 
 
 def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -236,11 +250,10 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(
-                self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=False
-            )
-        return torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=False)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def _external_teacher(self) -> nn.Module | None:
         """Frozen teacher for "KD + Ours": moved to the device, never ``prepare``d."""
@@ -283,6 +296,8 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         acc, model = self.accelerator, self.model
         model.train()
+        if self.cfg.freeze_backbone:  # as given: no BN statistics updated, no dropout
+            acc.unwrap_model(model).backbone.eval()
         self.train_loader.set_epoch(epoch)
         sums: Tensor | None = None
         batches = 0
