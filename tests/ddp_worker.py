@@ -23,7 +23,7 @@ checksums = acc.gather(torch.stack([after.double().sum(), after.double().pow(2).
 if acc.is_main_process:
     report = {
         "world_size": acc.num_processes,
-        "val_samples": val["samples"],
+        "val_samples": val.samples,
         "val_size": len(trainer.data.val),
         "train_batches_per_rank": len(trainer.train_loader),
         "weights_equal_across_ranks": bool(torch.equal(checksums[0], checksums[1])),

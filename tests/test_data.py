@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import create
 
-from timm_scan.data import TorchImageDataset, build_transforms, data_config, load_splits
+from timm_scan.training import TorchImageDataset, build_transforms, data_config, load_splits
 
 CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 import timm_scan
+from timm_scan.commands.search import ThresholdRecord
+from timm_scan.report import EarlyExitReport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,15 +30,16 @@ def test_train_cli_maps_flags_to_the_config(tiny_parquet, tmp_path, monkeypatch,
     assert "ensemble" in capsys.readouterr().out
 
 
-def test_train_cli_rejects_a_bad_value(tiny_parquet, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="TrainConfig.mixed_precision"):
+def test_train_cli_rejects_a_bad_value(tiny_parquet, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
         run_example("train.py", monkeypatch, "--dataset", str(tiny_parquet), "--mixed-precision", "fp8")
+    assert "TrainConfig.mixed_precision must be 'no', 'bf16' or 'fp16'; got 'fp8'" in capsys.readouterr().err
 
 
 def test_inspect_exits(monkeypatch, capsys):
     run_example("inspect_exits.py", monkeypatch, "--model", "test_convnext", "--input-size", "64")
     out = capsys.readouterr().out
-    assert "backbone head" in out and out.count("stages.") == 4
+    assert "4 (deepest)" in out and out.count("stages.") == 4
 
 
 def test_search_thresholds_then_evaluate(tiny_parquet, tmp_path, monkeypatch, capsys):
@@ -46,14 +49,14 @@ def test_search_thresholds_then_evaluate(tiny_parquet, tmp_path, monkeypatch, ca
                 "--epochs", "2", "--anneal-epochs", "0", "--batch-size", "16", "--num-workers", "0")
     run_example("search_thresholds.py", monkeypatch, str(run), "--betas", "0.1", "10", "--beta", "1",
                 "--generations", "10")
-    searched = json.loads((run / "thresholds.json").read_text())
-    assert [p["beta"] for p in searched["sweep"]] == [0.1, 1.0, 10.0] and len(searched["thresholds"]) == 3
+    searched = ThresholdRecord.load(run / "thresholds.json")
+    assert [p.beta for p in searched.sweep] == [0.1, 1.0, 10.0] and len(searched.thresholds) == 3
     assert (run / "outputs" / "val.safetensors").is_file() and (run / "tradeoff_val.png").is_file()
     assert not (run / "outputs" / "test.safetensors").exists()  # the search never reads test
-    assert timm_scan.from_pretrained(run / "best").thresholds == searched["thresholds"]
+    assert timm_scan.from_pretrained(run / "best").thresholds == searched.thresholds
     run_example("evaluate.py", monkeypatch, str(run), "--latency-images", "32", "--latency-images-b1", "4")
-    report = json.loads((run / "evaluation.json").read_text())
-    assert len(report["per_exit_accuracy"]) == 4 and len(report["early_exit"]["exit_shares"]) == 4
-    assert [t["batch_size"] for t in report["early_exit"]["wall_clock"]] == [256, 1]
+    report = EarlyExitReport.load(run / "evaluation.json")
+    assert len(report.per_exit.exits) == 4 and len(report.exit_shares) == 4
+    assert [t.batch_size for t in report.wall_clock] == [256, 1]
     assert (run / "tradeoff_test.png").is_file() and (run / "exit_shares.png").is_file()
     assert "agree on the exit of 100.0%" in capsys.readouterr().out

@@ -10,7 +10,9 @@ from conftest import create
 
 import timm_scan
 from timm_scan import EarlyExitPredictor, ScanConfig
-from timm_scan.hub import model_card, save_thresholds
+from timm_scan.model.card import model_card
+from timm_scan.report import EarlyExitReport, ExitAccuracy, RunResults, WallClock
+from timm_scan.model.hub import save_thresholds
 
 
 def trained_like(name="test_resnet", size=32, **config):
@@ -47,7 +49,8 @@ def test_round_trip_is_exact(tmp_path, name, size, config):
     for u, v in zip(a.logits + a.features, b.logits + b.features):
         assert torch.equal(u, v)
     assert loaded.config == model.config and loaded.class_names == model.class_names
-    assert loaded.data_config["input_size"] == [3, size, size] and loaded.thresholds == model.thresholds
+    assert tuple(loaded.data_config["input_size"]) == (3, size, size) and loaded.thresholds == model.thresholds
+    assert json.dumps(loaded.data_config) == json.dumps(model.data_config)  # stored once, in timm's config.json
     assert EarlyExitPredictor(loaded).fallback == "deepest"  # the saved thresholds and fallback
 
 
@@ -113,18 +116,19 @@ def test_missing_folder(tmp_path):
 def test_model_card_has_the_hub_header_and_the_tables():
     model = trained_like()
     model.thresholds = [0.9, 0.8, 0.7]
-    results = {"exit_macs": [1e6, 2e6, 3e6, 4e6], "backbone_macs": 3.8e6,
-               "test": {"acc_exit1": 0.5, "acc_exit2": 0.6, "acc_exit3": 0.7, "acc_exit4": 0.8, "acc_ensemble": 0.75}}
-    evaluation = {"early_exit": {"accuracy": 79.0, "macs_speedup": 1.5, "exit_shares": [0.4, 0.2, 0.1, 0.3],
-                                 "wall_clock": [{"batch_size": 256, "measured_speedup": 1.3}]}}
+    test = ExitAccuracy([0.5, 0.6, 0.7, 0.8], 0.75, 100)
+    results = RunResults("test_resnet", False, 3, test, test, [1_000_000, 2_000_000, 3_000_000, 4_000_000], 3_800_000,
+                         1000, loss={"alpha": 0.3})
+    evaluation = EarlyExitReport("test", test, results.exit_macs, results.backbone_macs, [0.9, 0.8, 0.7], "ensemble",
+                                 1.0, 0.79, 1.5, [0.4, 0.2, 0.1, 0.3], [WallClock(256, 512, 1.3, 1.0)])
     card = model_card(model, repo_id="me/m", dataset="uoft-cs/cifar10", train_config={"epochs": 200, "lr": 0.1},
                       results=results, evaluation=evaluation, plot="tradeoff.png")
     header = yaml.safe_load(card.split("---")[1])
     assert header["library_name"] == "timm" and "timm-scan" in header["tags"]
     assert header["license"] == "apache-2.0" and header["datasets"] == ["uoft-cs/cifar10"]
     assert header["metrics"] == ["accuracy"] and header["pipeline_tag"] == "image-classification"
-    for text in ["| 1 | layer1 | 50.00% | 1.00 |", "| ensemble | all | 75.00%", "0.900, 0.800, 0.700",
+    for text in ["| 1 | layer1 | 50.00% | 1.00 |", "| ensemble | all | 75.00%", "0.900, 0.800, 0.700", "accuracy 79.00%",
                  "MACs speed-up 1.50x", "batch 256: 1.30x", "![accuracy against MACs](tradeoff.png)",
                  'timm_scan.from_pretrained("hf-hub:me/m")', 'timm.create_model("hf-hub:me/m", pretrained=True)',
-                 "epochs=200, lr=0.1"]:
+                 "epochs=200, lr=0.1", "Loss: alpha=0.3"]:
         assert text in card, text

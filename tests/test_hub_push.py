@@ -14,6 +14,7 @@ from test_hub import outputs, trained_like
 
 import timm_scan
 from timm_scan import HubUploadError
+from timm_scan.report import EarlyExitReport, RunResults
 from timm_scan.training import Trainer, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,16 +90,17 @@ def test_trainer_pushes_at_the_end_and_the_example_pushes_a_run(hub, tiny_parque
                       crop_pct=1.0, val_size=16, epochs=1, anneal_epochs=0, batch_size=16, num_workers=0,
                       push_to_hub="tester/trained")
     Trainer(cfg).fit()
-    card = (Path(timm_scan.hub.snapshot_download("tester/trained")) / "README.md").read_text()
+    card = (Path(timm_scan.model.hub.snapshot_download("tester/trained")) / "README.md").read_text()
     assert "| 1 | layer1 |" in card and "library_name: timm" in card
     loaded = timm_scan.from_pretrained("hf-hub:tester/trained")
     assert loaded.class_names == ["red", "green", "blue", "grey"]
 
-    timm_scan.hub.save_thresholds(tmp_path / "run" / "best", [0.9, 0.9, 0.9])  # as search_thresholds.py does
-    (tmp_path / "run" / "evaluation.json").write_text(json.dumps({"early_exit": {
-        "accuracy": 50.0, "macs_speedup": 1.2, "exit_shares": [0.5, 0.2, 0.1, 0.2], "wall_clock": []}}))
+    timm_scan.model.hub.save_thresholds(tmp_path / "run" / "best", [0.9, 0.9, 0.9])  # as search_thresholds.py does
+    results = RunResults.load(tmp_path / "run" / "results.json")
+    EarlyExitReport("test", results.test, results.exit_macs, results.backbone_macs, [0.9, 0.9, 0.9], "ensemble", 1.0,
+                    0.5, 1.2, [0.5, 0.2, 0.1, 0.2]).save(tmp_path / "run" / "evaluation.json")
     monkeypatch.setattr(sys, "argv", ["push_to_hub.py", str(tmp_path / "run"), "tester/from-example"])
     runpy.run_path(str(ROOT / "examples" / "push_to_hub.py"), run_name="__main__")
-    card = (Path(timm_scan.hub.snapshot_download("tester/from-example")) / "README.md").read_text()
+    card = (Path(timm_scan.model.hub.snapshot_download("tester/from-example")) / "README.md").read_text()
     assert "MACs speed-up 1.20x" in card and "0.900, 0.900, 0.900" in card and "epochs=1" in card
     assert (tmp_path / "run" / "hub" / "scan_config.json").is_file()  # what was uploaded stays local too

@@ -6,9 +6,10 @@ from conftest import create
 
 import timm_scan
 from timm_scan import EarlyExitPredictor, ensemble_probs
-from timm_scan import heads
-from timm_scan.heads import InferenceSeparableConv, inference_copy
-from timm_scan.inference import simulate_early_exit
+from timm_scan.deploy import fast_heads
+from timm_scan.deploy.fast_heads import InferenceSeparableConv, inference_copy
+from timm_scan.deploy.policy import simulate_early_exit
+from timm_scan.model import heads
 
 
 def wrapped(name="resnet18", size=32):
@@ -69,7 +70,7 @@ def channel_major(t):
 def laid_out(x):
     """``x`` in each memory layout the inference heads take."""
     channels_last = x.contiguous(memory_format=torch.channels_last)
-    return {"nchw": x, "channels_last": channels_last, "channel_major": heads.channel_major(x)}
+    return {"nchw": x, "channels_last": channels_last, "channel_major": fast_heads.channel_major(x)}
 
 
 @pytest.mark.parametrize("attention", ["sd", "scan", "none"])
@@ -91,25 +92,26 @@ def test_inference_heads_compute_the_same_function_without_batchnorm(attention, 
             h = model.forward_section(k, h)
             fast = inference_copy(head)
             assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
-            seen, blocks_called = [], []
-            fast.module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+            attention_input, blocks_called = [], []
+            if fast.attention is not None:
+                fast.attention.register_forward_pre_hook(lambda m, args: attention_input.append(args[0]))
             for block in fast.modules():
                 if isinstance(block, InferenceSeparableConv):
-                    block.register_forward_pre_hook(lambda m, args: blocks_called.append(m))
+                    block.register_forward_pre_hook(lambda m, args: blocks_called.append(args[0]))
             expected = head(h)
             for batch in (h, h[:1]):  # batch 1 too: (B, C, H, W) and channel-major coincide there
                 for layout, inp in laid_out(batch).items():
                     logits, pooled = fast(inp)
                     torch.testing.assert_close(logits, expected[0][: len(batch)], rtol=1e-4, atol=1e-4, msg=layout)
                     torch.testing.assert_close(pooled, expected[1][: len(batch)], rtol=1e-4, atol=1e-4, msg=layout)
-            seen.clear(), blocks_called.clear()
+            attention_input.clear(), blocks_called.clear()
             fast(h)
             if h.shape[-1] <= 8 and attention != "scan":  # small maps: flat matrix products, no module calls
-                assert not seen and not blocks_called
+                assert not blocks_called
             elif h.shape[-1] <= 8:  # the SCAN attention's convs: the head runs module by module, channel-major
-                assert channel_major(seen[0]) and not seen[0].is_contiguous() and blocks_called
+                assert channel_major(attention_input[0]) and not attention_input[0].is_contiguous() and blocks_called
             else:  # oneDNN's convs, fastest in channels_last
-                assert seen[0].is_contiguous(memory_format=torch.channels_last)
+                assert blocks_called[0].is_contiguous(memory_format=torch.channels_last)
     assert all(isinstance(m.bn, torch.nn.BatchNorm2d) for m in model.exits.modules() if hasattr(m, "bn"))  # untouched
 
 
@@ -126,8 +128,7 @@ def test_inference_separable_conv_matches_timm_on_small_and_large_maps(padding, 
     bn = timm_block.bn
     bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 1.5), bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.normal_()
     timm_block.eval()
-    block = inference_copy(torch.nn.Sequential(timm_block)).module[0]
-    assert isinstance(block, InferenceSeparableConv)
+    block = InferenceSeparableConv(timm_block)
     with torch.no_grad():
         for size, batch in [(1, 1), (2, 3), (3, 1), (5, 2), (8, 1), (11, 1), (16, 2)]:
             for channels_last in (False, True):
@@ -136,7 +137,7 @@ def test_inference_separable_conv_matches_timm_on_small_and_large_maps(padding, 
                     x = x.contiguous(memory_format=torch.channels_last)
                 torch.testing.assert_close(block(x), timm_block(x), rtol=1e-4, atol=1e-5)
             out = timm_block(x).shape[-1]
-            small = (size * out) ** 2 <= heads.SMALL_MAP  # the matrix path where it is cheap, oneDNN elsewhere
+            small = (size * out) ** 2 <= fast_heads.SMALL_MAP  # the matrix path where it is cheap, oneDNN elsewhere
             assert (block._matrices[(size, size, x.dtype, x.device)] is not None) == small, (size, stride)
 
 
@@ -144,13 +145,12 @@ def test_inference_separable_conv_matches_timm_on_small_and_large_maps(padding, 
 def test_a_chain_of_inference_blocks_computes_channel_major_without_copies(layout):
     torch.manual_seed(0)
     chain = torch.nn.Sequential(heads.SepConv(8, 16, stride=2), heads.SepConv(16, 32, stride=2)).eval()
-    fast = inference_copy(chain).module
+    fast = torch.nn.Sequential(*(InferenceSeparableConv(block) for sep_conv in chain for block in sep_conv))
     x = laid_out(torch.randn(5, 8, 8, 8))[layout]
-    assert channel_major(heads.channel_major(x)) and (heads.channel_major(x) is x) == (layout == "channel_major")
+    assert channel_major(fast_heads.channel_major(x)) and (fast_heads.channel_major(x) is x) == (layout == "channel_major")
     outputs = []
-    for block in fast.modules():
-        if isinstance(block, InferenceSeparableConv):
-            block.register_forward_hook(lambda m, args, out: outputs.append((args[0], out)))
+    for block in fast:
+        block.register_forward_hook(lambda m, args, out: outputs.append((args[0], out)))
     with torch.no_grad():
         torch.testing.assert_close(fast(x), chain(x), rtol=1e-4, atol=1e-5)
     assert len(outputs) == 4 and all(channel_major(out) for _, out in outputs)
@@ -159,16 +159,18 @@ def test_a_chain_of_inference_blocks_computes_channel_major_without_copies(layou
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel_major"])
-def test_inference_average_pool_matches_timm_in_every_layout(layout):
-    from timm.layers import SelectAdaptivePool2d
-
-    x = torch.randn(4, 6, 3, 5)
-    expected = SelectAdaptivePool2d(pool_type="avg", flatten=True)(x)
-    torch.testing.assert_close(heads.InferenceAvgPool()(laid_out(x)[layout]), expected)
+def test_inference_head_pools_like_timm_in_every_layout(layout):
+    """On a large map the head runs its modules; its pooling reads any layout."""
+    head = heads.ExitHead(8, 4, 16, 8, 1, num_classes=3, feature_dim=16, attention="none").eval()
+    fast = inference_copy(head)
+    x = laid_out(torch.randn(2, 8, 40, 40))[layout]
+    with torch.no_grad():
+        for got, want in zip(fast(x), head(x)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_inference_separable_conv_caches_plain_tensors_even_when_called_with_grad():
-    block = inference_copy(torch.nn.Sequential(heads.SepConv(8, 8, stride=2)).eval()).module[0][0]
+    block = InferenceSeparableConv(heads.SepConv(8, 8, stride=2).eval()[0])
     block(torch.randn(1, 8, 4, 4))  # grad mode on, as a user calling the head directly might
     matrices = block._matrices[(4, 4, torch.float32, torch.device("cpu"))]
     assert not any(t.requires_grad for t in matrices[:4] if t is not None)
@@ -208,7 +210,7 @@ def test_thresholds_above_every_confidence_send_everyone_to_the_fallback():
     result = EarlyExitPredictor(model, [1.0, 1.0, 1.0])(x)
     assert result.exit_index.tolist() == [3] * 8
     with torch.no_grad():
-        torch.testing.assert_close(result.probs, ensemble_probs(model(x).logits))
+        torch.testing.assert_close(result.probs, ensemble_probs(probs))
     deepest = EarlyExitPredictor(model, [1.0, 1.0, 1.0], fallback="deepest")(x)
     torch.testing.assert_close(deepest.probs, probs[-1])
 

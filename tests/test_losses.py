@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import timm_scan
 from timm_scan import MultiExitOutput, SelfDistillationLoss
-from timm_scan.losses import PRESETS, soft_kl
+from timm_scan.training.losses import PRESETS, hint, soft_kl
 
 T = 3.0
 
@@ -177,7 +177,7 @@ def test_the_learned_projection_lets_the_hint_reach_zero_on_signed_features():
         solution = torch.linalg.lstsq(torch.cat([pooled, torch.ones(4, 1)], 1), target).solution
         head.proj.weight.copy_(solution[:-1].T)
         head.proj.bias.copy_(solution[-1])
-        reached = timm_scan.losses.hint(head.proj(pooled), target, "mean")
+        reached = hint(head.proj(pooled), target, "mean")
     floor = F.relu(-target).pow(2).mean()  # the least an identity map of a non-negative feature can reach
     assert reached < 1e-3 * floor
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from timm_scan import search_thresholds, sweep_beta
-from timm_scan.thresholds import ExitTable, baseline_accuracy_of, decode, exhaustive_search, genetic_search, plot_tradeoff
+from timm_scan.deploy import plot_tradeoff
+from timm_scan.deploy.policy import exit_index, simulate_early_exit
+from timm_scan.deploy.thresholds import ExitTable, baseline_accuracy_of, decode, exhaustive_search, genetic_search
 from timm_scan.training import Trainer, TrainConfig
 
 MACS = [10, 20, 30, 42]
@@ -65,15 +67,43 @@ def test_genetic_search_reaches_the_exhaustive_optimum_on_a_trained_model(traine
     assert genetic_search(table, beta, base).fitness >= 0.99 * exhaustive_search(table, beta, base).fitness
 
 
-def test_search_result_is_consistent_with_its_thresholds():
-    probs, labels = synthetic()
-    result = search_thresholds(probs, labels, MACS, 40, beta=1.0, baseline_accuracy=80.0)
-    table = ExitTable.from_outputs(probs, labels, MACS, 40)
-    accuracy, acceleration = table.evaluate(np.array([result.thresholds]))
-    assert result.accuracy == pytest.approx(accuracy[0]) and result.acceleration == pytest.approx(acceleration[0])
-    assert result.fitness == pytest.approx(result.acceleration + 1.0 * (result.accuracy - 80.0))
-    assert sum(result.exit_shares) == pytest.approx(1.0)
-    assert result.history == sorted(result.history)  # elitism: the best never gets worse
+def algorithm_1(probs, labels, thresholds, exit_macs, fallback):
+    """SCAN Algorithm 1 written out sample by sample: (accuracy in percent, mean MACs, exit per sample)."""
+    correct, macs, exits = 0, 0, []
+    for n in range(len(labels)):
+        answer, exit_at = None, len(probs) - 1
+        for i, threshold in enumerate(thresholds):
+            if max(probs[i][n]) > threshold:
+                answer, exit_at = list(probs[i][n]), i
+                break
+        if answer is None:
+            answer = [sum(p[n][c] for p in probs) / len(probs) for c in range(len(probs[0][n]))] if fallback == "ensemble" \
+                else list(probs[-1][n])
+        correct += answer.index(max(answer)) == labels[n]
+        macs += exit_macs[exit_at]
+        exits.append(exit_at)
+    return 100.0 * correct / len(labels), macs / len(labels), exits
+
+
+@pytest.mark.parametrize("fallback", ["ensemble", "deepest"])
+def test_vectorised_policy_and_search_results_agree_with_algorithm_1_written_out(fallback):
+    probs, labels = synthetic(n=400)
+    result = search_thresholds(probs, labels, MACS, 40, beta=1.0, baseline_accuracy=80.0, fallback=fallback,
+                               generations=20)
+    accuracy, mean_macs, exits = algorithm_1(probs, labels, result.thresholds, MACS, fallback)
+    assert result.accuracy == pytest.approx(accuracy) and result.acceleration == pytest.approx(40 / mean_macs)
+    assert result.fitness == pytest.approx(40 / mean_macs + 1.0 * (accuracy - 80.0))
+    assert result.exit_shares == pytest.approx([exits.count(i) / len(exits) for i in range(4)])
+    thresholds = [[0.75, 0.8, 0.9], result.thresholds, [1.0, 1.0, 1.0], [0.0, 0.5, 0.5]]
+    confidence = torch.stack([torch.from_numpy(p).amax(-1) for p in probs[:-1]])
+    vectorised = exit_index(confidence, torch.tensor(thresholds, dtype=torch.float64))
+    for row, t in zip(vectorised, thresholds):
+        expected = algorithm_1(probs, labels, t, MACS, fallback)[2]
+        assert row.tolist() == expected
+        simulated, _, simulated_probs = simulate_early_exit([torch.from_numpy(p) for p in probs], t, fallback)
+        assert simulated.tolist() == expected
+        assert 100.0 * (simulated_probs.argmax(-1).numpy() == labels).mean() == pytest.approx(
+            algorithm_1(probs, labels, t, MACS, fallback)[0])
 
 
 def test_vectorised_search_is_fast():

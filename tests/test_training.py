@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from timm_scan.training import Trainer, TrainConfig
+from timm_scan.training import PRESETS, Trainer, TrainConfig, epoch_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,33 +41,36 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_parquet, tmp_path)
     a = load_file(tmp_path / "full" / "checkpoints" / "epoch_0002" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "epoch_0002" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert full["test"] == resumed["test"]
-    lines = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == [1, 2]
-    mean_ce = [sum(x[f"train_ce_exit{i}"] for i in range(1, 5)) for x in lines]  # summed over exits
-    assert lines[0]["train_loss"] > mean_ce[0]  # distilling: KD and hint terms on top
-    assert lines[1]["train_loss"] == pytest.approx(mean_ce[1])  # annealed: alpha = lam = 0
-    assert full["test"]["samples"] == 32 and len(full["exit_macs"]) == 4
+    assert full.test == resumed.test
+    lines = epoch_metrics(tmp_path / "resumed")
+    assert [x.epoch for x in lines] == [1, 2]
+    alpha, lam = PRESETS["default"]["alpha"], PRESETS["default"]["lam"]
+    first, second = lines
+    distilled = first.ce[-1] + sum((1 - alpha) * c + alpha * k + lam * h
+                                   for c, k, h in zip(first.ce[:-1], first.kd[:-1], first.hint[:-1]))
+    assert first.loss == pytest.approx(distilled) and all(k > 0 for k in first.kd[:-1])  # summed over exits
+    assert second.loss == pytest.approx(sum(second.ce))  # annealed: alpha = lam = 0
+    assert full.test.samples == 32 and len(full.exit_macs) == 4
 
 
 def test_checkpoints_are_pruned_and_best_is_safetensors(tiny_parquet, tmp_path):
     results = Trainer(config(tiny_parquet, tmp_path, epochs=3, keep_checkpoints=2)).fit()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_0002", "epoch_0003"]
     scan = json.loads((tmp_path / "best" / "scan_config.json").read_text())
-    assert scan["class_names"] == ["red", "green", "blue", "grey"] and scan["scan_config"]["exits"] == [1, 2, 3]
+    assert scan["scan_config"]["exits"] == [1, 2, 3] and "class_names" not in scan  # stored once: in timm's config
     timm_config = json.loads((tmp_path / "best" / "config.json").read_text())
-    assert timm_config["architecture"] == "test_resnet" and timm_config["label_names"] == scan["class_names"]
+    assert timm_config["architecture"] == "test_resnet" and timm_config["label_names"] == ["red", "green", "blue", "grey"]
     assert "| 1 | layer1 |" in (tmp_path / "best" / "README.md").read_text()  # card with the test table
-    assert results["best_epoch"] in (1, 2, 3)
+    assert results.best_epoch in (1, 2, 3)
 
 
 def test_baseline_is_the_plain_backbone(tiny_parquet, tmp_path):
     trainer = Trainer(config(tiny_parquet, tmp_path, epochs=1, baseline=True))
     assert trainer.accelerator.unwrap_model(trainer.model).num_exits == 1
     results = trainer.fit()
-    assert results["exit_macs"] == [results["backbone_macs"]]
-    line = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert line["train_loss"] == pytest.approx(line["train_ce_exit1"])
+    assert results.exit_macs == [results.backbone_macs] and results.test.ensemble is None
+    line = epoch_metrics(tmp_path)[0]
+    assert line.loss == pytest.approx(line.ce[0])
 
 
 def test_kd_from_an_external_teacher(tiny_parquet, tmp_path):
@@ -77,7 +80,7 @@ def test_kd_from_an_external_teacher(tiny_parquet, tmp_path):
                  teacher_checkpoint=str(tmp_path / "teacher.safetensors"))
     trainer = Trainer(cfg)
     assert not any(p.requires_grad for p in trainer.external_teacher.parameters())
-    assert trainer.fit()["test"]["samples"] == 32
+    assert trainer.fit().test.samples == 32
 
 
 @pytest.mark.parametrize(
@@ -116,4 +119,4 @@ def test_gradient_accumulation_and_bf16(tiny_parquet, tmp_path):
     results = trainer.fit()
     batches = len(trainer.train_loader)  # 80 train images / 16 = 5 batches
     assert trainer.scheduler.last_epoch == -(-batches // 2)  # one optimizer (and LR) step per 2 batches
-    assert results["test"]["samples"] == 32
+    assert results.test.samples == 32

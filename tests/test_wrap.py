@@ -8,9 +8,9 @@ from timm.models.resnet import ResNet
 
 import timm_scan
 from timm_scan import ScanConfig
-from timm_scan.backbone import Stage, default_exit_indices
-from timm_scan.flops import count_macs
-from timm_scan.heads import align_plan
+from timm_scan.model.backbone import Stage, default_exit_indices
+from timm_scan.model import count_macs
+from timm_scan.model.heads import align_plan
 
 
 def wrap(name, size, config=None, **kwargs):

@@ -1,11 +1,13 @@
-"""timm-scan: multi-exit timm models with self-distillation and early-exit inference."""
+"""timm-scan: multi-exit timm models with self-distillation and early-exit inference.
 
-from .config import ScanConfig
-from .hub import HubUploadError, from_pretrained
-from .inference import EarlyExitPredictor, EarlyExitResult, ensemble_probs
-from .losses import LossOutput, SelfDistillationLoss
-from .model import MultiExitModel, MultiExitOutput, wrap
-from .thresholds import SearchResult, search_thresholds, sweep_beta
+Three layers, each a subpackage: ``timm_scan.model`` (the multi-exit model), ``timm_scan.training``
+(configuration, data, loss, the Accelerate trainer) and ``timm_scan.deploy`` (exit policy, predictor,
+threshold search). The names users need are re-exported here.
+"""
+
+from .deploy import EarlyExitPredictor, EarlyExitResult, SearchResult, ensemble_probs, search_thresholds, sweep_beta
+from .model import HubUploadError, MultiExitModel, MultiExitOutput, ScanConfig, from_pretrained, wrap
+from .training import LossOutput, SelfDistillationLoss, TrainConfig
 
 __all__ = [
     "EarlyExitPredictor",
@@ -17,6 +19,7 @@ __all__ = [
     "ScanConfig",
     "SearchResult",
     "SelfDistillationLoss",
+    "TrainConfig",
     "ensemble_probs",
     "from_pretrained",
     "search_thresholds",

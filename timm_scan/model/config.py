@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = ["ATTENTION_KINDS", "ScanConfig"]
+
 ATTENTION_KINDS = ("sd", "scan", "none")
 
 
@@ -79,8 +81,3 @@ class ScanConfig:
     @classmethod
     def from_json(cls, text: str) -> ScanConfig:
         return cls.from_dict(json.loads(text))
-
-
-def jsonable(obj: Any) -> Any:
-    """``obj`` with tuples as lists and anything JSON cannot hold as its ``str``."""
-    return json.loads(json.dumps(obj, default=str))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 from typing import NamedTuple
 
+import timm
 import torch
 from torch import Tensor, nn
 
+from . import hub
 from .backbone import (
     Stage,
     StagedBackbone,
@@ -21,8 +24,10 @@ from .backbone import (
     without_capture_hooks,
 )
 from .config import ScanConfig
-from .flops import count_macs
 from .heads import ExitHead
+from .macs import count_macs
+
+__all__ = ["MultiExitModel", "MultiExitOutput", "TruncatedModel", "from_pretrained", "wrap"]
 
 CHECK_BATCH = 2
 
@@ -117,17 +122,34 @@ class MultiExitModel(nn.Module):
         head.proj = nn.Identity()  # the hint projection only serves training
         return TruncatedModel(self._staged.trunk(exit_index), head)
 
-    def save_pretrained(self, save_directory: str, card: str | None = None) -> None:
-        """Save to a folder that ``timm_scan.from_pretrained`` and plain timm can read (see ``hub.py``)."""
-        from .hub import save_pretrained
+    def save_pretrained(self, save_directory: str | Path, card: str | None = None) -> Path:
+        """Save to a folder that ``from_pretrained`` and plain timm can read (layout: ``timm_scan.model.hub``);
+        ``card``: the README.md text (default: a card from the model alone)."""
+        return hub.save_pretrained(self, save_directory, card)
 
-        save_pretrained(self, save_directory, card)
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
+        token: str | None = None,
+    ) -> MultiExitModel:
+        """Load a saved model from a folder or from the Hub (``"hf-hub:owner/name"``), strictly: every
+        tensor with its shape. Raises ``ValueError`` when the source is not a timm-scan model or a file is
+        missing, truncated, corrupt or of the wrong shape."""
+        backbone, config, exits, meta = hub.read_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
+                                                            token=token)
+        data_config = timm.data.resolve_model_data_config(backbone)
+        model = wrap(backbone.eval(), config, check_input_size=tuple(data_config["input_size"]))
+        hub.load_strict(model.exits, exits, hub.EXITS_WEIGHTS, name_or_path)
+        labels = backbone.pretrained_cfg.get("label_names")
+        model.class_names = list(labels) if labels else None
+        model.data_config = data_config
+        model.thresholds = meta.get("thresholds")
+        model.fallback = meta.get("fallback", "ensemble")
+        return model
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Save and upload to a Hub model repo; see ``timm_scan.hub.push_to_hub`` for the options."""
-        from .hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
+        """Save and upload to a Hub model repo; see ``timm_scan.model.hub.push_to_hub`` for the options."""
+        return hub.push_to_hub(self, repo_id, **kwargs)
 
     def exit_macs(self, input_size: tuple[int, int, int]) -> list[int]:
         """Cumulative MACs for one sample of ``input_size`` (C, H, W) to leave at each exit.
@@ -228,3 +250,8 @@ def _check_input(model: nn.Module, input_size: tuple[int, int, int] | None) -> T
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((CHECK_BATCH, *input_size), generator=generator)
     return x.to(device=p.device, dtype=p.dtype)
+
+
+def from_pretrained(name_or_path: str | Path, **kwargs) -> MultiExitModel:
+    """``MultiExitModel.from_pretrained``: a saved multi-exit model from a folder or ``"hf-hub:owner/name"``."""
+    return MultiExitModel.from_pretrained(name_or_path, **kwargs)

@@ -1,14 +1,10 @@
-"""Scalable inference (SCAN Algorithm 1): answer confident samples at shallow exits, for real.
-
-A sample stops at the first shallow exit whose max softmax exceeds that exit's threshold; only the
-samples still undecided run the next section (the batch shrinks). Samples that pass no threshold
-get the fallback: the ensemble (mean of all exits' softmax) or the deepest exit. Exits are indexed
-0..K-1 from the shallowest; ``exit_index == K-1`` means the sample ran every section.
+"""Scalable inference (SCAN Algorithm 1), for real: confident samples leave at shallow exits and only
+the samples still undecided run the next section (the batch shrinks). The policy itself (which
+sample leaves where, the fallback) is `timm_scan.deploy.policy`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,62 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import heads
-from .model import MultiExitModel
+from ..model.multi_exit import MultiExitModel
+from .fast_heads import inference_copy
+from .policy import FALLBACKS, fallback_probs, leaves, validate_thresholds
 
-FALLBACKS = ("ensemble", "deepest")
-
-
-def ensemble_probs(logits: Sequence[Tensor]) -> Tensor:
-    """The ensemble of all exits: the mean of their softmax probabilities, ``(B, C)``."""
-    return torch.stack([F.softmax(z.float(), dim=-1) for z in logits]).mean(0)
-
-
-def validate_thresholds(thresholds: Sequence[float], num_exits: int) -> list[float]:
-    """One number in [0, 1] per shallow exit, or a ``ValueError`` saying what is wrong."""
-    values = list(thresholds) if not isinstance(thresholds, Tensor) else thresholds.tolist()
-    if len(values) != num_exits - 1:
-        raise ValueError(
-            f"thresholds: need one per shallow exit, {num_exits - 1} for this {num_exits}-exit model; got {len(values)}"
-        )
-    for i, t in enumerate(values):
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or not 0.0 <= t <= 1.0:
-            raise ValueError(f"thresholds[{i}] must be a number in [0, 1] (a softmax confidence); got {t!r}")
-    return [float(t) for t in values]
+__all__ = ["EarlyExitPredictor", "EarlyExitResult"]
 
 
 @dataclass
 class EarlyExitResult:
-    """Per sample, in input order: ``labels`` (N,), ``exit_index`` (N,) 0-based, ``confidence``
-    (N,) the answering distribution's max, ``probs`` (N, C), ``macs`` (N,) what the sample cost."""
+    """Per sample, in input order: ``labels`` (N,), ``exit_index`` (N,) 0-based (K-1: it ran every
+    section), ``confidence`` (N,) the answering distribution's max, ``probs`` (N, C), ``macs`` (N,)
+    what the sample cost."""
 
     labels: Tensor
     exit_index: Tensor
     confidence: Tensor
     probs: Tensor
     macs: Tensor
-
-
-def simulate_early_exit(
-    exit_probs: Sequence[Tensor], thresholds: Sequence[float], fallback: str = "ensemble"
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Algorithm 1 on precomputed probabilities of every exit (``(N, C)`` each, deepest last).
-
-    Returns ``(exit_index, confidence, probs)`` per sample: the reference the real predictor must
-    match, and what threshold search evaluates.
-    """
-    k = len(exit_probs)
-    thresholds = validate_thresholds(thresholds, k)
-    stacked = torch.stack([p.float() for p in exit_probs])  # (K, N, C)
-    n = stacked.shape[1]
-    probs = stacked.mean(0) if fallback == "ensemble" else stacked[-1].clone()
-    exit_index = torch.full((n,), k - 1, dtype=torch.int64)
-    undecided = torch.ones(n, dtype=torch.bool)
-    for i, threshold in enumerate(thresholds):
-        done = undecided & (stacked[i].max(-1).values > threshold)
-        exit_index[done], probs[done] = i, stacked[i][done]
-        undecided &= ~done
-    return exit_index, probs.max(-1).values, probs
 
 
 class EarlyExitPredictor:
@@ -81,7 +39,7 @@ class EarlyExitPredictor:
     ones (``model.thresholds``, with ``model.fallback``). ``fallback``: ``"ensemble"`` or
     ``"deepest"`` for samples that pass no threshold. The model is put in eval mode.
 
-    ``optimize_heads`` (default on) runs ``heads.inference_copy`` of each exit head: BatchNorm folded
+    ``optimize_heads`` (default on) runs ``fast_heads.inference_copy`` of each exit head: BatchNorm folded
     into the convs; on CPU, heads on small maps run as a chain of matrix products in a channel-major
     layout, and take channels_last input on larger maps. The same function up to float rounding, and
     cheaper. The copies are taken here, so build a new predictor after changing the model's weights.
@@ -104,7 +62,7 @@ class EarlyExitPredictor:
         self.model = model.eval()
         self.thresholds = validate_thresholds(thresholds, model.num_exits)
         self.fallback = fallback
-        self.heads = [heads.inference_copy(h) if optimize_heads else h for h in model.exits]
+        self.heads = [inference_copy(h) if optimize_heads else h for h in model.exits]
         self._macs: dict[tuple[int, ...], Tensor] = {}
 
     def exit_macs(self, input_size: tuple[int, int, int], device: torch.device | str = "cpu") -> Tensor:
@@ -121,31 +79,30 @@ class EarlyExitPredictor:
         macs = self.exit_macs((images.shape[1], *image_size), images.device)
         pending: Tensor | None = None  # input positions of the samples still running; None: all, in order
         answered: list[tuple[Tensor | None, Tensor, int]] = []  # (positions, probs, exit) per group that left
-        prob_sum = None  # running sum of softmax over exits, for the ensemble fallback
+        seen: list[Tensor] = []  # the running samples' probabilities at each exit so far, for the fallback
         h = images
         for i in range(k):
             h = model.forward_section(i, h)
             probs = F.softmax(model.exit_logits(i, h, image_size, self.heads[i] if i < k - 1 else None).float(), dim=-1)
-            if self.fallback == "ensemble":
-                prob_sum = probs if prob_sum is None else prob_sum + probs
             if i == k - 1:
-                answered.append((pending, prob_sum / k if self.fallback == "ensemble" else probs, i))
+                answered.append((pending, fallback_probs([*seen, probs], self.fallback), i))
                 break
             if len(probs) == 1:  # one sample: one comparison, no mask (most of the cost at batch 1 is per op)
-                n_done = int(probs.max().item() > self.thresholds[i])
+                n_done = int(leaves(probs.max().item(), self.thresholds[i]))
             else:
-                done = probs.amax(-1) > self.thresholds[i]
+                done = leaves(probs.amax(-1), self.thresholds[i])
                 n_done = int(done.sum())
             if n_done == len(probs):
                 answered.append((pending, probs, i))
                 break
+            if self.fallback == "ensemble":
+                seen.append(probs)
             if n_done:
                 keep = ~done
                 pending = torch.arange(n, device=images.device) if pending is None else pending
                 answered.append((pending[done], probs[done], i))
                 pending, h = pending[keep], h[keep]
-                if prob_sum is not None:
-                    prob_sum = prob_sum[keep]
+                seen = [p[keep] for p in seen]
         return self._assemble(answered, n, macs)
 
     @staticmethod

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import MultiExitOutput
+from ..model.multi_exit import MultiExitOutput
+
+__all__ = ["PRESETS", "LossOutput", "SelfDistillationLoss", "hint", "soft_kl"]
 
 TEACHERS = ("deepest", "ensemble", "transitive", "dense")
 EXIT_REDUCTIONS = ("sum", "mean")

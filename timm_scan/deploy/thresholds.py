@@ -5,8 +5,8 @@ Each threshold is a gene of ``bits`` binary digits decoded as ``σ = 1 − (0.3 
 so σ lies on the grid {1 − 0.3·j/bits : j = 0..bits} ⊂ [0.70, 1.00]. Fitness of a threshold vector
 is ``acceleration + β · (accuracy − baseline_accuracy)`` with accuracy in percent and acceleration
 ``backbone_macs / mean MACs per sample``. Everything is evaluated on cached outputs (``probs``: one
-``(N, C)`` array per exit, deepest last), vectorised over the population. Search on validation
-outputs; report on test.
+``(N, C)`` array per exit, deepest last) with the policy of `timm_scan.deploy.policy`, vectorised over
+the population. Search on validation outputs; report on test.
 """
 
 from __future__ import annotations
@@ -14,9 +14,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
+
+from ..report import JsonRecord
+from .policy import exit_index, fallback_probs
+
+__all__ = ["ExitTable", "SearchResult", "exhaustive_search", "genetic_search", "search_thresholds", "sweep_beta"]
 
 SPAN = 0.3  # thresholds cover [1 - SPAN, 1]
 
@@ -26,65 +32,64 @@ class ExitTable:
     """What threshold evaluation needs, precomputed once from cached outputs.
 
     ``confidence`` (K-1, N): max softmax of each shallow exit. ``correct`` (K, N): whether exit i
-    (rows 0..K-2) or the fallback (row K-1) is right. ``exit_macs`` (K,): cumulative MACs.
-    ``deepest_accuracy``: the deepest exit's own accuracy in percent (the default fitness baseline).
+    (rows 0..K-2) or the fallback (row K-1) is right. ``exit_macs`` (K,): cumulative cost of leaving at
+    each exit (MACs). ``deepest_accuracy``: the deepest exit's own accuracy in percent (the default
+    fitness baseline).
     """
 
-    confidence: np.ndarray
-    correct: np.ndarray
-    exit_macs: np.ndarray
+    confidence: Tensor
+    correct: Tensor
+    exit_macs: Tensor
     backbone_macs: float
     deepest_accuracy: float
 
     @classmethod
     def from_outputs(
         cls,
-        probs: Sequence[np.ndarray],
-        labels: np.ndarray,
+        probs: Sequence[Tensor | np.ndarray],
+        labels: Tensor | np.ndarray,
         exit_macs: Sequence[int],
         backbone_macs: float,
         fallback: str = "ensemble",
     ) -> ExitTable:
-        probs = [np.asarray(p, dtype=np.float32) for p in probs]
-        labels = np.asarray(labels)
+        """From the softmax of every exit (K ``(N, C)`` tensors or arrays, deepest last) and labels."""
+        probs = [torch.as_tensor(p).float() for p in probs]
+        labels = torch.as_tensor(labels)
         if len(probs) != len(exit_macs):
             raise ValueError(f"probs has {len(probs)} exits but exit_macs has {len(exit_macs)}")
         if any(p.shape != probs[0].shape or p.ndim != 2 for p in probs) or probs[0].shape[0] != len(labels):
             raise ValueError("probs must be K arrays of shape (N, C) with N = len(labels)")
-        final = np.mean(probs, axis=0) if fallback == "ensemble" else probs[-1]
-        correct = np.stack([p.argmax(-1) == labels for p in probs[:-1]] + [final.argmax(-1) == labels])
-        confidence = np.stack([p.max(-1) for p in probs[:-1]]) if len(probs) > 1 else np.zeros((0, len(labels)))
-        deepest = 100.0 * float((probs[-1].argmax(-1) == labels).mean())
-        return cls(confidence, correct, np.asarray(exit_macs, dtype=np.float64), float(backbone_macs), deepest)
+        final = fallback_probs(probs, fallback)
+        correct = torch.stack([p.argmax(-1) == labels for p in probs[:-1]] + [final.argmax(-1) == labels])
+        confidence = torch.stack([p.amax(-1) for p in probs[:-1]]) if len(probs) > 1 else torch.zeros(0, len(labels))
+        deepest = 100.0 * (probs[-1].argmax(-1) == labels).float().mean().item()
+        return cls(confidence, correct, torch.tensor(exit_macs, dtype=torch.float64), float(backbone_macs), deepest)
 
     @property
     def num_exits(self) -> int:
         return len(self.exit_macs)
 
-    def evaluate(self, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def exit_index(self, thresholds: np.ndarray | Sequence[float]) -> Tensor:
+        """``(P, N)``: the exit each sample leaves at, for thresholds ``(P, K-1)`` (or one vector)."""
+        thresholds = torch.as_tensor(np.atleast_2d(thresholds), dtype=self.confidence.dtype)  # as the predictor compares
+        return exit_index(self.confidence, thresholds)
+
+    def evaluate(self, thresholds: np.ndarray | Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
         """For thresholds ``(P, K-1)``: accuracy in percent ``(P,)`` and acceleration ``(P,)`` under
-        Algorithm 1 (a sample leaves at the first exit with confidence > σ)."""
-        exit_index = self.exit_index(thresholds)
-        accuracy = 100.0 * self.correct[exit_index, np.arange(exit_index.shape[1])].mean(1)
-        acceleration = self.backbone_macs / self.exit_macs[exit_index].mean(1)
-        return accuracy, acceleration
+        Algorithm 1."""
+        index = self.exit_index(thresholds)
+        accuracy = 100.0 * self.correct[index, torch.arange(index.shape[1])].double().mean(1)
+        acceleration = self.backbone_macs / self.exit_macs[index].mean(1)
+        return accuracy.numpy(), acceleration.numpy()
 
-    def exit_index(self, thresholds: np.ndarray) -> np.ndarray:
-        """``(P, N)``: the exit each sample leaves at, for thresholds ``(P, K-1)``."""
-        thresholds = np.atleast_2d(thresholds)
-        exit_index = np.full((len(thresholds), self.correct.shape[1]), self.num_exits - 1, dtype=np.intp)
-        for i in reversed(range(self.num_exits - 1)):  # the first passing exit wins
-            exit_index = np.where(self.confidence[i][None] > thresholds[:, i : i + 1], i, exit_index)
-        return exit_index
-
-    def exit_shares(self, thresholds: np.ndarray) -> np.ndarray:
+    def exit_shares(self, thresholds: np.ndarray | Sequence[float]) -> np.ndarray:
         """``(P, K)``: share of samples leaving at each exit."""
-        exit_index = self.exit_index(thresholds)
-        return np.stack([(exit_index == i).mean(1) for i in range(self.num_exits)], axis=1)
+        index = self.exit_index(thresholds)
+        return torch.stack([(index == i).double().mean(1) for i in range(self.num_exits)], dim=1).numpy()
 
 
 @dataclass
-class SearchResult:
+class SearchResult(JsonRecord):
     """Best thresholds found (one per shallow exit), their accuracy (percent), acceleration,
     fitness and share of samples per exit; ``history``: best fitness per generation."""
 
@@ -218,42 +223,3 @@ def sweep_beta(
     table = ExitTable.from_outputs(probs, labels, exit_macs, backbone_macs, fallback)
     baseline = baseline_accuracy_of(table, baseline_accuracy)
     return [genetic_search(table, b, baseline, seed=seed, **ga_kwargs) for b in betas]
-
-
-def plot_tradeoff(
-    points: Sequence[tuple[float, float]],
-    path: str | Path,
-    *,
-    baseline: tuple[float, float] | None = None,
-    labels: Sequence[str] | None = None,
-    title: str = "Accuracy against cost",
-) -> Path:
-    """PNG of accuracy (percent) against relative MACs for ``points`` = (acceleration, accuracy);
-    ``baseline`` = (1.0, accuracy) marks the plain backbone."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    cost = [1.0 / a for a, _ in points]
-    ax.plot(cost, [acc for _, acc in points], "o-", label="early exit (β sweep)")
-    groups: dict[tuple[float, float], list[str]] = {}  # points that coincide share one label
-    for c, (_, acc), text in zip(cost, points, labels or []):
-        groups.setdefault((round(c, 4), round(acc, 3)), []).append(text)
-    for (c, acc), texts in groups.items():
-        text = texts[0] if len(texts) == 1 else f"{texts[0]} … {texts[-1]}"
-        ax.annotate(text, (c, acc), textcoords="offset points", xytext=(-4, 6), ha="right", fontsize=7)
-    if baseline is not None:
-        ax.axhline(baseline[1], color="grey", ls="--", lw=1)
-        ax.plot([1.0 / baseline[0]], [baseline[1]], "s", color="black", label="plain backbone")
-    ax.set_xlabel("MACs relative to the plain backbone")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

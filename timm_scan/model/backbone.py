@@ -23,6 +23,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+__all__ = ["Stage", "StagedBackbone", "build_staged", "default_exit_indices", "eval_mode", "feature_stages",
+           "model_name", "resolve_exit_indices", "verify_staged", "without_capture_hooks"]
+
 NUM_DEFAULT_SHALLOW_EXITS = 3  # four classifiers in all, as the papers recommend (TPAMI §4.8-4.9)
 STEM_MAX_REDUCTION = 2
 

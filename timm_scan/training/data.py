@@ -18,6 +18,9 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Image, Value
 from torch import nn
 
+__all__ = ["ImageSplits", "TorchImageDataset", "build_transforms", "data_config", "detect_columns", "eval_transform",
+           "load_image_dataset", "load_splits"]
+
 
 @dataclass
 class ImageSplits:

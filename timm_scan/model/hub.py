@@ -20,17 +20,24 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
 from huggingface_hub import HfApi, snapshot_download
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from .config import ScanConfig, jsonable
 from .backbone import model_name
-from .model import MultiExitModel, wrap
+from .card import model_card
+from .config import ScanConfig
+
+if TYPE_CHECKING:
+    from .multi_exit import MultiExitModel
+
+__all__ = ["HubUploadError", "load_initial_weights", "load_weights", "push_to_hub", "read_pretrained",
+           "save_pretrained", "save_thresholds"]
 
 FORMAT = "timm-scan"
 FORMAT_VERSION = 1
@@ -47,7 +54,8 @@ class HubUploadError(RuntimeError):
 
 def save_pretrained(model: MultiExitModel, save_directory: str | Path, card: str | None = None) -> Path:
     """Write ``model`` to ``save_directory`` in the layout above; ``card`` is the README.md text
-    (default: ``model_card(model)``)."""
+    (default: ``model_card(model)``). Class names and the data config are stored once, in timm's
+    ``config.json``; ``scan_config.json`` holds what timm-scan adds: the exits and the thresholds."""
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     model_config = {"label_names": list(model.class_names)} if model.class_names else None
@@ -59,8 +67,6 @@ def save_pretrained(model: MultiExitModel, save_directory: str | Path, card: str
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "scan_config": model.config.to_dict(),
-        "class_names": model.class_names,
-        "data_config": jsonable(model.data_config),
         "thresholds": model.thresholds,
         "fallback": model.fallback,
     }
@@ -69,14 +75,13 @@ def save_pretrained(model: MultiExitModel, save_directory: str | Path, card: str
     return folder
 
 
-def from_pretrained(
+def read_pretrained(
     name_or_path: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None, token: str | None = None
-) -> MultiExitModel:
-    """Load a saved multi-exit model from a folder or from the Hub (``"hf-hub:owner/name"``).
-
-    Raises ``ValueError`` when the source is not a timm-scan model or a file is missing, truncated,
-    corrupt or of the wrong shape.
-    """
+) -> tuple[nn.Module, ScanConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """What ``MultiExitModel.from_pretrained`` builds from: the timm backbone (weights loaded), the
+    ``ScanConfig``, the exits' tensors and ``scan_config.json`` (thresholds, fallback), from a folder or
+    from the Hub (``"hf-hub:owner/name"``). Raises ``ValueError`` when the source is not a timm-scan model
+    or a file is missing, truncated or corrupt."""
     folder = _resolve(str(name_or_path), revision, cache_dir, token)
     meta_path = folder / SCAN_CONFIG
     if not meta_path.is_file():
@@ -91,15 +96,8 @@ def from_pretrained(
         backbone = timm.create_model(f"local-dir:{folder}", pretrained=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise ValueError(f"{name_or_path}: cannot load the backbone from {BACKBONE_WEIGHTS}: {exc}") from exc
-    data_config = meta.get("data_config")
-    size = tuple(data_config["input_size"]) if data_config else None
-    model = wrap(backbone.eval(), ScanConfig.from_dict(meta["scan_config"]), check_input_size=size)
-    _load_strict(model.exits, _load_safetensors(folder / EXITS_WEIGHTS, name_or_path), EXITS_WEIGHTS, name_or_path)
-    model.class_names = meta.get("class_names")
-    model.data_config = data_config
-    model.thresholds = meta.get("thresholds")
-    model.fallback = meta.get("fallback", "ensemble")
-    return model
+    exits = _load_safetensors(folder / EXITS_WEIGHTS, name_or_path)
+    return backbone, ScanConfig.from_dict(meta["scan_config"]), exits, meta
 
 
 def load_initial_weights(
@@ -124,7 +122,7 @@ def load_initial_weights(
             )
         state = _load_safetensors(path, src)
         _check_classes(model, state, src)
-        _load_strict(model.backbone, state, path.name, src)
+        load_strict(model.backbone, state, path.name, src)
         return "backbone"
     folder = _resolve(src, revision, None, token)
     if not (folder / BACKBONE_CONFIG).is_file():
@@ -138,7 +136,7 @@ def load_initial_weights(
                          f"pass --model {config.get('architecture')}")
     state = _load_safetensors(folder / BACKBONE_WEIGHTS, src)
     _check_classes(model, state, src)
-    _load_strict(model.backbone, state, BACKBONE_WEIGHTS, src)
+    load_strict(model.backbone, state, BACKBONE_WEIGHTS, src)
     if not (folder / SCAN_CONFIG).is_file():
         return "backbone"
     saved = ScanConfig.from_dict(_read_meta(folder / SCAN_CONFIG)["scan_config"])
@@ -147,7 +145,7 @@ def load_initial_weights(
     if saved != model.config:
         raise ValueError(f"{src} has exits {saved.to_dict()} but this run wraps {model.config.to_dict()}; pass the "
                          "same exits and head settings, or start from a model without exits")
-    _load_strict(model.exits, _load_safetensors(folder / EXITS_WEIGHTS, src), EXITS_WEIGHTS, src)
+    load_strict(model.exits, _load_safetensors(folder / EXITS_WEIGHTS, src), EXITS_WEIGHTS, src)
     return "backbone and exits"
 
 
@@ -180,8 +178,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
 def load_weights(model: MultiExitModel, folder: str | Path) -> None:
     """Load a ``save_pretrained`` folder's weights into an existing model of the same shape (strict)."""
     folder = Path(folder)
-    _load_strict(model.backbone, _load_safetensors(folder / BACKBONE_WEIGHTS, folder), BACKBONE_WEIGHTS, folder)
-    _load_strict(model.exits, _load_safetensors(folder / EXITS_WEIGHTS, folder), EXITS_WEIGHTS, folder)
+    load_strict(model.backbone, _load_safetensors(folder / BACKBONE_WEIGHTS, folder), BACKBONE_WEIGHTS, folder)
+    load_strict(model.exits, _load_safetensors(folder / EXITS_WEIGHTS, folder), EXITS_WEIGHTS, folder)
 
 
 def save_thresholds(folder: str | Path, thresholds: list[float], fallback: str = "ensemble") -> None:
@@ -233,95 +231,6 @@ def push_to_hub(
     return str(info)
 
 
-def model_card(
-    model: MultiExitModel,
-    *,
-    repo_id: str | None = None,
-    license: str = "apache-2.0",
-    dataset: str | None = None,
-    train_config: dict[str, Any] | None = None,
-    results: dict[str, Any] | None = None,
-    evaluation: dict[str, Any] | None = None,
-    plot: str | None = None,
-) -> str:
-    """README.md for the Hub: YAML header (library, tags, license, datasets, metrics), per-exit
-    accuracy and MACs, thresholds and their measured acceleration, how to load, how it was trained.
-
-    ``results``: the trainer's ``results.json``; ``evaluation``: ``examples/evaluate.py``'s
-    ``evaluation.json``; ``plot``: a file name in the saved folder to show (the trade-off plot).
-    """
-    from huggingface_hub import ModelCardData
-
-    arch = model.backbone.pretrained_cfg.get("architecture", type(model.backbone).__name__)
-    data = ModelCardData(
-        library_name="timm",
-        license=license,
-        tags=["image-classification", "timm", "timm-scan", "early-exit", "self-distillation"],
-        datasets=[dataset] if dataset and "/" in dataset and not Path(dataset).exists() else None,
-        metrics=["accuracy"],
-        pipeline_tag="image-classification",
-    )
-    name = repo_id or "<owner>/<name>"
-    stages = ", ".join(s.module for s in model.exit_stages[:-1]) or "none"
-    lines = [
-        "---", data.to_yaml(), "---", "",
-        f"# {name.split('/')[-1]}", "",
-        f"A multi-exit **{arch}** made with timm-scan (SCAN, NeurIPS 2019; "
-        f"Self-Distillation, TPAMI 2021): {model.num_exits} classifiers, shallow exits after {stages} "
-        f"and the backbone's own head as the deepest. Easy images can leave at a shallow exit.", "",
-    ]
-    lines += _card_table(model, results, evaluation)
-    if model.thresholds:
-        lines += ["## Early exit", "",
-                  f"Thresholds (max softmax, one per shallow exit): {', '.join(f'{t:.3f}' for t in model.thresholds)}; "
-                  f"samples that pass none get the {model.fallback}."]
-        if evaluation:
-            ee = evaluation["early_exit"]
-            lines.append(f"On the test split: accuracy {ee['accuracy']:.2f}%, MACs speed-up {ee['macs_speedup']:.2f}x, "
-                         "share of samples per exit " + ", ".join(f"{s:.0%}" for s in ee["exit_shares"]) + ".")
-            for t in ee.get("wall_clock", []):
-                lines.append(f"Measured wall-clock speed-up at batch {t['batch_size']}: {t['measured_speedup']:.2f}x.")
-        lines.append("")
-    if plot:
-        lines += [f"![accuracy against MACs]({plot})", ""]
-    lines += [
-        "## How to load", "",
-        "```python", "import timm_scan", "",
-        f'model = timm_scan.from_pretrained("hf-hub:{name}")',
-        "out = model(images)                # logits of every exit, shallowest first",
-        "predictor = timm_scan.EarlyExitPredictor(model)   # uses the saved thresholds" if model.thresholds else
-        "predictor = timm_scan.EarlyExitPredictor(model, thresholds=[...])",
-        "```", "",
-        "The backbone alone, with plain timm:", "",
-        "```python", "import timm", "",
-        f'backbone = timm.create_model("hf-hub:{name}", pretrained=True)', "```", "",
-    ]
-    if train_config:
-        recipe = ", ".join(f"{k}={v}" for k, v in train_config.items() if k in _RECIPE_KEYS and v is not None)
-        lines += ["## Training", "", f"`examples/train.py` with {recipe}.", ""]
-    return "\n".join(lines)
-
-
-_RECIPE_KEYS = ("dataset", "model", "baseline", "input_size", "epochs", "batch_size", "optimizer", "lr", "weight_decay",
-                "schedule", "loss_preset", "alpha", "lam", "temperature", "teacher", "anneal_epochs", "mixed_precision", "seed")
-
-
-def _card_table(model: MultiExitModel, results: dict | None, evaluation: dict | None) -> list[str]:
-    macs = (results or {}).get("exit_macs") or (evaluation or {}).get("exit_macs")
-    base = (results or {}).get("backbone_macs") or (evaluation or {}).get("backbone_macs")
-    test = (results or {}).get("test")
-    if not macs:
-        return []
-    lines = ["## Exits", "", "| exit | stage | test accuracy | MMACs | of backbone |", "| --- | --- | --- | --- | --- |"]
-    for i, (stage, m) in enumerate(zip(model.exit_stages, macs)):
-        acc = f"{100 * test[f'acc_exit{i + 1}']:.2f}%" if test else "-"
-        lines.append(f"| {i + 1} | {stage.module} | {acc} | {m / 1e6:.2f} | {m / base:.1%} |")
-    if test and model.num_exits > 1:
-        lines.append(f"| ensemble | all | {100 * test['acc_ensemble']:.2f}% | {macs[-1] / 1e6:.2f} | {macs[-1] / base:.1%} |")
-    lines += ["", "MACs per image, cumulative: a sample leaving at exit i pays for sections 1..i and heads 1..i.", ""]
-    return lines
-
-
 def _resolve(name: str, revision: str | None, cache_dir: str | Path | None, token: str | None) -> Path:
     if name.startswith(HUB_PREFIX):
         repo_id = name[len(HUB_PREFIX):]
@@ -339,7 +248,7 @@ def _load_safetensors(path: Path, source: str | Path) -> dict[str, torch.Tensor]
         raise ValueError(f"{source}: {path.name} cannot be read as safetensors ({exc}); it is truncated or damaged") from exc
 
 
-def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], filename: str, source: str | Path) -> None:
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], filename: str, source: str | Path) -> None:
     """``load_state_dict(strict=True)``, with missing, unexpected or mis-shaped tensors as a ``ValueError``."""
     try:
         module.load_state_dict(state, strict=True)

@@ -1,0 +1,99 @@
+"""``timm-scan evaluate RUN``: early exit of a trained run on its test split, with the thresholds that
+``timm-scan search`` chose on validation.
+
+Prints, and writes to ``<run>/evaluation.json`` (an `EarlyExitReport`): test accuracy and MACs of every
+exit and the ensemble; accuracy, MACs speed-up and share of samples per exit (SCAN Fig. 6) under the
+thresholds; the wall-clock speed-up over the plain backbone at batch 256 and batch 1, measured with the
+real predictor on test images. Plots: ``<run>/tradeoff_test.png`` (the validation β sweep evaluated on
+test, the plain backbone marked) and ``<run>/exit_shares.png``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..deploy.plots import plot_exit_shares, plot_tradeoff
+from ..deploy.policy import ensemble_probs
+from ..deploy.predictor import EarlyExitPredictor
+from ..deploy.thresholds import ExitTable
+from ..deploy.timing import wall_clocks
+from ..model.multi_exit import MultiExitModel
+from ..options import option
+from ..report import EarlyExitReport, ExitAccuracy, SweepPoint, WallClock, exit_table
+from ..training.runs import cached_outputs, eval_dataset, load_run, run_splits
+from .search import THRESHOLDS, ThresholdRecord
+
+__all__ = ["EvaluateConfig", "evaluate", "measure_wall_clock"]
+
+EVALUATION = "evaluation.json"
+
+
+@dataclass
+class EvaluateConfig:
+    """What ``timm-scan evaluate`` does."""
+
+    run: str = option(help="output directory of a training run, searched with timm-scan search", positional=True)
+    thresholds: str | None = option(None, "a thresholds.json to use (default: <run>/thresholds.json)")
+    latency_images: int = option(1024, "test images timed at batch 256")
+    latency_images_b1: int = option(256, "test images timed at batch 1")
+
+
+def measure_wall_clock(model: MultiExitModel, predictor: EarlyExitPredictor, images: torch.Tensor,
+                       batch_size: int) -> WallClock:
+    """The plain backbone and the predictor timed in turns over ``images`` in batches of ``batch_size``."""
+    seconds = wall_clocks({"backbone": model.backbone, "early exit": predictor}, list(images.split(batch_size)))
+    return WallClock(batch_size, len(images), 1000 * seconds["backbone"] / len(images),
+                     1000 * seconds["early exit"] / len(images))
+
+
+def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
+    """Evaluate, print, plot and record (see the module docstring)."""
+    run = Path(cfg.run)
+    searched = ThresholdRecord.load(Path(cfg.thresholds) if cfg.thresholds else run / THRESHOLDS)
+    model, train_cfg = load_run(run)
+    dataset = eval_dataset(run_splits(train_cfg), "test", model.data_config)
+    probs, labels = cached_outputs(run, "test", model, dataset)
+    size = tuple(model.data_config["input_size"])
+    exit_macs, backbone_macs = model.exit_macs(size), model.backbone_macs(size)
+    table = ExitTable.from_outputs(probs, labels, exit_macs, backbone_macs, searched.fallback)
+    per_exit = ExitAccuracy([(p.argmax(-1) == labels).float().mean().item() for p in probs],
+                            (ensemble_probs(probs).argmax(-1) == labels).float().mean().item() if len(probs) > 1 else None,
+                            len(labels))
+    accuracy, acceleration = (float(v[0]) for v in table.evaluate([searched.thresholds]))
+    shares = [float(s) for s in table.exit_shares([searched.thresholds])[0]]
+
+    predictor = EarlyExitPredictor(model, searched.thresholds, searched.fallback)
+    n = max(cfg.latency_images, cfg.latency_images_b1)
+    images = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+    real = predictor(images[: cfg.latency_images])
+    agree = (real.exit_index == table.exit_index([searched.thresholds])[0][: len(real.exit_index)]).float().mean()
+    timings = [measure_wall_clock(model, predictor, images[: cfg.latency_images], 256),
+               measure_wall_clock(model, predictor, images[: cfg.latency_images_b1], 1)]
+    sweep_acc, sweep_speedup = table.evaluate([pt.thresholds for pt in searched.sweep])
+    report = EarlyExitReport(
+        split="test", per_exit=per_exit, exit_macs=exit_macs, backbone_macs=backbone_macs,
+        thresholds=searched.thresholds, fallback=searched.fallback, beta=searched.beta, accuracy=accuracy / 100,
+        macs_speedup=acceleration, exit_shares=shares, wall_clock=timings,
+        sweep=[SweepPoint(pt.beta, pt.thresholds, float(a) / 100, float(c))
+               for pt, a, c in zip(searched.sweep, sweep_acc, sweep_speedup)],
+    )
+
+    print(f"{train_cfg.model} on {len(labels)} test images ({size[1]}x{size[2]})")
+    print(exit_table(exit_macs, backbone_macs, per_exit))
+    print(f"early exit (β = {searched.beta:g}, thresholds {', '.join(f'{t:.3f}' for t in searched.thresholds)}): "
+          f"accuracy {accuracy:.2f}%, MACs speed-up {acceleration:.2f}x, share per exit "
+          + " ".join(f"{s:.0%}" for s in shares))
+    for t in timings:
+        print(f"  wall-clock at batch {t.batch_size:>3} ({t.images} images): backbone {t.backbone_ms_per_image:.3f} "
+              f"ms/img, early exit {t.early_exit_ms_per_image:.3f} ms/img, measured speed-up {t.speedup:.2f}x")
+    print(f"  (the real predictor and Algorithm 1 on cached outputs agree on the exit of {agree:.1%} of the timed images)")
+    plot_tradeoff([(pt.macs_speedup, 100 * pt.accuracy) for pt in report.sweep], run / "tradeoff_test.png",
+                  baseline=(1.0, 100 * per_exit.deepest), labels=[f"β={pt.beta:g}" for pt in report.sweep],
+                  title=f"{train_cfg.model}: test, thresholds from validation")
+    plot_exit_shares(shares, run / "exit_shares.png", f"Where test samples leave (β = {searched.beta:g})")
+    report.save(run / EVALUATION)
+    print(f"plots: {run / 'tradeoff_test.png'}, {run / 'exit_shares.png'}; numbers: {run / EVALUATION}")
+    return report

@@ -1,0 +1,44 @@
+"""``timm-scan inspect --model NAME``: wrap a timm model and print its exits: stage, map size, head
+parameters and cumulative MACs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+
+from ..model.config import ATTENTION_KINDS, ScanConfig
+from ..model.multi_exit import MultiExitModel, wrap
+from ..options import option
+from ..report import exit_table
+
+__all__ = ["InspectConfig", "inspect"]
+
+
+@dataclass
+class InspectConfig:
+    """What ``timm-scan inspect`` does."""
+
+    model: str = option("resnet18", "any timm model name")
+    input_size: int = option(32, "square input side in pixels")
+    num_classes: int = option(10, "classes of the classifier")
+    attention: str = option("sd", f"attention of the shallow heads: one of {ATTENTION_KINDS}")
+
+
+def inspect(cfg: InspectConfig) -> MultiExitModel:
+    """Print the table and return the wrapped model (random weights)."""
+    backbone = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes)
+    size = (3, cfg.input_size, cfg.input_size)
+    model = wrap(backbone, ScanConfig(attention=cfg.attention), check_input_size=size)
+    macs, base = model.exit_macs(size), model.backbone_macs(size)
+    heads = [*model.exits, backbone.get_classifier()]
+    maps = [f"{-(-cfg.input_size // s.reduction)}x{-(-cfg.input_size // s.reduction)}" for s in model.exit_stages]
+    print(f"{cfg.model} at {cfg.input_size}x{cfg.input_size}: {model.num_exits} exits, backbone {base / 1e6:.1f} MMACs, "
+          f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f} M params")
+    print(exit_table(macs, base, stages=[s.module for s in model.exit_stages],
+                     extra={"channels": [str(s.num_chs) for s in model.exit_stages] + ["-"],
+                            "map": maps + ["-"],
+                            "head params": [f"{sum(p.numel() for p in h.parameters()):,}" for h in heads] + ["-"]}))
+    print("MMACs: cumulative cost of a sample that leaves at that exit (sections and heads on the way); the deepest "
+          "exit's head is the backbone's own classifier.")
+    return model

@@ -1,0 +1,46 @@
+"""``timm-scan push RUN owner/name``: a trained run's best model to the Hugging Face Hub, with its card.
+
+The card shows the test accuracy and MACs per exit (``<run>/results.json``), the searched thresholds
+and their measured speed-up (``<run>/evaluation.json``, from ``timm-scan evaluate``) and the trade-off
+plot, where those exist. The files are first written to ``<run>/hub/``; if the upload fails they stay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..model.card import model_card
+from ..model.hub import push_to_hub
+from ..options import option
+from ..report import EarlyExitReport
+from ..training.runs import load_run, run_results
+from .evaluate import EVALUATION
+
+__all__ = ["PushConfig", "push"]
+
+
+@dataclass
+class PushConfig:
+    """What ``timm-scan push`` does."""
+
+    run: str = option(help="output directory of a training run", positional=True)
+    repo_id: str = option(help="the Hub model repo, owner/name", positional=True)
+    private: bool = option(False, "create the repo private")
+    revision: str | None = option(None, "a branch to push to (created if needed)")
+    license: str = option("apache-2.0", "license in the card's header")
+
+
+def push(cfg: PushConfig) -> str:
+    """Push and return the commit URL."""
+    run = Path(cfg.run)
+    model, train_cfg = load_run(run)
+    plot = run / "tradeoff_test.png"
+    evaluation = EarlyExitReport.load(run / EVALUATION) if (run / EVALUATION).is_file() else None
+    card = model_card(model, repo_id=cfg.repo_id, license=cfg.license, dataset=train_cfg.dataset,
+                      train_config=train_cfg.to_dict(), results=run_results(run), evaluation=evaluation,
+                      plot=plot.name if plot.is_file() else None)
+    url = push_to_hub(model, cfg.repo_id, save_directory=run / "hub", card=card,
+                      extra_files=[plot] if plot.is_file() else [], private=cfg.private or None, revision=cfg.revision)
+    print(f"pushed {run} to {cfg.repo_id}: {url}")
+    return url

@@ -1,0 +1,93 @@
+"""The model card (README.md with the Hub's YAML header) of a saved multi-exit model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import ModelCardData
+
+from ..report import EarlyExitReport, RunResults, exit_table
+
+if TYPE_CHECKING:
+    from .multi_exit import MultiExitModel
+
+__all__ = ["model_card"]
+
+_RECIPE_KEYS = ("dataset", "model", "baseline", "init_from", "freeze_backbone", "input_size", "epochs", "batch_size",
+                "optimizer", "lr", "weight_decay", "schedule", "anneal_epochs", "mixed_precision", "seed")
+
+
+def model_card(
+    model: MultiExitModel,
+    *,
+    repo_id: str | None = None,
+    license: str = "apache-2.0",
+    dataset: str | None = None,
+    train_config: dict[str, Any] | None = None,
+    results: RunResults | None = None,
+    evaluation: EarlyExitReport | None = None,
+    plot: str | None = None,
+) -> str:
+    """README.md for the Hub: YAML header (library, tags, license, datasets, metrics), per-exit
+    accuracy and MACs, thresholds and their measured acceleration, how to load, how it was trained.
+
+    ``results``: the training run's; ``evaluation``: early exit evaluated on test (``timm_scan
+    evaluate``); ``plot``: a file name in the saved folder to show (the trade-off plot).
+    """
+    arch = model.backbone.pretrained_cfg.get("architecture", type(model.backbone).__name__)
+    data = ModelCardData(
+        library_name="timm",
+        license=license,
+        tags=["image-classification", "timm", "timm-scan", "early-exit", "self-distillation"],
+        datasets=[dataset] if dataset and "/" in dataset and not Path(dataset).exists() else None,
+        metrics=["accuracy"],
+        pipeline_tag="image-classification",
+    )
+    name = repo_id or "<owner>/<name>"
+    stages = [s.module for s in model.exit_stages]
+    lines = [
+        "---", data.to_yaml(), "---", "",
+        f"# {name.split('/')[-1]}", "",
+        f"A multi-exit **{arch}** made with timm-scan (SCAN, NeurIPS 2019; "
+        f"Self-Distillation, TPAMI 2021): {model.num_exits} classifiers, shallow exits after "
+        f"{', '.join(stages[:-1]) or 'none'} and the backbone's own head as the deepest. Easy images can leave "
+        "at a shallow exit.", "",
+    ]
+    source = results or evaluation
+    if source is not None:
+        accuracy = results.test if results is not None else evaluation.per_exit
+        lines += ["## Exits", "", "Test accuracy and MACs per image; MACs are cumulative: a sample leaving at exit i "
+                  "pays for sections 1..i and heads 1..i.", "",
+                  exit_table(source.exit_macs, source.backbone_macs, accuracy, stages=stages, markdown=True), ""]
+    if model.thresholds:
+        lines += ["## Early exit", "",
+                  f"Thresholds (max softmax, one per shallow exit): {', '.join(f'{t:.3f}' for t in model.thresholds)}; "
+                  f"samples that pass none get the {model.fallback}."]
+        if evaluation is not None:
+            lines.append(f"On the {evaluation.split} split: accuracy {100 * evaluation.accuracy:.2f}%, MACs speed-up "
+                         f"{evaluation.macs_speedup:.2f}x, share of samples per exit "
+                         + ", ".join(f"{s:.0%}" for s in evaluation.exit_shares) + ".")
+            for t in evaluation.wall_clock:
+                lines.append(f"Measured wall-clock speed-up at batch {t.batch_size}: {t.speedup:.2f}x.")
+        lines.append("")
+    if plot:
+        lines += [f"![accuracy against MACs]({plot})", ""]
+    lines += [
+        "## How to load", "",
+        "```python", "import timm_scan", "",
+        f'model = timm_scan.from_pretrained("hf-hub:{name}")',
+        "out = model(images)                # logits of every exit, shallowest first",
+        "predictor = timm_scan.EarlyExitPredictor(model)   # uses the saved thresholds" if model.thresholds else
+        "predictor = timm_scan.EarlyExitPredictor(model, thresholds=[...])",
+        "```", "",
+        "The backbone alone, with plain timm:", "",
+        "```python", "import timm", "",
+        f'backbone = timm.create_model("hf-hub:{name}", pretrained=True)', "```", "",
+    ]
+    if train_config:
+        recipe = ", ".join(f"{k}={v}" for k, v in train_config.items() if k in _RECIPE_KEYS and v not in (None, False))
+        loss = (results.loss if results is not None else None) or {}
+        lines += ["## Training", "", f"`timm-scan train` with {recipe}."
+                  + (" Loss: " + ", ".join(f"{k}={v}" for k, v in loss.items()) + "." if loss else ""), ""]
+    return "\n".join(lines)

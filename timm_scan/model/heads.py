@@ -1,0 +1,115 @@
+"""Exit heads: attention modules, SepConv align nets and the shallow classifiers they feed.
+
+All modules take and return NCHW maps and work at any input resolution (global pooling only). Their
+inference form (BatchNorm folded, matrix products on CPU) is ``timm_scan.deploy.fast_heads``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import ConvNormAct, SelectAdaptivePool2d, SeparableConvNormAct, make_divisible
+from torch import Tensor, nn
+
+__all__ = ["ExitHead", "ScanAttention", "SdAttention", "SepConv", "align_plan", "make_attention"]
+
+
+class SdAttention(nn.Module):
+    """Self-Distillation attention (TPAMI 2021): depthwise-pointwise conv stride 2, BN, ReLU,
+    bilinear upsampling back to the input size, sigmoid; the mask multiplies the input map."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = SeparableConvNormAct(channels, channels, kernel_size=3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = F.interpolate(self.conv(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return x * torch.sigmoid(mask)
+
+
+class ScanAttention(nn.Module):
+    """SCAN attention (NeurIPS 2019): conv 3x3 stride 2, BN, ReLU, transposed conv x2 (to the
+    input's exact size, odd sizes included), BN, sigmoid; the mask multiplies the input map."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.down = ConvNormAct(channels, channels, kernel_size=3, stride=2)
+        self.up = nn.ConvTranspose2d(channels, channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = self.bn(self.up(self.down(x), output_size=x.shape[-2:]))
+        return x * torch.sigmoid(mask)
+
+
+def make_attention(kind: str, channels: int) -> nn.Module:
+    """``"sd"``, ``"scan"`` or ``"none"`` (identity)."""
+    if kind == "sd":
+        return SdAttention(channels)
+    if kind == "scan":
+        return ScanAttention(channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"attention must be 'sd', 'scan' or 'none'; got {kind!r}")
+
+
+class SepConv(nn.Sequential):
+    """Align-net block of the papers' code: two depthwise-pointwise convs with BN and ReLU; the
+    first carries the stride, the second changes the width."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int) -> None:
+        super().__init__(
+            SeparableConvNormAct(in_chs, in_chs, kernel_size=3, stride=stride),
+            SeparableConvNormAct(in_chs, out_chs, kernel_size=3, stride=1),
+        )
+
+
+def align_plan(
+    in_chs: int, in_reduction: int, out_chs: int, out_reduction: int, num_blocks: int
+) -> list[tuple[int, int, int]]:
+    """``(in_chs, out_chs, stride)`` per SepConv block.
+
+    Widths grow geometrically from ``in_chs`` to exactly ``out_chs`` (intermediates divisible by
+    8); a block halves the map (stride 2) while the reduction is below ``out_reduction``.
+    """
+    plan = []
+    chs, reduction = in_chs, in_reduction
+    for j in range(1, num_blocks + 1):
+        nxt = out_chs if j == num_blocks else make_divisible(in_chs * (out_chs / in_chs) ** (j / num_blocks), 8)
+        stride = 2 if reduction * 2 <= out_reduction else 1
+        plan.append((chs, nxt, stride))
+        chs, reduction = nxt, reduction * stride
+    return plan
+
+
+class ExitHead(nn.Module):
+    """Shallow classifier ``c_i``: attention mask → align net → global average pool → linear.
+
+    ``forward`` maps ``(B, in_chs, H, W)`` to ``(logits (B, num_classes), pooled (B, out_chs))``;
+    ``proj`` is a learned linear map of the pooled feature to the deepest classifier's pre-logits
+    width, for the hint loss (always learned, even where the widths agree, so that the hint can reach
+    zero on backbones whose pre-logits are signed; training only, not part of the inference cost).
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        in_reduction: int,
+        out_chs: int,
+        out_reduction: int,
+        num_blocks: int,
+        num_classes: int,
+        feature_dim: int,
+        attention: str,
+    ) -> None:
+        super().__init__()
+        self.attention = make_attention(attention, in_chs)
+        plan = align_plan(in_chs, in_reduction, out_chs, out_reduction, num_blocks)
+        self.align = nn.Sequential(*(SepConv(a, b, s) for a, b, s in plan))
+        self.pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
+        self.fc = nn.Linear(out_chs, num_classes)
+        self.proj = nn.Linear(out_chs, feature_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pooled = self.pool(self.align(self.attention(x)))
+        return self.fc(pooled), pooled

@@ -1,0 +1,199 @@
+"""Typed results that travel between the trainer, evaluation, the model card and the benchmarks, and
+the one per-exit table they are all shown in.
+
+Conventions: exits are listed shallowest first, the deepest (the backbone's own head) last;
+accuracies are fractions in [0, 1]; MACs are per image and cumulative (leaving at exit i costs
+sections 1..i and heads 1..i).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+import typing
+from typing import Any, TypeVar
+
+__all__ = ["EarlyExitReport", "JsonRecord", "EpochMetrics", "ExitAccuracy", "RunResults", "SweepPoint", "WallClock", "exit_table"]
+
+T = TypeVar("T")
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field's type holds (``X``, ``X | None``, ``list[X]``), if any."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    return next((found for arg in typing.get_args(hint) if (found := _dataclass_in(arg)) is not None), None)
+
+
+class JsonRecord:
+    """Mixin of the result dataclasses: ``to_dict`` / ``from_dict`` (nested dataclasses rebuilt from their
+    field types; unknown fields are an error) and ``save`` / ``load`` as JSON files."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for name, value in data.items():
+            nested = _dataclass_in(hints[name])
+            if nested is not None and value is not None:
+                value = [nested.from_dict(v) for v in value] if isinstance(value, list) else nested.from_dict(value)
+            values[name] = value
+        return cls(**values)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls: type[T], path: str | Path) -> T:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"{path} is not a valid {cls.__name__} file ({exc})") from exc
+
+
+@dataclass
+class ExitAccuracy(JsonRecord):
+    """Accuracy of every exit (``exits``, shallowest first) and of the ensemble (``None`` for a
+    single exit), over ``samples`` samples."""
+
+    exits: list[float]
+    ensemble: float | None
+    samples: int
+
+    @property
+    def deepest(self) -> float:
+        return self.exits[-1]
+
+
+@dataclass
+class RunResults(JsonRecord):
+    """A finished training run (``results.json``): the best epoch on validation and its test accuracy."""
+
+    model: str
+    baseline: bool
+    best_epoch: int
+    val: ExitAccuracy
+    test: ExitAccuracy | None
+    exit_macs: list[int]
+    backbone_macs: int
+    params: int
+    loss: dict[str, Any] | None = None  # the SelfDistillationLoss settings (None for a baseline)
+
+
+@dataclass
+class EpochMetrics(JsonRecord):
+    """One line of ``metrics.jsonl``: training loss parts per exit (batch means over the epoch) and
+    validation accuracy."""
+
+    epoch: int
+    lr: float
+    seconds: float  # the epoch, validation included
+    step_seconds: float  # mean wall-clock of a training step
+    loss: float
+    ce: list[float]
+    kd: list[float]
+    hint: list[float]
+    val: ExitAccuracy
+
+    def scalars(self) -> dict[str, float]:
+        """Flat names for experiment trackers (TensorBoard, W&B, ...)."""
+        out = {"train/loss": self.loss, "train/lr": self.lr, "train/step_seconds": self.step_seconds}
+        for name in ("ce", "kd", "hint"):
+            out.update({f"train/{name}_exit{i + 1}": v for i, v in enumerate(getattr(self, name))})
+        out.update({f"val/accuracy_exit{i + 1}": v for i, v in enumerate(self.val.exits)})
+        if self.val.ensemble is not None:
+            out["val/accuracy_ensemble"] = self.val.ensemble
+        return out
+
+
+@dataclass
+class WallClock(JsonRecord):
+    """Measured time per image of the plain backbone and of the early-exit predictor."""
+
+    batch_size: int
+    images: int
+    backbone_ms_per_image: float
+    early_exit_ms_per_image: float
+
+    @property
+    def speedup(self) -> float:
+        return self.backbone_ms_per_image / self.early_exit_ms_per_image
+
+
+@dataclass
+class SweepPoint(JsonRecord):
+    """One β of the threshold search's sweep, its thresholds evaluated on a split."""
+
+    beta: float
+    thresholds: list[float]
+    accuracy: float
+    macs_speedup: float
+
+
+@dataclass
+class EarlyExitReport(JsonRecord):
+    """Early exit evaluated on a split (``evaluation.json``): every exit's accuracy, and the accuracy,
+    MACs speed-up and share of samples per exit under ``thresholds``; measured wall-clock; the β sweep
+    of the threshold search evaluated on this split."""
+
+    split: str
+    per_exit: ExitAccuracy
+    exit_macs: list[int]
+    backbone_macs: int
+    thresholds: list[float]
+    fallback: str
+    beta: float | None
+    accuracy: float
+    macs_speedup: float
+    exit_shares: list[float]
+    wall_clock: list[WallClock] = field(default_factory=list)
+    sweep: list[SweepPoint] = field(default_factory=list)
+
+
+def exit_table(
+    exit_macs: Sequence[int],
+    backbone_macs: int,
+    accuracy: ExitAccuracy | None = None,
+    *,
+    stages: Sequence[str] | None = None,
+    extra: dict[str, Sequence[str]] | None = None,
+    markdown: bool = False,
+) -> str:
+    """The per-exit table: exit, stage (if given), accuracy (if given), MMACs and share of the plain
+    backbone's MACs, one row per exit and one for the ensemble. ``extra``: more columns, one string
+    per row (ensemble row included where there is one). Plain text, or Markdown for cards and RESULTS."""
+    k = len(exit_macs)
+    header = ["exit", *(["stage"] if stages else []), *(["accuracy"] if accuracy else []), "MMACs", "of backbone",
+              *(extra or {})]
+    rows = []
+    for i, macs in enumerate(exit_macs):
+        name = f"{i + 1}" + (" (deepest)" if i == k - 1 and k > 1 else "")
+        rows.append([name, *([stages[i]] if stages else []), *([f"{100 * accuracy.exits[i]:.2f}%"] if accuracy else []),
+                     f"{macs / 1e6:.2f}", f"{macs / backbone_macs:.1%}"])
+    if k > 1 and (accuracy is None or accuracy.ensemble is not None):
+        rows.append(["ensemble", *(["all"] if stages else []),
+                     *([f"{100 * accuracy.ensemble:.2f}%"] if accuracy else []),
+                     f"{exit_macs[-1] / 1e6:.2f}", f"{exit_macs[-1] / backbone_macs:.1%}"])
+    for values in (extra or {}).values():
+        for row, value in zip(rows, values):
+            row.append(value)
+    if markdown:
+        return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+                         + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(str(r[j])) for r in [header, *rows]) for j in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+                     for r in [header, *rows])

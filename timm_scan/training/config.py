@@ -1,0 +1,147 @@
+"""TrainConfig: everything a training run depends on, validated; each field's help lives in its
+metadata, from which the command line is generated (``timm_scan.cli``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..model.config import ATTENTION_KINDS, ScanConfig
+from ..options import option
+from .losses import PRESETS, SelfDistillationLoss
+
+__all__ = ["TrainConfig"]
+
+TRAIN_CONFIG = "train_config.json"
+
+
+@dataclass
+class TrainConfig:
+    """A training run: data, model, loss, optimisation and output. ``None`` means "the default of
+    what it configures" (the model's data config, the loss preset's value, ...)."""
+
+    # data
+    dataset: str = option(help="Hub id (uoft-cs/cifar10), local parquet folder (train*.parquet, test*.parquet) or image folder")
+    image_column: str | None = option(None, "image column (default: the first Image feature)")
+    label_column: str | None = option(None, "label column (default: the first ClassLabel, else integer, feature)")
+    num_classes: int | None = option(None, "number of classes; must match the dataset's (default: the dataset's)")
+    val_size: float | int = option(0.1, "validation split carved out of train: a fraction (0.1) or a count (5000)")
+    max_train_samples: int | None = option(None, "keep only the first N training images (before the validation carve)")
+    max_test_samples: int | None = option(None, "keep only the first N test images")
+    input_size: int | None = option(None, "square input side in pixels (default: the model's pretrained_cfg)")
+    crop_pct: float | None = option(None, "centre-crop fraction for evaluation (default: the model's)")
+    train_scale: tuple[float, float] = option((0.08, 1.0), "area range of the random-resized crop")
+    # model
+    model: str = option("resnet18", "timm model name")
+    pretrained: bool = option(False, "start from timm's own weights (its classifier replaced where the classes differ)")
+    init_from: str | None = option(None, "start from weights you have: a save_pretrained folder, an hf-hub: id or a "
+                                     "timm checkpoint (.safetensors) of --model, with the same classes")
+    freeze_backbone: bool = option(False, "train the exits only: the backbone, BatchNorm statistics included, stays "
+                                      "exactly as given, so the deepest classifier is unchanged")
+    grad_checkpointing: bool = option(False, "gradient checkpointing of the backbone (less memory, more compute)")
+    baseline: bool = option(False, "the plain backbone with cross-entropy under the same recipe (no exits)")
+    exits: list[int | str] | None = option(None, "feature_info indices or module names of the shallow exits "
+                                             "(default: the papers' three)")
+    attention: str = option("sd", f"attention module of the shallow heads: one of {ATTENTION_KINDS}")
+    head_channels: int | None = option(None, "width of the exit heads' align nets (default: the deepest stage's)")
+    head_blocks: int | None = option(None, "SepConv blocks per head (default: the papers' K - i)")
+    # loss
+    loss_preset: str = option("default", f"SelfDistillationLoss settings, one of {sorted(PRESETS)}: default (the "
+                                     "library's, chosen by measurement), tpami (the paper's text), released (the "
+                                     "authors' code); the loss fields below override it")
+    alpha: float | None = option(None, "weight of the KD term of the shallow exits, in [0, 1]")
+    lam: float | None = option(None, "weight of the feature hint (0 turns it off)")
+    temperature: float | None = option(None, "KD temperature T")
+    teacher: str | None = option(None, "the shallow exits' teacher: deepest, ensemble, transitive or dense")
+    exit_reduction: str | None = option(None, "sum the exits' losses ('sum') or average them ('mean', 1/K)")
+    t_squared: bool | None = option(None, "scale KD by T²")
+    hint_reduction: str | None = option(None, "feature hint: 'mean' squared error, 'sum' of squares over the feature, "
+                                          "or 'dist' (unsquared L2 of the batch)")
+    hint_nearest: bool | None = option(None, "the shallow exit nearest the deepest gets the hint too")
+    anneal_epochs: int = option(0, "alpha and lam are 0 for this many last epochs (the TPAMI text: 5 of 300)")
+    teacher_model: str | None = option(None, "timm name of an external frozen teacher (KD + Ours)")
+    teacher_checkpoint: str | None = option(None, "that teacher's weights (.safetensors)")
+    external_weight: float = option(0.5, "weight of the external teacher's KD in every exit's label term")
+    # optimisation
+    epochs: int = option(200, "training epochs")
+    batch_size: int = option(128, "batch size per process")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    optimizer: str = option("sgd", "'sgd' (momentum) or 'adamw'")
+    lr: float = option(0.1, "peak learning rate")
+    momentum: float = option(0.9, "SGD momentum, in [0, 1)")
+    weight_decay: float = option(5e-4, "weight decay")
+    schedule: str = option("cosine", "'cosine' (to 0, per step) or 'step' (times gamma at each milestone)")
+    milestones: list[int] = option([66, 133], "epochs where a 'step' schedule multiplies the LR by gamma")
+    gamma: float = option(0.1, "LR factor at each milestone of a 'step' schedule")
+    warmup_epochs: int = option(0, "linear warm-up epochs")
+    mixed_precision: str = option("no", "'no', 'bf16' or 'fp16' (Accelerate)")
+    seed: int = option(0, "seed of everything: weights, validation carve, data order, augmentation")
+    num_workers: int = option(2, "data loader workers per process")
+    # output
+    output_dir: str = option("runs/scan", "checkpoints, best model, metrics.jsonl and results.json go here; running "
+                                      "the same command again resumes")
+    keep_checkpoints: int = option(3, "how many epoch checkpoints to keep")
+    log_with: str | None = option(None, "an Accelerate tracker, e.g. tensorboard")
+    push_to_hub: str | None = option(None, "a Hub repo id (owner/name): the best model is pushed there at the end")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train_scale, list):
+            self.train_scale = tuple(self.train_scale)
+        checks = [
+            ("attention", self.attention in ATTENTION_KINDS, f"one of {ATTENTION_KINDS}"),
+            ("optimizer", self.optimizer in ("sgd", "adamw"), "'sgd' or 'adamw'"),
+            ("schedule", self.schedule in ("cosine", "step"), "'cosine' or 'step'"),
+            ("mixed_precision", self.mixed_precision in ("no", "bf16", "fp16"), "'no', 'bf16' or 'fp16'"),
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"),
+            ("anneal_epochs", self.anneal_epochs >= 0, ">= 0"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"),
+        ]
+        for name, ok, valid in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {valid}; got {getattr(self, name)!r}")
+        if self.freeze_backbone and (self.baseline or self.exits == []):
+            raise ValueError("TrainConfig.freeze_backbone trains only the exits, and this run has none (baseline)")
+        self.scan_config()  # bad exits or head settings fail here, before any data loads
+        self.loss_settings()  # likewise an unknown preset or an invalid loss setting
+        if (self.teacher_model is None) != (self.teacher_checkpoint is None):
+            raise ValueError("TrainConfig.teacher_model and teacher_checkpoint go together: pass both or neither")
+
+    def scan_config(self) -> ScanConfig:
+        """What ``wrap`` adds: no exit for a baseline."""
+        return ScanConfig(exits=[] if self.baseline else self.exits, attention=self.attention,
+                          head_channels=self.head_channels, head_blocks=self.head_blocks)
+
+    def loss_settings(self) -> dict[str, Any]:
+        """The ``SelfDistillationLoss`` arguments: the preset's, overridden by the fields that are set."""
+        if self.loss_preset not in PRESETS:
+            raise ValueError(f"TrainConfig.loss_preset must be one of {sorted(PRESETS)}; got {self.loss_preset!r}")
+        settings = dict(PRESETS[self.loss_preset])
+        settings.update({k: getattr(self, k) for k in settings if getattr(self, k) is not None})
+        SelfDistillationLoss(**settings, external_weight=self.external_weight)  # validates
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (tuples as lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / TRAIN_CONFIG
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TrainConfig:
+        """The config a run saved (``<folder>/train_config.json``)."""
+        path = Path(folder) / TRAIN_CONFIG
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = json.loads(path.read_text())
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown TrainConfig field(s) {unknown}")
+        return cls(**data)

@@ -1,0 +1,95 @@
+"""Reading what the trainer wrote (without Accelerate): the best model, the run's splits, its typed
+results, and cached per-exit outputs.
+
+Cached outputs live in ``<run>/outputs/<split>.safetensors`` (``probs_exit1`` … shallowest first,
+``labels``); they are recomputed when the best model's weights are newer than the cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..model.multi_exit import MultiExitModel
+from ..report import EpochMetrics, RunResults
+from .config import TRAIN_CONFIG, TrainConfig
+from .data import ImageSplits, TorchImageDataset, eval_transform, load_splits
+
+__all__ = ["cached_outputs", "compute_outputs", "epoch_metrics", "eval_dataset", "load_run", "run_results",
+           "run_splits"]
+
+
+def run_splits(cfg: TrainConfig) -> ImageSplits:
+    """The run's train/val/test splits: its source, seed and sizes."""
+    return load_splits(cfg.dataset, image_column=cfg.image_column, label_column=cfg.label_column,
+                       val_size=cfg.val_size, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
+                       max_test_samples=cfg.max_test_samples)
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[MultiExitModel, TrainConfig]:
+    """The best model of a training run (``<run>/best``, strict load) and the run's TrainConfig."""
+    run = Path(run_dir)
+    for needed in (TRAIN_CONFIG, "best/scan_config.json"):
+        if not (run / needed).is_file():
+            raise ValueError(f"{run} is not a finished timm-scan training run: {needed} is missing")
+    return MultiExitModel.from_pretrained(run / "best").to(device).eval(), TrainConfig.load(run)
+
+
+def run_results(run_dir: str | Path) -> RunResults:
+    """``<run>/results.json``: the finished run's validation and test accuracy per exit, its MACs."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a finished timm-scan training run: results.json is missing")
+    return RunResults.load(path)
+
+
+def epoch_metrics(run_dir: str | Path) -> list[EpochMetrics]:
+    """``<run>/metrics.jsonl``: one entry per epoch trained."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [EpochMetrics.from_dict(json.loads(line)) for line in lines if line]
+
+
+def eval_dataset(splits: ImageSplits, split: str, data_config: dict) -> TorchImageDataset:
+    """``split`` ("val" or "test") through the eval transform of ``data_config``."""
+    ds = getattr(splits, split)
+    if ds is None:
+        raise ValueError(f"the run's dataset has no {split} split")
+    return TorchImageDataset(ds, splits.image_column, splits.label_column, eval_transform(data_config))
+
+
+@torch.no_grad()
+def compute_outputs(
+    model: MultiExitModel, dataset: TorchImageDataset, batch_size: int = 256, num_workers: int = 2
+) -> tuple[list[Tensor], Tensor]:
+    """Softmax of every exit over ``dataset``: K tensors ``(N, C)`` (shallowest first) and labels ``(N,)``."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    device = next(model.parameters()).device
+    probs: list[list[Tensor]] = [[] for _ in range(model.num_exits)]
+    labels = []
+    for images, y in tqdm(loader, desc="outputs", leave=False):
+        for i, z in enumerate(model(images.to(device)).logits):
+            probs[i].append(torch.softmax(z.float(), -1).cpu())
+        labels.append(y)
+    return [torch.cat(p) for p in probs], torch.cat(labels)
+
+
+def cached_outputs(
+    run_dir: str | Path, split: str, model: MultiExitModel, dataset: TorchImageDataset
+) -> tuple[list[Tensor], Tensor]:
+    """``compute_outputs`` once per split and model; later calls read ``<run>/outputs/<split>.safetensors``."""
+    run = Path(run_dir)
+    cache = run / "outputs" / f"{split}.safetensors"
+    weights = [run / "best" / name for name in ("model.safetensors", "scan_exits.safetensors")]
+    if cache.is_file() and all(cache.stat().st_mtime >= w.stat().st_mtime for w in weights):
+        tensors = load_file(str(cache))
+        if len(tensors) == model.num_exits + 1 and len(tensors["labels"]) == len(dataset):
+            return [tensors[f"probs_exit{i + 1}"] for i in range(model.num_exits)], tensors["labels"]
+    probs, labels = compute_outputs(model, dataset)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_file({**{f"probs_exit{i + 1}": p for i, p in enumerate(probs)}, "labels": labels}, str(cache))
+    return probs, labels

@@ -1,0 +1,282 @@
+"""Self-distillation training on Accelerate: one code path for CPU, one GPU, many GPUs or machines.
+
+Layout of ``output_dir``::
+
+    train_config.json         the TrainConfig of the run (what evaluation rebuilds the splits from)
+    checkpoints/epoch_0003/   Accelerate ``save_state``: weights (safetensors), optimizer, RNG, progress
+    best/                     the best epoch on validation (deepest-exit accuracy), as ``save_pretrained``
+                              writes it: timm's config.json and model.safetensors, the exits, a card
+    metrics.jsonl             one ``EpochMetrics`` per line: loss parts per exit, validation accuracy
+    results.json              ``RunResults``: validation and test accuracy per exit, MACs per exit
+
+Running the same command again resumes from the last checkpoint (epoch, optimizer, schedule, RNG).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..deploy.policy import ensemble_probs
+from ..model.card import model_card
+from ..model.hub import load_weights, push_to_hub
+from ..model.multi_exit import MultiExitModel
+from ..report import EpochMetrics, ExitAccuracy, RunResults, exit_table
+from .config import TrainConfig
+from .data import build_transforms, data_config
+from .losses import LossOutput, SelfDistillationLoss
+from .recipe import build_loader, build_model, build_optimizer, lr_lambda
+from .runs import run_splits
+
+__all__ = ["Trainer"]
+
+
+@dataclass
+class Progress:
+    """Trainer state saved with every checkpoint (Accelerate ``register_for_checkpointing``)."""
+
+    epoch: int = 0
+    best_accuracy: float = -1.0
+    best_epoch: int = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class Trainer:
+    """Trains a wrapped timm model with ``SelfDistillationLoss`` under Accelerate.
+
+    ``callbacks`` are called as ``callback(trainer, metrics)`` after each epoch's checkpoint.
+    """
+
+    def __init__(self, cfg: TrainConfig, callbacks: list[Callable[[Trainer, EpochMetrics], None]] | None = None) -> None:
+        self.cfg = cfg
+        self.callbacks = callbacks or []
+        self.out = Path(cfg.output_dir)
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # else several CPU processes would each train alone
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.grad_accum,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+            log_with=cfg.log_with,
+            project_dir=str(self.out),
+        )
+        set_seed(cfg.seed)
+        with self.accelerator.main_process_first():
+            self.data = run_splits(cfg)
+        if cfg.num_classes is not None and cfg.num_classes != self.data.num_classes:
+            raise ValueError(
+                f"num_classes={cfg.num_classes} but dataset {cfg.dataset!r} has {self.data.num_classes} classes "
+                f"in column {self.data.label_column!r}; drop --num-classes or pick the matching dataset"
+            )
+        model = build_model(cfg, self.data.num_classes)
+        self.data_config = data_config(model.backbone, cfg.input_size, cfg.crop_pct)
+        train_tf, self.eval_tf = build_transforms(self.data_config, cfg.train_scale)
+        train_loader = build_loader(cfg, self.data, self.data.train, train_tf, train=True)
+        if len(train_loader) == 0:
+            raise ValueError(
+                f"the training split has {len(self.data.train)} samples, fewer than one batch of {cfg.batch_size} "
+                "(incomplete batches are dropped); lower batch_size or use more training data"
+            )
+        val_loader = build_loader(cfg, self.data, self.data.val, self.eval_tf, train=False)
+        self.loss_settings = cfg.loss_settings()
+        self.loss = SelfDistillationLoss(**self.loss_settings, external_weight=cfg.external_weight)
+        self.external_teacher = self._external_teacher()
+        self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
+            model, build_optimizer(cfg, model), train_loader, val_loader
+        )
+        steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, steps_per_epoch))
+        self.progress = Progress()
+        self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
+
+    def _external_teacher(self) -> nn.Module | None:
+        """Frozen teacher for "KD + Ours": moved to the device, never ``prepare``d."""
+        if self.cfg.teacher_model is None:
+            return None
+        teacher = timm.create_model(self.cfg.teacher_model, num_classes=self.data.num_classes)
+        teacher.load_state_dict(load_file(self.cfg.teacher_checkpoint), strict=True)
+        return teacher.eval().requires_grad_(False).to(self.accelerator.device)
+
+    # ---------------------------------------------------------------- the run
+    def fit(self) -> RunResults:
+        """Train (resuming if a checkpoint exists), then evaluate the best model on test."""
+        acc = self.accelerator
+        self._resume()
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.out)
+        if self.cfg.log_with:  # on every process: Accelerate logs from the main one
+            acc.init_trackers(self.out.name, config=self.cfg.to_dict())
+        for epoch in range(self.progress.epoch, self.cfg.epochs):
+            distilling = epoch < self.cfg.epochs - self.cfg.anneal_epochs
+            self.loss.alpha = self.loss_settings["alpha"] if distilling else 0.0
+            self.loss.lam = self.loss_settings["lam"] if distilling else 0.0
+            started = time.time()
+            train = self._train_epoch(epoch)
+            val = self.evaluate(self.val_loader, desc=f"val {epoch + 1}")
+            metrics = EpochMetrics(epoch=epoch + 1, seconds=round(time.time() - started, 2), val=val, **train)
+            self.progress.epoch = epoch + 1
+            if val.deepest > self.progress.best_accuracy:
+                self.progress.best_accuracy, self.progress.best_epoch = val.deepest, epoch + 1
+                self._save_best()
+            self._save_checkpoint(epoch + 1)
+            self._log(metrics)
+            for callback in self.callbacks:
+                callback(self, metrics)
+        return self.finish()
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch; the batch means of the loss parts (over processes too) and the mean step time."""
+        acc, model = self.accelerator, self.model
+        model.train()
+        if self.cfg.freeze_backbone:  # as given: no BN statistics updated, no dropout
+            acc.unwrap_model(model).backbone.eval()
+        self.train_loader.set_epoch(epoch)
+        sums: Tensor | None = None
+        batches, step_seconds = 0, 0.0
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not acc.is_local_main_process)
+        for images, labels in bar:
+            started = time.perf_counter()
+            with acc.accumulate(model):
+                output = model(images)
+                teacher_logits = None
+                if self.external_teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = self.external_teacher(images)
+                loss = self.loss(output, labels, teacher_logits)
+                acc.backward(loss.total)
+                self.optimizer.step()
+                if acc.sync_gradients:
+                    self.scheduler.step()
+                self.optimizer.zero_grad()
+            parts = _loss_vector(loss)
+            step_seconds += time.perf_counter() - started
+            sums = parts if sums is None else sums + parts
+            batches += 1
+            bar.set_postfix(loss=f"{loss.total.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.3g}")
+        mean = acc.reduce(sums / max(batches, 1), reduction="mean").tolist()
+        k = len(loss.ce)
+        return {"lr": self.scheduler.get_last_lr()[0], "step_seconds": step_seconds / max(batches, 1), "loss": mean[0],
+                "ce": mean[1:1 + k], "kd": mean[1 + k:1 + 2 * k], "hint": mean[1 + 2 * k:]}
+
+    @torch.no_grad()
+    def evaluate(self, loader, desc: str = "eval") -> ExitAccuracy:
+        """Accuracy of every exit and of the ensemble over the whole split, gathered over processes."""
+        acc, model = self.accelerator, self.model
+        model.eval()
+        correct: Tensor | None = None
+        count = 0
+        for images, labels in tqdm(loader, desc=desc, disable=not acc.is_local_main_process, leave=False):
+            probs = [F.softmax(z.float(), dim=-1) for z in model(images).logits]
+            preds = torch.stack([p.argmax(-1) for p in probs] + [ensemble_probs(probs).argmax(-1)])  # (K+1, B)
+            preds, labels = acc.gather_for_metrics((preds.T.contiguous(), labels))
+            hits = (preds == labels[:, None]).sum(0)
+            correct = hits if correct is None else correct + hits
+            count += labels.numel()
+        k = correct.numel() - 1
+        return ExitAccuracy([correct[i].item() / count for i in range(k)],
+                            correct[k].item() / count if k > 1 else None, count)
+
+    # ---------------------------------------------------------- checkpoints
+    def _checkpoints(self) -> list[Path]:
+        return sorted((self.out / "checkpoints").glob("epoch_*"))
+
+    def _resume(self) -> None:
+        checkpoints = self._checkpoints()
+        if checkpoints:
+            self.accelerator.load_state(str(checkpoints[-1]))
+            self.accelerator.print(f"resumed from {checkpoints[-1]} (epoch {self.progress.epoch} done)")
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        acc = self.accelerator
+        acc.save_state(str(self.out / "checkpoints" / f"epoch_{epoch:04d}"))
+        if acc.is_main_process:
+            for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+
+    def _save_best(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = self._unwrapped()
+            model.save_pretrained(str(self.out / "best"), card=self._card(model))
+        acc.wait_for_everyone()
+
+    def _unwrapped(self) -> MultiExitModel:
+        """The model without Accelerate's wrappers, carrying its class names and data config."""
+        model: MultiExitModel = self.accelerator.unwrap_model(self.model)
+        model.class_names, model.data_config = self.data.class_names, self.data_config
+        return model
+
+    def _card(self, model: MultiExitModel, results: RunResults | None = None) -> str:
+        return model_card(model, repo_id=self.cfg.push_to_hub, dataset=self.cfg.dataset,
+                          train_config=self.cfg.to_dict(), results=results)
+
+    def _log(self, metrics: EpochMetrics) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics.to_dict()) + "\n")
+            summary = ", ".join(f"{v:.3f}" for v in metrics.val.exits)
+            ensemble = f", ensemble {metrics.val.ensemble:.3f}" if metrics.val.ensemble is not None else ""
+            acc.print(f"epoch {metrics.epoch}: loss {metrics.loss:.3f}, val accuracy per exit {summary}{ensemble} "
+                      f"({metrics.seconds:.0f}s)")
+        if self.cfg.log_with:
+            acc.log(metrics.scalars(), step=metrics.epoch)
+
+    # ----------------------------------------------------------------- report
+    def finish(self) -> RunResults:
+        """Load the best weights, evaluate on test, print the table, write ``results.json``."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        model = self._unwrapped()
+        load_weights(model, self.out / "best")
+        size = tuple(self.data_config["input_size"])
+        val = self.evaluate(self.val_loader, desc="val")
+        test = None
+        if self.data.test is not None:
+            test_loader = acc.prepare(build_loader(self.cfg, self.data, self.data.test, self.eval_tf, train=False))
+            test = self.evaluate(test_loader, desc="test")
+        results = RunResults(
+            model=self.cfg.model, baseline=self.cfg.baseline, best_epoch=self.progress.best_epoch, val=val, test=test,
+            exit_macs=model.exit_macs(size), backbone_macs=model.backbone_macs(size),
+            params=sum(p.numel() for p in model.parameters()), loss=None if self.cfg.baseline else self.loss_settings,
+        )
+        if acc.is_main_process:
+            results.save(self.out / "results.json")
+            (self.out / "best" / "README.md").write_text(self._card(model, results))
+            acc.print(f"{results.model}{' (baseline)' if results.baseline else ''}: best epoch {results.best_epoch}, "
+                      f"validation accuracy {results.val.deepest:.4f}"
+                      + (f"; on {test.samples} test images:" if test else ""))
+            acc.print(exit_table(results.exit_macs, results.backbone_macs, test))
+            if self.cfg.push_to_hub:
+                url = push_to_hub(model, self.cfg.push_to_hub, save_directory=self.out / "best",
+                                  card=self._card(model, results))
+                acc.print(f"pushed the best model to {self.cfg.push_to_hub}: {url}")
+        acc.end_training()
+        return results
+
+
+def _loss_vector(loss: LossOutput) -> Tensor:
+    return torch.stack([loss.total.detach(), *loss.ce, *loss.kd, *loss.hint]).float()
