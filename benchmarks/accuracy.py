@@ -1,24 +1,25 @@
 """Does self-distillation beat plain training? (TPAMI Table 1, SCAN Table 1, at CPU scale.)
 
 Trains the plain backbone (``--baseline``: cross-entropy on the deepest classifier only) and the
-self-distilled multi-exit model (the library's defaults, and the authors' released-code settings)
-under one recipe, seed and data split, then reports per-exit and
-ensemble test accuracy with the parameters and MACs each exit needs (``model.truncate(i)``: the
-compact model the papers deploy). The checkpoint is chosen on the validation split carved out of
-train; the test split is only reported.
+self-distilled multi-exit model under three loss presets (``sd``: the library's default; ``sd-tpami``:
+the TPAMI text; ``sd-released``: the authors' released code, i.e. summed over exits, no T², their
+hint) under one recipe, seed and data split, then reports per-exit and ensemble test accuracy with
+the parameters and MACs each exit needs (``model.truncate(i)``: the compact model the papers
+deploy). The checkpoint is chosen on the validation split carved out of train; the test split is
+only reported.
 
-    python benchmarks/accuracy.py                 # CPU recipe: resnet18 at 32x32, 12 epochs (~20+25+25 min)
+    python benchmarks/accuracy.py                 # CPU recipe: resnet18 at 32x32, 12 epochs (~20+3x25 min)
     python benchmarks/accuracy.py --epochs 1 --max-train-samples 2000 --runs-dir /tmp/runs   # quick look
 
-Finished runs in ``--runs-dir`` (``resnet18-baseline/``, ``resnet18-sd/``, ``resnet18-sd-released/``) are reused when their recipe matches,
-so the training happens once; an interrupted run resumes from its last checkpoint. Writes
-``results/accuracy.json`` and ``results/accuracy.png``.
+Finished runs in ``--runs-dir`` (``resnet18-baseline/``, ``resnet18-sd/``, ``resnet18-sd-tpami/``,
+``resnet18-sd-released/``) are reused when their recipe matches, so the training happens once; an
+interrupted run resumes from its last checkpoint. Writes ``results/accuracy.json`` and
+``results/accuracy.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import platform
@@ -32,9 +33,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from timm_scan.config import jsonable  # noqa: E402
-from timm_scan.runs import epoch_seconds, load_run  # noqa: E402
-from timm_scan.training import Trainer, TrainConfig  # noqa: E402
+from timm_scan.report import RunResults, exit_table  # noqa: E402
+from timm_scan.training import Trainer, TrainConfig, epoch_metrics, load_run, run_results  # noqa: E402
 
 HERE = Path(__file__).parent
 DATASET = "../shared/data/cifar10" if Path("../shared/data/cifar10").is_dir() else "uoft-cs/cifar10"
@@ -43,9 +43,9 @@ RECIPE = dict(
     dataset=DATASET, model="resnet18", input_size=32, crop_pct=1.0, train_scale=(0.35, 1.0), val_size=5000,
     epochs=12, anneal_epochs=2, batch_size=128, lr=0.1, warmup_epochs=1, seed=0,
 )
-# Self-distillation settings to compare with the baseline: the library's defaults (the TPAMI text:
-# α = 0.6, λ = 0.04, hint summed over the feature) and the authors' released code (α = 0.3, no hint).
-VARIANTS = {"sd": {}, "sd-released": {"alpha": 0.3, "lam": 0.0}}
+# Self-distillation settings to compare with the baseline: the SelfDistillationLoss presets
+# (timm_scan.training.PRESETS): the library's default, the TPAMI text and the authors' released code.
+VARIANTS = {"sd": {}, "sd-tpami": {"loss_preset": "tpami"}, "sd-released": {"loss_preset": "released"}}
 
 # Fields that do not change what is trained.
 NOT_RECIPE = ("output_dir", "num_workers", "keep_checkpoints", "log_with", "push_to_hub")
@@ -57,8 +57,8 @@ def train_or_reuse(cfg: TrainConfig) -> Path:
     saved = out / "train_config.json"
     if saved.is_file():
         previous, wanted = (
-            {k: v for k, v in jsonable(config).items() if k not in NOT_RECIPE}
-            for config in (json.loads(saved.read_text()), dataclasses.asdict(cfg))
+            {k: v for k, v in config.items() if k not in NOT_RECIPE}
+            for config in (json.loads(saved.read_text()), cfg.to_dict())
         )
         if previous != wanted:
             changed = sorted(k for k in wanted if previous.get(k) != wanted[k])
@@ -70,23 +70,22 @@ def train_or_reuse(cfg: TrainConfig) -> Path:
     return out
 
 
-def exit_rows(run: Path) -> list[dict]:
+def exit_rows(run: Path, results: RunResults) -> list[dict]:
     """One row per exit of a finished run: test accuracy, params and MACs of ``truncate(i)``."""
-    results = json.loads((run / "results.json").read_text())
     model, _ = load_run(run)
     rows = []
-    for i, macs in enumerate(results["exit_macs"]):
+    for i, macs in enumerate(results.exit_macs):
         deepest = i == model.num_exits - 1
         rows.append({
             "exit": f"{i + 1}" + (" (deepest)" if deepest else ""),
-            "test_accuracy": results["test"][f"acc_exit{i + 1}"],
+            "test_accuracy": results.test.exits[i],
             "params": sum(p.numel() for p in model.truncate(i).parameters()),
             "macs": macs,
         })
     if model.num_exits > 1:
-        rows.append({"exit": "ensemble", "test_accuracy": results["test"]["acc_ensemble"],
+        rows.append({"exit": "ensemble", "test_accuracy": results.test.ensemble,
                      "params": sum(p.numel() for p in model.parameters()) - _hint_params(model),
-                     "macs": results["exit_macs"][-1]})
+                     "macs": results.exit_macs[-1]})
     return rows
 
 
@@ -118,20 +117,13 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def table(report: dict) -> str:
-    lines = ["| model | exit | test acc | params (M) | MMACs | of backbone |", "| --- | --- | --- | --- | --- | --- |"]
-    names = ["baseline", *report["variants"]]
-    backbone_macs = report["baseline"]["rows"][0]["macs"]
-    for name in names:
-        for r in report[name]["rows"]:
-            lines.append(f"| {name} | {r['exit']} | {100 * r['test_accuracy']:.2f}% | {r['params'] / 1e6:.2f} | "
-                         f"{r['macs'] / 1e6:.1f} | {r['macs'] / backbone_macs:.0%} |")
-    lines.append("")
-    for name in names:
-        lines.append(f"{name}: {report[name]['settings']}, best epoch {report[name]['best_epoch']}, training "
-                     f"{report[name]['training_seconds'] / 60:.1f} min (median epoch "
-                     f"{report[name]['median_epoch_seconds']:.0f} s, validation included)")
-    return "\n".join(lines)
+def table(name: str, entry: dict, results: RunResults) -> str:
+    """One run's per-exit test accuracy (with the params of ``truncate(i)``) and its training facts."""
+    params = {"params (M)": [f"{r['params'] / 1e6:.2f}" for r in entry["rows"]]}
+    return (f"{name}: {entry['settings']}, best epoch {entry['best_epoch']}, training "
+            f"{entry['training_seconds'] / 60:.1f} min (median epoch {entry['median_epoch_seconds']:.0f} s, "
+            f"validation included); test:\n"
+            + exit_table(results.exit_macs, results.backbone_macs, results.test, extra=params, markdown=True) + "\n")
 
 
 def main() -> None:
@@ -156,18 +148,21 @@ def main() -> None:
     report: dict = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}",
-        "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "recipe": jsonable(recipe),
+        "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "recipe": recipe,
     }
     report["variants"] = args.variants
+    tables = []
     for name in ["baseline", *args.variants]:
         settings = {"baseline": True} if name == "baseline" else VARIANTS[name]
         run = train_or_reuse(TrainConfig(**recipe, **settings, output_dir=str(runs / f"{recipe['model']}-{name}")))
-        results = json.loads((run / "results.json").read_text())
-        seconds = epoch_seconds(run)
-        report[name] = {"run": str(run), "settings": settings or "the library's defaults", "best_epoch": results["best_epoch"],
-                        "val_accuracy": results["val_accuracy"], "training_seconds": sum(seconds),
-                        "median_epoch_seconds": statistics.median(seconds), "rows": exit_rows(run)}
-    print(table(report))
+        results = run_results(run)
+        seconds = [m.seconds for m in epoch_metrics(run)]
+        report[name] = {"run": str(run), "settings": settings or "the library's defaults", "loss": results.loss,
+                        "best_epoch": results.best_epoch, "val_accuracy": results.val.deepest,
+                        "training_seconds": sum(seconds), "median_epoch_seconds": statistics.median(seconds),
+                        "rows": exit_rows(run, results)}
+        tables.append(table(name, report[name], results))
+    print("\n".join(tables))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -23,7 +23,7 @@ import timm
 import torch
 
 import timm_scan
-from timm_scan.flops import wall_clocks
+from timm_scan.deploy import wall_clocks
 
 
 def measure(size: int, batch_size: int, images: int, repeats: int, channels_last: bool) -> dict:

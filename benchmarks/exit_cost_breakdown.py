@@ -31,8 +31,8 @@ from timm.layers import SeparableConvNormAct
 from torch import Tensor, nn
 
 import timm_scan
-from timm_scan.flops import wall_clock
-from timm_scan.heads import InferenceSeparableConv, inference_copy
+from timm_scan.deploy.fast_heads import InferenceSeparableConv, inference_copy
+from timm_scan.deploy.timing import wall_clock
 
 HERE = Path(__file__).parent
 

@@ -12,12 +12,13 @@ the same way), the transforms, the timm model, the seed, the optimiser, schedule
   ``earlyon.training.joint_train_backbone_and_exits`` (every parameter in one optimiser, backbone and
   heads in train mode), written out here because that function steps its own per-epoch
   ``CosineAnnealingLR`` with no warm-up; here the schedule is ours (``timm_scan.training.lr_lambda``:
-  per-step cosine after linear warm-up), with our optimiser, epochs, batch, train transforms and
-  ``drop_last``. After each epoch, one pass over val (earlyon's ``collect_head_logits``); the epoch
-  kept is the one with the best final-head val accuracy, as our trainer keeps the best deepest exit.
+  per-step cosine after linear warm-up), with our optimiser (``build_optimizer``), loaders
+  (``build_loader``: shuffled, ``drop_last``), epochs, batch and train transforms. After each epoch,
+  one pass over val (earlyon's ``collect_head_logits``); the epoch kept is the one with the best
+  final-head val accuracy, as our trainer keeps the best deepest exit.
   Weights go to ``<ours>/../earlyon/model.safetensors`` with ``training.json`` (recipe, seconds, val
   accuracy per epoch); a later run loads them instead of training again, unless ``--retrain``.
-- **MACs** (``timm_scan.flops.count_macs`` for both; MACs = FLOPs / 2): ours from
+- **MACs** (``timm_scan.model.count_macs`` for both; MACs = FLOPs / 2): ours from
   ``model.exit_macs``; earlyon's backbone up to each exit stage from timm's
   ``forward_intermediates(stop_early=True)`` plus the heads that ran (an enabled exit's head runs for
   every sample that reaches it; a disabled one never runs). Its own FLOPs fractions (fvcore) are
@@ -31,7 +32,7 @@ the same way), the transforms, the timm model, the seed, the optimiser, schedule
   among its early-exit points whose mean test MACs are within the budget and its deepest exit run
   alone (the backbone's own classifier, at the backbone's MACs); a pick among points on test, the
   same for both; "-" where none fits.
-- **Latency** (ms/image, ``timm_scan.flops.wall_clocks``: the three timed in turns, pass by pass) on the first
+- **Latency** (ms/image, ``timm_scan.deploy.wall_clocks``: the three timed in turns, pass by pass) on the first
   test images at batch 1 and batch 256, at one operating point per method chosen on val: the
   lowest-MACs point whose val accuracy is within ``--tolerance`` points of that method's own deepest
   exit (else its most accurate point). earlyon: ``model(x, mode="inference")`` per image (batch 1;
@@ -83,13 +84,24 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import timm_scan
-from timm_scan.config import jsonable
-from timm_scan.data import ImageSplits, TorchImageDataset, build_transforms, data_config
-from timm_scan.flops import count_macs, wall_clocks
-from timm_scan.model import MultiExitModel
-from timm_scan.runs import cached_outputs, epoch_seconds, eval_dataset, load_run
-from timm_scan.thresholds import ExitTable
-from timm_scan.training import TrainConfig, lr_lambda, run_splits
+from timm_scan import MultiExitModel
+from timm_scan.deploy import ExitTable, ensemble_probs, wall_clocks
+from timm_scan.model import count_macs
+from timm_scan.training import (
+    ImageSplits,
+    TorchImageDataset,
+    TrainConfig,
+    build_loader,
+    build_optimizer,
+    build_transforms,
+    cached_outputs,
+    data_config,
+    epoch_metrics,
+    eval_dataset,
+    load_run,
+    lr_lambda,
+    run_splits,
+)
 
 OURS, PEER = "timm-scan (SD)", "earlyon"
 RECIPE_OVERRIDES = ("epochs", "max_train_samples", "max_test_samples", "val_size", "num_workers")
@@ -136,36 +148,26 @@ def with_overrides(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
-def loader(splits: ImageSplits, split: str, transform: Callable, cfg: TrainConfig, train: bool = False) -> DataLoader:
-    dataset = TorchImageDataset(getattr(splits, split), splits.image_column, splits.label_column, transform)
-    if not train:
-        return DataLoader(dataset, batch_size=256, num_workers=cfg.num_workers)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
-                      generator=torch.Generator().manual_seed(cfg.seed))
-
-
 def build_earlyon(cfg: TrainConfig, exit_layers: list[str], num_classes: int, size: int) -> EarlyExitWrapper:
     set_seed(cfg.seed)
     backbone = timm.create_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained)
     return custom_ee(backbone, exit_layers, num_classes, input_shape=(1, 3, size, size))
 
 
+def accuracy(scores: Tensor, labels: Tensor) -> float:
+    """Share of samples whose highest-scoring class (logits or probabilities) is the label."""
+    return (scores.argmax(-1) == labels).double().mean().item()
+
+
 def head_accuracies(cache: HeadLogits) -> list[float]:
     """Accuracy of each earlyon head (exits, then the final classifier) on cached logits."""
-    return [(z.argmax(-1) == cache.targets).double().mean().item() for z in cache.logits]
-
-
-def optimizer_for(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimiser our trainer builds for ``cfg``."""
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return [accuracy(z, cache.targets) for z in cache.logits]
 
 
 def train_earlyon(model: EarlyExitWrapper, cfg: TrainConfig, train: DataLoader, val: DataLoader) -> dict[str, Any]:
     """Joint training with earlyon's loss under our recipe; the model ends with its best epoch's weights."""
     model.requires_grad_(True)
-    optimizer = optimizer_for(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(train)))
     history, best_state, best_epoch = [], None, 0
     started = time.perf_counter()
@@ -193,7 +195,8 @@ def trained_earlyon(cfg: TrainConfig, splits: ImageSplits, exit_layers: list[str
     """earlyon's model, trained (or loaded from ``folder`` if trained before with the same recipe), in eval mode."""
     model = build_earlyon(cfg, exit_layers, splits.num_classes, size)
     weights, meta_path = folder / "model.safetensors", folder / "training.json"
-    trained_on = {"recipe": jsonable({k: getattr(cfg, k) for k in TRAINING_FIELDS}), "exit_layers": exit_layers}
+    recipe = cfg.to_dict()
+    trained_on = {"recipe": {k: recipe[k] for k in TRAINING_FIELDS}, "exit_layers": exit_layers}
     if weights.is_file() and not retrain:
         meta = json.loads(meta_path.read_text())
         if {k: meta[k] for k in trained_on} != trained_on:
@@ -202,8 +205,8 @@ def trained_earlyon(cfg: TrainConfig, splits: ImageSplits, exit_layers: list[str
         print(f"earlyon: loaded {weights} (trained in {meta['seconds']:.0f} s; pass --retrain to train again)")
     else:
         train_tf, eval_tf = transforms
-        meta = {**trained_on, **train_earlyon(model, cfg, loader(splits, "train", train_tf, cfg, train=True),
-                                              loader(splits, "val", eval_tf, cfg))}
+        meta = {**trained_on, **train_earlyon(model, cfg, build_loader(cfg, splits, splits.train, train_tf, True),
+                                              build_loader(cfg, splits, splits.val, eval_tf, False))}
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
         meta_path.write_text(json.dumps(meta, indent=2))
@@ -247,17 +250,17 @@ def ours_side(run: Path, model: MultiExitModel, cfg: TrainConfig, splits: ImageS
     points = []
     for result in timm_scan.sweep_beta(val_probs, val_labels, exit_macs, backbone_macs, betas, seed=cfg.seed):
         thresholds = np.array([result.thresholds])
-        accuracy, acceleration = test_table.evaluate(thresholds)
+        test_accuracy, test_acceleration = test_table.evaluate(thresholds)
         points.append(Point(
             OURS, f"β={result.beta:g}", result.thresholds, result.accuracy / 100, backbone_macs / result.acceleration,
-            float(accuracy[0]) / 100, backbone_macs / float(acceleration[0]),
+            float(test_accuracy[0]) / 100, backbone_macs / float(test_acceleration[0]),
             test_table.exit_shares(thresholds)[0].tolist(),
         ))
-    ensemble = np.mean(test_probs, axis=0).argmax(-1) == test_labels
     return Side(
-        OURS, [float(m) for m in exit_macs], [float((p.argmax(-1) == test_labels).mean()) for p in test_probs],
-        float((val_probs[-1].argmax(-1) == val_labels).mean()), points,
-        {"test_ensemble_accuracy": float(ensemble.mean()), "training_seconds": sum(epoch_seconds(run))},
+        OURS, [float(m) for m in exit_macs], [accuracy(p, test_labels) for p in test_probs],
+        accuracy(val_probs[-1], val_labels), points,
+        {"test_ensemble_accuracy": accuracy(ensemble_probs(test_probs), test_labels),
+         "training_seconds": sum(m.seconds for m in epoch_metrics(run))},
     )
 
 
@@ -485,8 +488,9 @@ def main() -> None:
     backbone_macs = ours.backbone_macs(size)
     sides = [
         ours_side(run, ours, cfg, splits, size, args.betas),
-        earlyon_side(peer, loader(splits, "val", eval_tf, cfg), loader(splits, "test", eval_tf, cfg), costs,
-                     args.earlyon_budgets, args.earlyon_drops, meta),
+        earlyon_side(peer, build_loader(cfg, splits, splits.val, eval_tf, False),
+                     build_loader(cfg, splits, splits.test, eval_tf, False), costs, args.earlyon_budgets,
+                     args.earlyon_drops, meta),
     ]
     chosen = [operating_point(side, args.tolerance) for side in sides]
 
@@ -506,7 +510,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__, "timm": timm.__version__, "earlyon": version("earlyon"),
         "command": "python " + " ".join(sys.argv),
-        "recipe": jsonable(dataclasses.asdict(cfg)), "exit_layers": exit_layers,
+        "recipe": cfg.to_dict(), "exit_layers": exit_layers,
         "test_samples": len(splits.test), "val_samples": len(splits.val), "backbone_macs": backbone_macs,
         "methods": {side.name: {"exit_macs": side.exit_macs, "test_exit_accuracy": side.test_exit_accuracy,
                                 "val_deepest_accuracy": side.val_deepest_accuracy, **side.extra,

@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 from timm_scan import EarlyExitPredictor
-from timm_scan.flops import wall_clocks
-from timm_scan.runs import cached_outputs, eval_dataset, load_run
-from timm_scan.thresholds import ExitTable, plot_tradeoff, sweep_beta
-from timm_scan.training import run_splits
+from timm_scan.deploy import ExitTable, sweep_beta, wall_clocks
+from timm_scan.deploy.plots import plot_tradeoff
+from timm_scan.training import cached_outputs, eval_dataset, load_run, run_results, run_splits
 
 HERE = Path(__file__).parent
 BETAS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
@@ -65,10 +64,10 @@ def main() -> None:
 
     model, cfg = load_run(args.sd)
     baseline_model, _ = load_run(args.baseline)
-    baseline_results = json.loads((Path(args.baseline) / "results.json").read_text())
-    if not baseline_results["baseline"]:
+    baseline_results = run_results(args.baseline)
+    if not baseline_results.baseline:
         raise SystemExit(f"{args.baseline} is not a --baseline run")
-    baseline_val, baseline_test = 100 * baseline_results["val_accuracy"], 100 * baseline_results["test"]["acc_exit_last"]
+    baseline_val, baseline_test = 100 * baseline_results.val.deepest, 100 * baseline_results.test.deepest
     splits = run_splits(cfg)
     size = tuple(model.data_config["input_size"])
     exit_macs, backbone_macs = model.exit_macs(size), model.backbone_macs(size)
@@ -107,7 +106,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}",
         "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "sd_run": args.sd, "baseline_run": args.baseline,
         "baseline_val_accuracy": baseline_val, "baseline_test_accuracy": baseline_test,
-        "sd_deepest_test_accuracy": 100 * float((test_probs[-1].argmax(-1) == test_labels).mean()),
+        "sd_deepest_test_accuracy": 100 * (test_probs[-1].argmax(-1) == test_labels).double().mean().item(),
         "exit_macs": exit_macs, "backbone_macs": backbone_macs, "channels_last": args.channels_last,
         "images_timed": {str(b): n for b, n in batch_sizes.items()},
         "backbone_ms_per_image": {str(b): t for b, t in backbone_ms.items()}, "rows": rows,

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import timm_scan  # noqa: E402
 from timm_scan import ScanConfig, SelfDistillationLoss  # noqa: E402
-from timm_scan.flops import count_macs  # noqa: E402
+from timm_scan.model import count_macs  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -90,7 +90,7 @@ def main() -> None:
         "self-distillation": timm_scan.wrap(timm.create_model(args.model, num_classes=args.num_classes),
                                             ScanConfig(attention=args.attention), check_input_size=size).to(device),
     }
-    loss_fn = SelfDistillationLoss()  # TPAMI defaults; on one exit it is plain cross-entropy
+    loss_fn = SelfDistillationLoss()  # the default preset (hints computed, λ or not); on one exit plain cross-entropy
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):  # alternate, so drifts in machine speed hit both alike
         for name, model in models.items():

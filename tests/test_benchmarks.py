@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from timm_scan.training import PRESETS, TrainConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,7 +39,7 @@ def test_threshold_search_speed(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def bench_runs(tiny_parquet, tmp_path_factory):
-    """The accuracy benchmark on a tiny budget: a baseline and a self-distilled run."""
+    """The accuracy benchmark on a tiny budget: a baseline and a self-distilled run per loss preset."""
     runs = tmp_path_factory.mktemp("bench_runs")
     out = runs / "accuracy.json"
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -53,13 +55,15 @@ def test_accuracy_then_reuse(bench_runs, monkeypatch, capsys):
     assert [r["exit"] for r in sd] == ["1", "2", "3", "4 (deepest)", "ensemble"]
     assert all(a["macs"] < b["macs"] and a["params"] < b["params"] for a, b in zip(sd[:3], sd[1:4]))
     assert sd[3]["params"] == report["baseline"]["rows"][0]["params"]  # truncate(deepest) is the plain backbone
-    assert report["variants"] == ["sd", "sd-released"] and report["sd-released"]["settings"] == {"alpha": 0.3, "lam": 0.0}
-    released = json.loads((runs / "resnet18-sd-released" / "train_config.json").read_text())
-    assert (released["alpha"], released["lam"]) == (0.3, 0.0)
+    assert report["variants"] == ["sd", "sd-tpami", "sd-released"]
+    assert report["sd-released"]["settings"] == {"loss_preset": "released"} and report["baseline"]["loss"] is None
+    for name, preset in (("sd", "default"), ("sd-tpami", "tpami"), ("sd-released", "released")):
+        assert TrainConfig.load(runs / f"resnet18-{name}").loss_preset == preset
+        assert report[name]["loss"] == PRESETS[preset]  # what the run trained with
     assert (runs / "accuracy.png").is_file()
     run("accuracy.py", monkeypatch, "--dataset", report["recipe"]["dataset"], "--runs-dir", str(runs), "--epochs", "1",
         "--anneal-epochs", "0", "--val-size", "16", "--batch-size", "16", "--out", str(runs / "again.json"))
-    assert capsys.readouterr().out.count("reusing the finished run") == 3  # no second training
+    assert capsys.readouterr().out.count("reusing the finished run") == 4  # no second training
 
 
 def test_accuracy_refuses_a_run_of_another_recipe(bench_runs, monkeypatch):

@@ -23,16 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..deploy.plots import plot_tradeoff
 from ..deploy.policy import ensemble_probs
+from ..deploy.thresholds import sweep_beta
 from ..model.card import model_card
 from ..model.hub import load_weights, push_to_hub
 from ..model.multi_exit import MultiExitModel
@@ -43,7 +47,9 @@ from .losses import LossOutput, SelfDistillationLoss
 from .recipe import build_loader, build_model, build_optimizer, lr_lambda
 from .runs import run_splits
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "check_trackers"]
+
+TRACKER_EXTRAS = ("tensorboard", "wandb")  # trackers timm-scan has an extra for
 
 
 @dataclass
@@ -72,12 +78,13 @@ class Trainer:
         self.cfg = cfg
         self.callbacks = callbacks or []
         self.out = Path(cfg.output_dir)
+        trackers = check_trackers(cfg.log_with)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # else several CPU processes would each train alone
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.grad_accum,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-            log_with=cfg.log_with,
+            log_with=trackers or None,
             project_dir=str(self.out),
         )
         set_seed(cfg.seed)
@@ -126,7 +133,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.out)
         if self.cfg.log_with:  # on every process: Accelerate logs from the main one
-            acc.init_trackers(self.out.name, config=self.cfg.to_dict())
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in self.cfg.to_dict().items()}
+            acc.init_trackers(self.out.name, config=hparams)  # scalars only: TensorBoard's hparams take no lists
         for epoch in range(self.progress.epoch, self.cfg.epochs):
             distilling = epoch < self.cfg.epochs - self.cfg.anneal_epochs
             self.loss.alpha = self.loss_settings["alpha"] if distilling else 0.0
@@ -182,20 +190,34 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loader, desc: str = "eval") -> ExitAccuracy:
         """Accuracy of every exit and of the ensemble over the whole split, gathered over processes."""
+        return self._evaluate(loader, desc)[0]
+
+    def _evaluate(self, loader, desc: str, keep_outputs: bool = False) -> tuple[ExitAccuracy, list[Tensor], Tensor | None]:
+        """``evaluate``, and where asked every exit's softmax over the split (gathered) and its labels."""
         acc, model = self.accelerator, self.model
         model.eval()
         correct: Tensor | None = None
         count = 0
+        kept: list[list[Tensor]] = []
+        kept_labels = []
         for images, labels in tqdm(loader, desc=desc, disable=not acc.is_local_main_process, leave=False):
             probs = [F.softmax(z.float(), dim=-1) for z in model(images).logits]
             preds = torch.stack([p.argmax(-1) for p in probs] + [ensemble_probs(probs).argmax(-1)])  # (K+1, B)
-            preds, labels = acc.gather_for_metrics((preds.T.contiguous(), labels))
+            gathered = acc.gather_for_metrics((preds.T.contiguous(), labels, *([torch.stack(probs, 1)] if keep_outputs else [])))
+            preds, labels = gathered[:2]
+            if keep_outputs:
+                kept.append(gathered[2].cpu())
+                kept_labels.append(labels.cpu())
             hits = (preds == labels[:, None]).sum(0)
             correct = hits if correct is None else correct + hits
             count += labels.numel()
         k = correct.numel() - 1
-        return ExitAccuracy([correct[i].item() / count for i in range(k)],
-                            correct[k].item() / count if k > 1 else None, count)
+        accuracy = ExitAccuracy([correct[i].item() / count for i in range(k)],
+                                correct[k].item() / count if k > 1 else None, count)
+        if not keep_outputs:
+            return accuracy, [], None
+        stacked = torch.cat(kept)  # (N, K, C)
+        return accuracy, list(stacked.unbind(1)), torch.cat(kept_labels)
 
     # ---------------------------------------------------------- checkpoints
     def _checkpoints(self) -> list[Path]:
@@ -233,6 +255,21 @@ class Trainer:
         return model_card(model, repo_id=self.cfg.push_to_hub, dataset=self.cfg.dataset,
                           train_config=self.cfg.to_dict(), results=results)
 
+    def _log_tradeoff(self, probs: list[Tensor], labels: Tensor, results: RunResults) -> None:
+        """The β sweep of the threshold search on the best model's validation outputs, as a plot in the
+        run folder (``training_tradeoff.png``) and an image in the trackers."""
+        points = sweep_beta(probs, labels, results.exit_macs, results.backbone_macs)
+        path = plot_tradeoff([(p.acceleration, p.accuracy) for p in points], self.out / "training_tradeoff.png",
+                             baseline=(1.0, 100 * results.val.deepest), labels=[f"β={p.beta:g}" for p in points],
+                             title=f"{self.cfg.model}: validation, β sweep")
+        image = np.asarray(Image.open(path).convert("RGB"))
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("val/tradeoff", image, self.progress.epoch, dataformats="HWC")
+                tracker.writer.flush()
+            else:
+                tracker.log_images({"val/tradeoff": [image]}, step=self.progress.epoch)
+
     def _log(self, metrics: EpochMetrics) -> None:
         acc = self.accelerator
         if acc.is_main_process:
@@ -253,7 +290,7 @@ class Trainer:
         model = self._unwrapped()
         load_weights(model, self.out / "best")
         size = tuple(self.data_config["input_size"])
-        val = self.evaluate(self.val_loader, desc="val")
+        val, val_probs, val_labels = self._evaluate(self.val_loader, "val", keep_outputs=bool(self.cfg.log_with))
         test = None
         if self.data.test is not None:
             test_loader = acc.prepare(build_loader(self.cfg, self.data, self.data.test, self.eval_tf, train=False))
@@ -270,12 +307,33 @@ class Trainer:
                       f"validation accuracy {results.val.deepest:.4f}"
                       + (f"; on {test.samples} test images:" if test else ""))
             acc.print(exit_table(results.exit_macs, results.backbone_macs, test))
+            if self.cfg.log_with and model.num_exits > 1:
+                self._log_tradeoff(val_probs, val_labels, results)
             if self.cfg.push_to_hub:
                 url = push_to_hub(model, self.cfg.push_to_hub, save_directory=self.out / "best",
                                   card=self._card(model, results))
                 acc.print(f"pushed the best model to {self.cfg.push_to_hub}: {url}")
         acc.end_training()
         return results
+
+
+def check_trackers(log_with: str | None) -> list[str]:
+    """The Accelerate trackers of ``log_with`` (comma-separated), each known and installed, or a
+    ``ValueError`` naming the install command, so a run never trains without the logs it was asked for."""
+    if not log_with:
+        return []
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    valid = [t.value for t in LoggerType if t.value != "all"]
+    names = [name.strip() for name in log_with.split(",") if name.strip()]
+    for name in names:
+        if name not in valid:
+            raise ValueError(f"log_with: unknown tracker {name!r}; Accelerate supports {valid}")
+        if LoggerType(name) not in get_available_trackers():
+            install = f"pip install 'timm-scan[{name}]'" if name in TRACKER_EXTRAS else f"pip install {name}"
+            raise ValueError(f"log_with={name!r} but {name} is not installed; install it with: {install}")
+    return names
 
 
 def _loss_vector(loss: LossOutput) -> Tensor:

@@ -1,0 +1,96 @@
+"""The timm-scan command: flags generated from the config dataclasses, trackers, and module execution."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from timm_scan.cli import main
+from timm_scan.commands.evaluate import EvaluateConfig
+from timm_scan.commands.inspect import InspectConfig
+from timm_scan.commands.push import PushConfig
+from timm_scan.commands.search import SearchConfig
+from timm_scan.training import TrainConfig, Trainer, epoch_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"train": TrainConfig, "search": SearchConfig, "evaluate": EvaluateConfig, "push": PushConfig,
+           "inspect": InspectConfig}
+
+
+@pytest.mark.parametrize("command", list(CONFIGS))
+def test_every_field_is_a_flag_with_its_help(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in dataclasses.fields(CONFIGS[command]):
+        assert f.metadata["help"], f"{command}: {f.name} has no help"
+        flag = f.name if f.metadata.get("positional") else "--" + f.name.replace("_", "-")
+        assert flag in text and " ".join(f.metadata["help"].split()) in text, f.name
+
+
+def test_flags_are_typed_from_the_annotations(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("timm_scan.training.trainer.Trainer.__init__", lambda self, cfg: seen.update(cfg=cfg))
+    monkeypatch.setattr("timm_scan.training.trainer.Trainer.fit", lambda self: None)
+    main(["train", "--dataset", "d", "--val-size", "500", "--train-scale", "0.5", "1", "--exits", "layer1", "-2",
+          "--no-t-squared", "--alpha", "0.4", "--milestones", "3", "6", "--freeze-backbone"])
+    cfg = seen["cfg"]
+    assert cfg.val_size == 500 and isinstance(cfg.val_size, int) and cfg.train_scale == (0.5, 1.0)
+    assert cfg.exits == ["layer1", -2] and cfg.t_squared is False and cfg.hint_nearest is None
+    assert cfg.alpha == 0.4 and cfg.milestones == [3, 6] and cfg.freeze_backbone and cfg.lam is None
+
+
+def test_a_bad_value_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--dataset", "d", "--loss-preset", "paper"])
+    assert exit_.value.code == 2
+    assert "loss_preset must be one of ['default', 'released', 'tpami']; got 'paper'" in capsys.readouterr().err
+
+
+def test_trainer_runs_as_a_module_under_accelerate(tiny_parquet, tmp_path):
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "timm_scan", "train",
+           "--dataset", str(tiny_parquet), "--output-dir", str(tmp_path), "--model", "test_resnet", "--input-size", "32",
+           "--crop-pct", "1.0", "--val-size", "16", "--epochs", "1", "--batch-size", "16", "--num-workers", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "results.json").is_file() and "ensemble" in proc.stdout
+
+
+def test_tensorboard_logs_every_part_per_exit(tiny_parquet, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = TrainConfig(dataset=str(tiny_parquet), output_dir=str(tmp_path / "run"), model="test_resnet", input_size=32,
+                      crop_pct=1.0, val_size=16, epochs=2, batch_size=16, num_workers=0, lam=0.1,
+                      log_with="tensorboard")
+    Trainer(cfg).fit()
+    events = [p.parent for p in (tmp_path / "run").rglob("events.out.tfevents.*")]
+    assert events
+    scalars, images = {}, []
+    for folder in set(events):
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        scalars.update({tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})
+        images += acc.Tags()["images"]
+    logged = epoch_metrics(tmp_path / "run")
+    for i in range(4):
+        assert scalars[f"train/ce_exit{i + 1}"] == pytest.approx([m.ce[i] for m in logged])
+        assert scalars[f"val/accuracy_exit{i + 1}"] == pytest.approx([m.val.exits[i] for m in logged])
+    for i in range(3):
+        assert scalars[f"train/kd_exit{i + 1}"] == pytest.approx([m.kd[i] for m in logged])
+        assert scalars[f"train/hint_exit{i + 1}"] == pytest.approx([m.hint[i] for m in logged])
+    assert len(scalars["val/accuracy_ensemble"]) == 2 and len(scalars["train/lr"]) == 2
+    assert all(t > 0 for t in scalars["train/step_seconds"])
+    assert "val/tradeoff" in images and (tmp_path / "run" / "training_tradeoff.png").is_file()
+
+
+def test_a_missing_tracker_fails_before_training(tiny_parquet, tmp_path, monkeypatch):
+    monkeypatch.setattr("accelerate.tracking.get_available_trackers", lambda: [])
+    cfg = TrainConfig(dataset=str(tiny_parquet), output_dir=str(tmp_path), log_with="tensorboard")
+    with pytest.raises(ValueError, match=r"tensorboard is not installed; install it with: pip install 'timm-scan\[tensorboard\]'"):
+        Trainer(cfg)
+    with pytest.raises(ValueError, match="unknown tracker 'tensorbored'"):
+        Trainer(TrainConfig(dataset=str(tiny_parquet), output_dir=str(tmp_path), log_with="tensorbored"))
+    assert not any(tmp_path.iterdir())
