@@ -15,15 +15,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # A few minutes of self-distillation on CIFAR-10 at 32x32 (CPU), thresholds searched on validation,
-# then test accuracy per exit and the early-exit speed-up (MACs and wall-clock).
+# then test accuracy per exit and the early-exit speed-up (MACs and wall-clock), with the installed commands.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		examples/train.py --dataset $(DATASET) --output-dir $(DEMO_DIR) --model resnet18 \
+		-m timm_scan train --dataset $(DATASET) --output-dir $(DEMO_DIR) --model resnet18 \
 		--input-size 32 --crop-pct 1.0 --train-scale 0.35 1 --max-train-samples 20000 --val-size 2000 \
-		--epochs 4 --anneal-epochs 1 --batch-size 64 --lr 0.05 --alpha 0.3 --lam 0
-	$(PYTHON) examples/search_thresholds.py $(DEMO_DIR)
-	$(PYTHON) examples/evaluate.py $(DEMO_DIR)
+		--epochs 4 --batch-size 64 --lr 0.05
+	$(VENV)/bin/timm-scan search $(DEMO_DIR)
+	$(VENV)/bin/timm-scan evaluate $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest

@@ -32,9 +32,8 @@ from pathlib import Path
 
 import torch
 
-from timm_scan.config import jsonable
-from timm_scan.losses import PRESETS
-from timm_scan.training import Trainer, TrainConfig
+from timm_scan.report import RunResults
+from timm_scan.training import PRESETS, Trainer, TrainConfig, run_results
 
 HERE = Path(__file__).parent
 CIFAR10 = "../shared/data/cifar10" if Path("../shared/data/cifar10").is_dir() else "uoft-cs/cifar10"
@@ -112,54 +111,52 @@ def grey5(root: Path) -> str:
     return str(folder)
 
 
-def train_config(setting: str, variant: str, lr: float, seed: int, runs: Path) -> TrainConfig:
-    """The run of ``variant`` in ``setting``, its loss settings resolved (never left to a preset)."""
-    recipe = dict(SETTINGS[setting])
+def train_config(setting: str, variant: str, lr: float, seed: int, runs: Path, **overrides) -> TrainConfig:
+    """The run of ``variant`` in ``setting``, its loss settings resolved (never left to a preset);
+    ``overrides`` change the setting's recipe (a quick look, not a recorded setting)."""
+    recipe = {**SETTINGS[setting], **overrides}
     if recipe["dataset"] == "grey5":
         recipe["dataset"] = grey5(DATA_DIR)
-    overrides = dict(VARIANTS[variant])
+    changes = dict(VARIANTS[variant])
     loss = {}
-    if not overrides.get("baseline"):
-        preset = overrides.pop("loss_preset", "default")
-        loss = {"loss_preset": preset, **PRESETS[preset],
-                **{k: overrides.pop(k) for k in list(overrides) if k in LOSS_FIELDS}}
-    recipe.update(lr=lr, seed=seed, **overrides, **loss)
+    if not changes.get("baseline"):
+        preset = changes.pop("loss_preset", "default")
+        loss = {"loss_preset": preset, **PRESETS[preset], **{k: changes.pop(k) for k in list(changes) if k in LOSS_FIELDS}}
+    recipe.update(lr=lr, seed=seed, **changes, **loss)
     return TrainConfig(**recipe, output_dir=str(runs / setting / f"{variant}-lr{lr:g}-seed{seed}"))
 
 
-def train_or_reuse(cfg: TrainConfig) -> dict:
-    """``results.json`` of ``cfg``'s run, training it unless its folder holds a finished run of the same recipe."""
+def train_or_reuse(cfg: TrainConfig) -> RunResults:
+    """The results of ``cfg``'s run, training it unless its folder holds a finished run of the same recipe."""
     out = Path(cfg.output_dir)
-    saved = out / "train_config.json"
-    if saved.is_file():
-        previous, wanted = (
-            {k: v for k, v in jsonable(config).items() if k not in NOT_RECIPE}
-            for config in (json.loads(saved.read_text()), dataclasses.asdict(cfg))
-        )
+    if (out / "train_config.json").is_file():
+        previous, wanted = ({k: v for k, v in config.items() if k not in NOT_RECIPE}
+                            for config in (TrainConfig.load(out).to_dict(), cfg.to_dict()))
         if previous != wanted:
             changed = sorted(k for k in wanted if previous.get(k) != wanted[k])
             raise SystemExit(f"{out} holds a run of another recipe (differs in {changed}); pass another --runs-dir")
     if not (out / "results.json").is_file():
         Trainer(cfg).fit()
-    return json.loads((out / "results.json").read_text())
+    return run_results(out)
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Mean and spread (sample standard deviation; 0 for one seed) of test accuracy per exit."""
-    keys = [k for k in runs[0]["test"] if k.startswith("acc_")]
-    out = {}
-    for key in keys:
-        values = [100 * r["test"][key] for r in runs]
-        out[key] = {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "values": values}
-    return out
+    """Mean and spread (sample standard deviation; 0 for one seed) of test accuracy (percent) per exit,
+    the deepest as ``deepest`` and the ensemble as ``ensemble``."""
+    tests = [RunResults.from_dict(r).test for r in runs]
+    columns = {f"exit{i + 1}": [100 * t.exits[i] for t in tests] for i in range(len(tests[0].exits) - 1)}
+    columns["deepest"] = [100 * t.deepest for t in tests]
+    if tests[0].ensemble is not None:
+        columns["ensemble"] = [100 * t.ensemble for t in tests]
+    return {key: {"mean": statistics.mean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
+            for key, v in columns.items()}
 
 
 def table(report: dict) -> str:
     lines = ["| variant | lr | seeds | exit 1 | exit 2 | exit 3 | deepest | ensemble | deepest − baseline |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for lr, by_variant in report["results"].items():
-        base = by_variant.get("baseline", {}).get("summary", {}).get("acc_exit_last", {}).get("mean")
+        base = by_variant.get("baseline", {}).get("summary", {}).get("deepest", {}).get("mean")
         for variant, entry in by_variant.items():
             s = entry["summary"]
 
@@ -168,10 +165,10 @@ def table(report: dict) -> str:
                     return "-"
                 return f"{s[key]['mean']:.2f}" + (f" ± {s[key]['sd']:.2f}" if len(s[key]["values"]) > 1 else "")
 
-            shallow = [cell(f"acc_exit{i}") if variant != "baseline" else "-" for i in (1, 2, 3)]
-            delta = "-" if base is None or variant == "baseline" else f"{s['acc_exit_last']['mean'] - base:+.2f}"
+            shallow = [cell(f"exit{i}") for i in (1, 2, 3)]
+            delta = "-" if base is None or variant == "baseline" else f"{s['deepest']['mean'] - base:+.2f}"
             lines.append(f"| {variant} | {lr} | {len(entry['seeds'])} | {' | '.join(shallow)} | "
-                         f"{cell('acc_exit_last')} | {cell('acc_ensemble') if variant != 'baseline' else '-'} | {delta} |")
+                         f"{cell('deepest')} | {cell('ensemble')} | {delta} |")
     return "\n".join(lines)
 
 
@@ -183,12 +180,18 @@ def main() -> None:
     p.add_argument("--lrs", nargs="+", type=float, default=None, help="default: the setting's")
     p.add_argument("--runs-dir", default="runs/sd")
     p.add_argument("--out", default=None, help="default: results/self_distillation_<setting>.json")
+    quick = p.add_argument_group("a quick look (changes the setting's recipe; pass --out elsewhere)")
+    for flag, kind in (("--dataset", str), ("--epochs", int), ("--max-train-samples", int), ("--val-size", int),
+                       ("--batch-size", int), ("--num-workers", int)):
+        quick.add_argument(flag, type=kind)
     args = p.parse_args()
+    overrides = {k: getattr(args, k) for k in ("dataset", "epochs", "max_train_samples", "val_size", "batch_size",
+                                               "num_workers") if getattr(args, k) is not None}
     runs = Path(args.runs_dir)
     out = Path(args.out or HERE / "results" / f"self_distillation_{args.setting}.json")
     report = json.loads(out.read_text()) if out.is_file() else {"results": {}}
     report.update({
-        "setting": args.setting, "recipe": jsonable(SETTINGS[args.setting]),
+        "setting": args.setting, "recipe": json.loads(json.dumps({**SETTINGS[args.setting], **overrides})),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}",
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
     })
@@ -198,18 +201,16 @@ def main() -> None:
         report["commands"].append(command)
     for lr in args.lrs or [SETTINGS[args.setting]["lr"]]:
         for variant in args.variants:
-            results = []
             for seed in args.seeds:
-                cfg = train_config(args.setting, variant, lr, seed, runs)
-                results.append(train_or_reuse(cfg))
+                cfg = train_config(args.setting, variant, lr, seed, runs, **overrides)
+                result = train_or_reuse(cfg)
                 entry = report["results"].setdefault(f"{lr:g}", {}).setdefault(variant, {"seeds": []})
                 known = dict(zip(entry["seeds"], entry.get("runs", [])))
-                known[seed] = {"val_accuracy": results[-1]["val_accuracy"], "best_epoch": results[-1]["best_epoch"],
-                               "test": results[-1]["test"]}
+                known[seed] = result.to_dict()
                 entry["seeds"] = sorted(known)
                 entry["runs"] = [known[s] for s in entry["seeds"]]
-                entry["loss"] = {k: getattr(cfg, k) for k in ("loss_preset", *LOSS_FIELDS, "anneal_epochs")} \
-                    if not cfg.baseline else None
+                entry["loss"] = result.loss and {**result.loss, "loss_preset": cfg.loss_preset,
+                                                 "anneal_epochs": cfg.anneal_epochs}
                 entry["summary"] = summarise(entry["runs"])
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(report, indent=2))

@@ -115,3 +115,19 @@ def test_exit_cost_breakdown(tmp_path, monkeypatch):
     for r in rows:
         assert all(r[f"head {i} for inference"] > 0 and r[f"section {i}"] > 0 for i in range(3))
         assert len(r["exit 1 separable convs"]) == 7  # SD attention + three SepConv blocks of two
+
+
+def test_self_distillation_grid(tiny_parquet, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sd.json"
+    args = ["--setting", "cifar10-10k", "--variants", "baseline", "default", "no-t2", "--seeds", "0", "1",
+            "--dataset", str(tiny_parquet), "--epochs", "1", "--max-train-samples", "80", "--val-size", "16",
+            "--batch-size", "16", "--num-workers", "0", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]
+    run("self_distillation.py", monkeypatch, *args)
+    report = json.loads(out.read_text())
+    default, no_t2 = report["results"]["0.1"]["default"], report["results"]["0.1"]["no-t2"]
+    assert default["seeds"] == [0, 1] and len(default["summary"]["deepest"]["values"]) == 2
+    assert default["loss"]["t_squared"] is True and no_t2["loss"]["t_squared"] is False
+    assert set(default["summary"]) == {"exit1", "exit2", "exit3", "deepest", "ensemble"}
+    assert "| no-t2 | 0.1 | 2 |" in capsys.readouterr().out
+    run("self_distillation.py", monkeypatch, *args)  # finished runs are reused, not trained again
+    assert "epoch 1" not in capsys.readouterr().out
