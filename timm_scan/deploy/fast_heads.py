@@ -1,8 +1,9 @@
 """Inference copies of exit heads: BatchNorm folded, and on CPU small maps as a chain of matrix products.
 
-An `ExitHead` as trained calls a dozen small modules; on CPU each depthwise conv costs oneDNN a
-fixed ~40 µs whatever the map size, which dominates a head at small batches. `inference_copy`
-builds the same function (up to float rounding) from the head's parts:
+An `ExitHead` as trained calls a dozen small modules; on CPU each depthwise conv has a fixed cost in
+oneDNN whatever the map size, which dominates a head at small batches and small maps
+(``benchmarks/RESULTS.md``). `inference_copy` builds the same function (up to float rounding) from the
+head's parts:
 
 - every BatchNorm folded into the conv before it;
 - each of timm's ``SeparableConvNormAct`` as an `InferenceSeparableConv`: on small maps (see
