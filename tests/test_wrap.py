@@ -287,3 +287,11 @@ def test_gradient_checkpointing_is_honoured(name, size, stage, when):
     assert len(calls) == 2  # once forward, once recomputed in backward
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name, published", [("resnet18", 1.81e9), ("vit_tiny_patch16_224", 1.26e9)])
+def test_backbone_macs_match_published_figures(name, published):
+    """torchvision's model table gives resnet18 1.81 GFLOPS (multiply-adds) at 224x224; timm's results
+    give vit_tiny_patch16_224 1.26 GMACs."""
+    model = timm_scan.wrap(create(name, num_classes=1000))
+    assert model.backbone_macs((3, 224, 224)) == pytest.approx(published, rel=0.01)
