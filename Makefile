@@ -22,7 +22,7 @@ demo: $(STAMP)
 		-m timm_scan train --dataset $(DATASET) --output-dir $(DEMO_DIR) --model resnet18 \
 		--input-size 32 --crop-pct 1.0 --train-scale 0.35 1 --max-train-samples 20000 --val-size 2000 \
 		--epochs 4 --batch-size 64 --lr 0.05
-	$(VENV)/bin/timm-scan search $(DEMO_DIR)
+	$(VENV)/bin/timm-scan search $(DEMO_DIR) --max-drop 0.5 --min-threshold 0.5
 	$(VENV)/bin/timm-scan evaluate $(DEMO_DIR)
 
 test: $(STAMP)

@@ -60,3 +60,17 @@ def test_search_thresholds_then_evaluate(tiny_parquet, tmp_path, monkeypatch, ca
     assert [t.batch_size for t in report.wall_clock] == [256, 1]
     assert (run / "tradeoff_test.png").is_file() and (run / "exit_shares.png").is_file()
     assert "agree on the exit of 100.0%" in capsys.readouterr().out
+
+
+def test_search_for_a_target_drop(tiny_parquet, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run_example("train.py", monkeypatch, "--dataset", str(tiny_parquet), "--output-dir", str(run),
+                "--model", "test_resnet", "--input-size", "32", "--crop-pct", "1.0", "--val-size", "24",
+                "--epochs", "1", "--batch-size", "16", "--num-workers", "0")
+    run_example("search_thresholds.py", monkeypatch, str(run), "--betas", "1", "--max-drop", "100",
+                "--min-threshold", "0.3", "--generations", "5")
+    record = ThresholdRecord.load(run / "thresholds.json")
+    assert record.beta is None and record.max_drop == 100 and record.min_threshold == 0.3
+    assert all(0.3 - 1e-9 <= t <= 1 for t in record.thresholds)
+    assert record.chosen.accuracy >= record.baseline_accuracy - 100
+    assert "kept the cheapest within 100 points" in capsys.readouterr().out

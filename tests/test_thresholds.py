@@ -7,7 +7,14 @@ import torch
 from timm_scan import search_thresholds, sweep_beta
 from timm_scan.deploy import plot_tradeoff
 from timm_scan.deploy.policy import exit_index, simulate_early_exit
-from timm_scan.deploy.thresholds import ExitTable, baseline_accuracy_of, decode, exhaustive_search, genetic_search
+from timm_scan.deploy.thresholds import (
+    ExitTable,
+    Objective,
+    baseline_accuracy_of,
+    decode,
+    exhaustive_search,
+    genetic_search,
+)
 from timm_scan.training import Trainer, TrainConfig
 
 MACS = [10, 20, 30, 42]
@@ -52,9 +59,9 @@ def test_gene_decoding():
 @pytest.mark.parametrize("beta", [0.1, 1.0, 5.0])
 def test_genetic_search_reaches_the_exhaustive_optimum_on_random_cases(seed, beta):
     table = ExitTable.from_outputs(*synthetic(seed=seed), MACS, 40)
-    base = baseline_accuracy_of(table, None)
-    ga = genetic_search(table, beta, base, seed=seed)
-    best = exhaustive_search(table, beta, base)
+    objective = Objective(baseline_accuracy_of(table, None), beta)
+    ga = genetic_search(table, objective, seed=seed)
+    best = exhaustive_search(table, objective)
     assert ga.fitness >= 0.99 * best.fitness
     assert all(0.7 - 1e-9 <= t <= 1.0 for t in ga.thresholds)
 
@@ -63,8 +70,8 @@ def test_genetic_search_reaches_the_exhaustive_optimum_on_random_cases(seed, bet
 def test_genetic_search_reaches_the_exhaustive_optimum_on_a_trained_model(trained_outputs, beta):
     probs, labels, exit_macs, backbone_macs = trained_outputs
     table = ExitTable.from_outputs(probs, labels, exit_macs, backbone_macs)
-    base = baseline_accuracy_of(table, None)
-    assert genetic_search(table, beta, base).fitness >= 0.99 * exhaustive_search(table, beta, base).fitness
+    objective = Objective(baseline_accuracy_of(table, None), beta)
+    assert genetic_search(table, objective).fitness >= 0.99 * exhaustive_search(table, objective).fitness
 
 
 def algorithm_1(probs, labels, thresholds, exit_macs, fallback):
@@ -142,3 +149,33 @@ def test_default_fitness_baseline_is_the_deepest_exits_accuracy():
     assert result.fitness == pytest.approx(result.acceleration + 2.0 * (result.accuracy - deepest))
     given = search_thresholds(probs, labels, MACS, 42, beta=2.0, generations=5, baseline_accuracy=50.0)
     assert given.fitness == pytest.approx(given.acceleration + 2.0 * (given.accuracy - 50.0))
+
+
+def test_gene_decoding_over_a_wider_range():
+    genes = np.zeros((1, 2, 10), dtype=bool)
+    genes[0, 0] = True  # every bit set: the floor
+    genes[0, 1, :5] = True  # half: halfway down
+    assert decode(genes, 10, min_threshold=0.3).tolist() == [[pytest.approx(0.3), pytest.approx(0.65)]]
+
+
+@pytest.mark.parametrize("max_drop", [0.0, 1.0, 3.0])
+def test_max_accuracy_drop_gives_the_cheapest_thresholds_that_keep_the_accuracy(max_drop):
+    probs, labels = synthetic(n=1500, seed=3)
+    table = ExitTable.from_outputs(probs, labels, MACS, 40)
+    objective = Objective(table.deepest_accuracy, None, max_drop)
+    for low in (0.7, 0.3):
+        result = search_thresholds(probs, labels, MACS, 40, max_accuracy_drop=max_drop, min_threshold=low, seed=1)
+        accuracy, mean_macs, _ = algorithm_1(probs, labels, result.thresholds, MACS, "ensemble")
+        assert accuracy >= table.deepest_accuracy - max_drop - 1e-9 and result.max_drop == max_drop
+        assert result.beta is None and result.acceleration == pytest.approx(40 / mean_macs)
+        best = exhaustive_search(table, objective, min_threshold=low, bits=20)
+        assert result.acceleration >= 0.98 * best.acceleration
+    wider = search_thresholds(probs, labels, MACS, 40, max_accuracy_drop=max_drop, min_threshold=0.3, seed=1)
+    paper = search_thresholds(probs, labels, MACS, 40, max_accuracy_drop=max_drop, seed=1)
+    assert wider.acceleration >= paper.acceleration - 0.02  # a wider range can only help
+
+
+def test_an_unreachable_target_is_reported_not_returned():
+    probs, labels = synthetic(n=500)
+    with pytest.raises(ValueError, match="no thresholds reach accuracy >= 101.00%"):
+        search_thresholds(probs, labels, MACS, 40, max_accuracy_drop=0.0, baseline_accuracy=101.0, generations=5)

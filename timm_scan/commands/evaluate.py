@@ -83,7 +83,8 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
 
     print(f"{train_cfg.model} on {len(labels)} test images ({size[1]}x{size[2]})")
     print(exit_table(exit_macs, backbone_macs, per_exit))
-    print(f"early exit (β = {searched.beta:g}, thresholds {', '.join(f'{t:.3f}' for t in searched.thresholds)}): "
+    kept = f"β = {searched.beta:g}" if searched.beta is not None else f"max drop {searched.max_drop:g} on validation"
+    print(f"early exit ({kept}, thresholds {', '.join(f'{t:.3f}' for t in searched.thresholds)}): "
           f"accuracy {accuracy:.2f}%, MACs speed-up {acceleration:.2f}x, share per exit "
           + " ".join(f"{s:.0%}" for s in shares))
     for t in timings:
@@ -93,7 +94,7 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
     plot_tradeoff([(pt.macs_speedup, 100 * pt.accuracy) for pt in report.sweep], run / "tradeoff_test.png",
                   baseline=(1.0, 100 * per_exit.deepest), labels=[f"β={pt.beta:g}" for pt in report.sweep],
                   title=f"{train_cfg.model}: test, thresholds from validation")
-    plot_exit_shares(shares, run / "exit_shares.png", f"Where test samples leave (β = {searched.beta:g})")
+    plot_exit_shares(shares, run / "exit_shares.png", f"Where test samples leave ({kept})")
     report.save(run / EVALUATION)
     print(f"plots: {run / 'tradeoff_test.png'}, {run / 'exit_shares.png'}; numbers: {run / EVALUATION}")
     return report

@@ -1,10 +1,12 @@
 """Threshold search for scalable inference: SCAN's genetic algorithm (Algorithm 2), an exhaustive
 reference on the same grid, and the β sweep that traces the accuracy / acceleration trade-off.
 
-Each threshold is a gene of ``bits`` binary digits decoded as ``σ = 1 − (0.3 / bits) · popcount``,
-so σ lies on the grid {1 − 0.3·j/bits : j = 0..bits} ⊂ [0.70, 1.00]. Fitness of a threshold vector
-is ``acceleration + β · (accuracy − baseline_accuracy)`` with accuracy in percent and acceleration
-``backbone_macs / mean MACs per sample``. Everything is evaluated on cached outputs (``probs``: one
+Each threshold is a gene of ``bits`` binary digits decoded as ``σ = 1 − (1 − σ_min) / bits · popcount``,
+so σ lies on the grid {1 − (1 − σ_min)·j/bits : j = 0..bits} ⊂ [σ_min, 1]; the paper's σ_min is 0.70
+(``PAPER_MIN_THRESHOLD``). Fitness of a threshold vector is SCAN's ``acceleration + β · (accuracy −
+baseline)``, with accuracy in percent and acceleration ``backbone_macs / mean MACs per sample``; or,
+given a target ``max_drop`` (points), the acceleration of vectors whose accuracy is at least
+``baseline − max_drop`` (vectors that miss it rank below every one that meets it, by their shortfall). Everything is evaluated on cached outputs (``probs``: one
 ``(N, C)`` array per exit, deepest last) with the policy of `timm_scan.deploy.policy`, vectorised over
 the population. Search on validation outputs; report on test.
 """
@@ -22,9 +24,9 @@ from torch import Tensor
 from ..report import JsonRecord
 from .policy import exit_index, fallback_probs
 
-__all__ = ["ExitTable", "SearchResult", "exhaustive_search", "genetic_search", "search_thresholds", "sweep_beta"]
+__all__ = ["PAPER_MIN_THRESHOLD", "ExitTable", "Objective", "SearchResult", "exhaustive_search", "genetic_search", "search_thresholds", "sweep_beta"]
 
-SPAN = 0.3  # thresholds cover [1 - SPAN, 1]
+PAPER_MIN_THRESHOLD = 0.7  # SCAN's decoding: σ ∈ [0.70, 1.00]
 
 
 @dataclass
@@ -98,26 +100,55 @@ class SearchResult(JsonRecord):
     acceleration: float
     fitness: float
     exit_shares: list[float]
-    beta: float
+    beta: float | None
     history: list[float] = field(default_factory=list)
+    max_drop: float | None = None
 
 
-def decode(genes: np.ndarray, bits: int) -> np.ndarray:
-    """Bit genes ``(P, K-1, bits)`` → thresholds ``(P, K-1)``: σ = 1 − (0.3/bits)·popcount."""
-    return 1.0 - (SPAN / bits) * genes.sum(-1)
+@dataclass(frozen=True)
+class Objective:
+    """What the search maximises: SCAN's ``acceleration + β·(accuracy − baseline)``, or with
+    ``max_drop`` the acceleration subject to ``accuracy >= baseline − max_drop`` (accuracies in percent)."""
+
+    baseline: float
+    beta: float | None = 1.0
+    max_drop: float | None = None
+
+    def fitness(self, accuracy: np.ndarray, acceleration: np.ndarray) -> np.ndarray:
+        if self.max_drop is None:
+            return acceleration + self.beta * (accuracy - self.baseline)
+        shortfall = self.baseline - self.max_drop - accuracy
+        return np.where(shortfall <= 1e-9, acceleration, -shortfall)  # every miss ranks below every hit
+
+    def met(self, accuracy: float) -> bool:
+        return self.max_drop is None or accuracy >= self.baseline - self.max_drop - 1e-9
 
 
-def _fitness(table: ExitTable, thresholds: np.ndarray, beta: float, baseline: float) -> tuple[np.ndarray, ...]:
+def decode(genes: np.ndarray, bits: int, min_threshold: float = PAPER_MIN_THRESHOLD) -> np.ndarray:
+    """Bit genes ``(P, K-1, bits)`` → thresholds ``(P, K-1)``: σ = 1 − (1 − σ_min)/bits·popcount."""
+    return 1.0 - ((1.0 - min_threshold) / bits) * genes.sum(-1)
+
+
+def _fitness(table: ExitTable, thresholds: np.ndarray, objective: Objective) -> tuple[np.ndarray, ...]:
     accuracy, acceleration = table.evaluate(thresholds)
-    return acceleration + beta * (accuracy - baseline), accuracy, acceleration
+    return objective.fitness(accuracy, acceleration), accuracy, acceleration
 
 
-def _result(table: ExitTable, thresholds: np.ndarray, beta: float, baseline: float, history=()) -> SearchResult:
-    fit, acc, accel = _fitness(table, thresholds[None], beta, baseline)
+def _result(table: ExitTable, thresholds: np.ndarray, objective: Objective, history=()) -> SearchResult:
+    fit, acc, accel = _fitness(table, thresholds[None], objective)
+    if not objective.met(float(acc[0])):
+        deepest_path = float(table.evaluate(np.ones((1, table.num_exits - 1)))[0][0])
+        raise ValueError(
+            f"no thresholds reach accuracy >= {objective.baseline - objective.max_drop:.2f}% (baseline "
+            f"{objective.baseline:.2f}% minus {objective.max_drop:g} points) on these outputs; the best found gives "
+            f"{float(acc[0]):.2f}%, and sending every sample to the end gives {deepest_path:.2f}% (the fallback's). "
+            "Allow a larger drop, or use fallback='deepest' where the ensemble is the weaker answer."
+        )
     shares = table.exit_shares(thresholds[None])[0]
     return SearchResult(
         [float(t) for t in thresholds], float(acc[0]), float(accel[0]), float(fit[0]),
-        [float(s) for s in shares], beta, list(history),
+        [float(s) for s in shares], objective.beta if objective.max_drop is None else None, list(history),
+        objective.max_drop,
     )
 
 
@@ -127,31 +158,36 @@ def baseline_accuracy_of(table: ExitTable, baseline_accuracy: float | None) -> f
 
 
 def search_thresholds(
-    probs: Sequence[np.ndarray],
-    labels: np.ndarray,
+    probs: Sequence[Tensor | np.ndarray],
+    labels: Tensor | np.ndarray,
     exit_macs: Sequence[int],
     backbone_macs: float,
     beta: float = 1.0,
     *,
+    max_accuracy_drop: float | None = None,
     baseline_accuracy: float | None = None,
     fallback: str = "ensemble",
     **ga_options,
 ) -> SearchResult:
     """SCAN's genetic search for one threshold per shallow exit, on cached outputs.
 
-    ``baseline_accuracy`` (percent): the plain backbone's accuracy; by default the deepest exit's.
-    ``ga_options`` go to ``genetic_search``: ``bits``, ``population``, ``generations``,
-    ``crossover``, ``mutation``, ``seed``.
+    By default it maximises SCAN's trade-off with ``beta``; with ``max_accuracy_drop`` (points) it
+    finds the cheapest thresholds whose accuracy on these outputs is at least the baseline's minus that
+    drop, and raises ``ValueError`` where no threshold vector reaches it. ``baseline_accuracy``
+    (percent): the plain backbone's accuracy; by default the deepest exit's. ``ga_options`` go to
+    ``genetic_search``: ``min_threshold``, ``bits``, ``population``, ``generations``, ``crossover``,
+    ``mutation``, ``seed``.
     """
     table = ExitTable.from_outputs(probs, labels, exit_macs, backbone_macs, fallback)
-    return genetic_search(table, beta, baseline_accuracy_of(table, baseline_accuracy), **ga_options)
+    objective = Objective(baseline_accuracy_of(table, baseline_accuracy), beta, max_accuracy_drop)
+    return genetic_search(table, objective, **ga_options)
 
 
 def genetic_search(
     table: ExitTable,
-    beta: float,
-    baseline: float,
+    objective: Objective,
     *,
+    min_threshold: float = PAPER_MIN_THRESHOLD,
     bits: int = 30,
     population: int = 64,
     generations: int = 100,
@@ -159,15 +195,17 @@ def genetic_search(
     mutation: float | None = None,
     seed: int = 0,
 ) -> SearchResult:
-    """The genetic algorithm on a prepared ``ExitTable``.
+    """The genetic algorithm on a prepared ``ExitTable``, thresholds in ``[min_threshold, 1]``.
 
     Each generation keeps the best individual (elitism), picks parents with probability
     proportional to fitness (shifted to be positive), applies one-point crossover with probability
     ``crossover`` and flips each bit with probability ``mutation`` (default 1 / genome length).
     """
+    if not 0.0 <= min_threshold < 1.0:
+        raise ValueError(f"min_threshold must be in [0, 1); got {min_threshold}")
     n_genes = table.num_exits - 1
     if n_genes == 0:
-        return _result(table, np.zeros(0), beta, baseline)
+        return _result(table, np.zeros(0), objective)
     rng = np.random.default_rng(seed)
     length = n_genes * bits
     mutation = 1.0 / length if mutation is None else mutation
@@ -175,7 +213,7 @@ def genetic_search(
     history = []
     best, best_fit = pop[0], -np.inf
     for _ in range(generations):
-        fit = _fitness(table, decode(pop.reshape(population, n_genes, bits), bits), beta, baseline)[0]
+        fit = _fitness(table, decode(pop.reshape(population, n_genes, bits), bits, min_threshold), objective)[0]
         top = int(fit.argmax())
         if fit[top] > best_fit:
             best, best_fit = pop[top].copy(), float(fit[top])
@@ -189,26 +227,27 @@ def genetic_search(
         children ^= rng.random(children.shape) < mutation
         children[0] = best  # elitism
         pop = children
-    return _result(table, decode(best.reshape(1, n_genes, bits), bits)[0], beta, baseline, history)
+    return _result(table, decode(best.reshape(1, n_genes, bits), bits, min_threshold)[0], objective, history)
 
 
 def exhaustive_search(
-    table: ExitTable, beta: float, baseline: float, *, bits: int = 30, chunk: int = 4096
+    table: ExitTable, objective: Objective, *, min_threshold: float = PAPER_MIN_THRESHOLD, bits: int = 30,
+    chunk: int = 4096,
 ) -> SearchResult:
     """Every threshold vector on the GA's grid (``(bits+1)^(K-1)`` of them): the reference for small K."""
-    grid = 1.0 - SPAN * np.arange(bits + 1) / bits
+    grid = 1.0 - (1.0 - min_threshold) * np.arange(bits + 1) / bits
     combos = np.array(list(itertools.product(grid, repeat=table.num_exits - 1)))
     best, best_fit = combos[0], -np.inf
     for start in range(0, len(combos), chunk):
         block = combos[start : start + chunk]
-        fit = _fitness(table, block, beta, baseline)[0]
+        fit = _fitness(table, block, objective)[0]
         if fit.max() > best_fit:
             best, best_fit = block[int(fit.argmax())], float(fit.max())
-    return _result(table, best, beta, baseline)
+    return _result(table, best, objective)
 
 
 def sweep_beta(
-    probs: Sequence[np.ndarray],
+    probs: Sequence[Tensor | np.ndarray],
     labels: np.ndarray,
     exit_macs: Sequence[int],
     backbone_macs: float,
@@ -222,4 +261,4 @@ def sweep_beta(
     """One genetic search per β: the accuracy / acceleration trade-off (SCAN Fig. 5)."""
     table = ExitTable.from_outputs(probs, labels, exit_macs, backbone_macs, fallback)
     baseline = baseline_accuracy_of(table, baseline_accuracy)
-    return [genetic_search(table, b, baseline, seed=seed, **ga_kwargs) for b in betas]
+    return [genetic_search(table, Objective(baseline, b), seed=seed, **ga_kwargs) for b in betas]
