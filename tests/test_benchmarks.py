@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from timm_scan.training import PRESETS, TrainConfig
+from timm_scan.training import PRESETS, Trainer, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,3 +131,16 @@ def test_self_distillation_grid(tiny_parquet, tmp_path, monkeypatch, capsys):
     assert "| no-t2 | 0.1 | 2 |" in capsys.readouterr().out
     run("self_distillation.py", monkeypatch, *args)  # finished runs are reused, not trained again
     assert "epoch 1" not in capsys.readouterr().out
+
+
+def test_from_weights(tiny_parquet, tmp_path, monkeypatch, capsys):
+    baseline = tmp_path / "baseline"
+    Trainer(TrainConfig(dataset=str(tiny_parquet), output_dir=str(baseline), model="test_resnet", input_size=32,
+                        crop_pct=1.0, val_size=16, epochs=1, batch_size=16, num_workers=0, baseline=True)).fit()
+    out = tmp_path / "from_weights.json"
+    run("from_weights.py", monkeypatch, "--baseline", str(baseline), "--epochs", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    frozen, finetuned = report["modes"]["frozen"], report["modes"]["finetuned"]
+    assert frozen["test"]["exits"][-1] == report["baseline"]["test"]["exits"][0]  # frozen: the deepest unchanged
+    assert finetuned["config"]["lr"] == pytest.approx(0.1 * frozen["config"]["lr"])
+    assert "no_loss" in frozen and len(frozen["exit_macs"]) == 4
