@@ -130,4 +130,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = config_from_args(config_cls, args)
     except ValueError as exc:
         parser.error(f"{args.command}: {exc}")
-    run(cfg)
+    try:
+        run(cfg)
+    except (ValueError, FloatingPointError) as exc:  # bad input or a diverged run: the message says what to do
+        sys.exit(f"timm-scan {args.command}: error: {exc}")

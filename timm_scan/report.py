@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +54,11 @@ class JsonRecord:
         return cls(**values)
 
     def save(self, path: str | Path) -> Path:
+        """Write the JSON file whole or not at all (by way of a temporary name)."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(partial, path)
         return path
 
     @classmethod

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..model.config import ATTENTION_KINDS, ScanConfig
 from ..options import option
@@ -16,6 +19,10 @@ from .losses import PRESETS, SelfDistillationLoss
 __all__ = ["TrainConfig"]
 
 TRAIN_CONFIG = "train_config.json"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 @dataclass
@@ -34,6 +41,7 @@ class TrainConfig:
     input_size: int | None = option(None, "square input side in pixels (default: the model's pretrained_cfg)")
     crop_pct: float | None = option(None, "centre-crop fraction for evaluation (default: the model's)")
     train_scale: tuple[float, float] = option((0.08, 1.0), "area range of the random-resized crop")
+    skip_bad_images: bool = option(False, "leave out (with a warning) images that do not decode, instead of stopping")
     # model
     model: str = option("resnet18", "timm model name")
     pretrained: bool = option(False, "start from timm's own weights (its classifier replaced where the classes differ)")
@@ -90,8 +98,28 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.train_scale, list):
             self.train_scale = tuple(self.train_scale)
+        def positive(value: Any) -> bool:
+            return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
         checks = [
             ("attention", self.attention in ATTENTION_KINDS, f"one of {ATTENTION_KINDS}"),
+            ("lr", _number(self.lr) and 0 < self.lr < math.inf, "a finite number > 0"),
+            ("momentum", _number(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", _number(self.weight_decay) and 0 <= self.weight_decay < math.inf, "a finite number >= 0"),
+            ("gamma", _number(self.gamma) and 0 < self.gamma < math.inf, "a finite number > 0"),
+            ("warmup_epochs", isinstance(self.warmup_epochs, int) and 0 <= self.warmup_epochs <= self.epochs,
+             f"an int in [0, epochs={self.epochs}]"),
+            ("milestones", all(isinstance(m, int) and m > 0 for m in self.milestones), "positive epoch numbers"),
+            ("input_size", self.input_size is None or (isinstance(self.input_size, int) and 8 <= self.input_size <= 4096),
+             "an int in [8, 4096] pixels"),
+            ("crop_pct", self.crop_pct is None or (_number(self.crop_pct) and 0 < self.crop_pct <= 1), "in (0, 1]"),
+            ("train_scale", len(self.train_scale) == 2 and all(_number(v) for v in self.train_scale)
+             and 0 < self.train_scale[0] <= self.train_scale[1] <= 1, "two numbers 0 < low <= high <= 1"),
+            ("max_train_samples", positive(self.max_train_samples), "a positive int"),
+            ("max_test_samples", positive(self.max_test_samples), "a positive int"),
+            ("num_classes", positive(self.num_classes), "a positive int"),
+            ("num_workers", isinstance(self.num_workers, int) and self.num_workers >= 0, "an int >= 0"),
+            ("external_weight", _number(self.external_weight) and 0 <= self.external_weight <= 1, "in [0, 1]"),
             ("optimizer", self.optimizer in ("sgd", "adamw"), "'sgd' or 'adamw'"),
             ("schedule", self.schedule in ("cosine", "step"), "'cosine' or 'step'"),
             ("mixed_precision", self.mixed_precision in ("no", "bf16", "fp16"), "'no', 'bf16' or 'fp16'"),
@@ -100,7 +128,6 @@ class TrainConfig:
             ("grad_accum", self.grad_accum >= 1, ">= 1"),
             ("anneal_epochs", self.anneal_epochs >= 0, ">= 0"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
-            ("lr", self.lr > 0, "> 0"),
         ]
         for name, ok, valid in checks:
             if not ok:
@@ -111,6 +138,12 @@ class TrainConfig:
         self.loss_settings()  # likewise an unknown preset or an invalid loss setting
         if (self.teacher_model is None) != (self.teacher_checkpoint is None):
             raise ValueError("TrainConfig.teacher_model and teacher_checkpoint go together: pass both or neither")
+        if self.push_to_hub is not None:
+            try:
+                validate_repo_id(self.push_to_hub)
+            except HFValidationError as exc:
+                raise ValueError(f"TrainConfig.push_to_hub must be a Hub repo id such as 'owner/name'; got "
+                                 f"{self.push_to_hub!r} ({exc})") from None
 
     def scan_config(self) -> ScanConfig:
         """What ``wrap`` adds: no exit for a baseline."""

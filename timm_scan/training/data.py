@@ -8,18 +8,24 @@ test split (``test``, else ``validation``) is only for the final report.
 
 from __future__ import annotations
 
+import io
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import datasets
+import numpy as np
+import PIL.Image
 import timm.data
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Image, Value
 from torch import nn
+from tqdm.auto import tqdm
 
 __all__ = ["ImageSplits", "TorchImageDataset", "build_transforms", "data_config", "detect_columns", "eval_transform",
-           "load_image_dataset", "load_splits"]
+           "load_image_dataset", "load_splits", "to_rgb"]
 
 
 @dataclass
@@ -103,13 +109,20 @@ def load_splits(
     seed: int = 0,
     max_train_samples: int | None = None,
     max_test_samples: int | None = None,
+    skip_bad_images: bool = False,
 ) -> ImageSplits:
-    """Load ``source`` and carve a validation split out of train.
+    """Load ``source``, check it, and carve a validation split out of train.
 
     ``val_size``: a fraction of train (0 < f < 1) or a number of samples. The carve is stratified by
-    class where labels are a ``ClassLabel`` and depends only on ``seed``. ``max_train_samples``
-    keeps a prefix of train before carving (the rows of the shared CIFAR-10 are shuffled, so a
-    prefix is roughly class-balanced); ``max_test_samples`` a prefix of test.
+    class where labels are a ``ClassLabel`` and depends only on ``seed`` (a class with a single image
+    cannot be stratified: then the carve is not, with a warning). ``max_train_samples`` keeps a
+    prefix of train before carving (the rows of the shared CIFAR-10 are shuffled, so a prefix is
+    roughly class-balanced); ``max_test_samples`` a prefix of test.
+
+    Checked before anything trains (``ValueError`` naming the split and row): labels are class
+    indices 0..C-1 (integer labels must use every index below their maximum; the test split may not
+    hold a class train does not), and every image opens as an image (``skip_bad_images``: images that
+    do not decode fully are left out, with a warning naming them, instead).
     """
     dd = load_image_dataset(source)
     if "train" not in dd:
@@ -117,24 +130,85 @@ def load_splits(
     train = dd["train"]
     image_column, label_column = detect_columns(train, image_column, label_column)
     label_feature = train.features[label_column]
-    if isinstance(label_feature, ClassLabel):
-        class_names = list(label_feature.names)
-    else:
-        class_names = [str(i) for i in range(max(train[label_column]) + 1)]
     if max_train_samples is not None:
         train = train.select(range(min(max_train_samples, len(train))))
-    if isinstance(val_size, float) and not 0 < val_size < 1 or isinstance(val_size, int) and not 0 < val_size < len(train):
-        raise ValueError(f"val_size must be a fraction in (0, 1) or a count in [1, {len(train) - 1}]; got {val_size}")
-    stratify = label_column if isinstance(label_feature, ClassLabel) else None
-    try:
-        carved = train.train_test_split(test_size=val_size, seed=seed, stratify_by_column=stratify)
-    except ValueError:  # too few samples per class to stratify (tiny debug subsets)
-        carved = train.train_test_split(test_size=val_size, seed=seed)
     test_name = "test" if "test" in dd else "validation" if "validation" in dd else None
     test = dd[test_name] if test_name else None
     if test is not None and max_test_samples is not None:
         test = test.select(range(min(max_test_samples, len(test))))
+    train = _checked_images(train, "train", image_column, skip_bad_images)
+    test = _checked_images(test, test_name, image_column, skip_bad_images) if test is not None else None
+    class_names = _class_names(train, test, label_column, test_name)
+    if isinstance(val_size, float) and not 0 < val_size < 1 or isinstance(val_size, int) and not 0 < val_size < len(train):
+        raise ValueError(f"val_size must be a fraction in (0, 1) or a count in [1, {len(train) - 1}]; got {val_size}")
+    stratify = label_column if isinstance(label_feature, ClassLabel) else None
+    if stratify is not None:
+        counts = Counter(train[label_column])
+        alone = sorted(class_names[c] for c, n in counts.items() if n < 2)
+        if alone:
+            warnings.warn(f"classes {alone} have a single training image: the validation split is carved without "
+                          "stratification")
+            stratify = None
+    carved = train.train_test_split(test_size=val_size, seed=seed, stratify_by_column=stratify)
     return ImageSplits(carved["train"], carved["test"], test, image_column, label_column, class_names)
+
+
+def _class_names(train: Dataset, test: Dataset | None, label_column: str, test_name: str | None) -> list[str]:
+    """The classes, from a ``ClassLabel`` or from integer labels, with every label checked to be one."""
+    feature = train.features[label_column]
+    labels = {"train": train[label_column], **({test_name: test[label_column]} if test is not None else {})}
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+    else:
+        used = sorted(set(labels["train"]))
+        if used and (used[0] < 0 or used[-1] != len(used) - 1):
+            shown = used if len(used) <= 10 else [*used[:5], "...", *used[-3:]]
+            raise ValueError(f"integer labels must be the class indices 0..C-1, each used in train; train uses {shown}. "
+                             "Remap them, or cast the column to a datasets.ClassLabel")
+        names = [str(i) for i in used]
+    for split, values in labels.items():
+        bad = next(((row, v) for row, v in enumerate(values) if not 0 <= v < len(names)), None)
+        if bad is not None:
+            raise ValueError(f"row {bad[0]} of the {split} split has label {bad[1]}, not a class of train (0..{len(names) - 1})")
+    return names
+
+
+def _checked_images(ds: Dataset, split: str, image_column: str, skip_bad: bool) -> Dataset:
+    """``ds`` once every image has been opened (header and integrity, or a full decode where bad images are
+    to be skipped); a ``ValueError`` naming the first bad row, or those rows left out with a warning."""
+    raw = ds.select_columns([image_column]).cast_column(image_column, Image(decode=False))
+    items = (item for batch in raw.iter(batch_size=1024) for item in batch[image_column])
+    bad = []
+    for row, item in enumerate(tqdm(items, total=len(raw), desc=f"checking {split} images", leave=False)):
+        reason = _image_problem(item, full=skip_bad)
+        if reason is None:
+            continue
+        where = f"row {row} of the {split} split" + (f" ({item['path']})" if item and item.get("path") else "")
+        if not skip_bad:
+            raise ValueError(f"{where}: the image cannot be read ({reason}); fix or remove it, or pass "
+                             "--skip-bad-images to leave such images out")
+        bad.append(row)
+        warnings.warn(f"{where}: the image cannot be read ({reason}); left out")
+    if not bad:
+        return ds
+    left_out = set(bad)
+    return ds.select([i for i in range(len(ds)) if i not in left_out])
+
+
+def _image_problem(item: dict | None, full: bool) -> str | None:
+    """Why a raw image (``{"bytes", "path"}``) cannot be read, or ``None``."""
+    if not item or (item.get("bytes") is None and not item.get("path")):
+        return "no image data"
+    try:
+        source = io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"]
+        with PIL.Image.open(source) as image:
+            if full:
+                image.load()
+            else:
+                image.verify()
+    except Exception as exc:  # PIL raises many types for damaged files
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 class TorchImageDataset(torch.utils.data.Dataset):
@@ -147,8 +221,26 @@ class TorchImageDataset(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        row = self.ds[i]
-        return self.transform(row[self.image_column].convert("RGB")), int(row[self.label_column])
+        try:
+            row = self.ds[i]
+            image = to_rgb(row[self.image_column])
+        except Exception as exc:  # a damaged image or row found while training: name it
+            raw = self.ds.cast_column(self.image_column, Image(decode=False))[i][self.image_column]
+            path = f" ({raw['path']})" if raw and raw.get("path") else ""
+            raise ValueError(f"row {i}{path} cannot be read ({type(exc).__name__}: {exc}); fix or remove it, or "
+                             "pass --skip-bad-images") from exc
+        return self.transform(image), int(row[self.label_column])
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """An 8-bit RGB image; 16- and 32-bit grey images are scaled to 8 bits (PIL's own conversion clips
+    them to white)."""
+    if image.mode.startswith("I"):  # "I;16*" (16-bit) or "I" (32-bit integers, scaled by the range they use)
+        values = np.asarray(image, dtype=np.float64)
+        peak = values.max(initial=0)
+        top = 65535.0 if image.mode.startswith("I;16") or 255 < peak <= 65535 else max(peak, 255.0)
+        image = PIL.Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def data_config(model: nn.Module, input_size: int | None = None, crop_pct: float | None = None) -> dict[str, Any]:

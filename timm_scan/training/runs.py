@@ -28,7 +28,7 @@ def run_splits(cfg: TrainConfig) -> ImageSplits:
     """The run's train/val/test splits: its source, seed and sizes."""
     return load_splits(cfg.dataset, image_column=cfg.image_column, label_column=cfg.label_column,
                        val_size=cfg.val_size, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
-                       max_test_samples=cfg.max_test_samples)
+                       max_test_samples=cfg.max_test_samples, skip_bad_images=cfg.skip_bad_images)
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[MultiExitModel, TrainConfig]:

@@ -17,8 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,7 +50,10 @@ from .losses import LossOutput, SelfDistillationLoss
 from .recipe import build_loader, build_model, build_optimizer, lr_lambda
 from .runs import run_splits
 
-__all__ = ["Trainer", "check_trackers"]
+__all__ = ["Trainer", "TrainingDiverged", "check_trackers"]
+
+BEST = "best"
+CHECKPOINT_NAME = re.compile(r"epoch_\d{4}")
 
 TRACKER_EXTRAS = ("tensorboard", "wandb")  # trackers timm-scan has an extra for
 
@@ -78,6 +84,9 @@ class Trainer:
         self.cfg = cfg
         self.callbacks = callbacks or []
         self.out = Path(cfg.output_dir)
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("mixed_precision='fp16' needs a CUDA GPU: on CPU its autocast would silently train in "
+                             "fp32; use 'bf16' (which CPUs run) or 'no'")
         trackers = check_trackers(cfg.log_with)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # else several CPU processes would each train alone
@@ -147,8 +156,8 @@ class Trainer:
             if val.deepest > self.progress.best_accuracy:
                 self.progress.best_accuracy, self.progress.best_epoch = val.deepest, epoch + 1
                 self._save_best()
-            self._save_checkpoint(epoch + 1)
             self._log(metrics)
+            self._save_checkpoint(epoch + 1)
             for callback in self.callbacks:
                 callback(self, metrics)
         return self.finish()
@@ -177,11 +186,15 @@ class Trainer:
                 if acc.sync_gradients:
                     self.scheduler.step()
                 self.optimizer.zero_grad()
+            value = loss.total.item()
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"the loss is {value} at epoch {epoch + 1}, step {batches + 1} (lr "
+                                       f"{self.scheduler.get_last_lr()[0]:.3g}); {_DIVERGED_ADVICE}")
             parts = _loss_vector(loss)
             step_seconds += time.perf_counter() - started
             sums = parts if sums is None else sums + parts
             batches += 1
-            bar.set_postfix(loss=f"{loss.total.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.3g}")
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.3g}")
         mean = acc.reduce(sums / max(batches, 1), reduction="mean").tolist()
         k = len(loss.ce)
         return {"lr": self.scheduler.get_last_lr()[0], "step_seconds": step_seconds / max(batches, 1), "loss": mean[0],
@@ -220,29 +233,87 @@ class Trainer:
         return accuracy, list(stacked.unbind(1)), torch.cat(kept_labels)
 
     # ---------------------------------------------------------- checkpoints
+    # Every folder is written under a temporary name and renamed when complete, so an interrupted
+    # write is never taken for a finished one; what an interruption leaves is cleaned up on resume.
     def _checkpoints(self) -> list[Path]:
-        return sorted((self.out / "checkpoints").glob("epoch_*"))
+        """Complete checkpoints, oldest first."""
+        return sorted(p for p in (self.out / "checkpoints").glob("epoch_*") if CHECKPOINT_NAME.fullmatch(p.name))
 
     def _resume(self) -> None:
+        """Continue from the last complete checkpoint that loads (an earlier one, with a warning, where the
+        last does not); drop what an interrupted epoch left: partial folders, metrics of later epochs."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            for partial in [*(self.out / "checkpoints").glob("*.partial"), self.out / f"{BEST}.partial"]:
+                warnings.warn(f"removing {partial}, left by an interrupted write")
+                shutil.rmtree(partial, ignore_errors=True)
+            best, previous = self.out / BEST, self.out / f"{BEST}.previous"
+            if previous.is_dir():  # interrupted between the two renames of _save_best
+                if best.is_dir():
+                    shutil.rmtree(previous)
+                else:
+                    os.replace(previous, best)
+        acc.wait_for_everyone()
         checkpoints = self._checkpoints()
-        if checkpoints:
-            self.accelerator.load_state(str(checkpoints[-1]))
-            self.accelerator.print(f"resumed from {checkpoints[-1]} (epoch {self.progress.epoch} done)")
+        for i, checkpoint in enumerate(reversed(checkpoints)):
+            try:
+                acc.load_state(str(checkpoint))
+            except Exception as exc:  # a damaged checkpoint: fall back to the one before
+                if i == len(checkpoints) - 1:
+                    raise RuntimeError(f"no checkpoint in {self.out / 'checkpoints'} can be loaded ({exc}); delete "
+                                       "the folder to start the run over") from exc
+                warnings.warn(f"checkpoint {checkpoint} cannot be loaded ({type(exc).__name__}: {exc}); "
+                              f"resuming from the one before")
+                continue
+            acc.print(f"resumed from {checkpoint} (epoch {self.progress.epoch} done)")
+            break
+        if acc.is_main_process:
+            self._keep_metrics(self.progress.epoch)
+
+    def _keep_metrics(self, epochs: int) -> None:
+        """``metrics.jsonl`` without the lines of epochs after ``epochs`` (redone on resume) or cut short."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["epoch"] <= epochs:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break
+        _write_atomically(path, "".join(f"{line}\n" for line in kept))
 
     def _save_checkpoint(self, epoch: int) -> None:
         acc = self.accelerator
-        acc.save_state(str(self.out / "checkpoints" / f"epoch_{epoch:04d}"))
+        final = self.out / "checkpoints" / f"epoch_{epoch:04d}"
+        partial = final.with_name(final.name + ".partial")
+        acc.save_state(str(partial))
+        acc.wait_for_everyone()
         if acc.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
             for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old)
         acc.wait_for_everyone()
 
     def _save_best(self) -> None:
+        """The model as ``best/`` (never non-finite weights), swapped in whole."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        model = self._unwrapped()
+        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise TrainingDiverged(f"the weights are not finite after epoch {self.progress.epoch} ({bad[0]} and "
+                                   f"{len(bad) - 1} more); nothing was saved as {self.out / BEST}. {_DIVERGED_ADVICE}")
         if acc.is_main_process:
-            model = self._unwrapped()
-            model.save_pretrained(str(self.out / "best"), card=self._card(model))
+            best, partial, previous = self.out / BEST, self.out / f"{BEST}.partial", self.out / f"{BEST}.previous"
+            model.save_pretrained(str(partial), card=self._card(model))
+            if best.exists():
+                os.replace(best, previous)
+            os.replace(partial, best)
+            shutil.rmtree(previous, ignore_errors=True)
         acc.wait_for_everyone()
 
     def _unwrapped(self) -> MultiExitModel:
@@ -273,7 +344,7 @@ class Trainer:
     def _log(self, metrics: EpochMetrics) -> None:
         acc = self.accelerator
         if acc.is_main_process:
-            with open(self.out / "metrics.jsonl", "a") as f:
+            with open(self.out / "metrics.jsonl", "a") as f:  # before the checkpoint: resume drops it if that fails
                 f.write(json.dumps(metrics.to_dict()) + "\n")
             summary = ", ".join(f"{v:.3f}" for v in metrics.val.exits)
             ensemble = f", ensemble {metrics.val.ensemble:.3f}" if metrics.val.ensemble is not None else ""
@@ -288,7 +359,7 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         model = self._unwrapped()
-        load_weights(model, self.out / "best")
+        load_weights(model, self.out / BEST)
         size = tuple(self.data_config["input_size"])
         val, val_probs, val_labels = self._evaluate(self.val_loader, "val", keep_outputs=bool(self.cfg.log_with))
         test = None
@@ -302,7 +373,7 @@ class Trainer:
         )
         if acc.is_main_process:
             results.save(self.out / "results.json")
-            (self.out / "best" / "README.md").write_text(self._card(model, results))
+            _write_atomically(self.out / BEST / "README.md", self._card(model, results))
             acc.print(f"{results.model}{' (baseline)' if results.baseline else ''}: best epoch {results.best_epoch}, "
                       f"validation accuracy {results.val.deepest:.4f}"
                       + (f"; on {test.samples} test images:" if test else ""))
@@ -310,11 +381,24 @@ class Trainer:
             if self.cfg.log_with and model.num_exits > 1:
                 self._log_tradeoff(val_probs, val_labels, results)
             if self.cfg.push_to_hub:
-                url = push_to_hub(model, self.cfg.push_to_hub, save_directory=self.out / "best",
+                url = push_to_hub(model, self.cfg.push_to_hub, save_directory=self.out / BEST,
                                   card=self._card(model, results))
                 acc.print(f"pushed the best model to {self.cfg.push_to_hub}: {url}")
         acc.end_training()
         return results
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the weights stopped being finite; training stops without saving them."""
+
+
+_DIVERGED_ADVICE = "lower --lr, add --warmup-epochs, or train in fp32; rerunning resumes from the last checkpoint"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def check_trackers(log_with: str | None) -> list[str]:

@@ -1,0 +1,49 @@
+"""Run by test_faults: the tiny training run of `config`, killed at one point (``os._exit``, which leaves
+files as a SIGKILL would: no cleanup, nothing flushed) or, with no point, run to the end.
+
+    python fault_worker.py DATA OUT [POINT COUNT]
+
+POINT: ``step`` (the COUNT-th optimizer step), ``torch.save`` (the COUNT-th file Accelerate writes with
+torch.save: optimizer, schedule, RNG, in the middle of a checkpoint), ``os.replace`` (the COUNT-th rename
+that completes a checkpoint or ``best/``) or ``checkpoint`` (the COUNT-th checkpoint, right after that
+epoch's metrics line).
+"""
+
+import os
+import sys
+
+import torch
+
+import timm_scan.training.trainer as trainer_module
+from timm_scan.training import TrainConfig, Trainer
+
+data, out = sys.argv[1], sys.argv[2]
+point, count = (sys.argv[3], int(sys.argv[4])) if len(sys.argv) > 3 else (None, 0)
+calls = 0
+
+
+def die_at(owner, name):
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        global calls
+        calls += 1
+        if calls == count:
+            os._exit(9)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+if point == "step":
+    die_at(torch.optim.SGD, "step")
+elif point == "torch.save":
+    die_at(torch, "save")
+elif point == "os.replace":
+    die_at(trainer_module.os, "replace")
+elif point == "checkpoint":
+    die_at(trainer_module.Trainer, "_save_checkpoint")
+
+cfg = TrainConfig(dataset=data, output_dir=out, model="test_resnet", input_size=32, crop_pct=1.0, val_size=16, epochs=3,
+                  batch_size=16, lr=0.05, num_workers=0, keep_checkpoints=2)
+Trainer(cfg).fit()
