@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import create
@@ -65,3 +66,71 @@ def test_transforms_follow_the_model_data_config(tiny_parquet):
     a = TorchImageDataset(splits.val, "img", "label", eval_tf)[0][0]
     b = TorchImageDataset(splits.val, "img", "label", eval_tf)[0][0]
     assert torch.equal(a, b)  # eval is deterministic
+
+
+def parquet_with(tmp_path, train_rows, test_rows=None, label_feature=None):
+    """A parquet folder from rows of (image bytes or None, label)."""
+    import datasets
+
+    label_feature = label_feature or datasets.ClassLabel(names=["a", "b", "c"])
+    features = datasets.Features({"img": datasets.Image(), "label": label_feature})
+    for split, rows in (("train", train_rows), ("test", test_rows or train_rows[:6])):
+        ds = datasets.Dataset.from_dict({"img": [{"bytes": b, "path": None} for b, _ in rows],
+                                         "label": [y for _, y in rows]}, features=features)
+        ds.to_parquet(str(tmp_path / f"{split}.parquet"))
+    return tmp_path
+
+
+def png(value=128, mode="RGB", size=8):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, (size, size), value).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_a_damaged_image_is_found_before_training_and_named(tmp_path, damage):
+    good = [(png(10 * i), i % 3) for i in range(30)]
+    bad = {"truncated": png()[:40], "empty": b"", "garbage": b"not an image at all"}[damage]
+    folder = parquet_with(tmp_path, good[:17] + [(bad, 1)] + good[17:])
+    with pytest.raises(ValueError, match=r"row 17 of the train split: the image cannot be read .*--skip-bad-images"):
+        load_splits(str(folder), val_size=6)
+    with pytest.warns(UserWarning, match="row 17 of the train split"):
+        splits = load_splits(str(folder), val_size=6, skip_bad_images=True)
+    assert len(splits.train) + len(splits.val) == 30
+
+
+def test_16_bit_grey_images_keep_their_levels():
+    from PIL import Image
+
+    from timm_scan.training.data import to_rgb
+
+    grey16 = Image.fromarray(np.full((4, 4), 30000, dtype=np.uint16))
+    assert grey16.mode.startswith("I;16")
+    assert np.asarray(to_rgb(grey16))[0, 0].tolist() == [117, 117, 117]  # 30000 / 65535 of white, not white
+    assert np.asarray(to_rgb(Image.new("L", (2, 2), 77)))[0, 0].tolist() == [77, 77, 77]
+
+
+def test_a_class_with_one_image_is_said(tmp_path):
+    rows = [(png(i), 0 if i < 15 else 1) for i in range(29)] + [(png(200), 2)]
+    with pytest.warns(UserWarning, match=r"classes \['c'\] have a single training image"):
+        splits = load_splits(str(parquet_with(tmp_path, rows)), val_size=6)
+    assert len(splits.val) == 6
+
+
+@pytest.mark.parametrize("train_labels, test_labels, message", [
+    ([-1, 0, 1] * 10, None, "integer labels must be the class indices 0..C-1"),
+    ([0, 5, 999] * 10, None, r"train uses \[0, 5, 999\]"),
+    ([0, 1, 2] * 10, [0, 1, 2, 3, 0, 1], "row 3 of the test split has label 3, not a class of train"),
+])
+def test_labels_that_are_not_class_indices(tmp_path, train_labels, test_labels, message):
+    import datasets
+
+    rows = [(png(i), y) for i, y in enumerate(train_labels)]
+    test = [(png(i), y) for i, y in enumerate(test_labels)] if test_labels else None
+    folder = parquet_with(tmp_path, rows, test, label_feature=datasets.Value("int64"))
+    with pytest.raises(ValueError, match=message):
+        load_splits(str(folder), val_size=6)
