@@ -81,11 +81,11 @@ def test_a_plain_timm_folder_is_not_a_timm_scan_model(tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     ("truncate_exits", "scan_exits.safetensors cannot be read"),
-    ("truncate_backbone", "cannot load the backbone"),
+    ("truncate_backbone", "model.safetensors cannot be read"),
     ("drop_exits", "scan_exits.safetensors is missing"),
     ("bad_json", "not valid JSON"),
     ("other_format", "format"),
-    ("wrong_shapes", "does not match the model"),
+    ("wrong_shapes", "scan_exits.safetensors tensor .* has shape"),
 ])
 def test_damaged_folders_get_a_clear_error(tmp_path, damage, message):
     model = trained_like()

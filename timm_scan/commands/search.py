@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..deploy.plots import plot_tradeoff
-from ..deploy.policy import FALLBACKS
+from ..model.config import FALLBACKS
 from ..deploy.thresholds import PAPER_MIN_THRESHOLD, SearchResult, search_thresholds, sweep_beta
 from ..model.hub import save_thresholds
 from ..options import option

@@ -11,16 +11,14 @@ reference the predictor is tested against.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["FALLBACKS", "ensemble_probs", "exit_index", "fallback_probs", "leaves", "simulate_early_exit",
-           "validate_thresholds"]
+from ..model.config import FALLBACKS, validate_fallback, validate_thresholds
 
-FALLBACKS = ("ensemble", "deepest")
+__all__ = ["ensemble_probs", "exit_index", "fallback_probs", "leaves", "simulate_early_exit"]
 
 
 def leaves(confidence: Tensor | float, threshold: Tensor | float) -> Tensor | bool:
@@ -35,22 +33,8 @@ def ensemble_probs(exit_probs: Sequence[Tensor]) -> Tensor:
 
 def fallback_probs(exit_probs: Sequence[Tensor], fallback: str) -> Tensor:
     """What a sample that passes no threshold is answered with: the ensemble or the deepest exit."""
-    if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be one of {FALLBACKS}; got {fallback!r}")
+    validate_fallback(fallback)
     return ensemble_probs(exit_probs) if fallback == "ensemble" else exit_probs[-1].float()
-
-
-def validate_thresholds(thresholds: Sequence[float], num_exits: int) -> list[float]:
-    """One number in [0, 1] per shallow exit, or a ``ValueError`` saying what is wrong."""
-    values = thresholds.tolist() if isinstance(thresholds, Tensor) else list(thresholds)
-    if len(values) != num_exits - 1:
-        raise ValueError(
-            f"thresholds: need one per shallow exit, {num_exits - 1} for this {num_exits}-exit model; got {len(values)}"
-        )
-    for i, t in enumerate(values):
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or not 0.0 <= t <= 1.0:
-            raise ValueError(f"thresholds[{i}] must be a number in [0, 1] (a softmax confidence); got {t!r}")
-    return [float(t) for t in values]
 
 
 def exit_index(confidence: Tensor, thresholds: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ sample leaves where, the fallback) is `timm_scan.deploy.policy`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,9 @@ from torch import Tensor
 
 from ..model.multi_exit import MultiExitModel
 from .fast_heads import inference_copy
-from .policy import FALLBACKS, fallback_probs, leaves, validate_thresholds
+from ..model.backbone import eval_mode
+from ..model.config import validate_fallback, validate_thresholds
+from .policy import fallback_probs, leaves
 
 __all__ = ["EarlyExitPredictor", "EarlyExitResult"]
 
@@ -57,11 +60,9 @@ class EarlyExitPredictor:
                 raise ValueError("no thresholds: pass thresholds=[...] (one per shallow exit) or load a model saved with some")
             thresholds, fallback = model.thresholds, fallback or model.fallback
         fallback = fallback or "ensemble"
-        if fallback not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {FALLBACKS}; got {fallback!r}")
         self.model = model.eval()
         self.thresholds = validate_thresholds(thresholds, model.num_exits)
-        self.fallback = fallback
+        self.fallback = validate_fallback(fallback)
         self.heads = [inference_copy(h) if optimize_heads else h for h in model.exits]
         self._macs: dict[tuple[int, ...], Tensor] = {}
 
@@ -74,6 +75,21 @@ class EarlyExitPredictor:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> EarlyExitResult:
+        """Answer a batch ``(B, C, H, W)`` of float images (B may be 0 or 1); non-finite pixels are a
+        ``ValueError``. The model runs in eval mode even if it was switched to train mode since."""
+        if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a float tensor (batch, channels, height, width); got {shape}")
+        if len(images) == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=images.device)
+            return EarlyExitResult(empty, empty, empty.float(), images.new_zeros(0, self.model.num_classes), empty)
+        if not torch.isfinite(images).all():
+            bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero()[:, 0].tolist()
+            raise ValueError(f"images {bad[:10]} hold NaN or infinite pixels; nothing was answered")
+        with eval_mode(self.model) if self.model.training else nullcontext():
+            return self._predict(images)
+
+    def _predict(self, images: Tensor) -> EarlyExitResult:
         model, k = self.model, self.model.num_exits
         n, image_size = images.shape[0], (images.shape[-2], images.shape[-1])
         macs = self.exit_macs((images.shape[1], *image_size), images.device)

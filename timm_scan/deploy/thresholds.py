@@ -14,6 +14,8 @@ the population. Search on validation outputs; report on test.
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -55,12 +57,12 @@ class ExitTable:
         fallback: str = "ensemble",
     ) -> ExitTable:
         """From the softmax of every exit (K ``(N, C)`` tensors or arrays, deepest last) and labels."""
-        probs = [torch.as_tensor(p).float() for p in probs]
-        labels = torch.as_tensor(labels)
+        probs, labels = _checked_outputs(probs, labels)
         if len(probs) != len(exit_macs):
             raise ValueError(f"probs has {len(probs)} exits but exit_macs has {len(exit_macs)}")
-        if any(p.shape != probs[0].shape or p.ndim != 2 for p in probs) or probs[0].shape[0] != len(labels):
-            raise ValueError("probs must be K arrays of shape (N, C) with N = len(labels)")
+        macs = [*exit_macs, backbone_macs]
+        if not all(isinstance(m, numbers.Real) and not isinstance(m, bool) and 0 < m < math.inf for m in macs):
+            raise ValueError(f"exit_macs and backbone_macs must be positive numbers; got {list(exit_macs)}, {backbone_macs!r}")
         final = fallback_probs(probs, fallback)
         correct = torch.stack([p.argmax(-1) == labels for p in probs[:-1]] + [final.argmax(-1) == labels])
         confidence = torch.stack([p.amax(-1) for p in probs[:-1]]) if len(probs) > 1 else torch.zeros(0, len(labels))
@@ -90,6 +92,32 @@ class ExitTable:
         return torch.stack([(index == i).double().mean(1) for i in range(self.num_exits)], dim=1).numpy()
 
 
+def _checked_outputs(probs: Sequence[Tensor | np.ndarray], labels: Tensor | np.ndarray) -> tuple[list[Tensor], Tensor]:
+    """Softmax probabilities of each exit (K arrays ``(N, C)``) and integer labels in [0, C), or a
+    ``ValueError`` saying what they are instead."""
+    try:
+        probs = [torch.as_tensor(np.asarray(p) if not isinstance(p, Tensor) else p) for p in probs]
+        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"probs must be K arrays (N, C) of numbers and labels N integers ({exc})") from None
+    if not probs or any(p.ndim != 2 or p.shape != probs[0].shape or not (p.is_floating_point()) for p in probs):
+        raise ValueError(f"probs must be K float arrays of one shape (N, C); got shapes {[tuple(p.shape) for p in probs]}")
+    n, classes = probs[0].shape
+    if labels.ndim != 1 or len(labels) != n or n == 0:
+        raise ValueError(f"labels must be N = {n} > 0 class indices, one per row of probs; got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels must be integers (class indices); got {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(f"labels must be class indices in [0, {classes}); got values from {labels.min().item()} to "
+                         f"{labels.max().item()}")
+    probs = [p.float() for p in probs]
+    for i, p in enumerate(probs):
+        if not torch.isfinite(p).all() or p.min() < 0 or (p.sum(-1) - 1).abs().max() > 1e-3:
+            raise ValueError(f"probs[{i}] are not softmax probabilities (finite, non-negative, each row summing to 1); "
+                             "pass torch.softmax(logits, -1), not logits")
+    return probs, labels
+
+
 @dataclass
 class SearchResult(JsonRecord):
     """Best thresholds found (one per shallow exit), their accuracy (percent), acceleration,
@@ -114,6 +142,14 @@ class Objective:
     beta: float | None = 1.0
     max_drop: float | None = None
 
+    def __post_init__(self) -> None:
+        if not _finite(self.baseline):
+            raise ValueError(f"the baseline accuracy must be a number (percent); got {self.baseline!r}")
+        if self.max_drop is None and not (_finite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta must be a number >= 0; got {self.beta!r}")
+        if self.max_drop is not None and not (_finite(self.max_drop) and self.max_drop >= 0):
+            raise ValueError(f"max_accuracy_drop must be a number >= 0 (points); got {self.max_drop!r}")
+
     def fitness(self, accuracy: np.ndarray, acceleration: np.ndarray) -> np.ndarray:
         if self.max_drop is None:
             return acceleration + self.beta * (accuracy - self.baseline)
@@ -122,6 +158,14 @@ class Objective:
 
     def met(self, accuracy: float) -> bool:
         return self.max_drop is None or accuracy >= self.baseline - self.max_drop - 1e-9
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: object, least: int, most: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and least <= value <= most
 
 
 def decode(genes: np.ndarray, bits: int, min_threshold: float = PAPER_MIN_THRESHOLD) -> np.ndarray:
@@ -201,8 +245,15 @@ def genetic_search(
     proportional to fitness (shifted to be positive), applies one-point crossover with probability
     ``crossover`` and flips each bit with probability ``mutation`` (default 1 / genome length).
     """
-    if not 0.0 <= min_threshold < 1.0:
-        raise ValueError(f"min_threshold must be in [0, 1); got {min_threshold}")
+    checks = [("min_threshold", min_threshold, _finite(min_threshold) and 0.0 <= min_threshold < 1.0, "in [0, 1)"),
+              ("bits", bits, _count(bits, 1, 64), "an int in [1, 64]"),
+              ("population", population, _count(population, 2, 100_000), "an int in [2, 100000]"),
+              ("generations", generations, _count(generations, 1, 100_000), "an int in [1, 100000]"),
+              ("crossover", crossover, _finite(crossover) and 0 <= crossover <= 1, "in [0, 1]"),
+              ("mutation", mutation, mutation is None or (_finite(mutation) and 0 <= mutation <= 1), "in [0, 1] or None")]
+    for name, value, ok, valid in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {valid}; got {value!r}")
     n_genes = table.num_exits - 1
     if n_genes == 0:
         return _result(table, np.zeros(0), objective)

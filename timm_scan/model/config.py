@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ATTENTION_KINDS", "ScanConfig"]
+__all__ = ["ATTENTION_KINDS", "FALLBACKS", "ScanConfig", "validate_fallback", "validate_thresholds"]
 
 ATTENTION_KINDS = ("sd", "scan", "none")
+FALLBACKS = ("ensemble", "deepest")  # the answer for samples that pass no threshold
+MAX_HEAD_CHANNELS = 16384  # beyond any timm stage's width: a larger value is a damaged config, not a model
+MAX_HEAD_BLOCKS = 32
 
 
 @dataclass
@@ -56,10 +62,10 @@ class ScanConfig:
                 f"ScanConfig.attention must be one of {', '.join(map(repr, ATTENTION_KINDS))}; "
                 f"got {self.attention!r}"
             )
-        for name in ("head_channels", "head_blocks"):
+        for name, most in (("head_channels", MAX_HEAD_CHANNELS), ("head_blocks", MAX_HEAD_BLOCKS)):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"ScanConfig.{name} must be a positive int or None; got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
+                raise ValueError(f"ScanConfig.{name} must be an int in [1, {most}] or None; got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,3 +87,25 @@ class ScanConfig:
     @classmethod
     def from_json(cls, text: str) -> ScanConfig:
         return cls.from_dict(json.loads(text))
+
+
+def validate_thresholds(thresholds: Sequence[float], num_exits: int) -> list[float]:
+    """One number in [0, 1] per shallow exit (thresholds on the max softmax), or a ``ValueError``
+    saying what is wrong."""
+    if isinstance(thresholds, (str, bytes, dict)) or not hasattr(thresholds, "__len__"):
+        raise ValueError(f"thresholds must be a sequence of numbers, one per shallow exit; got {thresholds!r}")
+    values = thresholds.tolist() if hasattr(thresholds, "tolist") else list(thresholds)
+    if len(values) != num_exits - 1:
+        raise ValueError(
+            f"thresholds: need one per shallow exit, {num_exits - 1} for this {num_exits}-exit model; got {len(values)}"
+        )
+    for i, t in enumerate(values):
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"thresholds[{i}] must be a number in [0, 1] (a softmax confidence); got {t!r}")
+    return [float(t) for t in values]
+
+
+def validate_fallback(fallback: str) -> str:
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}; got {fallback!r}")
+    return fallback

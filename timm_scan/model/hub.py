@@ -19,25 +19,26 @@ import json
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
 from huggingface_hub import HfApi, snapshot_download
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbone import model_name
 from .card import model_card
-from .config import ScanConfig
+from .config import ScanConfig, validate_fallback, validate_thresholds
 
 if TYPE_CHECKING:
     from .multi_exit import MultiExitModel
 
-__all__ = ["HubUploadError", "load_initial_weights", "load_weights", "push_to_hub", "read_pretrained",
-           "save_pretrained", "save_thresholds"]
+__all__ = ["HubUploadError", "Pretrained", "load_initial_weights", "load_weights", "push_to_hub", "read_pretrained",
+           "read_tensors", "save_pretrained", "save_thresholds"]
 
 FORMAT = "timm-scan"
 FORMAT_VERSION = 1
@@ -46,6 +47,14 @@ EXITS_WEIGHTS = "scan_exits.safetensors"
 BACKBONE_CONFIG = "config.json"
 BACKBONE_WEIGHTS = "model.safetensors"
 HUB_PREFIX = "hf-hub:"
+FORMAT_FILES = (SCAN_CONFIG, BACKBONE_CONFIG, BACKBONE_WEIGHTS, EXITS_WEIGHTS)  # what loading fetches from the Hub
+_META_KEYS = {"format", "format_version", "scan_config", "thresholds", "fallback"}
+_DRAFT_META_KEYS = {"class_names", "data_config"}  # written by unreleased drafts, now read from config.json
+MAX_INPUT_SIDE = 4096
+CHECK_SIDE = 256  # the wrap-time proof of a loaded model runs at most this size, unless its input size is fixed
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class HubUploadError(RuntimeError):
@@ -75,29 +84,114 @@ def save_pretrained(model: MultiExitModel, save_directory: str | Path, card: str
     return folder
 
 
+@dataclass
+class Pretrained:
+    """A saved model's files, read and validated: the timm ``backbone`` with its weights, the exits'
+    ``config`` and the file of their weights (loaded once the exits are built), the thresholds and
+    fallback, and ``check_size``, the input size the wrap-time proof may run at."""
+
+    source: str
+    backbone: nn.Module
+    config: ScanConfig
+    exits_file: Path
+    thresholds: list[float] | None
+    fallback: str
+    check_size: tuple[int, int, int]
+
+
 def read_pretrained(
     name_or_path: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None, token: str | None = None
-) -> tuple[nn.Module, ScanConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """What ``MultiExitModel.from_pretrained`` builds from: the timm backbone (weights loaded), the
-    ``ScanConfig``, the exits' tensors and ``scan_config.json`` (thresholds, fallback), from a folder or
-    from the Hub (``"hf-hub:owner/name"``). Raises ``ValueError`` when the source is not a timm-scan model
-    or a file is missing, truncated or corrupt."""
-    folder = _resolve(str(name_or_path), revision, cache_dir, token)
-    meta_path = folder / SCAN_CONFIG
-    if not meta_path.is_file():
-        hint = f" To load the plain timm model: timm.create_model('{name_or_path}', pretrained=True)." if (
+) -> Pretrained:
+    """What ``MultiExitModel.from_pretrained`` builds from, from a folder or from the Hub
+    (``"hf-hub:owner/name"``: only the format's files are fetched). Everything is validated before
+    anything is built at full size: JSON types and ranges, the architecture, sizes, and every tensor's
+    name, shape, kind of dtype and finiteness; a ``ValueError`` names the file and what is wrong."""
+    src = str(name_or_path)
+    folder = _resolve(src, revision, cache_dir, token)
+    if not (folder / SCAN_CONFIG).is_file():
+        hint = f" To load the plain timm model: timm.create_model('{src}', pretrained=True)." if (
             folder / BACKBONE_CONFIG).is_file() else ""
-        raise ValueError(f"{name_or_path} is not a timm-scan model: it has no {SCAN_CONFIG}.{hint}")
-    meta = _read_meta(meta_path)
+        raise ValueError(f"{src} is not a timm-scan model: it has no {SCAN_CONFIG}.{hint}")
+    meta = _read_meta(folder / SCAN_CONFIG)
     for needed in (BACKBONE_CONFIG, BACKBONE_WEIGHTS, EXITS_WEIGHTS):
         if not (folder / needed).is_file():
-            raise ValueError(f"{name_or_path}: {needed} is missing")
+            raise ValueError(f"{src}: {needed} is missing")
     try:
-        backbone = timm.create_model(f"local-dir:{folder}", pretrained=True)
-    except (SafetensorError, RuntimeError, OSError) as exc:
-        raise ValueError(f"{name_or_path}: cannot load the backbone from {BACKBONE_WEIGHTS}: {exc}") from exc
-    exits = _load_safetensors(folder / EXITS_WEIGHTS, name_or_path)
-    return backbone, ScanConfig.from_dict(meta["scan_config"]), exits, meta
+        config = ScanConfig.from_dict(meta["scan_config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{src}: {SCAN_CONFIG} field 'scan_config': {exc}") from None
+    try:
+        fallback = validate_fallback(meta.get("fallback", "ensemble"))
+        thresholds = meta.get("thresholds")
+        if thresholds is not None:
+            thresholds = validate_thresholds(thresholds, len(config.exits or []) + 1)
+    except ValueError as exc:
+        raise ValueError(f"{src}: {SCAN_CONFIG}: {exc}") from None
+    backbone, check_size = _read_backbone(folder, src)
+    return Pretrained(src, backbone, config, folder / EXITS_WEIGHTS, thresholds, fallback, check_size)
+
+
+def _read_backbone(folder: Path, src: str) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The timm backbone of ``config.json`` with the weights of ``model.safetensors``, each checked
+    first (the model is built on the meta device to compare against), and the proof's input size."""
+    config = _read_json(folder / BACKBONE_CONFIG, src)
+    _check_backbone_config(config, src)
+    try:
+        with torch.device("meta"):  # the architecture as config.json describes it, without allocating
+            skeleton = timm.create_model(f"local-dir:{folder}", pretrained=False)
+    except Exception as exc:  # timm raises many types for configs it cannot build
+        raise ValueError(f"{src}: {BACKBONE_CONFIG} does not describe a model timm can build "
+                         f"({type(exc).__name__}: {exc})") from None
+    size = tuple(timm.data.resolve_model_data_config(skeleton)["input_size"])
+    if len(size) != 3 or not all(isinstance(v, int) and 0 < v for v in size) or max(size[1:]) > MAX_INPUT_SIDE:
+        raise ValueError(f"{src}: {BACKBONE_CONFIG} gives the input size {size}; this loads models with (C, H, W) "
+                         f"up to {MAX_INPUT_SIDE} pixels a side")
+    state = read_tensors(folder / BACKBONE_WEIGHTS, skeleton.state_dict(), src)
+    backbone = timm.create_model(f"local-dir:{folder}", pretrained=False)
+    load_strict(backbone, state, BACKBONE_WEIGHTS, src)
+    fixed = backbone.pretrained_cfg.get("fixed_input_size", False)
+    return backbone, size if fixed else (size[0], min(size[1], CHECK_SIDE), min(size[2], CHECK_SIDE))
+
+
+def _check_backbone_config(config: dict[str, Any], src: str) -> None:
+    """timm's ``config.json``: a timm architecture, a number of classes, JSON objects where objects go."""
+    arch = config.get("architecture")
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise ValueError(f"{src}: {BACKBONE_CONFIG} field 'architecture' is {arch!r}, not a model of timm "
+                         f"{timm.__version__}")
+    num_classes = config.get("num_classes")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{src}: {BACKBONE_CONFIG} field 'num_classes' must be a positive int; got {num_classes!r}")
+    for key in ("model_args", "pretrained_cfg"):
+        if key in config and not isinstance(config[key], dict):
+            raise ValueError(f"{src}: {BACKBONE_CONFIG} field {key!r} must be a JSON object; got {config[key]!r}")
+    labels = config.get("label_names")
+    if labels is not None and (not isinstance(labels, list) or len(labels) != num_classes
+                               or not all(isinstance(n, str) for n in labels)):
+        raise ValueError(f"{src}: {BACKBONE_CONFIG} field 'label_names' must be {num_classes} class names (strings)")
+
+
+def read_tensors(path: Path, expected: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, checked against ``expected`` (a state dict, possibly on the meta
+    device) before they are read: the same names and shapes, floating point where the model's are (other
+    float precisions are cast), the exact dtype otherwise; then every floating tensor finite."""
+    header = _header(path, src)
+    missing, unexpected = sorted(expected.keys() - header.keys()), sorted(header.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{src}: {path.name} does not match the model: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}" + (" (and more)" if len(missing) > 5 or len(unexpected) > 5 else ""))
+    for name, want in expected.items():
+        dtype, shape = header[name]
+        got = _SAFETENSORS_DTYPES.get(dtype)
+        if shape != tuple(want.shape):
+            raise ValueError(f"{src}: {path.name} tensor {name!r} has shape {shape}; the model's is {tuple(want.shape)}")
+        if got is None or (got != want.dtype and not (got.is_floating_point and want.dtype.is_floating_point)):
+            raise ValueError(f"{src}: {path.name} tensor {name!r} is {dtype}; the model's is {want.dtype}")
+    state = _load_safetensors(path, src)
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{src}: {path.name} tensor {name!r} holds NaN or infinite values")
+    return state
 
 
 def load_initial_weights(
@@ -120,58 +214,75 @@ def load_initial_weights(
                 f"{src}: only safetensors checkpoints are loaded (pickle can run code). Convert a checkpoint you "
                 "trust with safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')"
             )
-        state = _load_safetensors(path, src)
-        _check_classes(model, state, src)
-        load_strict(model.backbone, state, path.name, src)
+        _load_backbone_weights(model, path, src)
         return "backbone"
     folder = _resolve(src, revision, None, token)
     if not (folder / BACKBONE_CONFIG).is_file():
         raise ValueError(f"{src} is not a timm model folder or repo: it has no {BACKBONE_CONFIG}")
-    try:
-        config = json.loads((folder / BACKBONE_CONFIG).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{src}: {BACKBONE_CONFIG} is not valid JSON ({exc}); the file is damaged") from exc
+    config = _read_json(folder / BACKBONE_CONFIG, src)
     if config.get("architecture") != arch:
         raise ValueError(f"{src} holds a {config.get('architecture')!r} model but this run builds {arch!r}; "
                          f"pass --model {config.get('architecture')}")
-    state = _load_safetensors(folder / BACKBONE_WEIGHTS, src)
-    _check_classes(model, state, src)
-    load_strict(model.backbone, state, BACKBONE_WEIGHTS, src)
+    _load_backbone_weights(model, folder / BACKBONE_WEIGHTS, src)
     if not (folder / SCAN_CONFIG).is_file():
         return "backbone"
-    saved = ScanConfig.from_dict(_read_meta(folder / SCAN_CONFIG)["scan_config"])
+    try:
+        saved = ScanConfig.from_dict(_read_meta(folder / SCAN_CONFIG)["scan_config"])
+    except TypeError as exc:
+        raise ValueError(f"{src}: {SCAN_CONFIG} field 'scan_config': {exc}") from None
     if not saved.exits:  # a plain backbone (a --baseline run): the exits start afresh
         return "backbone"
     if saved != model.config:
         raise ValueError(f"{src} has exits {saved.to_dict()} but this run wraps {model.config.to_dict()}; pass the "
                          "same exits and head settings, or start from a model without exits")
-    load_strict(model.exits, _load_safetensors(folder / EXITS_WEIGHTS, src), EXITS_WEIGHTS, src)
+    load_strict(model.exits, read_tensors(folder / EXITS_WEIGHTS, model.exits.state_dict(), src), EXITS_WEIGHTS, src)
     return "backbone and exits"
 
 
-def _check_classes(model: MultiExitModel, state: dict[str, torch.Tensor], source: str) -> None:
-    """A clear error where the classifier in ``state`` is for another number of classes."""
+def _load_backbone_weights(model: MultiExitModel, path: Path, src: str) -> None:
+    """A timm checkpoint into the backbone, with a clear error where its classifier is for another
+    number of classes."""
     classifier = model.backbone.pretrained_cfg.get("classifier")
-    weight = state.get(f"{classifier}.weight") if isinstance(classifier, str) else None
-    if weight is not None and weight.shape[0] != model.num_classes:
+    shape = _header(path, src).get(f"{classifier}.weight", (None, None))[1] if isinstance(classifier, str) else None
+    if shape is not None and shape[0] != model.num_classes:
         raise ValueError(
-            f"{source} classifies {weight.shape[0]} classes ({classifier}.weight {tuple(weight.shape)}) but the data "
-            f"has {model.num_classes}; start from weights for these classes, or from timm's own (--pretrained), "
-            "whose classifier is replaced"
+            f"{src} classifies {shape[0]} classes ({classifier}.weight {shape}) but the data has {model.num_classes}; "
+            "start from weights for these classes, or from timm's own (--pretrained), whose classifier is replaced"
         )
+    load_strict(model.backbone, read_tensors(path, model.backbone.state_dict(), src), path.name, src)
+
+
+def _header(path: Path, src: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (safetensors dtype, shape)}`` of a safetensors file, read without its data."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{src}: {path.name} cannot be read as safetensors ({exc}); it is truncated or damaged") from None
+
+
+def _read_json(path: Path, src: str | Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{src}: {path.name} is not valid JSON ({exc}); the file is damaged") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{src}: {path.name} must hold a JSON object; it holds a {type(data).__name__}")
+    return data
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    """``scan_config.json``, checked to be valid JSON of the format this version reads."""
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); the file is damaged") from exc
+    """``scan_config.json``, checked to be a JSON object of the format this version reads."""
+    meta = _read_json(path, path.parent)
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}; this timm-scan "
             f"reads {FORMAT!r} version {FORMAT_VERSION}"
         )
+    unknown = sorted(set(meta) - _META_KEYS - _DRAFT_META_KEYS)
+    if unknown or not isinstance(meta.get("scan_config"), dict):
+        raise ValueError(f"{path}: needs a 'scan_config' object and knows only {sorted(_META_KEYS)}; "
+                         f"unknown {unknown}" if unknown else f"{path}: field 'scan_config' must be a JSON object")
     return meta
 
 
@@ -234,7 +345,8 @@ def push_to_hub(
 def _resolve(name: str, revision: str | None, cache_dir: str | Path | None, token: str | None) -> Path:
     if name.startswith(HUB_PREFIX):
         repo_id = name[len(HUB_PREFIX):]
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token))
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
+                                      allow_patterns=list(FORMAT_FILES)))
     folder = Path(name).expanduser()
     if not folder.is_dir():
         raise ValueError(f"{name} is neither a folder nor a Hub model ('hf-hub:owner/name')")

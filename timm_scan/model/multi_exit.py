@@ -135,16 +135,14 @@ class MultiExitModel(nn.Module):
         """Load a saved model from a folder or from the Hub (``"hf-hub:owner/name"``), strictly: every
         tensor with its shape. Raises ``ValueError`` when the source is not a timm-scan model or a file is
         missing, truncated, corrupt or of the wrong shape."""
-        backbone, config, exits, meta = hub.read_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
-                                                            token=token)
-        data_config = timm.data.resolve_model_data_config(backbone)
-        model = wrap(backbone.eval(), config, check_input_size=tuple(data_config["input_size"]))
-        hub.load_strict(model.exits, exits, hub.EXITS_WEIGHTS, name_or_path)
-        labels = backbone.pretrained_cfg.get("label_names")
+        saved = hub.read_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
+        model = wrap(saved.backbone.eval(), saved.config, check_input_size=saved.check_size)
+        exits = hub.read_tensors(saved.exits_file, model.exits.state_dict(), saved.source)
+        hub.load_strict(model.exits, exits, hub.EXITS_WEIGHTS, saved.source)
+        labels = saved.backbone.pretrained_cfg.get("label_names")
         model.class_names = list(labels) if labels else None
-        model.data_config = data_config
-        model.thresholds = meta.get("thresholds")
-        model.fallback = meta.get("fallback", "ensemble")
+        model.data_config = timm.data.resolve_model_data_config(saved.backbone)
+        model.thresholds, model.fallback = saved.thresholds, saved.fallback
         return model
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:

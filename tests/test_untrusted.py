@@ -1,0 +1,279 @@
+"""Untrusted model folders, Hub repos and inputs: every bad one is a ValueError that says what is wrong."""
+
+import json
+import random
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+from huggingface_hub import HfApi
+from safetensors.torch import load_file, save_file
+
+import timm_scan
+from timm_scan import EarlyExitPredictor, ScanConfig, search_thresholds
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved")
+    model = timm_scan.wrap(timm.create_model("test_resnet", num_classes=4), check_input_size=(3, 32, 32))
+    model.class_names = ["a", "b", "c", "d"]
+    model.data_config = timm.data.resolve_model_data_config(model.backbone, args={"input_size": (3, 32, 32)})
+    model.thresholds = [0.9, 0.8, 0.7]
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def copy_of(saved, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(saved, target)
+    return target
+
+
+def edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("file, change, message", [
+    ("config.json", lambda d: d.pop("architecture"), "'architecture' is None, not a model"),
+    ("config.json", lambda d: d.update(architecture="resnet_9000"), "'architecture' is 'resnet_9000'"),
+    ("config.json", lambda d: d.update(architecture=5), "'architecture' is 5"),
+    ("config.json", lambda d: d.update(model_args="depth=5"), "'model_args' must be a JSON object"),
+    ("config.json", lambda d: d.update(model_args={"no_such_arg": 1}), "does not describe a model timm can build"),
+    ("config.json", lambda d: d.update(num_classes="four"), "'num_classes' must be a positive int"),
+    ("config.json", lambda d: d.update(label_names=["a", 2]), "'label_names' must be 4 class names"),
+    ("config.json", lambda d: d["pretrained_cfg"].update(input_size=[3, 9000, 9000]), "up to 4096 pixels"),
+    ("scan_config.json", lambda d: d.pop("scan_config"), "'scan_config' must be a JSON object"),
+    ("scan_config.json", lambda d: d.update(extra=1), r"unknown \['extra'\]"),
+    ("scan_config.json", lambda d: d["scan_config"].update(head_channels=1e9), "head_channels must be an int"),
+    ("scan_config.json", lambda d: d["scan_config"].update(head_channels=10**9), r"head_channels must be an int in \[1, 16384\]"),
+    ("scan_config.json", lambda d: d["scan_config"].update(attention=5), "attention must be one of"),
+    ("scan_config.json", lambda d: d["scan_config"].update(exits="layer1"), "exits must be a list"),
+    ("scan_config.json", lambda d: d["scan_config"].update(exits=[1, 2, 9]), "out of range"),
+    ("scan_config.json", lambda d: d.update(thresholds=[0.9, float("nan"), 0.7]), r"thresholds\[1\]"),
+    ("scan_config.json", lambda d: d.update(thresholds=[0.9, 0.8]), "need one per shallow exit"),
+    ("scan_config.json", lambda d: d.update(thresholds=["0.9", 0.8, 0.7]), r"thresholds\[0\]"),
+    ("scan_config.json", lambda d: d.update(fallback="vote"), "fallback must be one of"),
+])
+def test_a_bad_config_field_is_named(saved, tmp_path, file, change, message):
+    folder = copy_of(saved, tmp_path)
+    edit_json(folder / file, change)
+    with pytest.raises(ValueError, match=message):
+        timm_scan.from_pretrained(folder)
+
+
+def test_invalid_json_is_a_value_error(saved, tmp_path):
+    folder = copy_of(saved, tmp_path)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        timm_scan.from_pretrained(folder)
+
+
+def test_a_large_input_size_does_not_make_loading_slow(saved, tmp_path):
+    folder = copy_of(saved, tmp_path)
+    edit_json(folder / "config.json", lambda d: d["pretrained_cfg"].update(input_size=[3, 2048, 2048]))
+    started = time.perf_counter()
+    model = timm_scan.from_pretrained(folder)
+    assert time.perf_counter() - started < 10 and model.data_config["input_size"] == (3, 2048, 2048)
+
+
+@pytest.mark.parametrize("file, dtype", [("model.safetensors", torch.int8), ("scan_exits.safetensors", torch.bool),
+                                         ("scan_exits.safetensors", torch.int32)])
+def test_tensors_of_another_kind_are_refused(saved, tmp_path, file, dtype):
+    folder = copy_of(saved, tmp_path)
+    state = load_file(folder / file)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name].to(dtype)
+    save_file(state, str(folder / file))
+    with pytest.raises(ValueError, match=f"{file} tensor '{name}' is"):
+        timm_scan.from_pretrained(folder)
+
+
+def test_half_precision_weights_load_as_the_models_dtype(saved, tmp_path):
+    folder = copy_of(saved, tmp_path)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(folder / "scan_exits.safetensors").items()}
+    save_file(state, str(folder / "scan_exits.safetensors"))
+    model = timm_scan.from_pretrained(folder)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "scan_exits.safetensors"])
+def test_non_finite_weights_are_refused(saved, tmp_path, file):
+    folder = copy_of(saved, tmp_path)
+    state = load_file(folder / file)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name][0] = float("nan")
+    save_file(state, str(folder / file))
+    with pytest.raises(ValueError, match=f"{file} tensor '{name}' holds NaN"):
+        timm_scan.from_pretrained(folder)
+
+
+def test_a_loaded_model_saves_again(saved, tmp_path):
+    model = timm_scan.from_pretrained(saved)
+    model.save_pretrained(tmp_path / "again")
+    again = timm_scan.from_pretrained(tmp_path / "again")
+    assert again.class_names == ["a", "b", "c", "d"] and again.thresholds == [0.9, 0.8, 0.7]
+
+
+def test_hub_loads_fetch_only_the_formats_files(hub, saved, tmp_path):
+    api = HfApi()
+    api.create_repo("tester/with-extras", exist_ok=True)
+    api.upload_folder(repo_id="tester/with-extras", folder_path=str(saved))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle: never fetched")
+    (tmp_path / "notes.txt").write_text("unrelated")
+    for extra in ("pytorch_model.bin", "notes.txt"):
+        api.upload_file(repo_id="tester/with-extras", path_or_fileobj=str(tmp_path / extra), path_in_repo=extra)
+    cache = tmp_path / "cache"
+    timm_scan.from_pretrained("hf-hub:tester/with-extras", cache_dir=cache)
+    fetched = {p.name for p in cache.rglob("*") if p.is_file() and "snapshots" in p.parts}
+    assert fetched == {"config.json", "model.safetensors", "scan_config.json", "scan_exits.safetensors"}
+
+
+# ------------------------------------------------------------------ predictor and search inputs
+@pytest.fixture(scope="module")
+def model():
+    return timm_scan.wrap(timm.create_model("test_resnet", num_classes=4), check_input_size=(3, 32, 32)).eval()
+
+
+def test_predictor_inputs(model):
+    predictor = EarlyExitPredictor(model, np.array([0.5, 0.5, 0.5], dtype=np.float32))  # numpy numbers are numbers
+    empty = predictor(torch.zeros(0, 3, 32, 32))
+    assert empty.labels.shape == (0,) and empty.probs.shape == (0, 4)
+    x = torch.randn(4, 3, 32, 32)
+    x[2, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"images \[2\] hold NaN"):
+        predictor(x)
+    with pytest.raises(ValueError, match="float tensor"):
+        predictor(torch.zeros(2, 32, 32, dtype=torch.uint8))
+
+
+def test_predictor_answers_in_eval_mode_whatever_the_models_mode(model):
+    predictor = EarlyExitPredictor(model, [0.5, 0.5, 0.5])
+    x = torch.randn(8, 3, 32, 32)
+    before = predictor(x)
+    statistics = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
+    model.train()
+    after = predictor(x)
+    assert model.training  # the user's mode is left as it was
+    model.eval()
+    assert torch.equal(before.labels, after.labels) and torch.equal(before.exit_index, after.exit_index)
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in statistics.items())
+
+
+def outputs(n=200, k=4, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.softmax(torch.randn(n, classes, generator=g) * 3, -1) for _ in range(k)], torch.randint(0, classes, (n,), generator=g)
+
+
+MACS = [10, 20, 30, 42]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p, y, kw: (([torch.log(q) for q in p]), y, kw), "not softmax probabilities"),
+    (lambda p, y, kw: ([q * float("nan") for q in p], y, kw), "not softmax probabilities"),
+    (lambda p, y, kw: ([q - 0.5 for q in p], y, kw), "not softmax probabilities"),
+    (lambda p, y, kw: (p, y + 10, kw), "class indices in"),
+    (lambda p, y, kw: (p, y.float(), kw), "labels must be integers"),
+    (lambda p, y, kw: (p, np.array(["cat"] * len(y)), kw), "integers|labels"),
+    (lambda p, y, kw: (p, y[:-1], kw), "one per row"),
+    (lambda p, y, kw: (p, y, {**kw, "beta": -1.0}), "beta must be"),
+    (lambda p, y, kw: (p, y, {**kw, "fallback": "vote"}), "fallback must be"),
+    (lambda p, y, kw: (p, y, {**kw, "population": 0}), "population must be"),
+    (lambda p, y, kw: (p, y, {**kw, "bits": 0}), "bits must be"),
+    (lambda p, y, kw: (p, y, {**kw, "max_accuracy_drop": -1}), "max_accuracy_drop must be"),
+    (lambda p, y, kw: (p, y, {**kw, "min_threshold": 1.5}), "min_threshold must be"),
+])
+def test_search_inputs(mutate, message):
+    probs, labels = outputs()
+    probs, labels, kwargs = mutate(probs, labels, {"generations": 2})
+    with pytest.raises(ValueError, match=message):
+        search_thresholds(probs, labels, MACS, 40, **kwargs)
+
+
+# ------------------------------------------------------------------ fuzz
+def mutations(value, rng):
+    """Malformed variants of a JSON value."""
+    return [None, "x", -1, 0, 10**12, 1e300, float("nan"), [], {}, [value], {"v": value}, True, rng.random()]
+
+
+def fuzz_json(data, rng):
+    """``data`` with one field somewhere replaced by a malformed value, or deleted."""
+    data = json.loads(json.dumps(data))
+    node = data
+    while True:
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        if not keys:
+            return data
+        key = rng.choice(keys)
+        if isinstance(node[key], (dict, list)) and node[key] and rng.random() < 0.5:
+            node = node[key]
+            continue
+        if isinstance(node, dict) and rng.random() < 0.2:
+            del node[key]
+        else:
+            node[key] = rng.choice(mutations(node[key], rng))
+        return data
+
+
+def test_fuzz_from_pretrained_raises_only_value_errors(saved, tmp_path):
+    rng = random.Random(0)
+    started, outcomes = time.perf_counter(), {"loaded": 0, "refused": 0}
+    for i in range(60):
+        folder = copy_of(saved, tmp_path / str(i))
+        kind = rng.choice(["config.json", "scan_config.json", "tensor", "bytes"])
+        if kind.endswith(".json"):
+            (folder / kind).write_text(json.dumps(fuzz_json(json.loads((folder / kind).read_text()), rng)))
+        elif kind == "tensor":
+            file = folder / rng.choice(["model.safetensors", "scan_exits.safetensors"])
+            state = load_file(file)
+            name = rng.choice(sorted(state))
+            state[name] = rng.choice([lambda t: t.to(torch.int16), lambda t: t.flatten(), lambda t: t * float("inf"),
+                                      lambda t: torch.zeros(3)])(state[name])
+            save_file(state, str(file))
+        else:
+            file = folder / rng.choice(["model.safetensors", "scan_exits.safetensors", "config.json"])
+            data = bytearray(file.read_bytes())
+            for _ in range(8):
+                data[rng.randrange(min(len(data), 200))] = rng.randrange(256)
+            file.write_bytes(bytes(data))
+        try:
+            timm_scan.from_pretrained(folder)
+            outcomes["loaded"] += 1  # a harmless change (a label name, a float spelling) may still load
+        except ValueError:
+            outcomes["refused"] += 1
+        if time.perf_counter() - started > 60:
+            break
+    assert outcomes["refused"] > outcomes["loaded"]
+
+
+def test_fuzz_search_thresholds_raises_only_value_errors():
+    rng = random.Random(1)
+    probs, labels = outputs(n=50)
+    for _ in range(150):
+        p, y = [q.clone() for q in probs], labels.clone()
+        kwargs = {"generations": 2, "population": 4}
+        choice = rng.randrange(6)
+        if choice == 0:
+            p[rng.randrange(4)][rng.randrange(50), rng.randrange(5)] = rng.choice([float("nan"), -1.0, 2.0, float("inf")])
+        elif choice == 1:
+            y[rng.randrange(50)] = rng.choice([-1, 5, 10**9])
+        elif choice == 2:
+            p[rng.randrange(4)] = p[0][:, : rng.randrange(1, 5)]
+        elif choice == 3:
+            kwargs[rng.choice(["beta", "bits", "population", "generations", "crossover", "mutation", "min_threshold",
+                               "max_accuracy_drop", "baseline_accuracy"])] = rng.choice(
+                [-1, 0, float("nan"), float("inf"), "1", None, 1.5, 10**9])
+        elif choice == 4:
+            p = p[: rng.randrange(0, 4)]
+        else:
+            y = y.reshape(5, 10) if rng.random() < 0.5 else y.float()
+        try:
+            search_thresholds(p, y, MACS[: len(p)] if choice == 4 else MACS, 40, **kwargs)
+        except ValueError:
+            pass
