@@ -92,9 +92,20 @@ def test_kd_from_an_external_teacher(tiny_parquet, tmp_path):
         ({"optimizer": "lion"}, "TrainConfig.optimizer"),
         ({"teacher_model": "test_resnet"}, "teacher_checkpoint"),
         ({"batch_size": 512}, "fewer than one batch of 512"),
+        ({"momentum": 2}, "TrainConfig.momentum must be in"),
+        ({"warmup_epochs": -3}, "TrainConfig.warmup_epochs"),
+        ({"crop_pct": -1}, "TrainConfig.crop_pct"),
+        ({"input_size": 0}, "TrainConfig.input_size"),
+        ({"max_test_samples": 0}, "TrainConfig.max_test_samples"),
+        ({"lr": float("inf")}, "TrainConfig.lr must be a finite number"),
+        ({"lr": 1000.0, "push_to_hub": "not a repo id/x"}, "TrainConfig.push_to_hub must be a Hub repo id"),
+        ({"mixed_precision": "fp16"}, "needs a CUDA GPU"),
+        ({"loss_preset": "paper"}, "TrainConfig.loss_preset"),
     ],
 )
 def test_bad_inputs_fail_before_training(tiny_parquet, tmp_path, kwargs, message):
+    if kwargs.get("mixed_precision") == "fp16" and torch.cuda.is_available():
+        pytest.skip("fp16 is refused only where there is no GPU")
     with pytest.raises(ValueError, match=message):
         Trainer(config(tiny_parquet, tmp_path, **kwargs))
     assert not (tmp_path / "checkpoints").exists()
