@@ -5,7 +5,16 @@ Three layers, each a subpackage: ``timm_scan.model`` (the multi-exit model), ``t
 threshold search). The names users need are re-exported here.
 """
 
-from .deploy import EarlyExitPredictor, EarlyExitResult, SearchResult, ensemble_probs, search_thresholds, sweep_beta
+from .deploy import (
+    EarlyExitPredictor,
+    EarlyExitResult,
+    OnnxEarlyExitPredictor,
+    SearchResult,
+    ensemble_probs,
+    export_onnx,
+    search_thresholds,
+    sweep_beta,
+)
 from .model import HubUploadError, MultiExitModel, MultiExitOutput, ScanConfig, from_pretrained, wrap
 from .training import LossOutput, SelfDistillationLoss, TrainConfig
 
@@ -16,11 +25,13 @@ __all__ = [
     "LossOutput",
     "MultiExitModel",
     "MultiExitOutput",
+    "OnnxEarlyExitPredictor",
     "ScanConfig",
     "SearchResult",
     "SelfDistillationLoss",
     "TrainConfig",
     "ensemble_probs",
+    "export_onnx",
     "from_pretrained",
     "search_thresholds",
     "sweep_beta",

@@ -1,4 +1,4 @@
-"""The ``timm-scan`` command: ``train``, ``search``, ``evaluate``, ``push`` and ``inspect``.
+"""The ``timm-scan`` command: ``train``, ``search``, ``evaluate``, ``export``, ``push`` and ``inspect``.
 
 Each command's flags are generated from its config dataclass (`timm_scan.commands`), one flag per
 field, with the field's metadata as help, so the flags and the docs cannot drift. Training runs under
@@ -96,6 +96,7 @@ def parse_config(config_cls: type, argv: Sequence[str] | None = None, descriptio
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     """Each command: its config dataclass, what runs it, and a one-line summary."""
     from .commands.evaluate import EvaluateConfig, evaluate
+    from .commands.export import ExportConfig, export
     from .commands.inspect import InspectConfig, inspect
     from .commands.push import PushConfig, push
     from .commands.search import SearchConfig, search
@@ -110,6 +111,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "train": (TrainConfig, train, "train with self-distillation (or --baseline) under Accelerate"),
         "search": (SearchConfig, search, "search early-exit thresholds on a run's validation split"),
         "evaluate": (EvaluateConfig, evaluate, "report early exit on a run's test split"),
+        "export": (ExportConfig, export, "export a run's best model to ONNX, one graph per section and exit"),
         "push": (PushConfig, push, "push a run's best model to the Hugging Face Hub"),
         "inspect": (InspectConfig, inspect, "print a wrapped model's exits and MACs"),
     }

@@ -4,6 +4,7 @@ the command's flags) and a function of it.
 - ``train`` (`TrainConfig`, `Trainer`): self-distillation training under Accelerate;
 - ``search`` (`SearchConfig`, `search`): thresholds for a trained run, on its validation split;
 - ``evaluate`` (`EvaluateConfig`, `evaluate`): early exit on a run's test split;
+- ``export`` (`ExportConfig`, `export`): a run's best model as ONNX graphs that keep the early exit;
 - ``push`` (`PushConfig`, `push`): a run's best model to the Hub with its card;
 - ``inspect`` (`InspectConfig`, `inspect`): a wrapped model's exits and MACs.
 """

@@ -29,6 +29,7 @@ class PushConfig:
     private: bool = option(False, "create the repo private")
     revision: str | None = option(None, "a branch to push to (created if needed)")
     license: str = option("apache-2.0", "license in the card's header")
+    onnx: bool = option(False, "upload the ONNX export (<run>/onnx, from timm-scan export) beside the model")
 
 
 def push(cfg: PushConfig) -> str:
@@ -40,7 +41,10 @@ def push(cfg: PushConfig) -> str:
     card = model_card(model, repo_id=cfg.repo_id, license=cfg.license, dataset=train_cfg.dataset,
                       train_config=train_cfg.to_dict(), results=run_results(run), evaluation=evaluation,
                       plot=plot.name if plot.is_file() else None)
+    if cfg.onnx and not (run / "onnx" / "manifest.json").is_file():
+        raise ValueError(f"{run / 'onnx'} holds no ONNX export: run timm-scan export {run} first")
     url = push_to_hub(model, cfg.repo_id, save_directory=run / "hub", card=card,
-                      extra_files=[plot] if plot.is_file() else [], private=cfg.private or None, revision=cfg.revision)
+                      extra_files=[plot] if plot.is_file() else [], extra_folders=[run / "onnx"] if cfg.onnx else [],
+                      private=cfg.private or None, revision=cfg.revision)
     print(f"pushed {run} to {cfg.repo_id}: {url}")
     return url

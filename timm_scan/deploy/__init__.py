@@ -1,10 +1,13 @@
-"""Deployment: the exit policy and the ensemble, the early-exit predictor, threshold search, timing, plots."""
+"""Deployment: the exit policy and the ensemble, the early-exit predictor, threshold search, ONNX export,
+timing, plots."""
 
+from .onnx import OnnxEarlyExitPredictor, OnnxManifest, export_onnx
 from .plots import plot_exit_shares, plot_tradeoff
 from .policy import ensemble_probs, simulate_early_exit
 from .predictor import EarlyExitPredictor, EarlyExitResult
 from .thresholds import ExitTable, SearchResult, search_thresholds, sweep_beta
 from .timing import wall_clocks
 
-__all__ = ["EarlyExitPredictor", "EarlyExitResult", "ExitTable", "SearchResult", "ensemble_probs", "plot_exit_shares",
-           "plot_tradeoff", "search_thresholds", "simulate_early_exit", "sweep_beta", "wall_clocks"]
+__all__ = ["EarlyExitPredictor", "EarlyExitResult", "ExitTable", "OnnxEarlyExitPredictor", "OnnxManifest", "SearchResult",
+           "ensemble_probs", "export_onnx", "plot_exit_shares", "plot_tradeoff", "search_thresholds",
+           "simulate_early_exit", "sweep_beta", "wall_clocks"]

@@ -5,7 +5,7 @@ sample leaves where, the fallback) is `timm_scan.deploy.policy`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -19,7 +19,7 @@ from ..model.backbone import eval_mode
 from ..model.config import validate_fallback, validate_thresholds
 from .policy import fallback_probs, leaves
 
-__all__ = ["EarlyExitPredictor", "EarlyExitResult"]
+__all__ = ["EarlyExitPredictor", "EarlyExitResult", "check_images", "run_early_exit"]
 
 
 @dataclass
@@ -77,61 +77,86 @@ class EarlyExitPredictor:
     def __call__(self, images: Tensor) -> EarlyExitResult:
         """Answer a batch ``(B, C, H, W)`` of float images (B may be 0 or 1); non-finite pixels are a
         ``ValueError``. The model runs in eval mode even if it was switched to train mode since."""
-        if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"images must be a float tensor (batch, channels, height, width); got {shape}")
-        if len(images) == 0:
-            empty = torch.zeros(0, dtype=torch.int64, device=images.device)
-            return EarlyExitResult(empty, empty, empty.float(), images.new_zeros(0, self.model.num_classes), empty)
-        if not torch.isfinite(images).all():
-            bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero()[:, 0].tolist()
-            raise ValueError(f"images {bad[:10]} hold NaN or infinite pixels; nothing was answered")
-        with eval_mode(self.model) if self.model.training else nullcontext():
-            return self._predict(images)
-
-    def _predict(self, images: Tensor) -> EarlyExitResult:
+        check_images(images)
         model, k = self.model, self.model.num_exits
-        n, image_size = images.shape[0], (images.shape[-2], images.shape[-1])
+        image_size = (images.shape[-2], images.shape[-1])
         macs = self.exit_macs((images.shape[1], *image_size), images.device)
-        pending: Tensor | None = None  # input positions of the samples still running; None: all, in order
-        answered: list[tuple[Tensor | None, Tensor, int]] = []  # (positions, probs, exit) per group that left
-        seen: list[Tensor] = []  # the running samples' probabilities at each exit so far, for the fallback
-        h = images
-        for i in range(k):
-            h = model.forward_section(i, h)
-            probs = F.softmax(model.exit_logits(i, h, image_size, self.heads[i] if i < k - 1 else None).float(), dim=-1)
-            if i == k - 1:
-                answered.append((pending, fallback_probs([*seen, probs], self.fallback), i))
-                break
-            if len(probs) == 1:  # one sample: one comparison, no mask (most of the cost at batch 1 is per op)
-                n_done = int(leaves(probs.max().item(), self.thresholds[i]))
-            else:
-                done = leaves(probs.amax(-1), self.thresholds[i])
-                n_done = int(done.sum())
-            if n_done == len(probs):
-                answered.append((pending, probs, i))
-                break
-            if self.fallback == "ensemble":
-                seen.append(probs)
-            if n_done:
-                keep = ~done
-                pending = torch.arange(n, device=images.device) if pending is None else pending
-                answered.append((pending[done], probs[done], i))
-                pending, h = pending[keep], h[keep]
-                seen = [p[keep] for p in seen]
-        return self._assemble(answered, n, macs)
 
-    @staticmethod
-    def _assemble(answered: list[tuple[Tensor | None, Tensor, int]], n: int, macs: Tensor) -> EarlyExitResult:
-        """Groups of answered samples → one result in input order (positions ``None``: the whole
-        batch left at one exit, already in input order)."""
-        if len(answered) == 1:
-            probs, exit_index = answered[0][1], torch.full((n,), answered[0][2], device=macs.device)
+        def exit_logits(i: int, h: Tensor) -> Tensor:
+            return model.exit_logits(i, h, image_size, self.heads[i] if i < k - 1 else None)
+
+        with eval_mode(model) if model.training else nullcontext():
+            return run_early_exit(images, k, model.forward_section, exit_logits, self.thresholds, self.fallback, macs,
+                                  model.num_classes)
+
+
+def check_images(images: Tensor) -> None:
+    """A ``ValueError`` unless ``images`` is a float tensor ``(B, C, H, W)`` of finite pixels."""
+    if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor (batch, channels, height, width); got {shape}")
+    if not torch.isfinite(images).all():
+        bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero()[:, 0].tolist()
+        raise ValueError(f"images {bad[:10]} hold NaN or infinite pixels; nothing was answered")
+
+
+def run_early_exit(
+    images: Tensor,
+    num_exits: int,
+    section: Callable[[int, Tensor], Tensor],
+    exit_logits: Callable[[int, Tensor], Tensor],
+    thresholds: Sequence[float],
+    fallback: str,
+    macs: Tensor,
+    num_classes: int,
+) -> EarlyExitResult:
+    """SCAN Algorithm 1 run for real on any staged model: ``section(k, h)`` runs section k and
+    ``exit_logits(k, h)`` exit k's classifier (k = 0..K-1, shallowest first); after each shallow exit the
+    samples that pass its threshold (`leaves`) are answered and only the rest run on. ``macs`` (K,):
+    each exit's cumulative cost. The torch and the ONNX Runtime predictors both run this."""
+    n = images.shape[0]
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=images.device)
+        return EarlyExitResult(empty, empty, empty.float(), images.new_zeros(0, num_classes), empty)
+    pending: Tensor | None = None  # input positions of the samples still running; None: all, in order
+    answered: list[tuple[Tensor | None, Tensor, int]] = []  # (positions, probs, exit) per group that left
+    seen: list[Tensor] = []  # the running samples' probabilities at each exit so far, for the fallback
+    h = images
+    for i in range(num_exits):
+        h = section(i, h)
+        probs = F.softmax(exit_logits(i, h).float(), dim=-1)
+        if i == num_exits - 1:
+            answered.append((pending, fallback_probs([*seen, probs], fallback), i))
+            break
+        if len(probs) == 1:  # one sample: one comparison, no mask (most of the cost at batch 1 is per op)
+            n_done = int(leaves(probs.max().item(), thresholds[i]))
         else:
-            positions = torch.cat([pos for pos, _, _ in answered])
-            order = torch.empty_like(positions)
-            order[positions] = torch.arange(n, device=positions.device)
-            probs = torch.cat([p for _, p, _ in answered])[order]
-            exit_index = torch.cat([torch.full((len(pos),), i, device=macs.device) for pos, _, i in answered])[order]
-        confidence, labels = probs.max(-1)
-        return EarlyExitResult(labels, exit_index, confidence, probs, macs[exit_index])
+            done = leaves(probs.amax(-1), thresholds[i])
+            n_done = int(done.sum())
+        if n_done == len(probs):
+            answered.append((pending, probs, i))
+            break
+        if fallback == "ensemble":
+            seen.append(probs)
+        if n_done:
+            keep = ~done
+            pending = torch.arange(n, device=images.device) if pending is None else pending
+            answered.append((pending[done], probs[done], i))
+            pending, h = pending[keep], h[keep]
+            seen = [p[keep] for p in seen]
+    return _assemble(answered, n, macs)
+
+
+def _assemble(answered: list[tuple[Tensor | None, Tensor, int]], n: int, macs: Tensor) -> EarlyExitResult:
+    """Groups of answered samples → one result in input order (positions ``None``: the whole batch
+    left at one exit, already in input order)."""
+    if len(answered) == 1:
+        probs, exit_index = answered[0][1], torch.full((n,), answered[0][2], device=macs.device)
+    else:
+        positions = torch.cat([pos for pos, _, _ in answered])
+        order = torch.empty_like(positions)
+        order[positions] = torch.arange(n, device=positions.device)
+        probs = torch.cat([p for _, p, _ in answered])[order]
+        exit_index = torch.cat([torch.full((len(pos),), i, device=macs.device) for pos, _, i in answered])[order]
+    confidence, labels = probs.max(-1)
+    return EarlyExitResult(labels, exit_index, confidence, probs, macs[exit_index])

@@ -308,13 +308,14 @@ def push_to_hub(
     save_directory: str | Path | None = None,
     card: str | None = None,
     extra_files: Sequence[str | Path] = (),
+    extra_folders: Sequence[str | Path] = (),
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str = "Upload timm-scan model",
     token: str | None = None,
 ) -> str:
     """``save_pretrained`` into ``save_directory`` (default: a new temporary folder), copy
-    ``extra_files`` (plots the card shows) beside, create the repo if needed and upload the folder
+    ``extra_files`` (plots the card shows) beside and ``extra_folders`` (an ONNX export) under their names, create the repo if needed and upload the folder
     (to branch ``revision`` if given, created if needed); returns the commit URL. On failure,
     raises ``HubUploadError`` naming what failed and the folder, which is left intact."""
     folder = Path(save_directory) if save_directory else Path(tempfile.mkdtemp(prefix="timm-scan-"))
@@ -322,6 +323,9 @@ def push_to_hub(
     for extra in extra_files:
         if Path(extra).resolve() != (folder / Path(extra).name).resolve():
             shutil.copy(extra, folder / Path(extra).name)
+    for extra in map(Path, extra_folders):
+        if extra.resolve() != (folder / extra.name).resolve():
+            shutil.copytree(extra, folder / extra.name, dirs_exist_ok=True)
     api = HfApi(token=token)
     step = "creating the repo"
     try:

@@ -1,0 +1,145 @@
+"""Export that keeps the early exit: ONNX graphs per section and exit, run by ONNX Runtime."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import create
+
+import timm_scan
+from timm_scan import EarlyExitPredictor, OnnxEarlyExitPredictor, export_onnx
+from timm_scan.deploy.onnx import OnnxManifest
+
+pytest.importorskip("onnxruntime")
+
+
+def probs_of(model, x):
+    with torch.no_grad():
+        return [torch.softmax(z, -1) for z in model(x).logits]
+
+
+def mixing_thresholds(model, x):
+    """Thresholds that send some samples out at every shallow exit."""
+    return [torch.quantile(p.amax(-1), q).item() for p, q in zip(probs_of(model, x)[:-1], (0.6, 0.5, 0.4, 0.3))]
+
+
+def assert_same_answers(model, folder, x, thresholds, fallback="ensemble"):
+    torch_result = EarlyExitPredictor(model, thresholds, fallback)(x)
+    onnx_result = OnnxEarlyExitPredictor(folder, thresholds, fallback)(x)
+    assert torch.equal(torch_result.exit_index, onnx_result.exit_index)
+    assert torch.equal(torch_result.labels, onnx_result.labels)
+    assert torch.equal(torch_result.macs, onnx_result.macs)
+    torch.testing.assert_close(onnx_result.probs, torch_result.probs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(onnx_result.confidence, torch_result.confidence, rtol=1e-4, atol=1e-5)
+    return onnx_result
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = timm_scan.wrap(create("test_resnet", num_classes=5), check_input_size=(3, 32, 32)).eval()
+    model.thresholds, model.fallback = [0.5, 0.5, 0.5], "deepest"
+    model.class_names = list("abcde")
+    folder = tmp_path_factory.mktemp("onnx")
+    return model, folder, export_onnx(model, folder, (3, 32, 32))
+
+
+@pytest.mark.parametrize("fallback", ["ensemble", "deepest"])
+def test_onnx_runtime_answers_as_the_torch_predictor(exported, fallback):
+    model, folder, manifest = exported
+    assert manifest.sections == [f"section_{k}.onnx" for k in range(4)] and manifest.exit_macs == model.exit_macs((3, 32, 32))
+    x = torch.randn(24, 3, 32, 32)
+    thresholds = mixing_thresholds(model, x)
+    result = assert_same_answers(model, folder, x, thresholds, fallback)
+    assert len(set(result.exit_index.tolist())) == 4  # a real mix of exits
+    for image in x[:6]:  # batch 1
+        assert_same_answers(model, folder, image[None], thresholds, fallback)
+
+
+def test_the_manifest_carries_thresholds_classes_and_costs(exported):
+    model, folder, manifest = exported
+    predictor = OnnxEarlyExitPredictor(folder)  # the manifest's thresholds and fallback
+    assert predictor.thresholds == [0.5, 0.5, 0.5] and predictor.fallback == "deepest"
+    assert manifest.class_names == list("abcde") and manifest.num_classes == 5
+    assert manifest.backbone_macs == model.backbone_macs((3, 32, 32)) and manifest.stages[0] == "layer1"
+    result = predictor(np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32))  # numpy in
+    assert result.labels.shape == (3,) and predictor(torch.zeros(0, 3, 32, 32)).probs.shape == (0, 5)
+
+
+def test_bad_inputs_and_damaged_folders(exported, tmp_path):
+    model, folder, _ = exported
+    predictor = OnnxEarlyExitPredictor(folder)
+    for images, message in ((torch.randn(2, 3, 64, 64), r"float32 \(batch, 3, 32, 32\)"),
+                            (torch.randn(2, 3, 32, 32, dtype=torch.float64), "float32"),
+                            (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "float tensor"),
+                            (torch.full((1, 3, 32, 32), float("nan")), "NaN")):
+        with pytest.raises(ValueError, match=message):
+            predictor(images)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    (damaged / "exit_2.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ValueError, match="exit_2.onnx: cannot be loaded as an ONNX graph"):
+        OnnxEarlyExitPredictor(damaged)
+    (damaged / "exit_2.onnx").unlink()
+    with pytest.raises(ValueError, match="graph exit_2.onnx named in manifest.json is missing"):
+        OnnxEarlyExitPredictor(damaged)
+    shutil.copy(folder / "exit_2.onnx", damaged / "exit_2.onnx")
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    for change, message in ((lambda m: m["sections"].pop(), "do not match"),
+                            (lambda m: m.update(exits=["../../etc/passwd"] * 4), "field 'exits'"),
+                            (lambda m: m.update(input_size=[3, "32", 32]), "field 'input_size'"),
+                            (lambda m: m.update(surprise=1), "unknown field"),
+                            (lambda m: m.update(thresholds=[0.5, 2.0, 0.5]), r"thresholds\[1\]")):
+        broken = json.loads(json.dumps(manifest))
+        change(broken)
+        (damaged / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=message):
+            OnnxEarlyExitPredictor(damaged)
+    (damaged / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match="damaged or not a manifest"):
+        OnnxEarlyExitPredictor(damaged)
+
+
+# One model per runner and layout (sequential CNN, a stage cut inside a container, signed pre-logits,
+# NHWC, tokens); benchmarks/onnx_export.py exports every family of the suite (one export takes tens of
+# seconds on a 2-core CPU).
+EXPORTED_IN_TESTS = [("resnet18", 32), ("efficientnet_b0", 32), ("convnext_atto", 32),
+                     ("swin_tiny_patch4_window7_224", 224), ("test_vit", 160)]
+
+
+@pytest.mark.parametrize("name, size", EXPORTED_IN_TESTS)
+def test_each_runner_exports_or_is_refused_clearly(name, size, tmp_path):
+    model = timm_scan.wrap(create(name), check_input_size=(3, size, size)).eval()
+    try:
+        export_onnx(model, tmp_path, (3, size, size))
+    except ValueError as exc:
+        assert f"cannot export '{name}'" in str(exc)
+        return
+    x = torch.randn(3, 3, size, size)
+    assert_same_answers(model, tmp_path, x, mixing_thresholds(model, x))
+
+
+def test_export_a_trained_run_and_push_it(hub, tiny_parquet, tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from huggingface_hub import HfApi
+
+    from timm_scan.cli import main
+
+    run = tmp_path / "run"
+    main(["train", "--dataset", str(tiny_parquet), "--output-dir", str(run), "--model", "test_resnet", "--input-size",
+          "32", "--crop-pct", "1.0", "--val-size", "24", "--epochs", "2", "--batch-size", "16", "--num-workers", "0"])
+    main(["search", str(run), "--betas", "1", "--generations", "5"])
+    monkeypatch.setattr(sys, "argv", ["export_onnx.py", str(run)])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "export_onnx.py"), run_name="__main__")
+    model, _ = timm_scan.training.load_run(run)
+    manifest = OnnxManifest.load(run / "onnx" / "manifest.json")
+    assert manifest.thresholds == model.thresholds
+    images = torch.stack([timm_scan.training.eval_dataset(timm_scan.training.run_splits(
+        timm_scan.TrainConfig.load(run)), "test", model.data_config)[i][0] for i in range(16)])
+    assert_same_answers(model, run / "onnx", images, model.thresholds)
+    main(["push", str(run), "tester/with-onnx", "--onnx"])
+    assert "onnx/exit_3.onnx" in HfApi().list_repo_files("tester/with-onnx")

@@ -1,0 +1,255 @@
+"""Export that keeps the early exit: one ONNX graph per section and per exit head, run by ONNX Runtime
+with the same Algorithm 1 as `EarlyExitPredictor` (batch shrinking, fallback, results in input order).
+
+An exported folder::
+
+    manifest.json          `OnnxManifest`: graphs, input size, exits' MACs, thresholds, fallback, classes
+    section_0.onnx ...     section k: its input (the image for k = 0) → the hidden state after it
+    exit_0.onnx ...        exit k's classifier: section k's output → logits (the last: the backbone's head)
+
+Every graph has a dynamic batch dimension; the spatial size is the one exported. ``onnx`` and
+``onnxruntime`` are an optional extra: ``pip install 'timm-scan[onnx]'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..model.backbone import eval_mode, model_name
+from ..model.config import validate_fallback, validate_thresholds
+from ..model.multi_exit import MultiExitModel
+from ..report import JsonRecord
+from .predictor import EarlyExitResult, check_images, run_early_exit
+
+__all__ = ["OnnxEarlyExitPredictor", "OnnxManifest", "export_onnx"]
+
+MANIFEST = "manifest.json"
+FORMAT = "timm-scan-onnx"
+FORMAT_VERSION = 1
+INSTALL = "pip install 'timm-scan[onnx]'"
+
+
+@dataclass
+class OnnxManifest(JsonRecord):
+    """What an exported folder holds; exits and sections shallowest first."""
+
+    format: str
+    format_version: int
+    architecture: str
+    input_size: list[int]  # (C, H, W) the graphs take
+    num_classes: int
+    sections: list[str]  # graph files, section k
+    exits: list[str]  # graph files, exit k's classifier; the last is the backbone's head
+    exit_macs: list[int]
+    backbone_macs: int
+    fallback: str
+    thresholds: list[float] | None = None
+    class_names: list[str] | None = None
+    data_config: dict[str, Any] | None = None
+    temperatures: list[float] | None = None  # per-exit temperature scaling, where calibrated
+    exit_latency_ms: list[float] | None = None  # per-exit measured latency, where measured
+    opset: int | None = None
+    stages: list[str] = field(default_factory=list)  # the backbone modules the exits follow
+
+
+class _Section(nn.Module):
+    def __init__(self, model: MultiExitModel, k: int) -> None:
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.model.forward_section(self.k, h)
+
+
+class _ExitLogits(nn.Module):
+    def __init__(self, model: MultiExitModel, k: int, image_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.model, self.k, self.image_size = model, k, image_size
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.model.exit_logits(self.k, h, self.image_size)
+
+
+def _onnx_modules() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError(f"ONNX export and inference need onnx and onnxruntime: {INSTALL}") from exc
+    return onnx, onnxruntime
+
+
+def export_onnx(
+    model: MultiExitModel,
+    folder: str | Path,
+    input_size: tuple[int, int, int] | None = None,
+    *,
+    opset: int = 18,
+    check_batch: int = 2,
+    atol: float = 1e-4,
+) -> OnnxManifest:
+    """Write ``model`` as one ONNX graph per section and per exit head into ``folder`` (torch's own
+    exporter, dynamic batch), with ``manifest.json``. ``input_size`` (C, H, W): default the model's data
+    config. Each graph is checked on a random batch against the model, run by ONNX Runtime; a part that
+    does not export, or exports to different numbers, is a ``ValueError`` naming it. The model's
+    thresholds and fallback, class names and data config go into the manifest."""
+    _, ort = _onnx_modules()
+    if input_size is None:
+        input_size = tuple(model.data_config["input_size"]) if model.data_config else tuple(
+            model.backbone.pretrained_cfg.get("input_size", (3, 224, 224)))
+    input_size = tuple(int(v) for v in input_size)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = model_name(model.backbone)
+    h = torch.randn((check_batch, *input_size), generator=torch.Generator().manual_seed(0))
+    sections, exits = [], []
+    with eval_mode(model), torch.no_grad():
+        for k in range(model.num_exits):
+            hidden = _export_checked(_Section(model, k), h, folder / f"section_{k}.onnx", f"{name!r}: section {k}",
+                                     opset, atol, ort)
+            _export_checked(_ExitLogits(model, k, input_size[1:]), hidden, folder / f"exit_{k}.onnx",
+                            f"{name!r}: exit {k}", opset, atol, ort)
+            sections.append(f"section_{k}.onnx")
+            exits.append(f"exit_{k}.onnx")
+            h = hidden
+    manifest = OnnxManifest(
+        FORMAT, FORMAT_VERSION, name, list(input_size), model.num_classes, sections, exits,
+        model.exit_macs(input_size), model.backbone_macs(input_size), model.fallback, model.thresholds,
+        model.class_names, json.loads(json.dumps(model.data_config, default=list)) if model.data_config else None,
+        opset=opset, stages=[s.module for s in model.exit_stages],
+    )
+    manifest.save(folder / MANIFEST)
+    return manifest
+
+
+def _check_manifest(m: OnnxManifest, path: Path) -> None:
+    """Types and ranges of what the predictor reads from the manifest: a ``ValueError`` naming the field."""
+    def ints(values: Any, least: int = 1) -> bool:
+        return isinstance(values, list) and bool(values) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= least for v in values)
+
+    checks = [
+        ("input_size", ints(m.input_size) and len(m.input_size) == 3, "three positive ints (C, H, W)"),
+        ("num_classes", ints([m.num_classes]), "a positive int"),
+        ("exit_macs", ints(m.exit_macs), "positive ints, one per exit"),
+        ("sections", isinstance(m.sections, list) and all(_plain_name(f) for f in m.sections), "graph file names"),
+        ("exits", isinstance(m.exits, list) and bool(m.exits) and all(_plain_name(f) for f in m.exits),
+         "graph file names"),
+    ]
+    for name, ok, valid in checks:
+        if not ok:
+            raise ValueError(f"{path}: field {name!r} must be {valid}; got {getattr(m, name)!r}")
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name inside the folder: no directory part."""
+    return isinstance(name, str) and name.endswith(".onnx") and Path(name).name == name and name not in (".", "..")
+
+
+def _export_checked(module: nn.Module, example: Tensor, path: Path, what: str, opset: int, atol: float, ort: Any) -> Tensor:
+    """Export ``module`` (dynamic batch) and check ONNX Runtime's output against torch's; torch's output."""
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # the exporter's deprecation and progress chatter
+            torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["output"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, dynamo=True,
+                              verbose=False)
+    except Exception as exc:  # the exporter raises many types
+        raise ValueError(f"cannot export {what} to ONNX ({type(exc).__name__}: {str(exc)[:300]})") from None
+    expected = module(example)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": example.numpy()})[0]
+    if got.shape != tuple(expected.shape) or not np.allclose(got, expected.numpy(), atol=atol, rtol=1e-3):
+        difference = np.abs(got - expected.numpy()).max() if got.shape == tuple(expected.shape) else "shape"
+        raise ValueError(f"cannot export {what}: ONNX Runtime computes other numbers (max difference {difference})")
+    return expected
+
+
+class OnnxEarlyExitPredictor:
+    """Early exit with ONNX Runtime from an `export_onnx` folder; no torch model needed.
+    ``predictor(images)`` → `EarlyExitResult` (labels, exit index, confidence, probabilities, MACs per
+    sample, in input order), as `EarlyExitPredictor` gives, by the same Algorithm 1.
+
+    ``thresholds`` / ``fallback``: default the manifest's. ``providers``: ONNX Runtime execution
+    providers (default CPU). A missing or damaged graph, or a manifest that does not match the graphs,
+    is a ``ValueError`` here; images of the wrong shape or dtype are one at call time.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        thresholds: Sequence[float] | None = None,
+        fallback: str | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        session_options: Any = None,
+    ) -> None:
+        _, ort = _onnx_modules()
+        folder = Path(folder)
+        if not (folder / MANIFEST).is_file():
+            raise ValueError(f"{folder} is not an exported timm-scan model: it has no {MANIFEST}")
+        try:
+            self.manifest = OnnxManifest.load(folder / MANIFEST)
+        except ValueError as exc:
+            raise ValueError(f"{folder / MANIFEST} is damaged or not a manifest: {exc}") from None
+        m = self.manifest
+        if (m.format, m.format_version) != (FORMAT, FORMAT_VERSION):
+            raise ValueError(f"{folder / MANIFEST}: format {m.format!r} version {m.format_version}; this reads "
+                             f"{FORMAT!r} version {FORMAT_VERSION}")
+        _check_manifest(m, folder / MANIFEST)
+        k = len(m.exits)
+        if len(m.sections) != k or len(m.exit_macs) != k:
+            raise ValueError(f"{folder / MANIFEST}: {len(m.sections)} sections, {k} exits and {len(m.exit_macs)} MACs "
+                             "do not match (one each per exit)")
+        if thresholds is None:
+            if m.thresholds is None:
+                raise ValueError("no thresholds: pass thresholds=[...] (one per shallow exit) or export a model with some")
+            thresholds, fallback = m.thresholds, fallback or m.fallback
+        self.thresholds = validate_thresholds(thresholds, k)
+        self.fallback = validate_fallback(fallback or "ensemble")
+        self.sections = [self._session(folder / f, ort, providers, session_options) for f in m.sections]
+        self.exits = [self._session(folder / f, ort, providers, session_options) for f in m.exits]
+        self._macs = torch.tensor(m.exit_macs, dtype=torch.int64)
+
+    @staticmethod
+    def _session(path: Path, ort: Any, providers: Sequence[str], options: Any) -> Any:
+        if not path.is_file():
+            raise ValueError(f"{path.parent}: graph {path.name} named in {MANIFEST} is missing")
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        except Exception as exc:  # ONNX Runtime raises its own types for damaged graphs
+            raise ValueError(f"{path}: cannot be loaded as an ONNX graph ({type(exc).__name__}: {exc})") from None
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if [i.name for i in inputs] != ["input"] or len(outputs) != 1:
+            raise ValueError(f"{path}: not a timm-scan graph (inputs {[i.name for i in inputs]}, {len(outputs)} outputs)")
+        return session
+
+    @staticmethod
+    def _run(session: Any, h: Tensor) -> Tensor:
+        return torch.from_numpy(session.run(None, {"input": np.ascontiguousarray(h.numpy())})[0])
+
+    def __call__(self, images: Tensor | np.ndarray) -> EarlyExitResult:
+        """Answer a batch ``(B, C, H, W)`` of float32 images of the exported size (numpy or torch, CPU)."""
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images)
+        check_images(images)
+        expected = tuple(self.manifest.input_size)
+        if tuple(images.shape[1:]) != expected or images.dtype != torch.float32:
+            raise ValueError(f"images must be float32 (batch, {', '.join(map(str, expected))}) as exported; got "
+                             f"{images.dtype} {tuple(images.shape)}")
+        return run_early_exit(images.cpu(), len(self.exits), lambda k, h: self._run(self.sections[k], h),
+                              lambda k, h: self._run(self.exits[k], h), self.thresholds, self.fallback, self._macs,
+                              self.manifest.num_classes)
+
+    @property
+    def exit_macs(self) -> list[int]:
+        return list(self.manifest.exit_macs)
