@@ -1,0 +1,149 @@
+"""Does the early-exit speed-up survive export to ONNX? And which families export?
+
+Speed: resnet18 (random weights: speed does not depend on them) with the default exits, exported with
+``export_onnx``; the plain backbone exported as one ONNX graph. The first exit's threshold is the median
+of its confidence on the images, so half of them leave there and the other half runs every section (the
+setting of ``early_exit_speed.py``). For each input and batch size: the exported plain backbone, the
+ONNX Runtime predictor and the torch predictor, timed in turns (``wall_clocks``); the ONNX predictor's
+measured speed-up over the exported backbone against the MACs speed-up (their ratio: 1.0 means the
+saving is fully realised).
+
+Coverage (``--families``): every model family of the test suite exported, its answers compared with the
+torch predictor's on a mixed batch.
+
+    python benchmarks/onnx_export.py                      # speed at 32x32, batch 1 and 256
+    python benchmarks/onnx_export.py --families           # and every family of the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import onnxruntime as ort
+import timm
+import torch
+
+import timm_scan
+from timm_scan.deploy import wall_clocks
+
+HERE = Path(__file__).parent
+FAMILIES = [("resnet18", 32), ("resnet50", 32), ("efficientnet_b0", 32), ("mobilenetv3_large_100", 32),
+            ("convnext_atto", 32), ("regnetx_002", 32), ("densenet121", 32), ("vgg11_bn", 32),
+            ("vit_tiny_patch16_224", 224), ("swin_tiny_patch4_window7_224", 224)]
+
+
+def half_at_exit_1(model: timm_scan.MultiExitModel, x: torch.Tensor) -> list[float]:
+    with torch.no_grad():
+        first = torch.softmax(model.exit_logits(0, model.forward_section(0, x), tuple(x.shape[-2:])), -1).amax(-1)
+    return [first.median().item()] + [1.0] * (model.num_exits - 2)
+
+
+def plain_backbone_session(model: torch.nn.Module, size: int, folder: Path) -> ort.InferenceSession:
+    path = folder / "backbone.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, size, size),), str(path), input_names=["input"],
+                          output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def speed(size: int, batch_sizes: list[int], repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = timm_scan.wrap(timm.create_model("resnet18", num_classes=10), check_input_size=(3, size, size)).eval()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        export_onnx_seconds = time.perf_counter()
+        timm_scan.export_onnx(model, folder / "exits", (3, size, size))
+        export_onnx_seconds = time.perf_counter() - export_onnx_seconds
+        backbone = plain_backbone_session(model.backbone, size, folder)
+        for bs in batch_sizes:
+            images = 256 if bs == 1 else 1024
+            x = torch.randn(images, 3, size, size)
+            thresholds = half_at_exit_1(model, x)
+            onnx_predictor = timm_scan.OnnxEarlyExitPredictor(folder / "exits", thresholds)
+            torch_predictor = timm_scan.EarlyExitPredictor(model, thresholds)
+            result = onnx_predictor(x)
+            macs_speedup = model.backbone_macs((3, size, size)) / result.macs.double().mean().item()
+            seconds = wall_clocks({
+                "onnx backbone": lambda b: backbone.run(None, {"input": b.numpy()}),
+                "onnx early exit": onnx_predictor,
+                "torch backbone": model.backbone,
+                "torch early exit": torch_predictor,
+            }, list(x.split(bs)), repeats)
+            ms = {name: 1000 * s / images for name, s in seconds.items()}
+            measured = seconds["onnx backbone"] / seconds["onnx early exit"]
+            rows.append({"input": size, "batch_size": bs, "images": images, "ms_per_image": ms,
+                         "share_at_exit1": (result.exit_index == 0).float().mean().item(),
+                         "macs_speedup": macs_speedup, "onnx_measured_speedup": measured,
+                         "onnx_ratio": measured / macs_speedup,
+                         "torch_measured_speedup": seconds["torch backbone"] / seconds["torch early exit"],
+                         "export_seconds": export_onnx_seconds})
+            r = rows[-1]
+            print(f"{size}px batch {bs}: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()) + f" ms/img; ONNX early "
+                  f"exit {measured:.2f}x over the ONNX backbone, MACs {macs_speedup:.2f}x, ratio {r['onnx_ratio']:.2f}",
+                  flush=True)
+    return rows
+
+
+def coverage() -> list[dict]:
+    rows = []
+    for name, size in FAMILIES:
+        model = timm_scan.wrap(timm.create_model(name, num_classes=10), check_input_size=(3, size, size)).eval()
+        x = torch.randn(8, 3, size, size)
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            try:
+                timm_scan.export_onnx(model, tmp, (3, size, size))
+            except ValueError as exc:
+                rows.append({"model": name, "exported": False, "reason": str(exc)})
+                print(f"{name}: refused: {exc}", flush=True)
+                continue
+            seconds = time.perf_counter() - started
+            with torch.no_grad():
+                probs = [torch.softmax(z, -1) for z in model(x).logits]
+            thresholds = [torch.quantile(p.amax(-1), q).item() for p, q in zip(probs[:-1], (0.6, 0.5, 0.4))]
+            ours = timm_scan.EarlyExitPredictor(model, thresholds)(x)
+            theirs = timm_scan.OnnxEarlyExitPredictor(tmp, thresholds)(x)
+            rows.append({"model": name, "input": size, "exported": True, "export_seconds": seconds,
+                         "same_exits": bool(torch.equal(ours.exit_index, theirs.exit_index)),
+                         "same_labels": bool(torch.equal(ours.labels, theirs.labels)),
+                         "max_prob_difference": (ours.probs - theirs.probs).abs().max().item()})
+            print(f"{name}: exported in {seconds:.0f} s; same exits {rows[-1]['same_exits']}, same labels "
+                  f"{rows[-1]['same_labels']}, max probability difference {rows[-1]['max_prob_difference']:.2g}",
+                  flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[32])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--families", action="store_true", help="also export every family of the test suite")
+    p.add_argument("--out", default=str(HERE / "results" / "onnx_export.json"))
+    args = p.parse_args()
+    record = {"date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+              "torch": torch.__version__, "onnxruntime": ort.__version__,
+              "speed": [row for size in args.sizes for row in speed(size, args.batch_sizes, args.repeats)]}
+    if args.families:
+        record["coverage"] = coverage()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
