@@ -4,7 +4,10 @@ Speed: resnet18 (random weights: speed does not depend on them) with the default
 ``export_onnx``; the plain backbone exported as one ONNX graph. The first exit's threshold is the median
 of its confidence on the images, so half of them leave there and the other half runs every section (the
 setting of ``early_exit_speed.py``). For each input and batch size: the exported plain backbone, the
-ONNX Runtime predictor and the torch predictor, timed in turns (``wall_clocks``); the ONNX predictor's
+ONNX Runtime predictor and the torch predictor, timed in turns (``wall_clocks``); the exported backbone
+runs with onnxruntime's default options (its pool spins between runs), the predictor's graphs with
+``session_options()`` (pools that do not spin), or all of them in one global pool
+(``--global-thread-pool``); the ONNX predictor's
 measured speed-up over the exported backbone against the MACs speed-up (their ratio: 1.0 means the
 saving is fully realised).
 
@@ -35,6 +38,11 @@ import torch
 
 import timm_scan
 from timm_scan.deploy import wall_clocks
+from timm_scan.deploy.onnx import session_options, use_global_thread_pool
+
+GLOBAL_POOL = "--global-thread-pool" in sys.argv  # before any session: the pool is set once per process
+if GLOBAL_POOL:
+    use_global_thread_pool()
 
 HERE = Path(__file__).parent
 FAMILIES = [("resnet18", 32), ("resnet50", 32), ("efficientnet_b0", 32), ("mobilenetv3_large_100", 32),
@@ -54,7 +62,8 @@ def plain_backbone_session(model: torch.nn.Module, size: int, folder: Path) -> o
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.randn(2, 3, size, size),), str(path), input_names=["input"],
                           output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True)
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=ort.SessionOptions() if not GLOBAL_POOL else session_options(),
+                                providers=["CPUExecutionProvider"])
 
 
 def speed(size: int, batch_sizes: list[int], repeats: int) -> list[dict]:
@@ -131,11 +140,14 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--families", action="store_true", help="also export every family of the test suite")
-    p.add_argument("--out", default=str(HERE / "results" / "onnx_export.json"))
+    p.add_argument("--global-thread-pool", action="store_true",
+                   help="every session (the exported backbone's too) shares onnxruntime's global thread pool")
+    p.add_argument("--out", default=None, help="default: results/onnx_export.json (_global_pool with that option)")
     args = p.parse_args()
+    args.out = args.out or str(HERE / "results" / f"onnx_export{'_global_pool' if args.global_thread_pool else ''}.json")
     record = {"date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-              "torch": torch.__version__, "onnxruntime": ort.__version__,
+              "torch": torch.__version__, "onnxruntime": ort.__version__, "global_thread_pool": args.global_thread_pool,
               "speed": [row for size in args.sizes for row in speed(size, args.batch_sizes, args.repeats)]}
     if args.families:
         record["coverage"] = coverage()

@@ -32,7 +32,7 @@ from ..model.multi_exit import MultiExitModel
 from ..report import JsonRecord
 from .predictor import EarlyExitResult, check_images, run_early_exit
 
-__all__ = ["OnnxEarlyExitPredictor", "OnnxManifest", "export_onnx"]
+__all__ = ["OnnxEarlyExitPredictor", "OnnxManifest", "export_onnx", "session_options", "use_global_thread_pool"]
 
 MANIFEST = "manifest.json"
 FORMAT = "timm-scan-onnx"
@@ -133,6 +133,35 @@ def export_onnx(
     return manifest
 
 
+_GLOBAL_POOL: list[int] = []  # the size onnxruntime's process-wide pool was given, once set
+
+
+def use_global_thread_pool(threads: int | None = None) -> None:
+    """Make every ONNX Runtime session of this process share one pool of ``threads`` threads (default:
+    torch's thread count). The graphs of an export run one after another, and idle per-session pools
+    keep cores busy; one shared pool does not. Call it before any session is created: onnxruntime sets
+    its global pool once, and every session must then opt into it (``session_options`` below does)."""
+    if not _GLOBAL_POOL:
+        from onnxruntime.capi.onnxruntime_pybind11_state import set_global_thread_pool_sizes
+
+        set_global_thread_pool_sizes(threads or torch.get_num_threads(), 1)
+        _GLOBAL_POOL.append(threads or torch.get_num_threads())
+
+
+def session_options(threads: int | None = None) -> Any:
+    """ONNX Runtime options for graphs run one after another: the global pool where it is set up
+    (`use_global_thread_pool`), else each session's own pool, which does not spin between runs."""
+    _, ort = _onnx_modules()
+    options = ort.SessionOptions()
+    if _GLOBAL_POOL:
+        options.use_per_session_threads = False
+    else:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+    return options
+
+
 def _check_manifest(m: OnnxManifest, path: Path) -> None:
     """Types and ranges of what the predictor reads from the manifest: a ``ValueError`` naming the field."""
     def ints(values: Any, least: int = 1) -> bool:
@@ -168,7 +197,8 @@ def _export_checked(module: nn.Module, example: Tensor, path: Path, what: str, o
     except Exception as exc:  # the exporter raises many types
         raise ValueError(f"cannot export {what} to ONNX ({type(exc).__name__}: {str(exc)[:300]})") from None
     expected = module(example)
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": example.numpy()})[0]
+    session = ort.InferenceSession(str(path), sess_options=session_options(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": example.numpy()})[0]
     if got.shape != tuple(expected.shape) or not np.allclose(got, expected.numpy(), atol=atol, rtol=1e-3):
         difference = np.abs(got - expected.numpy()).max() if got.shape == tuple(expected.shape) else "shape"
         raise ValueError(f"cannot export {what}: ONNX Runtime computes other numbers (max difference {difference})")
@@ -181,8 +211,11 @@ class OnnxEarlyExitPredictor:
     sample, in input order), as `EarlyExitPredictor` gives, by the same Algorithm 1.
 
     ``thresholds`` / ``fallback``: default the manifest's. ``providers``: ONNX Runtime execution
-    providers (default CPU). A missing or damaged graph, or a manifest that does not match the graphs,
-    is a ``ValueError`` here; images of the wrong shape or dtype are one at call time.
+    providers (default CPU). ``session_options``: default `session_options()` (the graphs run one after
+    another: they share onnxruntime's global thread pool where `use_global_thread_pool` set it up, and
+    otherwise their own pools do not spin between runs). A missing or damaged graph, or a manifest that
+    does not match the graphs, is a ``ValueError`` here; images of the wrong shape or dtype are one at
+    call time.
     """
 
     def __init__(
@@ -194,6 +227,7 @@ class OnnxEarlyExitPredictor:
         session_options: Any = None,
     ) -> None:
         _, ort = _onnx_modules()
+        session_options = session_options if session_options is not None else globals()["session_options"]()
         folder = Path(folder)
         if not (folder / MANIFEST).is_file():
             raise ValueError(f"{folder} is not an exported timm-scan model: it has no {MANIFEST}")
