@@ -1,8 +1,9 @@
 """timm-scan: multi-exit timm models with self-distillation and early-exit inference.
 
-Three layers, each a subpackage: ``timm_scan.model`` (the multi-exit model), ``timm_scan.training``
-(configuration, data, loss, the Accelerate trainer) and ``timm_scan.deploy`` (exit policy, predictor,
-threshold search). The names users need are re-exported here.
+Three layers, each a subpackage, in dependency order: ``timm_scan.model`` (the multi-exit model),
+``timm_scan.deploy`` (exit policy and ensemble, predictor, threshold search, ONNX export) and
+``timm_scan.training`` (configuration, data, loss, the Accelerate trainer); ``timm_scan.commands`` and
+the ``timm-scan`` command (``timm_scan.cli``) are built on them. The names users need are re-exported here.
 """
 
 from .deploy import (

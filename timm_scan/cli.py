@@ -100,12 +100,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from .commands.inspect import InspectConfig, inspect
     from .commands.push import PushConfig, push
     from .commands.search import SearchConfig, search
-    from .training.config import TrainConfig
-
-    def train(cfg: TrainConfig) -> Any:
-        from .training.trainer import Trainer
-
-        return Trainer(cfg).fit()
+    from .commands.train import TrainConfig, train
 
     return {
         "train": (TrainConfig, train, "train with self-distillation (or --baseline) under Accelerate"),
@@ -123,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (config_cls, run, summary) in commands.items():
-        doc = sys.modules[run.__module__].__doc__ if run.__module__ != __name__ else config_cls.__doc__
+        doc = sys.modules[run.__module__].__doc__
         add_arguments(sub.add_parser(name, help=summary, description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter), config_cls)
     args = parser.parse_args(argv)
@@ -132,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = config_from_args(config_cls, args)
     except ValueError as exc:
         parser.error(f"{args.command}: {exc}")
+    from .model.hub import HubUploadError
+
     try:
         run(cfg)
-    except (ValueError, FloatingPointError) as exc:  # bad input or a diverged run: the message says what to do
+    except (ValueError, FloatingPointError, HubUploadError) as exc:  # the message says what to do
         sys.exit(f"timm-scan {args.command}: error: {exc}")

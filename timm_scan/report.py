@@ -2,8 +2,9 @@
 the one per-exit table they are all shown in.
 
 Conventions: exits are listed shallowest first, the deepest (the backbone's own head) last;
-accuracies are fractions in [0, 1]; MACs are per image and cumulative (leaving at exit i costs
-sections 1..i and heads 1..i).
+accuracies in these records are fractions in [0, 1] (the threshold search's `SearchResult` keeps
+the paper's percent, which its fitness is defined in); MACs are per image and cumulative (leaving
+at exit i costs sections 1..i and heads 1..i).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class JsonRecord:
 
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:
+        if not Path(path).is_file():
+            raise ValueError(f"{path} does not exist")
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (json.JSONDecodeError, TypeError) as exc:

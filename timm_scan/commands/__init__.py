@@ -1,7 +1,7 @@
 """What ``timm-scan`` runs, usable from Python too: each command is a config dataclass (its fields are
 the command's flags) and a function of it.
 
-- ``train`` (`TrainConfig`, `Trainer`): self-distillation training under Accelerate;
+- ``train`` (`TrainConfig`, `train`): self-distillation training under Accelerate;
 - ``search`` (`SearchConfig`, `search`): thresholds for a trained run, on its validation split;
 - ``evaluate`` (`EvaluateConfig`, `evaluate`): early exit on a run's test split;
 - ``export`` (`ExportConfig`, `export`): a run's best model as ONNX graphs that keep the early exit;

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 from ..deploy.plots import plot_exit_shares, plot_tradeoff
-from ..deploy.policy import ensemble_probs
+from ..deploy.policy import exit_accuracy
 from ..deploy.predictor import EarlyExitPredictor
 from ..deploy.thresholds import ExitTable
 from ..deploy.timing import wall_clocks
 from ..model.multi_exit import MultiExitModel
 from ..options import option
-from ..report import EarlyExitReport, ExitAccuracy, SweepPoint, WallClock, exit_table
+from ..report import EarlyExitReport, SweepPoint, WallClock, exit_table
 from ..training.runs import cached_outputs, eval_dataset, load_run, run_splits
 from .search import THRESHOLDS, ThresholdRecord
 
@@ -59,9 +59,7 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
     size = tuple(model.data_config["input_size"])
     exit_macs, backbone_macs = model.exit_macs(size), model.backbone_macs(size)
     table = ExitTable.from_outputs(probs, labels, exit_macs, backbone_macs, searched.fallback)
-    per_exit = ExitAccuracy([(p.argmax(-1) == labels).float().mean().item() for p in probs],
-                            (ensemble_probs(probs).argmax(-1) == labels).float().mean().item() if len(probs) > 1 else None,
-                            len(labels))
+    per_exit = exit_accuracy(probs, labels)
     accuracy, acceleration = (float(v[0]) for v in table.evaluate([searched.thresholds]))
     shares = [float(s) for s in table.exit_shares([searched.thresholds])[0]]
 

@@ -7,6 +7,7 @@ plot, where those exist. The files are first written to ``<run>/hub/``; if the u
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def push(cfg: PushConfig) -> str:
                       plot=plot.name if plot.is_file() else None)
     if cfg.onnx and not (run / "onnx" / "manifest.json").is_file():
         raise ValueError(f"{run / 'onnx'} holds no ONNX export: run timm-scan export {run} first")
+    shutil.rmtree(run / "hub", ignore_errors=True)  # what a previous push left there is not uploaded again
     url = push_to_hub(model, cfg.repo_id, save_directory=run / "hub", card=card,
                       extra_files=[plot] if plot.is_file() else [], extra_folders=[run / "onnx"] if cfg.onnx else [],
                       private=cfg.private or None, revision=cfg.revision)

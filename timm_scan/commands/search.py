@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..deploy.plots import plot_tradeoff
+from ..deploy.policy import exit_accuracy
 from ..model.config import FALLBACKS
 from ..deploy.thresholds import PAPER_MIN_THRESHOLD, SearchResult, search_thresholds, sweep_beta
 from ..model.hub import save_thresholds
@@ -86,7 +87,7 @@ def search(cfg: SearchConfig) -> ThresholdRecord:
             raise ValueError(f"{cfg.baseline_run} is not a --baseline run")
         baseline, baseline_accuracy = "the --baseline run", 100.0 * results.val.deepest
     else:
-        baseline, baseline_accuracy = "the deepest exit", 100.0 * (probs[-1].argmax(-1) == labels).float().mean().item()
+        baseline, baseline_accuracy = "the deepest exit", 100.0 * exit_accuracy(probs, labels).deepest
     betas = sorted(set(cfg.betas) | ({cfg.beta} if cfg.max_drop is None else set()))
     ga = {"seed": cfg.seed, "generations": cfg.generations, "min_threshold": cfg.min_threshold}
     points = sweep_beta(probs, labels, exit_macs, backbone_macs, betas, baseline_accuracy=baseline_accuracy,

@@ -1,9 +1,8 @@
 """Inference copies of exit heads: BatchNorm folded, and on CPU small maps as a chain of matrix products.
 
-An `ExitHead` as trained calls a dozen small modules; on CPU each depthwise conv has a fixed cost in
-oneDNN whatever the map size, which dominates a head at small batches and small maps
-(``benchmarks/RESULTS.md``). `inference_copy` builds the same function (up to float rounding) from the
-head's parts:
+An `ExitHead` as trained calls a dozen small modules, and on CPU each depthwise conv pays a cost per
+call in oneDNN whatever the map size (``benchmarks/RESULTS.md`` measures it). `inference_copy` builds
+the same function (up to float rounding) from the head's parts, with fewer and cheaper kernels:
 
 - every BatchNorm folded into the conv before it;
 - each of timm's ``SeparableConvNormAct`` as an `InferenceSeparableConv`: on small maps (see
@@ -40,7 +39,7 @@ def channel_major(x: Tensor) -> Tensor:
     path computes in (a copy unless ``x`` already is)."""
     if x.transpose(0, 1).is_contiguous():
         return x
-    # by way of NCHW: from channels_last, two plain copies take a quarter of the time of torch's one
+    # by way of NCHW: from channels_last, two plain copies are faster than torch's one permuting copy
     return x.contiguous().transpose(0, 1).contiguous().transpose(0, 1)
 
 

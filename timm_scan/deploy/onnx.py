@@ -105,6 +105,8 @@ def export_onnx(
     does not export, or exports to different numbers, is a ``ValueError`` naming it. The model's
     thresholds and fallback, class names and data config go into the manifest."""
     _, ort = _onnx_modules()
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("export_onnx runs on CPU: export model.cpu() (the graphs run on any ONNX Runtime provider)")
     if input_size is None:
         input_size = tuple(model.data_config["input_size"]) if model.data_config else tuple(
             model.backbone.pretrained_cfg.get("input_size", (3, 224, 224)))
@@ -133,19 +135,20 @@ def export_onnx(
     return manifest
 
 
-_GLOBAL_POOL: list[int] = []  # the size onnxruntime's process-wide pool was given, once set
+_GLOBAL_POOL: list[bool] = []  # whether onnxruntime's process-wide pool is set up
 
 
 def use_global_thread_pool(threads: int | None = None) -> None:
     """Make every ONNX Runtime session of this process share one pool of ``threads`` threads (default:
     torch's thread count). The graphs of an export run one after another, and idle per-session pools
     keep cores busy; one shared pool does not. Call it before any session is created: onnxruntime sets
-    its global pool once, and every session must then opt into it (``session_options`` below does)."""
+    its global pool once (a later call changes nothing), and every session must then opt into it
+    (``session_options`` below does)."""
     if not _GLOBAL_POOL:
         from onnxruntime.capi.onnxruntime_pybind11_state import set_global_thread_pool_sizes
 
         set_global_thread_pool_sizes(threads or torch.get_num_threads(), 1)
-        _GLOBAL_POOL.append(threads or torch.get_num_threads())
+        _GLOBAL_POOL.append(True)
 
 
 def session_options(threads: int | None = None) -> Any:

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..model.config import FALLBACKS, validate_fallback, validate_thresholds
+from ..model.config import validate_fallback, validate_thresholds
+from ..report import ExitAccuracy
 
-__all__ = ["ensemble_probs", "exit_index", "fallback_probs", "leaves", "simulate_early_exit"]
+__all__ = ["ensemble_probs", "exit_accuracy", "exit_index", "fallback_probs", "leaves", "simulate_early_exit"]
 
 
 def leaves(confidence: Tensor | float, threshold: Tensor | float) -> Tensor | bool:
@@ -29,6 +30,15 @@ def leaves(confidence: Tensor | float, threshold: Tensor | float) -> Tensor | bo
 def ensemble_probs(exit_probs: Sequence[Tensor]) -> Tensor:
     """The ensemble of ``exit_probs`` (softmax probabilities ``(N, C)`` of each exit): their mean."""
     return torch.stack([p.float() for p in exit_probs]).mean(0)
+
+
+def exit_accuracy(exit_probs: Sequence[Tensor], labels: Tensor) -> ExitAccuracy:
+    """Accuracy of every exit and of the ensemble (``None`` for a single exit) on these outputs."""
+    def accuracy(probs: Tensor) -> float:
+        return (probs.argmax(-1) == labels).float().mean().item()
+
+    ensemble = accuracy(ensemble_probs(exit_probs)) if len(exit_probs) > 1 else None
+    return ExitAccuracy([accuracy(p) for p in exit_probs], ensemble, len(labels))
 
 
 def fallback_probs(exit_probs: Sequence[Tensor], fallback: str) -> Tensor:

@@ -45,7 +45,8 @@ class EarlyExitPredictor:
     ``optimize_heads`` (default on) runs ``fast_heads.inference_copy`` of each exit head: BatchNorm folded
     into the convs; on CPU, heads on small maps run as a chain of matrix products in a channel-major
     layout, and take channels_last input on larger maps. The same function up to float rounding, and
-    cheaper. The copies are taken here, so build a new predictor after changing the model's weights.
+    cheaper. The copies are taken here, so build a new predictor after changing the model's weights or
+    moving it to another device.
     """
 
     def __init__(
@@ -129,7 +130,7 @@ def run_early_exit(
             answered.append((pending, fallback_probs([*seen, probs], fallback), i))
             break
         if len(probs) == 1:  # one sample: one comparison, no mask (most of the cost at batch 1 is per op)
-            n_done = int(leaves(probs.max().item(), thresholds[i]))
+            n_done = int(leaves(probs.max(), thresholds[i]))  # as a tensor: compared in float32, as batches are
         else:
             done = leaves(probs.amax(-1), thresholds[i])
             n_done = int(done.sum())

@@ -76,6 +76,9 @@ class ExitTable:
     def exit_index(self, thresholds: np.ndarray | Sequence[float]) -> Tensor:
         """``(P, N)``: the exit each sample leaves at, for thresholds ``(P, K-1)`` (or one vector)."""
         thresholds = torch.as_tensor(np.atleast_2d(thresholds), dtype=self.confidence.dtype)  # as the predictor compares
+        if thresholds.ndim != 2 or thresholds.shape[1] != self.num_exits - 1:
+            raise ValueError(f"thresholds: need one per shallow exit, {self.num_exits - 1} for these {self.num_exits} "
+                             f"exits; got shape {tuple(thresholds.shape)}")
         return exit_index(self.confidence, thresholds)
 
     def evaluate(self, thresholds: np.ndarray | Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -56,7 +56,8 @@ def model_card(
     ]
     source = results or evaluation
     if source is not None:
-        accuracy = results.test if results is not None else evaluation.per_exit
+        accuracy = results.test if results is not None and results.test is not None else (
+            evaluation.per_exit if evaluation is not None else None)
         lines += ["## Exits", "", "Test accuracy and MACs per image; MACs are cumulative: a sample leaving at exit i "
                   "pays for sections 1..i and heads 1..i.", "",
                   exit_table(source.exit_macs, source.backbone_macs, accuracy, stages=stages, markdown=True), ""]

@@ -16,6 +16,7 @@ safetensors only, and loading is strict: every tensor must be there with its sha
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -294,11 +295,15 @@ def load_weights(model: MultiExitModel, folder: str | Path) -> None:
 
 
 def save_thresholds(folder: str | Path, thresholds: list[float], fallback: str = "ensemble") -> None:
-    """Record searched thresholds in a saved model's ``scan_config.json`` (weights untouched)."""
+    """Record searched thresholds in a saved model's ``scan_config.json`` (weights untouched), validated
+    and written whole or not at all."""
     path = Path(folder) / SCAN_CONFIG
-    meta = json.loads(path.read_text())
-    meta["thresholds"], meta["fallback"] = [float(t) for t in thresholds], fallback
-    path.write_text(json.dumps(meta, indent=2))
+    meta = _read_meta(path)
+    exits = len(ScanConfig.from_dict(meta["scan_config"]).exits or []) + 1
+    meta["thresholds"], meta["fallback"] = validate_thresholds(thresholds, exits), validate_fallback(fallback)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(meta, indent=2))
+    os.replace(partial, path)
 
 
 def push_to_hub(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import timm
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..model.config import ATTENTION_KINDS, ScanConfig
@@ -101,6 +102,11 @@ class TrainConfig:
         def positive(value: Any) -> bool:
             return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
 
+        def count(value: Any, least: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+        if not count(self.epochs, 1):  # first: the checks below compare with it
+            raise ValueError(f"TrainConfig.epochs must be an int >= 1; got {self.epochs!r}")
         checks = [
             ("attention", self.attention in ATTENTION_KINDS, f"one of {ATTENTION_KINDS}"),
             ("lr", _number(self.lr) and 0 < self.lr < math.inf, "a finite number > 0"),
@@ -123,11 +129,18 @@ class TrainConfig:
             ("optimizer", self.optimizer in ("sgd", "adamw"), "'sgd' or 'adamw'"),
             ("schedule", self.schedule in ("cosine", "step"), "'cosine' or 'step'"),
             ("mixed_precision", self.mixed_precision in ("no", "bf16", "fp16"), "'no', 'bf16' or 'fp16'"),
-            ("epochs", self.epochs >= 1, ">= 1"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("grad_accum", self.grad_accum >= 1, ">= 1"),
-            ("anneal_epochs", self.anneal_epochs >= 0, ">= 0"),
-            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+            ("batch_size", count(self.batch_size, 1), "an int >= 1"),
+            ("grad_accum", count(self.grad_accum, 1), "an int >= 1"),
+            ("anneal_epochs", count(self.anneal_epochs, 0) and self.anneal_epochs <= self.epochs,
+             f"an int in [0, epochs={self.epochs}]"),
+            ("keep_checkpoints", count(self.keep_checkpoints, 1), "an int >= 1"),
+            ("seed", count(self.seed, 0), "an int >= 0"),
+            ("val_size", (isinstance(self.val_size, float) and 0 < self.val_size < 1) or count(self.val_size, 1),
+             "a fraction in (0, 1) or a count >= 1"),
+            ("model", isinstance(self.model, str) and timm.is_model(self.model), "a timm model name"),
+            ("teacher_model", self.teacher_model is None or timm.is_model(self.teacher_model), "a timm model name"),
+            ("teacher_checkpoint", self.teacher_checkpoint is None or Path(self.teacher_checkpoint).is_file(),
+             "an existing .safetensors file"),
         ]
         for name, ok, valid in checks:
             if not ok:

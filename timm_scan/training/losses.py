@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..deploy.policy import ensemble_probs
 from ..model.multi_exit import MultiExitOutput
 
 __all__ = ["PRESETS", "LossOutput", "SelfDistillationLoss", "hint", "soft_kl"]
@@ -172,7 +173,7 @@ class SelfDistillationLoss(nn.Module):
             refs = self._references(i, k_exits)
             if refs:
                 if self.teacher == "ensemble":
-                    kd = soft_kl(logits[i], torch.stack(soft).mean(0), t, self.t_squared)
+                    kd = soft_kl(logits[i], ensemble_probs(soft), t, self.t_squared)
                     hn = hint(features[i], torch.stack(feats).mean(0), self.hint_reduction)
                 else:
                     combine = torch.sum if self.teacher == "dense" else torch.mean  # eq. 6 sums over deeper exits

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from PIL import Image
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -41,10 +40,10 @@ from ..deploy.plots import plot_tradeoff
 from ..deploy.policy import ensemble_probs
 from ..deploy.thresholds import sweep_beta
 from ..model.card import model_card
-from ..model.hub import load_weights, push_to_hub
+from ..model.hub import load_strict, load_weights, push_to_hub, read_tensors
 from ..model.multi_exit import MultiExitModel
 from ..report import EpochMetrics, ExitAccuracy, RunResults, exit_table
-from .config import TrainConfig
+from .config import TRAIN_CONFIG, TrainConfig
 from .data import build_transforms, data_config
 from .losses import LossOutput, SelfDistillationLoss
 from .recipe import build_loader, build_model, build_optimizer, lr_lambda
@@ -53,6 +52,7 @@ from .runs import run_splits
 __all__ = ["Trainer", "TrainingDiverged", "check_trackers"]
 
 BEST = "best"
+RESUMABLE_CHANGES = ("output_dir", "num_workers", "keep_checkpoints", "log_with", "push_to_hub")  # may differ on resume
 CHECKPOINT_NAME = re.compile(r"epoch_\d{4}")
 
 TRACKER_EXTRAS = ("tensorboard", "wandb")  # trackers timm-scan has an extra for
@@ -120,6 +120,10 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
             model, build_optimizer(cfg, model), train_loader, val_loader
         )
+        if len(self.train_loader) == 0:  # each process's share, after Accelerate split the batches
+            raise ValueError(f"the training split has {len(self.data.train)} samples: fewer than one batch of "
+                             f"{cfg.batch_size} for each of {self.accelerator.num_processes} processes; lower batch_size "
+                             "or use more training data")
         steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, steps_per_epoch))
         self.progress = Progress()
@@ -130,7 +134,8 @@ class Trainer:
         if self.cfg.teacher_model is None:
             return None
         teacher = timm.create_model(self.cfg.teacher_model, num_classes=self.data.num_classes)
-        teacher.load_state_dict(load_file(self.cfg.teacher_checkpoint), strict=True)
+        path = Path(self.cfg.teacher_checkpoint)
+        load_strict(teacher, read_tensors(path, teacher.state_dict(), str(path)), path.name, str(path))
         return teacher.eval().requires_grad_(False).to(self.accelerator.device)
 
     # ---------------------------------------------------------------- the run
@@ -181,15 +186,18 @@ class Trainer:
                     with torch.no_grad():
                         teacher_logits = self.external_teacher(images)
                 loss = self.loss(output, labels, teacher_logits)
+                value = loss.total.item()
+                finite = torch.tensor(float(math.isfinite(value)), device=loss.total.device)
+                if acc.num_processes > 1:  # every process stops together, none waits in an all-reduce
+                    finite = acc.reduce(finite, reduction="sum") / acc.num_processes
+                if finite.item() < 1:
+                    raise TrainingDiverged(f"the loss is not finite ({value} here) at epoch {epoch + 1}, step "
+                                           f"{batches + 1} (lr {self.scheduler.get_last_lr()[0]:.3g}); {_DIVERGED_ADVICE}")
                 acc.backward(loss.total)
                 self.optimizer.step()
                 if acc.sync_gradients:
                     self.scheduler.step()
                 self.optimizer.zero_grad()
-            value = loss.total.item()
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"the loss is {value} at epoch {epoch + 1}, step {batches + 1} (lr "
-                                       f"{self.scheduler.get_last_lr()[0]:.3g}); {_DIVERGED_ADVICE}")
             parts = _loss_vector(loss)
             step_seconds += time.perf_counter() - started
             sums = parts if sums is None else sums + parts
@@ -255,13 +263,19 @@ class Trainer:
                     os.replace(previous, best)
         acc.wait_for_everyone()
         checkpoints = self._checkpoints()
+        if checkpoints and (self.out / TRAIN_CONFIG).is_file():
+            saved = TrainConfig.load(self.out).to_dict()
+            changed = sorted(k for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+            if changed:
+                raise ValueError(f"{self.out} holds a run of another configuration (it differs in {changed}); "
+                                 "rerun with the same settings to resume, or use another --output-dir")
         for i, checkpoint in enumerate(reversed(checkpoints)):
             try:
                 acc.load_state(str(checkpoint))
             except Exception as exc:  # a damaged checkpoint: fall back to the one before
                 if i == len(checkpoints) - 1:
-                    raise RuntimeError(f"no checkpoint in {self.out / 'checkpoints'} can be loaded ({exc}); delete "
-                                       "the folder to start the run over") from exc
+                    raise ValueError(f"no checkpoint in {self.out / 'checkpoints'} can be loaded ({exc}); delete "
+                                     "the folder to start the run over") from exc
                 warnings.warn(f"checkpoint {checkpoint} cannot be loaded ({type(exc).__name__}: {exc}); "
                               f"resuming from the one before")
                 continue
@@ -338,7 +352,7 @@ class Trainer:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("val/tradeoff", image, self.progress.epoch, dataformats="HWC")
                 tracker.writer.flush()
-            else:
+            elif hasattr(tracker, "log_images"):  # not every tracker takes images; the PNG is in the run folder
                 tracker.log_images({"val/tradeoff": [image]}, step=self.progress.epoch)
 
     def _log(self, metrics: EpochMetrics) -> None:
