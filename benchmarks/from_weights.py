@@ -1,7 +1,8 @@
 """Early exits for a model you already have: train the exits alone on a frozen backbone, or fine-tune
 everything with self-distillation, starting from a finished ``--baseline`` run.
 
-For each mode, one training run (``--init-from <baseline>/best``), then per-exit test accuracy, and the
+For each mode (``frozen``, ``finetuned``, and ``continued``: the same epochs of plain training, the
+control for ``finetuned``), one training run (``--init-from <baseline>/best``), then per-exit test accuracy, and the
 largest early-exit speed-up at no loss against the starting model: thresholds searched on the
 validation split for the cheapest ones whose validation accuracy is at least the baseline's
 (``max_accuracy_drop=0`` against the baseline run's validation accuracy), with the ensemble or the
@@ -9,7 +10,7 @@ deepest exit as fallback, whichever saves more on validation, reported on test.
 
     python benchmarks/from_weights.py --baseline runs/sd/cifar10-10k/baseline-lr0.1-seed0
 
-The runs go beside the baseline (``<baseline>-frozen``, ``<baseline>-finetuned``) and are reused when
+The runs go beside the baseline (``<baseline>-<mode>``) and are reused when
 finished. Writes ``results/from_weights.json``.
 """
 
@@ -31,17 +32,19 @@ from timm_scan.training import Trainer, TrainConfig, cached_outputs, eval_datase
 
 HERE = Path(__file__).parent
 # What changes from the baseline's recipe in each mode: the exits alone can take the baseline's LR;
-# fine-tuning trained weights takes a tenth of it, as fine-tuning usually does.
+# fine-tuning trained weights takes a tenth of it, as fine-tuning usually does. "continued" is the
+# control for "finetuned": the same epochs of plain training from the same weights.
 MODES = {
-    "frozen": {"freeze_backbone": True, "lr_factor": 1.0},
-    "finetuned": {"freeze_backbone": False, "lr_factor": 0.1},
+    "frozen": {"baseline": False, "freeze_backbone": True, "lr_factor": 1.0},
+    "finetuned": {"baseline": False, "freeze_backbone": False, "lr_factor": 0.1},
+    "continued": {"baseline": True, "freeze_backbone": False, "lr_factor": 0.1},
 }
 
 
 def mode_config(baseline: TrainConfig, baseline_dir: Path, mode: str, epochs: int) -> TrainConfig:
     settings = MODES[mode]
     return dataclasses.replace(
-        baseline, baseline=False, init_from=str(baseline_dir / "best"), freeze_backbone=settings["freeze_backbone"],
+        baseline, baseline=settings["baseline"], init_from=str(baseline_dir / "best"), freeze_backbone=settings["freeze_backbone"],
         lr=baseline.lr * settings["lr_factor"], epochs=epochs, warmup_epochs=0,
         output_dir=f"{baseline_dir}-{mode}",
     )
@@ -58,6 +61,8 @@ def evaluate_mode(run: Path, baseline_val: float) -> dict:
     test = cached_outputs(run, "test", model, eval_dataset(splits, "test", model.data_config))
     record: dict = {"run": str(run), "test": results.test.to_dict(), "val": results.val.to_dict(),
                     "exit_macs": results.exit_macs, "backbone_macs": results.backbone_macs}
+    if results.baseline:  # one exit: nothing to search
+        return record
     found, errors = {}, {}
     for fallback in ("ensemble", "deepest"):
         try:
@@ -98,12 +103,13 @@ def main() -> None:
         cfg = mode_config(TrainConfig.load(baseline_dir), baseline_dir, mode, args.epochs)
         if not (Path(cfg.output_dir) / "results.json").is_file():
             Trainer(cfg).fit()
-        report["modes"][mode] = {"config": {k: getattr(cfg, k) for k in ("init_from", "freeze_backbone", "lr", "epochs")},
+        report["modes"][mode] = {"config": {k: getattr(cfg, k) for k in ("baseline", "init_from", "freeze_backbone", "lr", "epochs")},
                                  **evaluate_mode(Path(cfg.output_dir), start.val.deepest)}
         results = run_results(cfg.output_dir)
         print(f"{mode}: test accuracy per exit (baseline {100 * start.test.deepest:.2f}%)")
         print(exit_table(results.exit_macs, results.backbone_macs, results.test))
-        print(f"  no loss against the baseline on validation: {report['modes'][mode]['no_loss']}")
+        if "no_loss" in report["modes"][mode]:
+            print(f"  no loss against the baseline on validation: {report['modes'][mode]['no_loss']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

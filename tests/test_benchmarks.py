@@ -144,6 +144,9 @@ def test_from_weights(tiny_parquet, tmp_path, monkeypatch, capsys):
     assert frozen["test"]["exits"][-1] == report["baseline"]["test"]["exits"][0]  # frozen: the deepest unchanged
     assert finetuned["config"]["lr"] == pytest.approx(0.1 * frozen["config"]["lr"])
     assert "no_loss" in frozen and len(frozen["exit_macs"]) == 4
+    continued = report["modes"]["continued"]  # the control: plain training, finetuned's epochs and lr
+    assert len(continued["test"]["exits"]) == 1 and "no_loss" not in continued
+    assert continued["config"]["lr"] == finetuned["config"]["lr"]
 
 
 def test_onnx_export(tmp_path, monkeypatch):
