@@ -44,8 +44,9 @@ MODES = {
 def mode_config(baseline: TrainConfig, baseline_dir: Path, mode: str, epochs: int) -> TrainConfig:
     settings = MODES[mode]
     return dataclasses.replace(
-        baseline, baseline=settings["baseline"], init_from=str(baseline_dir / "best"), freeze_backbone=settings["freeze_backbone"],
-        lr=baseline.lr * settings["lr_factor"], epochs=epochs, warmup_epochs=0,
+        baseline, baseline=settings["baseline"], init_from=str(baseline_dir / "best"),
+        freeze_backbone=settings["freeze_backbone"], lr=baseline.lr * settings["lr_factor"], epochs=epochs,
+        warmup_epochs=0,
         output_dir=f"{baseline_dir}-{mode}",
     )
 
@@ -80,7 +81,8 @@ def evaluate_mode(run: Path, baseline_val: float) -> dict:
     accuracy, speedup = (float(v[0]) for v in table.evaluate([best.thresholds]))
     record["no_loss"] = {"fallback": fallback, "thresholds": best.thresholds, "val_accuracy": best.accuracy,
                          "val_macs_speedup": best.acceleration, "test_accuracy": accuracy,
-                         "test_macs_speedup": speedup, "test_exit_shares": table.exit_shares([best.thresholds])[0].tolist()}
+                         "test_macs_speedup": speedup,
+                         "test_exit_shares": table.exit_shares([best.thresholds])[0].tolist()}
     return record
 
 
@@ -103,7 +105,8 @@ def main() -> None:
         cfg = mode_config(TrainConfig.load(baseline_dir), baseline_dir, mode, args.epochs)
         if not (Path(cfg.output_dir) / "results.json").is_file():
             Trainer(cfg).fit()
-        report["modes"][mode] = {"config": {k: getattr(cfg, k) for k in ("baseline", "init_from", "freeze_backbone", "lr", "epochs")},
+        settings = ("baseline", "init_from", "freeze_backbone", "lr", "epochs")
+        report["modes"][mode] = {"config": {k: getattr(cfg, k) for k in settings},
                                  **evaluate_mode(Path(cfg.output_dir), start.val.deepest)}
         results = run_results(cfg.output_dir)
         print(f"{mode}: test accuracy per exit (baseline {100 * start.test.deepest:.2f}%)")
