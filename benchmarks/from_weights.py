@@ -97,8 +97,8 @@ def main() -> None:
     start = run_results(baseline_dir)
     if not start.baseline:
         raise SystemExit(f"{baseline_dir} is not a --baseline run")
-    report = {"date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}",
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}"
+    report = {"date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]), "machine": machine,
               "baseline": {"run": str(baseline_dir), "val": start.val.to_dict(), "test": start.test.to_dict(),
                            "backbone_macs": start.backbone_macs}, "modes": {}}
     for mode in args.modes:
