@@ -25,6 +25,8 @@ def test_without_distillation_it_is_the_cross_entropy_of_every_exit():
     torch.testing.assert_close(summed.total, ce.sum())
     averaged = SelfDistillationLoss(alpha=0.0, lam=0.0, exit_reduction="mean")(out, y)
     torch.testing.assert_close(averaged.total, ce.mean())
+    shallow_mean = SelfDistillationLoss(alpha=0.0, lam=0.0, exit_reduction="shallow-mean")(out, y)
+    torch.testing.assert_close(shallow_mean.total, ce[-1] + ce[:-1].mean())
 
 
 def test_one_exit_is_plain_cross_entropy():
@@ -147,10 +149,11 @@ def test_references_are_detached():
     assert all(g.abs().sum() > 0 for g in grads)  # the students do learn from their teacher
 
 
-@pytest.mark.parametrize("exit_reduction, scale", [("sum", 1.0), ("mean", 0.25)])
+@pytest.mark.parametrize("exit_reduction, scale", [("sum", 1.0), ("mean", 0.25), ("shallow-mean", 1.0)])
 def test_deepest_classifier_gets_the_gradient_of_plain_training(exit_reduction, scale):
     """On a real model in train mode: the layers only the deepest classifier uses (resnet's layer4
-    and fc) get exactly plain training's gradient when summing over exits, 1/K of it when averaging."""
+    and fc) get exactly plain training's gradient when summing over exits or adding the shallow exits'
+    mean, 1/K of it when averaging."""
     torch.manual_seed(0)
     backbone = timm.create_model("resnet18", num_classes=10)
     plain = copy.deepcopy(backbone).train()

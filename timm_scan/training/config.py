@@ -65,7 +65,8 @@ class TrainConfig:
     lam: float | None = option(None, "weight of the feature hint (0 turns it off)")
     temperature: float | None = option(None, "KD temperature T")
     teacher: str | None = option(None, "the shallow exits' teacher: deepest, ensemble, transitive or dense")
-    exit_reduction: str | None = option(None, "sum the exits' losses ('sum') or average them ('mean', 1/K)")
+    exit_reduction: str | None = option(None, "sum the exits' losses ('sum'), average them ('mean', 1/K) or "
+                                                 "add the shallow exits' mean to the deepest's ('shallow-mean')")
     t_squared: bool | None = option(None, "scale KD by T²")
     hint_reduction: str | None = option(None, "feature hint: 'mean' squared error, 'sum' of squares over the feature, "
                                           "or 'dist' (unsquared L2 of the batch)")

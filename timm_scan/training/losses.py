@@ -29,7 +29,7 @@ from ..model.multi_exit import MultiExitOutput
 __all__ = ["PRESETS", "LossOutput", "SelfDistillationLoss", "hint", "soft_kl"]
 
 TEACHERS = ("deepest", "ensemble", "transitive", "dense")
-EXIT_REDUCTIONS = ("sum", "mean")
+EXIT_REDUCTIONS = ("sum", "mean", "shallow-mean")
 HINT_REDUCTIONS = ("mean", "sum", "dist")
 
 
@@ -84,10 +84,13 @@ text) and ``released`` (the authors' released code); see the module docstring.""
 class SelfDistillationLoss(nn.Module):
     """Self-distillation over the K exits of a ``MultiExitOutput`` (shallowest first)::
 
-        L = w · Σ_i [ (1-α_i)·CE(c_i, y) + α_i·s·KL(q_T(ref_i) ‖ q_T(c_i)) + λ_i·H(F_i, F_ref_i) ]
+        L = Σ_i w_i · [ (1-α_i)·CE(c_i, y) + α_i·s·KL(q_T(ref_i) ‖ q_T(c_i)) + λ_i·H(F_i, F_ref_i) ]
 
-    - ``w`` = 1 (``exit_reduction="sum"``, the authors' code: the deepest classifier's own layers get
-      exactly the gradient of plain training) or 1/K (``"mean"``, TPAMI eq. 3);
+    - ``w_i`` = 1 (``exit_reduction="sum"``, the authors' code: the deepest classifier's own layers
+      get exactly the gradient of plain training, the layers shared by all exits about K times it),
+      1/K (``"mean"``, TPAMI eq. 3: the deepest's own layers get 1/K of it), or w_K = 1 and
+      w_i = 1/(K-1) for the shallow exits (``"shallow-mean"``: the deepest's own layers get plain
+      training's gradient, the shared ones about twice it);
     - α_i = α and λ_i = λ for shallow exits, α_K = λ_K = 0: the deepest learns from labels only;
     - ``s`` = T² (``t_squared=True``, Hinton et al.) or 1 (the authors' soft cross-entropy);
     - ``H`` the feature hint (`hint`, ``hint_reduction``) between exit i's pooled feature, passed
@@ -161,7 +164,7 @@ class SelfDistillationLoss(nn.Module):
         feats = [f.detach() for f in features]
         external = None if teacher_logits is None else F.softmax(teacher_logits.detach().float() / t, dim=-1)
 
-        total = logits[0].new_zeros((), dtype=torch.float32)
+        terms = []  # each exit's weighted-sum term, before the reduction over exits
         ce_parts, kd_parts, hint_parts = [], [], []
         for i in range(k_exits):
             ce = F.cross_entropy(logits[i], labels)
@@ -180,14 +183,17 @@ class SelfDistillationLoss(nn.Module):
                     kd = combine(torch.stack([soft_kl(logits[i], soft[j], t, self.t_squared) for j in refs]))
                     hn = combine(torch.stack([hint(features[i], feats[j], self.hint_reduction) for j in refs]))
                 lam = self.lam if self.hint_nearest or i != k_exits - 2 else 0.0
-                total = total + (1 - self.alpha) * label_term + self.alpha * kd + lam * hn
+                terms.append(((1 - self.alpha) * label_term + self.alpha * kd + lam * hn).float())
             else:
-                total = total + label_term
+                terms.append(label_term.float())
             ce_parts.append(ce.detach())
             kd_parts.append(kd.detach())
             hint_parts.append(hn.detach())
+        total = torch.stack(terms).sum()
         if self.exit_reduction == "mean":
             total = total / k_exits
+        elif self.exit_reduction == "shallow-mean" and k_exits > 1:
+            total = terms[-1] + torch.stack(terms[:-1]).sum() / (k_exits - 1)
         return LossOutput(total, ce_parts, kd_parts, hint_parts)
 
     def _references(self, i: int, k_exits: int) -> list[int]:
