@@ -62,7 +62,7 @@ VARIANTS: dict[str, dict] = {
     "released": {"loss_preset": "released"},
     # one change at a time from the default preset
     "mean-exits": {"exit_reduction": "mean"},
-    "shallow-mean": {"exit_reduction": "shallow-mean"},
+    "sum-exits": {"exit_reduction": "sum"},
     "no-t2": {"t_squared": False},
     "alpha0": {"alpha": 0.0},
     "alpha0.1": {"alpha": 0.1},

@@ -188,7 +188,7 @@ def test_the_learned_projection_lets_the_hint_reach_zero_on_signed_features():
 def test_external_teacher_replaces_the_label_term():
     out, y = outputs()
     teacher_logits = torch.randn(6, 5)
-    loss = SelfDistillationLoss(alpha=0.0, lam=0.0, external_weight=1.0)(out, y, teacher_logits)
+    loss = SelfDistillationLoss(alpha=0.0, lam=0.0, external_weight=1.0, exit_reduction="sum")(out, y, teacher_logits)
     target = F.softmax(teacher_logits / T, -1)
     expected = torch.stack([soft_kl(z, target, T) for z in out.logits]).sum()
     torch.testing.assert_close(loss.total, expected)
