@@ -7,7 +7,7 @@ each variant's deepest exit from the baseline's. Checkpoints are chosen on the v
 carved out of train; the test split is only reported.
 
     python benchmarks/self_distillation.py --setting grey5 --variants baseline default --seeds 0 1 2 --lrs 0.1 0.05
-    python benchmarks/self_distillation.py --setting cifar10-10k --variants baseline default tpami released mean-exits
+    python benchmarks/self_distillation.py --setting cifar10-10k --variants baseline default sum-exits mean-exits tpami released
 
 Settings (``SETTINGS``): ``cifar10`` (the 12-epoch CPU recipe of ``accuracy.py``), ``cifar10-10k``
 (10,000 training images, 8 epochs: the ablation setting), ``grey5`` (a small data set made from
