@@ -1,7 +1,9 @@
 import json
 import os
+import statistics
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,16 +47,20 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_parquet, tmp_path)
     lines = epoch_metrics(tmp_path / "resumed")
     assert [x.epoch for x in lines] == [1, 2]
     alpha, lam = PRESETS["default"]["alpha"], PRESETS["default"]["lam"]
+    assert PRESETS["default"]["exit_reduction"] == "shallow-mean"  # the deepest's loss + the shallow ones' mean
     first, second = lines
-    distilled = first.ce[-1] + sum((1 - alpha) * c + alpha * k + lam * h
-                                   for c, k, h in zip(first.ce[:-1], first.kd[:-1], first.hint[:-1]))
-    assert first.loss == pytest.approx(distilled) and all(k > 0 for k in first.kd[:-1])  # summed over exits
-    assert second.loss == pytest.approx(sum(second.ce))  # annealed: alpha = lam = 0
+    distilled = first.ce[-1] + statistics.mean((1 - alpha) * c + alpha * k + lam * h
+                                               for c, k, h in zip(first.ce[:-1], first.kd[:-1], first.hint[:-1]))
+    assert first.loss == pytest.approx(distilled) and all(k > 0 for k in first.kd[:-1])
+    assert second.loss == pytest.approx(second.ce[-1] + statistics.mean(second.ce[:-1]))  # annealed: α = λ = 0
     assert full.test.samples == 32 and len(full.exit_macs) == 4
 
 
 def test_checkpoints_are_pruned_and_best_is_safetensors(tiny_parquet, tmp_path):
-    results = Trainer(config(tiny_parquet, tmp_path, epochs=3, keep_checkpoints=2)).fit()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = Trainer(config(tiny_parquet, tmp_path, epochs=3, keep_checkpoints=2)).fit()
+    assert not [w for w in caught if "interrupted" in str(w.message)]  # a fresh run has nothing to clean up
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_0002", "epoch_0003"]
     scan = json.loads((tmp_path / "best" / "scan_config.json").read_text())
     assert scan["scan_config"]["exits"] == [1, 2, 3] and "class_names" not in scan  # stored once: in timm's config

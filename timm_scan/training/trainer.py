@@ -252,7 +252,8 @@ class Trainer:
         last does not); drop what an interrupted epoch left: partial folders, metrics of later epochs."""
         acc = self.accelerator
         if acc.is_main_process:
-            for partial in [*(self.out / "checkpoints").glob("*.partial"), self.out / f"{BEST}.partial"]:
+            partials = [*(self.out / "checkpoints").glob("*.partial"), self.out / f"{BEST}.partial"]
+            for partial in filter(Path.exists, partials):
                 warnings.warn(f"removing {partial}, left by an interrupted write")
                 shutil.rmtree(partial, ignore_errors=True)
             best, previous = self.out / BEST, self.out / f"{BEST}.previous"
