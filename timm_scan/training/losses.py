@@ -191,11 +191,13 @@ class SelfDistillationLoss(nn.Module):
             ce_parts.append(ce.detach())
             kd_parts.append(kd.detach())
             hint_parts.append(hn.detach())
-        total = torch.stack(terms).sum()
+        stacked = torch.stack(terms)
         if self.exit_reduction == "mean":
-            total = total / k_exits
+            total = stacked.mean()
         elif self.exit_reduction == "shallow-mean" and k_exits > 1:
-            total = terms[-1] + torch.stack(terms[:-1]).sum() / (k_exits - 1)
+            total = stacked[-1] + stacked[:-1].mean()
+        else:
+            total = stacked.sum()
         return LossOutput(total, ce_parts, kd_parts, hint_parts)
 
     def _references(self, i: int, k_exits: int) -> list[int]:
