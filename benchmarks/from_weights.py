@@ -60,8 +60,9 @@ def evaluate_mode(run: Path, baseline_val: float) -> dict:
     splits = run_splits(cfg)
     val = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
     test = cached_outputs(run, "test", model, eval_dataset(splits, "test", model.data_config))
-    record: dict = {"run": str(run), "test": results.test.to_dict(), "val": results.val.to_dict(),
-                    "exit_macs": results.exit_macs, "backbone_macs": results.backbone_macs}
+    record: dict = {"run": str(run), "loss": results.loss, "test": results.test.to_dict(),
+                    "val": results.val.to_dict(), "exit_macs": results.exit_macs,
+                    "backbone_macs": results.backbone_macs}
     if results.baseline:  # one exit: nothing to search
         return record
     found, errors = {}, {}

@@ -1,8 +1,15 @@
-"""Which timm families `timm_scan.wrap` handles: wrap each model (random weights, its default input
-size), check that the deepest exit equals the backbone, and record the refusals with their reason.
+"""Which timm families `timm_scan.wrap` handles: one model of every model module in the installed timm
+(``timm.list_models()`` grouped by the module that defines each model), random weights, its default
+input size. A model passes when it wraps with the default exits, its deepest exit equals
+``backbone(x)`` bit for bit in eval mode and ``exit_macs`` is strictly increasing; a refusal is
+recorded with its reason.
 
-    python benchmarks/timm_coverage.py                  # the list below; results/timm_coverage.json
-    python benchmarks/timm_coverage.py resnet50 vit_small_patch16_224
+    python benchmarks/timm_coverage.py                       # every module; results/timm_coverage.json
+    python benchmarks/timm_coverage.py --models resnet50 vit_small_patch16_224 --out /tmp/cov.json
+
+The model of a module is its smallest by parameter count among the (at most ``CANDIDATES``) names
+that look smallest (``atto`` < ``nano`` < ``tiny`` < ``small`` …); timm's ``test_*`` models only where
+a module has nothing else.
 """
 
 from __future__ import annotations
@@ -10,61 +17,95 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import platform
+import re
 import time
 import warnings
 from pathlib import Path
 
 import timm
 import torch
+from tqdm import tqdm
 
 import timm_scan
 
-MODELS = [
-    "resnet18", "resnext26ts", "seresnet18", "resnet18d", "regnety_002", "efficientnet_b0", "efficientnetv2_rw_t",
-    "mobilenetv2_050", "mobilenetv3_small_050", "mobilenetv4_conv_small", "convnext_atto", "convnextv2_atto",
-    "densenet121", "vgg11_bn", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
-    "swin_tiny_patch4_window7_224", "swinv2_cr_tiny_ns_224", "cait_xxs24_224", "beit_base_patch16_224",
-    "eva02_tiny_patch14_224", "maxvit_nano_rw_256", "coatnet_nano_rw_224", "levit_128s", "poolformer_s12",
-    "ghostnet_050", "hrnet_w18_small", "dla34", "cspresnet50", "cspdarknet53", "dpn68", "rexnet_100",
-    "ese_vovnet19b_dw", "nfnet_f0", "repvgg_a0", "fastvit_t8", "efficientformer_l1", "mobilevit_xxs",
-    "tiny_vit_5m_224", "edgenext_xx_small", "inception_v3", "xception41", "tresnet_m", "hgnet_tiny",
-    "focalnet_tiny_srf", "davit_tiny", "pvt_v2_b0", "twins_pcpvt_small", "mixer_s16_224", "crossvit_tiny_240",
-    "volo_d1_224", "sequencer2d_s", "nest_tiny", "gcvit_xxtiny", "efficientvit_b0", "rdnet_tiny", "starnet_s1",
-    "mambaout_femto",
-]
+CANDIDATES = 6
+_SIZE_WORDS = ["atto", "femto", "pico", "nano", "xxxs", "xxs", "xs", "mini", "tiny", "t", "lite", "small", "s", "b0"]
+
+
+def _looks_small(name: str) -> tuple:
+    words = re.split(r"[_.\-]", name)
+    stems = [re.sub(r"\d+$", "", w) for w in words]  # "xxs24" → "xxs"
+    size = min((_SIZE_WORDS.index(w) for w in stems if w in _SIZE_WORDS), default=len(_SIZE_WORDS))
+    number = next((int(n) for n in re.findall(r"\d+", words[0])), 0)  # resnet18 before resnet152
+    return (name.startswith("test_"), size, number, len(name))
+
+
+def pick_model(module: str) -> str:
+    """The smallest model of ``module`` (parameters counted on the meta device)."""
+    names = sorted(timm.list_models(module=module), key=_looks_small)[:CANDIDATES]
+    sizes = {}
+    for name in names:
+        try:
+            with torch.device("meta"):
+                sizes[name] = sum(p.numel() for p in timm.create_model(name).parameters())
+        except Exception:  # a model that cannot be built on the meta device is judged by its name
+            sizes.setdefault(name, float("inf"))
+    return min(names, key=lambda n: (sizes[n], _looks_small(n)))
 
 
 def check(name: str) -> dict:
     started = time.time()
+    row: dict = {"model": name}
     try:
         backbone = timm.create_model(name, num_classes=10).eval()
         size = tuple(backbone.pretrained_cfg.get("input_size", (3, 224, 224)))
+        row["input_size"] = list(size)
         model = timm_scan.wrap(backbone, check_input_size=size)
         x = torch.randn(1, *size)
         with torch.no_grad():
             equal = torch.equal(model(x).logits[-1], backbone(x))
-        return {"model": name, "ok": equal, "exits": [s.module for s in model.exit_stages[:-1]],
-                "seconds": round(time.time() - started, 1)}
+        macs = model.exit_macs(size)
+        increasing = all(a < b for a, b in zip(macs, macs[1:]))
+        row.update(ok=equal and increasing, deepest_equal=equal, macs_increasing=increasing,
+                   runner=model.runner, exits=[s.module for s in model.exit_stages[:-1]],
+                   exit_macs=macs)
     except ValueError as exc:
-        return {"model": name, "ok": False, "refusal": str(exc)}
+        row.update(ok=False, refusal=str(exc))
+    except Exception as exc:  # not a refusal: a bug to fix
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+    row["seconds"] = round(time.time() - started, 1)
+    return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="*", default=MODELS)
+    p.add_argument("--models", nargs="*", help="these models instead of one per timm module")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "timm_coverage.json"))
     args = p.parse_args()
     warnings.filterwarnings("ignore")
+    if args.models:
+        targets = [(None, name) for name in args.models]
+    else:
+        targets = [(module, pick_model(module)) for module in tqdm(timm.list_modules(), desc="choosing models")
+                   if timm.list_models(module=module)]
     rows = []
-    for name in args.models:
-        rows.append(check(name))
+    for module, name in tqdm(targets, desc="wrapping"):
+        rows.append({"module": module, **check(name)})
         r = rows[-1]
-        print(f"{'ok     ' if r['ok'] else 'refused'} {name:34s} {r.get('exits') or r.get('refusal', '')}", flush=True)
-    print(f"{sum(r['ok'] for r in rows)} of {len(rows)} wrapped, deepest exit equal to the backbone")
+        detail = r.get("runner") or r.get("refusal") or r.get("error")
+        tqdm.write(f"{'ok     ' if r['ok'] else 'refused'} {module or '':22s} {name:34s} {detail}")
+    passed = sum(r["ok"] for r in rows)
+    print(f"{passed} of {len(rows)} wrapped ({100 * passed / len(rows):.1f}%): deepest exit equal to the backbone, "
+          "exit MACs increasing")
     record = {"date": datetime.date.today().isoformat(), "timm": timm.__version__, "torch": torch.__version__,
-              "command": "python benchmarks/timm_coverage.py", "rows": rows}
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+              "command": " ".join(["python", "benchmarks/timm_coverage.py", *(["--models", *args.models] if args.models
+                                                                             else [])]),
+              "passed": passed, "total": len(rows), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,12 @@ def export_onnx(
     does not export, or exports to different numbers, is a ``ValueError`` naming it. The model's
     thresholds and fallback, class names and data config go into the manifest."""
     _, ort = _onnx_modules()
+    if model.runner == "traced":
+        raise ValueError(
+            f"cannot export {model_name(model.backbone)!r}: it runs through the traced runner (model.runner == "
+            "'traced'), whose sections hand several values to the next, and the export format has one tensor "
+            "between graphs; the families run as their children in order or as a ViT export"
+        )
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("export_onnx runs on CPU: export model.cpu() (the graphs run on any ONNX Runtime provider)")
     if input_size is None:

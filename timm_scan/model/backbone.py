@@ -140,10 +140,24 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 def without_capture_hooks(model: nn.Module) -> nn.Module:
     """Remove the inert hooks ``wrap`` put on ``model``'s classifier (e.g. from a copy)."""
-    hooks = model.get_classifier()._forward_pre_hooks
+    hooks = _classifier(model)._forward_pre_hooks
     for key in [key for key, hook in hooks.items() if isinstance(hook, _ClassifierInput)]:
         del hooks[key]
     return model
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    """The backbone's classifier: its ``get_classifier()``, or the first of two (distilled models: DeiT,
+    LeViT, EfficientFormer, whose ``forward_head`` combines a class and a distillation head)."""
+    classifier = model.get_classifier()
+    if isinstance(classifier, tuple) and classifier:
+        classifier = classifier[0]
+    if not isinstance(classifier, nn.Module):
+        raise ValueError(
+            f"cannot wrap {model_name(model)!r}: its get_classifier() returns {type(classifier).__name__}, not a "
+            "module; timm models return their classifier (or, distilled, their two classifiers)"
+        )
+    return classifier
 
 
 def _run(modules: list[nn.Module], h: Tensor) -> Tensor:
@@ -156,21 +170,16 @@ class StagedBackbone:
     """Base runner: ``sections``, ``to_map`` and ``head`` of a timm model cut after ``cuts``.
 
     Subclasses fill ``self.sections`` (K lists of callables) from ``self.cuts`` (the shallow exits'
-    ``feature_info`` indices).
+    ``feature_info`` indices). ``kind`` names the runner (``MultiExitModel.runner``).
     """
+
+    kind = "base"
 
     def __init__(self, model: nn.Module, cuts: list[int]) -> None:
         self.model = model
         self.cuts = list(cuts)
-        classifier = model.get_classifier()
-        if not isinstance(classifier, nn.Module):
-            raise ValueError(
-                f"cannot wrap {model_name(model)!r}: it has several classifiers ({type(classifier).__name__}, e.g. a "
-                "distillation head); only models with one classification head are supported: use the family's "
-                "non-distilled variant (deit_tiny_patch16_224 rather than deit_tiny_distilled_patch16_224)"
-            )
+        self._classifier = _classifier(model)
         self._capture = _ClassifierInput()
-        classifier.register_forward_pre_hook(self._capture)
         self.sections: list[list[Any]] = []
 
     @property
@@ -198,10 +207,16 @@ class StagedBackbone:
         """A standalone copy of sections 0..k: images ``(B, 3, H, W)`` → exit k's NCHW map."""
         raise NotImplementedError
 
+    def attach(self) -> None:
+        """Hook the backbone's classifier so that ``head`` returns the pre-logits (``build_staged`` does
+        it once the runner is proved; a runner that failed leaves the backbone untouched)."""
+        self._classifier.register_forward_pre_hook(self._capture)
+
     def head(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Last section's output → (logits ``(B, num_classes)``, pre-logits ``(B, head_hidden_size)``).
 
-        Runs the backbone's own ``forward_head``; the pre-logits are the classifier's input.
+        Runs the backbone's own ``forward_head`` (for a distilled model, the combination of both heads
+        it returns); the pre-logits are the (first) classifier's input.
         """
         self._capture.active = True
         try:
@@ -219,6 +234,8 @@ class SequentialStages(StagedBackbone):
     The children that ``forward_features`` calls are recorded once on ``example``; a child that
     holds a cut (``blocks.2`` inside ``blocks``) is expanded if it is an ``nn.Sequential``.
     """
+
+    kind = "sequential"
 
     def __init__(self, model: nn.Module, cuts: list[int], example: Tensor) -> None:
         super().__init__(model, cuts)
@@ -258,6 +275,8 @@ class _NhwcToNchw(nn.Module):
 
 class VitStages(StagedBackbone):
     """timm ``VisionTransformer``: embeddings, blocks and norm run by hand, tokens → maps."""
+
+    kind = "vit"
 
     def __init__(self, model: VisionTransformer, cuts: list[int]) -> None:
         super().__init__(model, cuts)
@@ -384,10 +403,27 @@ def _cannot_cut_error(
 
 
 def build_staged(model: nn.Module, cuts: list[int], example: Tensor) -> StagedBackbone:
-    """The runner for ``model`` (ViT by hand, the rest sequentially); not yet verified."""
-    if isinstance(model, VisionTransformer):
-        return VitStages(model, cuts)
-    return SequentialStages(model, cuts, example)
+    """The runner for ``model``, proved on ``example`` (``verify_staged``) and attached: timm's ``VisionTransformer``
+    by hand, other models by running their children in order; where that cannot cut the model or
+    gives other numbers, ``forward_features`` traced with torch.fx (``traced.TracedStages``)."""
+    from .traced import TracedStages
+
+    runners = [VitStages] if isinstance(model, VisionTransformer) else [SequentialStages]
+    first_error: ValueError | None = None
+    for runner in [*runners, TracedStages]:
+        try:
+            staged = runner(model, cuts) if runner is VitStages else runner(model, cuts, example)
+            verify_staged(staged, example)
+            staged.attach()
+            return staged
+        except ValueError as exc:
+            if first_error is None:
+                first_error = exc
+                continue
+            reason = str(exc).removeprefix(f"cannot wrap {model_name(model)!r}: ")
+            raise ValueError(f"{first_error} (tracing its forward_features with torch.fx, the other way to run it "
+                             f"section by section, failed too: {reason})") from exc
+    raise AssertionError("unreachable")
 
 
 def verify_staged(staged: StagedBackbone, example: Tensor) -> None:
@@ -424,8 +460,8 @@ def verify_staged(staged: StagedBackbone, example: Tensor) -> None:
     _check_close(name, "logits", logits, expected_logits)
 
 
-def _check_close(name: str, what: str, got: Tensor, want: Tensor) -> None:
-    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+def _check_close(name: str, what: str, got: Tensor, want: Tensor, atol: float = 1e-5) -> None:
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=atol):
         detail = (
             f"shape {tuple(got.shape)} vs {tuple(want.shape)}"
             if got.shape != want.shape

@@ -25,8 +25,24 @@ def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args: Any, *
 _EXTRA_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flop}
 
 
+class _GlobalOnly:
+    """Stands in for ``FlopCounterMode``'s module tracker: only the total is read here, and the tracker's
+    backward hooks fail on a parameter passed straight to a module under ``no_grad`` (CaiT's class
+    token: "Expected gradient function to be set")."""
+
+    parents = ("Global",)
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
 def count_macs(fn: Callable[..., Any], *args: Any) -> int:
     """MACs of one call ``fn(*args)``, run under ``torch.no_grad``."""
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    counter.mod_tracker = _GlobalOnly()
+    with torch.no_grad(), counter:
         fn(*args)
     return counter.get_total_flops() // 2

@@ -20,7 +20,6 @@ from .backbone import (
     feature_stages,
     model_name,
     resolve_exit_indices,
-    verify_staged,
     without_capture_hooks,
 )
 from .config import ScanConfig
@@ -75,6 +74,13 @@ class MultiExitModel(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.backbone.num_classes
+
+    @property
+    def runner(self) -> str:
+        """How the backbone runs section by section: ``"sequential"`` (its children in order),
+        ``"vit"`` (timm's VisionTransformer by hand) or ``"traced"`` (its ``forward_features`` traced
+        with torch.fx; a section then hands several values to the next, ``traced.TracedState``)."""
+        return self._staged.kind
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing of the backbone (timm's ``set_grad_checkpointing``); the sections
@@ -218,7 +224,6 @@ def wrap(
     cuts = resolve_exit_indices(model, config.exits)
     example = _check_input(model, check_input_size)
     staged = build_staged(model, cuts, example)
-    verify_staged(staged, example)
 
     feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
     out_chs = config.head_channels or stages[-1].num_chs

@@ -1,0 +1,185 @@
+"""Families whose forward is not their children in order: the traced runner, distilled heads, refusals."""
+
+import copy
+
+import pytest
+import torch
+from conftest import create
+from timm.models.resnet import ResNet
+
+import timm_scan
+from timm_scan import EarlyExitPredictor
+from timm_scan.model.traced import TracedState
+
+# (model, create kwargs that keep it small, input side, runner): one per family that was refused before
+# the traced runner and the distilled heads (issue 16)
+FAMILIES = [
+    ("beit_base_patch16_224", dict(img_size=64, depth=4, embed_dim=64, num_heads=2), 64, "traced"),
+    ("eva02_tiny_patch14_224", dict(img_size=56, depth=4), 56, "traced"),
+    ("cait_xxs24_224", dict(img_size=64, depth=4), 64, "traced"),
+    ("xcit_nano_12_p16_224", dict(img_size=64, depth=4), 64, "traced"),
+    ("tnt_s_patch16_224", dict(img_size=64, depth=4), 64, "traced"),
+    ("deit3_small_patch16_224", dict(img_size=64, depth=4), 64, "vit"),
+    ("mixer_s16_224", dict(img_size=64), 64, "traced"),
+    ("resmlp_12_224", dict(img_size=64), 64, "traced"),
+    ("twins_pcpvt_small", dict(img_size=64, depths=(1, 1, 1, 1)), 64, "traced"),
+    ("mvitv2_tiny", dict(img_size=64), 64, "traced"),
+    ("fastvit_t8", {}, 64, "traced"),
+    ("volo_d1_224", dict(img_size=64), 64, "traced"),
+    ("nest_tiny", dict(img_size=64), 64, "traced"),
+    ("coat_lite_tiny", dict(img_size=64), 64, "traced"),
+    ("pit_ti_224", dict(img_size=64), 64, "traced"),
+    ("visformer_tiny", dict(img_size=64), 64, "traced"),
+    ("xception41", {}, 64, "traced"),
+    ("selecsls42b", {}, 64, "traced"),
+    ("deit_tiny_distilled_patch16_224", dict(img_size=64, depth=4), 64, "vit"),
+    ("levit_128s", dict(img_size=64), 64, "traced"),
+    ("efficientformer_l1", {}, 224, "sequential"),
+    ("efficientformerv2_s0", {}, 224, "sequential"),
+]
+
+
+def wrap(name, kwargs, size, **more):
+    backbone = create(name, **kwargs, **more).eval()
+    return backbone, timm_scan.wrap(backbone, check_input_size=(3, size, size))
+
+
+@pytest.mark.parametrize("name, kwargs, size, runner", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_family_wraps_and_its_deepest_exit_is_the_backbone(name, kwargs, size, runner):
+    backbone, model = wrap(name, kwargs, size)
+    assert model.runner == runner
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        out = model(x)
+        assert torch.equal(out.logits[-1], backbone(x))
+    assert all(logits.shape == (3, 10) for logits in out.logits)
+    macs = model.exit_macs((3, size, size))
+    assert all(a < b for a, b in zip(macs, macs[1:]))
+
+
+def test_dropping_samples_between_sections_gives_the_kept_samples_answers():
+    """As early exit runs it: samples leave after each exit and the rest go on (a class token added
+    halfway, CaiT)."""
+    _, model = wrap("cait_xxs24_224", dict(img_size=64, depth=4), 64)
+    x = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        full = model(x).logits
+        keep = torch.arange(8)
+        h = x
+        for k in range(model.num_exits):
+            h = model.forward_section(k, h)
+            if k < model.num_exits - 1:
+                assert isinstance(h, TracedState) and len(h) == len(keep)
+            torch.testing.assert_close(model.exit_logits(k, h, (64, 64)), full[k][keep], rtol=1e-5, atol=1e-5)
+            mask = torch.arange(len(keep)) % 2 == 1
+            h, keep = h[mask], keep[mask]
+
+
+def test_predictor_runs_a_traced_model_as_algorithm_1():
+    _, model = wrap("mixer_s16_224", dict(img_size=64), 64)
+    x = torch.randn(6, 3, 64, 64)
+    with torch.no_grad():
+        probs = [p.softmax(-1) for p in model(x).logits]
+    confidence = probs[0].amax(-1).sort().values
+    thresholds = [float(confidence[2:4].mean()), 0.0, 0.0]  # half leave at exit 1, the rest at exit 2
+    result = EarlyExitPredictor(model, thresholds=thresholds, fallback="deepest")(x)
+    expected = torch.where(probs[0].amax(-1) >= thresholds[0], 0, 1)
+    assert torch.equal(result.exit_index.long(), expected)
+    for i in range(6):
+        torch.testing.assert_close(result.probs[i], probs[int(expected[i])][i], rtol=1e-4, atol=1e-5)
+
+
+def test_train_mode_is_the_same_computation_on_the_traced_runner():
+    """Same seed, same numbers as the backbone in train mode: dropout and drop path included."""
+    backbone = create("cait_xxs24_224", img_size=64, depth=4, drop_rate=0.3, drop_path_rate=0.2)
+    reference = copy.deepcopy(backbone)
+    model = timm_scan.wrap(backbone, check_input_size=(3, 64, 64))
+    assert model.runner == "traced" and model.training
+    x = torch.randn(4, 3, 64, 64)
+    torch.manual_seed(1)
+    expected = reference(x)
+    torch.manual_seed(1)
+    assert torch.equal(model(x).logits[-1], expected)
+
+
+@pytest.mark.parametrize("when", ["before wrap", "after wrap"])
+def test_gradient_checkpointing_on_the_traced_runner(when):
+    backbone = create("cait_xxs24_224", img_size=64, depth=4)
+    reference = timm_scan.wrap(copy.deepcopy(backbone), check_input_size=(3, 64, 64)).eval()
+    if when == "before wrap":
+        backbone.set_grad_checkpointing(True)
+    model = timm_scan.wrap(backbone, check_input_size=(3, 64, 64)).eval()
+    if when == "after wrap":
+        model.set_grad_checkpointing(True)
+    model.exits.load_state_dict(reference.exits.state_dict())
+    calls = []
+    model.backbone.get_submodule("blocks.1").register_forward_pre_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for m in (reference, model):
+        sum(z.sum() for z in m(x).logits).backward()
+        grads.append([p.grad for p in m.parameters()])
+    assert len(calls) == 2  # once forward, once recomputed in backward
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_truncated_traced_model_holds_only_its_sections():
+    _, model = wrap("pit_ti_224", dict(img_size=64), 64)
+    x = torch.randn(2, 3, 64, 64)
+    small = model.truncate(0).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x).logits[0])
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters()) / 2
+
+
+def test_distilled_model_keeps_its_combined_head():
+    """The deepest exit is the backbone's own output: the mean of its class and distillation heads."""
+    backbone, model = wrap("deit_tiny_distilled_patch16_224", dict(img_size=64, depth=4), 64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        features = backbone.forward_features(x)
+        head, dist = backbone.get_classifier()
+        torch.testing.assert_close(out.logits[-1], (head(features[:, 0]) + dist(features[:, 1])) / 2)
+        torch.testing.assert_close(out.features[-1], features[:, 0])
+
+
+def test_a_forward_features_with_steps_of_its_own_runs_traced():
+    class ScaledResNet(ResNet):
+        def forward_features(self, x):
+            return super().forward_features(x) * 2  # a step that is not a child module
+
+    backbone = ScaledResNet(block=create("resnet18").layer1[0].__class__, layers=[1, 1, 1, 1], num_classes=10).eval()
+    model = timm_scan.wrap(backbone, check_input_size=(3, 32, 32))
+    assert model.runner == "traced"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits[-1], backbone(x))
+
+
+def test_data_dependent_forward_is_refused_with_both_reasons():
+    class MoodyResNet(ResNet):
+        def forward_features(self, x):
+            x = super().forward_features(x)
+            return x * 2 if x.mean() > 0 else x  # depends on the values: neither runner can follow it
+
+    backbone = MoodyResNet(block=create("resnet18").layer1[0].__class__, layers=[1, 1, 1, 1], num_classes=10)
+    with pytest.raises(ValueError, match="staged logits differ.*torch.fx.*cannot trace"):
+        timm_scan.wrap(backbone, check_input_size=(3, 32, 32))
+
+
+@pytest.mark.parametrize("name, kwargs, size, reason", [
+    ("hiera_tiny_224", dict(img_size=(64, 64)), 64, "does not lay out as its forward_intermediates map"),
+    ("crossvit_tiny_240", {}, 240, "cannot trace its forward_features"),
+])
+def test_families_still_refused_say_why(name, kwargs, size, reason):
+    with pytest.raises(ValueError, match=f"cannot wrap {name!r}.*{reason}"):
+        wrap(name, kwargs, size)
+
+
+def test_onnx_export_refuses_a_traced_model():
+    pytest.importorskip("onnxruntime")
+    _, model = wrap("mixer_s16_224", dict(img_size=64), 64)
+    with pytest.raises(ValueError, match="traced runner"):
+        timm_scan.export_onnx(model, "unused", (3, 64, 64))

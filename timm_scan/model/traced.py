@@ -1,0 +1,527 @@
+"""Staged execution of any timm model whose ``forward_features`` torch.fx can trace.
+
+The runner of last resort, for families whose forward does more than run its children in order
+(class tokens added halfway, rotary embeddings passed to every block, stages in a ``ModuleList``,
+several branches). ``forward_features`` is traced once with timm's own FX conventions (its
+``register_notrace_*`` modules and functions, as in ``timm.models.FeatureGraphNet``) and every module
+opaque except the ancestors of the exits' stages; the graph is then cut after the call of each exit's
+stage. Sections run the graph's own nodes against the live model, in the original order, so train
+mode consumes the random generator as ``backbone(x)`` does.
+
+Between sections the hidden state is a ``TracedState``: every value that a later section reads (the
+stage's output, a rotary embedding, the batch size read off a shape, …). At wrap time each value is
+classified from two batch sizes (batch dimension, batch size, or constant), so that ``state[keep]``
+drops samples as early exit needs; a value that follows the batch in another way is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from timm.layers import DropBlock2d, DropPath, PatchDropout, get_notrace_functions, get_notrace_modules
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from .backbone import StagedBackbone, _check_close, eval_mode, feature_stages, model_name
+
+__all__ = ["TracedStages", "TracedState"]
+
+_ROOT = "backbone"  # the traced wrapper's attribute holding the model: node targets start with it
+_PROBE_BATCH = 3
+
+
+class _Features(nn.Module):
+    """What is traced: the model's ``forward_features``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        setattr(self, _ROOT, model)
+
+    def forward(self, x: Tensor) -> Any:
+        return getattr(self, _ROOT).forward_features(x)
+
+
+class _Tracer(fx.Tracer):
+    """timm's leaf modules and functions, and the exits' stages, as leaves. ``through``: the only modules
+    traced into (the stages' ancestors); ``None``: every module that torch.fx traces by default."""
+
+    def __init__(self, cut_names: set[str], through: set[str] | None) -> None:
+        super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
+        self.cut_names = cut_names
+        self.through = through
+        # random layers read their training flag when they run: never traced into (a flag read while
+        # tracing would be frozen into the graph)
+        self.notrace = (*get_notrace_modules(), DropPath, DropBlock2d, PatchDropout, nn.Dropout)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.notrace) or module_qualified_name in self.cut_names:
+            return True
+        if self.through is None:
+            return super().is_leaf_module(m, module_qualified_name)
+        return module_qualified_name not in self.through
+
+
+class TracedTraceError(ValueError):
+    """Why the traced runner cannot run a model (the message says what the user can do)."""
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    """How one leaf of the state follows the batch: ``batch_dim`` (tensors), ``batch_size`` (an int
+    equal to the batch size), ``size_dims`` (positions of the batch size in a ``torch.Size``), or
+    constant (none of them)."""
+
+    batch_dim: int | None = None
+    fold: int = 1  # the batch dimension holds ``fold`` rows per sample (TNT's pixel tokens: B * 196)
+    batch_size: bool = False
+    size_dims: tuple[int, ...] = ()
+
+    def select(self, value: Tensor, index: Tensor) -> Tensor:
+        """``value`` (batched along ``batch_dim``) at the samples ``index`` selects."""
+        d = self.batch_dim
+        if self.fold > 1:
+            per_sample = value.unflatten(d, (-1, self.fold))
+            return per_sample[(slice(None),) * d + (index,)].flatten(d, d + 1)
+        return value[(slice(None),) * d + (index,)]
+
+
+class TracedState:
+    """The values one section hands to the next (``values``: one per graph value read later).
+
+    ``state[index]`` keeps the samples ``index`` selects (a boolean mask or integer positions along
+    the batch), as ``tensor[index]`` does; the rest of the values are carried unchanged.
+    """
+
+    def __init__(self, values: tuple[Any, ...], section: int, leaves: list[_Leaf], spec: pytree.TreeSpec) -> None:
+        self.values = values
+        self.section = section  # the section that handed it on
+        self._leaves = leaves
+        self._spec = spec
+
+    def __getitem__(self, index: Tensor) -> TracedState:
+        flat = pytree.tree_leaves(self.values)
+        kept: list[Any] = []
+        size = None
+        for value, leaf in zip(flat, self._leaves):
+            if leaf.batch_dim is not None:
+                value = leaf.select(value, index)
+                size = value.shape[leaf.batch_dim] // leaf.fold
+            kept.append(value)
+        assert size is not None  # the stage's output always follows the batch (checked at wrap time)
+        for i, leaf in enumerate(self._leaves):
+            if leaf.batch_size:
+                kept[i] = size
+            elif leaf.size_dims:
+                kept[i] = torch.Size(size if d in leaf.size_dims else v for d, v in enumerate(kept[i]))
+        return TracedState(pytree.tree_unflatten(kept, self._spec), self.section, self._leaves, self._spec)
+
+    def __len__(self) -> int:
+        for value, leaf in zip(pytree.tree_leaves(self.values), self._leaves):
+            if leaf.batch_dim is not None:
+                return value.shape[leaf.batch_dim] // leaf.fold
+        raise AssertionError("a traced state always holds a batched tensor")
+
+
+@dataclass
+class _Section:
+    """Graph nodes of one section: reads ``inputs`` (section 0: the image), runs ``nodes``, hands on
+    ``outputs`` (the last section: the value ``forward_features`` returns)."""
+
+    inputs: list[fx.Node]
+    nodes: list[fx.Node]
+    outputs: list[fx.Node]
+    cut: fx.Node | None  # the exit's stage call (None for the last section)
+
+
+def _resolve(root: nn.Module, target: str) -> Any:
+    """A node target (``backbone.blocks.3``, ``backbone.cls_token``) on ``root``, a model of the same
+    architecture as the traced one (the live backbone, or a copy of it)."""
+    value: Any = root
+    for part in target.split(".")[1:]:
+        value = getattr(value, part)
+    return value
+
+
+def _run_nodes(root: nn.Module, nodes: list[fx.Node], env: dict[fx.Node, Any]) -> None:
+    """Run graph ``nodes`` in order on ``root``'s modules and parameters, writing values into ``env``."""
+    def load(n: fx.Node) -> Any:
+        return env[n]
+
+    for node in nodes:
+        args = fx.node.map_arg(node.args, load)
+        kwargs = fx.node.map_arg(node.kwargs, load)
+        if node.op == "call_module":
+            env[node] = _resolve(root, node.target)(*args, **kwargs)
+        elif node.op == "call_function":
+            env[node] = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        elif node.op == "get_attr":
+            env[node] = _resolve(root, node.target)
+        else:
+            raise AssertionError(f"unexpected node {node.op}")
+
+
+@contextmanager
+def _mode(module: nn.Module, training: bool) -> Iterator[None]:
+    flags = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _trace(model: nn.Module, cut_names: list[str], training: bool) -> fx.Graph:
+    """``forward_features`` as a graph, each stage in ``cut_names`` one ``call_module`` node.
+
+    Every other module is a leaf where that traces (it then runs as the model runs it); where it does
+    not (a module returning a tuple that the caller unpacks), the modules are traced into as torch.fx
+    does by default.
+    """
+    cuts = {f"{_ROOT}.{name}" for name in cut_names}
+    through = {""}  # the wrapper
+    for name in cuts:
+        parts = name.split(".")
+        through.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    flags = [(m, m.grad_checkpointing) for m in model.modules()
+             if isinstance(getattr(m, "grad_checkpointing", None), bool)]
+    for m, _ in flags:  # the traced graph runs blocks one by one; sections checkpoint as a whole
+        m.grad_checkpointing = False
+    try:
+        with _mode(model, training):
+            try:
+                return _Tracer(cuts, through).trace(_Features(model))
+            except Exception:
+                return _Tracer(cuts, None).trace(_Features(model))
+    except Exception as exc:
+        raise TracedTraceError(f"torch.fx cannot trace its forward_features ({type(exc).__name__}: {exc})") from None
+    finally:
+        for m, flag in flags:
+            m.grad_checkpointing = flag
+
+
+def _split(graph: fx.Graph, cuts: list[fx.Node]) -> list[_Section]:
+    """Cut ``graph`` after each node of ``cuts`` (in graph order); each section's inputs are the values
+    defined before it and read in it or later."""
+    nodes = [n for n in graph.nodes if n.op != "output"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    position = {n: i for i, n in enumerate(nodes)}
+    bounds = [-1, *(position[c] for c in cuts), len(nodes) - 1]
+
+    def section_of(n: fx.Node) -> int:
+        if n.op == "output":
+            return len(cuts)
+        return next(k for k in range(len(bounds) - 1) if position[n] <= bounds[k + 1])
+
+    sections = []
+    for k in range(len(bounds) - 1):
+        own = [n for n in nodes[bounds[k] + 1 : bounds[k + 1] + 1] if n.op not in ("get_attr", "placeholder")]
+        # parameters and buffers are read where they are used, never handed between sections
+        reads = {a for n in own for a in n.all_input_nodes if a.op == "get_attr"}
+        if k == len(cuts):
+            reads |= {a for a in output.all_input_nodes if a.op == "get_attr"}
+        sections.append(_Section(inputs=[], nodes=[n for n in nodes if n in reads] + own, outputs=[],
+                                 cut=cuts[k] if k < len(cuts) else None))
+    for k in range(len(cuts)):  # what crosses from section k to k + 1 and later
+        live = [n for n in nodes if n.op != "get_attr" and section_of(n) <= k
+                and any(section_of(u) > k for u in n.users)]
+        if cuts[k] not in live:
+            live.append(cuts[k])
+        sections[k].outputs = live
+        sections[k + 1].inputs = live
+    sections[0].inputs = [n for n in nodes if n.op == "placeholder"]
+    sections[-1].outputs = [output]
+    return sections
+
+
+def _find_cuts(model: nn.Module, graph: fx.Graph, env: dict[fx.Node, Any], expected: list[Tensor] | None,
+               stages: list, image_size: tuple[int, int]) -> tuple[list[fx.Node], list[_Layout]]:
+    """For each exit's stage, the graph node whose value (``env``, on the check batch) is that stage's
+    map, and how to read the map off it: the call of the stage module where ``forward_features`` calls
+    it once, else the first later node whose value lays out as the stage's ``forward_intermediates`` map
+    (stages that are not modules of the model: a list of blocks, a name timm uses in features_only
+    mode)."""
+    cuts: list[fx.Node] = []
+    layouts: list[_Layout] = []
+    nodes = [n for n in graph.nodes if n.op not in ("output", "placeholder", "get_attr")]
+    for k, stage in enumerate(stages):
+        want = None if expected is None else expected[k]
+        after = nodes[nodes.index(cuts[-1]) + 1 :] if cuts else nodes
+        calls = [n for n in after if n.op == "call_module" and n.target == f"{_ROOT}.{stage.module}"]
+        if len(calls) == 1:
+            cuts.append(calls[0])
+            layouts.append(_layout(env[calls[0]], want, stage.num_chs, image_size, stage.module))
+            continue
+        if want is None:
+            raise TracedTraceError(f"its forward_features does not call stage {stage.module!r} once and it has no "
+                                   "forward_intermediates to find the stage's output by")
+        for node in after:
+            try:
+                layout = _layout(env[node], want, stage.num_chs, image_size, stage.module)
+            except TracedTraceError:
+                continue
+            cuts.append(node)
+            layouts.append(layout)
+            break
+        else:
+            raise TracedTraceError(f"no value of its forward_features is the map forward_intermediates returns for "
+                                   f"stage {stage.module!r} {tuple(want.shape)}")
+    return cuts, layouts
+
+
+def _same_graph(a: fx.Graph, b: fx.Graph) -> bool:
+    return [(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in a.nodes] == [
+        (n.op, str(n.target), str(n.args), str(n.kwargs)) for n in b.nodes]
+
+
+def _classify(one: Any, other: Any, b_one: int, b_other: int, what: str) -> _Leaf:
+    """How a state leaf follows the batch, from its values at batch sizes ``b_one`` and ``b_other``."""
+    if isinstance(one, Tensor):
+        if one.dim() == other.dim():
+            changed = [d for d in range(one.dim()) if one.shape[d] != other.shape[d]]
+            if not changed:
+                return _Leaf()
+            if len(changed) == 1:
+                d = changed[0]
+                fold, rest = divmod(one.shape[d], b_one)
+                if rest == 0 and other.shape[d] == fold * b_other:
+                    return _Leaf(batch_dim=d, fold=fold)
+        raise TracedTraceError(f"{what} has shape {tuple(one.shape)} at batch {b_one} and "
+                               f"{tuple(other.shape)} at batch {b_other}: it does not follow the batch in one dimension")
+    if isinstance(one, torch.Size):
+        dims = tuple(d for d, (u, v) in enumerate(zip(one, other)) if u != v)
+        if all(one[d] == b_one and other[d] == b_other for d in dims) and len(one) == len(other):
+            return _Leaf(size_dims=dims)
+    elif isinstance(one, int) and not isinstance(one, bool):
+        if one == other:
+            return _Leaf()
+        if one == b_one and other == b_other:
+            return _Leaf(batch_size=True)
+    elif type(one) is type(other) and (one is other or one == other):
+        return _Leaf()
+    raise TracedTraceError(f"{what} ({one!r} at batch {b_one}, {other!r} at batch {b_other}) depends on the "
+                           "batch in a way early exit cannot follow when it drops samples")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a stage's output becomes the ``(B, C, H', W')`` map its exit reads: ``element`` of a tuple or
+    list output (or the output itself: ``None``), as ``"NCHW"``, ``"NHWC"`` or ``"NLC"`` (tokens, the
+    first ``prefix`` of them not spatial: class, distillation, register tokens)."""
+
+    kind: str
+    element: int | None = None
+    reduction: tuple[float, float] = (1.0, 1.0)
+    prefix: int = 0
+
+    def to_map(self, h: Any, image_size: tuple[int, int]) -> Tensor:
+        if self.element is not None:
+            h = h[self.element]
+        if self.kind == "NCHW":
+            return h
+        if self.kind == "NHWC":
+            return h.permute(0, 3, 1, 2)
+        tokens = h[:, self.prefix :]
+        grid_h, grid_w = self.grid(tokens.shape[1], image_size)
+        return tokens.reshape(h.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2)
+
+    def grid(self, n: int, image_size: tuple[int, int]) -> tuple[int, int]:
+        rh, rw = image_size[0] / self.reduction[0], image_size[1] / self.reduction[1]
+        for grid_h in (math.floor(rh), math.ceil(rh)):
+            for grid_w in (math.floor(rw), math.ceil(rw)):
+                if grid_h * grid_w == n:
+                    return grid_h, grid_w
+        raise ValueError(f"{n} tokens do not form a grid for an image of {image_size}")
+
+
+def _layout(value: Any, expected: Tensor | None, num_chs: int, image_size: tuple[int, int], stage: str) -> _Layout:
+    """The layout that turns a stage's output ``value`` into ``expected`` (its ``forward_intermediates``
+    map; without one, the 4-d tensor whose channels number ``num_chs``)."""
+    elements = list(enumerate(value)) if isinstance(value, (tuple, list)) else [(None, value)]
+    for element, tensor in elements:
+        if not isinstance(tensor, Tensor):
+            continue
+        if expected is None:
+            if tensor.dim() == 4 and tensor.shape[1] == num_chs:
+                return _Layout("NCHW", element)
+            if tensor.dim() == 4 and tensor.shape[3] == num_chs:
+                return _Layout("NHWC", element)
+            continue
+        _, channels, grid_h, grid_w = expected.shape
+        reduction = (image_size[0] / grid_h, image_size[1] / grid_w)
+        if tensor.dim() == 4:
+            candidates = [_Layout("NCHW", element, reduction), _Layout("NHWC", element, reduction)]
+        elif tensor.dim() == 3 and tensor.shape[1] >= grid_h * grid_w and tensor.shape[2] == channels:
+            candidates = [_Layout("NLC", element, reduction, tensor.shape[1] - grid_h * grid_w)]
+        else:
+            continue
+        for layout in candidates:
+            got = layout.to_map(value, image_size)
+            if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+                return layout
+    shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for _, t in elements]
+    want = f"its forward_intermediates map {tuple(expected.shape)}" if expected is not None else \
+        f"a map of {num_chs} channels"
+    raise TracedTraceError(f"stage {stage!r} returns {shapes}, which does not lay out as {want}")
+
+
+class TracedStages(StagedBackbone):
+    """Any model whose ``forward_features`` torch.fx can trace; hidden states are ``TracedState``s."""
+
+    kind = "traced"
+
+    def __init__(self, model: nn.Module, cuts: list[int], example: Tensor) -> None:
+        super().__init__(model, cuts)
+        stages = [feature_stages(model)[c] for c in self.cuts]
+        names = [s.module for s in stages]
+        graph = _trace(model, names, training=False)
+        if not _same_graph(graph, _trace(model, names, training=True)):
+            raise TracedTraceError("its forward_features takes other steps in train mode than in eval mode")
+        self._graph = graph  # the sections' nodes belong to it
+        image_size = (example.shape[-2], example.shape[-1])
+        with eval_mode(model), torch.no_grad():
+            env = {next(n for n in graph.nodes if n.op == "placeholder"): example}
+            try:
+                _run_nodes(model, [n for n in graph.nodes if n.op not in ("placeholder", "output")], env)
+            except Exception as exc:
+                raise TracedTraceError(f"its traced forward_features fails to run ({type(exc).__name__}: {exc})") \
+                    from None
+            expected = None
+            if self.cuts and hasattr(model, "forward_intermediates"):
+                expected = model.forward_intermediates(example, indices=self.cuts, intermediates_only=True,
+                                                       stop_early=True)
+        cut_nodes, self._layouts = _find_cuts(model, graph, env, expected, stages, image_size)
+        self._traced = _split(graph, cut_nodes)
+        self.sections = [[] for _ in self._traced]  # the base class counts sections on it
+        self._cut_slot = [s.outputs.index(s.cut) for s in self._traced[:-1]]
+        self._leaves: list[list[_Leaf]] = []
+        self._specs: list[pytree.TreeSpec] = []
+        self._classify_state(example)
+        self._check_dropping(example, model_name(model))
+
+    def _run(self, root: nn.Module, k: int, h: Any) -> Any:
+        """Section ``k`` on ``root`` (the backbone, or a copy of it): the image or a state in, a state
+        (the last section: what ``forward_features`` returns) out."""
+        section = self._traced[k]
+        values = (h,) if k == 0 else h.values
+        env = dict(zip(section.inputs, values))
+        _run_nodes(root, section.nodes, env)
+        if k == self.num_sections - 1:
+            return fx.node.map_arg(section.outputs[0].args[0], lambda n: env[n])
+        values = tuple(env[n] for n in section.outputs)
+        if len(self._leaves) <= k:  # probing: how the values follow the batch is not known yet
+            return _Raw(values)
+        return TracedState(values, k, self._leaves[k], self._specs[k])
+
+    def run_section(self, k: int, h: Any) -> Any:
+        if getattr(self.model, "grad_checkpointing", False) and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._run, self.model, k, h, use_reentrant=False)
+        return self._run(self.model, k, h)
+
+    def to_map(self, h: TracedState, image_size: tuple[int, int]) -> Tensor:
+        return self._layouts[h.section].to_map(h.values[self._cut_slot[h.section]], image_size)
+
+    def trunk(self, k: int) -> nn.Module:
+        return _TracedTrunk(self, k)
+
+    def _classify_state(self, example: Tensor) -> None:
+        """How each value handed between sections follows the batch, from runs at two batch sizes."""
+        other = torch.randn((_PROBE_BATCH, *example.shape[1:]), generator=torch.Generator().manual_seed(1))
+        runs = []
+        with eval_mode(self.model), torch.no_grad():
+            for x in (example, other.to(example)):
+                h, states = x, []
+                for k in range(self.num_sections - 1):
+                    h = self._run(self.model, k, h)
+                    states.append(h.values)
+                runs.append(states)
+        for k, (one, two) in enumerate(zip(*runs)):
+            flat_one, spec = pytree.tree_flatten(one)
+            flat_two, spec_two = pytree.tree_flatten(two)
+            if spec != spec_two:
+                raise TracedTraceError(f"the values after section {k} change structure with the batch size")
+            self._leaves.append([_classify(u, v, len(example), _PROBE_BATCH, f"a value handed from section {k} on")
+                                 for u, v in zip(flat_one, flat_two)])
+            self._specs.append(spec)
+
+    def _check_dropping(self, example: Tensor, name: str) -> None:
+        """Drop a sample after every section and compare with the kept samples run alone."""
+        x = torch.randn((self.num_sections, *example.shape[1:]), generator=torch.Generator().manual_seed(2))
+        x = x.to(example)
+        image_size = (x.shape[-2], x.shape[-1])
+        with eval_mode(self.model), torch.no_grad():
+            kept = torch.arange(len(x))
+            h: Any = x
+            for k in range(self.num_sections):
+                h = self._run(self.model, k, h)
+                if k < self.num_sections - 1 and len(kept) > 1:
+                    keep = torch.arange(len(kept)) != 0
+                    h, kept = h[keep], kept[keep]
+                    alone = x[kept]
+                    for j in range(k + 1):
+                        alone = self._run(self.model, j, alone)
+                    want = self.to_map(alone, image_size)
+                    _check_close(name, f"map of stage {self.cuts[k]} after dropping samples",
+                                 self.to_map(h, image_size), want, atol=_batch_noise(want))
+            want = self.model(x[kept])
+            _check_close(name, "logits after dropping samples", self.model.forward_head(h), want,
+                         atol=_batch_noise(want))
+
+
+def _batch_noise(want: Tensor) -> float:
+    """The absolute tolerance between runs at two batch sizes: CPU kernels change with the batch, and
+    random weights give activations in the hundreds (visformer), so it scales with the largest one."""
+    return 1e-4 * max(0.1, float(want.abs().max()))
+
+
+@dataclass
+class _Raw:
+    """A probing state: the values, before how they follow the batch is known."""
+
+    values: tuple[Any, ...]
+
+
+class _TracedTrunk(nn.Module):
+    """A copy of the backbone, the modules that sections after ``k`` alone use left out, running
+    sections 0..k and returning exit k's map."""
+
+    def __init__(self, staged: TracedStages, k: int) -> None:
+        super().__init__()
+        self._staged = staged
+        self.k = k
+        sections = staged._traced[: k + 1]
+        used = {n.target.split(".", 1)[1] for s in sections for n in s.nodes
+                if n.op in ("call_module", "get_attr") and "." in n.target}
+        self.backbone = _pruned_copy(staged.model, used)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h: Any = x
+        for j in range(self.k + 1):
+            h = self._staged._run(self.backbone, j, h)
+        return self._staged.to_map(h, (x.shape[-2], x.shape[-1]))
+
+
+def _pruned_copy(model: nn.Module, used: set[str]) -> nn.Module:
+    """A deep copy of ``model`` whose modules that no name in ``used`` needs are ``nn.Identity``."""
+    from .backbone import without_capture_hooks
+
+    copied = without_capture_hooks(copy.deepcopy(model))
+    dropped: list[str] = []
+    for name, _ in list(copied.named_modules()):
+        if not name or any(name.startswith(d + ".") for d in dropped):
+            continue
+        if any(u == name or u.startswith(name + ".") or name.startswith(u + ".") for u in used):
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(copied.get_submodule(parent) if parent else copied, child, nn.Identity())
+        dropped.append(name)
+    return copied
