@@ -32,6 +32,7 @@ FAMILIES = [
     ("visformer_tiny", dict(img_size=64), 64, "traced"),
     ("xception41", {}, 64, "traced"),
     ("selecsls42b", {}, 64, "traced"),
+    ("hrnet_w18_small", {}, 64, "traced"),  # stages found by their forward_intermediates maps
     ("deit_tiny_distilled_patch16_224", dict(img_size=64, depth=4), 64, "vit"),
     ("levit_128s", dict(img_size=64), 64, "traced"),
     ("efficientformer_l1", {}, 224, "sequential"),

@@ -61,14 +61,15 @@ def test_vit_staged_subsets_equal_full_run():
         torch.testing.assert_close(model.exit_logits(model.num_exits - 1, h, (160, 160)), full[-1][2:])
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_large_100"])
-def test_train_mode_is_the_same_computation(name):
-    """Same seed, same numbers as the backbone in train mode, dropout and BN statistics included."""
-    backbone = create(name, drop_rate=0.5)
+@pytest.mark.parametrize("name, size", [("resnet18", 32), ("mobilenetv3_large_100", 32), ("test_vit", 160)])
+def test_train_mode_is_the_same_computation(name, size):
+    """Same seed, same numbers as the backbone in train mode, dropout, drop path and BN statistics
+    included (the traced runner: tests/test_traced.py)."""
+    backbone = create(name, drop_rate=0.5, drop_path_rate=0.2)
     reference = copy.deepcopy(backbone)
-    model = timm_scan.wrap(backbone, check_input_size=(3, 32, 32))
+    model = timm_scan.wrap(backbone, check_input_size=(3, size, size))
     assert model.training and backbone.training
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, size, size)
     torch.manual_seed(1)
     expected = reference(x)
     torch.manual_seed(1)
@@ -169,12 +170,6 @@ def test_model_without_feature_info_is_refused():
 def test_model_without_classifier_is_refused():
     with pytest.raises(ValueError, match="num_classes"):
         wrap("resnet18", 32, num_classes=0)
-
-
-def test_hrnet_gets_an_honest_refusal():
-    with pytest.raises(ValueError, match="hrnet_w18_small.*use another family.*torch.fx.*feature_info names a module "
-                                         "'stage1' that the model does not have"):
-        wrap("hrnet_w18_small", 64)
 
 
 def test_default_placement_follows_the_papers():

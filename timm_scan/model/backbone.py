@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,15 +127,20 @@ class _ClassifierInput:
 
 
 @contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode inside (no BN statistics updated, no dropout); every module's flag restored after."""
+def run_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """``module.train(training)`` inside; every module's flag restored after."""
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    module.train(training)
     try:
         yield
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def eval_mode(module: nn.Module) -> AbstractContextManager[None]:
+    """Eval mode inside (no BN statistics updated, no dropout); every module's flag restored after."""
+    return run_mode(module, False)
 
 
 def without_capture_hooks(model: nn.Module) -> nn.Module:
@@ -339,7 +344,8 @@ def _children_called(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Mo
 def _no_checkpointing(model: nn.Module) -> Iterator[None]:
     """timm's gradient checkpointing off inside (it runs a stage's blocks, not the stage, so the
     stages' hooks would not fire), every module's flag restored after."""
-    flags = [(m, m.grad_checkpointing) for m in model.modules() if isinstance(getattr(m, "grad_checkpointing", None), bool)]
+    flags = [(m, m.grad_checkpointing) for m in model.modules()
+             if isinstance(getattr(m, "grad_checkpointing", None), bool)]
     for m, _ in flags:
         m.grad_checkpointing = False
     try:

@@ -4,9 +4,12 @@ The runner of last resort, for families whose forward does more than run its chi
 (class tokens added halfway, rotary embeddings passed to every block, stages in a ``ModuleList``,
 several branches). ``forward_features`` is traced once with timm's own FX conventions (its
 ``register_notrace_*`` modules and functions, as in ``timm.models.FeatureGraphNet``) and every module
-opaque except the ancestors of the exits' stages; the graph is then cut after the call of each exit's
-stage. Sections run the graph's own nodes against the live model, in the original order, so train
-mode consumes the random generator as ``backbone(x)`` does.
+opaque except the ancestors of the exits' stages (where that does not trace, as deep as torch.fx
+goes by default). The graph is then cut after the call of each exit's stage, or, where ``feature_info``
+names no module the forward calls once, after the first value equal to the stage's
+``forward_intermediates`` map. Sections run the graph's own nodes against the live model, in the
+original order, so train mode consumes the random generator as ``backbone(x)`` does; a forward that
+takes other steps in train mode than in eval mode is refused.
 
 Between sections the hidden state is a ``TracedState``: every value that a later section reads (the
 stage's output, a rotary embedding, the batch size read off a shape, …). At wrap time each value is
@@ -18,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,16 @@ from timm.layers import DropBlock2d, DropPath, PatchDropout, get_notrace_functio
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .backbone import StagedBackbone, _check_close, eval_mode, feature_stages, model_name
+from .backbone import (
+    StagedBackbone,
+    _check_close,
+    _no_checkpointing,
+    eval_mode,
+    feature_stages,
+    model_name,
+    run_mode,
+    without_capture_hooks,
+)
 
 __all__ = ["TracedStages", "TracedState"]
 
@@ -68,8 +78,8 @@ class _Tracer(fx.Tracer):
         return module_qualified_name not in self.through
 
 
-class TracedTraceError(ValueError):
-    """Why the traced runner cannot run a model (the message says what the user can do)."""
+class _CannotTrace(ValueError):
+    """Why the traced runner cannot run a model."""
 
 
 @dataclass(frozen=True)
@@ -151,12 +161,22 @@ def _resolve(root: nn.Module, target: str) -> Any:
 
 def _run_nodes(root: nn.Module, nodes: list[fx.Node], env: dict[fx.Node, Any]) -> None:
     """Run graph ``nodes`` in order on ``root``'s modules and parameters, writing values into ``env``."""
-    def load(n: fx.Node) -> Any:
-        return env[n]
+    def load(value: Any) -> Any:  # graph values in, plain (mutable) lists and dicts: modules may edit them
+        if isinstance(value, fx.Node):
+            return env[value]
+        if isinstance(value, list):
+            return [load(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(load(v) for v in value)
+        if isinstance(value, slice):
+            return slice(load(value.start), load(value.stop), load(value.step))
+        if isinstance(value, dict):
+            return {k: load(v) for k, v in value.items()}
+        return value
 
     for node in nodes:
-        args = fx.node.map_arg(node.args, load)
-        kwargs = fx.node.map_arg(node.kwargs, load)
+        args = load(node.args)
+        kwargs = load(node.kwargs)
         if node.op == "call_module":
             env[node] = _resolve(root, node.target)(*args, **kwargs)
         elif node.op == "call_function":
@@ -167,17 +187,6 @@ def _run_nodes(root: nn.Module, nodes: list[fx.Node], env: dict[fx.Node, Any]) -
             env[node] = _resolve(root, node.target)
         else:
             raise AssertionError(f"unexpected node {node.op}")
-
-
-@contextmanager
-def _mode(module: nn.Module, training: bool) -> Iterator[None]:
-    flags = [(m, m.training) for m in module.modules()]
-    module.train(training)
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _trace(model: nn.Module, cut_names: list[str], training: bool) -> fx.Graph:
@@ -192,21 +201,15 @@ def _trace(model: nn.Module, cut_names: list[str], training: bool) -> fx.Graph:
     for name in cuts:
         parts = name.split(".")
         through.update(".".join(parts[:i]) for i in range(1, len(parts)))
-    flags = [(m, m.grad_checkpointing) for m in model.modules()
-             if isinstance(getattr(m, "grad_checkpointing", None), bool)]
-    for m, _ in flags:  # the traced graph runs blocks one by one; sections checkpoint as a whole
-        m.grad_checkpointing = False
+    # checkpointing off while tracing: the graph runs blocks one by one; sections checkpoint as a whole
     try:
-        with _mode(model, training):
+        with run_mode(model, training), _no_checkpointing(model):
             try:
                 return _Tracer(cuts, through).trace(_Features(model))
             except Exception:
                 return _Tracer(cuts, None).trace(_Features(model))
     except Exception as exc:
-        raise TracedTraceError(f"torch.fx cannot trace its forward_features ({type(exc).__name__}: {exc})") from None
-    finally:
-        for m, flag in flags:
-            m.grad_checkpointing = flag
+        raise _CannotTrace(f"torch.fx cannot trace its forward_features ({type(exc).__name__}: {exc})") from None
 
 
 def _split(graph: fx.Graph, cuts: list[fx.Node]) -> list[_Section]:
@@ -262,18 +265,18 @@ def _find_cuts(model: nn.Module, graph: fx.Graph, env: dict[fx.Node, Any], expec
             layouts.append(_layout(env[calls[0]], want, stage.num_chs, image_size, stage.module))
             continue
         if want is None:
-            raise TracedTraceError(f"its forward_features does not call stage {stage.module!r} once and it has no "
+            raise _CannotTrace(f"its forward_features does not call stage {stage.module!r} once and it has no "
                                    "forward_intermediates to find the stage's output by")
         for node in after:
             try:
                 layout = _layout(env[node], want, stage.num_chs, image_size, stage.module)
-            except TracedTraceError:
+            except _CannotTrace:
                 continue
             cuts.append(node)
             layouts.append(layout)
             break
         else:
-            raise TracedTraceError(f"no value of its forward_features is the map forward_intermediates returns for "
+            raise _CannotTrace(f"no value of its forward_features is the map forward_intermediates returns for "
                                    f"stage {stage.module!r} {tuple(want.shape)}")
     return cuts, layouts
 
@@ -295,8 +298,8 @@ def _classify(one: Any, other: Any, b_one: int, b_other: int, what: str) -> _Lea
                 fold, rest = divmod(one.shape[d], b_one)
                 if rest == 0 and other.shape[d] == fold * b_other:
                     return _Leaf(batch_dim=d, fold=fold)
-        raise TracedTraceError(f"{what} has shape {tuple(one.shape)} at batch {b_one} and "
-                               f"{tuple(other.shape)} at batch {b_other}: it does not follow the batch in one dimension")
+        raise _CannotTrace(f"{what} has shape {tuple(one.shape)} at batch {b_one} and {tuple(other.shape)} at "
+                           f"batch {b_other}: it does not follow the batch in one dimension")
     if isinstance(one, torch.Size):
         dims = tuple(d for d, (u, v) in enumerate(zip(one, other)) if u != v)
         if all(one[d] == b_one and other[d] == b_other for d in dims) and len(one) == len(other):
@@ -308,8 +311,8 @@ def _classify(one: Any, other: Any, b_one: int, b_other: int, what: str) -> _Lea
             return _Leaf(batch_size=True)
     elif type(one) is type(other) and (one is other or one == other):
         return _Leaf()
-    raise TracedTraceError(f"{what} ({one!r} at batch {b_one}, {other!r} at batch {b_other}) depends on the "
-                           "batch in a way early exit cannot follow when it drops samples")
+    raise _CannotTrace(f"{what} ({one!r} at batch {b_one}, {other!r} at batch {b_other}) depends on the batch in a "
+                       "way early exit cannot follow when it drops samples")
 
 
 @dataclass(frozen=True)
@@ -371,7 +374,7 @@ def _layout(value: Any, expected: Tensor | None, num_chs: int, image_size: tuple
     shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for _, t in elements]
     want = f"its forward_intermediates map {tuple(expected.shape)}" if expected is not None else \
         f"a map of {num_chs} channels"
-    raise TracedTraceError(f"stage {stage!r} returns {shapes}, which does not lay out as {want}")
+    raise _CannotTrace(f"stage {stage!r} returns {shapes}, which does not lay out as {want}")
 
 
 class TracedStages(StagedBackbone):
@@ -385,7 +388,7 @@ class TracedStages(StagedBackbone):
         names = [s.module for s in stages]
         graph = _trace(model, names, training=False)
         if not _same_graph(graph, _trace(model, names, training=True)):
-            raise TracedTraceError("its forward_features takes other steps in train mode than in eval mode")
+            raise _CannotTrace("its forward_features takes other steps in train mode than in eval mode")
         self._graph = graph  # the sections' nodes belong to it
         image_size = (example.shape[-2], example.shape[-1])
         with eval_mode(model), torch.no_grad():
@@ -393,7 +396,7 @@ class TracedStages(StagedBackbone):
             try:
                 _run_nodes(model, [n for n in graph.nodes if n.op not in ("placeholder", "output")], env)
             except Exception as exc:
-                raise TracedTraceError(f"its traced forward_features fails to run ({type(exc).__name__}: {exc})") \
+                raise _CannotTrace(f"its traced forward_features fails to run ({type(exc).__name__}: {exc})") \
                     from None
             expected = None
             if self.cuts and hasattr(model, "forward_intermediates"):
@@ -448,9 +451,12 @@ class TracedStages(StagedBackbone):
             flat_one, spec = pytree.tree_flatten(one)
             flat_two, spec_two = pytree.tree_flatten(two)
             if spec != spec_two:
-                raise TracedTraceError(f"the values after section {k} change structure with the batch size")
-            self._leaves.append([_classify(u, v, len(example), _PROBE_BATCH, f"a value handed from section {k} on")
-                                 for u, v in zip(flat_one, flat_two)])
+                raise _CannotTrace(f"the values after section {k} change structure with the batch size")
+            leaves = [_classify(u, v, len(example), _PROBE_BATCH, f"a value handed from section {k} on")
+                      for u, v in zip(flat_one, flat_two)]
+            if all(leaf.batch_dim is None for leaf in leaves):
+                raise _CannotTrace(f"no value handed from section {k} on follows the batch")
+            self._leaves.append(leaves)
             self._specs.append(spec)
 
     def _check_dropping(self, example: Tensor, name: str) -> None:
@@ -512,8 +518,6 @@ class _TracedTrunk(nn.Module):
 
 def _pruned_copy(model: nn.Module, used: set[str]) -> nn.Module:
     """A deep copy of ``model`` whose modules that no name in ``used`` needs are ``nn.Identity``."""
-    from .backbone import without_capture_hooks
-
     copied = without_capture_hooks(copy.deepcopy(model))
     dropped: list[str] = []
     for name, _ in list(copied.named_modules()):
