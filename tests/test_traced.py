@@ -125,13 +125,16 @@ def test_gradient_checkpointing_on_the_traced_runner(when):
         torch.testing.assert_close(a, b)
 
 
-def test_truncated_traced_model_holds_only_its_sections():
+def test_truncated_traced_model_holds_only_its_sections(tmp_path):
     _, model = wrap("pit_ti_224", dict(img_size=64), 64)
     x = torch.randn(2, 3, 64, 64)
     small = model.truncate(0).eval()
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x).logits[0])
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters()) / 2
+    torch.save(small, tmp_path / "small.pt")  # nothing of the full model travels with it
+    torch.save(small.state_dict(), tmp_path / "weights.pt")
+    assert (tmp_path / "small.pt").stat().st_size < 1.5 * (tmp_path / "weights.pt").stat().st_size
 
 
 def test_distilled_model_keeps_its_combined_head():
@@ -159,6 +162,31 @@ def test_a_forward_features_with_steps_of_its_own_runs_traced():
         assert torch.equal(model(x).logits[-1], backbone(x))
 
 
+def test_a_forward_with_tensor_constants_runs_traced():
+    class ConstantResNet(ResNet):
+        def forward_features(self, x):
+            return super().forward_features(x) * torch.tensor([2.0])  # torch.fx keeps it as a constant
+
+    backbone = ConstantResNet(block=create("resnet18").layer1[0].__class__, layers=[1, 1, 1, 1], num_classes=10)
+    model = timm_scan.wrap(backbone.eval(), check_input_size=(3, 32, 32))
+    assert model.runner == "traced"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits[-1], backbone(x))
+        assert torch.equal(model.double()(x.double()).logits[-1], backbone(x.double()))
+
+
+def test_a_value_that_does_not_follow_dropped_samples_is_refused():
+    class IndexResNet(ResNet):
+        def forward_features(self, x):
+            positions = torch.arange(x.shape[0])  # kept for the end: not something early exit can shrink
+            return super().forward_features(x).index_select(0, positions) * 2
+
+    backbone = IndexResNet(block=create("resnet18").layer1[0].__class__, layers=[1, 1, 1, 1], num_classes=10)
+    with pytest.raises(ValueError, match="cannot wrap.*samples are dropped"):
+        timm_scan.wrap(backbone, check_input_size=(3, 32, 32))
+
+
 def test_data_dependent_forward_is_refused_with_both_reasons():
     class MoodyResNet(ResNet):
         def forward_features(self, x):
@@ -184,3 +212,14 @@ def test_onnx_export_refuses_a_traced_model():
     _, model = wrap("mixer_s16_224", dict(img_size=64), 64)
     with pytest.raises(ValueError, match="traced runner"):
         timm_scan.export_onnx(model, "unused", (3, 64, 64))
+
+
+def test_traced_model_saves_and_loads(tmp_path):
+    _, model = wrap("pit_ti_224", dict(img_size=64), 64)
+    model.save_pretrained(tmp_path / "pit")
+    again = timm_scan.from_pretrained(tmp_path / "pit").eval()
+    assert again.runner == "traced"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model.eval()(x).logits, again(x).logits):
+            torch.testing.assert_close(a, b)

@@ -230,6 +230,12 @@ class StagedBackbone:
         finally:
             self._capture.active = False
             self._capture.value = None
+        if not isinstance(logits, Tensor):
+            raise ValueError(
+                f"{model_name(self.model)!r}'s forward_head returned {type(logits).__name__}, not one logits tensor "
+                "(a distilled model in distilled training returns both heads' outputs): the deepest exit needs the "
+                "combined output, so call set_distilled_training(False) on the backbone"
+            )
         return logits, pre_logits
 
 

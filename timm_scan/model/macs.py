@@ -42,7 +42,8 @@ class _GlobalOnly:
 def count_macs(fn: Callable[..., Any], *args: Any) -> int:
     """MACs of one call ``fn(*args)``, run under ``torch.no_grad``."""
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
-    counter.mod_tracker = _GlobalOnly()
+    if hasattr(counter, "mod_tracker"):  # torch 2.4+: a private attribute, read at enter, exit and each count
+        counter.mod_tracker = _GlobalOnly()
     with torch.no_grad(), counter:
         fn(*args)
     return counter.get_total_flops() // 2

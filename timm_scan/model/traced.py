@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,7 +38,6 @@ from .backbone import (
     feature_stages,
     model_name,
     run_mode,
-    without_capture_hooks,
 )
 
 __all__ = ["TracedStages", "TracedState"]
@@ -148,19 +147,37 @@ class _Section:
     nodes: list[fx.Node]
     outputs: list[fx.Node]
     cut: fx.Node | None  # the exit's stage call (None for the last section)
+    free: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)  # values last read by a node, dropped after it
+
+    def plan_frees(self) -> None:
+        """Fill ``free``: each value the section no longer needs, after the node that reads it last."""
+        kept = set(self.outputs) | {a for out in self.outputs if out.op == "output" for a in out.all_input_nodes}
+        seen: set[fx.Node] = set()
+        for node in reversed(self.nodes):
+            last = [a for a in node.all_input_nodes if a not in seen and a not in kept]
+            seen.update(node.all_input_nodes)
+            if last:
+                self.free[node] = last
 
 
-def _resolve(root: nn.Module, target: str) -> Any:
+def _resolve(root: nn.Module, target: str, constants: dict[str, Tensor]) -> Any:
     """A node target (``backbone.blocks.3``, ``backbone.cls_token``) on ``root``, a model of the same
-    architecture as the traced one (the live backbone, or a copy of it)."""
+    architecture as the traced one (the live backbone, or a copy of it); ``constants``: the tensors
+    torch.fx made of the forward's Python constants (``_tensor_constant0``), put on ``root``'s device."""
+    if target in constants:
+        return constants[target].to(next(root.parameters()).device)
     value: Any = root
     for part in target.split(".")[1:]:
         value = getattr(value, part)
     return value
 
 
-def _run_nodes(root: nn.Module, nodes: list[fx.Node], env: dict[fx.Node, Any]) -> None:
-    """Run graph ``nodes`` in order on ``root``'s modules and parameters, writing values into ``env``."""
+def _run_nodes(root: nn.Module, section: _Section | list[fx.Node], env: dict[fx.Node, Any],
+               constants: dict[str, Tensor]) -> None:
+    """Run a section's graph nodes (or a list of nodes) in order on ``root``'s modules and parameters,
+    writing values into ``env`` and dropping each value after its last reader in the section."""
+    nodes, free = (section.nodes, section.free) if isinstance(section, _Section) else (section, {})
+
     def load(value: Any) -> Any:  # graph values in, plain (mutable) lists and dicts: modules may edit them
         if isinstance(value, fx.Node):
             return env[value]
@@ -178,19 +195,22 @@ def _run_nodes(root: nn.Module, nodes: list[fx.Node], env: dict[fx.Node, Any]) -
         args = load(node.args)
         kwargs = load(node.kwargs)
         if node.op == "call_module":
-            env[node] = _resolve(root, node.target)(*args, **kwargs)
+            env[node] = _resolve(root, node.target, constants)(*args, **kwargs)
         elif node.op == "call_function":
             env[node] = node.target(*args, **kwargs)
         elif node.op == "call_method":
             env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
         elif node.op == "get_attr":
-            env[node] = _resolve(root, node.target)
+            env[node] = _resolve(root, node.target, constants)
         else:
             raise AssertionError(f"unexpected node {node.op}")
+        for done in free.get(node, ()):
+            del env[done]
 
 
-def _trace(model: nn.Module, cut_names: list[str], training: bool) -> fx.Graph:
-    """``forward_features`` as a graph, each stage in ``cut_names`` one ``call_module`` node.
+def _trace(model: nn.Module, cut_names: list[str], training: bool) -> tuple[fx.Graph, dict[str, Tensor]]:
+    """``forward_features`` as a graph, each stage in ``cut_names`` one ``call_module`` node, and the
+    tensors torch.fx made of the forward's Python constants.
 
     Every other module is a leaf where that traces (it then runs as the model runs it); where it does
     not (a module returning a tuple that the caller unpacks), the modules are traced into as torch.fx
@@ -204,12 +224,16 @@ def _trace(model: nn.Module, cut_names: list[str], training: bool) -> fx.Graph:
     # checkpointing off while tracing: the graph runs blocks one by one; sections checkpoint as a whole
     try:
         with run_mode(model, training), _no_checkpointing(model):
+            root = _Features(model)
             try:
-                return _Tracer(cuts, through).trace(_Features(model))
+                graph = _Tracer(cuts, through).trace(root)
             except Exception:
-                return _Tracer(cuts, None).trace(_Features(model))
+                graph = _Tracer(cuts, None).trace(root)
     except Exception as exc:
         raise _CannotTrace(f"torch.fx cannot trace its forward_features ({type(exc).__name__}: {exc})") from None
+    constants = {n.target: getattr(root, n.target) for n in graph.nodes
+                 if n.op == "get_attr" and not n.target.startswith(f"{_ROOT}.")}
+    return graph, constants
 
 
 def _split(graph: fx.Graph, cuts: list[fx.Node]) -> list[_Section]:
@@ -243,6 +267,8 @@ def _split(graph: fx.Graph, cuts: list[fx.Node]) -> list[_Section]:
         sections[k + 1].inputs = live
     sections[0].inputs = [n for n in nodes if n.op == "placeholder"]
     sections[-1].outputs = [output]
+    for section in sections:
+        section.plan_frees()
     return sections
 
 
@@ -386,15 +412,16 @@ class TracedStages(StagedBackbone):
         super().__init__(model, cuts)
         stages = [feature_stages(model)[c] for c in self.cuts]
         names = [s.module for s in stages]
-        graph = _trace(model, names, training=False)
-        if not _same_graph(graph, _trace(model, names, training=True)):
+        graph, self._constants = _trace(model, names, training=False)
+        if not _same_graph(graph, _trace(model, names, training=True)[0]):
             raise _CannotTrace("its forward_features takes other steps in train mode than in eval mode")
         self._graph = graph  # the sections' nodes belong to it
         image_size = (example.shape[-2], example.shape[-1])
         with eval_mode(model), torch.no_grad():
             env = {next(n for n in graph.nodes if n.op == "placeholder"): example}
             try:
-                _run_nodes(model, [n for n in graph.nodes if n.op not in ("placeholder", "output")], env)
+                _run_nodes(model, [n for n in graph.nodes if n.op not in ("placeholder", "output")], env,
+                           self._constants)
             except Exception as exc:
                 raise _CannotTrace(f"its traced forward_features fails to run ({type(exc).__name__}: {exc})") \
                     from None
@@ -408,8 +435,14 @@ class TracedStages(StagedBackbone):
         self._cut_slot = [s.outputs.index(s.cut) for s in self._traced[:-1]]
         self._leaves: list[list[_Leaf]] = []
         self._specs: list[pytree.TreeSpec] = []
-        self._classify_state(example)
-        self._check_dropping(example, model_name(model))
+        try:
+            self._classify_state(example)
+            self._check_dropping(example, model_name(model))
+        except ValueError:
+            raise
+        except Exception as exc:  # a value taken for batched that is not (an index kept for the end, ...)
+            raise _CannotTrace(f"its sections fail when samples are dropped between them ({type(exc).__name__}: "
+                               f"{exc})") from None
 
     def _run(self, root: nn.Module, k: int, h: Any) -> Any:
         """Section ``k`` on ``root`` (the backbone, or a copy of it): the image or a state in, a state
@@ -417,7 +450,7 @@ class TracedStages(StagedBackbone):
         section = self._traced[k]
         values = (h,) if k == 0 else h.values
         env = dict(zip(section.inputs, values))
-        _run_nodes(root, section.nodes, env)
+        _run_nodes(root, section, env, self._constants)
         if k == self.num_sections - 1:
             return fx.node.map_arg(section.outputs[0].args[0], lambda n: env[n])
         values = tuple(env[n] for n in section.outputs)
@@ -427,14 +460,33 @@ class TracedStages(StagedBackbone):
 
     def run_section(self, k: int, h: Any) -> Any:
         if getattr(self.model, "grad_checkpointing", False) and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._run, self.model, k, h, use_reentrant=False)
+            # the state's tensors go to checkpoint as arguments: it saves the random state of their devices
+            leaves = [h] if k == 0 else pytree.tree_leaves(h.values)
+
+            def rerun(*values: Any) -> Any:
+                state = values[0] if k == 0 else TracedState(
+                    pytree.tree_unflatten(list(values), h._spec), h.section, h._leaves, h._spec)
+                return self._run(self.model, k, state)
+
+            return torch.utils.checkpoint.checkpoint(rerun, *leaves, use_reentrant=False)
         return self._run(self.model, k, h)
 
     def to_map(self, h: TracedState, image_size: tuple[int, int]) -> Tensor:
         return self._layouts[h.section].to_map(h.values[self._cut_slot[h.section]], image_size)
 
     def trunk(self, k: int) -> nn.Module:
-        return _TracedTrunk(self, k)
+        """Sections 0..k as a standalone ``torch.fx.GraphModule`` holding copies of the modules and
+        parameters they use (nothing else), then exit k's map."""
+        wanted = {n for section in self._traced[: k + 1] for n in (*section.inputs, *section.nodes)}
+        graph, env = fx.Graph(), {}
+        for node in self._graph.nodes:  # graph order; get_attr nodes read by several sections once
+            if node in wanted:
+                env[node] = graph.node_copy(node, lambda n: env[n])
+        graph.output(env[self._traced[k].cut])
+        root = _Features(self.model)
+        for target, value in self._constants.items():
+            setattr(root, target, value)
+        return _TracedTrunk(copy.deepcopy(fx.GraphModule(root, graph)), self._layouts[k])
 
     def _classify_state(self, example: Tensor) -> None:
         """How each value handed between sections follows the batch, from runs at two batch sizes."""
@@ -497,35 +549,12 @@ class _Raw:
 
 
 class _TracedTrunk(nn.Module):
-    """A copy of the backbone, the modules that sections after ``k`` alone use left out, running
-    sections 0..k and returning exit k's map."""
+    """Images → exit k's ``(B, C, H', W')`` map: the graph of sections 0..k, then the stage's layout."""
 
-    def __init__(self, staged: TracedStages, k: int) -> None:
+    def __init__(self, graph_module: fx.GraphModule, layout: _Layout) -> None:
         super().__init__()
-        self._staged = staged
-        self.k = k
-        sections = staged._traced[: k + 1]
-        used = {n.target.split(".", 1)[1] for s in sections for n in s.nodes
-                if n.op in ("call_module", "get_attr") and "." in n.target}
-        self.backbone = _pruned_copy(staged.model, used)
+        self.graph_module = graph_module
+        self.layout = layout
 
     def forward(self, x: Tensor) -> Tensor:
-        h: Any = x
-        for j in range(self.k + 1):
-            h = self._staged._run(self.backbone, j, h)
-        return self._staged.to_map(h, (x.shape[-2], x.shape[-1]))
-
-
-def _pruned_copy(model: nn.Module, used: set[str]) -> nn.Module:
-    """A deep copy of ``model`` whose modules that no name in ``used`` needs are ``nn.Identity``."""
-    copied = without_capture_hooks(copy.deepcopy(model))
-    dropped: list[str] = []
-    for name, _ in list(copied.named_modules()):
-        if not name or any(name.startswith(d + ".") for d in dropped):
-            continue
-        if any(u == name or u.startswith(name + ".") or name.startswith(u + ".") for u in used):
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(copied.get_submodule(parent) if parent else copied, child, nn.Identity())
-        dropped.append(name)
-    return copied
+        return self.layout.to_map(self.graph_module(x), (x.shape[-2], x.shape[-1]))
