@@ -9,7 +9,6 @@ from timm.models.resnet import ResNet
 
 import timm_scan
 from timm_scan import EarlyExitPredictor
-from timm_scan.model.traced import TracedState
 
 # (model, create kwargs that keep it small, input side, runner): one per family that was refused before
 # the traced runner and the distilled heads (issue 16)
@@ -56,24 +55,6 @@ def test_family_wraps_and_its_deepest_exit_is_the_backbone(name, kwargs, size, r
     assert all(logits.shape == (3, 10) for logits in out.logits)
     macs = model.exit_macs((3, size, size))
     assert all(a < b for a, b in zip(macs, macs[1:]))
-
-
-def test_dropping_samples_between_sections_gives_the_kept_samples_answers():
-    """As early exit runs it: samples leave after each exit and the rest go on (a class token added
-    halfway, CaiT)."""
-    _, model = wrap("cait_xxs24_224", dict(img_size=64, depth=4), 64)
-    x = torch.randn(8, 3, 64, 64)
-    with torch.no_grad():
-        full = model(x).logits
-        keep = torch.arange(8)
-        h = x
-        for k in range(model.num_exits):
-            h = model.forward_section(k, h)
-            if k < model.num_exits - 1:
-                assert isinstance(h, TracedState) and len(h) == len(keep)
-            torch.testing.assert_close(model.exit_logits(k, h, (64, 64)), full[k][keep], rtol=1e-5, atol=1e-5)
-            mask = torch.arange(len(keep)) % 2 == 1
-            h, keep = h[mask], keep[mask]
 
 
 def test_predictor_runs_a_traced_model_as_algorithm_1():
