@@ -204,3 +204,11 @@ def test_traced_model_saves_and_loads(tmp_path):
     with torch.no_grad():
         for a, b in zip(model.eval()(x).logits, again(x).logits):
             torch.testing.assert_close(a, b)
+
+
+def test_inspect_shows_a_distilled_model(capsys):
+    from timm_scan.commands.inspect import InspectConfig, inspect
+
+    model = inspect(InspectConfig(model="levit_128s", input_size=224))
+    assert model.runner == "traced"
+    assert "levit_128s at 224x224" in capsys.readouterr().out

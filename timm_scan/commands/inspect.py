@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import timm
+from torch import nn
 
 from ..model.config import ATTENTION_KINDS, ScanConfig
 from ..model.multi_exit import MultiExitModel, wrap
@@ -31,7 +32,8 @@ def inspect(cfg: InspectConfig) -> MultiExitModel:
     size = (3, cfg.input_size, cfg.input_size)
     model = wrap(backbone, ScanConfig(attention=cfg.attention), check_input_size=size)
     macs, base = model.exit_macs(size), model.backbone_macs(size)
-    heads = [*model.exits, backbone.get_classifier()]
+    classifier = backbone.get_classifier()  # distilled models: their two classifiers
+    heads = [*model.exits, nn.ModuleList(classifier) if isinstance(classifier, tuple) else classifier]
     maps = [f"{-(-cfg.input_size // s.reduction)}x{-(-cfg.input_size // s.reduction)}" for s in model.exit_stages]
     print(f"{cfg.model} at {cfg.input_size}x{cfg.input_size}: {model.num_exits} exits, backbone {base / 1e6:.1f} MMACs, "
           f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f} M params")
