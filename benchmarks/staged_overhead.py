@@ -52,8 +52,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
-    p.add_argument("--images", type=int, default=32, help="images per timed pass")
-    p.add_argument("--repeats", type=int, default=9, help="timed passes of each, in turns; the median counts")
+    p.add_argument("--images", type=int, default=16, help="images per timed pass")
+    p.add_argument("--repeats", type=int, default=7, help="timed passes of each, in turns; the median counts")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "staged_overhead.json"))
     args = p.parse_args()
     rows = []

@@ -27,9 +27,27 @@ def test_early_exit_speed(tmp_path, monkeypatch):
 
 def test_timm_coverage(tmp_path, monkeypatch):
     out = tmp_path / "coverage.json"
-    run("timm_coverage.py", monkeypatch, "test_resnet", "deit_tiny_distilled_patch16_224", "--out", str(out))
+    run("timm_coverage.py", monkeypatch, "--models", "test_resnet", "crossvit_tiny_240", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert [r["ok"] for r in rows] == [True, False] and "several classifiers" in rows[1]["refusal"]
+    assert [r["ok"] for r in rows] == [True, False] and "torch.fx" in rows[1]["refusal"]
+    assert rows[0]["runner"] == "sequential" and rows[0]["exit_macs"] == sorted(rows[0]["exit_macs"])
+
+
+def test_timm_coverage_picks_a_small_model_per_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from timm_coverage import pick_model
+    finally:
+        sys.path.pop(0)
+    assert pick_model("resnet") == "resnet10t"
+
+
+def test_staged_overhead(tmp_path, monkeypatch):
+    out = tmp_path / "overhead.json"
+    run("staged_overhead.py", monkeypatch, "--models", "test_resnet", "--batch-sizes", "1", "--images", "1",
+        "--repeats", "1", "--out", str(out))
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["runner"] == "sequential" and row["staged_ratio"] > 0 and row["noise_ratio"] > 0
 
 
 def test_threshold_search_speed(monkeypatch, capsys):
