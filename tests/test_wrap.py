@@ -249,12 +249,16 @@ def test_an_uncuttable_stage_gets_the_stages_that_can_be_cut():
     assert timm_scan.wrap(backbone, ScanConfig(exits=[2, 3]), check_input_size=(3, 32, 32)).num_exits == 3
 
 
-@pytest.mark.parametrize("name, size, stage", [("resnet18", 32, "layer2"), ("convnext_atto", 32, "stages.1.blocks.0"),
-                                                ("test_vit", 160, "blocks.1")])
+@pytest.mark.parametrize("name, size, stage, kwargs", [
+    ("resnet18", 32, "layer2", {}),
+    ("convnext_atto", 32, "stages.1.blocks.0", {}),
+    ("test_vit", 160, "blocks.1", {}),
+    ("cait_xxs24_224", 64, "blocks.1", dict(img_size=64, depth=4)),  # the traced runner
+])
 @pytest.mark.parametrize("when", ["before wrap", "after wrap"])
-def test_gradient_checkpointing_is_honoured(name, size, stage, when):
+def test_gradient_checkpointing_is_honoured(name, size, stage, kwargs, when):
     """Checkpointed modules run their forward again in the backward pass; the gradients are unchanged."""
-    backbone = create(name)
+    backbone = create(name, **kwargs)
     reference = timm_scan.wrap(copy.deepcopy(backbone), check_input_size=(3, size, size)).eval()
     if when == "before wrap":
         backbone.set_grad_checkpointing(True)
