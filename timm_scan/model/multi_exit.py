@@ -88,7 +88,9 @@ class MultiExitModel(nn.Module):
         self.backbone.set_grad_checkpointing(enable)
 
     def forward_section(self, k: int, h: Tensor) -> Tensor:
-        """Run section k on hidden state ``h`` (the image ``(B, 3, H, W)`` for k = 0)."""
+        """Run section k on hidden state ``h`` (the image ``(B, 3, H, W)`` for k = 0). Between sections
+        the state is a tensor in the backbone's layout, or, for the traced runner, a ``TracedState``;
+        either keeps some samples with ``h[keep]`` (a boolean mask or positions along the batch)."""
         return self._staged.run_section(k, h)
 
     def exit_logits(self, k: int, h: Tensor, image_size: tuple[int, int], head: nn.Module | None = None) -> Tensor:
