@@ -94,7 +94,8 @@ def main() -> None:
         rows.append({"module": module, **check(name)})
         r = rows[-1]
         detail = r.get("runner") or r.get("refusal") or r.get("error")
-        tqdm.write(f"{'ok     ' if r['ok'] else 'refused'} {module or '':22s} {name:34s} {detail}")
+        outcome = "ok" if r["ok"] else "error" if "error" in r else "refused"
+        tqdm.write(f"{outcome:7s} {module or '':22s} {name:34s} {detail}")
     passed = sum(r["ok"] for r in rows)
     print(f"{passed} of {len(rows)} wrapped ({100 * passed / len(rows):.1f}%): deepest exit equal to the backbone, "
           "exit MACs increasing")

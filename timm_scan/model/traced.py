@@ -172,28 +172,30 @@ def _resolve(root: nn.Module, target: str, constants: dict[str, Tensor]) -> Any:
     return value
 
 
+def _load(value: Any, env: dict[fx.Node, Any]) -> Any:
+    """A node's argument with graph values filled in from ``env``, in plain (mutable) lists and dicts:
+    modules may edit what they are given (HRNet's branch lists)."""
+    if isinstance(value, fx.Node):
+        return env[value]
+    if isinstance(value, list):
+        return [_load(v, env) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_load(v, env) for v in value)
+    if isinstance(value, slice):
+        return slice(_load(value.start, env), _load(value.stop, env), _load(value.step, env))
+    if isinstance(value, dict):
+        return {k: _load(v, env) for k, v in value.items()}
+    return value
+
+
 def _run_nodes(root: nn.Module, section: _Section | list[fx.Node], env: dict[fx.Node, Any],
                constants: dict[str, Tensor]) -> None:
     """Run a section's graph nodes (or a list of nodes) in order on ``root``'s modules and parameters,
     writing values into ``env`` and dropping each value after its last reader in the section."""
     nodes, free = (section.nodes, section.free) if isinstance(section, _Section) else (section, {})
-
-    def load(value: Any) -> Any:  # graph values in, plain (mutable) lists and dicts: modules may edit them
-        if isinstance(value, fx.Node):
-            return env[value]
-        if isinstance(value, list):
-            return [load(v) for v in value]
-        if isinstance(value, tuple):
-            return tuple(load(v) for v in value)
-        if isinstance(value, slice):
-            return slice(load(value.start), load(value.stop), load(value.step))
-        if isinstance(value, dict):
-            return {k: load(v) for k, v in value.items()}
-        return value
-
     for node in nodes:
-        args = load(node.args)
-        kwargs = load(node.kwargs)
+        args = _load(node.args, env)
+        kwargs = _load(node.kwargs, env)
         if node.op == "call_module":
             env[node] = _resolve(root, node.target, constants)(*args, **kwargs)
         elif node.op == "call_function":
@@ -452,7 +454,7 @@ class TracedStages(StagedBackbone):
         env = dict(zip(section.inputs, values))
         _run_nodes(root, section, env, self._constants)
         if k == self.num_sections - 1:
-            return fx.node.map_arg(section.outputs[0].args[0], lambda n: env[n])
+            return _load(section.outputs[0].args[0], env)
         values = tuple(env[n] for n in section.outputs)
         if len(self._leaves) <= k:  # probing: how the values follow the batch is not known yet
             return _Raw(values)
