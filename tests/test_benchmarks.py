@@ -106,6 +106,17 @@ def test_scalable_inference(bench_runs, monkeypatch, capsys):
     assert "plain backbone: test accuracy" in capsys.readouterr().out
 
 
+def test_threshold_choices(bench_runs, monkeypatch):
+    runs, _ = bench_runs
+    out = runs / "choices.json"
+    run("threshold_choices.py", monkeypatch, "--runs", str(runs / "resnet18-sd"), "--min-thresholds", "0.7", "0",
+        "--max-drops", "100", "--betas", "1", "--seeds", "0", "--generations", "3", "--bootstrap", "5", "--out", str(out))
+    report = json.loads(out.read_text())
+    [result] = report["runs"]
+    assert set(result["settings"]) == {"0.7/raw", "0/raw", "0.7/cal", "0/cal"}
+    assert len(result["temperatures"]) == 4 and all(t > 0 for t in result["temperatures"])
+
+
 def test_training_overhead(tmp_path, monkeypatch):
     out = tmp_path / "overhead.json"
     run("training_overhead.py", monkeypatch, "--model", "test_resnet", "--batch-size", "4", "--steps", "2",

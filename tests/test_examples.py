@@ -73,4 +73,20 @@ def test_search_for_a_target_drop(tiny_parquet, tmp_path, monkeypatch, capsys):
     assert record.beta is None and record.max_drop == 100 and record.min_threshold == 0.3
     assert all(0.3 - 1e-9 <= t <= 1 for t in record.thresholds)
     assert record.chosen.accuracy >= record.baseline_accuracy - 100
-    assert "kept the cheapest within 100 points" in capsys.readouterr().out
+    assert "kept accuracy at most 100 points below the deepest exit" in capsys.readouterr().out
+
+    # a latency budget on calibrated confidences: temperatures and the measurement travel with the model
+    run_example("search_thresholds.py", monkeypatch, str(run), "--betas", "1", "--budget-ms", "1000", "--calibrate",
+                "--latency-batch-size", "4", "--generations", "5")
+    record = ThresholdRecord.load(run / "thresholds.json")
+    assert record.budget_ms == 1000 and record.latency.batch_size == 4 and len(record.temperatures) == 4
+    assert record.chosen.mean_cost <= 1000 and record.chosen.budget == 1000
+    best = timm_scan.from_pretrained(run / "best")
+    assert best.temperatures == record.temperatures and best.exit_latency == [record.latency]
+    out = capsys.readouterr().out
+    assert "calibrated: temperatures" in out and "kept at most 1000 ms per image at batch 4" in out
+    run_example("evaluate.py", monkeypatch, str(run), "--latency-images", "8", "--latency-images-b1", "2")
+    report = EarlyExitReport.load(run / "evaluation.json")
+    assert report.target_held is True and report.temperatures == record.temperatures
+    assert len(report.ece) == len(report.ece_calibrated) == 4
+    assert "on test it holds" in capsys.readouterr().out

@@ -12,7 +12,8 @@ import timm_scan
 from timm_scan import EarlyExitPredictor, ScanConfig
 from timm_scan.model.card import model_card
 from timm_scan.report import EarlyExitReport, ExitAccuracy, RunResults, WallClock
-from timm_scan.model.hub import save_thresholds
+from timm_scan.model.hub import save_deployment
+from timm_scan.report import ExitLatency
 
 
 def trained_like(name="test_resnet", size=32, **config):
@@ -69,8 +70,32 @@ def test_thresholds_can_be_recorded_later(tmp_path):
     model.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="no thresholds"):
         EarlyExitPredictor(timm_scan.from_pretrained(tmp_path))
-    save_thresholds(tmp_path, [0.8, 0.85, 0.9])
+    save_deployment(tmp_path, [0.8, 0.85, 0.9])
     assert EarlyExitPredictor(timm_scan.from_pretrained(tmp_path)).thresholds == [0.8, 0.85, 0.9]
+
+
+def test_temperatures_and_latency_travel_with_the_model(tmp_path):
+    """Saved, loaded, shown on the card; a later measurement at the same setting replaces the earlier one."""
+    model = trained_like()
+    model.temperatures = [1.5, 1.2, 1.1, 0.9]
+    b1 = ExitLatency([1.0, 2.0, 3.0, 4.5], 4.0, 1, [3, 32, 32], "float32", "contiguous", "cpu: test")
+    model.exit_latency = [b1]
+    model.save_pretrained(str(tmp_path))
+    loaded = timm_scan.from_pretrained(tmp_path)
+    assert loaded.temperatures == [1.5, 1.2, 1.1, 0.9] and loaded.exit_latency == [b1]
+    card = (tmp_path / "README.md").read_text()
+    assert "1.000, 2.000, 3.000, 4.500" in card and "cpu: test, batch 1" in card and "1.500, 1.200" in card
+    b1_again = ExitLatency([2.0, 2.5, 3.0, 5.0], 4.0, 1, [3, 32, 32], "float32", "contiguous", "cpu: test")
+    b8 = ExitLatency([0.5, 1.0, 1.5, 2.0], 2.0, 8, [3, 32, 32], "float32", "contiguous", "cpu: test")
+    save_deployment(tmp_path, [0.8, 0.85, 0.9], temperatures=None, exit_latency=[b1_again, b8])
+    loaded = timm_scan.from_pretrained(tmp_path)
+    assert loaded.temperatures is None and loaded.exit_latency == [b1_again, b8]
+    with pytest.raises(ValueError, match="exit_latency: 3 values for a 4-exit model"):
+        save_deployment(tmp_path, [0.8, 0.85, 0.9], exit_latency=[
+            ExitLatency([1.0, 2.0, 3.0], 4.0, 1, [3, 32, 32], "float32", "contiguous", "cpu: test")])
+    with pytest.raises(ValueError, match="temperatures must be 4 positive numbers"):
+        save_deployment(tmp_path, [0.8, 0.85, 0.9], temperatures=[1.0, 0.0, 1.0, 1.0])
+    assert timm_scan.from_pretrained(tmp_path).exit_latency == [b1_again, b8]  # a refused update writes nothing
 
 
 def test_a_plain_timm_folder_is_not_a_timm_scan_model(tmp_path):

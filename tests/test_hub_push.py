@@ -95,7 +95,7 @@ def test_trainer_pushes_at_the_end_and_the_example_pushes_a_run(hub, tiny_parque
     loaded = timm_scan.from_pretrained("hf-hub:tester/trained")
     assert loaded.class_names == ["red", "green", "blue", "grey"]
 
-    timm_scan.model.hub.save_thresholds(tmp_path / "run" / "best", [0.9, 0.9, 0.9])  # as search_thresholds.py does
+    timm_scan.model.hub.save_deployment(tmp_path / "run" / "best", [0.9, 0.9, 0.9])  # as search_thresholds.py does
     results = RunResults.load(tmp_path / "run" / "results.json")
     EarlyExitReport("test", results.test, results.exit_macs, results.backbone_macs, [0.9, 0.9, 0.9], "ensemble", 1.0,
                     0.5, 1.2, [0.5, 0.2, 0.1, 0.2]).save(tmp_path / "run" / "evaluation.json")

@@ -8,6 +8,7 @@ from timm_scan import search_thresholds, sweep_beta
 from timm_scan.deploy import plot_tradeoff
 from timm_scan.deploy.policy import exit_index, simulate_early_exit
 from timm_scan.deploy.thresholds import (
+    PAPER_MIN_THRESHOLD,
     ExitTable,
     Objective,
     baseline_accuracy_of,
@@ -60,8 +61,8 @@ def test_gene_decoding():
 def test_genetic_search_reaches_the_exhaustive_optimum_on_random_cases(seed, beta):
     table = ExitTable.from_outputs(*synthetic(seed=seed), MACS, 40)
     objective = Objective(baseline_accuracy_of(table, None), beta)
-    ga = genetic_search(table, objective, seed=seed)
-    best = exhaustive_search(table, objective)
+    ga = genetic_search(table, objective, seed=seed, min_threshold=PAPER_MIN_THRESHOLD)
+    best = exhaustive_search(table, objective, min_threshold=PAPER_MIN_THRESHOLD)
     assert ga.fitness >= 0.99 * best.fitness
     assert all(0.7 - 1e-9 <= t <= 1.0 for t in ga.thresholds)
 
@@ -133,7 +134,7 @@ def test_beta_sweep_trades_speed_for_accuracy(tmp_path):
 
 def test_inconsistent_inputs_are_refused():
     probs, labels = synthetic()
-    with pytest.raises(ValueError, match="exit_macs"):
+    with pytest.raises(ValueError, match="probs has 4 exits but the exit costs have 3"):
         search_thresholds(probs, labels, MACS[:3], 40)
     with pytest.raises(ValueError, match="shape"):
         search_thresholds(probs, labels[:10], MACS, 40)
@@ -171,7 +172,8 @@ def test_max_accuracy_drop_gives_the_cheapest_thresholds_that_keep_the_accuracy(
         best = exhaustive_search(table, objective, min_threshold=low, bits=20)
         assert result.acceleration >= 0.98 * best.acceleration
     wider = search_thresholds(probs, labels, MACS, 40, max_accuracy_drop=max_drop, min_threshold=0.3, seed=1)
-    paper = search_thresholds(probs, labels, MACS, 40, max_accuracy_drop=max_drop, seed=1)
+    paper = search_thresholds(probs, labels, MACS, 40, max_accuracy_drop=max_drop, seed=1,
+                              min_threshold=PAPER_MIN_THRESHOLD)
     assert wider.acceleration >= paper.acceleration - 0.02  # a wider range can only help
 
 
@@ -179,3 +181,42 @@ def test_an_unreachable_target_is_reported_not_returned():
     probs, labels = synthetic(n=500)
     with pytest.raises(ValueError, match="no thresholds reach accuracy >= 101.00%"):
         search_thresholds(probs, labels, MACS, 40, max_accuracy_drop=0.0, baseline_accuracy=101.0, generations=5)
+
+
+@pytest.mark.parametrize("budget", [14.0, 24.0])
+def test_budget_gives_the_most_accurate_thresholds_within_the_mean_cost(budget):
+    probs, labels = synthetic(n=1000, seed=4)
+    table = ExitTable.from_outputs(probs, labels, MACS, 40)
+    result = search_thresholds(probs, labels, MACS, 40, budget=budget, min_threshold=0.0, seed=1)
+    accuracy, mean_macs, _ = algorithm_1(probs, labels, result.thresholds, MACS, "ensemble")
+    assert mean_macs <= budget + 1e-9 and result.mean_cost == pytest.approx(mean_macs)
+    assert result.budget == budget and result.beta is None and result.accuracy == pytest.approx(accuracy)
+    best = exhaustive_search(table, Objective(table.deepest_accuracy, None, budget=budget), min_threshold=0.0, bits=12)
+    assert result.accuracy >= best.accuracy - 0.5  # the GA on 30 bits against every vector on a 12-step grid
+    larger = search_thresholds(probs, labels, MACS, 40, budget=budget + 8, min_threshold=0.0, seed=1, generations=50)
+    assert larger.accuracy >= result.accuracy - 0.2  # more budget never buys less accuracy (up to the GA's reach)
+
+
+def test_a_budget_below_the_first_exit_is_reported_not_returned():
+    probs, labels = synthetic(n=500)
+    with pytest.raises(ValueError, match="even every sample leaving at exit 1 costs 10"):
+        search_thresholds(probs, labels, MACS, 40, budget=9.0, generations=5)
+    with pytest.raises(ValueError, match="give one target"):
+        search_thresholds(probs, labels, MACS, 40, budget=20.0, max_accuracy_drop=1.0)
+
+
+def test_a_latency_table_is_a_cost_like_macs():
+    """An ExitLatency stands in for (exit_macs, backbone_macs): acceleration and budgets in its milliseconds."""
+    from timm_scan.report import ExitLatency
+
+    probs, labels = synthetic(n=400, seed=5)
+    latency = ExitLatency([1.0, 2.0, 3.0, 4.2], 4.0, 1, [3, 32, 32], "float32", "contiguous", "cpu: test")
+    in_ms = search_thresholds(probs, labels, latency, beta=1.0, seed=2, generations=20)
+    scaled = search_thresholds(probs, labels, [m / 10 for m in MACS], 4.0, beta=1.0, seed=2, generations=20)
+    assert in_ms.thresholds == scaled.thresholds and in_ms.acceleration == pytest.approx(scaled.acceleration)
+    within = search_thresholds(probs, labels, latency, budget=2.5, seed=2, generations=20)
+    assert within.mean_cost <= 2.5 and within.acceleration == pytest.approx(4.0 / within.mean_cost)
+    with pytest.raises(ValueError, match="backbone_cost"):
+        search_thresholds(probs, labels, MACS)
+    with pytest.raises(ValueError, match="cumulative"):
+        search_thresholds(probs, labels, [10, 30, 20, 42], 40)

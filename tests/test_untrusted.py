@@ -188,6 +188,8 @@ MACS = [10, 20, 30, 42]
     (lambda p, y, kw: (p, y, {**kw, "bits": 0}), "bits must be"),
     (lambda p, y, kw: (p, y, {**kw, "max_accuracy_drop": -1}), "max_accuracy_drop must be"),
     (lambda p, y, kw: (p, y, {**kw, "min_threshold": 1.5}), "min_threshold must be"),
+    (lambda p, y, kw: (p, y, {**kw, "budget": 0}), "budget must be"),
+    (lambda p, y, kw: (p, y, {**kw, "budget": float("nan")}), "budget must be"),
 ])
 def test_search_inputs(mutate, message):
     probs, labels = outputs()
@@ -267,7 +269,7 @@ def test_fuzz_search_thresholds_raises_only_value_errors():
             p[rng.randrange(4)] = p[0][:, : rng.randrange(1, 5)]
         elif choice == 3:
             kwargs[rng.choice(["beta", "bits", "population", "generations", "crossover", "mutation", "min_threshold",
-                               "max_accuracy_drop", "baseline_accuracy"])] = rng.choice(
+                               "max_accuracy_drop", "budget", "baseline_accuracy"])] = rng.choice(
                 [-1, 0, float("nan"), float("inf"), "1", None, 1.5, 10**9])
         elif choice == 4:
             p = p[: rng.randrange(0, 4)]

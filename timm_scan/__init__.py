@@ -11,17 +11,22 @@ from .deploy import (
     EarlyExitResult,
     OnnxEarlyExitPredictor,
     SearchResult,
+    calibrate,
     ensemble_probs,
     export_onnx,
+    measure_exit_latency,
     search_thresholds,
     sweep_beta,
 )
 from .model import HubUploadError, MultiExitModel, MultiExitOutput, ScanConfig, from_pretrained, wrap
+from .report import Calibration, ExitLatency
 from .training import LossOutput, SelfDistillationLoss, TrainConfig
 
 __all__ = [
     "EarlyExitPredictor",
+    "Calibration",
     "EarlyExitResult",
+    "ExitLatency",
     "HubUploadError",
     "LossOutput",
     "MultiExitModel",
@@ -31,9 +36,11 @@ __all__ = [
     "SearchResult",
     "SelfDistillationLoss",
     "TrainConfig",
+    "calibrate",
     "ensemble_probs",
     "export_onnx",
     "from_pretrained",
+    "measure_exit_latency",
     "search_thresholds",
     "sweep_beta",
     "wrap",

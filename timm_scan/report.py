@@ -18,7 +18,8 @@ from pathlib import Path
 import typing
 from typing import Any, TypeVar
 
-__all__ = ["EarlyExitReport", "JsonRecord", "EpochMetrics", "ExitAccuracy", "RunResults", "SweepPoint", "WallClock", "exit_table"]
+__all__ = ["Calibration", "EarlyExitReport", "JsonRecord", "EpochMetrics", "ExitAccuracy", "ExitLatency", "RunResults", "SweepPoint", "WallClock",
+           "exit_table"]
 
 T = TypeVar("T")
 
@@ -84,6 +85,56 @@ class ExitAccuracy(JsonRecord):
     @property
     def deepest(self) -> float:
         return self.exits[-1]
+
+
+@dataclass
+class ExitLatency(JsonRecord):
+    """Measured cost of leaving at each exit on one device (``timm_scan.measure_exit_latency``).
+
+    ``ms_per_image`` (K floats, shallowest first): wall-clock per image of a batch that all leaves at
+    exit i, as the early-exit predictor runs it (sections and heads 1..i), cumulative and increasing;
+    ``backbone_ms_per_image``: the plain backbone's, timed in turns with them. Valid for the
+    ``batch_size``, ``input_size`` (C, H, W), ``dtype``, ``memory_format`` and ``device`` it was
+    measured at (``device`` describes the processor, threads and torch version).
+    """
+
+    ms_per_image: list[float]
+    backbone_ms_per_image: float
+    batch_size: int
+    input_size: list[int]
+    dtype: str
+    memory_format: str
+    device: str
+
+    def __post_init__(self) -> None:
+        values = [*self.ms_per_image, self.backbone_ms_per_image] if isinstance(self.ms_per_image, list) else None
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+                                 for v in values):
+            raise ValueError(f"ExitLatency: ms_per_image and backbone_ms_per_image must be positive numbers; got "
+                             f"{self.ms_per_image!r}, {self.backbone_ms_per_image!r}")
+        if any(b < a for a, b in zip(self.ms_per_image, self.ms_per_image[1:])):
+            raise ValueError(f"ExitLatency: ms_per_image must be cumulative (non-decreasing); got {self.ms_per_image}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"ExitLatency: batch_size must be a positive int; got {self.batch_size!r}")
+
+    def predict_ms(self, exit_index: Sequence[int]) -> float:
+        """Predicted milliseconds for a batch whose samples leave at ``exit_index`` (0-based, one per sample)."""
+        return float(sum(self.ms_per_image[int(i)] for i in exit_index))
+
+    def describe(self) -> str:
+        size = "x".join(str(s) for s in self.input_size[1:])
+        return f"{self.device}, batch {self.batch_size}, {size}, {self.dtype}, {self.memory_format}"
+
+
+@dataclass
+class Calibration(JsonRecord):
+    """Per-exit temperature scaling (``timm_scan.calibrate``): the ``temperatures`` (one per exit) and each
+    exit's expected calibration error (a fraction) on the outputs it was measured on, ``before`` and
+    ``after``."""
+
+    temperatures: list[float]
+    before: list[float]
+    after: list[float]
 
 
 @dataclass
@@ -155,7 +206,8 @@ class SweepPoint(JsonRecord):
 class EarlyExitReport(JsonRecord):
     """Early exit evaluated on a split (``evaluation.json``): every exit's accuracy, and the accuracy,
     MACs speed-up and share of samples per exit under ``thresholds``; measured wall-clock; the β sweep
-    of the threshold search evaluated on this split."""
+    of the threshold search evaluated on this split; whether the search's target holds here; each
+    exit's calibration error."""
 
     split: str
     per_exit: ExitAccuracy
@@ -169,6 +221,11 @@ class EarlyExitReport(JsonRecord):
     exit_shares: list[float]
     wall_clock: list[WallClock] = field(default_factory=list)
     sweep: list[SweepPoint] = field(default_factory=list)
+    target: str | None = None  # the target the thresholds were searched for on validation, in words
+    target_held: bool | None = None  # whether it holds on this split (None: kept at β)
+    temperatures: list[float] | None = None  # per-exit temperature scaling the search ran at
+    ece: list[float] | None = None  # expected calibration error per exit on this split, at temperature 1
+    ece_calibrated: list[float] | None = None  # ... and at ``temperatures``
 
 
 def exit_table(

@@ -3,8 +3,10 @@
 
 Prints, and writes to ``<run>/evaluation.json`` (an `EarlyExitReport`): test accuracy and MACs of every
 exit and the ensemble; accuracy, MACs speed-up and share of samples per exit (SCAN Fig. 6) under the
-thresholds; the wall-clock speed-up over the plain backbone at batch 256 and batch 1, measured with the
-real predictor on test images. Plots: ``<run>/tradeoff_test.png`` (the validation β sweep evaluated on
+thresholds, and whether the search's target (``--max-drop``, ``--budget-macs``, ``--budget-ms``) holds on
+test; each exit's expected calibration error (and after the search's temperatures, where it
+calibrated); the wall-clock speed-up over the plain backbone at batch 256 and batch 1, measured with
+the real predictor on test images. Plots: ``<run>/tradeoff_test.png`` (the validation β sweep evaluated on
 test, the plain backbone marked) and ``<run>/exit_shares.png``.
 """
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..deploy.calibration import apply_temperatures, expected_calibration_error
 from ..deploy.plots import plot_exit_shares, plot_tradeoff
 from ..deploy.policy import exit_accuracy
 from ..deploy.predictor import EarlyExitPredictor
@@ -23,7 +26,7 @@ from ..deploy.timing import wall_clocks
 from ..model.multi_exit import MultiExitModel
 from ..options import option
 from ..report import EarlyExitReport, SweepPoint, WallClock, exit_table
-from ..training.runs import cached_outputs, eval_dataset, load_run, run_splits
+from ..training.runs import cached_outputs, eval_dataset, load_run, run_results, run_splits
 from .search import THRESHOLDS, ThresholdRecord
 
 __all__ = ["EvaluateConfig", "evaluate", "measure_wall_clock"]
@@ -49,13 +52,32 @@ def measure_wall_clock(model: MultiExitModel, predictor: EarlyExitPredictor, ima
                      1000 * seconds["early exit"] / len(images))
 
 
+def target_held(searched: ThresholdRecord, accuracy: float, shares: list[float], deepest: float,
+                exit_macs: list[int]) -> bool | None:
+    """Whether the search's target holds on the evaluated split: accuracy (percent) at most ``max_drop``
+    below the baseline's here (the deepest exit's, ``deepest``, a fraction, or the baseline run's test
+    accuracy), or the mean cost per image (from the ``shares`` of samples per exit) within the budget;
+    ``None`` for thresholds kept at β. A latency budget is judged by the measured latency table."""
+    if searched.max_drop is not None:
+        baseline = deepest if searched.baseline_run is None else run_results(searched.baseline_run).test.deepest
+        return accuracy >= 100 * baseline - searched.max_drop - 1e-9
+    costs = exit_macs if searched.budget_macs is not None else searched.latency.ms_per_image \
+        if searched.budget_ms is not None else None
+    if costs is None:
+        return None
+    budget = searched.budget_macs if searched.budget_macs is not None else searched.budget_ms
+    return sum(s * c for s, c in zip(shares, costs)) <= budget * (1 + 1e-9)
+
+
 def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
     """Evaluate, print, plot and record (see the module docstring)."""
     run = Path(cfg.run)
     searched = ThresholdRecord.load(Path(cfg.thresholds) if cfg.thresholds else run / THRESHOLDS)
     model, train_cfg = load_run(run)
     dataset = eval_dataset(run_splits(train_cfg), "test", model.data_config)
-    probs, labels = cached_outputs(run, "test", model, dataset)
+    raw, labels = cached_outputs(run, "test", model, dataset)
+    model.temperatures = searched.temperatures  # the thresholds hold at the temperatures they were searched at
+    probs = apply_temperatures(raw, searched.temperatures)
     size = tuple(model.data_config["input_size"])
     exit_macs, backbone_macs = model.exit_macs(size), model.backbone_macs(size)
     table = ExitTable.from_outputs(probs, labels, exit_macs, backbone_macs, searched.fallback)
@@ -77,14 +99,22 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
         macs_speedup=acceleration, exit_shares=shares, wall_clock=timings,
         sweep=[SweepPoint(pt.beta, pt.thresholds, float(a) / 100, float(c))
                for pt, a, c in zip(searched.sweep, sweep_acc, sweep_speedup)],
+        target=searched.target, target_held=target_held(searched, accuracy, shares, per_exit.deepest, exit_macs),
+        temperatures=searched.temperatures, ece=[expected_calibration_error(p, labels) for p in raw],
+        ece_calibrated=[expected_calibration_error(p, labels) for p in probs] if searched.temperatures else None,
     )
 
     print(f"{train_cfg.model} on {len(labels)} test images ({size[1]}x{size[2]})")
     print(exit_table(exit_macs, backbone_macs, per_exit))
-    kept = f"β = {searched.beta:g}" if searched.beta is not None else f"max drop {searched.max_drop:g} on validation"
+    kept = f"β = {searched.beta:g}" if searched.beta is not None else f"{searched.target} on validation"
     print(f"early exit ({kept}, thresholds {', '.join(f'{t:.3f}' for t in searched.thresholds)}): "
           f"accuracy {accuracy:.2f}%, MACs speed-up {acceleration:.2f}x, share per exit "
           + " ".join(f"{s:.0%}" for s in shares))
+    if report.target is not None:
+        print(f"  target on validation: {report.target}; on test it {'holds' if report.target_held else 'does NOT hold'}"
+              + (" (by the measured latency table)" if searched.budget_ms is not None else ""))
+    print("  expected calibration error per exit: " + ", ".join(f"{e:.3f}" for e in report.ece)
+          + (" → calibrated " + ", ".join(f"{e:.3f}" for e in report.ece_calibrated) if report.ece_calibrated else ""))
     for t in timings:
         print(f"  wall-clock at batch {t.batch_size:>3} ({t.images} images): backbone {t.backbone_ms_per_image:.3f} "
               f"ms/img, early exit {t.early_exit_ms_per_image:.3f} ms/img, measured speed-up {t.speedup:.2f}x")

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model.backbone import eval_mode, model_name
-from ..model.config import validate_fallback, validate_thresholds
+from ..model.config import validate_fallback, validate_temperatures, validate_thresholds
 from ..model.multi_exit import MultiExitModel
 from ..report import JsonRecord
 from .predictor import EarlyExitResult, check_images, run_early_exit
@@ -103,7 +103,7 @@ def export_onnx(
     exporter, dynamic batch), with ``manifest.json``. ``input_size`` (C, H, W): default the model's data
     config. Each graph is checked on a random batch against the model, run by ONNX Runtime; a part that
     does not export, or exports to different numbers, is a ``ValueError`` naming it. The model's
-    thresholds and fallback, class names and data config go into the manifest."""
+    thresholds and fallback, temperatures, class names and data config go into the manifest."""
     _, ort = _onnx_modules()
     if model.runner == "traced":
         raise ValueError(
@@ -135,7 +135,7 @@ def export_onnx(
         FORMAT, FORMAT_VERSION, name, list(input_size), model.num_classes, sections, exits,
         model.exit_macs(input_size), model.backbone_macs(input_size), model.fallback, model.thresholds,
         model.class_names, json.loads(json.dumps(model.data_config, default=list)) if model.data_config else None,
-        opset=opset, stages=[s.module for s in model.exit_stages],
+        temperatures=model.temperatures, opset=opset, stages=[s.module for s in model.exit_stages],
     )
     manifest.save(folder / MANIFEST)
     return manifest
@@ -259,6 +259,10 @@ class OnnxEarlyExitPredictor:
             thresholds, fallback = m.thresholds, fallback or m.fallback
         self.thresholds = validate_thresholds(thresholds, k)
         self.fallback = validate_fallback(fallback or "ensemble")
+        try:
+            self.temperatures = None if m.temperatures is None else validate_temperatures(m.temperatures, k)
+        except ValueError as exc:
+            raise ValueError(f"{folder / MANIFEST}: {exc}") from None
         self.sections = [self._session(folder / f, ort, providers, session_options) for f in m.sections]
         self.exits = [self._session(folder / f, ort, providers, session_options) for f in m.exits]
         self._macs = torch.tensor(m.exit_macs, dtype=torch.int64)
@@ -290,8 +294,11 @@ class OnnxEarlyExitPredictor:
             raise ValueError(f"images must be float32 (batch, {', '.join(map(str, expected))}) as exported; got "
                              f"{images.dtype} {tuple(images.shape)}")
         return run_early_exit(images.cpu(), len(self.exits), lambda k, h: self._run(self.sections[k], h),
-                              lambda k, h: self._run(self.exits[k], h), self.thresholds, self.fallback, self._macs,
-                              self.manifest.num_classes)
+                              self._exit_logits, self.thresholds, self.fallback, self._macs, self.manifest.num_classes)
+
+    def _exit_logits(self, k: int, h: Tensor) -> Tensor:
+        logits = self._run(self.exits[k], h)
+        return logits if self.temperatures is None else logits / self.temperatures[k]
 
     @property
     def exit_macs(self) -> list[int]:

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..model.multi_exit import MultiExitModel
 from .fast_heads import inference_copy
 from ..model.backbone import eval_mode
-from ..model.config import validate_fallback, validate_thresholds
+from ..model.config import validate_fallback, validate_temperatures, validate_thresholds
 from .policy import fallback_probs, leaves
 
 __all__ = ["EarlyExitPredictor", "EarlyExitResult", "check_images", "run_early_exit"]
@@ -47,6 +47,10 @@ class EarlyExitPredictor:
     layout, and take channels_last input on larger maps. The same function up to float rounding, and
     cheaper. The copies are taken here, so build a new predictor after changing the model's weights or
     moving it to another device.
+
+    Where the model is calibrated (``model.temperatures``, from ``timm_scan.calibrate``), each exit's
+    logits are divided by its temperature before the softmax, as the threshold search assumed; the
+    temperatures are read here too.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class EarlyExitPredictor:
         self.thresholds = validate_thresholds(thresholds, model.num_exits)
         self.fallback = validate_fallback(fallback)
         self.heads = [inference_copy(h) if optimize_heads else h for h in model.exits]
+        self.temperatures = None if model.temperatures is None else validate_temperatures(model.temperatures, model.num_exits)
         self._macs: dict[tuple[int, ...], Tensor] = {}
 
     def exit_macs(self, input_size: tuple[int, int, int], device: torch.device | str = "cpu") -> Tensor:
@@ -84,7 +89,8 @@ class EarlyExitPredictor:
         macs = self.exit_macs((images.shape[1], *image_size), images.device)
 
         def exit_logits(i: int, h: Tensor) -> Tensor:
-            return model.exit_logits(i, h, image_size, self.heads[i] if i < k - 1 else None)
+            logits = model.exit_logits(i, h, image_size, self.heads[i] if i < k - 1 else None)
+            return logits if self.temperatures is None else logits / self.temperatures[i]
 
         with eval_mode(model) if model.training else nullcontext():
             return run_early_exit(images, k, model.forward_section, exit_logits, self.thresholds, self.fallback, macs,

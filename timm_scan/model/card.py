@@ -72,6 +72,15 @@ def model_card(
             for t in evaluation.wall_clock:
                 lines.append(f"Measured wall-clock speed-up at batch {t.batch_size}: {t.speedup:.2f}x.")
         lines.append("")
+    if model.temperatures:
+        lines += [f"Confidences are temperature-scaled (one temperature per exit, fitted on validation): "
+                  f"{', '.join(f'{t:.3f}' for t in model.temperatures)}.", ""]
+    if model.exit_latency:
+        lines += ["## Measured latency", "", "Milliseconds per image of leaving at each exit (cumulative), and of the "
+                  "plain backbone, as measured with `timm_scan.measure_exit_latency`:", ""]
+        lines += [f"- {m.describe()}: exits {', '.join(f'{v:.3f}' for v in m.ms_per_image)}; backbone "
+                  f"{m.backbone_ms_per_image:.3f}" for m in model.exit_latency]
+        lines.append("")
     if plot:
         lines += [f"![accuracy against MACs]({plot})", ""]
     lines += [

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ATTENTION_KINDS", "FALLBACKS", "ScanConfig", "validate_fallback", "validate_thresholds"]
+__all__ = ["ATTENTION_KINDS", "FALLBACKS", "ScanConfig", "validate_fallback", "validate_temperatures", "validate_thresholds"]
 
 ATTENTION_KINDS = ("sd", "scan", "none")
 FALLBACKS = ("ensemble", "deepest")  # the answer for samples that pass no threshold
@@ -102,6 +102,16 @@ def validate_thresholds(thresholds: Sequence[float], num_exits: int) -> list[flo
     for i, t in enumerate(values):
         if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t) or not 0.0 <= t <= 1.0:
             raise ValueError(f"thresholds[{i}] must be a number in [0, 1] (a softmax confidence); got {t!r}")
+    return [float(t) for t in values]
+
+
+def validate_temperatures(temperatures: Sequence[float], num_exits: int) -> list[float]:
+    """``temperatures`` as K positive finite floats (one per exit), or a ``ValueError``."""
+    values = list(temperatures) if isinstance(temperatures, (list, tuple)) else None
+    if values is None or len(values) != num_exits or not all(
+            isinstance(t, numbers.Real) and not isinstance(t, bool) and 0 < t < math.inf for t in values):
+        raise ValueError(f"temperatures must be {num_exits} positive numbers, one per exit (deepest last); "
+                         f"got {temperatures!r}")
     return [float(t) for t in values]
 
 

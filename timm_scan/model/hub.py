@@ -4,7 +4,7 @@ A saved model is a folder (or a Hub model repo) that plain timm can read too::
 
     config.json              timm's own config of the backbone (``timm.models.save_for_hf``)
     model.safetensors        the backbone's weights, timm's key names
-    scan_config.json         timm-scan: ScanConfig, class names, data config, thresholds
+    scan_config.json         timm-scan: ScanConfig, thresholds, temperatures, measured latency
     scan_exits.safetensors   the shallow exit heads' weights
     README.md                model card (Hub YAML header), plus any plot it shows
 
@@ -15,6 +15,7 @@ safetensors only, and loading is strict: every tensor must be there with its sha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,13 +34,14 @@ from torch import nn
 
 from .backbone import model_name
 from .card import model_card
-from .config import ScanConfig, validate_fallback, validate_thresholds
+from ..report import ExitLatency
+from .config import ScanConfig, validate_fallback, validate_temperatures, validate_thresholds
 
 if TYPE_CHECKING:
     from .multi_exit import MultiExitModel
 
 __all__ = ["HubUploadError", "Pretrained", "load_initial_weights", "load_weights", "push_to_hub", "read_pretrained",
-           "read_tensors", "save_pretrained", "save_thresholds"]
+           "read_tensors", "save_deployment", "save_pretrained"]
 
 FORMAT = "timm-scan"
 FORMAT_VERSION = 1
@@ -49,7 +51,7 @@ BACKBONE_CONFIG = "config.json"
 BACKBONE_WEIGHTS = "model.safetensors"
 HUB_PREFIX = "hf-hub:"
 FORMAT_FILES = (SCAN_CONFIG, BACKBONE_CONFIG, BACKBONE_WEIGHTS, EXITS_WEIGHTS)  # what loading fetches from the Hub
-_META_KEYS = {"format", "format_version", "scan_config", "thresholds", "fallback"}
+_META_KEYS = {"format", "format_version", "scan_config", "thresholds", "fallback", "temperatures", "exit_latency"}
 _DRAFT_META_KEYS = {"class_names", "data_config"}  # written by unreleased drafts, now read from config.json
 MAX_INPUT_SIDE = 4096
 CHECK_SIDE = 256  # the wrap-time proof of a loaded model runs at most this size, unless its input size is fixed
@@ -65,7 +67,8 @@ class HubUploadError(RuntimeError):
 def save_pretrained(model: MultiExitModel, save_directory: str | Path, card: str | None = None) -> Path:
     """Write ``model`` to ``save_directory`` in the layout above; ``card`` is the README.md text
     (default: ``model_card(model)``). Class names and the data config are stored once, in timm's
-    ``config.json``; ``scan_config.json`` holds what timm-scan adds: the exits and the thresholds."""
+    ``config.json``; ``scan_config.json`` holds what timm-scan adds: the exits and what deployment
+    uses (thresholds, fallback, temperatures, measured latency)."""
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     model_config = {"label_names": list(model.class_names)} if model.class_names else None
@@ -79,6 +82,8 @@ def save_pretrained(model: MultiExitModel, save_directory: str | Path, card: str
         "scan_config": model.config.to_dict(),
         "thresholds": model.thresholds,
         "fallback": model.fallback,
+        "temperatures": model.temperatures,
+        "exit_latency": [latency.to_dict() for latency in model.exit_latency],
     }
     (folder / SCAN_CONFIG).write_text(json.dumps(meta, indent=2))
     (folder / "README.md").write_text(card if card is not None else model_card(model))
@@ -88,8 +93,9 @@ def save_pretrained(model: MultiExitModel, save_directory: str | Path, card: str
 @dataclass
 class Pretrained:
     """A saved model's files, read and validated: the timm ``backbone`` with its weights, the exits'
-    ``config`` and the file of their weights (loaded once the exits are built), the thresholds and
-    fallback, and ``check_size``, the input size the wrap-time proof may run at."""
+    ``config`` and the file of their weights (loaded once the exits are built), the thresholds,
+    fallback, temperatures and measured latency, and ``check_size``, the input size the wrap-time proof
+    may run at."""
 
     source: str
     backbone: nn.Module
@@ -98,6 +104,8 @@ class Pretrained:
     thresholds: list[float] | None
     fallback: str
     check_size: tuple[int, int, int]
+    temperatures: list[float] | None = None
+    exit_latency: list[ExitLatency] = dataclasses.field(default_factory=list)
 
 
 def read_pretrained(
@@ -122,14 +130,33 @@ def read_pretrained(
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{src}: {SCAN_CONFIG} field 'scan_config': {exc}") from None
     try:
-        fallback = validate_fallback(meta.get("fallback", "ensemble"))
-        thresholds = meta.get("thresholds")
-        if thresholds is not None:
-            thresholds = validate_thresholds(thresholds, len(config.exits or []) + 1)
+        fallback, thresholds, temperatures, exit_latency = _deployment(meta, len(config.exits or []) + 1)
     except ValueError as exc:
         raise ValueError(f"{src}: {SCAN_CONFIG}: {exc}") from None
     backbone, check_size = _read_backbone(folder, src)
-    return Pretrained(src, backbone, config, folder / EXITS_WEIGHTS, thresholds, fallback, check_size)
+    return Pretrained(src, backbone, config, folder / EXITS_WEIGHTS, thresholds, fallback, check_size, temperatures,
+                      exit_latency)
+
+
+def _deployment(meta: dict[str, Any], num_exits: int) -> tuple[str, list[float] | None, list[float] | None,
+                                                                 list[ExitLatency]]:
+    """The deployment fields of ``scan_config.json`` (fallback, thresholds, temperatures, exit latency), validated."""
+    fallback = validate_fallback(meta.get("fallback", "ensemble"))
+    thresholds = meta.get("thresholds")
+    thresholds = None if thresholds is None else validate_thresholds(thresholds, num_exits)
+    temperatures = meta.get("temperatures")
+    temperatures = None if temperatures is None else validate_temperatures(temperatures, num_exits)
+    entries = meta.get("exit_latency") or []
+    if not isinstance(entries, list):
+        raise ValueError(f"exit_latency must be a list of measurements; got {type(entries).__name__}")
+    try:
+        exit_latency = [ExitLatency.from_dict(entry) for entry in entries]
+    except TypeError as exc:
+        raise ValueError(f"exit_latency: {exc}") from None
+    for latency in exit_latency:
+        if len(latency.ms_per_image) != num_exits:
+            raise ValueError(f"exit_latency: {len(latency.ms_per_image)} values for a {num_exits}-exit model")
+    return fallback, thresholds, temperatures, exit_latency
 
 
 def _read_backbone(folder: Path, src: str) -> tuple[nn.Module, tuple[int, int, int]]:
@@ -294,13 +321,26 @@ def load_weights(model: MultiExitModel, folder: str | Path) -> None:
     load_strict(model.exits, _load_safetensors(folder / EXITS_WEIGHTS, folder), EXITS_WEIGHTS, folder)
 
 
-def save_thresholds(folder: str | Path, thresholds: list[float], fallback: str = "ensemble") -> None:
-    """Record searched thresholds in a saved model's ``scan_config.json`` (weights untouched), validated
-    and written whole or not at all."""
+def save_deployment(
+    folder: str | Path,
+    thresholds: list[float],
+    fallback: str = "ensemble",
+    *,
+    temperatures: list[float] | None = None,
+    exit_latency: Sequence[ExitLatency] = (),
+) -> None:
+    """Record what deployment uses in a saved model's ``scan_config.json`` (weights untouched): searched
+    thresholds and fallback, the temperatures they were searched at (``None``: uncalibrated) and measured
+    exit latency (added to what is there, replacing a measurement at the same device, batch size, input
+    size, dtype and memory format). Validated, and written whole or not at all."""
     path = Path(folder) / SCAN_CONFIG
     meta = _read_meta(path)
     exits = len(ScanConfig.from_dict(meta["scan_config"]).exits or []) + 1
-    meta["thresholds"], meta["fallback"] = validate_thresholds(thresholds, exits), validate_fallback(fallback)
+    new = {latency.describe() for latency in exit_latency}
+    meta.update(thresholds=thresholds, fallback=fallback, temperatures=temperatures, exit_latency=[
+        *[entry for entry in meta.get("exit_latency") or [] if ExitLatency.from_dict(entry).describe() not in new],
+        *[latency.to_dict() for latency in exit_latency]])
+    _deployment(meta, exits)
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(meta, indent=2))
     os.replace(partial, path)

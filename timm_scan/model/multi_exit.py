@@ -25,6 +25,7 @@ from .backbone import (
 from .config import ScanConfig
 from .heads import ExitHead
 from .macs import count_macs
+from ..report import ExitLatency
 
 __all__ = ["MultiExitModel", "MultiExitOutput", "TruncatedModel", "from_pretrained", "wrap"]
 
@@ -65,6 +66,8 @@ class MultiExitModel(nn.Module):
         self.data_config: dict | None = None  # timm data config: input_size, mean, std, crop
         self.thresholds: list[float] | None = None  # one per shallow exit
         self.fallback: str = "ensemble"
+        self.temperatures: list[float] | None = None  # one per exit (timm_scan.calibrate); None: uncalibrated
+        self.exit_latency: list[ExitLatency] = []  # measured costs per exit (timm_scan.measure_exit_latency)
         self.train(backbone.training)
 
     @property
@@ -151,6 +154,7 @@ class MultiExitModel(nn.Module):
         model.class_names = list(labels) if labels else None
         model.data_config = timm.data.resolve_model_data_config(saved.backbone)
         model.thresholds, model.fallback = saved.thresholds, saved.fallback
+        model.temperatures, model.exit_latency = saved.temperatures, saved.exit_latency
         return model
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:

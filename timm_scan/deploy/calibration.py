@@ -1,0 +1,92 @@
+"""Per-exit temperature scaling (Guo et al., ICML 2017): each exit's softmax at its own temperature,
+fitted on validation outputs, so that a confidence of 0.9 is right about 90% of the time.
+
+Exits are listed shallowest first, the deepest last. A temperature ``T`` turns an exit's logits ``z``
+into ``softmax(z / T)``; ``T > 1`` softens an over-confident exit. It never changes an exit's own
+answer (the argmax), only its confidence, and so which samples pass a threshold, and the ensemble.
+Everything here works on cached softmax outputs: ``log p`` differs from the logits by a constant per
+sample, so ``softmax(log p / T) = softmax(z / T)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..model.config import validate_temperatures
+from ..model.multi_exit import MultiExitModel
+from ..report import Calibration
+
+__all__ = ["apply_temperatures", "calibrate", "expected_calibration_error", "fit_temperature", "fit_temperatures"]
+
+ECE_BINS = 15
+
+
+def _log_probs(probs: Tensor) -> Tensor:
+    """``log p`` with underflowed zeros held at the smallest normal float (a finite, very negative logit)."""
+    probs = torch.as_tensor(np.asarray(probs) if not isinstance(probs, Tensor) else probs).double()
+    return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def fit_temperature(probs: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> float:
+    """The temperature that minimises the negative log-likelihood of ``labels`` (N,) under
+    ``softmax(log probs / T)``, for one exit's softmax ``probs`` (N, C). The NLL is convex in ``1/T``;
+    L-BFGS on ``log(1/T)`` from ``T = 1``."""
+    log_p = _log_probs(probs)
+    labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels).long()
+    log_scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_scale], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+    def nll() -> Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(log_p * log_scale.exp(), labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(nll)
+    return float(torch.exp(-log_scale.detach()))
+
+
+def fit_temperatures(probs: Sequence[Tensor | np.ndarray], labels: Tensor | np.ndarray) -> list[float]:
+    """One temperature per exit (``probs``: K arrays ``(N, C)``, shallowest first)."""
+    return [fit_temperature(p, labels) for p in probs]
+
+
+def apply_temperatures(probs: Sequence[Tensor | np.ndarray], temperatures: Sequence[float] | None) -> list[Tensor]:
+    """Each exit's softmax re-taken at its temperature, ``softmax(log p / T)`` (float32); ``None``
+    returns the probabilities unchanged."""
+    if temperatures is None:
+        return [torch.as_tensor(np.asarray(p) if not isinstance(p, Tensor) else p) for p in probs]
+    validate_temperatures(temperatures, len(probs))
+    return [torch.softmax(_log_probs(p) / t, dim=-1).float() for p, t in zip(probs, temperatures)]
+
+
+def expected_calibration_error(probs: Tensor | np.ndarray, labels: Tensor | np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE of one exit, as a fraction: ``Σ_b (n_b / N) · |accuracy_b − mean confidence_b|`` over
+    ``bins`` equal-width bins of the max softmax."""
+    probs = torch.as_tensor(np.asarray(probs) if not isinstance(probs, Tensor) else probs).double()
+    labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels)
+    confidence, predicted = probs.max(-1)
+    correct = (predicted == labels).double()
+    which = (confidence * bins).ceil().clamp(1, bins).long() - 1  # bin b holds (b/bins, (b+1)/bins]
+    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, torch.ones_like(confidence))
+    gap = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, correct - confidence)
+    return float(gap.abs().sum() / max(len(labels), 1)) if count.sum() else 0.0
+
+
+def calibrate(model: MultiExitModel, probs: Sequence[Tensor | np.ndarray], labels: Tensor | np.ndarray) -> Calibration:
+    """Fit one temperature per exit on validation outputs and set ``model.temperatures``, which the
+    predictor, the threshold search and ``save_pretrained`` then use. ``probs``: the model's softmax at
+    every exit on validation images (K ``(N, C)``, shallowest first, at temperature 1:
+    ``timm_scan.training.compute_outputs``), ``labels`` (N,). Returns the temperatures and each exit's
+    expected calibration error on these outputs before and after."""
+    if len(probs) != model.num_exits:
+        raise ValueError(f"probs: need the outputs of all {model.num_exits} exits; got {len(probs)}")
+    temperatures = fit_temperatures(probs, labels)
+    model.temperatures = temperatures
+    return Calibration(temperatures, [expected_calibration_error(p, labels) for p in probs],
+                       [expected_calibration_error(p, labels) for p in apply_temperatures(probs, temperatures)])

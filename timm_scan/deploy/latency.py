@@ -1,0 +1,93 @@
+"""Measured latency of each exit: what leaving at exit i costs on this device, as the predictor runs it.
+
+MACs are the paper's cost; wall-clock is what users pay, and the two part ways where a head's small
+ops cost more time than their MACs say. `measure_exit_latency` times, in turns with the plain
+backbone, one `EarlyExitPredictor` per exit whose thresholds send every sample to that exit; the
+result (`ExitLatency`) can be the cost the threshold search optimises (``search_thresholds(probs,
+labels, latency)``), and travels with the model (``model.exit_latency``, saved by ``save_pretrained``
+and shown on its card).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model.multi_exit import MultiExitModel
+from ..report import ExitLatency
+from .predictor import EarlyExitPredictor
+from .timing import wall_clocks
+
+__all__ = ["describe_device", "measure_exit_latency"]
+
+_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def describe_device(device: torch.device) -> str:
+    """The processor, thread count and torch version, e.g. ``"cpu: AMD EPYC 7B13, 2 threads, torch 2.14.1"``."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")] if cpuinfo.is_file() else []
+        name = (names[0] if names else platform.processor() or platform.machine()) + f", {torch.get_num_threads()} threads"
+    return f"{device.type}: {name}, torch {torch.__version__.split('+')[0]}"
+
+
+def measure_exit_latency(
+    model: MultiExitModel,
+    input_size: tuple[int, int, int] | None = None,
+    batch_size: int = 1,
+    *,
+    memory_format: str = "contiguous",
+    images: int = 64,
+    repeats: int = 5,
+    fallback: str | None = None,
+) -> ExitLatency:
+    """Milliseconds per image of leaving at each exit, at ``batch_size``, on the model's device and dtype.
+
+    ``input_size``: ``(C, H, W)``, by default the model's data config. ``memory_format``:
+    ``"contiguous"`` or ``"channels_last"`` (the images'; convert the model too, as you deploy it).
+    Each timed pass runs ``images`` random images (rounded up to whole batches); the median of
+    ``repeats`` passes counts, with the exits and the backbone taking turns (`wall_clocks`).
+    ``fallback``: the answer of samples that reach the end (default the model's), which the deepest
+    exit's cost includes. Noise can time a deeper exit below a shallower one; such an entry is raised
+    to the one before it, so ``ms_per_image`` is cumulative.
+    """
+    if memory_format not in _MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {sorted(_MEMORY_FORMATS)}; got {memory_format!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1 or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"images and repeats must be positive ints; got {images!r}, {repeats!r}")
+    if input_size is None:
+        if not model.data_config:
+            raise ValueError("input_size: the model has no data config; pass (channels, height, width)")
+        input_size = tuple(model.data_config["input_size"])
+    if len(input_size) != 3 or not all(isinstance(s, int) and s > 0 for s in input_size):
+        raise ValueError(f"input_size must be (channels, height, width) of positive ints; got {input_size!r}")
+    weight = next(model.parameters())
+    k = model.num_exits
+    fallback = fallback or model.fallback
+    predictors = {f"exit {i + 1}": EarlyExitPredictor(model, [1.0] * i + [0.0] + [1.0] * (k - 2 - i), fallback)
+                  for i in range(k - 1)}  # confidence > 0 always, > 1 never: every sample leaves at exit i
+    predictors[f"exit {k}"] = EarlyExitPredictor(model, [1.0] * (k - 1), fallback)
+    batches = [torch.randn(batch_size, *input_size, device=weight.device, dtype=weight.dtype)
+               .contiguous(memory_format=_MEMORY_FORMATS[memory_format]) for _ in range(math.ceil(images / batch_size))]
+    seconds = wall_clocks({"backbone": model.backbone, **predictors}, batches, repeats)
+    n = len(batches) * batch_size
+    measured = [1000 * seconds[name] / n for name in predictors]
+    return ExitLatency(
+        ms_per_image=[float(v) for v in np.maximum.accumulate(measured)],
+        backbone_ms_per_image=1000 * seconds["backbone"] / n,
+        batch_size=batch_size,
+        input_size=list(input_size),
+        dtype=str(weight.dtype).removeprefix("torch."),
+        memory_format=memory_format,
+        device=describe_device(weight.device),
+    )
