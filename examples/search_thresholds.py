@@ -2,6 +2,9 @@
 
     python examples/search_thresholds.py runs/demo                       # β sweep, keep β = 1
     python examples/search_thresholds.py runs/demo --beta 5 --baseline-run runs/baseline
+    python examples/search_thresholds.py runs/demo --max-drop 0.5        # the cheapest within 0.5 points
+    python examples/search_thresholds.py runs/demo --budget-ms 2         # the most accurate within 2 ms per image here
+    python examples/search_thresholds.py runs/demo --budget-macs 2e8 --calibrate
 """
 
 from timm_scan.cli import parse_config
@@ -9,4 +12,5 @@ from timm_scan.commands.search import SearchConfig, search
 
 if __name__ == "__main__":
     record = search(parse_config(SearchConfig, description=__doc__))
-    print(f"validation accuracy {record.chosen.accuracy:.2f}% at {record.chosen.acceleration:.2f}x fewer MACs")
+    print(f"kept {record.target or f'β = {record.beta:g}'}: validation accuracy {record.chosen.accuracy:.2f}%, "
+          f"speed-up {record.chosen.acceleration:.2f}x")
