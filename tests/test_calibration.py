@@ -65,3 +65,17 @@ def test_calibrate_refuses_outputs_of_another_model():
     probs, labels = over_confident(n=50, classes=5)
     with pytest.raises(ValueError, match="all 4 exits"):
         calibrate(model, [probs] * 3, labels)
+
+
+def test_degenerate_and_wrong_inputs():
+    """An exit right on every sample (or on none) gets a bounded temperature; logits and bad labels are refused."""
+    probs, _ = over_confident(n=200)
+    assert fit_temperature(probs, probs.argmax(-1)) == pytest.approx(0.05)  # always right: T → 0, held at the bound
+    assert fit_temperature(probs, (probs.argmax(-1) + 1) % 10) <= 20.0
+    with pytest.raises(ValueError, match="not softmax probabilities"):
+        fit_temperature(torch.randn(50, 10), torch.zeros(50, dtype=torch.long))
+    with pytest.raises(ValueError, match="class indices"):
+        expected_calibration_error(probs, torch.full((200,), 10))
+    model = timm_scan.wrap(create("test_resnet", num_classes=5), check_input_size=(3, 32, 32))
+    model.temperatures = __import__("numpy").array([1.0, 1.5, 2.0, 1.0], dtype="float32")  # any sequence will do
+    assert EarlyExitPredictor(model, [0.5, 0.5, 0.5]).temperatures == [1.0, 1.5, 2.0, 1.0]

@@ -96,6 +96,15 @@ def test_temperatures_and_latency_travel_with_the_model(tmp_path):
     with pytest.raises(ValueError, match="temperatures must be 4 positive numbers"):
         save_deployment(tmp_path, [0.8, 0.85, 0.9], temperatures=[1.0, 0.0, 1.0, 1.0])
     assert timm_scan.from_pretrained(tmp_path).exit_latency == [b1_again, b8]  # a refused update writes nothing
+    save_deployment(tmp_path, __import__("numpy").array([0.5, 0.6, 0.7]), temperatures=__import__("numpy").ones(4))
+    assert timm_scan.from_pretrained(tmp_path).thresholds == [0.5, 0.6, 0.7]
+
+
+def test_uncalibrated_models_keep_the_format_of_0_1_0(tmp_path):
+    """The new keys are written only when set, so a model without them stays readable by 0.1.0."""
+    trained_like().save_pretrained(str(tmp_path))
+    meta = json.loads((tmp_path / "scan_config.json").read_text())
+    assert set(meta) == {"format", "format_version", "scan_config", "thresholds", "fallback"}
 
 
 def test_a_plain_timm_folder_is_not_a_timm_scan_model(tmp_path):

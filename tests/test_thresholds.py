@@ -220,3 +220,21 @@ def test_a_latency_table_is_a_cost_like_macs():
         search_thresholds(probs, labels, MACS)
     with pytest.raises(ValueError, match="cumulative"):
         search_thresholds(probs, labels, [10, 30, 20, 42], 40)
+    with pytest.raises(ValueError, match="carries the backbone's own"):
+        search_thresholds(probs, labels, latency, 2.0)  # meant as beta: refused, not read as a cost in ms
+
+
+def test_evaluate_judges_a_target_on_test_as_the_search_set_it():
+    from timm_scan.commands.evaluate import target_held
+    from timm_scan.commands.search import ThresholdRecord
+    from timm_scan.deploy.thresholds import SearchResult
+
+    found = SearchResult([0.5], 50.0, 1.5, 1.5, [0.5, 0.5], None, budget=15.0, mean_cost=15.0)
+    budget = ThresholdRecord(None, None, 0.0, "ensemble", "the deepest exit", 60.0, found, budget_macs=15.0)
+    assert target_held(budget, 55.0, [0.5, 0.5], 0.6, [10, 20]) is True  # mean 15 MACs
+    assert target_held(budget, 55.0, [0.4, 0.6], 0.6, [10, 20]) is False  # mean 16
+    drop = ThresholdRecord(None, 1.0, 0.0, "ensemble", "the deepest exit", 60.0, found)
+    assert target_held(drop, 59.0, [0.5, 0.5], 0.60, [10, 20]) is True  # 1 point below the deepest exit's 60%
+    assert target_held(drop, 58.9, [0.5, 0.5], 0.60, [10, 20]) is False
+    assert target_held(ThresholdRecord(1.0, None, 0.0, "ensemble", "the deepest exit", 60.0, found), 10.0,
+                       [0.5, 0.5], 0.6, [10, 20]) is None  # kept at β: no target

@@ -54,19 +54,15 @@ def measure_wall_clock(model: MultiExitModel, predictor: EarlyExitPredictor, ima
 
 def target_held(searched: ThresholdRecord, accuracy: float, shares: list[float], deepest: float,
                 exit_macs: list[int]) -> bool | None:
-    """Whether the search's target holds on the evaluated split: accuracy (percent) at most ``max_drop``
-    below the baseline's here (the deepest exit's, ``deepest``, a fraction, or the baseline run's test
-    accuracy), or the mean cost per image (from the ``shares`` of samples per exit) within the budget;
-    ``None`` for thresholds kept at β. A latency budget is judged by the measured latency table."""
-    if searched.max_drop is not None:
-        baseline = deepest if searched.baseline_run is None else run_results(searched.baseline_run).test.deepest
-        return accuracy >= 100 * baseline - searched.max_drop - 1e-9
-    costs = exit_macs if searched.budget_macs is not None else searched.latency.ms_per_image \
-        if searched.budget_ms is not None else None
-    if costs is None:
+    """Whether the search's target holds on the evaluated split (``accuracy`` in percent, ``shares`` of
+    samples per exit): accuracy at most ``max_drop`` below the baseline's here (the deepest exit's,
+    ``deepest``, a fraction, or the baseline run's test accuracy), or the mean cost per image within
+    the budget (a latency budget judged by the measured latency table); ``None`` for thresholds kept at β."""
+    if searched.target is None:
         return None
-    budget = searched.budget_macs if searched.budget_macs is not None else searched.budget_ms
-    return sum(s * c for s, c in zip(shares, costs)) <= budget * (1 + 1e-9)
+    baseline = deepest if searched.baseline_run is None else run_results(searched.baseline_run).test.deepest
+    costs = searched.latency.ms_per_image if searched.budget_ms is not None else exit_macs
+    return searched.objective(100 * baseline).met(accuracy, sum(s * c for s, c in zip(shares, costs)))
 
 
 def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:

@@ -13,6 +13,7 @@ image) and the whole sweep. The kept thresholds, temperatures and latency are al
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ..deploy.calibration import apply_temperatures, calibrate
 from ..deploy.latency import measure_exit_latency
 from ..deploy.plots import plot_tradeoff
 from ..deploy.policy import exit_accuracy
-from ..deploy.thresholds import DEFAULT_MIN_THRESHOLD, SearchResult, search_thresholds, sweep_beta
+from ..deploy.thresholds import DEFAULT_MIN_THRESHOLD, Objective, SearchResult, search_thresholds, sweep_beta
 from ..model.config import FALLBACKS
 from ..model.hub import save_deployment
 from ..options import option
@@ -68,8 +69,8 @@ class SearchConfig:
         if len(targets) > 1:
             raise ValueError(f"SearchConfig: give one target, not {' and '.join(targets)}")
         for name in ("budget_macs", "budget_ms"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise ValueError(f"SearchConfig.{name} must be > 0; got {getattr(self, name)}")
+            if getattr(self, name) is not None and not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"SearchConfig.{name} must be a number > 0; got {getattr(self, name)}")
         if self.cost not in ("macs", "latency"):
             raise ValueError(f"SearchConfig.cost must be 'macs' or 'latency'; got {self.cost!r}")
         if self.latency_batch_size < 1:
@@ -104,6 +105,11 @@ class ThresholdRecord(JsonRecord):
     @property
     def temperatures(self) -> list[float] | None:
         return self.calibration.temperatures if self.calibration is not None else None
+
+    def objective(self, baseline_accuracy: float) -> Objective:
+        """The search's objective, with the baseline (percent) of the split it is judged on."""
+        budget = self.budget_macs if self.budget_macs is not None else self.budget_ms
+        return Objective(baseline_accuracy, self.beta, self.max_drop, budget)
 
     @property
     def target(self) -> str | None:
@@ -175,7 +181,8 @@ def search(cfg: SearchConfig) -> ThresholdRecord:
         print(f"{pt.beta:>6g}  {thresholds:<24}{pt.accuracy:>8.2f}%{pt.acceleration:>9.2f}x  {shares}")
     plot_tradeoff([(pt.acceleration, pt.accuracy) for pt in points], run / "tradeoff_val.png",
                   baseline=(1.0, baseline_accuracy), labels=[f"β={b:g}" for b in betas],
-                  title=f"{train_cfg.model}: validation, β sweep")
+                  title=f"{train_cfg.model}: validation, β sweep",
+                  cost="MACs" if cfg.cost == "macs" else f"latency (batch {cfg.latency_batch_size})")
     record.save(run / THRESHOLDS)
     save_deployment(run / "best", record.thresholds, cfg.fallback, temperatures=record.temperatures,
                     exit_latency=[latency] if latency is not None else [])  # from_pretrained(run/best) carries them

@@ -1,7 +1,7 @@
 """Deployment: the exit policy and the ensemble, the early-exit predictor, threshold search, ONNX export,
 timing, plots."""
 
-from .calibration import calibrate
+from .calibration import apply_temperatures, calibrate
 from .latency import measure_exit_latency
 from .onnx import OnnxEarlyExitPredictor, OnnxManifest, export_onnx
 from .plots import plot_exit_shares, plot_tradeoff
@@ -11,5 +11,5 @@ from .thresholds import ExitTable, SearchResult, search_thresholds, sweep_beta
 from .timing import wall_clocks
 
 __all__ = ["EarlyExitPredictor", "EarlyExitResult", "ExitTable", "OnnxEarlyExitPredictor", "OnnxManifest", "SearchResult",
-           "calibrate", "ensemble_probs", "export_onnx", "measure_exit_latency", "plot_exit_shares", "plot_tradeoff",
-           "search_thresholds", "simulate_early_exit", "sweep_beta", "wall_clocks"]
+           "apply_temperatures", "calibrate", "ensemble_probs", "export_onnx", "measure_exit_latency", "plot_exit_shares",
+           "plot_tradeoff", "search_thresholds", "simulate_early_exit", "sweep_beta", "wall_clocks"]

@@ -19,24 +19,27 @@ from torch import Tensor
 from ..model.config import validate_temperatures
 from ..model.multi_exit import MultiExitModel
 from ..report import Calibration
+from .thresholds import _checked_outputs
 
 __all__ = ["apply_temperatures", "calibrate", "expected_calibration_error", "fit_temperature", "fit_temperatures"]
 
 ECE_BINS = 15
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 
 
 def _log_probs(probs: Tensor) -> Tensor:
     """``log p`` with underflowed zeros held at the smallest normal float (a finite, very negative logit)."""
-    probs = torch.as_tensor(np.asarray(probs) if not isinstance(probs, Tensor) else probs).double()
-    return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+    return _tensor(probs).double().clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
 def fit_temperature(probs: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> float:
-    """The temperature that minimises the negative log-likelihood of ``labels`` (N,) under
-    ``softmax(log probs / T)``, for one exit's softmax ``probs`` (N, C). The NLL is convex in ``1/T``;
-    L-BFGS on ``log(1/T)`` from ``T = 1``."""
+    """The temperature in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` that minimises the negative
+    log-likelihood of ``labels`` (N,) under ``softmax(log probs / T)``, for one exit's softmax ``probs``
+    (N, C). The NLL is convex in ``1/T``: L-BFGS on ``log(1/T)`` from ``T = 1``, then clipped to the
+    range (where an exit is right on every sample the optimum is T → 0, on none T → ∞; the bounds keep
+    its confidences usable as a threshold's input)."""
+    [probs], labels = _checked_outputs([probs], labels)
     log_p = _log_probs(probs)
-    labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels).long()
     log_scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_scale], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
 
@@ -48,7 +51,11 @@ def fit_temperature(probs: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> 
 
     with torch.enable_grad():
         optimizer.step(nll)
-    return float(torch.exp(-log_scale.detach()))
+    return float(torch.exp(-log_scale.detach()).clamp(MIN_TEMPERATURE, MAX_TEMPERATURE))
+
+
+def _tensor(values: Tensor | np.ndarray) -> Tensor:
+    return values if isinstance(values, Tensor) else torch.as_tensor(np.asarray(values))
 
 
 def fit_temperatures(probs: Sequence[Tensor | np.ndarray], labels: Tensor | np.ndarray) -> list[float]:
@@ -60,7 +67,7 @@ def apply_temperatures(probs: Sequence[Tensor | np.ndarray], temperatures: Seque
     """Each exit's softmax re-taken at its temperature, ``softmax(log p / T)`` (float32); ``None``
     returns the probabilities unchanged."""
     if temperatures is None:
-        return [torch.as_tensor(np.asarray(p) if not isinstance(p, Tensor) else p) for p in probs]
+        return [_tensor(p) for p in probs]
     validate_temperatures(temperatures, len(probs))
     return [torch.softmax(_log_probs(p) / t, dim=-1).float() for p, t in zip(probs, temperatures)]
 
@@ -68,22 +75,23 @@ def apply_temperatures(probs: Sequence[Tensor | np.ndarray], temperatures: Seque
 def expected_calibration_error(probs: Tensor | np.ndarray, labels: Tensor | np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE of one exit, as a fraction: ``Σ_b (n_b / N) · |accuracy_b − mean confidence_b|`` over
     ``bins`` equal-width bins of the max softmax."""
-    probs = torch.as_tensor(np.asarray(probs) if not isinstance(probs, Tensor) else probs).double()
-    labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels)
-    confidence, predicted = probs.max(-1)
+    [probs], labels = _checked_outputs([probs], labels)
+    confidence, predicted = probs.double().max(-1)
     correct = (predicted == labels).double()
     which = (confidence * bins).ceil().clamp(1, bins).long() - 1  # bin b holds (b/bins, (b+1)/bins]
-    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, torch.ones_like(confidence))
     gap = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, correct - confidence)
-    return float(gap.abs().sum() / max(len(labels), 1)) if count.sum() else 0.0
+    return float(gap.abs().sum() / len(labels))
 
 
 def calibrate(model: MultiExitModel, probs: Sequence[Tensor | np.ndarray], labels: Tensor | np.ndarray) -> Calibration:
-    """Fit one temperature per exit on validation outputs and set ``model.temperatures``, which the
-    predictor, the threshold search and ``save_pretrained`` then use. ``probs``: the model's softmax at
-    every exit on validation images (K ``(N, C)``, shallowest first, at temperature 1:
+    """Fit one temperature per exit on validation outputs and set ``model.temperatures``, which
+    ``EarlyExitPredictor``, ``export_onnx`` and ``save_pretrained`` then use. ``probs``: the model's
+    softmax at every exit on validation images (K ``(N, C)``, shallowest first, at temperature 1:
     ``timm_scan.training.compute_outputs``), ``labels`` (N,). Returns the temperatures and each exit's
-    expected calibration error on these outputs before and after."""
+    expected calibration error on these outputs before and after.
+
+    Search thresholds on the calibrated outputs, ``apply_temperatures(probs, model.temperatures)``,
+    so that they mean what the predictor will compare them with."""
     if len(probs) != model.num_exits:
         raise ValueError(f"probs: need the outputs of all {model.num_exits} exits; got {len(probs)}")
     temperatures = fit_temperatures(probs, labels)

@@ -57,7 +57,8 @@ def measure_exit_latency(
     ``repeats`` passes counts, with the exits and the backbone taking turns (`wall_clocks`).
     ``fallback``: the answer of samples that reach the end (default the model's), which the deepest
     exit's cost includes. Noise can time a deeper exit below a shallower one; such an entry is raised
-    to the one before it, so ``ms_per_image`` is cumulative.
+    to the one before it, so ``ms_per_image`` is cumulative. Everything runs in eval mode; the model
+    is left in the mode it came in.
     """
     if memory_format not in _MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {sorted(_MEMORY_FORMATS)}; got {memory_format!r}")
@@ -72,14 +73,17 @@ def measure_exit_latency(
     if len(input_size) != 3 or not all(isinstance(s, int) and s > 0 for s in input_size):
         raise ValueError(f"input_size must be (channels, height, width) of positive ints; got {input_size!r}")
     weight = next(model.parameters())
-    k = model.num_exits
+    was_training, k = model.training, model.num_exits
     fallback = fallback or model.fallback
     predictors = {f"exit {i + 1}": EarlyExitPredictor(model, [1.0] * i + [0.0] + [1.0] * (k - 2 - i), fallback)
                   for i in range(k - 1)}  # confidence > 0 always, > 1 never: every sample leaves at exit i
     predictors[f"exit {k}"] = EarlyExitPredictor(model, [1.0] * (k - 1), fallback)
     batches = [torch.randn(batch_size, *input_size, device=weight.device, dtype=weight.dtype)
                .contiguous(memory_format=_MEMORY_FORMATS[memory_format]) for _ in range(math.ceil(images / batch_size))]
-    seconds = wall_clocks({"backbone": model.backbone, **predictors}, batches, repeats)
+    try:  # the predictors put the model in eval mode; the backbone is timed in it too
+        seconds = wall_clocks({"backbone": model.backbone, **predictors}, batches, repeats)
+    finally:
+        model.train(was_training)
     n = len(batches) * batch_size
     measured = [1000 * seconds[name] / n for name in predictors]
     return ExitLatency(

@@ -24,9 +24,10 @@ def plot_tradeoff(
     baseline: tuple[float, float] | None = None,
     labels: Sequence[str] | None = None,
     title: str = "Accuracy against cost",
+    cost: str = "MACs",
 ) -> Path:
-    """PNG of accuracy (percent) against relative MACs for ``points`` = (acceleration, accuracy);
-    ``baseline`` = (1.0, accuracy) marks the plain backbone."""
+    """PNG of accuracy (percent) against relative cost (``cost``: what it counts, e.g. MACs or latency)
+    for ``points`` = (acceleration, accuracy); ``baseline`` = (1.0, accuracy) marks the plain backbone."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     cost = [1.0 / a for a, _ in points]
@@ -40,7 +41,7 @@ def plot_tradeoff(
     if baseline is not None:
         ax.axhline(baseline[1], color="grey", ls="--", lw=1)
         ax.plot([1.0 / baseline[0]], [baseline[1]], "s", color="black", label="plain backbone")
-    ax.set_xlabel("MACs relative to the plain backbone")
+    ax.set_xlabel(f"{cost} relative to the plain backbone")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

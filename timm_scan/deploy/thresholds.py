@@ -4,7 +4,8 @@ reference on the same grid, and the β sweep that traces the accuracy / accelera
 Each threshold is a gene of ``bits`` binary digits decoded as ``σ = 1 − (1 − σ_min) / bits · popcount``,
 so σ lies on the grid {1 − (1 − σ_min)·j/bits : j = 0..bits} ⊂ [σ_min, 1]. The paper's σ_min is 0.70
 (``PAPER_MIN_THRESHOLD``); the default is the full range, σ_min = 0 (``DEFAULT_MIN_THRESHOLD``), which
-gave the better trade-off on test in every run of ``benchmarks/threshold_choices.py``. The cost of leaving at each exit is MACs (the paper's) or measured
+gave a better trade-off on test than SCAN's range in every run of ``benchmarks/threshold_choices.py``
+(``benchmarks/RESULTS.md`` §13, with what it costs: a zero-drop target misses on test more often). The cost of leaving at each exit is MACs (the paper's) or measured
 milliseconds (an `ExitLatency`); acceleration is ``backbone cost / mean cost per sample``. Fitness of a
 threshold vector is SCAN's ``acceleration + β · (accuracy − baseline)``, with accuracy in percent; or,
 given a target, ``max_drop`` (points): the acceleration of vectors whose accuracy is at least
@@ -106,8 +107,10 @@ def costs(exit_costs: Sequence[float] | ExitLatency, backbone_cost: float | None
     ``model.exit_macs``, or an `ExitLatency` whose ``ms_per_image`` and, by default,
     ``backbone_ms_per_image`` are used) and the plain backbone's cost in the same unit."""
     if isinstance(exit_costs, ExitLatency):
-        backbone_cost = exit_costs.backbone_ms_per_image if backbone_cost is None else backbone_cost
-        exit_costs = exit_costs.ms_per_image
+        if backbone_cost is not None:
+            raise ValueError("backbone_cost: an ExitLatency carries the backbone's own (in ms); give no second one "
+                             "(and pass beta by keyword: beta=...)")
+        exit_costs, backbone_cost = exit_costs.ms_per_image, exit_costs.backbone_ms_per_image
     if backbone_cost is None:
         raise ValueError("backbone_cost: the plain backbone's cost is needed with exit costs in MACs "
                          "(model.backbone_macs(input_size)); an ExitLatency carries its own")

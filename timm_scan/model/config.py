@@ -107,7 +107,8 @@ def validate_thresholds(thresholds: Sequence[float], num_exits: int) -> list[flo
 
 def validate_temperatures(temperatures: Sequence[float], num_exits: int) -> list[float]:
     """``temperatures`` as K positive finite floats (one per exit), or a ``ValueError``."""
-    values = list(temperatures) if isinstance(temperatures, (list, tuple)) else None
+    values = temperatures.tolist() if hasattr(temperatures, "tolist") else list(temperatures) if isinstance(
+        temperatures, (list, tuple)) else None
     if values is None or len(values) != num_exits or not all(
             isinstance(t, numbers.Real) and not isinstance(t, bool) and 0 < t < math.inf for t in values):
         raise ValueError(f"temperatures must be {num_exits} positive numbers, one per exit (deepest last); "

@@ -82,9 +82,11 @@ def save_pretrained(model: MultiExitModel, save_directory: str | Path, card: str
         "scan_config": model.config.to_dict(),
         "thresholds": model.thresholds,
         "fallback": model.fallback,
-        "temperatures": model.temperatures,
-        "exit_latency": [latency.to_dict() for latency in model.exit_latency],
     }
+    if model.temperatures is not None:  # written only when set, so uncalibrated models stay readable by 0.1.0
+        meta["temperatures"] = validate_temperatures(model.temperatures, model.num_exits)
+    if model.exit_latency:
+        meta["exit_latency"] = [latency.to_dict() for latency in model.exit_latency]
     (folder / SCAN_CONFIG).write_text(json.dumps(meta, indent=2))
     (folder / "README.md").write_text(card if card is not None else model_card(model))
     return folder
@@ -336,11 +338,20 @@ def save_deployment(
     path = Path(folder) / SCAN_CONFIG
     meta = _read_meta(path)
     exits = len(ScanConfig.from_dict(meta["scan_config"]).exits or []) + 1
-    new = {latency.describe() for latency in exit_latency}
-    meta.update(thresholds=thresholds, fallback=fallback, temperatures=temperatures, exit_latency=[
-        *[entry for entry in meta.get("exit_latency") or [] if ExitLatency.from_dict(entry).describe() not in new],
-        *[latency.to_dict() for latency in exit_latency]])
-    _deployment(meta, exits)
+    try:
+        old = _deployment(meta, exits)[3]
+        new = {latency.describe() for latency in exit_latency}
+        update = {"thresholds": thresholds, "fallback": fallback, "temperatures": temperatures,
+                  "exit_latency": [m.to_dict() for m in [*[m for m in old if m.describe() not in new], *exit_latency]]}
+        fallback, thresholds, temperatures, latency = _deployment(update, exits)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    meta.update(thresholds=thresholds, fallback=fallback)
+    for key, value in (("temperatures", temperatures), ("exit_latency", [m.to_dict() for m in latency])):
+        if value:
+            meta[key] = value
+        else:
+            meta.pop(key, None)
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(meta, indent=2))
     os.replace(partial, path)
