@@ -63,7 +63,7 @@ def test_genetic_search_reaches_the_exhaustive_optimum_on_random_cases(seed, bet
     objective = Objective(baseline_accuracy_of(table, None), beta)
     ga = genetic_search(table, objective, seed=seed, min_threshold=PAPER_MIN_THRESHOLD)
     best = exhaustive_search(table, objective, min_threshold=PAPER_MIN_THRESHOLD)
-    assert ga.fitness >= 0.99 * best.fitness
+    assert ga.fitness >= best.fitness - 0.01 * abs(best.fitness)
     assert all(0.7 - 1e-9 <= t <= 1.0 for t in ga.thresholds)
 
 
@@ -72,7 +72,8 @@ def test_genetic_search_reaches_the_exhaustive_optimum_on_a_trained_model(traine
     probs, labels, exit_macs, backbone_macs = trained_outputs
     table = ExitTable.from_outputs(probs, labels, exit_macs, backbone_macs)
     objective = Objective(baseline_accuracy_of(table, None), beta)
-    assert genetic_search(table, objective).fitness >= 0.99 * exhaustive_search(table, objective).fitness
+    best = exhaustive_search(table, objective).fitness
+    assert genetic_search(table, objective).fitness >= best - 0.01 * abs(best)  # fitness can be negative
 
 
 def algorithm_1(probs, labels, thresholds, exit_macs, fallback):

@@ -45,10 +45,10 @@ class SearchConfig:
     budget_macs: float | None = option(None, "keep instead the most accurate thresholds whose mean MACs per image "
                                              "on validation is at most this")
     budget_ms: float | None = option(None, "keep instead the most accurate thresholds whose mean latency per image "
-                                           "(measured here, at --latency-batch-size) is at most this many ms")
+                                           "(measured on this machine at the latency batch size) is at most this many ms")
     cost: str = option("macs", "the cost the β sweep trades accuracy against: 'macs' (SCAN's) or 'latency' "
                                "(ms per image measured on this machine)")
-    latency_batch_size: int = option(1, "batch size latency is measured at (with --cost latency or --budget-ms)")
+    latency_batch_size: int = option(1, "batch size latency is measured at (with a latency cost or budget)")
     calibrate: bool = option(False, "fit one temperature per exit on validation first (timm_scan.calibrate); "
                                     "the predictor then uses them")
     min_threshold: float = option(DEFAULT_MIN_THRESHOLD, "lowest threshold the search may choose (SCAN's range: 0.7)")
