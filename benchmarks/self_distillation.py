@@ -77,6 +77,8 @@ VARIANTS: dict[str, dict] = {
     "dense": {"teacher": "dense"},
     "anneal": {"anneal_epochs": 2},
     "t1": {"temperature": 1.0},
+    # the latency-oriented head (pooling, then a two-layer MLP; no attention), default loss
+    "pooled": {"head": "pooled", "attention": "none"},
 }
 LOSS_FIELDS = tuple(PRESETS["default"])
 NOT_RECIPE = ("output_dir", "num_workers", "keep_checkpoints", "log_with", "push_to_hub")

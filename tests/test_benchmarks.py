@@ -117,6 +117,19 @@ def test_threshold_choices(bench_runs, monkeypatch):
     assert len(result["temperatures"]) == 4 and all(t > 0 for t in result["temperatures"])
 
 
+def test_head_kinds(bench_runs, monkeypatch):
+    runs, _ = bench_runs
+    out = runs / "heads.json"
+    run("head_kinds.py", monkeypatch, "--runs", str(runs / "resnet18-sd"), "--batch-sizes", "1", "4", "--images", "2",
+        "8", "--betas", "0.1", "10", "--generations", "3", "--repeats", "1", "--out", str(out))
+    [result] = json.loads(out.read_text())["runs"]
+    assert result["head"] == "sepconv" and set(result["batches"]) == {"1", "4"}
+    for batch in result["batches"].values():
+        assert len(batch["latency"]["ms_per_image"]) == 4 and len(batch["rows"]) == 2
+        assert all(r["measured_speedup"] > 0 and 0 <= r["test_accuracy"] <= 100 for r in batch["rows"])
+    assert out.with_suffix(".png").is_file()
+
+
 def test_training_overhead(tmp_path, monkeypatch):
     out = tmp_path / "overhead.json"
     run("training_overhead.py", monkeypatch, "--model", "test_resnet", "--batch-size", "4", "--steps", "2",

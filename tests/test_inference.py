@@ -244,3 +244,30 @@ def test_truncate_equals_the_exit(name, size):
     assert sizes == sorted(sizes) and sizes[-1] == sum(p.numel() for p in model.backbone.parameters())
     with pytest.raises(ValueError, match="exit_index"):
         model.truncate(model.num_exits)
+
+
+@pytest.mark.parametrize("attention", ["none", "sd"])
+def test_pooled_heads_are_cheap_and_run_like_the_model(attention, tmp_path):
+    """The latency-oriented head: pooling then a two-layer MLP; the predictor, truncate and a save/load
+    round trip give the model's own answers, and a pooled exit costs less than a SepConv one."""
+    model = timm_scan.wrap(create("resnet18").eval(), timm_scan.ScanConfig(head="pooled", attention=attention),
+                           check_input_size=(3, 32, 32))
+    sepconv = wrapped("resnet18", 32)
+    assert all(a < b for a, b in zip(model.exit_macs((3, 32, 32))[:-1], sepconv.exit_macs((3, 32, 32))[:-1]))
+    assert [head.fc[0].out_features for head in model.exits] == [128] * 3 and len(model.exits[0].align) == 0
+    x = torch.randn(24, 3, 32, 32)
+    probs = all_exit_probs(model, x)
+    thresholds = quantile_thresholds(probs, torch.Generator().manual_seed(0))
+    result = EarlyExitPredictor(model, thresholds)(x)
+    exit_index, _, expected = simulate_early_exit(probs, thresholds)
+    assert torch.equal(result.exit_index, exit_index) and 0 < (exit_index < 3).sum() < 24
+    torch.testing.assert_close(result.probs, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.truncate(0)(x), model(x).logits[0])
+    model.save_pretrained(tmp_path)
+    loaded = timm_scan.from_pretrained(tmp_path)
+    assert loaded.config.head == "pooled"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits[0], model(x).logits[0])
+    with pytest.raises(ValueError, match="head_blocks applies to 'sepconv' heads"):
+        timm_scan.ScanConfig(head="pooled", head_blocks=2)

@@ -196,7 +196,7 @@ class InferenceHead(nn.Module):
         self._flat = attention is None or isinstance(attention, InferenceSdAttention)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or not self.blocks:  # a pooled head: pooling and the MLP, nothing to flatten
             return self._modules_path(x)
         if not self.blocks[0].matrix_path(x):
             return self._modules_path(x.contiguous(memory_format=torch.channels_last))

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ATTENTION_KINDS", "FALLBACKS", "ScanConfig", "validate_fallback", "validate_temperatures", "validate_thresholds"]
+__all__ = ["ATTENTION_KINDS", "FALLBACKS", "HEAD_KINDS", "ScanConfig", "validate_fallback", "validate_temperatures", "validate_thresholds"]
 
 ATTENTION_KINDS = ("sd", "scan", "none")
+HEAD_KINDS = ("sepconv", "pooled")  # ExitHead's kinds (timm_scan.model.heads)
 FALLBACKS = ("ensemble", "deepest")  # the answer for samples that pass no threshold
 MAX_HEAD_CHANNELS = 16384  # beyond any timm stage's width: a larger value is a damaged config, not a model
 MAX_HEAD_BLOCKS = 32
@@ -31,15 +32,20 @@ class ScanConfig:
             classifier. After ``wrap`` the model's config holds the resolved indices, ascending.
         attention: attention module in front of each shallow head: ``"sd"`` (Self-Distillation,
             TPAMI 2021), ``"scan"`` (SCAN, NeurIPS 2019) or ``"none"``.
-        head_channels: output width of every align net; ``None`` uses the deepest stage's width.
+        head: the kind of shallow head: ``"sepconv"`` (the papers': a SepConv align net to the deepest
+            stage's width, then pooling and a linear classifier) or ``"pooled"`` (latency-oriented,
+            as in SDN and earlyon: pooling straight after the stage, then a two-layer MLP).
+        head_channels: output width of every align net (``"sepconv"``; ``None`` uses the deepest
+            stage's width) or the MLP's hidden width (``"pooled"``; ``None`` uses 128).
         head_blocks: SepConv blocks per align net; ``None`` uses the papers' ``K - i`` for exit ``i``
-            (1-based) of ``K`` classifiers.
+            (1-based) of ``K`` classifiers. Only for ``"sepconv"`` heads.
     """
 
     exits: list[int | str] | None = None
     attention: str = "sd"
     head_channels: int | None = None
     head_blocks: int | None = None
+    head: str = "sepconv"
 
     def __post_init__(self) -> None:
         if self.exits is not None:
@@ -62,6 +68,10 @@ class ScanConfig:
                 f"ScanConfig.attention must be one of {', '.join(map(repr, ATTENTION_KINDS))}; "
                 f"got {self.attention!r}"
             )
+        if self.head not in HEAD_KINDS:
+            raise ValueError(f"ScanConfig.head must be one of {', '.join(map(repr, HEAD_KINDS))}; got {self.head!r}")
+        if self.head == "pooled" and self.head_blocks is not None:
+            raise ValueError("ScanConfig.head_blocks applies to 'sepconv' heads; a 'pooled' head has no align net")
         for name, most in (("head_channels", MAX_HEAD_CHANNELS), ("head_blocks", MAX_HEAD_BLOCKS)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):

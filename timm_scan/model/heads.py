@@ -1,5 +1,9 @@
 """Exit heads: attention modules, SepConv align nets and the shallow classifiers they feed.
 
+Two kinds of head (``ScanConfig.head``): the papers' ``"sepconv"`` (attention → SepConv align net →
+pool → linear) and a latency-oriented ``"pooled"`` head in the style of SDN and earlyon (attention →
+pool → a two-layer MLP), whose cost is one pooling and two small matrix products.
+
 All modules take and return NCHW maps and work at any input resolution (global pooling only). Their
 inference form (BatchNorm folded, matrix products on CPU) is ``timm_scan.deploy.fast_heads``.
 """
@@ -11,7 +15,12 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, SelectAdaptivePool2d, SeparableConvNormAct, make_divisible
 from torch import Tensor, nn
 
-__all__ = ["ExitHead", "ScanAttention", "SdAttention", "SepConv", "align_plan", "make_attention"]
+from .config import HEAD_KINDS
+
+__all__ = ["HEAD_KINDS", "POOLED_HIDDEN", "ExitHead", "ScanAttention", "SdAttention", "SepConv", "align_plan",
+           "make_attention"]
+
+POOLED_HIDDEN = 128  # the pooled head's hidden width by default (earlyon's)
 
 
 class SdAttention(nn.Module):
@@ -83,12 +92,18 @@ def align_plan(
 
 
 class ExitHead(nn.Module):
-    """Shallow classifier ``c_i``: attention mask → align net → global average pool → linear.
+    """Shallow classifier ``c_i``: attention mask → align net → global average pool → ``fc``.
 
-    ``forward`` maps ``(B, in_chs, H, W)`` to ``(logits (B, num_classes), pooled (B, out_chs))``;
-    ``proj`` is a learned linear map of the pooled feature to the deepest classifier's pre-logits
-    width, for the hint loss (always learned, even where the widths agree, so that the hint can reach
-    zero on backbones whose pre-logits are signed; training only, not part of the inference cost).
+    ``kind="sepconv"`` (the papers'): the align net is SepConv blocks from ``in_chs`` to ``out_chs``
+    (``num_blocks`` of them, see `align_plan`) and ``fc`` one linear layer. ``kind="pooled"``: no
+    align net; ``fc`` is Linear(in_chs, ``out_chs``) → ReLU → Linear(out_chs, num_classes), so
+    ``out_chs`` is the hidden width and ``num_blocks`` is unused.
+
+    ``forward`` maps ``(B, in_chs, H, W)`` to ``(logits (B, num_classes), pooled (B, C))``, ``C`` the
+    align net's output width (``in_chs`` for pooled heads); ``proj`` is a learned linear map of the
+    pooled feature to the deepest classifier's pre-logits width, for the hint loss (always learned,
+    even where the widths agree, so that the hint can reach zero on backbones whose pre-logits are
+    signed; training only, not part of the inference cost).
     """
 
     def __init__(
@@ -101,14 +116,23 @@ class ExitHead(nn.Module):
         num_classes: int,
         feature_dim: int,
         attention: str,
+        kind: str = "sepconv",
     ) -> None:
         super().__init__()
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"head kind must be one of {HEAD_KINDS}; got {kind!r}")
         self.attention = make_attention(attention, in_chs)
-        plan = align_plan(in_chs, in_reduction, out_chs, out_reduction, num_blocks)
-        self.align = nn.Sequential(*(SepConv(a, b, s) for a, b, s in plan))
         self.pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
-        self.fc = nn.Linear(out_chs, num_classes)
-        self.proj = nn.Linear(out_chs, feature_dim)
+        if kind == "sepconv":
+            plan = align_plan(in_chs, in_reduction, out_chs, out_reduction, num_blocks)
+            self.align = nn.Sequential(*(SepConv(a, b, s) for a, b, s in plan))
+            self.fc = nn.Linear(out_chs, num_classes)
+            pooled_chs = out_chs
+        else:
+            self.align = nn.Sequential()
+            self.fc = nn.Sequential(nn.Linear(in_chs, out_chs), nn.ReLU(inplace=True), nn.Linear(out_chs, num_classes))
+            pooled_chs = in_chs
+        self.proj = nn.Linear(pooled_chs, feature_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pooled = self.pool(self.align(self.attention(x)))

@@ -23,7 +23,7 @@ from .backbone import (
     without_capture_hooks,
 )
 from .config import ScanConfig
-from .heads import ExitHead
+from .heads import POOLED_HIDDEN, ExitHead
 from .macs import count_macs
 from ..report import ExitLatency
 
@@ -232,7 +232,7 @@ def wrap(
     staged = build_staged(model, cuts, example)
 
     feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
-    out_chs = config.head_channels or stages[-1].num_chs
+    out_chs = config.head_channels or (stages[-1].num_chs if config.head == "sepconv" else POOLED_HIDDEN)
     num_exits = len(cuts) + 1
     heads = [
         ExitHead(
@@ -244,6 +244,7 @@ def wrap(
             num_classes=num_classes,
             feature_dim=feature_dim,
             attention=config.attention,
+            kind=config.head,
         ).to(device=example.device, dtype=example.dtype)
         for i, c in enumerate(cuts)
     ]

@@ -13,7 +13,7 @@ from typing import Any
 import timm
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..model.config import ATTENTION_KINDS, ScanConfig
+from ..model.config import ATTENTION_KINDS, HEAD_KINDS, ScanConfig
 from ..options import option
 from .losses import PRESETS, SelfDistillationLoss
 
@@ -57,6 +57,8 @@ class TrainConfig:
     attention: str = option("sd", f"attention module of the shallow heads: one of {ATTENTION_KINDS}")
     head_channels: int | None = option(None, "width of the exit heads' align nets (default: the deepest stage's)")
     head_blocks: int | None = option(None, "SepConv blocks per head (default: the papers' K - i)")
+    head: str = option("sepconv", f"kind of shallow head: one of {HEAD_KINDS} (pooled: latency-oriented, "
+                                  "pooling then a two-layer MLP, as in SDN and earlyon)")
     # loss
     loss_preset: str = option("default", f"SelfDistillationLoss settings, one of {sorted(PRESETS)}: default (the "
                                      "library's, chosen by measurement), tpami (the paper's text), released (the "
@@ -110,6 +112,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.epochs must be an int >= 1; got {self.epochs!r}")
         checks = [
             ("attention", self.attention in ATTENTION_KINDS, f"one of {ATTENTION_KINDS}"),
+            ("head", self.head in HEAD_KINDS, f"one of {HEAD_KINDS}"),
             ("lr", _number(self.lr) and 0 < self.lr < math.inf, "a finite number > 0"),
             ("momentum", _number(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)"),
             ("weight_decay", _number(self.weight_decay) and 0 <= self.weight_decay < math.inf, "a finite number >= 0"),
@@ -162,7 +165,7 @@ class TrainConfig:
     def scan_config(self) -> ScanConfig:
         """What ``wrap`` adds: no exit for a baseline."""
         return ScanConfig(exits=[] if self.baseline else self.exits, attention=self.attention,
-                          head_channels=self.head_channels, head_blocks=self.head_blocks)
+                          head_channels=self.head_channels, head_blocks=self.head_blocks, head=self.head)
 
     def loss_settings(self) -> dict[str, Any]:
         """The ``SelfDistillationLoss`` arguments: the preset's, overridden by the fields that are set."""
