@@ -1,13 +1,15 @@
 """Does early exit save wall-clock time in proportion to the MACs it saves?
 
-resnet18 (random weights: speed does not depend on them), wrapped with the default exits. The first
-exit's threshold is the median of its confidence on the images, so half of them leave there; the
-other thresholds are 1.0, so the other half runs every section and gets the ensemble. For each input
-size and batch size: the plain backbone's time, the predictor's time, the measured speed-up, the
-MACs speed-up, and their ratio (1.0 = the MACs saving is fully realised).
+resnet18 (random weights: speed does not depend on them), wrapped with the default exits (``--head``:
+the kind of exit head). Two scenarios (``--scenarios``): ``half``, the first exit's threshold is the
+median of its confidence on the images, so half of them leave there and the other half (thresholds
+1.0) runs every section and gets the ensemble; ``all``, every image leaves at exit 1. For each input
+size, batch size and scenario: the plain backbone's time, the predictor's time, the measured
+speed-up, the MACs speed-up, and their ratio (1.0 = the MACs saving is fully realised).
 
-    python benchmarks/early_exit_speed.py                      # 32x32 and 224x224, batch 1 and 256
-    python benchmarks/early_exit_speed.py --sizes 32 --batch-sizes 256 --images 512
+    python benchmarks/early_exit_speed.py                      # 32x32 and 224x224, batch 1 and 256, half
+    python benchmarks/early_exit_speed.py --sizes 32 48 80 128 160 224 --scenarios half all --channels-last \
+        --out benchmarks/results/early_exit_speed_sizes.json
 """
 
 from __future__ import annotations
@@ -26,16 +28,18 @@ import timm_scan
 from timm_scan.deploy import wall_clocks
 
 
-def measure(size: int, batch_size: int, images: int, repeats: int, channels_last: bool) -> dict:
+def measure(size: int, batch_size: int, images: int, repeats: int, channels_last: bool, scenario: str = "half",
+            head: str = "sepconv") -> dict:
     torch.manual_seed(0)
-    model = timm_scan.wrap(timm.create_model("resnet18", num_classes=10), check_input_size=(3, size, size)).eval()
+    model = timm_scan.wrap(timm.create_model("resnet18", num_classes=10), timm_scan.ScanConfig(head=head),
+                           check_input_size=(3, size, size)).eval()
     x = torch.randn(images, 3, size, size)
     if channels_last:  # both the plain backbone and the wrapped model
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         h = model.forward_section(0, x)
         first = torch.softmax(model.exit_logits(0, h, (size, size)), -1).max(-1).values
-    thresholds = [first.median().item()] + [1.0] * (model.num_exits - 2)
+    thresholds = [first.median().item() if scenario == "half" else 0.0] + [1.0] * (model.num_exits - 2)
     predictor = timm_scan.EarlyExitPredictor(model, thresholds)
     batches = list(x.split(batch_size))
     result = predictor(x)
@@ -45,6 +49,7 @@ def measure(size: int, batch_size: int, images: int, repeats: int, channels_last
     measured = backbone_s / early_exit_s
     return {
         "input": size, "batch_size": batch_size, "images": images, "channels_last": channels_last,
+        "scenario": scenario, "head": head,
         "share_at_exit1": (result.exit_index == 0).float().mean().item(),
         "backbone_ms_per_image": 1000 * backbone_s / images, "early_exit_ms_per_image": 1000 * early_exit_s / images,
         "measured_speedup": measured, "macs_speedup": macs_speedup, "ratio": measured / macs_speedup,
@@ -58,6 +63,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=None, help="images per setting (default: 1024 at batch>1, 256 at batch 1; 256 at 224x224)")
     p.add_argument("--repeats", type=int, default=7, help="timed passes, backbone and predictor in turns; the median counts")
     p.add_argument("--channels-last", action="store_true", help="run backbone and early exit in channels_last")
+    p.add_argument("--scenarios", nargs="+", choices=["half", "all"], default=["half"],
+                   help="half: half the images leave at exit 1, the rest run to the end; all: every image leaves at exit 1")
+    p.add_argument("--head", choices=["sepconv", "pooled"], default="sepconv", help="kind of exit head")
     p.add_argument("--out", default=None, help="default: results/early_exit_speed.json, or "
                    "results/early_exit_speed_channels_last.json with --channels-last")
     args = p.parse_args()
@@ -65,11 +73,11 @@ def main() -> None:
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / name
     rows = []
     for size in args.sizes:
-        for bs in args.batch_sizes:
+        for bs, scenario in [(bs, scenario) for bs in args.batch_sizes for scenario in args.scenarios]:
             images = args.images or (256 if bs == 1 or size >= 224 else 1024)
-            rows.append(measure(size, bs, max(images, bs), args.repeats, args.channels_last))
+            rows.append(measure(size, bs, max(images, bs), args.repeats, args.channels_last, scenario, args.head))
             r = rows[-1]
-            print(f"{size:>4}px batch {bs:>4}: backbone {r['backbone_ms_per_image']:.3f} ms/img, early exit "
+            print(f"{size:>4}px batch {bs:>4} {scenario:>4}: backbone {r['backbone_ms_per_image']:.3f} ms/img, early exit "
                   f"{r['early_exit_ms_per_image']:.3f} ms/img, measured {r['measured_speedup']:.2f}x, "
                   f"MACs {r['macs_speedup']:.2f}x, ratio {r['ratio']:.2f} ({r['share_at_exit1']:.0%} at exit 1)", flush=True)
     record = {

@@ -20,9 +20,11 @@ def run(script, monkeypatch, *args):
 def test_early_exit_speed(tmp_path, monkeypatch):
     out = tmp_path / "speed.json"
     run("early_exit_speed.py", monkeypatch, "--sizes", "32", "--batch-sizes", "1", "4", "--images", "8",
-        "--repeats", "1", "--out", str(out))
+        "--repeats", "1", "--scenarios", "half", "all", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert [r["batch_size"] for r in rows] == [1, 4] and all(r["macs_speedup"] > 1 for r in rows)
+    assert [(r["batch_size"], r["scenario"]) for r in rows] == [(1, "half"), (1, "all"), (4, "half"), (4, "all")]
+    assert all(r["macs_speedup"] > 1 for r in rows)
+    assert [r["share_at_exit1"] for r in rows if r["scenario"] == "all"] == [1.0, 1.0]
 
 
 def test_timm_coverage(tmp_path, monkeypatch):
