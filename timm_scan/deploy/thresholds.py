@@ -295,7 +295,7 @@ def search_thresholds(
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """torch on one thread: the search's ops are small, and on a busy CPU extra threads only wait on each
-    other (a 30-generation search on 1,000 samples took 1.5 s on 2 threads of a loaded 2-core machine, 0.11 s on one)."""
+    other."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
