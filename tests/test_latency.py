@@ -17,7 +17,7 @@ def model():
 
 
 def test_latency_is_cumulative_and_describes_where_it_was_measured(model):
-    latency = measure_exit_latency(model, (3, 32, 32), batch_size=4, images=16, repeats=3)
+    latency = measure_exit_latency(model, (3, 32, 32), batch_size=4, images=32, repeats=5)  # medians: robust to a busy CPU
     assert len(latency.ms_per_image) == model.num_exits and latency.batch_size == 4
     assert latency.ms_per_image == sorted(latency.ms_per_image) and latency.backbone_ms_per_image > 0
     assert latency.device.startswith("cpu: ") and "threads" in latency.device and latency.dtype == "float32"

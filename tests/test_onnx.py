@@ -15,6 +15,10 @@ from timm_scan.deploy.onnx import OnnxManifest
 pytest.importorskip("onnxruntime")
 
 
+LATENCY = {"ms_per_image": [1.0, 2.0, 3.0, 4.0], "backbone_ms_per_image": 3.5, "batch_size": 1, "input_size": [3, 32, 32],
+           "dtype": "float32", "memory_format": "contiguous", "device": "CPUExecutionProvider: test"}
+
+
 def probs_of(model, x):
     with torch.no_grad():
         return [torch.softmax(z, -1) for z in model(x).logits]
@@ -67,6 +71,26 @@ def test_the_manifest_carries_thresholds_classes_and_costs(exported):
     assert result.labels.shape == (3,) and predictor(torch.zeros(0, 3, 32, 32)).probs.shape == (0, 5)
 
 
+def test_exit_latency_timed_with_onnx_runtime_travels_in_the_manifest(exported, tmp_path):
+    _, folder, _ = exported
+    latency = OnnxEarlyExitPredictor(folder).measure_exit_latency(batch_size=2, images=8, repeats=2)
+    assert len(latency.ms_per_image) == 4 and latency.ms_per_image == sorted(latency.ms_per_image)
+    assert latency.batch_size == 2 and latency.input_size == [3, 32, 32] and "onnxruntime" in latency.device
+    assert latency.ms_per_image[0] < latency.ms_per_image[-1] and latency.backbone_ms_per_image > 0
+    copied = tmp_path / "copied"
+    shutil.copytree(folder, copied)
+    manifest = OnnxManifest.load(copied / "manifest.json")
+    manifest.exit_latency = [latency]
+    manifest.save(copied / "manifest.json")
+    assert OnnxEarlyExitPredictor(copied).exit_latency == [latency]
+    manifest.exit_latency[0].ms_per_image = latency.ms_per_image[:3]
+    manifest.save(copied / "manifest.json")
+    with pytest.raises(ValueError, match="4 values per measurement"):
+        OnnxEarlyExitPredictor(copied)
+    with pytest.raises(ValueError, match="batch_size"):
+        OnnxEarlyExitPredictor(folder).measure_exit_latency(batch_size=0)
+
+
 def test_bad_inputs_and_damaged_folders(exported, tmp_path):
     model, folder, _ = exported
     predictor = OnnxEarlyExitPredictor(folder)
@@ -90,7 +114,10 @@ def test_bad_inputs_and_damaged_folders(exported, tmp_path):
                             (lambda m: m.update(exits=["../../etc/passwd"] * 4), "field 'exits'"),
                             (lambda m: m.update(input_size=[3, "32", 32]), "field 'input_size'"),
                             (lambda m: m.update(surprise=1), "unknown field"),
-                            (lambda m: m.update(thresholds=[0.5, 2.0, 0.5]), r"thresholds\[1\]")):
+                            (lambda m: m.update(thresholds=[0.5, 2.0, 0.5]), r"thresholds\[1\]"),
+                            (lambda m: m.update(exit_latency=[{"ms_per_image": [1.0] * 4}]), "not a valid|missing"),
+                            (lambda m: m.update(exit_latency=[{**LATENCY, "ms_per_image": [2.0, 1.0, 3.0, 4.0]}]),
+                             "cumulative")):
         broken = json.loads(json.dumps(manifest))
         change(broken)
         (damaged / "manifest.json").write_text(json.dumps(broken))
@@ -131,11 +158,13 @@ def test_export_a_trained_run_and_push_it(hub, tiny_parquet, tmp_path, monkeypat
     main(["train", "--dataset", str(tiny_parquet), "--output-dir", str(run), "--model", "test_resnet", "--input-size",
           "32", "--crop-pct", "1.0", "--val-size", "24", "--epochs", "2", "--batch-size", "16", "--num-workers", "0"])
     main(["search", str(run), "--betas", "1", "--generations", "5"])
-    monkeypatch.setattr(sys, "argv", ["export_onnx.py", str(run)])
+    monkeypatch.setattr(sys, "argv", ["export_onnx.py", str(run), "--latency-batch-sizes", "1", "4"])
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "export_onnx.py"), run_name="__main__")
     model, _ = timm_scan.training.load_run(run)
     manifest = OnnxManifest.load(run / "onnx" / "manifest.json")
     assert manifest.thresholds == model.thresholds
+    assert [latency.batch_size for latency in manifest.exit_latency] == [1, 4]  # timed with ONNX Runtime
+    assert OnnxEarlyExitPredictor(run / "onnx").exit_latency == manifest.exit_latency
     images = torch.stack([timm_scan.training.eval_dataset(timm_scan.training.run_splits(
         timm_scan.TrainConfig.load(run)), "test", model.data_config)[i][0] for i in range(16)])
     assert_same_answers(model, run / "onnx", images, model.thresholds)

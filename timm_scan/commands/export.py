@@ -1,7 +1,8 @@
 """``timm-scan export RUN``: a trained run's best model as ONNX graphs (one per section and per exit
 head) with a manifest, for `OnnxEarlyExitPredictor` (``pip install 'timm-scan[onnx]'``).
 
-The thresholds ``timm-scan search`` kept go into the manifest. Writes ``<run>/onnx/`` unless told
+The thresholds ``timm-scan search`` kept go into the manifest, and with ``--latency-batch-sizes``
+each exit's latency timed with ONNX Runtime on this machine. Writes ``<run>/onnx/`` unless told
 otherwise; ``timm-scan push RUN owner/name --onnx`` uploads it beside the model.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..deploy.onnx import OnnxManifest, export_onnx
+from ..deploy.onnx import MANIFEST, OnnxEarlyExitPredictor, OnnxManifest, export_onnx
 from ..options import option
 from ..training.runs import load_run
 
@@ -25,6 +26,8 @@ class ExportConfig:
     output: str | None = option(None, "folder for the graphs and manifest (default: <run>/onnx)")
     input_size: int | None = option(None, "square input side the graphs take (default: the run's)")
     opset: int = option(18, "ONNX opset")
+    latency_batch_sizes: list[int] = option([], "also time each exit with ONNX Runtime at these batch sizes and "
+                                                "write the measurements into the manifest")
 
 
 def export(cfg: ExportConfig) -> OnnxManifest:
@@ -33,6 +36,13 @@ def export(cfg: ExportConfig) -> OnnxManifest:
     size = (3, cfg.input_size, cfg.input_size) if cfg.input_size else None
     folder = Path(cfg.output or Path(cfg.run) / "onnx")
     manifest = export_onnx(model, folder, size, opset=cfg.opset)
+    if cfg.latency_batch_sizes:
+        predictor = OnnxEarlyExitPredictor(folder, [1.0] * (len(manifest.exits) - 1))  # thresholds: timing forces its own
+        manifest.exit_latency = [predictor.measure_exit_latency(bs) for bs in cfg.latency_batch_sizes]
+        manifest.save(folder / MANIFEST)
+        for latency in manifest.exit_latency:
+            print(f"batch {latency.batch_size}: {', '.join(f'{v:.3f}' for v in latency.ms_per_image)} ms per image "
+                  f"by exit (backbone {latency.backbone_ms_per_image:.3f})")
     print(f"exported {manifest.architecture} ({len(manifest.exits)} exits, input {tuple(manifest.input_size)}) to "
           f"{folder}: {', '.join(manifest.sections + manifest.exits)}, manifest.json")
     return manifest

@@ -5,14 +5,17 @@ ops cost more time than their MACs say. `measure_exit_latency` times, in turns w
 backbone, one `EarlyExitPredictor` per exit whose thresholds send every sample to that exit; the
 result (`ExitLatency`) can be the cost the threshold search optimises (``search_thresholds(probs,
 labels, latency)``), and travels with the model (``model.exit_latency``, saved by ``save_pretrained``
-and shown on its card).
+and shown on its card). `OnnxEarlyExitPredictor.measure_exit_latency` times an exported model the
+same way (`time_exits`).
 """
 
 from __future__ import annotations
 
 import math
 import platform
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +25,17 @@ from ..report import ExitLatency
 from .predictor import EarlyExitPredictor
 from .timing import wall_clocks
 
-__all__ = ["describe_device", "measure_exit_latency"]
+__all__ = ["check_timing_arguments", "describe_device", "measure_exit_latency", "processor_name", "time_exits"]
 
 _MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def processor_name() -> str:
+    """This machine's processor, e.g. ``"AMD EPYC 7B13"`` (the machine type where it is not known)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def describe_device(device: torch.device) -> str:
@@ -32,11 +43,38 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        cpuinfo = Path("/proc/cpuinfo")
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")] if cpuinfo.is_file() else []
-        name = (names[0] if names else platform.processor() or platform.machine()) + f", {torch.get_num_threads()} threads"
+        name = f"{processor_name()}, {torch.get_num_threads()} threads"
     return f"{device.type}: {name}, torch {torch.__version__.split('+')[0]}"
+
+
+def time_exits(
+    predictor_for: Callable[[list[float]], Callable[[torch.Tensor], Any]],
+    backbone: Callable[[torch.Tensor], Any],
+    num_exits: int,
+    batches: list[torch.Tensor],
+    repeats: int,
+) -> tuple[list[float], float]:
+    """Milliseconds per image of leaving at each exit (cumulative) and of the plain ``backbone``.
+
+    ``predictor_for(thresholds)``: an early-exit predictor with those thresholds; exit i is timed as
+    the one whose thresholds send every sample there (confidence > 0 always holds, > 1 never), in turns
+    with the backbone (`wall_clocks`). Noise can time a deeper exit below a shallower one; such an
+    entry is raised to the one before it."""
+    k = num_exits
+    predictors = {f"exit {i + 1}": predictor_for([1.0] * i + [0.0] + [1.0] * (k - 2 - i)) for i in range(k - 1)}
+    predictors[f"exit {k}"] = predictor_for([1.0] * (k - 1))
+    seconds = wall_clocks({"backbone": backbone, **predictors}, batches, repeats)
+    n = sum(len(b) for b in batches)
+    measured = [1000 * seconds[name] / n for name in predictors]
+    return [float(v) for v in np.maximum.accumulate(measured)], 1000 * seconds["backbone"] / n
+
+
+def check_timing_arguments(batch_size: Any, images: Any, repeats: Any) -> None:
+    """A ``ValueError`` unless all three are positive ints."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1 or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"images and repeats must be positive ints; got {images!r}, {repeats!r}")
 
 
 def measure_exit_latency(
@@ -62,10 +100,7 @@ def measure_exit_latency(
     """
     if memory_format not in _MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {sorted(_MEMORY_FORMATS)}; got {memory_format!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
-    if isinstance(images, bool) or not isinstance(images, int) or images < 1 or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"images and repeats must be positive ints; got {images!r}, {repeats!r}")
+    check_timing_arguments(batch_size, images, repeats)
     if input_size is None:
         if not model.data_config:
             raise ValueError("input_size: the model has no data config; pass (channels, height, width)")
@@ -73,22 +108,18 @@ def measure_exit_latency(
     if len(input_size) != 3 or not all(isinstance(s, int) and s > 0 for s in input_size):
         raise ValueError(f"input_size must be (channels, height, width) of positive ints; got {input_size!r}")
     weight = next(model.parameters())
-    was_training, k = model.training, model.num_exits
+    was_training = model.training
     fallback = fallback or model.fallback
-    predictors = {f"exit {i + 1}": EarlyExitPredictor(model, [1.0] * i + [0.0] + [1.0] * (k - 2 - i), fallback)
-                  for i in range(k - 1)}  # confidence > 0 always, > 1 never: every sample leaves at exit i
-    predictors[f"exit {k}"] = EarlyExitPredictor(model, [1.0] * (k - 1), fallback)
     batches = [torch.randn(batch_size, *input_size, device=weight.device, dtype=weight.dtype)
                .contiguous(memory_format=_MEMORY_FORMATS[memory_format]) for _ in range(math.ceil(images / batch_size))]
     try:  # the predictors put the model in eval mode; the backbone is timed in it too
-        seconds = wall_clocks({"backbone": model.backbone, **predictors}, batches, repeats)
+        exits_ms, backbone_ms = time_exits(lambda thresholds: EarlyExitPredictor(model, thresholds, fallback),
+                                           model.backbone, model.num_exits, batches, repeats)
     finally:
         model.train(was_training)
-    n = len(batches) * batch_size
-    measured = [1000 * seconds[name] / n for name in predictors]
     return ExitLatency(
-        ms_per_image=[float(v) for v in np.maximum.accumulate(measured)],
-        backbone_ms_per_image=1000 * seconds["backbone"] / n,
+        ms_per_image=exits_ms,
+        backbone_ms_per_image=backbone_ms,
         batch_size=batch_size,
         input_size=list(input_size),
         dtype=str(weight.dtype).removeprefix("torch."),

@@ -4,6 +4,7 @@ with the same Algorithm 1 as `EarlyExitPredictor` (batch shrinking, fallback, re
 An exported folder::
 
     manifest.json          `OnnxManifest`: graphs, input size, exits' MACs, thresholds, fallback, classes
+                           and, where measured (`OnnxEarlyExitPredictor.measure_exit_latency`), latency
     section_0.onnx ...     section k: its input (the image for k = 0) → the hidden state after it
     exit_0.onnx ...        exit k's classifier: section k's output → logits (the last: the backbone's head)
 
@@ -14,8 +15,10 @@ Every graph has a dynamic batch dimension; the spatial size is the one exported.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,8 +32,10 @@ from torch import Tensor, nn
 from ..model.backbone import eval_mode, model_name
 from ..model.config import validate_fallback, validate_temperatures, validate_thresholds
 from ..model.multi_exit import MultiExitModel
-from ..report import JsonRecord
+from ..report import ExitLatency, JsonRecord
+from .latency import check_timing_arguments, processor_name, time_exits
 from .predictor import EarlyExitResult, check_images, run_early_exit
+from .threads import one_torch_thread
 
 __all__ = ["OnnxEarlyExitPredictor", "OnnxManifest", "export_onnx", "session_options", "use_global_thread_pool"]
 
@@ -58,9 +63,15 @@ class OnnxManifest(JsonRecord):
     class_names: list[str] | None = None
     data_config: dict[str, Any] | None = None
     temperatures: list[float] | None = None  # per-exit temperature scaling, where calibrated
-    exit_latency_ms: list[float] | None = None  # per-exit measured latency, where measured
+    exit_latency: list[ExitLatency] | None = None  # timed with ONNX Runtime, where measured
     opset: int | None = None
     stages: list[str] = field(default_factory=list)  # the backbone modules the exits follow
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OnnxManifest:
+        if isinstance(data, dict) and "exit_latency_ms" in data and data["exit_latency_ms"] is None:
+            data = {k: v for k, v in data.items() if k != "exit_latency_ms"}  # earlier exports: always null
+        return super().from_dict(data)
 
 
 class _Section(nn.Module):
@@ -159,13 +170,15 @@ def use_global_thread_pool(threads: int | None = None) -> None:
 
 def session_options(threads: int | None = None) -> Any:
     """ONNX Runtime options for graphs run one after another: the global pool where it is set up
-    (`use_global_thread_pool`), else each session's own pool, which does not spin between runs."""
+    (`use_global_thread_pool`), else each session's own pool, which spins between the ops of a run
+    and stops as soon as the run returns (``session.force_spinning_stop``), so that the idle pools of
+    the other graphs do not take cores from the one running (``benchmarks/RESULTS.md`` §12)."""
     _, ort = _onnx_modules()
     options = ort.SessionOptions()
     if _GLOBAL_POOL:
         options.use_per_session_threads = False
     else:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         if threads:
             options.intra_op_num_threads = threads
     return options
@@ -222,7 +235,7 @@ class OnnxEarlyExitPredictor:
     ``thresholds`` / ``fallback``: default the manifest's. ``providers``: ONNX Runtime execution
     providers (default CPU). ``session_options``: default `session_options()` (the graphs run one after
     another: they share onnxruntime's global thread pool where `use_global_thread_pool` set it up, and
-    otherwise their own pools do not spin between runs). A missing or damaged graph, or a manifest that
+    otherwise their own pools stop spinning when a run returns). A missing or damaged graph, or a manifest that
     does not match the graphs, is a ``ValueError`` here; images of the wrong shape or dtype are one at
     call time.
     """
@@ -263,6 +276,9 @@ class OnnxEarlyExitPredictor:
             self.temperatures = None if m.temperatures is None else validate_temperatures(m.temperatures, k)
         except ValueError as exc:
             raise ValueError(f"{folder / MANIFEST}: {exc}") from None
+        self.exit_latency = list(m.exit_latency or [])
+        if any(len(latency.ms_per_image) != k for latency in self.exit_latency):
+            raise ValueError(f"{folder / MANIFEST}: exit_latency must hold {k} values per measurement, one per exit")
         self.sections = [self._session(folder / f, ort, providers, session_options) for f in m.sections]
         self.exits = [self._session(folder / f, ort, providers, session_options) for f in m.exits]
         self._macs = torch.tensor(m.exit_macs, dtype=torch.int64)
@@ -285,16 +301,20 @@ class OnnxEarlyExitPredictor:
         return torch.from_numpy(session.run(None, {"input": np.ascontiguousarray(h.numpy())})[0])
 
     def __call__(self, images: Tensor | np.ndarray) -> EarlyExitResult:
-        """Answer a batch ``(B, C, H, W)`` of float32 images of the exported size (numpy or torch, CPU)."""
+        """Answer a batch ``(B, C, H, W)`` of float32 images of the exported size (numpy or torch, CPU).
+        torch runs on one thread during the call (`one_torch_thread`): its ops here are small, and its
+        idle workers would otherwise spin on the cores ONNX Runtime needs."""
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
-        check_images(images)
-        expected = tuple(self.manifest.input_size)
-        if tuple(images.shape[1:]) != expected or images.dtype != torch.float32:
-            raise ValueError(f"images must be float32 (batch, {', '.join(map(str, expected))}) as exported; got "
-                             f"{images.dtype} {tuple(images.shape)}")
-        return run_early_exit(images.cpu(), len(self.exits), lambda k, h: self._run(self.sections[k], h),
-                              self._exit_logits, self.thresholds, self.fallback, self._macs, self.manifest.num_classes)
+        with one_torch_thread():
+            check_images(images)
+            expected = tuple(self.manifest.input_size)
+            if tuple(images.shape[1:]) != expected or images.dtype != torch.float32:
+                raise ValueError(f"images must be float32 (batch, {', '.join(map(str, expected))}) as exported; got "
+                                 f"{images.dtype} {tuple(images.shape)}")
+            return run_early_exit(images.cpu(), len(self.exits), lambda k, h: self._run(self.sections[k], h),
+                                  self._exit_logits, self.thresholds, self.fallback, self._macs,
+                                  self.manifest.num_classes)
 
     def _exit_logits(self, k: int, h: Tensor) -> Tensor:
         logits = self._run(self.exits[k], h)
@@ -303,3 +323,32 @@ class OnnxEarlyExitPredictor:
     @property
     def exit_macs(self) -> list[int]:
         return list(self.manifest.exit_macs)
+
+    def measure_exit_latency(self, batch_size: int = 1, *, images: int = 64, repeats: int = 5) -> ExitLatency:
+        """Milliseconds per image of leaving at each exit with these ONNX Runtime sessions, at
+        ``batch_size``, as `timm_scan.measure_exit_latency` times a torch model (`time_exits`: this
+        predictor with thresholds that send every sample to exit i, in turns with the backbone; ``images``
+        random images per pass, the median of ``repeats`` passes). The backbone here is the exported
+        one: every section graph and the deepest exit's graph, one after another. Store the result in
+        the manifest's ``exit_latency`` (``timm-scan export --latency-batch-sizes`` does) to keep it
+        with the graphs."""
+        check_timing_arguments(batch_size, images, repeats)
+        size = tuple(self.manifest.input_size)
+        batches = [torch.randn(batch_size, *size) for _ in range(math.ceil(images / batch_size))]
+
+        def predictor_for(thresholds: list[float]) -> OnnxEarlyExitPredictor:
+            forced = copy.copy(self)  # the same sessions
+            forced.thresholds = thresholds
+            return forced
+
+        def backbone(images: Tensor) -> Tensor:
+            h = images
+            for session in self.sections:
+                h = self._run(session, h)
+            return self._run(self.exits[-1], h)
+
+        exits_ms, backbone_ms = time_exits(predictor_for, backbone, len(self.exits), batches, repeats)
+        _, ort = _onnx_modules()
+        providers = "/".join(self.sections[0].get_providers())
+        return ExitLatency(exits_ms, backbone_ms, batch_size, list(size), "float32", "contiguous",
+                           f"{providers}: {processor_name()}, onnxruntime {ort.__version__}")

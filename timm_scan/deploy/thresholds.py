@@ -21,8 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +30,7 @@ from torch import Tensor
 
 from ..report import ExitLatency, JsonRecord
 from .policy import exit_index, fallback_probs
+from .threads import one_torch_thread
 
 __all__ = ["DEFAULT_MIN_THRESHOLD", "PAPER_MIN_THRESHOLD", "ExitTable", "Objective", "SearchResult", "exhaustive_search", "genetic_search",
            "search_thresholds", "sweep_beta"]
@@ -292,18 +292,6 @@ def search_thresholds(
     return genetic_search(table, objective, **ga_options)
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """torch on one thread: the search's ops are small, and on a busy CPU extra threads only wait on each
-    other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def genetic_search(
     table: ExitTable,
     objective: Objective,
@@ -334,7 +322,7 @@ def genetic_search(
     n_genes = table.num_exits - 1
     if n_genes == 0:
         return _result(table, np.zeros(0), objective)
-    with _one_thread():
+    with one_torch_thread():
         return _evolve(table, objective, n_genes, min_threshold, bits, population, generations, crossover, mutation,
                        np.random.default_rng(seed))
 
