@@ -24,44 +24,82 @@ the same way), the transforms, the timm model, the seed, the optimiser, schedule
   every sample that reaches it; a disabled one never runs). Its own FLOPs fractions (fvcore) are
   only the knob of its budget calibration, never reported.
 - **Accuracy against MACs on test, thresholds from val only**. Ours: ``sweep_beta`` (SCAN's genetic
-  search, ensemble fallback) on val outputs, each β's thresholds replayed on test outputs. earlyon:
-  ``calibrate_thresholds_for_budget`` at each of ``--earlyon-budgets`` and ``calibrate_thresholds``
-  at each of ``--earlyon-drops`` on val (its greedy grid search, confidence policy, no temperature
-  fit), each policy replayed on cached test logits with its ``simulate_policy``. "Accuracy at equal
-  MACs": for each budget (a fraction of the plain backbone's MACs), each method's best test accuracy
-  among its early-exit points whose mean test MACs are within the budget and its deepest exit run
-  alone (the backbone's own classifier, at the backbone's MACs); a pick among points on test, the
-  same for both; "-" where none fits.
-- **Latency** (ms/image, ``timm_scan.deploy.wall_clocks``: the three timed in turns, pass by pass) on the first
-  test images at batch 1 and batch 256, at one operating point per method chosen on val: the
-  lowest-MACs point whose val accuracy is within ``--tolerance`` points of that method's own deepest
-  exit (else its most accurate point). earlyon: ``model(x, mode="inference")`` per image (batch 1;
-  later stages really skipped) and ``forward_inference_batched`` (batch 256: the whole batch leaves at
-  the first exit where every sample is confident). Ours: ``EarlyExitPredictor`` (per sample at any
-  batch). And the plain timm backbone with our trained weights, for reference. Accuracy and mean MACs
-  of each timed setting come from its own outputs on the timed images.
+  search, ensemble fallback) on val outputs with MACs as the cost, each β's thresholds replayed on
+  test outputs. earlyon: ``calibrate_thresholds_for_budget`` at each of ``--earlyon-budgets`` and
+  ``calibrate_thresholds`` at each of ``--earlyon-drops`` on val (its greedy grid search, confidence
+  policy, no temperature fit), each policy replayed on cached test logits with its
+  ``simulate_policy``. "Accuracy at equal MACs": for each budget (a fraction of the plain
+  backbone's MACs), each method's best test accuracy among its early-exit points whose mean test MACs
+  are within the budget and its deepest exit run alone (the backbone's own classifier, at the
+  backbone's MACs); a pick among points on test, the same for both; "-" where none fits.
+- **Accuracy against measured latency: one curve per method at batch 1 and at batch 256.** The
+  three models (our wrapped model, earlyon's, the plain timm backbone with our trained weights) and
+  the timed images are put in ``--memory-format`` (default ``channels_last``, what the README
+  recommends on CPU). At each batch size b:
+
+  1. *Our points, thresholds searched against measured latency.* ``measure_exit_latency(ours,
+     batch_size=b)`` times what leaving at each exit costs (ms per image, the predictor as it runs,
+     in turns with the plain backbone; random images, as many as are timed below, ``--repeats``
+     passes; at a smaller batch where fewer than b images are timed, as in smoke tests). With that ``ExitLatency`` as the cost, on val outputs: ``sweep_beta`` at each of
+     ``--betas`` and ``search_thresholds(max_accuracy_drop=d)`` at each of ``--drops`` (points below
+     the deepest exit's val accuracy; a drop no thresholds meet on val is skipped and recorded).
+     Each threshold vector is one point; identical vectors are merged (their settings joined).
+  2. *earlyon's points*: its calibrated policies from above (budgets and drops), identical policies
+     (same enabled exits, same thresholds on them) merged.
+  3. *Timing* (``timm_scan.deploy.wall_clocks``: every setting timed once per pass, in turns, the
+     median of ``--repeats`` passes, after a warm-up batch each) on the first test images
+     (``--latency-images-b1`` at batch 1, ``--latency-images`` at batch 256): the plain backbone,
+     every one of our points (``EarlyExitPredictor`` with its thresholds: per sample at any batch)
+     and every earlyon point (batch 1: ``model(x, mode="inference")`` per image, later stages
+     really skipped; batch 256: ``forward_inference_batched``, where the whole batch leaves at the
+     first exit at which every sample is confident). Speed-up: the backbone's time over the setting's.
+     After the timing each setting runs once more over the same images for its answers.
+  4. *Accuracy of each point.* Batch 1: both methods decide per sample, so the accuracy is the one
+     on the whole test split from the cached outputs: our thresholds replayed (``ExitTable``), earlyon's
+     ``simulate_policy``, the backbone's own accuracy (our deepest exit's); mean MACs likewise. The
+     timed run's answers (exit and label of each timed image) are compared with the same replay on
+     those images (ours: ``simulate_early_exit``; earlyon: ``simulate_policy`` one image at a time;
+     the backbone: our cached deepest exit) and the share that agrees is recorded
+     (``agreement_with_simulation``; a warning is printed below 1, which float rounding in another
+     memory format can cause near a threshold). Batch 256: earlyon's batched mode is not its
+     per-sample policy, so every method's accuracy and mean MACs there are those of the timed run
+     itself, on exactly the timed images (the same images for all).
+  5. *Verdict.* Our curve lies above earlyon's when, for every earlyon point, our best accuracy
+     among our points whose measured ms/image is at most that point's is at least its accuracy (our
+     points slower than the plain backbone count too; the backbone itself does not, but a second
+     flag says what counting it as our point would give). The margin per earlyon point is that
+     best accuracy minus its accuracy ("none" when no point of ours is as fast); the reverse check
+     (earlyon above ours) is reported alike.
 
 Everything runs on CPU. The real run, then the smoke-test budget (overrides are for that only)::
 
     python benchmarks/peer_earlyon.py --ours runs/bench/resnet18-sd --out benchmarks/results/peer_earlyon.json
     python benchmarks/peer_earlyon.py --ours RUN --out X.json --epochs 1 --max-train-samples 96 \\
         --val-size 24 --max-test-samples 32 --num-workers 0 --latency-images 32 --latency-images-b1 4
+
+The JSON holds the recipe, per-exit MACs and accuracy (``methods``), the MACs trade-off points
+(``rows``), ``equal_macs``, and ``latency_curves`` (per batch size: the ``ExitLatency`` our search
+used, the timed points of each method, skipped searches and the verdict); ``<out>.png`` plots
+accuracy against MACs and ``<out>_latency.png`` accuracy against measured ms per image.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
+import math
 import platform
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import timm
@@ -84,8 +122,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import timm_scan
-from timm_scan import MultiExitModel
-from timm_scan.deploy import ExitTable, ensemble_probs, wall_clocks
+from timm_scan import ExitLatency, MultiExitModel
+from timm_scan.deploy import ExitTable, ensemble_probs, simulate_early_exit, wall_clocks
 from timm_scan.model import count_macs
 from timm_scan.training import (
     ImageSplits,
@@ -240,11 +278,28 @@ def earlyon_exit_macs(costs: tuple[list[int], list[int]], enabled: list[bool]) -
 
 
 # --------------------------------------------------------------------------------- trade-off points
-def ours_side(run: Path, model: MultiExitModel, cfg: TrainConfig, splits: ImageSplits, size: tuple[int, int, int],
+@dataclass
+class Outputs:
+    """Our model's softmax of every exit (deepest last) and the labels, on val and on test."""
+
+    val_probs: list[Tensor]
+    val_labels: Tensor
+    test_probs: list[Tensor]
+    test_labels: Tensor
+
+
+def ours_outputs(run: Path, model: MultiExitModel, splits: ImageSplits) -> Outputs:
+    """Cached once per run (``cached_outputs``)."""
+    val = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
+    test = cached_outputs(run, "test", model, eval_dataset(splits, "test", model.data_config))
+    return Outputs(*val, *test)
+
+
+def ours_side(run: Path, model: MultiExitModel, cfg: TrainConfig, outputs: Outputs, size: tuple[int, int, int],
               betas: list[float]) -> Side:
-    """Our exits on test and one point per β (thresholds by SCAN's genetic search on val)."""
-    val_probs, val_labels = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
-    test_probs, test_labels = cached_outputs(run, "test", model, eval_dataset(splits, "test", model.data_config))
+    """Our exits on test and one point per β (thresholds by SCAN's genetic search on val, MACs as the cost)."""
+    val_probs, val_labels, test_probs, test_labels = outputs.val_probs, outputs.val_labels, outputs.test_probs, \
+        outputs.test_labels
     exit_macs, backbone_macs = model.exit_macs(size), model.backbone_macs(size)
     test_table = ExitTable.from_outputs(test_probs, test_labels, exit_macs, backbone_macs)
     points = []
@@ -269,10 +324,12 @@ def shares_of(distribution: dict[str, float], n_exits: int) -> list[float]:
     return [distribution.get(exit_label(i), 0.0) for i in range(n_exits)] + [distribution.get(exit_label(-1), 0.0)]
 
 
-def earlyon_side(model: EarlyExitWrapper, val: DataLoader, test: DataLoader, costs: tuple[list[int], list[int]],
-                 budgets: list[float], drops: list[float], meta: dict[str, Any]) -> Side:
-    """earlyon's heads on test and one point per calibration (its own calibrators on val)."""
-    val_cache, test_cache = collect_head_logits(model, val, "cpu"), collect_head_logits(model, test, "cpu")
+def earlyon_side(model: EarlyExitWrapper, val: DataLoader, caches: tuple[HeadLogits, HeadLogits],
+                 costs: tuple[list[int], list[int]], budgets: list[float], drops: list[float],
+                 meta: dict[str, Any]) -> Side:
+    """earlyon's heads on test and one point per calibration (its own calibrators on ``val``; ``caches``:
+    its head logits on val and on test)."""
+    val_cache, test_cache = caches
     n = len(model.config.exit_points)
     calibrations = [(f"budget={b:g}", lambda b=b: calibrate_thresholds_for_budget(model, val, target_computation=b))
                     for b in budgets]
@@ -297,12 +354,6 @@ def earlyon_side(model: EarlyExitWrapper, val: DataLoader, test: DataLoader, cos
                  "val_accuracy_per_epoch": meta["val_accuracy_per_epoch"]})
 
 
-def operating_point(side: Side, tolerance: float) -> Point:
-    """The lowest-MACs point on val whose val accuracy is within ``tolerance`` points of the deepest exit's."""
-    close = [p for p in side.points if p.val_accuracy >= side.val_deepest_accuracy - tolerance / 100]
-    return min(close, key=lambda p: p.val_macs) if close else max(side.points, key=lambda p: p.val_accuracy)
-
-
 def equal_macs(sides: list[Side], fractions: list[float], backbone_macs: int) -> list[dict[str, Any]]:
     """Per MACs budget: each method's best test accuracy among its points within the budget and its
     deepest exit run alone (the backbone, at the backbone's MACs); None if none fits."""
@@ -319,59 +370,189 @@ def equal_macs(sides: list[Side], fractions: list[float], backbone_macs: int) ->
 
 
 # ---------------------------------------------------------------------------------------- latency
-Decode = Callable[[Any, Tensor], tuple[Tensor, Tensor]]
+BACKBONE = "plain timm backbone (our weights)"
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+BATCH_SIZES = (1, 256)
+Answers = tuple[Tensor, Tensor, Tensor]  # per image: predicted label, exit (0-based, the last: the end), MACs
 
 
-def answers_row(name: str, setting: str, fn: Callable[[Tensor], Any], decode: Decode, batch_size: int,
-                batches: list[Tensor], labels: Tensor, seconds: float, backbone_s: float) -> dict[str, Any]:
-    """One timed setting: ``seconds`` for all ``batches``, then ``fn`` run once more for its answers
-    (``decode(output, batch)`` gives predicted labels and MACs per sample)."""
-    with torch.no_grad():
-        decoded = [decode(fn(b), b) for b in batches]
-    preds, macs = torch.cat([d[0] for d in decoded]), torch.cat([d[1] for d in decoded]).double()
-    return {"method": name, "setting": setting, "batch_size": batch_size, "images": len(labels),
-            "ms_per_image": 1000 * seconds / len(labels), "speedup_vs_backbone": backbone_s / seconds,
-            "accuracy": (preds == labels).double().mean().item(), "mean_macs": macs.mean().item()}
+@dataclass
+class CurvePoint:
+    """One setting timed at one batch size (fractions: accuracy, MACs over the plain backbone's).
+
+    ``accuracy`` and ``mean_macs_fraction`` place the point on its curve: at batch 1 they are the
+    per-sample policy's on the whole test split (``simulated_*``), at batch 256 the timed run's on the
+    timed images (``timed_*``). ``agreement_with_simulation``: the share of timed images whose exit and
+    label in the timed run are the replay's (None where the timed mode is not the per-sample policy)."""
+
+    method: str
+    setting: str  # the searches or calibrations that gave this policy, joined where they agree
+    thresholds: list[float] | None = None
+    enabled_exits: list[bool] | None = None  # earlyon only
+    ms_per_image: float = math.nan
+    speedup_vs_backbone: float = math.nan
+    accuracy: float = math.nan
+    mean_macs_fraction: float = math.nan
+    simulated_accuracy: float | None = None
+    simulated_macs_fraction: float | None = None
+    timed_accuracy: float | None = None
+    timed_macs_fraction: float | None = None
+    agreement_with_simulation: float | None = None
+    val_accuracy: float | None = None  # the policy's on val, where it was chosen
+    predicted_ms_per_image: float | None = None  # ours: what the ExitLatency predicts on the test split
 
 
-def latency_rows(plain: torch.nn.Module, ours: MultiExitModel, ours_point: Point, peer: EarlyExitWrapper,
-                 peer_point: Point, costs: tuple[list[int], list[int]], images: Tensor, labels: Tensor,
-                 batch_sizes: list[tuple[int, int]], repeats: int) -> list[dict[str, Any]]:
-    """Backbone, ours and earlyon at their operating points, at each (batch size, number of images)."""
-    peer.config.confidence_thresholds = list(peer_point.thresholds)
-    peer.config.enabled_exits = list(peer_point.enabled_exits)
-    peer.config.validate()
-    peer_macs = torch.tensor(earlyon_exit_macs(costs, peer_point.enabled_exits))
-    predictor = timm_scan.EarlyExitPredictor(ours, ours_point.thresholds)
-    backbone_macs = float(count_macs(plain, images[:1]))
+def ours_latency_points(outputs: Outputs, latency: ExitLatency, betas: list[float], drops: list[float], seed: int,
+                        exit_macs: list[int], backbone_macs: int) -> tuple[list[CurvePoint], list[dict[str, str]]]:
+    """Our thresholds searched on val with the measured ``latency`` as the cost (the β sweep, then the
+    cheapest thresholds within each accuracy drop), replayed on test; identical vectors merged. Also
+    the drops no thresholds meet on val, with the search's reason."""
+    probs, labels = outputs.val_probs, outputs.val_labels
+    searches = [(f"β={r.beta:g}", r) for r in timm_scan.sweep_beta(probs, labels, latency, betas=betas, seed=seed)]
+    skipped = []
+    for drop in drops:
+        setting = f"max-drop={drop:g}pt"
+        try:
+            searches.append((setting, timm_scan.search_thresholds(probs, labels, latency, max_accuracy_drop=drop,
+                                                                  seed=seed)))
+        except ValueError as e:
+            skipped.append({"setting": setting, "reason": str(e)})
+    on_macs = ExitTable.from_outputs(outputs.test_probs, outputs.test_labels, exit_macs, backbone_macs)
+    on_ms = ExitTable.from_outputs(outputs.test_probs, outputs.test_labels, latency)
+    merged: dict[tuple[float, ...], CurvePoint] = {}
+    for setting, result in searches:
+        key = tuple(result.thresholds)
+        if key in merged:
+            merged[key].setting += f", {setting}"
+            continue
+        test_accuracy, test_acceleration = on_macs.evaluate([result.thresholds])
+        _, ms_acceleration = on_ms.evaluate([result.thresholds])
+        merged[key] = CurvePoint(
+            OURS, setting, list(result.thresholds), simulated_accuracy=float(test_accuracy[0]) / 100,
+            simulated_macs_fraction=1 / float(test_acceleration[0]), val_accuracy=result.accuracy / 100,
+            predicted_ms_per_image=latency.backbone_ms_per_image / float(ms_acceleration[0]))
+    return list(merged.values()), skipped
 
-    def plain_answers(logits: Tensor, batch: Tensor) -> tuple[Tensor, Tensor]:
-        return logits.argmax(-1), torch.full((len(batch),), backbone_macs)
 
-    def ours_answers(result: timm_scan.EarlyExitResult, batch: Tensor) -> tuple[Tensor, Tensor]:
-        return result.labels, result.macs
+def earlyon_policies(points: list[Point], backbone_macs: int) -> list[CurvePoint]:
+    """earlyon's calibrated policies, identical ones (same enabled exits, same thresholds on them) merged."""
+    merged: dict[tuple[float | None, ...], CurvePoint] = {}
+    for p in points:
+        key = tuple(t if on else None for t, on in zip(p.thresholds, p.enabled_exits))
+        if key in merged:
+            merged[key].setting += f", {p.setting}"
+            continue
+        merged[key] = CurvePoint(PEER, p.setting, list(p.thresholds), list(p.enabled_exits),
+                                 simulated_accuracy=p.test_accuracy, simulated_macs_fraction=p.test_macs / backbone_macs,
+                                 val_accuracy=p.val_accuracy)
+    return list(merged.values())
 
-    def peer_answers(result: InferenceResult | BatchedInferenceResult, batch: Tensor) -> tuple[Tensor, Tensor]:
-        """One exit per call: the image's at batch 1, the whole batch's in batched mode (-1: final)."""
-        logits = result.predictions if isinstance(result, BatchedInferenceResult) else result.prediction
-        return logits.argmax(-1), peer_macs[result.exit_taken].expand(len(batch))
 
-    def peer_single(batch: Tensor) -> InferenceResult:
-        return peer(batch, mode="inference")
+def earlyon_replay(cache: HeadLogits, model: EarlyExitWrapper, n: int) -> tuple[Tensor, Tensor]:
+    """earlyon's ``simulate_policy`` under the model's current config on the first ``n`` cached samples,
+    one at a time (it reports aggregates only): each one's predicted label and exit (the final: the
+    number of exits)."""
+    k = len(model.config.exit_points)
+    index = {exit_label(i): i for i in range(k)} | {exit_label(-1): k}
+    exits = []
+    for i in range(n):
+        one = dataclasses.replace(cache, logits=[z[i:i + 1] for z in cache.logits], targets=cache.targets[i:i + 1])
+        (taken,) = simulate_policy(one, model).exit_distribution
+        exits.append(index[taken])
+    exit_index = torch.tensor(exits, dtype=torch.int64)
+    return torch.stack([z[:n].argmax(-1) for z in cache.logits])[exit_index, torch.arange(n)], exit_index
 
-    rows = []
-    for batch_size, n in batch_sizes:
-        batches, y = list(images[:n].split(batch_size)), labels[:n]
-        settings = {  # name → (setting, function, decode)
-            "plain timm backbone (our weights)": ("-", plain, plain_answers),
-            OURS: (ours_point.setting, predictor, ours_answers),
-            PEER: (peer_point.setting, peer.forward_inference_batched if batch_size > 1 else peer_single, peer_answers),
-        }
-        seconds = wall_clocks({name: fn for name, (_, fn, _) in settings.items()}, batches, repeats)
-        base_s = seconds["plain timm backbone (our weights)"]
-        rows += [answers_row(name, setting, fn, decode, batch_size, batches, y, seconds[name], base_s)
-                 for name, (setting, fn, decode) in settings.items()]
-    return rows
+
+def latency_curve(batch_size: int, images: Tensor, labels: Tensor, plain: torch.nn.Module, ours: MultiExitModel,
+                  ours_points: list[CurvePoint], peer: EarlyExitWrapper, peer_points: list[CurvePoint],
+                  costs: tuple[list[int], list[int]], outputs: Outputs, peer_test: HeadLogits, backbone_macs: int,
+                  repeats: int) -> dict[str, list[CurvePoint]]:
+    """Times the backbone and every point of both methods in turns on ``images`` (the first test images)
+    at ``batch_size``, then fills each point's time, speed-up, timed answers and curve position."""
+    n, k, per_sample = len(labels), ours.num_exits, batch_size == 1
+    if not (torch.equal(outputs.test_labels[:n], labels) and torch.equal(peer_test.targets[:n], labels)):
+        raise RuntimeError("the timed images are not the first images of the cached test outputs")
+    backbone = CurvePoint(BACKBONE, "-", simulated_accuracy=accuracy(outputs.test_probs[-1], outputs.test_labels),
+                          simulated_macs_fraction=1.0)
+    settings: dict[str, tuple[CurvePoint, Callable[[Tensor], Any], Callable[[Any, Tensor], Answers],
+                              tuple[Tensor, Tensor] | None]] = {}
+
+    def plain_answers(logits: Tensor, batch: Tensor) -> Answers:
+        return logits.argmax(-1), torch.full((len(batch),), k - 1), torch.full((len(batch),), float(backbone_macs))
+
+    settings[BACKBONE] = (backbone, plain, plain_answers,
+                          (outputs.test_probs[-1][:n].argmax(-1), torch.full((n,), k - 1)))
+
+    def ours_answers(result: timm_scan.EarlyExitResult, batch: Tensor) -> Answers:
+        return result.labels, result.exit_index, result.macs.double()
+
+    for p in ours_points:
+        index, _, probs = simulate_early_exit([q[:n] for q in outputs.test_probs], p.thresholds, "ensemble")
+        settings[f"{OURS}: {p.setting}"] = (p, timm_scan.EarlyExitPredictor(ours, p.thresholds, "ensemble"),
+                                            ours_answers, (probs.argmax(-1), index))
+
+    configured, n_exits = peer.config, len(peer.config.exit_points)
+    for p in peer_points:
+        policy = copy.copy(configured)
+        policy.confidence_thresholds, policy.enabled_exits = list(p.thresholds), list(p.enabled_exits)
+        policy.validate()
+        peer.config = policy
+        replay = earlyon_replay(peer_test, peer, n) if per_sample else None
+        macs = torch.tensor(earlyon_exit_macs(costs, p.enabled_exits), dtype=torch.float64)
+
+        def run(batch: Tensor, policy=policy) -> InferenceResult | BatchedInferenceResult:
+            peer.config = policy  # one attribute set per call: the policy this setting times
+            return peer(batch, mode="inference") if per_sample else peer.forward_inference_batched(batch)
+
+        def peer_answers(result: InferenceResult | BatchedInferenceResult, batch: Tensor, macs=macs) -> Answers:
+            """One exit per call: the image's at batch 1, the whole batch's in batched mode (-1: final)."""
+            logits = result.predictions if isinstance(result, BatchedInferenceResult) else result.prediction
+            taken = n_exits if result.exit_taken == -1 else result.exit_taken
+            return logits.argmax(-1), torch.full((len(batch),), taken), macs[taken].expand(len(batch))
+
+        settings[f"{PEER}: {p.setting}"] = (p, run, peer_answers, replay)
+
+    batches = list(images.split(batch_size))
+    seconds = wall_clocks({name: fn for name, (_, fn, _, _) in settings.items()}, batches, repeats)
+    for name, (point, fn, decode, replay) in settings.items():
+        with torch.no_grad():
+            answers = [decode(fn(b), b) for b in batches]
+        preds, exits, macs = (torch.cat([a[i] for a in answers]) for i in range(3))
+        point.ms_per_image = 1000 * seconds[name] / n
+        point.speedup_vs_backbone = seconds[BACKBONE] / seconds[name]
+        point.timed_accuracy = (preds == labels).double().mean().item()
+        point.timed_macs_fraction = macs.double().mean().item() / backbone_macs
+        if replay is not None:
+            point.agreement_with_simulation = ((preds == replay[0]) & (exits == replay[1])).double().mean().item()
+        point.accuracy, point.mean_macs_fraction = ((point.simulated_accuracy, point.simulated_macs_fraction)
+                                                    if per_sample else (point.timed_accuracy, point.timed_macs_fraction))
+    peer.config = configured
+    return {BACKBONE: [backbone], OURS: ours_points, PEER: peer_points}
+
+
+def verdict(curve: dict[str, list[CurvePoint]]) -> dict[str, Any]:
+    """Whether our curve lies above earlyon's (for every earlyon point, our best accuracy among our points
+    at most as slow is at least its accuracy), the reverse, and the margin per point."""
+
+    def margins(mine: list[CurvePoint], theirs: list[CurvePoint]) -> list[dict[str, Any]]:
+        rows = []
+        for p in theirs:
+            fast = [q for q in mine if q.ms_per_image <= p.ms_per_image]
+            best = max(fast, key=lambda q: q.accuracy) if fast else None
+            rows.append({"method": p.method, "setting": p.setting, "ms_per_image": p.ms_per_image,
+                         "accuracy": p.accuracy, "best_as_fast": None if best is None else f"{best.method}: {best.setting}",
+                         "best_as_fast_accuracy": None if best is None else best.accuracy,
+                         "margin": None if best is None else best.accuracy - p.accuracy})
+        return rows
+
+    def above(rows: list[dict[str, Any]]) -> bool:  # accuracies are counts over the same images: 1e-9 is rounding
+        return all(r["margin"] is not None and r["margin"] >= -1e-9 for r in rows)
+
+    ours, peer = curve[OURS], curve[PEER]
+    forward, reverse = margins(ours, peer), margins(peer, ours)
+    return {"ours_above_earlyon": above(forward),
+            "ours_above_earlyon_counting_backbone": above(margins(ours + curve[BACKBONE], peer)),
+            "earlyon_above_ours": above(reverse), "margins": forward, "reverse_margins": reverse}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -379,7 +560,8 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def report(sides: list[Side], budgets: list[dict[str, Any]], latency: list[dict[str, Any]], backbone_macs: int) -> str:
+def report(sides: list[Side], budgets: list[dict[str, Any]], curves: dict[str, dict[str, Any]],
+           backbone_macs: int) -> str:
     """The markdown tables."""
     lines = ["training: " + ", ".join(f"{side.name} {side.extra['training_seconds'] / 60:.1f} min" for side in sides)
              + " (with a val pass per epoch)", ""]
@@ -392,8 +574,8 @@ def report(sides: list[Side], budgets: list[dict[str, Any]], latency: list[dict[
             macs = side.exit_macs[-1]
             lines.append(f"| {side.name} | ensemble | {macs / 1e6:.2f} | {macs / backbone_macs:.1%} | "
                          f"{pct(side.extra['test_ensemble_accuracy'])} |")
-    lines += ["", "| method | thresholds from val | val accuracy | val MACs | test accuracy | test MACs "
-                  "| test share per exit |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines += ["", ("| method | thresholds from val (MACs cost) | val accuracy | val MACs | test accuracy | test MACs "
+                   "| test share per exit |"), "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for side in sides:
         for p in side.points:
             shares = " ".join(f"{s:.0%}" for s in p.test_exit_shares)
@@ -404,31 +586,48 @@ def report(sides: list[Side], budgets: list[dict[str, Any]], latency: list[dict[
               "| ---: |" + " ---: |" * len(names)]
     for row in budgets:
         lines.append(f"| {row['budget_fraction']:.0%} | " + " | ".join(pct(row[n]) for n in names) + " |")
-    lines += ["", "| method | operating point | batch | ms/image | speed-up | accuracy (timed images) | mean MACs |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in latency:
-        lines.append(f"| {r['method']} | {r['setting']} | {r['batch_size']} | {r['ms_per_image']:.3f} | "
-                     f"{r['speedup_vs_backbone']:.2f}x | {pct(r['accuracy'])} | {r['mean_macs'] / backbone_macs:.1%} |")
+    for curve in curves.values():
+        exit_ms = ", ".join(f"{v:.3f}" for v in curve["exit_latency"]["ms_per_image"])
+        lines += ["", (f"batch {curve['batch_size']}, {curve['images_timed']} test images timed, "
+                       f"{curve['memory_format']}; accuracy: {curve['accuracy_on']}. Our measured ms/image per exit "
+                       f"(the search's cost): {exit_ms}; backbone {curve['exit_latency']['backbone_ms_per_image']:.3f}"),
+                  "", ("| method | setting | ms/image | speed-up | accuracy | mean MACs | timed images: accuracy "
+                       "| agrees with replay |"), "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, points in curve["methods"].items():
+            for p in sorted(points, key=lambda p: p["ms_per_image"]):
+                agree = "-" if p["agreement_with_simulation"] is None else f"{p['agreement_with_simulation']:.1%}"
+                lines.append(f"| {name} | {p['setting']} | {p['ms_per_image']:.3f} | {p['speedup_vs_backbone']:.2f}x | "
+                             f"{pct(p['accuracy'])} | {p['mean_macs_fraction']:.1%} | {pct(p['timed_accuracy'])} "
+                             f"| {agree} |")
+        for s in curve["skipped"]:
+            lines.append(f"\n{OURS} {s['setting']}: skipped ({s['reason']})")
+        v = curve["verdict"]
+        yes = {True: "yes", False: "no"}
+        lines += ["", (f"batch {curve['batch_size']}: {OURS} curve above {PEER}'s: "
+                       f"**{yes[v['ours_above_earlyon']]}** (counting the plain backbone as ours: "
+                       f"{yes[v['ours_above_earlyon_counting_backbone']]}); {PEER}'s above ours: "
+                       f"{yes[v['earlyon_above_ours']]}")]
+        for m in v["margins"]:
+            margin = "none as fast" if m["margin"] is None else f"{100 * m['margin']:+.2f} points ({m['best_as_fast']})"
+            lines.append(f"- {PEER} {m['setting']} ({m['ms_per_image']:.3f} ms, {pct(m['accuracy'])}): {margin}")
     return "\n".join(lines)
 
 
-def plot(sides: list[Side], chosen: list[Point], backbone_macs: int, path: Path) -> None:
-    """Test accuracy against MACs: each method's points, its deepest exit run alone (the backbone's own
-    classifier, at the backbone's MACs) and its latency operating point."""
+def plot(sides: list[Side], backbone_macs: int, path: Path) -> None:
+    """Test accuracy against MACs: each method's points and its deepest exit run alone (the backbone's
+    own classifier, at the backbone's MACs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for side, point, colour in zip(sides, chosen, ("tab:blue", "tab:orange")):
+    for side, colour in zip(sides, ("tab:blue", "tab:orange")):
         pts = sorted(side.points, key=lambda p: p.test_macs)
         ax.plot([p.test_macs / backbone_macs for p in pts], [100 * p.test_accuracy for p in pts], "o-", color=colour,
                 label=f"{side.name}: thresholds from val")
         ax.plot([1.0], [100 * side.test_exit_accuracy[-1]], "*", ms=13, color=colour,
                 label=f"{side.name}: deepest exit alone (the backbone)")
-        ax.plot([point.test_macs / backbone_macs], [100 * point.test_accuracy], "s", ms=9, mfc="none", color=colour,
-                label=f"{side.name}: timed point ({point.setting})")
     ax.axvline(1.0, color="grey", ls="--", lw=1)
     ax.set_xlabel("mean MACs per test image, relative to the plain backbone")
     ax.set_ylabel("test accuracy (%)")
@@ -440,12 +639,45 @@ def plot(sides: list[Side], chosen: list[Point], backbone_macs: int, path: Path)
     plt.close(fig)
 
 
+def plot_latency(curves: dict[str, dict[str, Any]], path: Path) -> None:
+    """Accuracy against measured ms per image, one panel per batch size: each method's points, the best
+    accuracy at most as slow (a step line), and the plain backbone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.4), squeeze=False)
+    for ax, curve in zip(axes[0], curves.values()):
+        slowest = max(p["ms_per_image"] for points in curve["methods"].values() for p in points)
+        for name, colour, marker in ((OURS, "tab:blue", "o"), (PEER, "tab:orange", "s")):
+            pts = sorted(curve["methods"][name], key=lambda p: p["ms_per_image"])
+            xs, ys = [p["ms_per_image"] for p in pts], [100 * p["accuracy"] for p in pts]
+            ax.plot(xs, ys, marker, color=colour, alpha=0.7, label=f"{name}: timed points")
+            best = np.maximum.accumulate(ys)
+            ax.step([*xs, slowest], [*best, best[-1]], where="post", color=colour, lw=1.2,
+                    label=f"{name}: best accuracy at most as slow")
+        (b,) = curve["methods"][BACKBONE]
+        ax.plot([b["ms_per_image"]], [100 * b["accuracy"]], "*", ms=13, color="black", label="plain backbone")
+        ax.axvline(b["ms_per_image"], color="grey", ls="--", lw=1)
+        ax.set_xlabel("measured ms per image")
+        ax.set_ylabel("test accuracy (%)" if curve["batch_size"] == 1 else "accuracy on the timed images (%)")
+        ax.set_title(f"batch {curve['batch_size']} ({curve['images_timed']} images timed, {curve['memory_format']})",
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best", framealpha=0.6)
+    fig.suptitle("Accuracy against measured latency: timm-scan (SD) against earlyon")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # -------------------------------------------------------------------------------------------- main
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ours", required=True, help="our finished SD run (examples/train.py --output-dir)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "peer_earlyon.json"),
-                   help="JSON report; the plot goes next to it (.png)")
+                   help="JSON report; the plots go next to it (.png: MACs, _latency.png: measured latency)")
     p.add_argument("--retrain", action="store_true", help="train earlyon's model even if <ours>/../earlyon has one")
     p.add_argument("--epochs", type=int, help="override the recipe (smoke tests)")
     p.add_argument("--max-train-samples", type=int, help="override the recipe (smoke tests)")
@@ -454,18 +686,21 @@ def parse_args() -> argparse.Namespace:
                    help="override the recipe (smoke tests): a fraction or a count")
     p.add_argument("--num-workers", type=int, help="data loader workers (default: the recipe's)")
     p.add_argument("--betas", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0],
-                   help="ours: one genetic threshold search per β")
+                   help="ours: one genetic threshold search per β (with MACs, and with measured latency per batch size)")
+    p.add_argument("--drops", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0],
+                   help="ours, latency curves: the fastest thresholds (measured latency) within this many points "
+                        "of the deepest exit's val accuracy")
     p.add_argument("--earlyon-budgets", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                    help="earlyon: calibrate_thresholds_for_budget target_computation values")
     p.add_argument("--earlyon-drops", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02, 0.05],
                    help="earlyon: calibrate_thresholds target_accuracy_drop values")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                    help="MACs budgets, as fractions of the plain backbone, for accuracy at equal MACs")
-    p.add_argument("--tolerance", type=float, default=1.0,
-                   help="operating point: val accuracy within this many points of the method's deepest exit")
-    p.add_argument("--latency-images", type=int, default=1024, help="test images timed at batch 256")
+    p.add_argument("--latency-images", type=int, default=2048, help="test images timed at batch 256")
     p.add_argument("--latency-images-b1", type=int, default=256, help="test images timed at batch 1")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per setting (the median counts)")
+    p.add_argument("--memory-format", choices=sorted(MEMORY_FORMATS), default="channels_last",
+                   help="of the models and images timed (the README's advice on CPU: channels_last)")
     return p.parse_args()
 
 
@@ -485,26 +720,52 @@ def main() -> None:
     peer, meta = trained_earlyon(cfg, splits, exit_layers, run.parent / "earlyon", args.retrain,
                                  (train_tf, eval_tf), size[-1])
     costs = earlyon_costs(peer, size[-1])
-    backbone_macs = ours.backbone_macs(size)
+    exit_macs, backbone_macs = ours.exit_macs(size), ours.backbone_macs(size)
+    outputs = ours_outputs(run, ours, splits)
+    val_loader = build_loader(cfg, splits, splits.val, eval_tf, False)
+    peer_caches = (collect_head_logits(peer, val_loader, "cpu"),
+                   collect_head_logits(peer, build_loader(cfg, splits, splits.test, eval_tf, False), "cpu"))
     sides = [
-        ours_side(run, ours, cfg, splits, size, args.betas),
-        earlyon_side(peer, build_loader(cfg, splits, splits.val, eval_tf, False),
-                     build_loader(cfg, splits, splits.test, eval_tf, False), costs, args.earlyon_budgets,
-                     args.earlyon_drops, meta),
+        ours_side(run, ours, cfg, outputs, size, args.betas),
+        earlyon_side(peer, val_loader, peer_caches, costs, args.earlyon_budgets, args.earlyon_drops, meta),
     ]
-    chosen = [operating_point(side, args.tolerance) for side in sides]
+    budgets = equal_macs(sides, args.budgets, backbone_macs)
 
     test = TorchImageDataset(splits.test, splits.image_column, splits.label_column, eval_tf)
-    n = min(len(test), max(args.latency_images, args.latency_images_b1))
-    images = torch.stack([test[i][0] for i in range(n)])
+    counts = {1: min(len(test), args.latency_images_b1), 256: min(len(test), args.latency_images)}
+    n = max(counts.values())
+    fmt = MEMORY_FORMATS[args.memory_format]
+    images = torch.stack([test[i][0] for i in range(n)]).contiguous(memory_format=fmt)
     labels = torch.tensor([test[i][1] for i in range(n)])
     plain = timm.create_model(cfg.model, num_classes=splits.num_classes, pretrained=False).eval()
     plain.load_state_dict(ours.backbone.state_dict())
-    latency = latency_rows(plain, ours, chosen[0], peer, chosen[1], costs, images, labels,
-                           [(1, min(n, args.latency_images_b1)), (256, min(n, args.latency_images))], args.repeats)
-    budgets = equal_macs(sides, args.budgets, backbone_macs)
+    for model in (ours, plain, peer):
+        model.to(memory_format=fmt)
+    curves: dict[str, dict[str, Any]] = {}
+    for b in BATCH_SIZES:
+        latency = timm_scan.measure_exit_latency(ours, size, batch_size=min(b, counts[b]),  # the batch timed below
+                                                 memory_format=args.memory_format, images=counts[b],
+                                                 repeats=args.repeats)
+        ours_points, skipped = ours_latency_points(outputs, latency, args.betas, args.drops, cfg.seed, exit_macs,
+                                                   backbone_macs)
+        curve = latency_curve(b, images[:counts[b]], labels[:counts[b]], plain, ours, ours_points, peer,
+                              earlyon_policies(sides[1].points, backbone_macs), costs, outputs, peer_caches[1],
+                              backbone_macs, args.repeats)
+        for points in curve.values():
+            for p in points:
+                if p.agreement_with_simulation is not None and p.agreement_with_simulation < 1:
+                    print(f"warning: batch {b}, {p.method} {p.setting}: the timed run answered "
+                          f"{1 - p.agreement_with_simulation:.2%} of the timed images unlike the replay")
+        curves[str(b)] = {
+            "batch_size": b, "images_timed": counts[b], "memory_format": args.memory_format,
+            "accuracy_on": (f"the whole test split ({len(outputs.test_labels)} images), per-sample policies replayed "
+                            "on cached outputs" if b == 1 else f"the {counts[b]} timed images, the timed run's answers"),
+            "exit_latency": latency.to_dict(), "skipped": skipped,
+            "methods": {name: [dataclasses.asdict(p) for p in points] for name, points in curve.items()},
+            "verdict": verdict(curve),
+        }
 
-    print(report(sides, budgets, latency, backbone_macs))
+    print(report(sides, budgets, curves, backbone_macs))
     record = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
@@ -513,18 +774,19 @@ def main() -> None:
         "recipe": cfg.to_dict(), "exit_layers": exit_layers,
         "test_samples": len(splits.test), "val_samples": len(splits.val), "backbone_macs": backbone_macs,
         "methods": {side.name: {"exit_macs": side.exit_macs, "test_exit_accuracy": side.test_exit_accuracy,
-                                "val_deepest_accuracy": side.val_deepest_accuracy, **side.extra,
-                                "operating_point": point.setting}
-                    for side, point in zip(sides, chosen)},
+                                "val_deepest_accuracy": side.val_deepest_accuracy, **side.extra}
+                    for side in sides},
         "rows": [dataclasses.asdict(p) for side in sides for p in side.points],
         "equal_macs": budgets,
-        "latency": latency,
+        "latency_curves": curves,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
-    plot(sides, chosen, backbone_macs, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    latency_png = out.with_name(f"{out.stem}_latency.png")
+    plot(sides, backbone_macs, out.with_suffix(".png"))
+    plot_latency(curves, latency_png)
+    print(f"wrote {out}, {out.with_suffix('.png')} and {latency_png}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from timm_scan.training import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
+BACKBONE, OURS, PEER = "plain timm backbone (our weights)", "timm-scan (SD)", "earlyon"
 
 
 def run_benchmark(monkeypatch, *args):
@@ -27,6 +28,53 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def check_latency_curves(report):
+    """The accuracy-against-latency curves: each method's points timed at batch 1 and 256, the backbone's
+    point, accuracies where the protocol says they come from, and a verdict that follows from them."""
+    curves, methods, rows = report["latency_curves"], report["methods"], report["rows"]
+    assert list(curves) == ["1", "256"]
+    for key, curve in curves.items():
+        b = int(key)
+        assert curve["batch_size"] == b and curve["images_timed"] == {1: 4, 256: 16}[b]
+        assert curve["memory_format"] == "channels_last"  # the default: the README's advice on CPU
+        latency = curve["exit_latency"]  # what our search used as the cost
+        assert latency["batch_size"] == min(b, curve["images_timed"]) and latency["memory_format"] == "channels_last"
+        assert len(latency["ms_per_image"]) == 4 and latency["backbone_ms_per_image"] > 0
+        assert list(curve["methods"]) == [BACKBONE, OURS, PEER]
+        (backbone,) = curve["methods"][BACKBONE]
+        ours, peer = curve["methods"][OURS], curve["methods"][PEER]
+        assert ours and peer and backbone["speedup_vs_backbone"] == 1 and backbone["timed_macs_fraction"] == 1
+        # every search is a point (identical thresholds merged, settings joined) or skipped with a reason
+        searched = [s for p in ours for s in p["setting"].split(", ")] + [s["setting"] for s in curve["skipped"]]
+        assert sorted(searched) == sorted(["β=0.1", "β=10", "max-drop=1pt"])
+        assert all(s["reason"] for s in curve["skipped"])
+        assert len({tuple(p["thresholds"]) for p in ours}) == len(ours)
+        # earlyon: its calibrated policies, identical ones merged (on this tiny run they may all agree)
+        assert sorted(s for p in peer for s in p["setting"].split(", ")) == ["budget=0.5", "budget=1", "drop=0.01"]
+        calibrated = {r["setting"]: r for r in rows if r["method"] == PEER}
+        for p in peer:
+            row = calibrated[p["setting"].split(", ")[0]]
+            assert p["enabled_exits"] == row["enabled_exits"] and p["simulated_accuracy"] == row["test_accuracy"]
+        for p in [backbone, *ours, *peer]:
+            assert p["ms_per_image"] > 0 and p["speedup_vs_backbone"] > 0 and p["mean_macs_fraction"] > 0
+            assert 0 <= p["accuracy"] <= 1 and 0 <= p["timed_accuracy"] <= 1 and 0 <= p["simulated_accuracy"] <= 1
+            if b == 1:  # per-sample decisions: the whole test split, checked against the timed answers
+                assert p["accuracy"] == p["simulated_accuracy"] and 0 <= p["agreement_with_simulation"] <= 1
+            else:  # earlyon's batched mode is not its per-sample policy: the timed run's own answers
+                assert p["accuracy"] == p["timed_accuracy"] and p["mean_macs_fraction"] == p["timed_macs_fraction"]
+                assert (p["agreement_with_simulation"] is None) == (p["method"] == PEER)
+        assert backbone["simulated_accuracy"] == methods[OURS]["test_exit_accuracy"][-1]
+        verdict = curve["verdict"]
+        assert len(verdict["margins"]) == len(peer) and len(verdict["reverse_margins"]) == len(ours)
+        for p, m in zip(peer, verdict["margins"]):
+            as_fast = [q["accuracy"] for q in ours if q["ms_per_image"] <= p["ms_per_image"]]
+            assert m["margin"] == (max(as_fast) - p["accuracy"] if as_fast else None)
+        assert verdict["ours_above_earlyon"] == all(m["margin"] is not None and m["margin"] >= -1e-9
+                                                    for m in verdict["margins"])
+        assert isinstance(verdict["ours_above_earlyon_counting_backbone"], bool)
+        assert isinstance(verdict["earlyon_above_ours"], bool)
+
+
 def test_peer_earlyon(tiny_parquet, tmp_path, monkeypatch, capsys, one_thread):
     ours = tmp_path / "runs" / "ours"
     Trainer(TrainConfig(dataset=str(tiny_parquet), output_dir=str(ours), model="test_resnet", input_size=32,
@@ -34,7 +82,7 @@ def test_peer_earlyon(tiny_parquet, tmp_path, monkeypatch, capsys, one_thread):
     out = tmp_path / "peer.json"
     args = ["--ours", str(ours), "--out", str(out), "--num-workers", "0", "--betas", "0.1", "10",
             "--earlyon-budgets", "0.5", "1", "--earlyon-drops", "0.01", "--latency-images", "16",
-            "--latency-images-b1", "4", "--repeats", "1"]
+            "--latency-images-b1", "4", "--repeats", "1", "--drops", "1"]
     run_benchmark(monkeypatch, *args)
 
     report = json.loads(out.read_text())
@@ -54,17 +102,16 @@ def test_peer_earlyon(tiny_parquet, tmp_path, monkeypatch, capsys, one_thread):
     # earlyon at budget 1 disables every exit: the plain backbone, at exactly its MACs
     assert rows[3]["enabled_exits"] == [False] * 3 and rows[3]["test_macs"] == report["backbone_macs"]
     assert rows[3]["test_accuracy"] == methods["earlyon"]["test_exit_accuracy"][-1]
-    assert [(r["method"], r["batch_size"]) for r in report["latency"]] == [
-        (m, b) for b in (1, 256) for m in ("plain timm backbone (our weights)", "timm-scan (SD)", "earlyon")]
-    assert all(r["ms_per_image"] > 0 and 0 <= r["accuracy"] <= 1 and r["mean_macs"] > 0 for r in report["latency"])
-    assert [r["images"] for r in report["latency"]] == [4] * 3 + [16] * 3
+    check_latency_curves(report)
     assert [r["budget_fraction"] for r in report["equal_macs"]] == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     for name, m in methods.items():  # at 100% the deepest exit alone (the backbone) fits
         assert report["equal_macs"][-1][name] >= m["test_exit_accuracy"][-1]
     assert out.with_suffix(".png").is_file()
     weights = tmp_path / "runs" / "earlyon" / "model.safetensors"
     assert weights.is_file() and json.loads(weights.with_name("training.json").read_text())["best_epoch"] == 1
-    assert "| MACs budget" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| MACs budget" in printed and "curve above earlyon's" in printed
+    assert out.with_name("peer_latency.png").is_file()
 
     # a second run reuses earlyon's weights and reports the same numbers
     trained_at = weights.stat().st_mtime
