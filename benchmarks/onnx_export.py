@@ -6,7 +6,7 @@ of its confidence on the images, so half of them leave there and the other half 
 setting of ``early_exit_speed.py``). For each input and batch size: the exported plain backbone, the
 ONNX Runtime predictor and the torch predictor, timed in turns (``wall_clocks``); the exported backbone
 runs with onnxruntime's default options (its pool spins between runs), the predictor's graphs with
-``session_options()`` (pools that do not spin), or all of them in one global pool
+``session_options()`` (pools that spin within a run and stop when it returns), or all of them in one global pool
 (``--global-thread-pool``); the ONNX predictor's
 measured speed-up over the exported backbone against the MACs speed-up (their ratio: 1.0 means the
 saving is fully realised).
@@ -66,7 +66,7 @@ def plain_backbone_session(model: torch.nn.Module, size: int, folder: Path) -> o
                                 providers=["CPUExecutionProvider"])
 
 
-def speed(size: int, batch_sizes: list[int], repeats: int) -> list[dict]:
+def speed(size: int, batch_sizes: list[int], repeats: int, n_images: int | None) -> list[dict]:
     torch.manual_seed(0)
     model = timm_scan.wrap(timm.create_model("resnet18", num_classes=10), check_input_size=(3, size, size)).eval()
     rows = []
@@ -77,7 +77,7 @@ def speed(size: int, batch_sizes: list[int], repeats: int) -> list[dict]:
         export_onnx_seconds = time.perf_counter() - export_onnx_seconds
         backbone = plain_backbone_session(model.backbone, size, folder)
         for bs in batch_sizes:
-            images = 256 if bs == 1 else 1024
+            images = n_images or (256 if bs == 1 else 1024)
             x = torch.randn(images, 3, size, size)
             thresholds = half_at_exit_1(model, x)
             onnx_predictor = timm_scan.OnnxEarlyExitPredictor(folder / "exits", thresholds)
@@ -139,6 +139,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[32])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--images", type=int, help="images per timed pass (default: 256 at batch 1, else 1024)")
     p.add_argument("--families", action="store_true", help="also export every family of the test suite")
     p.add_argument("--global-thread-pool", action="store_true",
                    help="every session (the exported backbone's too) shares onnxruntime's global thread pool")
@@ -148,7 +149,7 @@ def main() -> None:
     record = {"date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
               "torch": torch.__version__, "onnxruntime": ort.__version__, "global_thread_pool": args.global_thread_pool,
-              "speed": [row for size in args.sizes for row in speed(size, args.batch_sizes, args.repeats)]}
+              "speed": [row for size in args.sizes for row in speed(size, args.batch_sizes, args.repeats, args.images)]}
     if args.families:
         record["coverage"] = coverage()
     out = Path(args.out)

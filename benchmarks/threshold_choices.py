@@ -216,25 +216,29 @@ def bootstrap(correct: np.ndarray, macs: np.ndarray, owners: list[tuple[str, int
 
 
 def aggregate(runs: list[dict], args: argparse.Namespace) -> dict:
-    """Across runs, per setting: the geometric mean of the summary speed-ups, and how often each
-    max_drop target held on test (with the shortfalls of those that did not)."""
+    """Across runs, per setting: the geometric mean of the summary speed-ups, and for each max_drop
+    target (thresholds chosen on validation only): how often it held on test (with the shortfalls of
+    those that did not) and the geometric mean of its test speed-up."""
     out = {}
     for name in runs[0]["settings"]:
         entry: dict = {f"geomean_best_speedup_within_{t:g}": float(np.exp(np.mean(
             [np.log(r["settings"][name][f"best_speedup_within_{t:g}"]) for r in runs]))) for t in args.tolerances}
         for d in args.max_drops:
-            held, missed, unreachable = 0, [], 0
+            held, missed, unreachable, speedups = 0, [], 0, []
             for r in runs:
                 for seed in r["settings"][name]["seeds"].values():
                     point = next(p for p in seed["points"] if p["kind"] == "max_drop" and p["value"] == d)
                     if "error" in point:
                         unreachable += 1
-                    elif point["held"]:
+                        continue
+                    speedups.append(point["test_speedup"])
+                    if point["held"]:
                         held += 1
                     else:
                         missed.append(r["test_deepest_accuracy"] - d - point["test_accuracy"])
             entry[f"max_drop_{d:g}"] = {"held": held, "missed": len(missed), "unreachable_on_val": unreachable,
-                                        "shortfalls": missed}
+                                        "shortfalls": missed, "geomean_test_speedup":
+                                        float(np.exp(np.mean(np.log(speedups)))) if speedups else None}
         out[name] = entry
     return out
 
@@ -255,7 +259,14 @@ def main() -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="test resamples for the noise of each difference")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results" / "threshold_choices.json"))
+    p.add_argument("--report", metavar="JSON", help="only aggregate and print a saved result again (no search)")
     args = p.parse_args()
+    if args.report:
+        report = json.loads(Path(args.report).read_text())
+        saved = argparse.Namespace(**{k: report[k] for k in ("max_drops", "tolerances")})
+        report["aggregate"] = aggregate(report["runs"], saved) if report["runs"] else {}
+        print_tables(report)
+        return
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
@@ -336,7 +347,7 @@ def print_tables(report: dict) -> None:
             print(f"| {short[r['run']]} | " + " | ".join(
                 f"{b[k]['observed']:+.3f} [{b[k]['low95']:+.3f}, {b[k]['high95']:+.3f}]" for k in keys) + " |")
     print("\nacross runs: geometric mean of the summary; max_drop targets held on test / searched "
-          "(largest shortfall, points)")
+          "(largest shortfall, points) and the geometric mean of their test speed-up")
     print("| setting | " + " | ".join(f"geomean within {t:g}" for t in report["tolerances"]) + " | "
           + " | ".join(f"held at {d:g}" for d in report["max_drops"]) + " |")
     print("| --- | " + " | ".join("---" for _ in report["tolerances"]) + " | "
@@ -347,6 +358,7 @@ def print_tables(report: dict) -> None:
         print(f"| {name} | " + " | ".join(f"{g:.3f}x" for g in geomeans)
               + " | " + " | ".join(f"{h['held']}/{h['held'] + h['missed']}"
                                    + (f" (−{max(h['shortfalls']):.2f} at most)" if h["shortfalls"] else "")
+                                   + (f", {h['geomean_test_speedup']:.2f}x" if h.get("geomean_test_speedup") else "")
                                    for h in held) + " |")
 
 
