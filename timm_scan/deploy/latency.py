@@ -11,6 +11,7 @@ same way (`time_exits`).
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 from collections.abc import Callable
@@ -113,8 +114,14 @@ def measure_exit_latency(
     batches = [torch.randn(batch_size, *input_size, device=weight.device, dtype=weight.dtype)
                .contiguous(memory_format=_MEMORY_FORMATS[memory_format]) for _ in range(math.ceil(images / batch_size))]
     try:  # the predictors put the model in eval mode; the backbone is timed in it too
-        exits_ms, backbone_ms = time_exits(lambda thresholds: EarlyExitPredictor(model, thresholds, fallback),
-                                           model.backbone, model.num_exits, batches, repeats)
+        predictor = EarlyExitPredictor(model, [1.0] * (model.num_exits - 1), fallback)
+
+        def predictor_for(thresholds: list[float]) -> EarlyExitPredictor:
+            forced = copy.copy(predictor)  # the same inference copies of the heads
+            forced.thresholds = thresholds
+            return forced
+
+        exits_ms, backbone_ms = time_exits(predictor_for, model.backbone, model.num_exits, batches, repeats)
     finally:
         model.train(was_training)
     return ExitLatency(
