@@ -38,9 +38,10 @@ the same way), the transforms, the timm model, the seed, the optimiser, schedule
   recommends on CPU). At each batch size b:
 
   1. *Our points, thresholds searched against measured latency.* ``measure_exit_latency(ours,
-     batch_size=b)`` times what leaving at each exit costs (ms per image, the predictor as it runs,
-     in turns with the plain backbone; random images, as many as are timed below, ``--repeats``
-     passes; at a smaller batch where fewer than b images are timed, as in smoke tests). With that ``ExitLatency`` as the cost, on val outputs: ``sweep_beta`` at each of
+     batch_size=b, fallback="ensemble")`` times what leaving at each exit costs (ms per image, the
+     predictor as it runs, in turns with the plain backbone; random images, as many as are timed
+     below, ``--repeats`` passes). Where fewer than b images are timed (smoke tests), it is measured
+     at the batch actually timed. With that ``ExitLatency`` as the cost, on val outputs: ``sweep_beta`` at each of
      ``--betas`` and ``search_thresholds(max_accuracy_drop=d)`` at each of ``--drops`` (points below
      the deepest exit's val accuracy; a drop no thresholds meet on val is skipped and recorded).
      Each threshold vector is one point; identical vectors are merged (their settings joined).
@@ -443,7 +444,8 @@ def earlyon_policies(points: list[Point], backbone_macs: int) -> list[CurvePoint
             merged[key].setting += f", {p.setting}"
             continue
         merged[key] = CurvePoint(PEER, p.setting, list(p.thresholds), list(p.enabled_exits),
-                                 simulated_accuracy=p.test_accuracy, simulated_macs_fraction=p.test_macs / backbone_macs,
+                                 simulated_accuracy=p.test_accuracy,
+                                 simulated_macs_fraction=p.test_macs / backbone_macs,
                                  val_accuracy=p.val_accuracy)
     return list(merged.values())
 
@@ -525,7 +527,8 @@ def latency_curve(batch_size: int, images: Tensor, labels: Tensor, plain: torch.
         if replay is not None:
             point.agreement_with_simulation = ((preds == replay[0]) & (exits == replay[1])).double().mean().item()
         point.accuracy, point.mean_macs_fraction = ((point.simulated_accuracy, point.simulated_macs_fraction)
-                                                    if per_sample else (point.timed_accuracy, point.timed_macs_fraction))
+                                                    if per_sample else
+                                                    (point.timed_accuracy, point.timed_macs_fraction))
     peer.config = configured
     return {BACKBONE: [backbone], OURS: ours_points, PEER: peer_points}
 
@@ -540,7 +543,8 @@ def verdict(curve: dict[str, list[CurvePoint]]) -> dict[str, Any]:
             fast = [q for q in mine if q.ms_per_image <= p.ms_per_image]
             best = max(fast, key=lambda q: q.accuracy) if fast else None
             rows.append({"method": p.method, "setting": p.setting, "ms_per_image": p.ms_per_image,
-                         "accuracy": p.accuracy, "best_as_fast": None if best is None else f"{best.method}: {best.setting}",
+                         "accuracy": p.accuracy,
+                         "best_as_fast": None if best is None else f"{best.method}: {best.setting}",
                          "best_as_fast_accuracy": None if best is None else best.accuracy,
                          "margin": None if best is None else best.accuracy - p.accuracy})
         return rows
@@ -590,7 +594,8 @@ def report(sides: list[Side], budgets: list[dict[str, Any]], curves: dict[str, d
         exit_ms = ", ".join(f"{v:.3f}" for v in curve["exit_latency"]["ms_per_image"])
         lines += ["", (f"batch {curve['batch_size']}, {curve['images_timed']} test images timed, "
                        f"{curve['memory_format']}; accuracy: {curve['accuracy_on']}. Our measured ms/image per exit "
-                       f"(the search's cost): {exit_ms}; backbone {curve['exit_latency']['backbone_ms_per_image']:.3f}"),
+                       f"(the search's cost): {exit_ms}; "
+                       f"backbone {curve['exit_latency']['backbone_ms_per_image']:.3f}"),
                   "", ("| method | setting | ms/image | speed-up | accuracy | mean MACs | timed images: accuracy "
                        "| agrees with replay |"), "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name, points in curve["methods"].items():
@@ -686,7 +691,8 @@ def parse_args() -> argparse.Namespace:
                    help="override the recipe (smoke tests): a fraction or a count")
     p.add_argument("--num-workers", type=int, help="data loader workers (default: the recipe's)")
     p.add_argument("--betas", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0],
-                   help="ours: one genetic threshold search per β (with MACs, and with measured latency per batch size)")
+                   help="ours: one genetic threshold search per β (with MACs, and with measured latency per "
+                        "batch size)")
     p.add_argument("--drops", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0],
                    help="ours, latency curves: the fastest thresholds (measured latency) within this many points "
                         "of the deepest exit's val accuracy")
@@ -745,7 +751,7 @@ def main() -> None:
     for b in BATCH_SIZES:
         latency = timm_scan.measure_exit_latency(ours, size, batch_size=min(b, counts[b]),  # the batch timed below
                                                  memory_format=args.memory_format, images=counts[b],
-                                                 repeats=args.repeats)
+                                                 repeats=args.repeats, fallback="ensemble")  # as searched and timed
         ours_points, skipped = ours_latency_points(outputs, latency, args.betas, args.drops, cfg.seed, exit_macs,
                                                    backbone_macs)
         curve = latency_curve(b, images[:counts[b]], labels[:counts[b]], plain, ours, ours_points, peer,
@@ -759,7 +765,8 @@ def main() -> None:
         curves[str(b)] = {
             "batch_size": b, "images_timed": counts[b], "memory_format": args.memory_format,
             "accuracy_on": (f"the whole test split ({len(outputs.test_labels)} images), per-sample policies replayed "
-                            "on cached outputs" if b == 1 else f"the {counts[b]} timed images, the timed run's answers"),
+                            "on cached outputs" if b == 1
+                            else f"the {counts[b]} timed images, the timed run's answers"),
             "exit_latency": latency.to_dict(), "skipped": skipped,
             "methods": {name: [dataclasses.asdict(p) for p in points] for name, points in curve.items()},
             "verdict": verdict(curve),

@@ -20,8 +20,11 @@ temperatures.
 
     python benchmarks/threshold_choices.py            # the runs of RUNS, from the repository root
     python benchmarks/threshold_choices.py --min-thresholds 0.5 0 --bits 64 --out benchmarks/results/threshold_choices_bits64.json
+    python benchmarks/threshold_choices.py --report benchmarks/results/threshold_choices.json  # no search
 
-Writes ``results/threshold_choices.json``.
+Writes ``results/threshold_choices.json``. The summary across runs also says, for each ``max_drop``
+target (thresholds chosen on validation only), how often it held on test and the geometric mean of
+its test speed-up.
 """
 
 from __future__ import annotations

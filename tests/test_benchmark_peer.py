@@ -121,3 +121,25 @@ def test_peer_earlyon(tiny_parquet, tmp_path, monkeypatch, capsys, one_thread):
     # a different recipe does not silently reuse them
     with pytest.raises(ValueError, match="--retrain"):
         run_benchmark(monkeypatch, *args, "--epochs", "2")
+
+
+def test_the_verdict_on_hand_made_curves():
+    """Ours lies above earlyon's curve when every earlyon point has a point of ours at most as slow and at
+    least as accurate; one earlyon point faster than all of ours breaks it."""
+    peer = runpy.run_path(str(ROOT / "benchmarks" / "peer_earlyon.py"))
+    point = peer["CurvePoint"]
+
+    def curve(ours, theirs):
+        return {BACKBONE: [point(BACKBONE, "-", ms_per_image=5.0, accuracy=0.60)],
+                OURS: [point(OURS, f"o{i}", ms_per_image=ms, accuracy=a) for i, (ms, a) in enumerate(ours)],
+                PEER: [point(PEER, f"p{i}", ms_per_image=ms, accuracy=a) for i, (ms, a) in enumerate(theirs)]}
+
+    found = peer["verdict"](curve([(1.0, 0.50), (3.0, 0.58)], [(2.0, 0.45), (4.0, 0.55)]))
+    assert found["ours_above_earlyon"] and not found["earlyon_above_ours"]
+    assert [m["margin"] for m in found["margins"]] == pytest.approx([0.05, 0.03])
+    found = peer["verdict"](curve([(1.0, 0.50), (3.0, 0.58)], [(0.5, 0.40), (4.0, 0.55)]))
+    assert not found["ours_above_earlyon"] and found["margins"][0]["margin"] is None
+    found = peer["verdict"](curve([(1.0, 0.50)], [(4.0, 0.55)]))  # the backbone (5 ms) is slower than earlyon
+    assert not found["ours_above_earlyon"] and not found["ours_above_earlyon_counting_backbone"]
+    found = peer["verdict"](curve([(1.0, 0.50)], [(6.0, 0.55)]))
+    assert not found["ours_above_earlyon"] and found["ours_above_earlyon_counting_backbone"]

@@ -1,5 +1,6 @@
 """Export that keeps the early exit: ONNX graphs per section and exit, run by ONNX Runtime."""
 
+import dataclasses
 import json
 import shutil
 
@@ -15,7 +16,8 @@ from timm_scan.deploy.onnx import OnnxManifest
 pytest.importorskip("onnxruntime")
 
 
-LATENCY = {"ms_per_image": [1.0, 2.0, 3.0, 4.0], "backbone_ms_per_image": 3.5, "batch_size": 1, "input_size": [3, 32, 32],
+LATENCY = {"ms_per_image": [1.0, 2.0, 3.0, 4.0], "backbone_ms_per_image": 3.5, "batch_size": 1,
+           "input_size": [3, 32, 32],
            "dtype": "float32", "memory_format": "contiguous", "device": "CPUExecutionProvider: test"}
 
 
@@ -73,22 +75,51 @@ def test_the_manifest_carries_thresholds_classes_and_costs(exported):
 
 def test_exit_latency_timed_with_onnx_runtime_travels_in_the_manifest(exported, tmp_path):
     _, folder, _ = exported
-    latency = OnnxEarlyExitPredictor(folder).measure_exit_latency(batch_size=2, images=8, repeats=2)
-    assert len(latency.ms_per_image) == 4 and latency.ms_per_image == sorted(latency.ms_per_image)
+    latency = OnnxEarlyExitPredictor(folder).measure_exit_latency(batch_size=2, images=16, repeats=5)
+    assert len(latency.ms_per_image) == 4 and latency.backbone_ms_per_image > 0
     assert latency.batch_size == 2 and latency.input_size == [3, 32, 32] and "onnxruntime" in latency.device
-    assert latency.ms_per_image[0] < latency.ms_per_image[-1] and latency.backbone_ms_per_image > 0
+    assert latency.ms_per_image[0] < latency.ms_per_image[-1]  # layer1 alone against the whole network
     copied = tmp_path / "copied"
     shutil.copytree(folder, copied)
+    assert "exit_latency" not in json.loads((copied / "manifest.json").read_text())  # unmeasured: 0.1.0's format
     manifest = OnnxManifest.load(copied / "manifest.json")
     manifest.exit_latency = [latency]
     manifest.save(copied / "manifest.json")
     assert OnnxEarlyExitPredictor(copied).exit_latency == [latency]
-    manifest.exit_latency[0].ms_per_image = latency.ms_per_image[:3]
+    manifest.exit_latency = [dataclasses.replace(latency, ms_per_image=latency.ms_per_image[:3])]
     manifest.save(copied / "manifest.json")
     with pytest.raises(ValueError, match="4 values per measurement"):
         OnnxEarlyExitPredictor(copied)
     with pytest.raises(ValueError, match="batch_size"):
         OnnxEarlyExitPredictor(folder).measure_exit_latency(batch_size=0)
+
+
+def test_a_0_1_0_manifest_still_loads(exported, tmp_path):
+    """0.1.0 wrote ``exit_latency_ms: null`` (never a value); it is read as no measurement."""
+    _, folder, _ = exported
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "exit_latency_ms": None}))
+    assert OnnxEarlyExitPredictor(old).exit_latency == []
+
+
+def test_the_predictor_leaves_torch_threads_and_sessions_as_documented(exported):
+    from timm_scan.deploy.onnx import session_options
+
+    _, folder, _ = exported
+    assert session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        predictor = OnnxEarlyExitPredictor(folder)
+        predictor(torch.randn(2, 3, 32, 32))
+        assert torch.get_num_threads() == 2  # one thread inside the call, restored after
+        with pytest.raises(ValueError):
+            predictor(torch.randn(2, 3, 16, 16))
+        assert torch.get_num_threads() == 2  # restored after an error too
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_bad_inputs_and_damaged_folders(exported, tmp_path):
@@ -116,6 +147,7 @@ def test_bad_inputs_and_damaged_folders(exported, tmp_path):
                             (lambda m: m.update(surprise=1), "unknown field"),
                             (lambda m: m.update(thresholds=[0.5, 2.0, 0.5]), r"thresholds\[1\]"),
                             (lambda m: m.update(exit_latency=[{"ms_per_image": [1.0] * 4}]), "not a valid|missing"),
+                            (lambda m: m.update(exit_latency=LATENCY), "a list of measurements"),
                             (lambda m: m.update(exit_latency=[{**LATENCY, "ms_per_image": [2.0, 1.0, 3.0, 4.0]}]),
                              "cumulative")):
         broken = json.loads(json.dumps(manifest))
@@ -158,6 +190,9 @@ def test_export_a_trained_run_and_push_it(hub, tiny_parquet, tmp_path, monkeypat
     main(["train", "--dataset", str(tiny_parquet), "--output-dir", str(run), "--model", "test_resnet", "--input-size",
           "32", "--crop-pct", "1.0", "--val-size", "24", "--epochs", "2", "--batch-size", "16", "--num-workers", "0"])
     main(["search", str(run), "--betas", "1", "--generations", "5"])
+    with pytest.raises(SystemExit, match="batch_size"):  # refused before anything is written
+        main(["export", str(run), "--output", str(tmp_path / "bad"), "--latency-batch-sizes", "0"])
+    assert not (tmp_path / "bad").exists()
     monkeypatch.setattr(sys, "argv", ["export_onnx.py", str(run), "--latency-batch-sizes", "1", "4"])
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "export_onnx.py"), run_name="__main__")
     model, _ = timm_scan.training.load_run(run)

@@ -89,13 +89,15 @@ class ExitAccuracy(JsonRecord):
 
 @dataclass
 class ExitLatency(JsonRecord):
-    """Measured cost of leaving at each exit on one device (``timm_scan.measure_exit_latency``).
+    """Measured cost of leaving at each exit on one device (``timm_scan.measure_exit_latency``, or
+    ``OnnxEarlyExitPredictor.measure_exit_latency`` for an ONNX export).
 
     ``ms_per_image`` (K floats, shallowest first): wall-clock per image of a batch that all leaves at
     exit i, as the early-exit predictor runs it (sections and heads 1..i), cumulative and increasing;
     ``backbone_ms_per_image``: the plain backbone's, timed in turns with them. Valid for the
     ``batch_size``, ``input_size`` (C, H, W), ``dtype``, ``memory_format`` and ``device`` it was
-    measured at (``device`` describes the processor, threads and torch version).
+    measured at (``device`` describes the processor and runtime: threads and torch version, or the
+    ONNX Runtime providers and version).
     """
 
     ms_per_image: list[float]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..deploy.latency import check_timing_arguments
 from ..deploy.onnx import MANIFEST, OnnxEarlyExitPredictor, OnnxManifest, export_onnx
 from ..options import option
 from ..training.runs import load_run
@@ -35,9 +36,11 @@ def export(cfg: ExportConfig) -> OnnxManifest:
     model, _ = load_run(cfg.run)
     size = (3, cfg.input_size, cfg.input_size) if cfg.input_size else None
     folder = Path(cfg.output or Path(cfg.run) / "onnx")
+    for batch_size in cfg.latency_batch_sizes:  # before anything is written
+        check_timing_arguments(batch_size, 64, 5)
     manifest = export_onnx(model, folder, size, opset=cfg.opset)
-    if cfg.latency_batch_sizes:
-        predictor = OnnxEarlyExitPredictor(folder, [1.0] * (len(manifest.exits) - 1))  # thresholds: timing forces its own
+    if cfg.latency_batch_sizes:  # the timing forces its own thresholds; the fallback is the model's
+        predictor = OnnxEarlyExitPredictor(folder, [1.0] * (len(manifest.exits) - 1), manifest.fallback)
         manifest.exit_latency = [predictor.measure_exit_latency(bs) for bs in cfg.latency_batch_sizes]
         manifest.save(folder / MANIFEST)
         for latency in manifest.exit_latency:

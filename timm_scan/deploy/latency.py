@@ -74,7 +74,7 @@ def check_timing_arguments(batch_size: Any, images: Any, repeats: Any) -> None:
     """A ``ValueError`` unless all three are positive ints."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
-    if isinstance(images, bool) or not isinstance(images, int) or images < 1 or not isinstance(repeats, int) or repeats < 1:
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (images, repeats)):
         raise ValueError(f"images and repeats must be positive ints; got {images!r}, {repeats!r}")
 
 

@@ -67,10 +67,18 @@ class OnnxManifest(JsonRecord):
     opset: int | None = None
     stages: list[str] = field(default_factory=list)  # the backbone modules the exits follow
 
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON; without ``exit_latency`` where nothing was measured, so that timm-scan 0.1.0 reads it."""
+        data = super().to_dict()
+        if data["exit_latency"] is None:
+            del data["exit_latency"]
+        return data
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OnnxManifest:
+        """From JSON; a 0.1.0 export's ``exit_latency_ms`` (always null, never written) is dropped."""
         if isinstance(data, dict) and "exit_latency_ms" in data and data["exit_latency_ms"] is None:
-            data = {k: v for k, v in data.items() if k != "exit_latency_ms"}  # earlier exports: always null
+            data = {k: v for k, v in data.items() if k != "exit_latency_ms"}
         return super().from_dict(data)
 
 
@@ -197,6 +205,7 @@ def _check_manifest(m: OnnxManifest, path: Path) -> None:
         ("sections", isinstance(m.sections, list) and all(_plain_name(f) for f in m.sections), "graph file names"),
         ("exits", isinstance(m.exits, list) and bool(m.exits) and all(_plain_name(f) for f in m.exits),
          "graph file names"),
+        ("exit_latency", m.exit_latency is None or isinstance(m.exit_latency, list), "a list of measurements"),
     ]
     for name, ok, valid in checks:
         if not ok:
@@ -303,7 +312,9 @@ class OnnxEarlyExitPredictor:
     def __call__(self, images: Tensor | np.ndarray) -> EarlyExitResult:
         """Answer a batch ``(B, C, H, W)`` of float32 images of the exported size (numpy or torch, CPU).
         torch runs on one thread during the call (`one_torch_thread`): its ops here are small, and its
-        idle workers would otherwise spin on the cores ONNX Runtime needs."""
+        idle workers would otherwise spin on the cores ONNX Runtime needs. That setting is process-wide:
+        torch work in other Python threads runs on one thread meanwhile, so do not share a process
+        between this predictor and concurrent torch inference."""
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
         with one_torch_thread():
@@ -327,11 +338,12 @@ class OnnxEarlyExitPredictor:
     def measure_exit_latency(self, batch_size: int = 1, *, images: int = 64, repeats: int = 5) -> ExitLatency:
         """Milliseconds per image of leaving at each exit with these ONNX Runtime sessions, at
         ``batch_size``, as `timm_scan.measure_exit_latency` times a torch model (`time_exits`: this
-        predictor with thresholds that send every sample to exit i, in turns with the backbone; ``images``
-        random images per pass, the median of ``repeats`` passes). The backbone here is the exported
-        one: every section graph and the deepest exit's graph, one after another. Store the result in
-        the manifest's ``exit_latency`` (``timm-scan export --latency-batch-sizes`` does) to keep it
-        with the graphs."""
+        predictor, with its fallback, and thresholds that send every sample to exit i, in turns with the
+        backbone; ``images`` random images per pass, rounded up to whole batches; the median of
+        ``repeats`` passes). The backbone here is what the folder holds of it: every section graph and
+        the deepest exit's graph, one after another, not a one-graph export of the backbone (which can
+        be faster at small inputs, ``benchmarks/RESULTS.md`` §12). Store the result in the manifest's
+        ``exit_latency`` (``timm-scan export --latency-batch-sizes`` does) to keep it with the graphs."""
         check_timing_arguments(batch_size, images, repeats)
         size = tuple(self.manifest.input_size)
         batches = [torch.randn(batch_size, *size) for _ in range(math.ceil(images / batch_size))]
@@ -341,8 +353,8 @@ class OnnxEarlyExitPredictor:
             forced.thresholds = thresholds
             return forced
 
-        def backbone(images: Tensor) -> Tensor:
-            h = images
+        def backbone(x: Tensor) -> Tensor:
+            h = x
             for session in self.sections:
                 h = self._run(session, h)
             return self._run(self.exits[-1], h)
