@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .config import HEAD_KINDS
 
-__all__ = ["HEAD_KINDS", "POOLED_HIDDEN", "ExitHead", "ScanAttention", "SdAttention", "SepConv", "align_plan",
+__all__ = ["POOLED_HIDDEN", "ExitHead", "ScanAttention", "SdAttention", "SepConv", "align_plan",
            "make_attention"]
 
 POOLED_HIDDEN = 128  # the pooled head's hidden width by default (earlyon's)

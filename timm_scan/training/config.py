@@ -55,7 +55,8 @@ class TrainConfig:
     exits: list[int | str] | None = option(None, "feature_info indices or module names of the shallow exits "
                                              "(default: the papers' three)")
     attention: str = option("sd", f"attention module of the shallow heads: one of {ATTENTION_KINDS}")
-    head_channels: int | None = option(None, "width of the exit heads' align nets (default: the deepest stage's)")
+    head_channels: int | None = option(None, "width of the exit heads' align nets (default: the deepest stage's); "
+                                             "for pooled heads, the MLP's hidden width (default 128)")
     head_blocks: int | None = option(None, "SepConv blocks per head (default: the papers' K - i)")
     head: str = option("sepconv", f"kind of shallow head: one of {HEAD_KINDS} (pooled: latency-oriented, "
                                   "pooling then a two-layer MLP, as in SDN and earlyon)")
