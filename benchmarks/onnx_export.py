@@ -39,6 +39,7 @@ import torch
 import timm_scan
 from timm_scan.deploy import wall_clocks
 from timm_scan.deploy.onnx import session_options, use_global_thread_pool
+from timm_scan.model.config import HEAD_KINDS
 
 GLOBAL_POOL = "--global-thread-pool" in sys.argv  # before any session: the pool is set once per process
 if GLOBAL_POOL:
@@ -66,9 +67,10 @@ def plain_backbone_session(model: torch.nn.Module, size: int, folder: Path) -> o
                                 providers=["CPUExecutionProvider"])
 
 
-def speed(size: int, batch_sizes: list[int], repeats: int, n_images: int | None) -> list[dict]:
+def speed(size: int, batch_sizes: list[int], repeats: int, n_images: int | None, head: str) -> list[dict]:
     torch.manual_seed(0)
-    model = timm_scan.wrap(timm.create_model("resnet18", num_classes=10), check_input_size=(3, size, size)).eval()
+    model = timm_scan.wrap(timm.create_model("resnet18", num_classes=10), timm_scan.ScanConfig(head=head),
+                           check_input_size=(3, size, size)).eval()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -92,16 +94,16 @@ def speed(size: int, batch_sizes: list[int], repeats: int, n_images: int | None)
             }, list(x.split(bs)), repeats)
             ms = {name: 1000 * s / images for name, s in seconds.items()}
             measured = seconds["onnx backbone"] / seconds["onnx early exit"]
-            rows.append({"input": size, "batch_size": bs, "images": images, "ms_per_image": ms,
+            rows.append({"input": size, "head": head, "batch_size": bs, "images": images, "ms_per_image": ms,
                          "share_at_exit1": (result.exit_index == 0).float().mean().item(),
                          "macs_speedup": macs_speedup, "onnx_measured_speedup": measured,
                          "onnx_ratio": measured / macs_speedup,
                          "torch_measured_speedup": seconds["torch backbone"] / seconds["torch early exit"],
                          "export_seconds": export_onnx_seconds})
             r = rows[-1]
-            print(f"{size}px batch {bs}: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()) + f" ms/img; ONNX early "
-                  f"exit {measured:.2f}x over the ONNX backbone, MACs {macs_speedup:.2f}x, ratio {r['onnx_ratio']:.2f}",
-                  flush=True)
+            print(f"{size}px {head} heads, batch {bs}: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items())
+                  + f" ms/img; ONNX early exit {measured:.2f}x over the ONNX backbone, MACs {macs_speedup:.2f}x, "
+                  f"ratio {r['onnx_ratio']:.2f}", flush=True)
     return rows
 
 
@@ -140,6 +142,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--images", type=int, help="images per timed pass (default: 256 at batch 1, else 1024)")
+    p.add_argument("--head", default="sepconv", choices=HEAD_KINDS, help="kind of exit head (ScanConfig.head)")
     p.add_argument("--families", action="store_true", help="also export every family of the test suite")
     p.add_argument("--global-thread-pool", action="store_true",
                    help="every session (the exported backbone's too) shares onnxruntime's global thread pool")
@@ -149,7 +152,8 @@ def main() -> None:
     record = {"date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
               "torch": torch.__version__, "onnxruntime": ort.__version__, "global_thread_pool": args.global_thread_pool,
-              "speed": [row for size in args.sizes for row in speed(size, args.batch_sizes, args.repeats, args.images)]}
+              "speed": [row for size in args.sizes
+                        for row in speed(size, args.batch_sizes, args.repeats, args.images, args.head)]}
     if args.families:
         record["coverage"] = coverage()
     out = Path(args.out)
