@@ -1,15 +1,18 @@
 """Does the early-exit speed-up survive export to ONNX? And which families export?
 
-Speed: resnet18 (random weights: speed does not depend on them) with the default exits, exported with
-``export_onnx``; the plain backbone exported as one ONNX graph. The first exit's threshold is the median
-of its confidence on the images, so half of them leave there and the other half runs every section (the
-setting of ``early_exit_speed.py``). For each input and batch size: the exported plain backbone, the
-ONNX Runtime predictor and the torch predictor, timed in turns (``wall_clocks``); the exported backbone
-runs with onnxruntime's default options (its pool spins between runs), the predictor's graphs with
-``session_options()`` (pools that spin within a run and stop when it returns), or all of them in one global pool
-(``--global-thread-pool``); the ONNX predictor's
-measured speed-up over the exported backbone against the MACs speed-up (their ratio: 1.0 means the
-saving is fully realised).
+Speed: resnet18 (random weights: speed does not depend on them) with the default exits (``--head``:
+either kind of exit head), exported with ``export_onnx``; the plain backbone exported as one ONNX
+graph. The first exit's threshold is the median of its confidence on the images, so half of them
+leave there and the other half runs every section (the setting of ``early_exit_speed.py``). For each
+input and batch size, timed in turns (``wall_clocks``): the exported plain backbone, the ONNX Runtime
+predictor, the torch backbone and the torch predictor, and two breakdowns of the ONNX predictor's
+cost: its section graphs run one after another without the policy ("onnx sections in turn": the cost
+of cutting the backbone into graphs), and its section and exit graphs so ("onnx graphs in turn": the
+graph calls of a sample that reaches the end, without the torch work between them). The exported
+backbone runs with onnxruntime's default options (its pool spins between runs), the predictor's
+graphs with ``session_options()`` (pools that spin within a run and stop when it returns), or all of
+them in one global pool (``--global-thread-pool``). Ratio: the ONNX predictor's measured speed-up
+over the exported backbone / the MACs speed-up (1.0: the saving fully realised).
 
 Coverage (``--families``): every model family of the test suite exported, its answers compared with the
 torch predictor's on a mixed batch.
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
@@ -67,6 +71,19 @@ def plain_backbone_session(model: torch.nn.Module, size: int, folder: Path) -> o
                                 providers=["CPUExecutionProvider"])
 
 
+def graphs_in_turn(predictor: timm_scan.OnnxEarlyExitPredictor, heads: bool) -> Callable[[torch.Tensor], None]:
+    """Every section graph of ``predictor`` (and with ``heads`` every exit head's) run one after another
+    on the whole batch, without the early-exit policy: the graph calls of a sample that reaches the
+    end, apart from the torch work between them."""
+    def run(batch: torch.Tensor) -> None:
+        h = batch.numpy()
+        for section, head_graph in zip(predictor.sections, predictor.exits):
+            h = section.run(None, {"input": h})[0]
+            if heads:
+                head_graph.run(None, {"input": h})
+    return run
+
+
 def speed(size: int, batch_sizes: list[int], repeats: int, n_images: int | None, head: str) -> list[dict]:
     torch.manual_seed(0)
     model = timm_scan.wrap(timm.create_model("resnet18", num_classes=10), timm_scan.ScanConfig(head=head),
@@ -89,6 +106,8 @@ def speed(size: int, batch_sizes: list[int], repeats: int, n_images: int | None,
             seconds = wall_clocks({
                 "onnx backbone": lambda b: backbone.run(None, {"input": b.numpy()}),
                 "onnx early exit": onnx_predictor,
+                "onnx sections in turn": graphs_in_turn(onnx_predictor, heads=False),
+                "onnx graphs in turn": graphs_in_turn(onnx_predictor, heads=True),
                 "torch backbone": model.backbone,
                 "torch early exit": torch_predictor,
             }, list(x.split(bs)), repeats)
@@ -148,7 +167,8 @@ def main() -> None:
                    help="every session (the exported backbone's too) shares onnxruntime's global thread pool")
     p.add_argument("--out", default=None, help="default: results/onnx_export.json (_global_pool with that option)")
     args = p.parse_args()
-    args.out = args.out or str(HERE / "results" / f"onnx_export{'_global_pool' if args.global_thread_pool else ''}.json")
+    suffix = "_global_pool" if args.global_thread_pool else ""
+    args.out = args.out or str(HERE / "results" / f"onnx_export{suffix}.json")
     record = {"date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
               "torch": torch.__version__, "onnxruntime": ort.__version__, "global_thread_pool": args.global_thread_pool,

@@ -198,5 +198,6 @@ def test_onnx_export(tmp_path, monkeypatch):
     run("onnx_export.py", monkeypatch, "--batch-sizes", "4", "--repeats", "1", "--head", "pooled", "--out", str(out))
     row = json.loads(out.read_text())["speed"][0]
     assert row["head"] == "pooled"
-    assert set(row["ms_per_image"]) == {"onnx backbone", "onnx early exit", "torch backbone", "torch early exit"}
+    assert set(row["ms_per_image"]) == {"onnx backbone", "onnx early exit", "onnx sections in turn", "onnx graphs in turn",
+                                      "torch backbone", "torch early exit"}
     assert row["macs_speedup"] > 1 and 0.3 < row["share_at_exit1"] < 0.7
