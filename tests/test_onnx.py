@@ -144,6 +144,8 @@ def test_bad_inputs_and_damaged_folders(exported, tmp_path):
     for change, message in ((lambda m: m["sections"].pop(), "do not match"),
                             (lambda m: m.update(exits=["../../etc/passwd"] * 4), "field 'exits'"),
                             (lambda m: m.update(input_size=[3, "32", 32]), "field 'input_size'"),
+                            (lambda m: m.update(input_size=[3, 64, 64]), "does not match graph section_0.onnx"),
+                            (lambda m: m.update(num_classes=7), "does not match graph exit_0.onnx"),
                             (lambda m: m.update(surprise=1), "unknown field"),
                             (lambda m: m.update(thresholds=[0.5, 2.0, 0.5]), r"thresholds\[1\]"),
                             (lambda m: m.update(exit_latency=[{"ms_per_image": [1.0] * 4}]), "not a valid|missing"),
@@ -158,6 +160,29 @@ def test_bad_inputs_and_damaged_folders(exported, tmp_path):
     (damaged / "manifest.json").write_text("{")
     with pytest.raises(ValueError, match="damaged or not a manifest"):
         OnnxEarlyExitPredictor(damaged)
+
+
+def test_a_failed_export_leaves_no_mix_of_old_and_new_graphs(exported, tmp_path, monkeypatch):
+    import timm_scan.deploy.onnx as onnx_module
+
+    model, folder, _ = exported
+    again = tmp_path / "again"
+    shutil.copytree(folder, again)
+    (again / "notes.txt").write_text("kept")
+    for size, check_batch, message in (((32, 32), 2, "three positive ints"), ((3, 32, 32), 1, "check_batch")):
+        with pytest.raises(ValueError, match=message):
+            export_onnx(model, again, size, check_batch=check_batch)
+    assert (again / "manifest.json").is_file()  # refused before anything was touched
+
+    def fails(*args, **kwargs):
+        raise ValueError("cannot export section 0 (simulated)")
+
+    monkeypatch.setattr(onnx_module, "_export_checked", fails)
+    with pytest.raises(ValueError, match="simulated"):
+        export_onnx(model, again, (3, 32, 32))
+    assert sorted(p.name for p in again.iterdir()) == ["notes.txt"]  # the earlier export is gone, nothing else
+    with pytest.raises(ValueError, match="has no manifest.json"):
+        OnnxEarlyExitPredictor(again)
 
 
 # One model per runner and layout (CNN children in order, NHWC, tokens); `python benchmarks/onnx_export.py

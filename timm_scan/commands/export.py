@@ -8,6 +8,7 @@ otherwise; ``timm-scan push RUN owner/name --onnx`` uploads it beside the model.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +35,14 @@ class ExportConfig:
 def export(cfg: ExportConfig) -> OnnxManifest:
     """Export and return the manifest."""
     model, _ = load_run(cfg.run)
-    size = (3, cfg.input_size, cfg.input_size) if cfg.input_size else None
+    size = (3, cfg.input_size, cfg.input_size) if cfg.input_size is not None else None
     folder = Path(cfg.output or Path(cfg.run) / "onnx")
     for batch_size in cfg.latency_batch_sizes:  # before anything is written
         check_timing_arguments(batch_size, 64, 5)
     manifest = export_onnx(model, folder, size, opset=cfg.opset)
+    if manifest.thresholds is None:
+        print(f"warning: {cfg.run} has no thresholds (run `timm-scan search` first); the export's predictor then "
+              "needs thresholds=[...]", file=sys.stderr)
     if cfg.latency_batch_sizes:  # the timing forces its own thresholds; the fallback is the model's
         predictor = OnnxEarlyExitPredictor(folder, [1.0] * (len(manifest.exits) - 1), manifest.fallback)
         manifest.exit_latency = [predictor.measure_exit_latency(bs) for bs in cfg.latency_batch_sizes]

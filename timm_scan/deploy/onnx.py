@@ -22,6 +22,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from ..model.backbone import eval_mode, model_name
-from ..model.config import validate_fallback, validate_temperatures, validate_thresholds
+from ..model.config import validate_temperatures
 from ..model.multi_exit import MultiExitModel
 from ..report import ExitLatency, JsonRecord
 from .latency import check_timing_arguments, processor_name, time_exits
-from .predictor import EarlyExitResult, check_images, run_early_exit
+from .predictor import EarlyExitResult, check_images, resolve_policy, run_early_exit
 from .threads import one_torch_thread
 
 __all__ = ["OnnxEarlyExitPredictor", "OnnxManifest", "export_onnx", "session_options", "use_global_thread_pool"]
@@ -135,9 +136,15 @@ def export_onnx(
     if input_size is None:
         input_size = tuple(model.data_config["input_size"]) if model.data_config else tuple(
             model.backbone.pretrained_cfg.get("input_size", (3, 224, 224)))
+    if len(input_size) != 3 or any(isinstance(v, bool) or not isinstance(v, Integral) or v < 1 for v in input_size):
+        raise ValueError(f"input_size must be three positive ints (C, H, W); got {input_size!r}")
+    if isinstance(check_batch, bool) or not isinstance(check_batch, Integral) or check_batch < 2:
+        raise ValueError(f"check_batch must be an int >= 2 (the exporter fixes a batch dimension of 1); "
+                         f"got {check_batch!r}")
     input_size = tuple(int(v) for v in input_size)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_earlier_export(folder)
     name = model_name(model.backbone)
     h = torch.randn((check_batch, *input_size), generator=torch.Generator().manual_seed(0))
     sections, exits = [], []
@@ -192,6 +199,23 @@ def session_options(threads: int | None = None) -> Any:
     return options
 
 
+def _remove_earlier_export(folder: Path) -> None:
+    """Delete an earlier export's manifest and the graphs it names, so that an export that fails half-way
+    leaves no folder that loads with a mix of old and new graphs."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        old = OnnxManifest.load(path)
+        names = [*old.sections, *old.exits]
+    except (ValueError, TypeError):  # a damaged manifest: only it goes
+        names = []
+    path.unlink()
+    for name in filter(_plain_name, names):
+        for file in (folder / name, folder / f"{name}.data"):
+            file.unlink(missing_ok=True)
+
+
 def _check_manifest(m: OnnxManifest, path: Path) -> None:
     """Types and ranges of what the predictor reads from the manifest: a ``ValueError`` naming the field."""
     def ints(values: Any, least: int = 1) -> bool:
@@ -212,6 +236,20 @@ def _check_manifest(m: OnnxManifest, path: Path) -> None:
             raise ValueError(f"{path}: field {name!r} must be {valid}; got {getattr(m, name)!r}")
 
 
+def _check_graph_shapes(first_section: Any, exits: Sequence[Any], m: OnnxManifest, path: Path) -> None:
+    """The manifest's input size and class count against what the graphs declare (their fixed dims)."""
+    def differs(declared: Sequence[Any], expected: Sequence[int]) -> bool:
+        return len(declared) != len(expected) or any(isinstance(d, int) and d != e for d, e in zip(declared, expected))
+
+    if differs(first_section.get_inputs()[0].shape[1:], m.input_size):
+        raise ValueError(f"{path}: input_size {m.input_size} does not match graph {m.sections[0]}, which takes "
+                         f"{first_section.get_inputs()[0].shape[1:]}; the manifest belongs to another export")
+    for name, session in zip(m.exits, exits):
+        if differs(session.get_outputs()[0].shape[-1:], [m.num_classes]):
+            raise ValueError(f"{path}: num_classes {m.num_classes} does not match graph {name}, whose output is "
+                             f"{session.get_outputs()[0].shape}; the manifest belongs to another export")
+
+
 def _plain_name(name: Any) -> bool:
     """A file name inside the folder: no directory part."""
     return isinstance(name, str) and name.endswith(".onnx") and Path(name).name == name and name not in (".", "..")
@@ -225,11 +263,17 @@ def _export_checked(module: nn.Module, example: Tensor, path: Path, what: str, o
             torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["output"],
                               dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, dynamo=True,
                               verbose=False)
+    except ModuleNotFoundError as exc:  # torch's exporter needs onnxscript
+        raise ImportError(f"ONNX export needs {exc.name}: {INSTALL}") from exc
     except Exception as exc:  # the exporter raises many types
         raise ValueError(f"cannot export {what} to ONNX ({type(exc).__name__}: {str(exc)[:300]})") from None
     expected = module(example)
-    session = ort.InferenceSession(str(path), sess_options=session_options(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input": example.numpy()})[0]
+    try:
+        session = ort.InferenceSession(str(path), sess_options=session_options(), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"input": example.numpy()})[0]
+    except Exception as exc:  # ONNX Runtime raises its own types
+        raise ValueError(f"cannot export {what}: ONNX Runtime cannot run the exported graph "
+                         f"({type(exc).__name__}: {str(exc)[:300]})") from None
     if got.shape != tuple(expected.shape) or not np.allclose(got, expected.numpy(), atol=atol, rtol=1e-3):
         difference = np.abs(got - expected.numpy()).max() if got.shape == tuple(expected.shape) else "shape"
         raise ValueError(f"cannot export {what}: ONNX Runtime computes other numbers (max difference {difference})")
@@ -241,12 +285,14 @@ class OnnxEarlyExitPredictor:
     ``predictor(images)`` → `EarlyExitResult` (labels, exit index, confidence, probabilities, MACs per
     sample, in input order), as `EarlyExitPredictor` gives, by the same Algorithm 1.
 
-    ``thresholds`` / ``fallback``: default the manifest's. ``providers``: ONNX Runtime execution
-    providers (default CPU). ``session_options``: default `session_options()` (the graphs run one after
-    another: they share onnxruntime's global thread pool where `use_global_thread_pool` set it up, and
-    otherwise their own pools stop spinning when a run returns). A missing or damaged graph, or a manifest that
-    does not match the graphs, is a ``ValueError`` here; images of the wrong shape or dtype are one at
-    call time.
+    ``thresholds``: default the manifest's, with its fallback; ``fallback``: ``"ensemble"`` or
+    ``"deepest"`` (default: the manifest's with its thresholds, else ``"ensemble"``, as
+    `EarlyExitPredictor`). ``providers``: ONNX Runtime execution providers (default CPU).
+    ``session_options``: default `session_options()` (the graphs run one after another: they share
+    onnxruntime's global thread pool where `use_global_thread_pool` set it up, and otherwise their own
+    pools stop spinning when a run returns). A missing or damaged graph, or a manifest that does not
+    match the graphs (their number, input size, class count), is a ``ValueError`` here; images of the
+    wrong shape or dtype are one at call time.
     """
 
     def __init__(
@@ -275,12 +321,8 @@ class OnnxEarlyExitPredictor:
         if len(m.sections) != k or len(m.exit_macs) != k:
             raise ValueError(f"{folder / MANIFEST}: {len(m.sections)} sections, {k} exits and {len(m.exit_macs)} MACs "
                              "do not match (one each per exit)")
-        if thresholds is None:
-            if m.thresholds is None:
-                raise ValueError("no thresholds: pass thresholds=[...] (one per shallow exit) or export a model with some")
-            thresholds, fallback = m.thresholds, fallback or m.fallback
-        self.thresholds = validate_thresholds(thresholds, k)
-        self.fallback = validate_fallback(fallback or "ensemble")
+        self.thresholds, self.fallback = resolve_policy(thresholds, fallback, m.thresholds, m.fallback, k,
+                                                        "export a model that has some")
         try:
             self.temperatures = None if m.temperatures is None else validate_temperatures(m.temperatures, k)
         except ValueError as exc:
@@ -290,6 +332,7 @@ class OnnxEarlyExitPredictor:
             raise ValueError(f"{folder / MANIFEST}: exit_latency must hold {k} values per measurement, one per exit")
         self.sections = [self._session(folder / f, ort, providers, session_options) for f in m.sections]
         self.exits = [self._session(folder / f, ort, providers, session_options) for f in m.exits]
+        _check_graph_shapes(self.sections[0], self.exits, m, folder / MANIFEST)
         self._macs = torch.tensor(m.exit_macs, dtype=torch.int64)
 
     @staticmethod

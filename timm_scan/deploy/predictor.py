@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..model.multi_exit import MultiExitModel
-from .fast_heads import inference_copy
 from ..model.backbone import eval_mode
 from ..model.config import validate_fallback, validate_temperatures, validate_thresholds
+from ..model.multi_exit import MultiExitModel
+from .fast_heads import inference_copy
 from .policy import fallback_probs, leaves
 
-__all__ = ["EarlyExitPredictor", "EarlyExitResult", "check_images", "run_early_exit"]
+__all__ = ["EarlyExitPredictor", "EarlyExitResult", "check_images", "resolve_policy", "run_early_exit"]
 
 
 @dataclass
@@ -60,14 +60,9 @@ class EarlyExitPredictor:
         fallback: str | None = None,
         optimize_heads: bool = True,
     ) -> None:
-        if thresholds is None:
-            if model.thresholds is None:
-                raise ValueError("no thresholds: pass thresholds=[...] (one per shallow exit) or load a model saved with some")
-            thresholds, fallback = model.thresholds, fallback or model.fallback
-        fallback = fallback or "ensemble"
+        self.thresholds, self.fallback = resolve_policy(thresholds, fallback, model.thresholds, model.fallback,
+                                                        model.num_exits, "load a model saved with some")
         self.model = model.eval()
-        self.thresholds = validate_thresholds(thresholds, model.num_exits)
-        self.fallback = validate_fallback(fallback)
         self.heads = [inference_copy(h) if optimize_heads else h for h in model.exits]
         self.temperatures = None if model.temperatures is None else validate_temperatures(model.temperatures, model.num_exits)
         self._macs: dict[tuple[int, ...], Tensor] = {}
@@ -97,11 +92,31 @@ class EarlyExitPredictor:
                                   model.num_classes)
 
 
+def resolve_policy(
+    thresholds: Sequence[float] | None,
+    fallback: str | None,
+    saved_thresholds: Sequence[float] | None,
+    saved_fallback: str | None,
+    num_exits: int,
+    where_saved: str,
+) -> tuple[list[float], str]:
+    """The thresholds and fallback a predictor runs with: the given ones, or where ``thresholds`` is
+    ``None`` the saved ones with their saved fallback (a fallback belongs to the thresholds it was
+    searched with); given thresholds without a fallback get ``"ensemble"``. Validated; no thresholds
+    at all is a ``ValueError`` that says to pass some or to ``where_saved``."""
+    if thresholds is None:
+        if saved_thresholds is None:
+            raise ValueError(f"no thresholds: pass thresholds=[...] (one per shallow exit) or {where_saved}")
+        thresholds, fallback = saved_thresholds, fallback or saved_fallback
+    return validate_thresholds(thresholds, num_exits), validate_fallback(fallback or "ensemble")
+
+
 def check_images(images: Tensor) -> None:
     """A ``ValueError`` unless ``images`` is a float tensor ``(B, C, H, W)`` of finite pixels."""
     if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a float tensor (batch, channels, height, width); got {shape}")
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor (batch, channels, height, width), normalised as the model "
+                         f"expects (e.g. by timm's transforms; .float() alone does not scale uint8); got {got}")
     if not torch.isfinite(images).all():
         bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero()[:, 0].tolist()
         raise ValueError(f"images {bad[:10]} hold NaN or infinite pixels; nothing was answered")
