@@ -49,7 +49,7 @@ def describe_device(device: torch.device) -> str:
 
 
 def time_exits(
-    predictor_for: Callable[[list[float]], Callable[[torch.Tensor], Any]],
+    predictor: Any,
     backbone: Callable[[torch.Tensor], Any],
     num_exits: int,
     batches: list[torch.Tensor],
@@ -57,13 +57,18 @@ def time_exits(
 ) -> tuple[list[float], float]:
     """Milliseconds per image of leaving at each exit (cumulative) and of the plain ``backbone``.
 
-    ``predictor_for(thresholds)``: an early-exit predictor with those thresholds; exit i is timed as
-    the one whose thresholds send every sample there (confidence > 0 always holds, > 1 never), in turns
-    with the backbone (`wall_clocks`). Noise can time a deeper exit below a shallower one; such an
-    entry is raised to the one before it."""
+    ``predictor``: an `EarlyExitPredictor` or `OnnxEarlyExitPredictor`; exit i is timed with a shallow
+    copy of it (the same heads or sessions) whose thresholds send every sample there (confidence > 0
+    always holds, > 1 never), in turns with the backbone (`wall_clocks`). Noise can time a deeper exit
+    below a shallower one; such an entry is raised to the one before it."""
+    def forced(thresholds: list[float]) -> Any:
+        copied = copy.copy(predictor)
+        copied.thresholds = thresholds
+        return copied
+
     k = num_exits
-    predictors = {f"exit {i + 1}": predictor_for([1.0] * i + [0.0] + [1.0] * (k - 2 - i)) for i in range(k - 1)}
-    predictors[f"exit {k}"] = predictor_for([1.0] * (k - 1))
+    predictors = {f"exit {i + 1}": forced([1.0] * i + [0.0] + [1.0] * (k - 2 - i)) for i in range(k - 1)}
+    predictors[f"exit {k}"] = forced([1.0] * (k - 1))
     seconds = wall_clocks({"backbone": backbone, **predictors}, batches, repeats)
     n = sum(len(b) for b in batches)
     measured = [1000 * seconds[name] / n for name in predictors]
@@ -115,13 +120,7 @@ def measure_exit_latency(
                .contiguous(memory_format=_MEMORY_FORMATS[memory_format]) for _ in range(math.ceil(images / batch_size))]
     try:  # the predictors put the model in eval mode; the backbone is timed in it too
         predictor = EarlyExitPredictor(model, [1.0] * (model.num_exits - 1), fallback)
-
-        def predictor_for(thresholds: list[float]) -> EarlyExitPredictor:
-            forced = copy.copy(predictor)  # the same inference copies of the heads
-            forced.thresholds = thresholds
-            return forced
-
-        exits_ms, backbone_ms = time_exits(predictor_for, model.backbone, model.num_exits, batches, repeats)
+        exits_ms, backbone_ms = time_exits(predictor, model.backbone, model.num_exits, batches, repeats)
     finally:
         model.train(was_training)
     return ExitLatency(
