@@ -17,7 +17,9 @@ the same way), the transforms, the timm model, the seed, the optimiser, schedule
   one pass over val (earlyon's ``collect_head_logits``); the epoch kept is the one with the best
   final-head val accuracy, as our trainer keeps the best deepest exit.
   Weights go to ``<ours>/../earlyon/model.safetensors`` with ``training.json`` (recipe, seconds, val
-  accuracy per epoch); a later run loads them instead of training again, unless ``--retrain``.
+  accuracy per epoch); a later run loads them instead of training again, unless ``--retrain``. The
+  training saves its state there after each epoch (``training_state.*``), and an interrupted run
+  resumes from it, bit for bit as if never stopped.
 - **MACs** (``timm_scan.model.count_macs`` for both; MACs = FLOPs / 2): ours from
   ``model.exit_macs``; earlyon's backbone up to each exit stage from timm's
   ``forward_intermediates(stop_early=True)`` plus the heads that ran (an enabled exit's head runs for
@@ -118,7 +120,7 @@ from earlyon.core.wrappers import EarlyExitWrapper
 from earlyon.models import custom_ee
 from earlyon.training import weighted_multi_exit_loss
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -203,14 +205,21 @@ def head_accuracies(cache: HeadLogits) -> list[float]:
     return [accuracy(z, cache.targets) for z in cache.logits]
 
 
-def train_earlyon(model: EarlyExitWrapper, cfg: TrainConfig, train: DataLoader, val: DataLoader) -> dict[str, Any]:
-    """Joint training with earlyon's loss under our recipe; the model ends with its best epoch's weights."""
+def train_earlyon(model: EarlyExitWrapper, cfg: TrainConfig, train: DataLoader, val: DataLoader,
+                  folder: Path, trained_on: dict[str, Any]) -> dict[str, Any]:
+    """Joint training with earlyon's loss under our recipe; the model ends with its best epoch's weights.
+    After each epoch the state (weights, best weights, optimizer, schedule, RNG: safetensors and JSON in
+    ``folder``) is saved, and a run with the same recipe resumes from it."""
     model.requires_grad_(True)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(train)))
-    history, best_state, best_epoch = [], None, 0
-    started = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    progress = {"epochs_done": 0, "history": [], "best_epoch": 0, "seconds": 0.0}
+    best_state = None
+    if (folder / PARTIAL_JSON).is_file():
+        progress, best_state = resume_earlyon(model, optimizer, scheduler, folder, trained_on)
+        print(f"earlyon: resumed after epoch {progress['epochs_done']}")
+    started = time.perf_counter() - progress["seconds"]
+    for epoch in range(progress["epochs_done"], cfg.epochs):
         model.train()
         bar = tqdm(train, desc=f"earlyon epoch {epoch + 1}/{cfg.epochs}")
         for images, labels in bar:
@@ -220,13 +229,65 @@ def train_earlyon(model: EarlyExitWrapper, cfg: TrainConfig, train: DataLoader, 
             optimizer.step()
             scheduler.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+        history = progress["history"]
         history.append(head_accuracies(collect_head_logits(model, val, "cpu")))
         print(f"earlyon epoch {epoch + 1}: val accuracy per head {', '.join(f'{a:.3f}' for a in history[-1])}")
-        if best_state is None or history[-1][-1] > history[best_epoch - 1][-1]:
-            best_state, best_epoch = {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1
+        if best_state is None or history[-1][-1] > history[progress["best_epoch"] - 1][-1]:
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            progress["best_epoch"] = epoch + 1
+        progress.update(epochs_done=epoch + 1, seconds=time.perf_counter() - started)
+        save_earlyon_progress(model, best_state, optimizer, scheduler, progress, folder, trained_on)
     model.load_state_dict(best_state)
-    return {"seconds": round(time.perf_counter() - started, 1), "best_epoch": best_epoch,
-            "val_accuracy_per_epoch": history}
+    return {"seconds": round(time.perf_counter() - started, 1), "best_epoch": progress["best_epoch"],
+            "val_accuracy_per_epoch": progress["history"]}
+
+
+PARTIAL_TENSORS, PARTIAL_JSON = "training_state.safetensors", "training_state.json"
+
+
+def save_earlyon_progress(model: nn.Module, best_state: dict[str, Tensor], optimizer: torch.optim.Optimizer,
+                          scheduler: Any, progress: dict[str, Any], folder: Path, trained_on: dict[str, Any]) -> None:
+    """The training state after an epoch: tensors as safetensors, the rest as JSON (JSON written last)."""
+    optim = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"best.{k}": v for k, v in best_state.items()}
+    tensors["rng"] = torch.get_rng_state()
+    optim_values: dict[str, dict[str, Any]] = {}
+    for index, state in optim["state"].items():
+        for name, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{index}.{name}"] = value
+            else:
+                optim_values.setdefault(str(index), {})[name] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PARTIAL_JSON).unlink(missing_ok=True)  # a state without its JSON is never read
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / PARTIAL_TENSORS))
+    (folder / PARTIAL_JSON).write_text(json.dumps({
+        **trained_on, "progress": progress, "optimizer_groups": optim["param_groups"],
+        "optimizer_values": optim_values, "scheduler": scheduler.state_dict()}, indent=2))
+
+
+def resume_earlyon(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, folder: Path,
+                   trained_on: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Load what `save_earlyon_progress` wrote (strictly); the progress and the best weights so far."""
+    meta = json.loads((folder / PARTIAL_JSON).read_text())
+    if {k: meta.get(k) for k in trained_on} != trained_on:
+        raise ValueError(f"{folder / PARTIAL_JSON} is a training of another recipe or other exits; delete it "
+                         "or pass --retrain")
+    tensors = load_file(str(folder / PARTIAL_TENSORS))
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, values in meta["optimizer_values"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng"])
+    return meta["progress"], best
 
 
 def trained_earlyon(cfg: TrainConfig, splits: ImageSplits, exit_layers: list[str], folder: Path, retrain: bool,
@@ -244,11 +305,16 @@ def trained_earlyon(cfg: TrainConfig, splits: ImageSplits, exit_layers: list[str
         print(f"earlyon: loaded {weights} (trained in {meta['seconds']:.0f} s; pass --retrain to train again)")
     else:
         train_tf, eval_tf = transforms
+        if retrain:
+            for partial in (PARTIAL_JSON, PARTIAL_TENSORS):
+                (folder / partial).unlink(missing_ok=True)
         meta = {**trained_on, **train_earlyon(model, cfg, build_loader(cfg, splits, splits.train, train_tf, True),
-                                              build_loader(cfg, splits, splits.val, eval_tf, False))}
-        folder.mkdir(parents=True, exist_ok=True)
+                                              build_loader(cfg, splits, splits.val, eval_tf, False), folder,
+                                              trained_on)}
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
         meta_path.write_text(json.dumps(meta, indent=2))
+        for partial in (PARTIAL_JSON, PARTIAL_TENSORS):
+            (folder / partial).unlink()
     return model.eval(), meta
 
 

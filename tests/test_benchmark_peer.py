@@ -143,3 +143,50 @@ def test_the_verdict_on_hand_made_curves():
     assert not found["ours_above_earlyon"] and not found["ours_above_earlyon_counting_backbone"]
     found = peer["verdict"](curve([(1.0, 0.50)], [(6.0, 0.55)]))
     assert not found["ours_above_earlyon"] and found["ours_above_earlyon_counting_backbone"]
+
+
+def test_earlyon_training_resumes_exactly_after_an_interruption(tmp_path, one_thread):
+    """The peer's training saves its state after each epoch; a run stopped after epoch 1 and started again
+    ends with the same weights, bit for bit, as one that was never stopped."""
+    from safetensors.torch import load_file
+    from torch.utils.data import DataLoader, TensorDataset
+
+    peer = runpy.run_path(str(ROOT / "benchmarks" / "peer_earlyon.py"))
+    cfg = TrainConfig(dataset="unused", model="resnet18", epochs=2, batch_size=8, lr=0.05, num_workers=0)
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(40, 3, 32, 32, generator=generator),
+                         torch.randint(0, 10, (40,), generator=generator))
+    train = DataLoader(torch.utils.data.Subset(data, range(32)), batch_size=8, shuffle=True, drop_last=True)
+    val = DataLoader(torch.utils.data.Subset(data, range(32, 40)), batch_size=8)
+    layers, trained_on = ["layer1", "layer2", "layer3"], {"recipe": {"epochs": 2}, "exit_layers": ["layer1"]}
+
+    def train_in(folder):
+        model = peer["build_earlyon"](cfg, layers, 10, 32)
+        return model, peer["train_earlyon"](model, cfg, train, val, folder, trained_on)
+
+    whole, whole_meta = train_in(tmp_path / "whole")
+    save = peer["save_earlyon_progress"]
+
+    def save_then_stop(*args):
+        save(*args)
+        raise KeyboardInterrupt
+
+    peer["train_earlyon"].__globals__["save_earlyon_progress"] = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_in(tmp_path / "stopped")
+    finally:
+        peer["train_earlyon"].__globals__["save_earlyon_progress"] = save
+    assert json.loads((tmp_path / "stopped" / "training_state.json").read_text())["progress"]["epochs_done"] == 1
+    resumed, resumed_meta = train_in(tmp_path / "stopped")
+    assert resumed_meta["val_accuracy_per_epoch"] == whole_meta["val_accuracy_per_epoch"]
+    assert resumed_meta["best_epoch"] == whole_meta["best_epoch"]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name  # the best epoch's weights
+    last = [load_file(str(tmp_path / run / "training_state.safetensors")) for run in ("whole", "stopped")]
+    assert last[0].keys() == last[1].keys()
+    for name in last[0]:
+        assert torch.equal(last[0][name], last[1][name]), name  # the last epoch's weights, optimizer and RNG
+    with pytest.raises(ValueError, match="another recipe"):
+        peer["train_earlyon"](peer["build_earlyon"](cfg, layers, 10, 32), cfg, train, val, tmp_path / "stopped",
+                              {**trained_on, "exit_layers": ["layer2"]})
