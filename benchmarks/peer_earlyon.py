@@ -18,8 +18,9 @@ the same way), the transforms, the timm model, the seed, the optimiser, schedule
   final-head val accuracy, as our trainer keeps the best deepest exit.
   Weights go to ``<ours>/../earlyon/model.safetensors`` with ``training.json`` (recipe, seconds, val
   accuracy per epoch); a later run loads them instead of training again, unless ``--retrain``. The
-  training saves its state there after each epoch (``training_state.*``), and an interrupted run
-  resumes from it, bit for bit as if never stopped.
+  training saves its state there after each epoch (``training_state.*``: weights, optimizer, schedule,
+  torch's, Python's and NumPy's RNG), and an interrupted run resumes from it, bit for bit as if never
+  stopped; ``--retrain`` drops all of it first.
 - **MACs** (``timm_scan.model.count_macs`` for both; MACs = FLOPs / 2): ours from
   ``model.exit_macs``; earlyon's backbone up to each exit stage from timm's
   ``forward_intermediates(stop_early=True)`` plus the heads that ran (an enabled exit's head runs for
@@ -94,7 +95,9 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
+import random
 import sys
 import time
 import warnings
@@ -259,12 +262,18 @@ def save_earlyon_progress(model: nn.Module, best_state: dict[str, Tensor], optim
                 tensors[f"optim.{index}.{name}"] = value
             else:
                 optim_values.setdefault(str(index), {})[name] = value
+    numpy_state = np.random.get_state()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / PARTIAL_JSON).unlink(missing_ok=True)  # a state without its JSON is never read
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / PARTIAL_TENSORS))
-    (folder / PARTIAL_JSON).write_text(json.dumps({
+    partial = folder / f"{PARTIAL_JSON}.partial"
+    partial.write_text(json.dumps({
         **trained_on, "progress": progress, "optimizer_groups": optim["param_groups"],
-        "optimizer_values": optim_values, "scheduler": scheduler.state_dict()}, indent=2))
+        "optimizer_values": optim_values, "scheduler": scheduler.state_dict(),
+        # the transforms draw from these where the loader has no workers (workers are seeded from torch's)
+        "python_random": random.getstate(),
+        "numpy_random": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}, indent=2))
+    os.replace(partial, folder / PARTIAL_JSON)
 
 
 def resume_earlyon(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, folder: Path,
@@ -287,6 +296,11 @@ def resume_earlyon(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng"])
+    if "python_random" in meta:  # states saved before 2026-11-30's last change hold torch's RNG only
+        version, internal, gauss = meta["python_random"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, *rest = meta["numpy_random"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     return meta["progress"], best
 
 
@@ -305,9 +319,9 @@ def trained_earlyon(cfg: TrainConfig, splits: ImageSplits, exit_layers: list[str
         print(f"earlyon: loaded {weights} (trained in {meta['seconds']:.0f} s; pass --retrain to train again)")
     else:
         train_tf, eval_tf = transforms
-        if retrain:
-            for partial in (PARTIAL_JSON, PARTIAL_TENSORS):
-                (folder / partial).unlink(missing_ok=True)
+        if retrain:  # everything of the earlier training goes, so that this one resumes if interrupted
+            for name in (PARTIAL_JSON, PARTIAL_TENSORS, weights.name, meta_path.name):
+                (folder / name).unlink(missing_ok=True)
         meta = {**trained_on, **train_earlyon(model, cfg, build_loader(cfg, splits, splits.train, train_tf, True),
                                               build_loader(cfg, splits, splits.val, eval_tf, False), folder,
                                               trained_on)}

@@ -147,7 +147,10 @@ def test_the_verdict_on_hand_made_curves():
 
 def test_earlyon_training_resumes_exactly_after_an_interruption(tmp_path, one_thread):
     """The peer's training saves its state after each epoch; a run stopped after epoch 1 and started again
-    ends with the same weights, bit for bit, as one that was never stopped."""
+    ends with the same weights, bit for bit, as one that was never stopped (torch's and Python's RNG
+    restored)."""
+    import random
+
     from safetensors.torch import load_file
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -156,7 +159,16 @@ def test_earlyon_training_resumes_exactly_after_an_interruption(tmp_path, one_th
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(40, 3, 32, 32, generator=generator),
                          torch.randint(0, 10, (40,), generator=generator))
-    train = DataLoader(torch.utils.data.Subset(data, range(32)), batch_size=8, shuffle=True, drop_last=True)
+
+    class Jittered(torch.utils.data.Dataset):  # a transform that draws from Python's RNG, as timm's do
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            image, label = data[i]
+            return image * (1 + 0.1 * random.random()), label
+
+    train = DataLoader(Jittered(), batch_size=8, shuffle=True, drop_last=True)  # no workers: the main process draws
     val = DataLoader(torch.utils.data.Subset(data, range(32, 40)), batch_size=8)
     layers, trained_on = ["layer1", "layer2", "layer3"], {"recipe": {"epochs": 2}, "exit_layers": ["layer1"]}
 
