@@ -169,7 +169,8 @@ def test_a_failed_export_leaves_no_mix_of_old_and_new_graphs(exported, tmp_path,
     again = tmp_path / "again"
     shutil.copytree(folder, again)
     (again / "notes.txt").write_text("kept")
-    for size, check_batch, message in (((32, 32), 2, "three positive ints"), ((3, 32, 32), 1, "check_batch")):
+    for size, check_batch, message in (((32, 32), 2, r"\(channels, height, width\) of positive ints"),
+                                       ((3, 32, 32), 1, "check_batch")):
         with pytest.raises(ValueError, match=message):
             export_onnx(model, again, size, check_batch=check_batch)
     assert (again / "manifest.json").is_file()  # refused before anything was touched

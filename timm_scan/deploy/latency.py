@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..model.config import check_input_size
 from ..model.multi_exit import MultiExitModel
 from ..report import ExitLatency
 from .predictor import EarlyExitPredictor
@@ -111,8 +112,7 @@ def measure_exit_latency(
         if not model.data_config:
             raise ValueError("input_size: the model has no data config; pass (channels, height, width)")
         input_size = tuple(model.data_config["input_size"])
-    if len(input_size) != 3 or not all(isinstance(s, int) and s > 0 for s in input_size):
-        raise ValueError(f"input_size must be (channels, height, width) of positive ints; got {input_size!r}")
+    input_size = check_input_size(input_size)
     weight = next(model.parameters())
     was_training = model.training
     fallback = fallback or model.fallback

@@ -21,7 +21,6 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model.backbone import eval_mode, model_name
-from ..model.config import validate_temperatures
+from ..model.config import check_input_size, validate_temperatures
 from ..model.multi_exit import MultiExitModel
 from ..report import ExitLatency, JsonRecord
 from .latency import check_timing_arguments, processor_name, time_exits
@@ -135,12 +134,10 @@ def export_onnx(
     if input_size is None:
         input_size = tuple(model.data_config["input_size"]) if model.data_config else tuple(
             model.backbone.pretrained_cfg.get("input_size", (3, 224, 224)))
-    if len(input_size) != 3 or any(isinstance(v, bool) or not isinstance(v, Integral) or v < 1 for v in input_size):
-        raise ValueError(f"input_size must be three positive ints (C, H, W); got {input_size!r}")
-    if isinstance(check_batch, bool) or not isinstance(check_batch, Integral) or check_batch < 2:
+    input_size = check_input_size(input_size)
+    if isinstance(check_batch, bool) or not isinstance(check_batch, int) or check_batch < 2:
         raise ValueError(f"check_batch must be an int >= 2 (the exporter fixes a batch dimension of 1); "
                          f"got {check_batch!r}")
-    input_size = tuple(int(v) for v in input_size)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _remove_earlier_export(folder)

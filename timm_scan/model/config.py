@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ATTENTION_KINDS", "FALLBACKS", "HEAD_KINDS", "ScanConfig", "validate_fallback", "validate_temperatures", "validate_thresholds"]
+__all__ = ["ATTENTION_KINDS", "FALLBACKS", "HEAD_KINDS", "ScanConfig", "check_input_size", "validate_fallback",
+           "validate_temperatures", "validate_thresholds"]
 
 ATTENTION_KINDS = ("sd", "scan", "none")
 HEAD_KINDS = ("sepconv", "pooled")  # ExitHead's kinds (timm_scan.model.heads)
@@ -124,6 +125,13 @@ def validate_temperatures(temperatures: Sequence[float], num_exits: int) -> list
         raise ValueError(f"temperatures must be {num_exits} positive numbers, one per exit (deepest last); "
                          f"got {temperatures!r}")
     return [float(t) for t in values]
+
+
+def check_input_size(input_size: Any) -> tuple[int, int, int]:
+    """``input_size`` as a tuple, or a ``ValueError`` unless it is (channels, height, width) of positive ints."""
+    if len(input_size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size):
+        raise ValueError(f"input_size must be (channels, height, width) of positive ints; got {input_size!r}")
+    return tuple(input_size)
 
 
 def validate_fallback(fallback: str) -> str:

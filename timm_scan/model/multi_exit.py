@@ -11,6 +11,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from ..report import ExitLatency
 from . import hub
 from .backbone import (
     Stage,
@@ -22,10 +23,9 @@ from .backbone import (
     resolve_exit_indices,
     without_capture_hooks,
 )
-from .config import ScanConfig
+from .config import ScanConfig, check_input_size
 from .heads import POOLED_HIDDEN, ExitHead
 from .macs import count_macs
-from ..report import ExitLatency
 
 __all__ = ["MultiExitModel", "MultiExitOutput", "TruncatedModel", "from_pretrained", "wrap"]
 
@@ -185,10 +185,8 @@ class MultiExitModel(nn.Module):
             return count_macs(self.backbone, self._dummy(input_size))
 
     def _dummy(self, input_size: tuple[int, int, int]) -> Tensor:
-        if len(input_size) != 3 or not all(isinstance(v, int) and v > 0 for v in input_size):
-            raise ValueError(f"input_size must be (channels, height, width) of positive ints; got {input_size!r}")
         p = next(self.parameters())
-        return torch.zeros((1, *input_size), device=p.device, dtype=p.dtype)
+        return torch.zeros((1, *check_input_size(input_size)), device=p.device, dtype=p.dtype)
 
 
 class TruncatedModel(nn.Module):
