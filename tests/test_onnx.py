@@ -11,7 +11,7 @@ from conftest import create
 
 import timm_scan
 from timm_scan import EarlyExitPredictor, OnnxEarlyExitPredictor, export_onnx
-from timm_scan.deploy.onnx import OnnxManifest
+from timm_scan.deploy.onnx import OnnxManifest, session_options
 
 pytest.importorskip("onnxruntime")
 
@@ -78,6 +78,9 @@ def test_exit_latency_timed_with_onnx_runtime_travels_in_the_manifest(exported, 
     latency = OnnxEarlyExitPredictor(folder).measure_exit_latency(batch_size=2, images=16, repeats=5)
     assert len(latency.ms_per_image) == 4 and latency.backbone_ms_per_image > 0
     assert latency.batch_size == 2 and latency.input_size == [3, 32, 32] and "onnxruntime" in latency.device
+    assert "onnxruntime's default threads" in latency.device
+    two_threads = OnnxEarlyExitPredictor(folder, session_options=session_options(threads=2))
+    assert ", 2 threads," in two_threads.measure_exit_latency(batch_size=2, images=2, repeats=1).device
     assert latency.ms_per_image[0] < latency.ms_per_image[-1]  # layer1 alone against the whole network
     copied = tmp_path / "copied"
     shutil.copytree(folder, copied)
@@ -105,8 +108,6 @@ def test_a_0_1_0_manifest_still_loads(exported, tmp_path):
 
 
 def test_the_predictor_leaves_torch_threads_and_sessions_as_documented(exported):
-    from timm_scan.deploy.onnx import session_options
-
     _, folder, _ = exported
     assert session_options().get_session_config_entry("session.force_spinning_stop") == "1"
     threads = torch.get_num_threads()

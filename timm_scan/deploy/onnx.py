@@ -163,7 +163,7 @@ def export_onnx(
     return manifest
 
 
-_GLOBAL_POOL: list[bool] = []  # whether onnxruntime's process-wide pool is set up
+_GLOBAL_POOL: list[int] = []  # the thread count of onnxruntime's process-wide pool, once set up
 
 
 def use_global_thread_pool(threads: int | None = None) -> None:
@@ -175,8 +175,9 @@ def use_global_thread_pool(threads: int | None = None) -> None:
     if not _GLOBAL_POOL:
         from onnxruntime.capi.onnxruntime_pybind11_state import set_global_thread_pool_sizes
 
-        set_global_thread_pool_sizes(threads or torch.get_num_threads(), 1)
-        _GLOBAL_POOL.append(True)
+        threads = threads or torch.get_num_threads()
+        set_global_thread_pool_sizes(threads, 1)
+        _GLOBAL_POOL.append(threads)
 
 
 def session_options(threads: int | None = None) -> Any:
@@ -193,6 +194,16 @@ def session_options(threads: int | None = None) -> Any:
         if threads:
             options.intra_op_num_threads = threads
     return options
+
+
+def _thread_count(session: Any) -> str:
+    """The intra-op threads ``session`` runs on, in words, e.g. ``"2 threads (global pool)"``."""
+    options = session.get_session_options()
+    if _GLOBAL_POOL and not options.use_per_session_threads:
+        return f"{_GLOBAL_POOL[0]} threads (global pool)"
+    if options.intra_op_num_threads:
+        return f"{options.intra_op_num_threads} threads"
+    return "onnxruntime's default threads (one per physical core)"
 
 
 def _remove_earlier_export(folder: Path) -> None:
@@ -397,4 +408,5 @@ class OnnxEarlyExitPredictor:
         _, ort = _onnx_modules()
         providers = "/".join(self.sections[0].get_providers())
         return ExitLatency(exits_ms, backbone_ms, batch_size, list(size), "float32", "contiguous",
-                           f"{providers}: {processor_name()}, onnxruntime {ort.__version__}")
+                           f"{providers}: {processor_name()}, {_thread_count(self.sections[0])}, "
+                           f"onnxruntime {ort.__version__}")
