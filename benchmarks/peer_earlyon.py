@@ -45,8 +45,10 @@ the same way), the transforms, the timm model, the seed, the optimiser, schedule
      predictor as it runs, in turns with the plain backbone; random images, as many as are timed
      below, ``--repeats`` passes). Where fewer than b images are timed (smoke tests), it is measured
      at the batch actually timed. With that ``ExitLatency`` as the cost, on val outputs: ``sweep_beta`` at each of
-     ``--betas`` and ``search_thresholds(max_accuracy_drop=d)`` at each of ``--drops`` (points below
-     the deepest exit's val accuracy; a drop no thresholds meet on val is skipped and recorded).
+     ``--betas``, ``search_thresholds(max_accuracy_drop=d)`` at each of ``--drops`` (points below
+     the deepest exit's val accuracy) and ``search_thresholds(budget=f·backbone ms)`` at each of
+     ``--latency-budgets`` (the targets earlyon's calibrators get: drops and budgets); a target no
+     thresholds meet on val is skipped and recorded.
      Each threshold vector is one point; identical vectors are merged (their settings joined).
   2. *earlyon's points*: its calibrated policies from above (budgets and drops), identical policies
      (same enabled exits, same thresholds on them) merged.
@@ -483,19 +485,21 @@ class CurvePoint:
     predicted_ms_per_image: float | None = None  # ours: what the ExitLatency predicts on the test split
 
 
-def ours_latency_points(outputs: Outputs, latency: ExitLatency, betas: list[float], drops: list[float], seed: int,
-                        exit_macs: list[int], backbone_macs: int) -> tuple[list[CurvePoint], list[dict[str, str]]]:
-    """Our thresholds searched on val with the measured ``latency`` as the cost (the β sweep, then the
-    cheapest thresholds within each accuracy drop), replayed on test; identical vectors merged. Also
-    the drops no thresholds meet on val, with the search's reason."""
+def ours_latency_points(outputs: Outputs, latency: ExitLatency, betas: list[float], drops: list[float],
+                        budgets: list[float], seed: int, exit_macs: list[int],
+                        backbone_macs: int) -> tuple[list[CurvePoint], list[dict[str, str]]]:
+    """Our thresholds searched on val with the measured ``latency`` as the cost (the β sweep, the
+    cheapest thresholds within each accuracy drop, the most accurate within each budget, a fraction of
+    the backbone's measured ms per image), replayed on test; identical vectors merged. Also the
+    targets no thresholds meet on val, with the search's reason."""
     probs, labels = outputs.val_probs, outputs.val_labels
     searches = [(f"β={r.beta:g}", r) for r in timm_scan.sweep_beta(probs, labels, latency, betas=betas, seed=seed)]
+    targets = [(f"max-drop={d:g}pt", {"max_accuracy_drop": d}) for d in drops]
+    targets += [(f"budget={f:g}", {"budget": f * latency.backbone_ms_per_image}) for f in budgets]
     skipped = []
-    for drop in drops:
-        setting = f"max-drop={drop:g}pt"
+    for setting, target in targets:
         try:
-            searches.append((setting, timm_scan.search_thresholds(probs, labels, latency, max_accuracy_drop=drop,
-                                                                  seed=seed)))
+            searches.append((setting, timm_scan.search_thresholds(probs, labels, latency, seed=seed, **target)))
         except ValueError as e:
             skipped.append({"setting": setting, "reason": str(e)})
     on_macs = ExitTable.from_outputs(outputs.test_probs, outputs.test_labels, exit_macs, backbone_macs)
@@ -776,6 +780,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--drops", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0],
                    help="ours, latency curves: the fastest thresholds (measured latency) within this many points "
                         "of the deepest exit's val accuracy")
+    p.add_argument("--latency-budgets", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+                   help="ours, latency curves: the most accurate thresholds within this fraction of the plain "
+                        "backbone's measured ms per image (earlyon's budgets are fractions of its FLOPs)")
     p.add_argument("--earlyon-budgets", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                    help="earlyon: calibrate_thresholds_for_budget target_computation values")
     p.add_argument("--earlyon-drops", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02, 0.05],
@@ -832,8 +839,8 @@ def main() -> None:
         latency = timm_scan.measure_exit_latency(ours, size, batch_size=min(b, counts[b]),  # the batch timed below
                                                  memory_format=args.memory_format, images=counts[b],
                                                  repeats=args.repeats, fallback="ensemble")  # as searched and timed
-        ours_points, skipped = ours_latency_points(outputs, latency, args.betas, args.drops, cfg.seed, exit_macs,
-                                                   backbone_macs)
+        ours_points, skipped = ours_latency_points(outputs, latency, args.betas, args.drops, args.latency_budgets,
+                                                   cfg.seed, exit_macs, backbone_macs)
         curve = latency_curve(b, images[:counts[b]], labels[:counts[b]], plain, ours, ours_points, peer,
                               earlyon_policies(sides[1].points, backbone_macs), costs, outputs, peer_caches[1],
                               backbone_macs, args.repeats)

@@ -46,7 +46,7 @@ def check_latency_curves(report):
         assert ours and peer and backbone["speedup_vs_backbone"] == 1 and backbone["timed_macs_fraction"] == 1
         # every search is a point (identical thresholds merged, settings joined) or skipped with a reason
         searched = [s for p in ours for s in p["setting"].split(", ")] + [s["setting"] for s in curve["skipped"]]
-        assert sorted(searched) == sorted(["β=0.1", "β=10", "max-drop=1pt"])
+        assert sorted(searched) == sorted(["β=0.1", "β=10", "max-drop=1pt", "budget=0.5"])
         assert all(s["reason"] for s in curve["skipped"])
         assert len({tuple(p["thresholds"]) for p in ours}) == len(ours)
         # earlyon: its calibrated policies, identical ones merged (on this tiny run they may all agree)
@@ -82,7 +82,7 @@ def test_peer_earlyon(tiny_parquet, tmp_path, monkeypatch, capsys, one_thread):
     out = tmp_path / "peer.json"
     args = ["--ours", str(ours), "--out", str(out), "--num-workers", "0", "--betas", "0.1", "10",
             "--earlyon-budgets", "0.5", "1", "--earlyon-drops", "0.01", "--latency-images", "16",
-            "--latency-images-b1", "4", "--repeats", "1", "--drops", "1"]
+            "--latency-images-b1", "4", "--repeats", "1", "--drops", "1", "--latency-budgets", "0.5"]
     run_benchmark(monkeypatch, *args)
 
     report = json.loads(out.read_text())
