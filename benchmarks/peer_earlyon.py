@@ -46,9 +46,10 @@ the same way), the transforms, the timm model, the seed, the optimiser, schedule
      below, ``--repeats`` passes). Where fewer than b images are timed (smoke tests), it is measured
      at the batch actually timed. With that ``ExitLatency`` as the cost, on val outputs: ``sweep_beta`` at each of
      ``--betas``, ``search_thresholds(max_accuracy_drop=d)`` at each of ``--drops`` (points below
-     the deepest exit's val accuracy) and ``search_thresholds(budget=f·backbone ms)`` at each of
-     ``--latency-budgets`` (the targets earlyon's calibrators get: drops and budgets); a target no
-     thresholds meet on val is skipped and recorded.
+     the deepest exit's val accuracy) and ``search_thresholds(budget=f × the backbone's ms per image
+     in that ExitLatency)`` at each of ``--latency-budgets`` (settings ``ms-budget=f``): with the
+     drops, the two kinds of target earlyon's calibrators get. A target no thresholds meet on val is
+     skipped and recorded.
      Each threshold vector is one point; identical vectors are merged (their settings joined).
   2. *earlyon's points*: its calibrated policies from above (budgets and drops), identical policies
      (same enabled exits, same thresholds on them) merged.
@@ -489,13 +490,13 @@ def ours_latency_points(outputs: Outputs, latency: ExitLatency, betas: list[floa
                         budgets: list[float], seed: int, exit_macs: list[int],
                         backbone_macs: int) -> tuple[list[CurvePoint], list[dict[str, str]]]:
     """Our thresholds searched on val with the measured ``latency`` as the cost (the β sweep, the
-    cheapest thresholds within each accuracy drop, the most accurate within each budget, a fraction of
-    the backbone's measured ms per image), replayed on test; identical vectors merged. Also the
-    targets no thresholds meet on val, with the search's reason."""
+    cheapest thresholds within each accuracy drop, the most accurate within each budget: a fraction of
+    ``latency.backbone_ms_per_image``), replayed on test; identical vectors merged. Also the targets no
+    thresholds meet on val, with the search's reason."""
     probs, labels = outputs.val_probs, outputs.val_labels
     searches = [(f"β={r.beta:g}", r) for r in timm_scan.sweep_beta(probs, labels, latency, betas=betas, seed=seed)]
     targets = [(f"max-drop={d:g}pt", {"max_accuracy_drop": d}) for d in drops]
-    targets += [(f"budget={f:g}", {"budget": f * latency.backbone_ms_per_image}) for f in budgets]
+    targets += [(f"ms-budget={f:g}", {"budget": f * latency.backbone_ms_per_image}) for f in budgets]
     skipped = []
     for setting, target in targets:
         try:
@@ -780,9 +781,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--drops", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0],
                    help="ours, latency curves: the fastest thresholds (measured latency) within this many points "
                         "of the deepest exit's val accuracy")
-    p.add_argument("--latency-budgets", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+    p.add_argument("--latency-budgets", type=float, nargs="*",
+                   default=[0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95],
                    help="ours, latency curves: the most accurate thresholds within this fraction of the plain "
-                        "backbone's measured ms per image (earlyon's budgets are fractions of its FLOPs)")
+                        "backbone's ms per image as measure_exit_latency timed it (earlyon's budgets are "
+                        "fractions of its FLOPs); none: no budget targets, as before 2026-11-30")
     p.add_argument("--earlyon-budgets", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                    help="earlyon: calibrate_thresholds_for_budget target_computation values")
     p.add_argument("--earlyon-drops", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02, 0.05],

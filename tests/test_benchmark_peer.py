@@ -46,7 +46,7 @@ def check_latency_curves(report):
         assert ours and peer and backbone["speedup_vs_backbone"] == 1 and backbone["timed_macs_fraction"] == 1
         # every search is a point (identical thresholds merged, settings joined) or skipped with a reason
         searched = [s for p in ours for s in p["setting"].split(", ")] + [s["setting"] for s in curve["skipped"]]
-        assert sorted(searched) == sorted(["β=0.1", "β=10", "max-drop=1pt", "budget=0.5"])
+        assert sorted(searched) == sorted(["β=0.1", "β=10", "max-drop=1pt", "ms-budget=0.5"])
         assert all(s["reason"] for s in curve["skipped"])
         assert len({tuple(p["thresholds"]) for p in ours}) == len(ours)
         # earlyon: its calibrated policies, identical ones merged (on this tiny run they may all agree)
@@ -121,6 +121,27 @@ def test_peer_earlyon(tiny_parquet, tmp_path, monkeypatch, capsys, one_thread):
     # a different recipe does not silently reuse them
     with pytest.raises(ValueError, match="--retrain"):
         run_benchmark(monkeypatch, *args, "--epochs", "2")
+
+
+def test_our_budget_targets_are_fractions_of_the_measured_backbone_time():
+    """``--latency-budgets f``: the most accurate thresholds whose mean cost on val is within f times the
+    backbone's ms per image; below the first exit's own cost, skipped with the search's reason."""
+    from timm_scan.deploy.thresholds import ExitTable
+    from timm_scan.report import ExitLatency
+
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "peer_earlyon.py"))
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (200,), generator=g)
+    probs = [torch.softmax(torch.randn(200, 5, generator=g) + (1.0 + i) * torch.nn.functional.one_hot(labels, 5),
+                           -1) for i in range(3)]
+    outputs = bench["Outputs"](probs, labels, probs, labels)
+    latency = ExitLatency([1.0, 2.0, 3.0], 3.0, 1, [3, 32, 32], "float32", "contiguous", "test")
+    points, skipped = bench["ours_latency_points"](outputs, latency, [], [], [0.2, 0.5], 0, [10, 20, 30], 30)
+    (point,) = points
+    assert point.setting == "ms-budget=0.5" and [s["setting"] for s in skipped] == ["ms-budget=0.2"]
+    _, acceleration = ExitTable.from_outputs(probs, labels, latency).evaluate([point.thresholds])
+    assert 1.0 <= 3.0 / float(acceleration[0]) <= 0.5 * 3.0  # within 1.5 ms, not within 0.5 ms (unscaled)
+    assert "budget" in skipped[0]["reason"]
 
 
 def test_the_verdict_on_hand_made_curves():

@@ -107,6 +107,21 @@ def test_a_0_1_0_manifest_still_loads(exported, tmp_path):
     assert OnnxEarlyExitPredictor(old).exit_latency == []
 
 
+def test_the_latency_device_names_the_thread_pool(monkeypatch):
+    from types import SimpleNamespace
+
+    from timm_scan.deploy import onnx
+
+    def session(per_session: bool, threads: int):
+        options = SimpleNamespace(use_per_session_threads=per_session, intra_op_num_threads=threads)
+        return SimpleNamespace(get_session_options=lambda: options)
+
+    assert onnx._thread_count(session(True, 1)) == "1 thread"
+    assert onnx._thread_count(session(False, 0)) == "onnxruntime's global thread pool"  # set up elsewhere
+    monkeypatch.setattr(onnx, "_GLOBAL_POOL", [2])
+    assert onnx._thread_count(session(False, 0)) == "2 threads (global pool)"
+
+
 def test_the_predictor_leaves_torch_threads_and_sessions_as_documented(exported):
     _, folder, _ = exported
     assert session_options().get_session_config_entry("session.force_spinning_stop") == "1"

@@ -199,10 +199,11 @@ def session_options(threads: int | None = None) -> Any:
 def _thread_count(session: Any) -> str:
     """The intra-op threads ``session`` runs on, in words, e.g. ``"2 threads (global pool)"``."""
     options = session.get_session_options()
-    if _GLOBAL_POOL and not options.use_per_session_threads:
-        return f"{_GLOBAL_POOL[0]} threads (global pool)"
-    if options.intra_op_num_threads:
-        return f"{options.intra_op_num_threads} threads"
+    if not options.use_per_session_threads:
+        return f"{_GLOBAL_POOL[0]} threads (global pool)" if _GLOBAL_POOL else "onnxruntime's global thread pool"
+    n = options.intra_op_num_threads
+    if n:
+        return f"{n} thread{'s' if n > 1 else ''}"
     return "onnxruntime's default threads (one per physical core)"
 
 
