@@ -299,11 +299,10 @@ def resume_earlyon(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng"])
-    if "python_random" in meta:  # states saved before 2026-11-30's last change hold torch's RNG only
-        version, internal, gauss = meta["python_random"]
-        random.setstate((version, tuple(internal), gauss))
-        kind, keys, *rest = meta["numpy_random"]
-        np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = meta["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = meta["numpy_random"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     return meta["progress"], best
 
 

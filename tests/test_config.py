@@ -41,3 +41,14 @@ def test_json_round_trip():
 def test_unknown_keys_are_rejected():
     with pytest.raises(ValueError, match="unknown ScanConfig field.*'exit'"):
         ScanConfig.from_dict({"exit": [1]})
+
+
+def test_input_size_is_three_positive_ints_numpy_ones_included():
+    import numpy as np
+
+    from timm_scan.model.config import check_input_size
+
+    assert check_input_size([np.int64(3), 32, 32]) == (3, 32, 32)
+    for bad in (32, (3, 32), (3, 0, 32), (True, 32, 32), (3.0, 32, 32)):
+        with pytest.raises(ValueError, match=r"\(channels, height, width\)"):
+            check_input_size(bad)

@@ -21,6 +21,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,7 @@ def export_onnx(
         input_size = tuple(model.data_config["input_size"]) if model.data_config else tuple(
             model.backbone.pretrained_cfg.get("input_size", (3, 224, 224)))
     input_size = check_input_size(input_size)
-    if isinstance(check_batch, bool) or not isinstance(check_batch, int) or check_batch < 2:
+    if isinstance(check_batch, bool) or not isinstance(check_batch, Integral) or check_batch < 2:
         raise ValueError(f"check_batch must be an int >= 2 (the exporter fixes a batch dimension of 1); "
                          f"got {check_batch!r}")
     folder = Path(folder)

@@ -128,10 +128,13 @@ def validate_temperatures(temperatures: Sequence[float], num_exits: int) -> list
 
 
 def check_input_size(input_size: Any) -> tuple[int, int, int]:
-    """``input_size`` as a tuple, or a ``ValueError`` unless it is (channels, height, width) of positive ints."""
-    if len(input_size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size):
+    """``input_size`` as a tuple of ints (NumPy's included), or a ``ValueError`` unless it is
+    (channels, height, width) of positive ints."""
+    values = tuple(input_size) if isinstance(input_size, (tuple, list)) else ()
+    if len(values) != 3 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+                                   for v in values):
         raise ValueError(f"input_size must be (channels, height, width) of positive ints; got {input_size!r}")
-    return tuple(input_size)
+    return tuple(int(v) for v in values)
 
 
 def validate_fallback(fallback: str) -> str:
