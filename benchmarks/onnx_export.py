@@ -19,6 +19,7 @@ torch predictor's on a mixed batch.
 
     python benchmarks/onnx_export.py                      # speed at 32x32, batch 1 and 256
     python benchmarks/onnx_export.py --families           # and every family of the test suite
+    python benchmarks/onnx_export.py --families --sizes --out benchmarks/results/onnx_coverage.json  # only those
 """
 
 from __future__ import annotations
@@ -50,9 +51,36 @@ if GLOBAL_POOL:
     use_global_thread_pool()
 
 HERE = Path(__file__).parent
-FAMILIES = [("resnet18", 32), ("resnet50", 32), ("efficientnet_b0", 32), ("mobilenetv3_large_100", 32),
-            ("convnext_atto", 32), ("regnetx_002", 32), ("densenet121", 32), ("vgg11_bn", 32),
-            ("vit_tiny_patch16_224", 224), ("swin_tiny_patch4_window7_224", 224)]
+# The families of the test suite (tests/conftest.py's FAMILIES, then tests/test_traced.py's, with the same
+# arguments that keep them small): (model, timm.create_model kwargs, input side).
+FAMILIES = [(name, {}, size) for name, size in [
+    ("resnet18", 32), ("resnet50", 32), ("efficientnet_b0", 32), ("mobilenetv3_large_100", 32), ("convnext_atto", 32),
+    ("regnetx_002", 32), ("densenet121", 32), ("vgg11_bn", 32), ("vit_tiny_patch16_224", 224),
+    ("swin_tiny_patch4_window7_224", 224)]] + [
+    ("beit_base_patch16_224", dict(img_size=64, depth=4, embed_dim=64, num_heads=2), 64),
+    ("eva02_tiny_patch14_224", dict(img_size=56, depth=4), 56),
+    ("cait_xxs24_224", dict(img_size=64, depth=4), 64),
+    ("xcit_nano_12_p16_224", dict(img_size=64, depth=4), 64),
+    ("tnt_s_patch16_224", dict(img_size=64, depth=4), 64),
+    ("deit3_small_patch16_224", dict(img_size=64, depth=4), 64),
+    ("mixer_s16_224", dict(img_size=64), 64),
+    ("resmlp_12_224", dict(img_size=64), 64),
+    ("twins_pcpvt_small", dict(img_size=64, depths=(1, 1, 1, 1)), 64),
+    ("mvitv2_tiny", dict(img_size=64), 64),
+    ("fastvit_t8", {}, 64),
+    ("volo_d1_224", dict(img_size=64), 64),
+    ("nest_tiny", dict(img_size=64), 64),
+    ("coat_lite_tiny", dict(img_size=64), 64),
+    ("pit_ti_224", dict(img_size=64), 64),
+    ("visformer_tiny", dict(img_size=64), 64),
+    ("xception41", {}, 64),
+    ("selecsls42b", {}, 64),
+    ("hrnet_w18_small", {}, 64),
+    ("deit_tiny_distilled_patch16_224", dict(img_size=64, depth=4), 64),
+    ("levit_128s", dict(img_size=64), 64),
+    ("efficientformer_l1", {}, 224),
+    ("efficientformerv2_s0", {}, 224),
+]
 
 
 def half_at_exit_1(model: timm_scan.MultiExitModel, x: torch.Tensor) -> list[float]:
@@ -126,26 +154,33 @@ def speed(size: int, batch_sizes: list[int], repeats: int, n_images: int | None,
     return rows
 
 
-def coverage() -> list[dict]:
+def coverage(names: list[str]) -> list[dict]:
+    """Export each model of ``names`` (default every family of ``FAMILIES``; a model not listed there
+    is built with timm's defaults at 32x32) and compare the two predictors' answers."""
+    listed = {name: (kwargs, size) for name, kwargs, size in FAMILIES}
     rows = []
-    for name, size in FAMILIES:
-        model = timm_scan.wrap(timm.create_model(name, num_classes=10), check_input_size=(3, size, size)).eval()
+    for name in names or listed:
+        kwargs, size = listed.get(name, ({}, 32))
+        model = timm_scan.wrap(timm.create_model(name, num_classes=10, **kwargs),
+                               check_input_size=(3, size, size)).eval()
         x = torch.randn(8, 3, size, size)
+        row = {"model": name, "input": size, "runner": model.runner}
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             try:
                 timm_scan.export_onnx(model, tmp, (3, size, size))
             except ValueError as exc:
-                rows.append({"model": name, "exported": False, "reason": str(exc)})
+                rows.append({**row, "exported": False, "reason": str(exc)})
                 print(f"{name}: refused: {exc}", flush=True)
                 continue
             seconds = time.perf_counter() - started
             with torch.no_grad():
                 probs = [torch.softmax(z, -1) for z in model(x).logits]
-            thresholds = [torch.quantile(p.amax(-1), q).item() for p, q in zip(probs[:-1], (0.6, 0.5, 0.4))]
+            shares = torch.linspace(0.6, 0.4, len(probs) - 1).tolist()  # a mixed batch: some leave at each exit
+            thresholds = [torch.quantile(p.amax(-1), q).item() for p, q in zip(probs[:-1], shares)]
             ours = timm_scan.EarlyExitPredictor(model, thresholds)(x)
             theirs = timm_scan.OnnxEarlyExitPredictor(tmp, thresholds)(x)
-            rows.append({"model": name, "input": size, "exported": True, "export_seconds": seconds,
+            rows.append({**row, "exported": True, "export_seconds": seconds,
                          "same_exits": bool(torch.equal(ours.exit_index, theirs.exit_index)),
                          "same_labels": bool(torch.equal(ours.labels, theirs.labels)),
                          "max_prob_difference": (ours.probs - theirs.probs).abs().max().item()})
@@ -158,12 +193,13 @@ def coverage() -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # --global-thread-pool is read from sys.argv before parsing
-    p.add_argument("--sizes", type=int, nargs="+", default=[32])
+    p.add_argument("--sizes", type=int, nargs="*", default=[32], help="input sides to time (none: no timing)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--images", type=int, help="images per timed pass (default: 256 at batch 1, else 1024)")
     p.add_argument("--head", default="sepconv", choices=HEAD_KINDS, help="kind of exit head (ScanConfig.head)")
-    p.add_argument("--families", action="store_true", help="also export every family of the test suite")
+    p.add_argument("--families", nargs="*", metavar="MODEL",
+                   help="also export every family of the test suite (or these models) and check the answers")
     p.add_argument("--global-thread-pool", action="store_true",
                    help="every session (the exported backbone's too) shares onnxruntime's global thread pool")
     p.add_argument("--out", default=None, help="default: results/onnx_export.json (_global_pool with that option)")
@@ -175,8 +211,8 @@ def main() -> None:
               "torch": torch.__version__, "onnxruntime": ort.__version__, "global_thread_pool": args.global_thread_pool,
               "speed": [row for size in args.sizes
                         for row in speed(size, args.batch_sizes, args.repeats, args.images, args.head)]}
-    if args.families:
-        record["coverage"] = coverage()
+    if args.families is not None:
+        record["coverage"] = coverage(args.families)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))

@@ -201,3 +201,14 @@ def test_onnx_export(tmp_path, monkeypatch):
     assert set(row["ms_per_image"]) == {"onnx backbone", "onnx early exit", "onnx sections in turn", "onnx graphs in turn",
                                       "torch backbone", "torch early exit"}
     assert row["macs_speedup"] > 1 and 0.3 < row["share_at_exit1"] < 0.7
+
+
+def test_onnx_export_coverage(tmp_path, monkeypatch):
+    out = tmp_path / "onnx_coverage.json"
+    run("onnx_export.py", monkeypatch, "--families", "test_resnet", "mixer_s16_224", "--sizes", "--out", str(out))
+    record = json.loads(out.read_text())
+    exported, refused = record["coverage"]
+    assert record["speed"] == []
+    assert exported["exported"] and exported["same_exits"] and exported["same_labels"] and exported["input"] == 32
+    assert not refused["exported"] and refused["runner"] == "traced" and refused["input"] == 64
+    assert "cannot export 'mixer_s16_224'" in refused["reason"]
