@@ -205,10 +205,8 @@ def test_onnx_export(tmp_path, monkeypatch):
 
 def test_onnx_export_coverage(tmp_path, monkeypatch):
     out = tmp_path / "onnx_coverage.json"
-    run("onnx_export.py", monkeypatch, "--families", "test_resnet", "mixer_s16_224", "--sizes", "--out", str(out))
+    run("onnx_export.py", monkeypatch, "--families", "test_resnet", "--sizes", "--out", str(out))
     record = json.loads(out.read_text())
-    exported, refused = record["coverage"]
+    [row] = record["coverage"]
     assert record["speed"] == []
-    assert exported["exported"] and exported["same_exits"] and exported["same_labels"] and exported["input"] == 32
-    assert not refused["exported"] and refused["runner"] == "traced" and refused["input"] == 64
-    assert "cannot export 'mixer_s16_224'" in refused["reason"]
+    assert row["exported"] and row["same_exits"] and row["same_labels"] and row["input"] == 32

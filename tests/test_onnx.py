@@ -202,21 +202,26 @@ def test_a_failed_export_leaves_no_mix_of_old_and_new_graphs(exported, tmp_path,
         OnnxEarlyExitPredictor(again)
 
 
-# One model per runner and layout (CNN children in order, NHWC, tokens); `python benchmarks/onnx_export.py
-# --families` exports every family of the suite (one export takes tens of seconds on a 2-core CPU).
-EXPORTED_IN_TESTS = [("resnet18", 32), ("swin_tiny_patch4_window7_224", 224), ("test_vit", 160)]
+# One model per runner and layout besides the CNN of `exported` (NHWC stages, ViT tokens, and the traced
+# runner's state of two tensors, one with 16 rows per sample); `python benchmarks/onnx_export.py --families`
+# exports every family of the suite (one export takes tens of seconds on a 2-core CPU).
+EXPORTED_IN_TESTS = [("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)}, 224), ("test_vit", {}, 160),
+                     ("tnt_s_patch16_224", {"img_size": 64, "depth": 4}, 64)]
 
 
-@pytest.mark.parametrize("name, size", EXPORTED_IN_TESTS)
-def test_each_runner_exports_or_is_refused_clearly(name, size, tmp_path):
-    model = timm_scan.wrap(create(name), check_input_size=(3, size, size)).eval()
+@pytest.mark.parametrize("name, kwargs, size", EXPORTED_IN_TESTS, ids=[e[0] for e in EXPORTED_IN_TESTS])
+def test_each_runner_exports_or_is_refused_clearly(name, kwargs, size, tmp_path):
+    model = timm_scan.wrap(create(name, **kwargs), check_input_size=(3, size, size)).eval()
     try:
-        export_onnx(model, tmp_path, (3, size, size))
+        manifest = export_onnx(model, tmp_path, (3, size, size))
     except ValueError as exc:
         assert f"cannot export '{name}'" in str(exc)
         return
+    assert (manifest.state_layout is not None) == (model.runner == "traced")
     x = torch.randn(3, 3, size, size)
-    assert_same_answers(model, tmp_path, x, mixing_thresholds(model, x))
+    thresholds = mixing_thresholds(model, x)
+    assert_same_answers(model, tmp_path, x, thresholds)
+    assert_same_answers(model, tmp_path, x[1:2], thresholds)
 
 
 def test_export_a_trained_run_and_push_it(hub, tiny_parquet, tmp_path, monkeypatch):

@@ -6,9 +6,11 @@ import pytest
 import torch
 from conftest import create
 from timm.models.resnet import ResNet
+from torch.utils import _pytree as pytree
 
 import timm_scan
 from timm_scan import EarlyExitPredictor
+from timm_scan.model.traced import TracedState
 
 # (model, create kwargs that keep it small, input side, runner): one per family that was refused before
 # the traced runner and the distilled heads (issue 16)
@@ -166,11 +168,21 @@ def test_families_still_refused_say_why(name, kwargs, size, reason):
         wrap(name, kwargs, size)
 
 
-def test_onnx_export_refuses_a_traced_model():
-    pytest.importorskip("onnxruntime")
-    _, model = wrap("mixer_s16_224", dict(img_size=64), 64)
-    with pytest.raises(ValueError, match="traced runner"):
-        timm_scan.export_onnx(model, "unused", (3, 64, 64))
+def test_a_state_rebuilds_from_its_batched_tensors():
+    """What an exported traced model's graphs hand on: the batched tensors alone (`tests/test_onnx.py`
+    exports TNT)."""
+    _, model = wrap("twins_pcpvt_small", dict(img_size=64, depths=(1, 1, 1, 1)), 64)  # (B, 16, 16, map): B counted
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        state = model.forward_section(0, x)
+        kept = state[torch.tensor([True, False, True])]
+        carried = TracedState.of_tensors(kept.batched(), state.batch_layout(), 0)
+        assert len(carried) == 2 and len(state.batched()) == 1 and pytree.tree_leaves(state.values)[0] == 3
+        rebuilt = state.replace_batched(carried.batched())  # constants from the 3-sample state, counts from 2
+        for a, b in zip(pytree.tree_leaves(rebuilt.values), pytree.tree_leaves(kept.values), strict=True):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+        after = [model.forward_section(1, h).batched() for h in (rebuilt, kept)]
+        torch.testing.assert_close(*after)
 
 
 def test_traced_model_saves_and_loads(tmp_path):

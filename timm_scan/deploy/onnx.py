@@ -8,7 +8,11 @@ An exported folder::
     section_0.onnx ...     section k: its input (the image for k = 0) → the hidden state after it
     exit_0.onnx ...        exit k's classifier: section k's output → logits (the last: the backbone's head)
 
-Every graph has a dynamic batch dimension; the spatial size is the one exported. ``onnx`` and
+Every graph has a dynamic batch dimension; the spatial size is the one exported. A hidden state is
+one tensor (input ``input``, output ``output``, batch first), except for models run by the traced
+runner, whose `TracedState` travels as its tensors that follow the batch (``input_0``, ``input_1``, ...,
+``output_0``, ...; their batch dimensions and rows per sample in the manifest's ``state_layout``, format
+version 2), the constants and batch counts being rebuilt inside each graph. ``onnx`` and
 ``onnxruntime`` are an optional extra: ``pip install 'timm-scan[onnx]'``.
 """
 
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 from ..model.backbone import eval_mode, model_name
 from ..model.config import check_input_size, validate_temperatures
 from ..model.multi_exit import MultiExitModel
+from ..model.traced import TracedState
 from ..report import ExitLatency, JsonRecord
 from .latency import check_timing_arguments, processor_name, time_exits
 from .predictor import EarlyExitResult, check_images, resolve_policy, run_early_exit
@@ -42,6 +47,7 @@ __all__ = ["OnnxEarlyExitPredictor", "OnnxManifest", "export_onnx", "session_opt
 MANIFEST = "manifest.json"
 FORMAT = "timm-scan-onnx"
 FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2  # an export whose graphs hand several tensors on (``OnnxManifest.state_layout``)
 INSTALL = "pip install 'timm-scan[onnx]'"
 
 
@@ -66,12 +72,17 @@ class OnnxManifest(JsonRecord):
     exit_latency: list[ExitLatency] | None = None  # timed with ONNX Runtime, where measured
     opset: int | None = None
     stages: list[str] = field(default_factory=list)  # the backbone modules the exits follow
+    # the traced runner's: per section but the last, [batch dimension, rows per sample] of each tensor
+    # it hands on (graph outputs output_0, ...; the next section's and its exit's inputs input_0, ...)
+    state_layout: list[list[list[int]]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """As JSON; without ``exit_latency`` where nothing was measured, so that timm-scan 0.1.0 reads it."""
+        """As JSON; without ``exit_latency`` where nothing was measured and without ``state_layout`` where
+        every graph hands on one tensor, so that timm-scan 0.1.0 reads such an export."""
         data = super().to_dict()
-        if data["exit_latency"] is None:
-            del data["exit_latency"]
+        for key in ("exit_latency", "state_layout"):
+            if data[key] is None:
+                del data[key]
         return data
 
     @classmethod
@@ -82,22 +93,38 @@ class OnnxManifest(JsonRecord):
         return super().from_dict(data)
 
 
-class _Section(nn.Module):
-    def __init__(self, model: MultiExitModel, k: int) -> None:
-        super().__init__()
-        self.model, self.k = model, k
+def _graph_inputs(h: Tensor | TracedState) -> tuple[Tensor, ...]:
+    """The tensors a graph takes for hidden state ``h``: ``h`` itself, or a traced state's batched ones."""
+    return h.batched() if isinstance(h, TracedState) else (h,)
 
-    def forward(self, h: Tensor) -> Tensor:
-        return self.model.forward_section(self.k, h)
+
+def _graph_state(state: Tensor | TracedState, inputs: tuple[Tensor, ...]) -> Tensor | TracedState:
+    """The hidden state a graph rebuilds from its ``inputs``: ``state`` (an example) is a tensor, or a
+    traced state whose constants and batch counts are kept from the example."""
+    return state.replace_batched(inputs) if isinstance(state, TracedState) else inputs[0]
+
+
+class _Section(nn.Module):
+    """Section k over graph inputs: its state's tensors in, the next state's out."""
+
+    def __init__(self, model: MultiExitModel, k: int, state: Tensor | TracedState) -> None:
+        super().__init__()
+        self.model, self.k, self.state = model, k, state
+
+    def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        out = self.model.forward_section(self.k, _graph_state(self.state, inputs))
+        return out.batched() if isinstance(out, TracedState) else out
 
 
 class _ExitLogits(nn.Module):
-    def __init__(self, model: MultiExitModel, k: int, image_size: tuple[int, int]) -> None:
-        super().__init__()
-        self.model, self.k, self.image_size = model, k, image_size
+    """Exit k's classifier over section k's output, as graph inputs."""
 
-    def forward(self, h: Tensor) -> Tensor:
-        return self.model.exit_logits(self.k, h, self.image_size)
+    def __init__(self, model: MultiExitModel, k: int, image_size: tuple[int, int], state: Tensor | TracedState) -> None:
+        super().__init__()
+        self.model, self.k, self.image_size, self.state = model, k, image_size, state
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.model.exit_logits(self.k, _graph_state(self.state, inputs), self.image_size)
 
 
 def _onnx_modules() -> tuple[Any, Any]:
@@ -124,12 +151,6 @@ def export_onnx(
     does not export, or exports to different numbers, is a ``ValueError`` naming it. The model's
     thresholds and fallback, temperatures, class names and data config go into the manifest."""
     _, ort = _onnx_modules()
-    if model.runner == "traced":
-        raise ValueError(
-            f"cannot export {model_name(model.backbone)!r}: it runs through the traced runner (model.runner == "
-            "'traced'), whose sections hand several values to the next, and the export format has one tensor "
-            "between graphs; the families run as their children in order or as a ViT export"
-        )
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("export_onnx runs on CPU: export model.cpu() (the graphs run on any ONNX Runtime provider)")
     if input_size is None:
@@ -144,22 +165,32 @@ def export_onnx(
     _remove_earlier_export(folder)
     name = model_name(model.backbone)
     h = torch.randn((check_batch, *input_size), generator=torch.Generator().manual_seed(0))
-    sections, exits = [], []
+    sections, exits, state_layout = [], [], []
     with eval_mode(model), torch.no_grad():
         for k in range(model.num_exits):
-            hidden = _export_checked(_Section(model, k), h, folder / f"section_{k}.onnx", f"{name!r}: section {k}",
-                                     opset, atol, ort)
-            _export_checked(_ExitLogits(model, k, input_size[1:]), hidden, folder / f"exit_{k}.onnx",
+            hidden = model.forward_section(k, h)
+            if k == model.num_exits - 1 and not isinstance(hidden, Tensor):
+                raise ValueError(f"cannot export {name!r}: its forward_features returns {type(hidden).__name__}, "
+                                 "and the export hands one tensor to the backbone's head")
+            if k < model.num_exits - 1:
+                state_layout.append(hidden.batch_layout() if isinstance(hidden, TracedState) else [(0, 1)])
+            _export_checked(_Section(model, k, h), h, folder / f"section_{k}.onnx", f"{name!r}: section {k}",
+                            opset, atol, ort)
+            _export_checked(_ExitLogits(model, k, input_size[1:], hidden), hidden, folder / f"exit_{k}.onnx",
                             f"{name!r}: exit {k}", opset, atol, ort)
             sections.append(f"section_{k}.onnx")
             exits.append(f"exit_{k}.onnx")
             h = hidden
+    traced = model.runner == "traced"
     manifest = OnnxManifest(
         FORMAT, FORMAT_VERSION, name, list(input_size), model.num_classes, sections, exits,
         model.exit_macs(input_size), model.backbone_macs(input_size), model.fallback, model.thresholds,
         model.class_names, json.loads(json.dumps(model.data_config, default=list)) if model.data_config else None,
         temperatures=model.temperatures, opset=opset, stages=[s.module for s in model.exit_stages],
+        state_layout=[[list(t) for t in layout] for layout in state_layout] if traced else None,
     )
+    if traced:
+        manifest.format_version = STATE_FORMAT_VERSION
     manifest.save(folder / MANIFEST)
     return manifest
 
@@ -239,6 +270,10 @@ def _check_manifest(m: OnnxManifest, path: Path) -> None:
         ("exits", isinstance(m.exits, list) and bool(m.exits) and all(_plain_name(f) for f in m.exits),
          "graph file names"),
         ("exit_latency", m.exit_latency is None or isinstance(m.exit_latency, list), "a list of measurements"),
+        ("state_layout", m.state_layout is None or (isinstance(m.state_layout, list) and all(
+            isinstance(layout, list) and layout and all(
+                isinstance(t, list) and len(t) == 2 and ints(t[:1], 0) and ints(t[1:]) for t in layout)
+            for layout in m.state_layout)), "a list of [[batch dimension, rows per sample], ...] per section"),
     ]
     for name, ok, valid in checks:
         if not ok:
@@ -264,29 +299,41 @@ def _plain_name(name: Any) -> bool:
     return isinstance(name, str) and name.endswith(".onnx") and Path(name).name == name and name not in (".", "..")
 
 
-def _export_checked(module: nn.Module, example: Tensor, path: Path, what: str, opset: int, atol: float, ort: Any) -> Tensor:
-    """Export ``module`` (dynamic batch) and check ONNX Runtime's output against torch's; torch's output."""
+def _io_names(kind: str, n: int) -> list[str]:
+    """A graph's input or output names: ``"input"`` for one, ``"input_0"``, ``"input_1"``, ... for several."""
+    return [kind] if n == 1 else [f"{kind}_{i}" for i in range(n)]
+
+
+def _export_checked(module: nn.Module, example: Tensor | TracedState, path: Path, what: str, opset: int, atol: float,
+                    ort: Any) -> None:
+    """Export ``module`` on ``example``'s graph inputs (dynamic batch) and check ONNX Runtime's outputs
+    against torch's."""
+    inputs = _graph_inputs(example)
+    layout = example.batch_layout() if isinstance(example, TracedState) else [(0, 1)]
+    batch = torch.export.Dim("batch")
+    dynamic = (tuple({d: batch if fold == 1 else fold * batch} for d, fold in layout),)  # forward(*inputs)
+    expected = module(*inputs)
+    expected = list(expected) if isinstance(expected, tuple) else [expected]
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")  # the exporter's deprecation and progress chatter
-            torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["output"],
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, dynamo=True,
-                              verbose=False)
+            torch.onnx.export(module, inputs, str(path), input_names=_io_names("input", len(inputs)),
+                              output_names=_io_names("output", len(expected)), dynamic_shapes=dynamic,
+                              opset_version=opset, dynamo=True, verbose=False)
     except ModuleNotFoundError as exc:  # torch's exporter needs onnxscript
         raise ImportError(f"ONNX export needs {exc.name}: {INSTALL}") from exc
     except Exception as exc:  # the exporter raises many types
         raise ValueError(f"cannot export {what} to ONNX ({type(exc).__name__}: {str(exc)[:300]})") from None
-    expected = module(example)
     try:
         session = ort.InferenceSession(str(path), sess_options=session_options(), providers=["CPUExecutionProvider"])
-        got = session.run(None, {"input": example.numpy()})[0]
+        got = session.run(None, dict(zip(_io_names("input", len(inputs)), (x.numpy() for x in inputs))))
     except Exception as exc:  # ONNX Runtime raises its own types
         raise ValueError(f"cannot export {what}: ONNX Runtime cannot run the exported graph "
                          f"({type(exc).__name__}: {str(exc)[:300]})") from None
-    if got.shape != tuple(expected.shape) or not np.allclose(got, expected.numpy(), atol=atol, rtol=1e-3):
-        difference = np.abs(got - expected.numpy()).max() if got.shape == tuple(expected.shape) else "shape"
-        raise ValueError(f"cannot export {what}: ONNX Runtime computes other numbers (max difference {difference})")
-    return expected
+    for g, e in zip(got, expected, strict=True):
+        if g.shape != tuple(e.shape) or not np.allclose(g, e.numpy(), atol=atol, rtol=1e-3):
+            difference = np.abs(g - e.numpy()).max() if g.shape == tuple(e.shape) else "shape"
+            raise ValueError(f"cannot export {what}: ONNX Runtime computes other numbers (max difference {difference})")
 
 
 class OnnxEarlyExitPredictor:
@@ -322,9 +369,9 @@ class OnnxEarlyExitPredictor:
         except ValueError as exc:
             raise ValueError(f"{folder / MANIFEST} is damaged or not a manifest: {exc}") from None
         m = self.manifest
-        if (m.format, m.format_version) != (FORMAT, FORMAT_VERSION):
+        if m.format != FORMAT or m.format_version not in (FORMAT_VERSION, STATE_FORMAT_VERSION):
             raise ValueError(f"{folder / MANIFEST}: format {m.format!r} version {m.format_version}; this reads "
-                             f"{FORMAT!r} version {FORMAT_VERSION}")
+                             f"{FORMAT!r} versions {FORMAT_VERSION} and {STATE_FORMAT_VERSION}")
         _check_manifest(m, folder / MANIFEST)
         k = len(m.exits)
         if len(m.sections) != k or len(m.exit_macs) != k:
@@ -339,27 +386,46 @@ class OnnxEarlyExitPredictor:
         self.exit_latency = list(m.exit_latency or [])
         if any(len(latency.ms_per_image) != k for latency in self.exit_latency):
             raise ValueError(f"{folder / MANIFEST}: exit_latency must hold {k} values per measurement, one per exit")
-        self.sections = [self._session(folder / f, ort, providers, session_options) for f in m.sections]
-        self.exits = [self._session(folder / f, ort, providers, session_options) for f in m.exits]
+        self._layout = [[tuple(t) for t in layout] for layout in m.state_layout] if m.state_layout else None
+        if self._layout is not None and len(self._layout) != k - 1:
+            raise ValueError(f"{folder / MANIFEST}: state_layout must describe {k - 1} states, one per section "
+                             f"but the last; it has {len(self._layout)}")
+        handed = [len(layout) for layout in self._layout] if self._layout else [1] * (k - 1)
+        taken, given = [1, *handed], [*handed, 1]  # tensors into and out of each section's graph
+        self.sections = [self._session(folder / f, ort, providers, session_options, taken[i], given[i])
+                         for i, f in enumerate(m.sections)]
+        self.exits = [self._session(folder / f, ort, providers, session_options, given[i], 1)
+                      for i, f in enumerate(m.exits)]
         _check_graph_shapes(self.sections[0], self.exits, m, folder / MANIFEST)
         self._macs = torch.tensor(m.exit_macs, dtype=torch.int64)
 
     @staticmethod
-    def _session(path: Path, ort: Any, providers: Sequence[str], options: Any) -> Any:
+    def _session(path: Path, ort: Any, providers: Sequence[str], options: Any, inputs: int, outputs: int) -> Any:
+        """The session of one graph, which must take ``inputs`` tensors and give ``outputs``."""
         if not path.is_file():
             raise ValueError(f"{path.parent}: graph {path.name} named in {MANIFEST} is missing")
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
         except Exception as exc:  # ONNX Runtime raises its own types for damaged graphs
             raise ValueError(f"{path}: cannot be loaded as an ONNX graph ({type(exc).__name__}: {exc})") from None
-        inputs, outputs = session.get_inputs(), session.get_outputs()
-        if [i.name for i in inputs] != ["input"] or len(outputs) != 1:
-            raise ValueError(f"{path}: not a timm-scan graph (inputs {[i.name for i in inputs]}, {len(outputs)} outputs)")
+        names = [i.name for i in session.get_inputs()]
+        if names != _io_names("input", inputs) or len(session.get_outputs()) != outputs:
+            raise ValueError(f"{path}: not a timm-scan graph of this manifest (inputs {names}, "
+                             f"{len(session.get_outputs())} outputs; expected {inputs} inputs and {outputs} outputs)")
         return session
 
     @staticmethod
-    def _run(session: Any, h: Tensor) -> Tensor:
-        return torch.from_numpy(session.run(None, {"input": np.ascontiguousarray(h.numpy())})[0])
+    def _run(session: Any, h: Tensor | TracedState) -> list[Tensor]:
+        inputs = h.batched() if isinstance(h, TracedState) else (h,)
+        feed = {name: np.ascontiguousarray(x.numpy()) for name, x in zip(_io_names("input", len(inputs)), inputs)}
+        return [torch.from_numpy(out) for out in session.run(None, feed)]
+
+    def _section(self, k: int, h: Tensor | TracedState) -> Tensor | TracedState:
+        """Section k's graph on hidden state ``h``; a traced model's state comes back as a `TracedState`."""
+        outputs = self._run(self.sections[k], h)
+        if self._layout is None or k == len(self.sections) - 1:
+            return outputs[0]
+        return TracedState.of_tensors(outputs, self._layout[k], k)
 
     def __call__(self, images: Tensor | np.ndarray) -> EarlyExitResult:
         """Answer a batch ``(B, C, H, W)`` of float32 images of the exported size (numpy or torch, CPU).
@@ -375,12 +441,11 @@ class OnnxEarlyExitPredictor:
             if tuple(images.shape[1:]) != expected or images.dtype != torch.float32:
                 raise ValueError(f"images must be float32 (batch, {', '.join(map(str, expected))}) as exported; got "
                                  f"{images.dtype} {tuple(images.shape)}")
-            return run_early_exit(images.cpu(), len(self.exits), lambda k, h: self._run(self.sections[k], h),
-                                  self._exit_logits, self.thresholds, self.fallback, self._macs,
-                                  self.manifest.num_classes)
+            return run_early_exit(images.cpu(), len(self.exits), self._section, self._exit_logits, self.thresholds,
+                                  self.fallback, self._macs, self.manifest.num_classes)
 
-    def _exit_logits(self, k: int, h: Tensor) -> Tensor:
-        logits = self._run(self.exits[k], h)
+    def _exit_logits(self, k: int, h: Tensor | TracedState) -> Tensor:
+        logits = self._run(self.exits[k], h)[0]
         return logits if self.temperatures is None else logits / self.temperatures[k]
 
     @property
@@ -402,9 +467,9 @@ class OnnxEarlyExitPredictor:
 
         def backbone(x: Tensor) -> Tensor:
             h = x
-            for session in self.sections:
-                h = self._run(session, h)
-            return self._run(self.exits[-1], h)
+            for k in range(len(self.sections)):
+                h = self._section(k, h)
+            return self._run(self.exits[-1], h)[0]
 
         exits_ms, backbone_ms = time_exits(self, backbone, len(self.exits), batches, repeats)
         _, ort = _onnx_modules()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,22 +115,39 @@ class TracedState:
         self._leaves = leaves
         self._spec = spec
 
-    def __getitem__(self, index: Tensor) -> TracedState:
-        flat = pytree.tree_leaves(self.values)
-        kept: list[Any] = []
-        size = None
-        for value, leaf in zip(flat, self._leaves):
-            if leaf.batch_dim is not None:
-                value = leaf.select(value, index)
-                size = value.shape[leaf.batch_dim] // leaf.fold
-            kept.append(value)
-        assert size is not None  # the stage's output always follows the batch (checked at wrap time)
+    @classmethod
+    def of_tensors(cls, tensors: Sequence[Tensor], layout: Sequence[tuple[int, int]], section: int) -> TracedState:
+        """A state of ``tensors`` alone, each batched as ``layout`` says (see `batch_layout`): how an
+        exported model's state travels between ONNX graphs."""
+        values = tuple(tensors)
+        leaves = [_Leaf(batch_dim=d, fold=fold) for d, fold in layout]
+        return cls(values, section, leaves, pytree.tree_flatten(values)[1])
+
+    def batched(self) -> tuple[Tensor, ...]:
+        """The tensors that follow the batch, in order (the rest is constant or counts the batch)."""
+        return tuple(v for v, leaf in zip(pytree.tree_leaves(self.values), self._leaves) if leaf.batch_dim is not None)
+
+    def batch_layout(self) -> list[tuple[int, int]]:
+        """``(batch dimension, rows per sample)`` of each of `batched`'s tensors."""
+        return [(leaf.batch_dim, leaf.fold) for leaf in self._leaves if leaf.batch_dim is not None]
+
+    def replace_batched(self, tensors: Sequence[Tensor]) -> TracedState:
+        """This state with `batched`'s tensors replaced by ``tensors`` (in order, of any one batch size),
+        and the values that count the batch (an int, dimensions of a ``torch.Size``) counted again."""
+        flat, given = pytree.tree_leaves(self.values), iter(tensors)
+        kept = [next(given) if leaf.batch_dim is not None else value for value, leaf in zip(flat, self._leaves)]
+        size = next(v.shape[leaf.batch_dim] // leaf.fold
+                    for v, leaf in zip(kept, self._leaves) if leaf.batch_dim is not None)
         for i, leaf in enumerate(self._leaves):
             if leaf.batch_size:
                 kept[i] = size
             elif leaf.size_dims:
                 kept[i] = torch.Size(size if d in leaf.size_dims else v for d, v in enumerate(kept[i]))
         return TracedState(pytree.tree_unflatten(kept, self._spec), self.section, self._leaves, self._spec)
+
+    def __getitem__(self, index: Tensor) -> TracedState:
+        batched = [leaf for leaf in self._leaves if leaf.batch_dim is not None]
+        return self.replace_batched([leaf.select(v, index) for v, leaf in zip(self.batched(), batched)])
 
     def __len__(self) -> int:
         for value, leaf in zip(pytree.tree_leaves(self.values), self._leaves):
