@@ -167,7 +167,12 @@ def test_bad_inputs_and_damaged_folders(exported, tmp_path):
                             (lambda m: m.update(exit_latency=[{"ms_per_image": [1.0] * 4}]), "not a valid|missing"),
                             (lambda m: m.update(exit_latency=LATENCY), "a list of measurements"),
                             (lambda m: m.update(exit_latency=[{**LATENCY, "ms_per_image": [2.0, 1.0, 3.0, 4.0]}]),
-                             "cumulative")):
+                             "cumulative"),
+                            (lambda m: m.update(format_version=3), "versions 1 and 2"),
+                            (lambda m: m.update(state_layout=[[[0, 0]]] * 3), "field 'state_layout'"),
+                            (lambda m: m.update(state_layout=[[[0, 1]]] * 2), "must describe 3 states"),
+                            (lambda m: m.update(state_layout=[[[0, 1], [1, 1]]] * 3),
+                             "section_0.onnx: not a timm-scan graph of this manifest .* expected 1 inputs and 2 outputs")):
         broken = json.loads(json.dumps(manifest))
         change(broken)
         (damaged / "manifest.json").write_text(json.dumps(broken))
