@@ -51,36 +51,13 @@ if GLOBAL_POOL:
     use_global_thread_pool()
 
 HERE = Path(__file__).parent
-# The families of the test suite (tests/conftest.py's FAMILIES, then tests/test_traced.py's, with the same
-# arguments that keep them small): (model, timm.create_model kwargs, input side).
-FAMILIES = [(name, {}, size) for name, size in [
-    ("resnet18", 32), ("resnet50", 32), ("efficientnet_b0", 32), ("mobilenetv3_large_100", 32), ("convnext_atto", 32),
-    ("regnetx_002", 32), ("densenet121", 32), ("vgg11_bn", 32), ("vit_tiny_patch16_224", 224),
-    ("swin_tiny_patch4_window7_224", 224)]] + [
-    ("beit_base_patch16_224", dict(img_size=64, depth=4, embed_dim=64, num_heads=2), 64),
-    ("eva02_tiny_patch14_224", dict(img_size=56, depth=4), 56),
-    ("cait_xxs24_224", dict(img_size=64, depth=4), 64),
-    ("xcit_nano_12_p16_224", dict(img_size=64, depth=4), 64),
-    ("tnt_s_patch16_224", dict(img_size=64, depth=4), 64),
-    ("deit3_small_patch16_224", dict(img_size=64, depth=4), 64),
-    ("mixer_s16_224", dict(img_size=64), 64),
-    ("resmlp_12_224", dict(img_size=64), 64),
-    ("twins_pcpvt_small", dict(img_size=64, depths=(1, 1, 1, 1)), 64),
-    ("mvitv2_tiny", dict(img_size=64), 64),
-    ("fastvit_t8", {}, 64),
-    ("volo_d1_224", dict(img_size=64), 64),
-    ("nest_tiny", dict(img_size=64), 64),
-    ("coat_lite_tiny", dict(img_size=64), 64),
-    ("pit_ti_224", dict(img_size=64), 64),
-    ("visformer_tiny", dict(img_size=64), 64),
-    ("xception41", {}, 64),
-    ("selecsls42b", {}, 64),
-    ("hrnet_w18_small", {}, 64),
-    ("deit_tiny_distilled_patch16_224", dict(img_size=64, depth=4), 64),
-    ("levit_128s", dict(img_size=64), 64),
-    ("efficientformer_l1", {}, 224),
-    ("efficientformerv2_s0", {}, 224),
-]
+sys.path.insert(0, str(HERE.parent / "tests"))
+from families import FAMILIES as CNN_FAMILIES  # noqa: E402  (the test suite's lists)
+from families import FAMILIES_NOT_IN_ORDER  # noqa: E402
+
+# (model, timm.create_model kwargs, input side): every family of the test suite
+FAMILIES = [(name, {}, size) for name, size in CNN_FAMILIES] + [
+    (name, kwargs, size) for name, kwargs, size, _ in FAMILIES_NOT_IN_ORDER]
 
 
 def half_at_exit_1(model: timm_scan.MultiExitModel, x: torch.Tensor) -> list[float]:

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from conftest import create
+from families import FAMILIES_NOT_IN_ORDER
 from timm.models.resnet import ResNet
 from torch.utils import _pytree as pytree
 
@@ -12,41 +13,14 @@ import timm_scan
 from timm_scan import EarlyExitPredictor
 from timm_scan.model.traced import TracedState
 
-# (model, create kwargs that keep it small, input side, runner): one per family that was refused before
-# the traced runner and the distilled heads (issue 16)
-FAMILIES = [
-    ("beit_base_patch16_224", dict(img_size=64, depth=4, embed_dim=64, num_heads=2), 64, "traced"),
-    ("eva02_tiny_patch14_224", dict(img_size=56, depth=4), 56, "traced"),
-    ("cait_xxs24_224", dict(img_size=64, depth=4), 64, "traced"),
-    ("xcit_nano_12_p16_224", dict(img_size=64, depth=4), 64, "traced"),
-    ("tnt_s_patch16_224", dict(img_size=64, depth=4), 64, "traced"),
-    ("deit3_small_patch16_224", dict(img_size=64, depth=4), 64, "vit"),
-    ("mixer_s16_224", dict(img_size=64), 64, "traced"),
-    ("resmlp_12_224", dict(img_size=64), 64, "traced"),
-    ("twins_pcpvt_small", dict(img_size=64, depths=(1, 1, 1, 1)), 64, "traced"),
-    ("mvitv2_tiny", dict(img_size=64), 64, "traced"),
-    ("fastvit_t8", {}, 64, "traced"),
-    ("volo_d1_224", dict(img_size=64), 64, "traced"),
-    ("nest_tiny", dict(img_size=64), 64, "traced"),
-    ("coat_lite_tiny", dict(img_size=64), 64, "traced"),
-    ("pit_ti_224", dict(img_size=64), 64, "traced"),
-    ("visformer_tiny", dict(img_size=64), 64, "traced"),
-    ("xception41", {}, 64, "traced"),
-    ("selecsls42b", {}, 64, "traced"),
-    ("hrnet_w18_small", {}, 64, "traced"),  # stages found by their forward_intermediates maps
-    ("deit_tiny_distilled_patch16_224", dict(img_size=64, depth=4), 64, "vit"),
-    ("levit_128s", dict(img_size=64), 64, "traced"),
-    ("efficientformer_l1", {}, 224, "sequential"),
-    ("efficientformerv2_s0", {}, 224, "sequential"),
-]
-
 
 def wrap(name, kwargs, size, **more):
     backbone = create(name, **kwargs, **more).eval()
     return backbone, timm_scan.wrap(backbone, check_input_size=(3, size, size))
 
 
-@pytest.mark.parametrize("name, kwargs, size, runner", FAMILIES, ids=[f[0] for f in FAMILIES])
+@pytest.mark.parametrize("name, kwargs, size, runner", FAMILIES_NOT_IN_ORDER,
+                         ids=[f[0] for f in FAMILIES_NOT_IN_ORDER])
 def test_family_wraps_and_its_deepest_exit_is_the_backbone(name, kwargs, size, runner):
     backbone, model = wrap(name, kwargs, size)
     assert model.runner == runner

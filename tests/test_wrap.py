@@ -3,7 +3,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, create
+from conftest import create
+from families import FAMILIES
 
 import timm_scan
 from timm_scan import ScanConfig

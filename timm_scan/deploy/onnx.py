@@ -172,8 +172,8 @@ def export_onnx(
             if k == model.num_exits - 1 and not isinstance(hidden, Tensor):
                 raise ValueError(f"cannot export {name!r}: its forward_features returns {type(hidden).__name__}, "
                                  "and the export hands one tensor to the backbone's head")
-            if k < model.num_exits - 1:
-                state_layout.append(hidden.batch_layout() if isinstance(hidden, TracedState) else [(0, 1)])
+            if isinstance(hidden, TracedState):
+                state_layout.append([list(t) for t in hidden.batch_layout()])
             _export_checked(_Section(model, k, h), h, folder / f"section_{k}.onnx", f"{name!r}: section {k}",
                             opset, atol, ort)
             _export_checked(_ExitLogits(model, k, input_size[1:], hidden), hidden, folder / f"exit_{k}.onnx",
@@ -181,15 +181,14 @@ def export_onnx(
             sections.append(f"section_{k}.onnx")
             exits.append(f"exit_{k}.onnx")
             h = hidden
-    traced = model.runner == "traced"
     manifest = OnnxManifest(
         FORMAT, FORMAT_VERSION, name, list(input_size), model.num_classes, sections, exits,
         model.exit_macs(input_size), model.backbone_macs(input_size), model.fallback, model.thresholds,
         model.class_names, json.loads(json.dumps(model.data_config, default=list)) if model.data_config else None,
         temperatures=model.temperatures, opset=opset, stages=[s.module for s in model.exit_stages],
-        state_layout=[[list(t) for t in layout] for layout in state_layout] if traced else None,
+        state_layout=state_layout or None,
     )
-    if traced:
+    if state_layout:
         manifest.format_version = STATE_FORMAT_VERSION
     manifest.save(folder / MANIFEST)
     return manifest
@@ -416,7 +415,7 @@ class OnnxEarlyExitPredictor:
 
     @staticmethod
     def _run(session: Any, h: Tensor | TracedState) -> list[Tensor]:
-        inputs = h.batched() if isinstance(h, TracedState) else (h,)
+        inputs = _graph_inputs(h)
         feed = {name: np.ascontiguousarray(x.numpy()) for name, x in zip(_io_names("input", len(inputs)), inputs)}
         return [torch.from_numpy(out) for out in session.run(None, feed)]
 
