@@ -257,3 +257,25 @@ def test_export_a_trained_run_and_push_it(hub, tiny_parquet, tmp_path, monkeypat
     assert_same_answers(model, run / "onnx", images, model.thresholds)
     main(["push", str(run), "tester/with-onnx", "--onnx"])
     assert "onnx/exit_3.onnx" in HfApi().list_repo_files("tester/with-onnx")
+
+
+def test_an_exporter_failure_is_told_by_its_root_cause():
+    from timm_scan.deploy.onnx import _exporter_error
+
+    def fail():
+        try:
+            try:
+                raise AssertionError("only 4D query, key, and value are supported")
+            except AssertionError as exc:
+                raise RuntimeError("Error when translating node %sdpa : [num_users=1] = call_function["
+                                   "target=torch.ops.aten.scaled_dot_product_attention.default]") from exc
+        except RuntimeError as exc:
+            raise ValueError("Failed to convert the exported program.\nNext steps: ...") from exc
+
+    with pytest.raises(ValueError) as info:
+        fail()
+    message = _exporter_error(info.value)
+    assert message.startswith("AssertionError: only 4D query, key, and value are supported, translating "
+                              "torch.ops.aten.scaled_dot_product_attention.default")
+    assert "timm.layers.set_fused_attn(False)" in message
+    assert _exporter_error(KeyError("x")) == "KeyError: 'x'"
