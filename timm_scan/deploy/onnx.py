@@ -9,11 +9,12 @@ An exported folder::
     exit_0.onnx ...        exit k's classifier: section k's output → logits (the last: the backbone's head)
 
 Every graph has a dynamic batch dimension; the spatial size is the one exported. A hidden state is
-one tensor (input ``input``, output ``output``, batch first), except for models run by the traced
-runner, whose `TracedState` travels as its tensors that follow the batch (``input_0``, ``input_1``, ...,
-``output_0``, ...; their batch dimensions and rows per sample in the manifest's ``state_layout``, format
-version 2), the constants and batch counts being rebuilt inside each graph. ``onnx`` and
-``onnxruntime`` are an optional extra: ``pip install 'timm-scan[onnx]'``.
+one tensor, batch first (graph input ``input``, output ``output``). A model run by the traced runner
+hands on a `TracedState`: its tensors that follow the batch travel between graphs (the constants and
+batch counts are rebuilt inside each graph); where that is not one tensor, batch first, the graphs take
+``input_0``, ``input_1``, ... and give ``output_0``, ..., and the manifest's ``state_layout`` records
+each tensor's batch dimension and rows per sample (format version 2; other exports are version 1).
+``onnx`` and ``onnxruntime`` are an optional extra: ``pip install 'timm-scan[onnx]'``.
 """
 
 from __future__ import annotations
@@ -73,13 +74,14 @@ class OnnxManifest(JsonRecord):
     exit_latency: list[ExitLatency] | None = None  # timed with ONNX Runtime, where measured
     opset: int | None = None
     stages: list[str] = field(default_factory=list)  # the backbone modules the exits follow
-    # the traced runner's: per section but the last, [batch dimension, rows per sample] of each tensor
-    # it hands on (graph outputs output_0, ...; the next section's and its exit's inputs input_0, ...)
+    # where a section hands on other than one tensor, batch first (the traced runner's): per section but
+    # the last, [batch dimension, rows per sample] of each tensor, in the order of its graph's outputs
+    # and of the next section's and its exit's inputs
     state_layout: list[list[list[int]]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """As JSON; without ``exit_latency`` where nothing was measured and without ``state_layout`` where
-        every graph hands on one tensor, so that timm-scan 0.1.0 reads such an export."""
+        every section hands on one tensor, batch first, so that timm-scan 0.1.0 reads such an export."""
         data = super().to_dict()
         for key in ("exit_latency", "state_layout"):
             if data[key] is None:
@@ -188,9 +190,9 @@ def export_onnx(
         model.exit_macs(input_size), model.backbone_macs(input_size), model.fallback, model.thresholds,
         model.class_names, json.loads(json.dumps(model.data_config, default=list)) if model.data_config else None,
         temperatures=model.temperatures, opset=opset, stages=[s.module for s in model.exit_stages],
-        state_layout=state_layout or None,
+        state_layout=state_layout if any(layout != [[0, 1]] for layout in state_layout) else None,
     )
-    if state_layout:
+    if manifest.state_layout:
         manifest.format_version = STATE_FORMAT_VERSION
     manifest.save(folder / MANIFEST)
     return manifest
@@ -295,6 +297,20 @@ def _check_graph_shapes(first_section: Any, exits: Sequence[Any], m: OnnxManifes
                              f"{session.get_outputs()[0].shape}; the manifest belongs to another export")
 
 
+def _check_state_layout(layout: list[list[tuple[int, int]]], sections: Sequence[Any], exits: Sequence[Any],
+                        m: OnnxManifest, path: Path) -> None:
+    """Each state's batch dimensions against the graphs that take it (section k+1's and exit k's inputs):
+    the batch dimension is the one dynamic dimension of each input."""
+    for k, state in enumerate(layout):
+        for name, session in ((m.sections[k + 1], sections[k]), (m.exits[k], exits[k])):
+            for (d, _), declared in zip(state, session.get_inputs()):
+                dynamic = [i for i, size in enumerate(declared.shape) if not isinstance(size, int)]
+                if dynamic != [d]:
+                    raise ValueError(f"{path}: state_layout[{k}] puts the batch in dimension {d} of input "
+                                     f"{declared.name!r} of graph {name}, whose shape is {declared.shape}; the "
+                                     "manifest belongs to another export")
+
+
 def _plain_name(name: Any) -> bool:
     """A file name inside the folder: no directory part."""
     return isinstance(name, str) and name.endswith(".onnx") and Path(name).name == name and name not in (".", "..")
@@ -308,19 +324,19 @@ def _io_names(kind: str, n: int) -> list[str]:
 def _export_checked(module: nn.Module, example: Tensor | TracedState, path: Path, what: str, opset: int, atol: float,
                     ort: Any) -> None:
     """Export ``module`` on ``example``'s graph inputs (dynamic batch) and check ONNX Runtime's outputs
-    against torch's."""
+    against torch's, on ``example`` and on a batch one larger (a batch size frozen into the graph shows)."""
     inputs = _graph_inputs(example)
     layout = example.batch_layout() if isinstance(example, TracedState) else [(0, 1)]
     batch = torch.export.Dim("batch")
     dynamic = (tuple({d: batch if fold == 1 else fold * batch} for d, fold in layout),)  # forward(*inputs)
-    expected = module(*inputs)
-    expected = list(expected) if isinstance(expected, tuple) else [expected]
+    outputs = module(*inputs)
+    outputs = len(outputs) if isinstance(outputs, tuple) else 1
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")  # the exporter's deprecation and progress chatter (and its optimiser's)
             torch.onnx.export(module, inputs, str(path), input_names=_io_names("input", len(inputs)),
-                              output_names=_io_names("output", len(expected)), dynamic_shapes=dynamic,
+                              output_names=_io_names("output", outputs), dynamic_shapes=dynamic,
                               opset_version=opset, dynamo=True, verbose=False)
     except ModuleNotFoundError as exc:  # torch's exporter needs onnxscript
         raise ImportError(f"ONNX export needs {exc.name}: {INSTALL}") from exc
@@ -328,16 +344,36 @@ def _export_checked(module: nn.Module, example: Tensor | TracedState, path: Path
         raise ValueError(f"cannot export {what} to ONNX ({_exporter_error(exc)})") from None
     try:
         session = ort.InferenceSession(str(path), sess_options=session_options(), providers=["CPUExecutionProvider"])
-        got = session.run(None, dict(zip(_io_names("input", len(inputs)), (x.numpy() for x in inputs))))
     except Exception as exc:  # ONNX Runtime raises its own types
-        raise ValueError(f"cannot export {what}: ONNX Runtime cannot run the exported graph "
+        raise ValueError(f"cannot export {what}: ONNX Runtime cannot load the exported graph "
                          f"({type(exc).__name__}: {str(exc)[:300]})") from None
-    for g, e in zip(got, expected, strict=True):
-        scale = max(1.0, float(e.abs().max())) if e.numel() else 1.0  # float32 rounding grows with the values
-        if g.shape != tuple(e.shape) or not np.allclose(g, e.numpy(), atol=atol * scale, rtol=1e-3):
-            difference = np.abs(g - e.numpy()).max() if g.shape == tuple(e.shape) else "shape"
-            raise ValueError(f"cannot export {what}: ONNX Runtime computes other numbers (max difference {difference} "
-                             f"where the largest value is {scale:.3g})")
+    n = len(example)
+    for batch_example in (example, example[torch.arange(n + 1) % n]):
+        inputs = _graph_inputs(batch_example)
+        expected = module(*inputs)
+        expected = list(expected) if isinstance(expected, tuple) else [expected]
+        try:
+            got = session.run(None, dict(zip(_io_names("input", len(inputs)), (x.numpy() for x in inputs))))
+        except Exception as exc:  # ONNX Runtime raises its own types
+            raise ValueError(f"cannot export {what}: ONNX Runtime cannot run the exported graph at batch "
+                             f"{len(batch_example)} ({type(exc).__name__}: {str(exc)[:300]})") from None
+        for g, e in zip(got, expected, strict=True):
+            _check_same_output(g, e.numpy(), atol, f"{what}: at batch {len(batch_example)}")
+
+
+def _check_same_output(got: np.ndarray, expected: np.ndarray, atol: float, what: str) -> None:
+    """A ``ValueError`` unless ONNX Runtime's ``got`` equals torch's ``expected`` in shape and, within
+    ``atol`` times the largest magnitude where that is above 1 (float32 rounding grows with the values)
+    and 1e-3 relative, in value."""
+    if got.shape != expected.shape:
+        raise ValueError(f"cannot export {what}: ONNX Runtime gives shape {got.shape} where torch gives "
+                         f"{expected.shape}")
+    largest = float(np.abs(expected).max()) if expected.size else 0.0
+    tolerance = atol * max(1.0, largest)
+    if not np.allclose(got, expected, atol=tolerance, rtol=1e-3):
+        raise ValueError(f"cannot export {what}: ONNX Runtime computes other numbers (max difference "
+                         f"{np.abs(got - expected).max():.3g} against a tolerance of {tolerance:.3g} and 1e-3 "
+                         f"relative; largest value {largest:.3g})")
 
 
 def _exporter_error(exc: BaseException) -> str:
@@ -351,8 +387,8 @@ def _exporter_error(exc: BaseException) -> str:
     if op:
         message += f", translating {op}"
     if op and "scaled_dot_product_attention" in op:
-        message += ("; timm's fused attention does not export here: call timm.layers.set_fused_attn(False) before "
-                    "timm.create_model")
+        message += ("; timm's fused attention does not export here: create the model after "
+                    "timm.layers.set_fused_attn(False), or run with the environment variable TIMM_FUSED_ATTN=0")
     return message
 
 
@@ -406,6 +442,9 @@ class OnnxEarlyExitPredictor:
         self.exit_latency = list(m.exit_latency or [])
         if any(len(latency.ms_per_image) != k for latency in self.exit_latency):
             raise ValueError(f"{folder / MANIFEST}: exit_latency must hold {k} values per measurement, one per exit")
+        if (m.format_version == STATE_FORMAT_VERSION) != (m.state_layout is not None):
+            raise ValueError(f"{folder / MANIFEST}: format version {m.format_version} "
+                             f"{'needs' if m.state_layout is None else 'has no'} state_layout; the manifest is damaged")
         self._layout = [[tuple(t) for t in layout] for layout in m.state_layout] if m.state_layout else None
         if self._layout is not None and len(self._layout) != k - 1:
             raise ValueError(f"{folder / MANIFEST}: state_layout must describe {k - 1} states, one per section "
@@ -417,6 +456,8 @@ class OnnxEarlyExitPredictor:
         self.exits = [self._session(folder / f, ort, providers, session_options, given[i], 1)
                       for i, f in enumerate(m.exits)]
         _check_graph_shapes(self.sections[0], self.exits, m, folder / MANIFEST)
+        if self._layout is not None:
+            _check_state_layout(self._layout, self.sections[1:], self.exits, m, folder / MANIFEST)
         self._macs = torch.tensor(m.exit_macs, dtype=torch.int64)
 
     @staticmethod

@@ -120,6 +120,8 @@ class TracedState:
         """A state of ``tensors`` alone, each batched as ``layout`` says (see `batch_layout`): how an
         exported model's state travels between ONNX graphs."""
         values = tuple(tensors)
+        if len(values) != len(layout):
+            raise ValueError(f"{len(values)} tensors for a layout of {len(layout)}")
         leaves = [_Leaf(batch_dim=d, fold=fold) for d, fold in layout]
         return cls(values, section, leaves, pytree.tree_flatten(values)[1])
 
@@ -134,6 +136,8 @@ class TracedState:
     def replace_batched(self, tensors: Sequence[Tensor]) -> TracedState:
         """This state with `batched`'s tensors replaced by ``tensors`` (in order, of any one batch size),
         and the values that count the batch (an int, dimensions of a ``torch.Size``) counted again."""
+        if len(tensors) != len(self.batch_layout()):
+            raise ValueError(f"{len(tensors)} tensors for a state of {len(self.batch_layout())} batched ones")
         flat, given = pytree.tree_leaves(self.values), iter(tensors)
         kept = [next(given) if leaf.batch_dim is not None else value for value, leaf in zip(flat, self._leaves)]
         size = next(v.shape[leaf.batch_dim] // leaf.fold
