@@ -168,23 +168,21 @@ def export_onnx(
     folder.mkdir(parents=True, exist_ok=True)
     _remove_earlier_export(folder)
     name = model_name(model.backbone)
-    h = torch.randn((check_batch, *input_size), generator=torch.Generator().manual_seed(0))
-    sections, exits, state_layout = [], [], []
+    states = [torch.randn((check_batch, *input_size), generator=torch.Generator().manual_seed(0))]
+    sections = [f"section_{k}.onnx" for k in range(model.num_exits)]
+    exits = [f"exit_{k}.onnx" for k in range(model.num_exits)]
     with eval_mode(model), torch.no_grad():
+        for k in range(model.num_exits):  # the state after each section, image first
+            states.append(model.forward_section(k, states[-1]))
+        if not isinstance(states[-1], Tensor):
+            raise ValueError(f"cannot export {name!r}: its forward_features returns {type(states[-1]).__name__}, "
+                             "and the export hands one tensor to the backbone's head")
         for k in range(model.num_exits):
-            hidden = model.forward_section(k, h)
-            if k == model.num_exits - 1 and not isinstance(hidden, Tensor):
-                raise ValueError(f"cannot export {name!r}: its forward_features returns {type(hidden).__name__}, "
-                                 "and the export hands one tensor to the backbone's head")
-            if isinstance(hidden, TracedState):
-                state_layout.append([list(t) for t in hidden.batch_layout()])
-            _export_checked(_Section(model, k, h), h, folder / f"section_{k}.onnx", f"{name!r}: section {k}",
+            _export_checked(_Section(model, k, states[k]), states[k], folder / sections[k], f"{name!r}: section {k}",
                             opset, atol, ort)
-            _export_checked(_ExitLogits(model, k, input_size[1:], hidden), hidden, folder / f"exit_{k}.onnx",
+            _export_checked(_ExitLogits(model, k, input_size[1:], states[k + 1]), states[k + 1], folder / exits[k],
                             f"{name!r}: exit {k}", opset, atol, ort)
-            sections.append(f"section_{k}.onnx")
-            exits.append(f"exit_{k}.onnx")
-            h = hidden
+    state_layout = [[list(t) for t in h.batch_layout()] for h in states[1:-1] if isinstance(h, TracedState)]
     manifest = OnnxManifest(
         FORMAT, FORMAT_VERSION, name, list(input_size), model.num_classes, sections, exits,
         model.exit_macs(input_size), model.backbone_macs(input_size), model.fallback, model.thresholds,
