@@ -136,8 +136,9 @@ class TracedState:
     def replace_batched(self, tensors: Sequence[Tensor]) -> TracedState:
         """This state with `batched`'s tensors replaced by ``tensors`` (in order, of any one batch size),
         and the values that count the batch (an int, dimensions of a ``torch.Size``) counted again."""
-        if len(tensors) != len(self.batch_layout()):
-            raise ValueError(f"{len(tensors)} tensors for a state of {len(self.batch_layout())} batched ones")
+        batched = sum(leaf.batch_dim is not None for leaf in self._leaves)
+        if len(tensors) != batched:
+            raise ValueError(f"{len(tensors)} tensors for a state of {batched} batched ones")
         flat, given = pytree.tree_leaves(self.values), iter(tensors)
         kept = [next(given) if leaf.batch_dim is not None else value for value, leaf in zip(flat, self._leaves)]
         size = next(v.shape[leaf.batch_dim] // leaf.fold
