@@ -66,14 +66,18 @@ def half_at_exit_1(model: timm_scan.MultiExitModel, x: torch.Tensor) -> list[flo
     return [first.median().item()] + [1.0] * (model.num_exits - 2)
 
 
-def plain_backbone_session(model: torch.nn.Module, size: int, folder: Path) -> ort.InferenceSession:
+def plain_backbone_session(model: torch.nn.Module, size: int, folder: Path,
+                           options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """``model`` exported as one graph (dynamic batch) into ``folder``, in a session with ``options``
+    (default: onnxruntime's own, or with ``--global-thread-pool`` the predictor's `session_options`)."""
     path = folder / "backbone.onnx"
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.randn(2, 3, size, size),), str(path), input_names=["input"],
                           output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True)
-    return ort.InferenceSession(str(path), sess_options=ort.SessionOptions() if not GLOBAL_POOL else session_options(),
-                                providers=["CPUExecutionProvider"])
+    if options is None:
+        options = ort.SessionOptions() if not GLOBAL_POOL else session_options()
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def graphs_in_turn(predictor: timm_scan.OnnxEarlyExitPredictor, heads: bool) -> Callable[[torch.Tensor], None]:

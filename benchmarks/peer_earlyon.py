@@ -77,22 +77,33 @@ the same way), the transforms, the timm model, the seed, the optimiser, schedule
      flag says what counting it as our point would give). The margin per earlyon point is that
      best accuracy minus its accuracy ("none" when no point of ours is as fast); the reverse check
      (earlyon above ours) is reported alike.
+  6. *With* ``--onnx``: our model exported (``export_onnx``) and run by ``OnnxEarlyExitPredictor``, and
+     the plain backbone exported as one graph, both with ``session_options()`` (per-session pools
+     that stop spinning when a run returns, so that they take no core from the settings timed after
+     them). Step 1 again with the predictor's own ``measure_exit_latency`` as the cost; its points
+     and the exported backbone are timed in turns with everything above (NCHW images: what ONNX
+     Runtime takes); their speed-up is over the exported backbone, and their curve gets a verdict of
+     its own (``verdict_onnx``). earlyon has no export, so this compares our deployment path with
+     earlyon's torch one, not like for like; the torch curves above are the like-for-like comparison.
 
 Everything runs on CPU. The real run, then the smoke-test budget (overrides are for that only)::
 
     python benchmarks/peer_earlyon.py --ours runs/bench/resnet18-sd --out benchmarks/results/peer_earlyon.json
+    python benchmarks/peer_earlyon.py --ours runs/bench/resnet18-sd --onnx --out peer_earlyon_onnx.json  # + ONNX
     python benchmarks/peer_earlyon.py --ours RUN --out X.json --epochs 1 --max-train-samples 96 \\
         --val-size 24 --max-test-samples 32 --num-workers 0 --latency-images 32 --latency-images-b1 4
 
 The JSON holds the recipe, per-exit MACs and accuracy (``methods``), the MACs trade-off points
 (``rows``), ``equal_macs``, and ``latency_curves`` (per batch size: the ``ExitLatency`` our search
-used, the timed points of each method, skipped searches and the verdict); ``<out>.png`` plots
+used, the timed points of each method, skipped searches and the verdict; with ``--onnx`` also
+``exit_latency_onnx`` and ``verdict_onnx``); ``<out>.png`` plots
 accuracy against MACs and ``<out>_latency.png`` accuracy against measured ms per image.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -102,6 +113,7 @@ import os
 import platform
 import random
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -454,6 +466,7 @@ def equal_macs(sides: list[Side], fractions: list[float], backbone_macs: int) ->
 
 # ---------------------------------------------------------------------------------------- latency
 BACKBONE = "plain timm backbone (our weights)"
+OURS_ONNX, BACKBONE_ONNX = "timm-scan (SD), ONNX Runtime", "plain backbone, ONNX Runtime"
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 BATCH_SIZES = (1, 256)
 Answers = tuple[Tensor, Tensor, Tensor]  # per image: predicted label, exit (0-based, the last: the end), MACs
@@ -485,13 +498,23 @@ class CurvePoint:
     predicted_ms_per_image: float | None = None  # ours: what the ExitLatency predicts on the test split
 
 
+@dataclass
+class OnnxSide:
+    """``--onnx``: our model as `export_onnx` wrote it to ``folder``, its points (thresholds searched
+    against the ONNX Runtime predictor's own measured latency) and the plain backbone as one graph."""
+
+    folder: Path
+    backbone: Any  # onnxruntime.InferenceSession
+    points: list[CurvePoint]
+
+
 def ours_latency_points(outputs: Outputs, latency: ExitLatency, betas: list[float], drops: list[float],
-                        budgets: list[float], seed: int, exit_macs: list[int],
-                        backbone_macs: int) -> tuple[list[CurvePoint], list[dict[str, str]]]:
+                        budgets: list[float], seed: int, exit_macs: list[int], backbone_macs: int,
+                        method: str = OURS) -> tuple[list[CurvePoint], list[dict[str, str]]]:
     """Our thresholds searched on val with the measured ``latency`` as the cost (the β sweep, the
     cheapest thresholds within each accuracy drop, the most accurate within each budget: a fraction of
     ``latency.backbone_ms_per_image``), replayed on test; identical vectors merged. Also the targets no
-    thresholds meet on val, with the search's reason."""
+    thresholds meet on val, with the search's reason. ``method``: which of our runtimes ``latency`` timed."""
     probs, labels = outputs.val_probs, outputs.val_labels
     searches = [(f"β={r.beta:g}", r) for r in timm_scan.sweep_beta(probs, labels, latency, betas=betas, seed=seed)]
     targets = [(f"max-drop={d:g}pt", {"max_accuracy_drop": d}) for d in drops]
@@ -501,7 +524,7 @@ def ours_latency_points(outputs: Outputs, latency: ExitLatency, betas: list[floa
         try:
             searches.append((setting, timm_scan.search_thresholds(probs, labels, latency, seed=seed, **target)))
         except ValueError as e:
-            skipped.append({"setting": setting, "reason": str(e)})
+            skipped.append({"method": method, "setting": setting, "reason": str(e)})
     on_macs = ExitTable.from_outputs(outputs.test_probs, outputs.test_labels, exit_macs, backbone_macs)
     on_ms = ExitTable.from_outputs(outputs.test_probs, outputs.test_labels, latency)
     merged: dict[tuple[float, ...], CurvePoint] = {}
@@ -513,7 +536,7 @@ def ours_latency_points(outputs: Outputs, latency: ExitLatency, betas: list[floa
         test_accuracy, test_acceleration = on_macs.evaluate([result.thresholds])
         _, ms_acceleration = on_ms.evaluate([result.thresholds])
         merged[key] = CurvePoint(
-            OURS, setting, list(result.thresholds), simulated_accuracy=float(test_accuracy[0]) / 100,
+            method, setting, list(result.thresholds), simulated_accuracy=float(test_accuracy[0]) / 100,
             simulated_macs_fraction=1 / float(test_acceleration[0]), val_accuracy=result.accuracy / 100,
             predicted_ms_per_image=latency.backbone_ms_per_image / float(ms_acceleration[0]))
     return list(merged.values()), skipped
@@ -552,9 +575,11 @@ def earlyon_replay(cache: HeadLogits, model: EarlyExitWrapper, n: int) -> tuple[
 def latency_curve(batch_size: int, images: Tensor, labels: Tensor, plain: torch.nn.Module, ours: MultiExitModel,
                   ours_points: list[CurvePoint], peer: EarlyExitWrapper, peer_points: list[CurvePoint],
                   costs: tuple[list[int], list[int]], outputs: Outputs, peer_test: HeadLogits, backbone_macs: int,
-                  repeats: int) -> dict[str, list[CurvePoint]]:
+                  repeats: int, onnx: OnnxSide | None = None) -> dict[str, list[CurvePoint]]:
     """Times the backbone and every point of both methods in turns on ``images`` (the first test images)
-    at ``batch_size``, then fills each point's time, speed-up, timed answers and curve position."""
+    at ``batch_size``, then fills each point's time, speed-up, timed answers and curve position. With
+    ``onnx``, our exported model's points and the exported backbone take their turns too (in NCHW, as
+    ONNX Runtime takes images); their speed-up is over the exported backbone."""
     n, k, per_sample = len(labels), ours.num_exits, batch_size == 1
     if not (torch.equal(outputs.test_labels[:n], labels) and torch.equal(peer_test.targets[:n], labels)):
         raise RuntimeError("the timed images are not the first images of the cached test outputs")
@@ -572,10 +597,25 @@ def latency_curve(batch_size: int, images: Tensor, labels: Tensor, plain: torch.
     def ours_answers(result: timm_scan.EarlyExitResult, batch: Tensor) -> Answers:
         return result.labels, result.exit_index, result.macs.double()
 
-    for p in ours_points:
+    def ours_replay(p: CurvePoint) -> tuple[Tensor, Tensor]:
         index, _, probs = simulate_early_exit([q[:n] for q in outputs.test_probs], p.thresholds, "ensemble")
+        return probs.argmax(-1), index
+
+    for p in ours_points:
         settings[f"{OURS}: {p.setting}"] = (p, timm_scan.EarlyExitPredictor(ours, p.thresholds, "ensemble"),
-                                            ours_answers, (probs.argmax(-1), index))
+                                            ours_answers, ours_replay(p))
+    if onnx is not None:
+        onnx_backbone = CurvePoint(BACKBONE_ONNX, "-", simulated_accuracy=backbone.simulated_accuracy,
+                                   simulated_macs_fraction=1.0)
+
+        def onnx_plain(batch: Tensor) -> Tensor:
+            return torch.from_numpy(onnx.backbone.run(None, {"input": batch.contiguous().numpy()})[0])
+
+        settings[BACKBONE_ONNX] = (onnx_backbone, onnx_plain, plain_answers, settings[BACKBONE][3])
+        for p in onnx.points:
+            predictor = timm_scan.OnnxEarlyExitPredictor(onnx.folder, p.thresholds, "ensemble")
+            settings[f"{OURS_ONNX}: {p.setting}"] = (p, lambda batch, run=predictor: run(batch.contiguous()),
+                                                     ours_answers, ours_replay(p))
 
     configured, n_exits = peer.config, len(peer.config.exit_points)
     for p in peer_points:
@@ -605,7 +645,8 @@ def latency_curve(batch_size: int, images: Tensor, labels: Tensor, plain: torch.
             answers = [decode(fn(b), b) for b in batches]
         preds, exits, macs = (torch.cat([a[i] for a in answers]) for i in range(3))
         point.ms_per_image = 1000 * seconds[name] / n
-        point.speedup_vs_backbone = seconds[BACKBONE] / seconds[name]
+        reference = BACKBONE_ONNX if point.method in (OURS_ONNX, BACKBONE_ONNX) else BACKBONE
+        point.speedup_vs_backbone = seconds[reference] / seconds[name]
         point.timed_accuracy = (preds == labels).double().mean().item()
         point.timed_macs_fraction = macs.double().mean().item() / backbone_macs
         if replay is not None:
@@ -614,12 +655,16 @@ def latency_curve(batch_size: int, images: Tensor, labels: Tensor, plain: torch.
                                                     if per_sample else
                                                     (point.timed_accuracy, point.timed_macs_fraction))
     peer.config = configured
-    return {BACKBONE: [backbone], OURS: ours_points, PEER: peer_points}
+    curve = {BACKBONE: [backbone], OURS: ours_points, PEER: peer_points}
+    if onnx is not None:
+        curve |= {BACKBONE_ONNX: [onnx_backbone], OURS_ONNX: onnx.points}
+    return curve
 
 
-def verdict(curve: dict[str, list[CurvePoint]]) -> dict[str, Any]:
-    """Whether our curve lies above earlyon's (for every earlyon point, our best accuracy among our points
-    at most as slow is at least its accuracy), the reverse, and the margin per point."""
+def verdict(curve: dict[str, list[CurvePoint]], mine: str = OURS, plain: str = BACKBONE) -> dict[str, Any]:
+    """Whether our curve (``mine``: our points in one runtime, ``plain``: the backbone in it) lies above
+    earlyon's (for every earlyon point, our best accuracy among our points at most as slow is at least
+    its accuracy), the reverse, and the margin per point."""
 
     def margins(mine: list[CurvePoint], theirs: list[CurvePoint]) -> list[dict[str, Any]]:
         rows = []
@@ -636,11 +681,50 @@ def verdict(curve: dict[str, list[CurvePoint]]) -> dict[str, Any]:
     def above(rows: list[dict[str, Any]]) -> bool:  # accuracies are counts over the same images: 1e-9 is rounding
         return all(r["margin"] is not None and r["margin"] >= -1e-9 for r in rows)
 
-    ours, peer = curve[OURS], curve[PEER]
+    ours, peer = curve[mine], curve[PEER]
     forward, reverse = margins(ours, peer), margins(peer, ours)
     return {"ours_above_earlyon": above(forward),
-            "ours_above_earlyon_counting_backbone": above(margins(ours + curve[BACKBONE], peer)),
+            "ours_above_earlyon_counting_backbone": above(margins(ours + curve[plain], peer)),
             "earlyon_above_ours": above(reverse), "margins": forward, "reverse_margins": reverse}
+
+
+def latency_curves(b: int, args: argparse.Namespace, cfg: TrainConfig, images: Tensor, labels: Tensor,
+                   plain: nn.Module, ours: MultiExitModel, peer: EarlyExitWrapper, peer_calibrated: list[Point],
+                   costs: tuple[list[int], list[int]], outputs: Outputs, peer_test: HeadLogits, exit_macs: list[int],
+                   backbone_macs: int, onnx: tuple[Path, Any, Any] | None) -> dict[str, Any]:
+    """Steps 1-5 at batch ``b`` on ``images``; ``onnx``: (export folder, the exported backbone's session,
+    an `OnnxEarlyExitPredictor` on the folder) for the ONNX Runtime curve. The JSON entry of that batch."""
+    n = len(labels)
+    latency = timm_scan.measure_exit_latency(ours, tuple(images.shape[1:]), min(b, n), images=n,  # as timed below
+                                             memory_format=args.memory_format, repeats=args.repeats,
+                                             fallback="ensemble")  # as searched and timed
+    search = (args.betas, args.drops, args.latency_budgets, cfg.seed, exit_macs, backbone_macs)
+    ours_points, skipped = ours_latency_points(outputs, latency, *search)
+    onnx_side = onnx_latency = None
+    if onnx is not None:
+        folder, session, predictor = onnx
+        onnx_latency = predictor.measure_exit_latency(min(b, n), images=n, repeats=args.repeats)
+        onnx_points, onnx_skipped = ours_latency_points(outputs, onnx_latency, *search, method=OURS_ONNX)
+        onnx_side, skipped = OnnxSide(folder, session, onnx_points), skipped + onnx_skipped
+    curve = latency_curve(b, images, labels, plain, ours, ours_points, peer,
+                          earlyon_policies(peer_calibrated, backbone_macs), costs, outputs, peer_test, backbone_macs,
+                          args.repeats, onnx_side)
+    for points in curve.values():
+        for p in points:
+            if p.agreement_with_simulation is not None and p.agreement_with_simulation < 1:
+                print(f"warning: batch {b}, {p.method} {p.setting}: the timed run answered "
+                      f"{1 - p.agreement_with_simulation:.2%} of the timed images unlike the replay")
+    entry = {
+        "batch_size": b, "images_timed": n, "memory_format": args.memory_format,
+        "accuracy_on": (f"the whole test split ({len(outputs.test_labels)} images), per-sample policies replayed "
+                        "on cached outputs" if b == 1 else f"the {n} timed images, the timed run's answers"),
+        "exit_latency": latency.to_dict(), "skipped": skipped,
+        "methods": {name: [dataclasses.asdict(p) for p in points] for name, points in curve.items()},
+        "verdict": verdict(curve),
+    }
+    if onnx_latency is not None:
+        entry |= {"exit_latency_onnx": onnx_latency.to_dict(), "verdict_onnx": verdict(curve, OURS_ONNX, BACKBONE_ONNX)}
+    return entry
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -675,11 +759,13 @@ def report(sides: list[Side], budgets: list[dict[str, Any]], curves: dict[str, d
     for row in budgets:
         lines.append(f"| {row['budget_fraction']:.0%} | " + " | ".join(pct(row[n]) for n in names) + " |")
     for curve in curves.values():
-        exit_ms = ", ".join(f"{v:.3f}" for v in curve["exit_latency"]["ms_per_image"])
+        costs = [(OURS, curve["exit_latency"])] + ([(OURS_ONNX, curve["exit_latency_onnx"])]
+                                                  if "exit_latency_onnx" in curve else [])
+        measured = "; ".join(f"{name}: {', '.join(f'{v:.3f}' for v in latency['ms_per_image'])}, backbone "
+                             f"{latency['backbone_ms_per_image']:.3f}" for name, latency in costs)
         lines += ["", (f"batch {curve['batch_size']}, {curve['images_timed']} test images timed, "
                        f"{curve['memory_format']}; accuracy: {curve['accuracy_on']}. Our measured ms/image per exit "
-                       f"(the search's cost): {exit_ms}; "
-                       f"backbone {curve['exit_latency']['backbone_ms_per_image']:.3f}"),
+                       f"(the search's cost): {measured}"),
                   "", ("| method | setting | ms/image | speed-up | accuracy | mean MACs | timed images: accuracy "
                        "| agrees with replay |"), "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name, points in curve["methods"].items():
@@ -689,16 +775,19 @@ def report(sides: list[Side], budgets: list[dict[str, Any]], curves: dict[str, d
                              f"{pct(p['accuracy'])} | {p['mean_macs_fraction']:.1%} | {pct(p['timed_accuracy'])} "
                              f"| {agree} |")
         for s in curve["skipped"]:
-            lines.append(f"\n{OURS} {s['setting']}: skipped ({s['reason']})")
-        v = curve["verdict"]
+            lines.append(f"\n{s['method']} {s['setting']}: skipped ({s['reason']})")
         yes = {True: "yes", False: "no"}
-        lines += ["", (f"batch {curve['batch_size']}: {OURS} curve above {PEER}'s: "
-                       f"**{yes[v['ours_above_earlyon']]}** (counting the plain backbone as ours: "
-                       f"{yes[v['ours_above_earlyon_counting_backbone']]}); {PEER}'s above ours: "
-                       f"{yes[v['earlyon_above_ours']]}")]
-        for m in v["margins"]:
-            margin = "none as fast" if m["margin"] is None else f"{100 * m['margin']:+.2f} points ({m['best_as_fast']})"
-            lines.append(f"- {PEER} {m['setting']} ({m['ms_per_image']:.3f} ms, {pct(m['accuracy'])}): {margin}")
+        verdicts = [(OURS, curve["verdict"])] + ([(OURS_ONNX, curve["verdict_onnx"])] if "verdict_onnx" in curve
+                                                 else [])
+        for mine, v in verdicts:
+            lines += ["", (f"batch {curve['batch_size']}: {mine} curve above {PEER}'s: "
+                           f"**{yes[v['ours_above_earlyon']]}** (counting the plain backbone as ours: "
+                           f"{yes[v['ours_above_earlyon_counting_backbone']]}); {PEER}'s above ours: "
+                           f"{yes[v['earlyon_above_ours']]}")]
+            for m in v["margins"]:
+                margin = ("none as fast" if m["margin"] is None
+                          else f"{100 * m['margin']:+.2f} points ({m['best_as_fast']})")
+                lines.append(f"- {PEER} {m['setting']} ({m['ms_per_image']:.3f} ms, {pct(m['accuracy'])}): {margin}")
     return "\n".join(lines)
 
 
@@ -739,16 +828,21 @@ def plot_latency(curves: dict[str, dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.4), squeeze=False)
     for ax, curve in zip(axes[0], curves.values()):
         slowest = max(p["ms_per_image"] for points in curve["methods"].values() for p in points)
-        for name, colour, marker in ((OURS, "tab:blue", "o"), (PEER, "tab:orange", "s")):
+        methods = [(OURS, "tab:blue", "o"), (PEER, "tab:orange", "s"), (OURS_ONNX, "tab:green", "^")]
+        for name, colour, marker in methods:
+            if name not in curve["methods"]:
+                continue
             pts = sorted(curve["methods"][name], key=lambda p: p["ms_per_image"])
             xs, ys = [p["ms_per_image"] for p in pts], [100 * p["accuracy"] for p in pts]
             ax.plot(xs, ys, marker, color=colour, alpha=0.7, label=f"{name}: timed points")
             best = np.maximum.accumulate(ys)
             ax.step([*xs, slowest], [*best, best[-1]], where="post", color=colour, lw=1.2,
                     label=f"{name}: best accuracy at most as slow")
-        (b,) = curve["methods"][BACKBONE]
-        ax.plot([b["ms_per_image"]], [100 * b["accuracy"]], "*", ms=13, color="black", label="plain backbone")
-        ax.axvline(b["ms_per_image"], color="grey", ls="--", lw=1)
+        for name, colour in ((BACKBONE, "black"), (BACKBONE_ONNX, "tab:green")):
+            if name in curve["methods"]:
+                (b,) = curve["methods"][name]
+                ax.plot([b["ms_per_image"]], [100 * b["accuracy"]], "*", ms=13, color=colour, label=name)
+                ax.axvline(b["ms_per_image"], color=colour, ls="--", lw=1, alpha=0.6)
         ax.set_xlabel("measured ms per image")
         ax.set_ylabel("test accuracy (%)" if curve["batch_size"] == 1 else "accuracy on the timed images (%)")
         ax.set_title(f"batch {curve['batch_size']} ({curve['images_timed']} images timed, {curve['memory_format']})",
@@ -796,6 +890,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed passes per setting (the median counts)")
     p.add_argument("--memory-format", choices=sorted(MEMORY_FORMATS), default="channels_last",
                    help="of the models and images timed (the README's advice on CPU: channels_last)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also our model exported with export_onnx and run by OnnxEarlyExitPredictor (thresholds "
+                        "searched against its own measured latency), and the plain backbone exported as one "
+                        "graph: a third curve, and a verdict of its own (earlyon has no export)")
     return p.parse_args()
 
 
@@ -834,32 +932,26 @@ def main() -> None:
     labels = torch.tensor([test[i][1] for i in range(n)])
     plain = timm.create_model(cfg.model, num_classes=splits.num_classes, pretrained=False).eval()
     plain.load_state_dict(ours.backbone.state_dict())
-    for model in (ours, plain, peer):
-        model.to(memory_format=fmt)
-    curves: dict[str, dict[str, Any]] = {}
-    for b in BATCH_SIZES:
-        latency = timm_scan.measure_exit_latency(ours, size, batch_size=min(b, counts[b]),  # the batch timed below
-                                                 memory_format=args.memory_format, images=counts[b],
-                                                 repeats=args.repeats, fallback="ensemble")  # as searched and timed
-        ours_points, skipped = ours_latency_points(outputs, latency, args.betas, args.drops, args.latency_budgets,
-                                                   cfg.seed, exit_macs, backbone_macs)
-        curve = latency_curve(b, images[:counts[b]], labels[:counts[b]], plain, ours, ours_points, peer,
-                              earlyon_policies(sides[1].points, backbone_macs), costs, outputs, peer_caches[1],
-                              backbone_macs, args.repeats)
-        for points in curve.values():
-            for p in points:
-                if p.agreement_with_simulation is not None and p.agreement_with_simulation < 1:
-                    print(f"warning: batch {b}, {p.method} {p.setting}: the timed run answered "
-                          f"{1 - p.agreement_with_simulation:.2%} of the timed images unlike the replay")
-        curves[str(b)] = {
-            "batch_size": b, "images_timed": counts[b], "memory_format": args.memory_format,
-            "accuracy_on": (f"the whole test split ({len(outputs.test_labels)} images), per-sample policies replayed "
-                            "on cached outputs" if b == 1
-                            else f"the {counts[b]} timed images, the timed run's answers"),
-            "exit_latency": latency.to_dict(), "skipped": skipped,
-            "methods": {name: [dataclasses.asdict(p) for p in points] for name, points in curve.items()},
-            "verdict": verdict(curve),
-        }
+    exported = tempfile.TemporaryDirectory() if args.onnx else contextlib.nullcontext()
+    with exported as onnx_dir:
+        if onnx_dir is not None:
+            print("exporting our model and the plain backbone to ONNX")
+            sys.path.insert(0, str(Path(__file__).parent))
+            from onnx_export import plain_backbone_session  # onnxruntime: only with --onnx
+
+            from timm_scan.deploy.onnx import session_options
+
+            onnx_dir = Path(onnx_dir)
+            timm_scan.export_onnx(ours, onnx_dir / "ours", size)
+            onnx_backbone = plain_backbone_session(plain, size[-1], onnx_dir, session_options())
+            onnx_base = timm_scan.OnnxEarlyExitPredictor(onnx_dir / "ours", [1.0] * (ours.num_exits - 1))
+        for model in (ours, plain, peer):
+            model.to(memory_format=fmt)
+        curves = {str(b): latency_curves(b, args, cfg, images[:counts[b]], labels[:counts[b]], plain, ours, peer,
+                                         sides[1].points, costs, outputs, peer_caches[1], exit_macs, backbone_macs,
+                                         None if onnx_dir is None else (onnx_dir / "ours", onnx_backbone, onnx_base))
+                  for b in BATCH_SIZES}
+
 
     print(report(sides, budgets, curves, backbone_macs))
     record = {

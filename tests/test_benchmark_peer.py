@@ -12,6 +12,7 @@ from timm_scan.training import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE, OURS, PEER = "plain timm backbone (our weights)", "timm-scan (SD)", "earlyon"
+OURS_ONNX, BACKBONE_ONNX = "timm-scan (SD), ONNX Runtime", "plain backbone, ONNX Runtime"
 
 
 def run_benchmark(monkeypatch, *args):
@@ -28,9 +29,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def check_latency_curves(report):
+def check_latency_curves(report, onnx=False):
     """The accuracy-against-latency curves: each method's points timed at batch 1 and 256, the backbone's
-    point, accuracies where the protocol says they come from, and a verdict that follows from them."""
+    point, accuracies where the protocol says they come from, and a verdict that follows from them.
+    ``onnx``: with the ONNX Runtime curve (``--onnx``), checked the same way."""
     curves, methods, rows = report["latency_curves"], report["methods"], report["rows"]
     assert list(curves) == ["1", "256"]
     for key, curve in curves.items():
@@ -40,12 +42,15 @@ def check_latency_curves(report):
         latency = curve["exit_latency"]  # what our search used as the cost
         assert latency["batch_size"] == min(b, curve["images_timed"]) and latency["memory_format"] == "channels_last"
         assert len(latency["ms_per_image"]) == 4 and latency["backbone_ms_per_image"] > 0
-        assert list(curve["methods"]) == [BACKBONE, OURS, PEER]
+        assert list(curve["methods"]) == [BACKBONE, OURS, PEER] + ([BACKBONE_ONNX, OURS_ONNX] if onnx else [])
+        if onnx:
+            check_onnx_curve(curve)
         (backbone,) = curve["methods"][BACKBONE]
         ours, peer = curve["methods"][OURS], curve["methods"][PEER]
         assert ours and peer and backbone["speedup_vs_backbone"] == 1 and backbone["timed_macs_fraction"] == 1
         # every search is a point (identical thresholds merged, settings joined) or skipped with a reason
-        searched = [s for p in ours for s in p["setting"].split(", ")] + [s["setting"] for s in curve["skipped"]]
+        searched = [s for p in ours for s in p["setting"].split(", ")] + [
+            s["setting"] for s in curve["skipped"] if s["method"] == OURS]
         assert sorted(searched) == sorted(["β=0.1", "β=10", "max-drop=1pt", "ms-budget=0.5"])
         assert all(s["reason"] for s in curve["skipped"])
         assert len({tuple(p["thresholds"]) for p in ours}) == len(ours)
@@ -73,6 +78,32 @@ def check_latency_curves(report):
                                                     for m in verdict["margins"])
         assert isinstance(verdict["ours_above_earlyon_counting_backbone"], bool)
         assert isinstance(verdict["earlyon_above_ours"], bool)
+
+
+def check_onnx_curve(curve):
+    """``--onnx``: our exported model's points, searched against ONNX Runtime's own measured latency,
+    and the exported backbone, timed beside the rest, with a verdict of their own."""
+    b = curve["batch_size"]
+    latency = curve["exit_latency_onnx"]
+    assert latency["batch_size"] == min(b, curve["images_timed"]) and "onnxruntime" in latency["device"]
+    assert latency["ms_per_image"] != curve["exit_latency"]["ms_per_image"]  # timed apart from torch's
+    (backbone,) = curve["methods"][BACKBONE_ONNX]
+    ours, peer = curve["methods"][OURS_ONNX], curve["methods"][PEER]
+    assert backbone["speedup_vs_backbone"] == 1 and backbone["timed_macs_fraction"] == 1
+    assert backbone["simulated_accuracy"] == curve["methods"][BACKBONE][0]["simulated_accuracy"]
+    searched = [s for p in ours for s in p["setting"].split(", ")] + [
+        s["setting"] for s in curve["skipped"] if s["method"] == OURS_ONNX]
+    assert sorted(searched) == sorted(["β=0.1", "β=10", "max-drop=1pt", "ms-budget=0.5"])
+    for p in ours:
+        assert p["method"] == OURS_ONNX and p["ms_per_image"] > 0 and 0 <= p["accuracy"] <= 1
+        assert p["predicted_ms_per_image"] > 0 and 0 <= p["agreement_with_simulation"] <= 1
+        if b == 1:
+            assert p["accuracy"] == p["simulated_accuracy"]
+    verdict = curve["verdict_onnx"]
+    assert len(verdict["margins"]) == len(peer) and len(verdict["reverse_margins"]) == len(ours)
+    for p, m in zip(peer, verdict["margins"]):
+        as_fast = [q["accuracy"] for q in ours if q["ms_per_image"] <= p["ms_per_image"]]
+        assert m["margin"] == (max(as_fast) - p["accuracy"] if as_fast else None)
 
 
 def test_peer_earlyon(tiny_parquet, tmp_path, monkeypatch, capsys, one_thread):
@@ -113,11 +144,15 @@ def test_peer_earlyon(tiny_parquet, tmp_path, monkeypatch, capsys, one_thread):
     assert "| MACs budget" in printed and "curve above earlyon's" in printed
     assert out.with_name("peer_latency.png").is_file()
 
-    # a second run reuses earlyon's weights and reports the same numbers
+    # a second run reuses earlyon's weights and reports the same numbers; with --onnx, a third curve
     trained_at = weights.stat().st_mtime
-    run_benchmark(monkeypatch, *args)
-    assert "earlyon: loaded" in capsys.readouterr().out and weights.stat().st_mtime == trained_at
-    assert json.loads(out.read_text())["rows"] == rows
+    run_benchmark(monkeypatch, *args, "--onnx")
+    printed = capsys.readouterr().out
+    assert "earlyon: loaded" in printed and weights.stat().st_mtime == trained_at
+    assert f"{OURS_ONNX} curve above earlyon's" in printed
+    second = json.loads(out.read_text())
+    assert second["rows"] == rows
+    check_latency_curves(second, onnx=True)
     # a different recipe does not silently reuse them
     with pytest.raises(ValueError, match="--retrain"):
         run_benchmark(monkeypatch, *args, "--epochs", "2")
