@@ -85,13 +85,15 @@ class _CannotTrace(ValueError):
 @dataclass(frozen=True)
 class _Leaf:
     """How one leaf of the state follows the batch: ``batch_dim`` (tensors), ``batch_size`` (an int
-    equal to the batch size), ``size_dims`` (positions of the batch size in a ``torch.Size``), or
-    constant (none of them)."""
+    equal to the batch size; pytree flattens a ``torch.Size`` into such ints), or constant (neither)."""
 
     batch_dim: int | None = None
     fold: int = 1  # the batch dimension holds ``fold`` rows per sample (TNT's pixel tokens: B * 196)
     batch_size: bool = False
-    size_dims: tuple[int, ...] = ()
+
+    def samples(self, value: Tensor) -> int:
+        """How many samples ``value`` (batched along ``batch_dim``) holds."""
+        return value.shape[self.batch_dim] // self.fold
 
     def select(self, value: Tensor, index: Tensor) -> Tensor:
         """``value`` (batched along ``batch_dim``) at the samples ``index`` selects."""
@@ -135,19 +137,14 @@ class TracedState:
 
     def replace_batched(self, tensors: Sequence[Tensor]) -> TracedState:
         """This state with `batched`'s tensors replaced by ``tensors`` (in order, of any one batch size),
-        and the values that count the batch (an int, dimensions of a ``torch.Size``) counted again."""
+        and the values that count the batch (ints, a ``torch.Size``'s among them) counted again."""
         batched = sum(leaf.batch_dim is not None for leaf in self._leaves)
         if len(tensors) != batched:
             raise ValueError(f"{len(tensors)} tensors for a state of {batched} batched ones")
         flat, given = pytree.tree_leaves(self.values), iter(tensors)
         kept = [next(given) if leaf.batch_dim is not None else value for value, leaf in zip(flat, self._leaves)]
-        size = next(v.shape[leaf.batch_dim] // leaf.fold
-                    for v, leaf in zip(kept, self._leaves) if leaf.batch_dim is not None)
-        for i, leaf in enumerate(self._leaves):
-            if leaf.batch_size:
-                kept[i] = size
-            elif leaf.size_dims:
-                kept[i] = torch.Size(size if d in leaf.size_dims else v for d, v in enumerate(kept[i]))
+        size = next(leaf.samples(v) for v, leaf in zip(kept, self._leaves) if leaf.batch_dim is not None)
+        kept = [size if leaf.batch_size else value for value, leaf in zip(kept, self._leaves)]
         return TracedState(pytree.tree_unflatten(kept, self._spec), self.section, self._leaves, self._spec)
 
     def __getitem__(self, index: Tensor) -> TracedState:
@@ -155,10 +152,8 @@ class TracedState:
         return self.replace_batched([leaf.select(v, index) for v, leaf in zip(self.batched(), batched)])
 
     def __len__(self) -> int:
-        for value, leaf in zip(pytree.tree_leaves(self.values), self._leaves):
-            if leaf.batch_dim is not None:
-                return value.shape[leaf.batch_dim] // leaf.fold
-        raise AssertionError("a traced state always holds a batched tensor")
+        return next(leaf.samples(v) for v, leaf in zip(pytree.tree_leaves(self.values), self._leaves)
+                    if leaf.batch_dim is not None)
 
 
 @dataclass
@@ -351,11 +346,7 @@ def _classify(one: Any, other: Any, b_one: int, b_other: int, what: str) -> _Lea
                     return _Leaf(batch_dim=d, fold=fold)
         raise _CannotTrace(f"{what} has shape {tuple(one.shape)} at batch {b_one} and {tuple(other.shape)} at "
                            f"batch {b_other}: it does not follow the batch in one dimension")
-    if isinstance(one, torch.Size):
-        dims = tuple(d for d, (u, v) in enumerate(zip(one, other)) if u != v)
-        if all(one[d] == b_one and other[d] == b_other for d in dims) and len(one) == len(other):
-            return _Leaf(size_dims=dims)
-    elif isinstance(one, int) and not isinstance(one, bool):
+    if isinstance(one, int) and not isinstance(one, bool):
         if one == other:
             return _Leaf()
         if one == b_one and other == b_other:
