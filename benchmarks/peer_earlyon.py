@@ -80,9 +80,11 @@ the same way), the transforms, the timm model, the seed, the optimiser, schedule
   6. *With* ``--onnx``: our model exported (``export_onnx``) and run by ``OnnxEarlyExitPredictor``, and
      the plain backbone exported as one graph, both with ``session_options()`` (per-session pools
      that stop spinning when a run returns, so that they take no core from the settings timed after
-     them). Step 1 again with the predictor's own ``measure_exit_latency`` as the cost; its points
-     and the exported backbone are timed in turns with everything above (NCHW images: what ONNX
-     Runtime takes); their speed-up is over the exported backbone, and their curve gets a verdict of
+     them). Step 1 again with the predictor's own ``measure_exit_latency`` as the cost (its backbone
+     time, which the ``ms-budget`` fractions scale, is the chain of section graphs and the deepest
+     head, not the one-graph backbone); its points and the exported backbone are timed in turns with
+     everything above (NCHW images: what ONNX Runtime takes; the copy from channels_last is part of
+     each call); their speed-up is over the exported backbone, and their curve gets a verdict of
      its own (``verdict_onnx``). earlyon has no export, so this compares our deployment path with
      earlyon's torch one, not like for like; the torch curves above are the like-for-like comparison.
 
@@ -145,6 +147,7 @@ from tqdm.auto import tqdm
 import timm_scan
 from timm_scan import ExitLatency, MultiExitModel
 from timm_scan.deploy import ExitTable, ensemble_probs, simulate_early_exit, wall_clocks
+from timm_scan.deploy.threads import one_torch_thread
 from timm_scan.model import count_macs
 from timm_scan.training import (
     ImageSplits,
@@ -608,8 +611,9 @@ def latency_curve(batch_size: int, images: Tensor, labels: Tensor, plain: torch.
         onnx_backbone = CurvePoint(BACKBONE_ONNX, "-", simulated_accuracy=backbone.simulated_accuracy,
                                    simulated_macs_fraction=1.0)
 
-        def onnx_plain(batch: Tensor) -> Tensor:
-            return torch.from_numpy(onnx.backbone.run(None, {"input": batch.contiguous().numpy()})[0])
+        def onnx_plain(batch: Tensor) -> Tensor:  # torch on one thread around the graph, as the predictor runs
+            with one_torch_thread():
+                return torch.from_numpy(onnx.backbone.run(None, {"input": batch.contiguous().numpy()})[0])
 
         settings[BACKBONE_ONNX] = (onnx_backbone, onnx_plain, plain_answers, settings[BACKBONE][3])
         for p in onnx.points:
@@ -661,8 +665,8 @@ def latency_curve(batch_size: int, images: Tensor, labels: Tensor, plain: torch.
     return curve
 
 
-def verdict(curve: dict[str, list[CurvePoint]], mine: str = OURS, plain: str = BACKBONE) -> dict[str, Any]:
-    """Whether our curve (``mine``: our points in one runtime, ``plain``: the backbone in it) lies above
+def verdict(curve: dict[str, list[CurvePoint]], ours_key: str = OURS, plain_key: str = BACKBONE) -> dict[str, Any]:
+    """Whether our curve (``ours_key``: our points in one runtime, ``plain_key``: the backbone in it) lies above
     earlyon's (for every earlyon point, our best accuracy among our points at most as slow is at least
     its accuracy), the reverse, and the margin per point."""
 
@@ -681,10 +685,10 @@ def verdict(curve: dict[str, list[CurvePoint]], mine: str = OURS, plain: str = B
     def above(rows: list[dict[str, Any]]) -> bool:  # accuracies are counts over the same images: 1e-9 is rounding
         return all(r["margin"] is not None and r["margin"] >= -1e-9 for r in rows)
 
-    ours, peer = curve[mine], curve[PEER]
+    ours, peer = curve[ours_key], curve[PEER]
     forward, reverse = margins(ours, peer), margins(peer, ours)
     return {"ours_above_earlyon": above(forward),
-            "ours_above_earlyon_counting_backbone": above(margins(ours + curve[plain], peer)),
+            "ours_above_earlyon_counting_backbone": above(margins(ours + curve[plain_key], peer)),
             "earlyon_above_ours": above(reverse), "margins": forward, "reverse_margins": reverse}
 
 

@@ -1,5 +1,6 @@
 """benchmarks/peer_earlyon.py on a tiny budget: a 1-epoch run of ours, earlyon trained for 1 epoch beside it."""
 
+import importlib.util
 import json
 import runpy
 import sys
@@ -86,16 +87,16 @@ def check_onnx_curve(curve):
     b = curve["batch_size"]
     latency = curve["exit_latency_onnx"]
     assert latency["batch_size"] == min(b, curve["images_timed"]) and "onnxruntime" in latency["device"]
-    assert latency["ms_per_image"] != curve["exit_latency"]["ms_per_image"]  # timed apart from torch's
+    assert latency["memory_format"] == "contiguous"  # timed by the ONNX predictor, not by torch's timer
     (backbone,) = curve["methods"][BACKBONE_ONNX]
     ours, peer = curve["methods"][OURS_ONNX], curve["methods"][PEER]
     assert backbone["speedup_vs_backbone"] == 1 and backbone["timed_macs_fraction"] == 1
-    assert backbone["simulated_accuracy"] == curve["methods"][BACKBONE][0]["simulated_accuracy"]
     searched = [s for p in ours for s in p["setting"].split(", ")] + [
         s["setting"] for s in curve["skipped"] if s["method"] == OURS_ONNX]
     assert sorted(searched) == sorted(["β=0.1", "β=10", "max-drop=1pt", "ms-budget=0.5"])
-    for p in ours:
+    for p in ours:  # speed-ups over the exported backbone, not torch's
         assert p["method"] == OURS_ONNX and p["ms_per_image"] > 0 and 0 <= p["accuracy"] <= 1
+        assert p["speedup_vs_backbone"] == pytest.approx(backbone["ms_per_image"] / p["ms_per_image"])
         assert p["predicted_ms_per_image"] > 0 and 0 <= p["agreement_with_simulation"] <= 1
         if b == 1:
             assert p["accuracy"] == p["simulated_accuracy"]
@@ -145,14 +146,16 @@ def test_peer_earlyon(tiny_parquet, tmp_path, monkeypatch, capsys, one_thread):
     assert out.with_name("peer_latency.png").is_file()
 
     # a second run reuses earlyon's weights and reports the same numbers; with --onnx, a third curve
+    onnx = importlib.util.find_spec("onnxruntime") is not None  # the [onnx] extra, which dev installs
     trained_at = weights.stat().st_mtime
-    run_benchmark(monkeypatch, *args, "--onnx")
+    run_benchmark(monkeypatch, *args, *(["--onnx"] if onnx else []))
     printed = capsys.readouterr().out
     assert "earlyon: loaded" in printed and weights.stat().st_mtime == trained_at
-    assert f"{OURS_ONNX} curve above earlyon's" in printed
     second = json.loads(out.read_text())
     assert second["rows"] == rows
-    check_latency_curves(second, onnx=True)
+    if onnx:
+        assert f"{OURS_ONNX} curve above earlyon's" in printed
+        check_latency_curves(second, onnx=True)
     # a different recipe does not silently reuse them
     with pytest.raises(ValueError, match="--retrain"):
         run_benchmark(monkeypatch, *args, "--epochs", "2")

@@ -157,6 +157,8 @@ def test_a_state_rebuilds_from_its_batched_tensors():
             assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
         after = [model.forward_section(1, h).batched() for h in (rebuilt, kept)]
         torch.testing.assert_close(*after)
+    # a torch.Size in a state is counted again through its ints: pytree must flatten it into them
+    assert pytree.tree_leaves(torch.Size([3, 16])) == [3, 16]
 
 
 def test_traced_model_saves_and_loads(tmp_path):

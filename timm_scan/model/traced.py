@@ -137,7 +137,8 @@ class TracedState:
 
     def replace_batched(self, tensors: Sequence[Tensor]) -> TracedState:
         """This state with `batched`'s tensors replaced by ``tensors`` (in order, of any one batch size),
-        and the values that count the batch (ints, a ``torch.Size``'s among them) counted again."""
+        and the ints that count the batch counted again (pytree flattens a ``torch.Size`` into ints and
+        gives it back as a tuple)."""
         batched = sum(leaf.batch_dim is not None for leaf in self._leaves)
         if len(tensors) != batched:
             raise ValueError(f"{len(tensors)} tensors for a state of {batched} batched ones")
