@@ -323,18 +323,22 @@ def _export_checked(module: nn.Module, example: Tensor | TracedState, path: Path
                     ort: Any) -> None:
     """Export ``module`` on ``example``'s graph inputs (dynamic batch) and check ONNX Runtime's outputs
     against torch's, on ``example`` and on a batch one larger (a batch size frozen into the graph shows)."""
-    inputs = _graph_inputs(example)
     layout = example.batch_layout() if isinstance(example, TracedState) else [(0, 1)]
     batch = torch.export.Dim("batch")
     dynamic = (tuple({d: batch if fold == 1 else fold * batch} for d, fold in layout),)  # forward(*inputs)
-    outputs = module(*inputs)
-    outputs = len(outputs) if isinstance(outputs, tuple) else 1
+    n = len(example)
+    checks = []  # (batch size, graph inputs, torch's outputs) at the example's batch and at one more
+    for batch_example in (example, example[torch.arange(n + 1) % n]):
+        batch_inputs = _graph_inputs(batch_example)
+        expected = module(*batch_inputs)
+        checks.append((len(batch_example), batch_inputs, list(expected) if isinstance(expected, tuple) else [expected]))
+    _, inputs, expected = checks[0]
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")  # the exporter's deprecation and progress chatter (and its optimiser's)
             torch.onnx.export(module, inputs, str(path), input_names=_io_names("input", len(inputs)),
-                              output_names=_io_names("output", outputs), dynamic_shapes=dynamic,
+                              output_names=_io_names("output", len(expected)), dynamic_shapes=dynamic,
                               opset_version=opset, dynamo=True, verbose=False)
     except ModuleNotFoundError as exc:  # torch's exporter needs onnxscript
         raise ImportError(f"ONNX export needs {exc.name}: {INSTALL}") from exc
@@ -345,18 +349,14 @@ def _export_checked(module: nn.Module, example: Tensor | TracedState, path: Path
     except Exception as exc:  # ONNX Runtime raises its own types
         raise ValueError(f"cannot export {what}: ONNX Runtime cannot load the exported graph "
                          f"({type(exc).__name__}: {str(exc)[:300]})") from None
-    n = len(example)
-    for batch_example in (example, example[torch.arange(n + 1) % n]):
-        inputs = _graph_inputs(batch_example)
-        expected = module(*inputs)
-        expected = list(expected) if isinstance(expected, tuple) else [expected]
+    for b, batch_inputs, expected in checks:
         try:
-            got = session.run(None, dict(zip(_io_names("input", len(inputs)), (x.numpy() for x in inputs))))
+            got = session.run(None, dict(zip(_io_names("input", len(batch_inputs)), (x.numpy() for x in batch_inputs))))
         except Exception as exc:  # ONNX Runtime raises its own types
             raise ValueError(f"cannot export {what}: ONNX Runtime cannot run the exported graph at batch "
-                             f"{len(batch_example)} ({type(exc).__name__}: {str(exc)[:300]})") from None
+                             f"{b} ({type(exc).__name__}: {str(exc)[:300]})") from None
         for g, e in zip(got, expected, strict=True):
-            _check_same_output(g, e.numpy(), atol, f"{what}: at batch {len(batch_example)}")
+            _check_same_output(g, e.numpy(), atol, f"{what}: at batch {b}")
 
 
 def _check_same_output(got: np.ndarray, expected: np.ndarray, atol: float, what: str) -> None:
