@@ -25,6 +25,9 @@ def test_early_exit_speed(tmp_path, monkeypatch):
     assert [(r["batch_size"], r["scenario"]) for r in rows] == [(1, "half"), (1, "all"), (4, "half"), (4, "all")]
     assert all(r["macs_speedup"] > 1 for r in rows)
     assert [r["share_at_exit1"] for r in rows if r["scenario"] == "all"] == [1.0, 1.0]
+    # section 0 alone against the whole backbone: the bound is a real speed-up, and the three agree
+    assert all(r["bound_speedup"] > 1 for r in rows if r["scenario"] == "all")
+    assert all(r["of_bound"] == pytest.approx(r["measured_speedup"] / r["bound_speedup"]) for r in rows)
 
 
 def test_timm_coverage(tmp_path, monkeypatch):
