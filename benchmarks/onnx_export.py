@@ -54,6 +54,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from families import FAMILIES as CNN_FAMILIES  # noqa: E402  (the test suite's lists)
 from families import FAMILIES_NOT_IN_ORDER  # noqa: E402
+from mixing import mixing_thresholds  # noqa: E402
 
 # (model, timm.create_model kwargs, input side): every family of the test suite
 FAMILIES = [(name, {}, size) for name, size in CNN_FAMILIES] + [
@@ -157,8 +158,8 @@ def coverage(names: list[str]) -> list[dict]:
             seconds = time.perf_counter() - started
             with torch.no_grad():
                 probs = [torch.softmax(z, -1) for z in model(x).logits]
-            shares = torch.linspace(0.6, 0.4, len(probs) - 1).tolist()  # a mixed batch: some leave at each exit
-            thresholds = [torch.quantile(p.amax(-1), q).item() for p, q in zip(probs[:-1], shares)]
+            quantiles = torch.linspace(0.6, 0.4, len(probs) - 1).tolist()  # a mixed batch: some leave at each exit
+            thresholds = mixing_thresholds(probs, quantiles)
             ours = timm_scan.EarlyExitPredictor(model, thresholds)(x)
             theirs = timm_scan.OnnxEarlyExitPredictor(tmp, thresholds)(x)
             rows.append({**row, "exported": True, "export_seconds": seconds,
