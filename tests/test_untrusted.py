@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import timm_scan
 from timm_scan import EarlyExitPredictor, ScanConfig, search_thresholds
+from timm_scan.deploy.predictor import check_images
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,10 @@ def test_predictor_inputs(model):
     x[2, 0, 5, 5] = float("nan")
     with pytest.raises(ValueError, match=r"images \[2\] hold NaN"):
         predictor(x)
+    x[2, 0, 5, 5], x[1, 0, 0, 0], x[3, 1, 2, 3] = 0.0, float("inf"), float("-inf")  # they sum to NaN
+    with pytest.raises(ValueError, match=r"images \[1, 3\] hold NaN or infinite"):
+        predictor(x)
+    check_images(torch.full((2, 3, 4, 4), 3e38))  # finite pixels whose sum overflows pass
     with pytest.raises(ValueError, match="float tensor"):
         predictor(torch.zeros(2, 32, 32, dtype=torch.uint8))
 
