@@ -21,7 +21,6 @@ so a change of the library's default never reuses a run trained under the old on
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import io
 import json

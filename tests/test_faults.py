@@ -1,6 +1,5 @@
 """Nothing lost, nothing silent: interrupted runs, diverging runs."""
 
-import json
 import os
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """push_to_hub / from_pretrained("hf-hub:...") end to end: the real huggingface_hub client against
 the test Hub (tests/hub_server.py) that HF_ENDPOINT points to (see conftest.py)."""
 
-import json
 import runpy
 import sys
 from pathlib import Path

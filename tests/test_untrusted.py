@@ -12,7 +12,7 @@ from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
 import timm_scan
-from timm_scan import EarlyExitPredictor, ScanConfig, search_thresholds
+from timm_scan import EarlyExitPredictor, search_thresholds
 from timm_scan.deploy.predictor import check_images
 
 
