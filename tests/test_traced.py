@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import create
 from families import FAMILIES_NOT_IN_ORDER
+from mixing import mixing_thresholds
 from timm.models.resnet import ResNet
 from torch.utils import _pytree as pytree
 
@@ -38,8 +39,7 @@ def test_predictor_runs_a_traced_model_as_algorithm_1():
     x = torch.randn(6, 3, 64, 64)
     with torch.no_grad():
         probs = [p.softmax(-1) for p in model(x).logits]
-    confidence = probs[0].amax(-1).sort().values
-    thresholds = [float(confidence[2:4].mean()), 0.0, 0.0]  # half leave at exit 1, the rest at exit 2
+    thresholds = mixing_thresholds(probs, [0.5]) + [0.0, 0.0]  # about half leave at exit 1, the rest at exit 2
     result = EarlyExitPredictor(model, thresholds=thresholds, fallback="deepest")(x)
     expected = torch.where(probs[0].amax(-1) >= thresholds[0], 0, 1)
     assert torch.equal(result.exit_index.long(), expected)
