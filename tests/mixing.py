@@ -15,15 +15,18 @@ def mixing_thresholds(probs: Sequence[Tensor], quantiles: Sequence[float]) -> li
     ignored), and exit i's threshold is placed among the samples that did not leave before it, so that
     about ``1 - quantiles[i]`` of them reach it, at least one leaves and at least one runs on. Each
     threshold is the midpoint of the widest gap between sorted confidences within a quarter of the
-    running samples of the quantile. Needs two running samples at every exit."""
+    running samples of the quantile, keeping a sample for each later exit and one for the deepest.
+    Needs more samples than shallow exits."""
     running = torch.ones(len(probs[0]), dtype=torch.bool)
     thresholds = []
-    for p, q in zip(probs[: len(quantiles)], quantiles):
+    shallow = min(len(probs), len(quantiles))
+    for i, (p, q) in enumerate(zip(probs[:shallow], quantiles)):
         confidence = p[running].amax(-1).sort().values
-        n = len(confidence)
-        assert n > 1, "a gap needs two running samples"
+        n, later = len(confidence), shallow - 1 - i  # the exits after this one need a sample each, and one more
+        assert n >= later + 2, f"{len(probs[0])} samples cannot mix {shallow} shallow exits"
         at, reach = round(q * n), max(1, n // 4)
-        cuts = torch.arange(max(1, at - reach), min(n - 1, at + reach) + 1)  # cut j: samples j.. leave
+        lo = max(at - reach, later + 1)
+        cuts = torch.arange(lo, max(lo, min(at + reach, n - 1)) + 1)  # cut j: samples j.. leave, later < j < n
         j = cuts[(confidence[cuts] - confidence[cuts - 1]).argmax()]
         thresholds.append(((confidence[j - 1] + confidence[j]) / 2).item())
         running &= p.amax(-1) < thresholds[-1]
