@@ -7,12 +7,13 @@ median of its confidence on the images, so half of them leave there and the othe
 size, batch size and scenario: the plain backbone's time, the predictor's time, the measured
 speed-up, the MACs speed-up, and their ratio (1.0 = the MACs saving is fully realised).
 
-A third callable, timed in turns with the two, bounds what any early exit can save on this backbone:
-its own sections with the samples that leave at exit 1 known in advance, no exit heads and no
-confidences (``sections_only``). Its speed-up over the backbone (``bound_speedup``) is what the
+A third callable, timed in turns with the two, estimates what exits that cost nothing would save here:
+the backbone's own sections with the samples that leave at exit 1 known in advance, no exit heads and
+no confidences (``sections_only``). Its speed-up over the backbone (``bound_speedup``) is what the
 sections' own times allow; ``bound_ratio`` = bound speed-up / MACs speed-up, so a setting whose
-``bound_ratio`` is below 0.8 cannot reach a ratio of 0.8 with any head, however cheap; ``of_bound`` =
-measured / bound speed-up, the share of that saving the predictor keeps after its heads and routing.
+``bound_ratio`` is below 0.8 would not reach a ratio of 0.8 with any head, however cheap (up to timing
+noise); ``of_bound`` = measured / bound speed-up, the share of that saving the predictor keeps after its
+heads and routing.
 
     python benchmarks/early_exit_speed.py                      # 32x32 and 224x224, batch 1 and 256, half
     python benchmarks/early_exit_speed.py --sizes 32 48 80 128 160 224 --scenarios half all --channels-last \

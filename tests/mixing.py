@@ -13,11 +13,11 @@ def mixing_thresholds(probs: Sequence[Tensor], quantiles: Sequence[float]) -> li
     """One threshold per shallow exit, as Algorithm 1 sees the batch: ``probs[i]`` (B, classes) are
     exit i's probabilities for every sample (shallowest first; exits past ``len(quantiles)`` are
     ignored), and exit i's threshold is placed among the samples that did not leave before it, so that
-    about ``1 - quantiles[i]`` of them reach it, at least one leaves and at least one runs on. Each
+    about ``1 - quantiles[i]`` of them leave there, at least one leaves and at least one runs on. Each
     threshold is the midpoint of the widest gap between sorted confidences within a quarter of the
     running samples of the quantile, keeping a sample for each later exit and one for the deepest.
     Needs more samples than shallow exits."""
-    running = torch.ones(len(probs[0]), dtype=torch.bool)
+    running = torch.ones(len(probs[0]), dtype=torch.bool, device=probs[0].device)
     thresholds = []
     shallow = min(len(probs), len(quantiles))
     for i, (p, q) in enumerate(zip(probs[:shallow], quantiles)):
@@ -27,7 +27,9 @@ def mixing_thresholds(probs: Sequence[Tensor], quantiles: Sequence[float]) -> li
         at, reach = round(q * n), max(1, n // 4)
         lo = max(at - reach, later + 1)
         cuts = torch.arange(lo, max(lo, min(at + reach, n - 1)) + 1)  # cut j: samples j.. leave, later < j < n
-        j = cuts[(confidence[cuts] - confidence[cuts - 1]).argmax()]
+        gaps = confidence[cuts] - confidence[cuts - 1]
+        assert gaps.max() > 0, "tied confidences: no threshold separates them"
+        j = cuts[gaps.argmax()]
         thresholds.append(((confidence[j - 1] + confidence[j]) / 2).item())
         running &= p.amax(-1) < thresholds[-1]
     return thresholds
