@@ -16,6 +16,11 @@ CIFAR-10: 5 classes, grey, 16x16 pixels, 2,000 training images), ``mobilenetv3``
 (``VARIANTS``) name a loss preset and overrides; each run records the loss settings it resolved,
 so a change of the library's default never reuses a run trained under the old one. Finished runs in
 ``--runs-dir`` are reused; an interrupted one resumes. Results: ``results/self_distillation_<setting>.json``.
+
+    python benchmarks/self_distillation.py --plot benchmarks/results/self_distillation.png
+
+plots, from every ``results/self_distillation_*.json`` (or ``--reports``), the default's deepest exit
+and exit 1 against the plain backbone's deepest, seed by seed, for each setting and learning rate.
 """
 
 from __future__ import annotations
@@ -174,19 +179,69 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def gains(report: dict, variant: str = "default") -> dict[str, dict[str, dict[int, float]]]:
+    """Per learning rate, ``variant``'s test accuracy minus the plain backbone's deepest exit, in points,
+    for each seed both ran: ``{"deepest": {seed: ...}, "exit1": {seed: ...}}``."""
+    out = {}
+    for lr, by_variant in report["results"].items():
+        if "baseline" not in by_variant or variant not in by_variant:
+            continue
+        base = {s: 100 * r["test"]["exits"][-1] for s, r in zip(by_variant["baseline"]["seeds"],
+                                                                by_variant["baseline"]["runs"])}
+        runs = dict(zip(by_variant[variant]["seeds"], by_variant[variant]["runs"]))
+        out[lr] = {key: {s: 100 * runs[s]["test"]["exits"][i] - base[s] for s in sorted(runs) if s in base}
+                   for key, i in (("deepest", -1), ("exit1", 0))}
+    return out
+
+
+def plot(reports: list[dict], path: Path, variant: str = "default") -> None:
+    """Dot plot of `gains`: one column per setting and learning rate, a dot per seed, a bar at the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [(f"{r['setting']}\nlr {lr}", g) for r in reports for lr, g in gains(r, variant).items()]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.3 * len(columns)) * 2, 4), sharey=True)
+    for ax, key, title in zip(axes, ("deepest", "exit1"), ("deepest exit", "exit 1")):
+        for x, (_, g) in enumerate(columns):
+            values = list(g[key].values())
+            ax.plot([x] * len(values), values, "o", color="tab:blue", alpha=0.7)
+            if values:
+                ax.plot([x - 0.25, x + 0.25], [statistics.mean(values)] * 2, "-", color="black")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(columns)), [name for name, _ in columns], fontsize=7)
+        ax.set_title(f"{variant}'s {title} − the plain backbone's deepest (test, points; a dot per seed)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setting", required=True, choices=list(SETTINGS))
+    p.add_argument("--setting", choices=list(SETTINGS))
     p.add_argument("--variants", nargs="+", default=["baseline", "default"], choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--lrs", nargs="+", type=float, default=None, help="default: the setting's")
     p.add_argument("--runs-dir", default="runs/sd")
     p.add_argument("--out", default=None, help="default: results/self_distillation_<setting>.json")
+    p.add_argument("--plot", type=Path, help="plot the default against the plain backbone to this file; trains nothing")
+    p.add_argument("--reports", nargs="+", type=Path,
+                   help="--plot's results (default: results/self_distillation_*.json)")
     quick = p.add_argument_group("a quick look (changes the setting's recipe; pass --out elsewhere)")
     for flag, kind in (("--dataset", str), ("--epochs", int), ("--max-train-samples", int), ("--val-size", int),
                        ("--batch-size", int), ("--num-workers", int)):
         quick.add_argument(flag, type=kind)
     args = p.parse_args()
+    if args.plot:
+        files = args.reports or sorted(HERE.glob("results/self_distillation_*.json"))
+        reports = [json.loads(f.read_text()) for f in files]
+        plot(reports, args.plot)
+        print(f"wrote {args.plot}")
+        return
+    if args.setting is None:
+        p.error("--setting is required (or --plot)")
     overrides = {k: getattr(args, k) for k in ("dataset", "epochs", "max_train_samples", "val_size", "batch_size",
                                                "num_workers") if getattr(args, k) is not None}
     runs = Path(args.runs_dir)

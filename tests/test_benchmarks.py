@@ -12,9 +12,10 @@ from timm_scan.training import PRESETS, Trainer, TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(script, monkeypatch, *args):
+def run(script, monkeypatch, *args) -> dict:
+    """Runs ``script`` as ``__main__`` with ``args``; its globals."""
     monkeypatch.setattr(sys, "argv", [script, *args])
-    runpy.run_path(str(ROOT / "benchmarks" / script), run_name="__main__")
+    return runpy.run_path(str(ROOT / "benchmarks" / script), run_name="__main__")
 
 
 def test_early_exit_speed(tmp_path, monkeypatch):
@@ -176,8 +177,13 @@ def test_self_distillation_grid(tiny_parquet, tmp_path, monkeypatch, capsys):
     assert default["loss"]["t_squared"] is True and no_t2["loss"]["t_squared"] is False
     assert set(default["summary"]) == {"exit1", "exit2", "exit3", "deepest", "ensemble"}
     assert "| no-t2 | 0.1 | 2 |" in capsys.readouterr().out
-    run("self_distillation.py", monkeypatch, *args)  # finished runs are reused, not trained again
+    sd = run("self_distillation.py", monkeypatch, *args)  # finished runs are reused, not trained again
     assert "epoch 1" not in capsys.readouterr().out
+    gains = sd["gains"](report)["0.1"]
+    base = report["results"]["0.1"]["baseline"]["runs"][1]["test"]["exits"][-1]
+    assert gains["exit1"][1] == pytest.approx(100 * (default["runs"][1]["test"]["exits"][0] - base))
+    run("self_distillation.py", monkeypatch, "--plot", str(tmp_path / "sd.png"), "--reports", str(out))
+    assert (tmp_path / "sd.png").stat().st_size > 0
 
 
 def test_from_weights(tiny_parquet, tmp_path, monkeypatch, capsys):
