@@ -9,68 +9,14 @@ at exit i costs sections 1..i and heads 1..i).
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-import typing
-from typing import Any, TypeVar
+from typing import Any
+
+from ._io import JsonRecord
 
 __all__ = ["Calibration", "EarlyExitReport", "JsonRecord", "EpochMetrics", "ExitAccuracy", "ExitLatency", "RunResults", "SweepPoint", "WallClock",
            "exit_table"]
-
-T = TypeVar("T")
-
-
-def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass a field's type holds (``X``, ``X | None``, ``list[X]``), if any."""
-    if dataclasses.is_dataclass(hint):
-        return hint
-    return next((found for arg in typing.get_args(hint) if (found := _dataclass_in(arg)) is not None), None)
-
-
-class JsonRecord:
-    """Mixin of the result dataclasses: ``to_dict`` / ``from_dict`` (nested dataclasses rebuilt from their
-    field types; unknown fields are an error) and ``save`` / ``load`` as JSON files."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-        if not isinstance(data, dict):
-            raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}")
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for name, value in data.items():
-            nested = _dataclass_in(hints[name])
-            if nested is not None and value is not None:
-                value = [nested.from_dict(v) for v in value] if isinstance(value, list) else nested.from_dict(value)
-            values[name] = value
-        return cls(**values)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the JSON file whole or not at all (by way of a temporary name)."""
-        path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(partial, path)
-        return path
-
-    @classmethod
-    def load(cls: type[T], path: str | Path) -> T:
-        if not Path(path).is_file():
-            raise ValueError(f"{path} does not exist")
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ValueError(f"{path} is not a valid {cls.__name__} file ({exc})") from exc
 
 
 @dataclass
