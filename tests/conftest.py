@@ -1,4 +1,5 @@
-"""Shared fixtures. The Hub client is pointed at a local test server before anything imports it."""
+"""Shared fixtures (helpers live in ``helpers.py``). The Hub client is pointed at a local test server
+before anything imports it."""
 
 import atexit
 import os
@@ -24,9 +25,9 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("HF_HUB_OFFLINE", None)
 
 import pytest  # noqa: E402
-import timm  # noqa: E402
 import torch  # noqa: E402
 
+from helpers import synthetic_images  # noqa: E402
 from hub_server import HubServer  # noqa: E402
 
 
@@ -44,26 +45,6 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def create(name: str, **kwargs) -> torch.nn.Module:
-    kwargs.setdefault("num_classes", 10)
-    return timm.create_model(name, pretrained=False, **kwargs)
-
-
-def _synthetic_images(n: int, classes: int, seed: int):
-    """Learnable toy images: each class has its own mean colour, plus noise."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    palette = rng.integers(0, 256, size=(classes, 3))
-    labels = [i % classes for i in range(n)]
-    images = []
-    for label in labels:
-        pixels = np.clip(palette[label] + rng.normal(0, 40, size=(32, 32, 3)), 0, 255).astype("uint8")
-        images.append(Image.fromarray(pixels))
-    return images, labels
-
-
 @pytest.fixture(scope="session")
 def tiny_parquet(tmp_path_factory):
     """A folder in the Hub's parquet layout (img: Image, label: ClassLabel), 4 classes."""
@@ -74,7 +55,7 @@ def tiny_parquet(tmp_path_factory):
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names),
                                   "note": datasets.Value("string")})
     for split, n, seed in (("train", 96, 0), ("test", 32, 1)):
-        images, labels = _synthetic_images(n, len(names), seed)
+        images, labels = synthetic_images(n, len(names), seed)
         ds = datasets.Dataset.from_dict({"img": images, "label": labels, "note": ["x"] * n}, features=features)
         ds.to_parquet(str(folder / f"{split}.parquet"))
     return folder
@@ -85,7 +66,7 @@ def tiny_imagefolder(tmp_path_factory):
     """An image folder: train/<class>/*.png and test/<class>/*.png, 3 classes."""
     folder = tmp_path_factory.mktemp("tiny_imagefolder")
     for split, n, seed in (("train", 30, 0), ("test", 12, 1)):
-        images, labels = _synthetic_images(n, 3, seed)
+        images, labels = synthetic_images(n, 3, seed)
         for i, (image, label) in enumerate(zip(images, labels)):
             path = folder / split / f"class{label}" / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)

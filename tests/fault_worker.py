@@ -14,22 +14,22 @@ import sys
 
 import torch
 
-import timm_scan.training.trainer as trainer_module
-from timm_scan.training import TrainConfig, Trainer
+from timm_scan.training import RunFolder, TrainConfig, Trainer
 
 data, out = sys.argv[1], sys.argv[2]
 point, count = (sys.argv[3], int(sys.argv[4])) if len(sys.argv) > 3 else (None, 0)
 calls = 0
 
 
-def die_at(owner, name):
+def die_at(owner, name, counted=lambda *args: True):
     original = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
         global calls
-        calls += 1
-        if calls == count:
-            os._exit(9)
+        if counted(*args):
+            calls += 1
+            if calls == count:
+                os._exit(9)
         return original(*args, **kwargs)
 
     setattr(owner, name, wrapper)
@@ -39,10 +39,10 @@ if point == "step":
     die_at(torch.optim.SGD, "step")
 elif point == "torch.save":
     die_at(torch, "save")
-elif point == "os.replace":
-    die_at(trainer_module.os, "replace")
+elif point == "os.replace":  # the renames of folders, not those of the files written with atomic_write
+    die_at(os, "replace", counted=lambda src, dst: os.path.isdir(src))
 elif point == "checkpoint":
-    die_at(trainer_module.Trainer, "_save_checkpoint")
+    die_at(RunFolder, "save_checkpoint")
 
 cfg = TrainConfig(dataset=data, output_dir=out, model="test_resnet", input_size=32, crop_pct=1.0, val_size=16, epochs=3,
                   batch_size=16, lr=0.05, num_workers=0, keep_checkpoints=2)

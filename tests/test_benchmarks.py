@@ -1,6 +1,7 @@
 """Each benchmark script runs on a tiny budget, so none can rot (the real runs are in benchmarks/)."""
 
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -24,11 +25,17 @@ def test_early_exit_speed(tmp_path, monkeypatch):
         "--repeats", "1", "--scenarios", "half", "all", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [(r["batch_size"], r["scenario"]) for r in rows] == [(1, "half"), (1, "all"), (4, "half"), (4, "all")]
-    assert all(r["macs_speedup"] > 1 for r in rows)
+    assert all(r["input"] == 32 and r["images"] == 8 for r in rows)
+    assert all(r["macs_speedup"] > 1 for r in rows)  # MACs are counted, not timed
     assert [r["share_at_exit1"] for r in rows if r["scenario"] == "all"] == [1.0, 1.0]
-    # section 0 alone against the whole backbone: the bound is a real speed-up, and the three agree
-    assert all(r["bound_speedup"] > 1 for r in rows if r["scenario"] == "all")
-    assert all(r["of_bound"] == pytest.approx(r["measured_speedup"] / r["bound_speedup"]) for r in rows)
+    # the timings are written, and the ratios are theirs (how large they are is benchmarks/' business)
+    timed = ["backbone_ms_per_image", "early_exit_ms_per_image", "sections_only_ms_per_image", "measured_speedup",
+             "bound_speedup", "ratio", "bound_ratio", "of_bound"]
+    for r in rows:
+        assert all(math.isfinite(r[key]) and r[key] > 0 for key in timed)
+        assert r["measured_speedup"] == pytest.approx(r["backbone_ms_per_image"] / r["early_exit_ms_per_image"])
+        assert r["bound_speedup"] == pytest.approx(r["backbone_ms_per_image"] / r["sections_only_ms_per_image"])
+        assert r["of_bound"] == pytest.approx(r["measured_speedup"] / r["bound_speedup"])
 
 
 def test_timm_coverage(tmp_path, monkeypatch):
@@ -209,6 +216,7 @@ def test_onnx_export(tmp_path, monkeypatch):
     assert row["head"] == "pooled"
     assert set(row["ms_per_image"]) == {"onnx backbone", "onnx early exit", "onnx sections in turn", "onnx graphs in turn",
                                       "torch backbone", "torch early exit"}
+    assert all(math.isfinite(ms) and ms > 0 for ms in row["ms_per_image"].values())
     assert row["macs_speedup"] > 1 and 0.3 < row["share_at_exit1"] < 0.7
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import create
+from helpers import create
 
 import timm_scan
 from timm_scan import EarlyExitPredictor, calibrate

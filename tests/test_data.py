@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import create
+from helpers import create
 
 from timm_scan.training import TorchImageDataset, build_transforms, data_config, load_splits
 

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import create
+from helpers import create
 
 import timm_scan
 from timm_scan import EarlyExitPredictor, ScanConfig

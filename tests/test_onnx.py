@@ -7,8 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import create
-from mixing import mixing_thresholds
+from helpers import create, mixing_thresholds
 
 import timm_scan
 from timm_scan import EarlyExitPredictor, OnnxEarlyExitPredictor, export_onnx

@@ -4,9 +4,8 @@ import copy
 
 import pytest
 import torch
-from conftest import create
+from helpers import create, mixing_thresholds
 from families import FAMILIES_NOT_IN_ORDER
-from mixing import mixing_thresholds
 from timm.models.resnet import ResNet
 from torch.utils import _pytree as pytree
 

@@ -2,7 +2,7 @@
 
 import json
 import random
-import time
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import timm_scan
 from timm_scan import EarlyExitPredictor, search_thresholds
 from timm_scan.deploy.predictor import check_images
+from timm_scan.model.hub import CHECK_SIDE
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +77,22 @@ def test_invalid_json_is_a_value_error(saved, tmp_path):
         timm_scan.from_pretrained(folder)
 
 
-def test_a_large_input_size_does_not_make_loading_slow(saved, tmp_path):
+def test_a_large_input_size_is_not_run_when_loading(saved, tmp_path):
+    """The proof that the loaded model runs section by section uses at most ``CHECK_SIDE`` pixels a side,
+    whatever input size the config names; the data config keeps the size it names."""
     folder = copy_of(saved, tmp_path)
     edit_json(folder / "config.json", lambda d: d["pretrained_cfg"].update(input_size=[3, 2048, 2048]))
-    started = time.perf_counter()
-    model = timm_scan.from_pretrained(folder)
-    assert time.perf_counter() - started < 10 and model.data_config["input_size"] == (3, 2048, 2048)
+    sides = []
+
+    def record(module, args):
+        sides.extend(max(a.shape[-2:]) for a in args if isinstance(a, torch.Tensor) and a.dim() == 4)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        model = timm_scan.from_pretrained(folder)
+    finally:
+        handle.remove()
+    assert sides and max(sides) <= CHECK_SIDE and model.data_config["input_size"] == (3, 2048, 2048)
 
 
 @pytest.mark.parametrize("file, dtype", [("model.safetensors", torch.int8), ("scan_exits.safetensors", torch.bool),
@@ -228,14 +239,17 @@ def fuzz_json(data, rng):
         return data
 
 
-def test_fuzz_from_pretrained_raises_only_value_errors(saved, tmp_path):
+def test_fuzz_from_pretrained_refuses_naming_the_file_or_loads_a_working_model(saved, tmp_path):
+    """One field, tensor or a few bytes of one file changed: a ``ValueError`` that names that file, or
+    (a harmless change: a label name, a float spelling) a model that answers."""
     rng = random.Random(0)
-    started, outcomes = time.perf_counter(), {"loaded": 0, "refused": 0}
+    outcomes = {"loaded": 0, "refused": 0}
     for i in range(60):
         folder = copy_of(saved, tmp_path / str(i))
         kind = rng.choice(["config.json", "scan_config.json", "tensor", "bytes"])
         if kind.endswith(".json"):
-            (folder / kind).write_text(json.dumps(fuzz_json(json.loads((folder / kind).read_text()), rng)))
+            file = folder / kind
+            file.write_text(json.dumps(fuzz_json(json.loads(file.read_text()), rng)))
         elif kind == "tensor":
             file = folder / rng.choice(["model.safetensors", "scan_exits.safetensors"])
             state = load_file(file)
@@ -250,37 +264,68 @@ def test_fuzz_from_pretrained_raises_only_value_errors(saved, tmp_path):
                 data[rng.randrange(min(len(data), 200))] = rng.randrange(256)
             file.write_bytes(bytes(data))
         try:
-            timm_scan.from_pretrained(folder)
-            outcomes["loaded"] += 1  # a harmless change (a label name, a float spelling) may still load
-        except ValueError:
+            model = timm_scan.from_pretrained(folder)
+        except ValueError as exc:
+            assert file.name in str(exc), f"case {i} ({kind}): the refusal does not name {file.name}: {exc}"
             outcomes["refused"] += 1
-        if time.perf_counter() - started > 60:
-            break
-    assert outcomes["refused"] > outcomes["loaded"]
+            continue
+        outcomes["loaded"] += 1
+        with torch.no_grad():
+            logits = model.eval()(torch.randn(2, 3, 32, 32)).logits
+        assert len(logits) == model.num_exits == 4, f"case {i} ({kind})"
+        assert all(z.shape == (2, 4) and torch.isfinite(z).all() for z in logits), f"case {i} ({kind})"
+    assert outcomes["refused"] > outcomes["loaded"] > 0
 
 
-def test_fuzz_search_thresholds_raises_only_value_errors():
+# what a refusal of each option of the search names (a fuzzed value may also be a valid one)
+OPTION_REFUSALS = {"beta": "beta", "bits": "bits", "population": "population", "generations": "generations",
+                   "crossover": "crossover", "mutation": "mutation", "min_threshold": "min_threshold",
+                   "max_accuracy_drop": "max_accuracy_drop|no thresholds reach accuracy",
+                   "budget": "budget", "baseline_accuracy": "baseline accuracy|baseline_accuracy"}
+
+
+def test_fuzz_search_thresholds_refuses_naming_the_input_or_finds_thresholds():
+    """One input of the search spoiled: a ``ValueError`` that names it, or (an option fuzzed to a valid
+    value, or fewer exits) thresholds, one per shallow exit, that send every sample somewhere."""
     rng = random.Random(1)
     probs, labels = outputs(n=50)
-    for _ in range(150):
+    outcomes = {"found": 0, "refused": 0}
+    for i in range(150):
         p, y = [q.clone() for q in probs], labels.clone()
         kwargs = {"generations": 2, "population": 4}
         choice = rng.randrange(6)
+        refusal = None  # what the refusal must name; None: the search may succeed
         if choice == 0:
-            p[rng.randrange(4)][rng.randrange(50), rng.randrange(5)] = rng.choice([float("nan"), -1.0, 2.0, float("inf")])
+            bad = p[rng.randrange(4)]
+            bad[rng.randrange(50), rng.randrange(5)] = rng.choice([float("nan"), -1.0, 2.0, float("inf")])
+            refusal = r"probs\[\d\] are not softmax probabilities"
         elif choice == 1:
             y[rng.randrange(50)] = rng.choice([-1, 5, 10**9])
+            refusal = "labels must be class indices in"
         elif choice == 2:
             p[rng.randrange(4)] = p[0][:, : rng.randrange(1, 5)]
+            refusal = "probs must be K float arrays of one shape"
         elif choice == 3:
-            kwargs[rng.choice(["beta", "bits", "population", "generations", "crossover", "mutation", "min_threshold",
-                               "max_accuracy_drop", "budget", "baseline_accuracy"])] = rng.choice(
-                [-1, 0, float("nan"), float("inf"), "1", None, 1.5, 10**9])
+            option = rng.choice(sorted(OPTION_REFUSALS))
+            kwargs[option] = rng.choice([-1, 0, float("nan"), float("inf"), "1", None, 1.5, 10**9])
+            refusal = OPTION_REFUSALS[option]
         elif choice == 4:
             p = p[: rng.randrange(0, 4)]
+            refusal = "probs|exit costs" if not p else None
+        elif rng.random() < 0.5:
+            y = y.reshape(5, 10)
+            refusal = "one per row of probs"
         else:
-            y = y.reshape(5, 10) if rng.random() < 0.5 else y.float()
+            y = y.float()
+            refusal = "labels must be integers"
         try:
-            search_thresholds(p, y, MACS[: len(p)] if choice == 4 else MACS, 40, **kwargs)
-        except ValueError:
-            pass
+            result = search_thresholds(p, y, MACS[: len(p)] if choice == 4 else MACS, 40, **kwargs)
+        except ValueError as exc:
+            assert refusal is not None and re.search(refusal, str(exc)), f"case {i} (choice {choice}): {exc}"
+            outcomes["refused"] += 1
+            continue
+        assert choice in (3, 4), f"case {i} (choice {choice}): {kwargs} was not refused"
+        outcomes["found"] += 1
+        assert len(result.thresholds) == len(p) - 1 and all(0 <= t <= 1 for t in result.thresholds), f"case {i}"
+        assert len(result.exit_shares) == len(p) and sum(result.exit_shares) == pytest.approx(1), f"case {i}"
+    assert outcomes["refused"] > outcomes["found"] > 0

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import create
+from helpers import create
 from families import FAMILIES
 
 import timm_scan

@@ -1,6 +1,8 @@
 """timm-scan: multi-exit timm models with self-distillation and early-exit inference.
 
-Three layers, each a subpackage, in dependency order: ``timm_scan.model`` (the multi-exit model),
+Below them the nouns every layer shares: ``timm_scan.exit_policy`` (`ExitPolicy`), ``timm_scan.exit_costs``
+(`ExitCosts`), ``timm_scan.report`` (typed results). Three layers, each a subpackage, in dependency
+order: ``timm_scan.model`` (the multi-exit model),
 ``timm_scan.deploy`` (exit policy and ensemble, predictor, threshold search, ONNX export) and
 ``timm_scan.training`` (configuration, data, loss, the Accelerate trainer); ``timm_scan.commands`` and
 the ``timm-scan`` command (``timm_scan.cli``) are built on them. The names users need are re-exported here.
@@ -19,6 +21,8 @@ from .deploy import (
     search_thresholds,
     sweep_beta,
 )
+from .exit_costs import ExitCosts
+from .exit_policy import ExitPolicy, PolicyOrigin
 from .model import HubUploadError, MultiExitModel, MultiExitOutput, ScanConfig, from_pretrained, wrap
 from .report import Calibration, ExitLatency
 from .training import LossOutput, SelfDistillationLoss, TrainConfig
@@ -27,12 +31,15 @@ __all__ = [
     "EarlyExitPredictor",
     "Calibration",
     "EarlyExitResult",
+    "ExitCosts",
     "ExitLatency",
+    "ExitPolicy",
     "HubUploadError",
     "LossOutput",
     "MultiExitModel",
     "MultiExitOutput",
     "OnnxEarlyExitPredictor",
+    "PolicyOrigin",
     "ScanConfig",
     "SearchResult",
     "SelfDistillationLoss",

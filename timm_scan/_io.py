@@ -58,6 +58,8 @@ class JsonRecord:
     from their field types; unknown fields are a ``ValueError``) and ``save`` / ``load`` of a file,
     written atomically."""
 
+    renamed: typing.ClassVar[dict[str, str]] = {}  # old field name -> new, read from files written before a rename
+
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON values (nested dataclasses as objects, tuples as lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -66,10 +68,11 @@ class JsonRecord:
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         if not isinstance(data, dict):
             raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        data = {cls.renamed.get(k, k): v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields are {sorted(known)}")
         hints = typing.get_type_hints(cls)
         values = {}
         for name, value in data.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ._io import JsonRecord
 
@@ -142,20 +142,25 @@ class WallClock(JsonRecord):
 
 @dataclass
 class SweepPoint(JsonRecord):
-    """One β of the threshold search's sweep, its thresholds evaluated on a split."""
+    """One β of the threshold search's sweep, its thresholds evaluated on a split: accuracy and
+    speed-up in MACs."""
+
+    renamed: ClassVar[dict[str, str]] = {"macs_speedup": "speedup"}
 
     beta: float
     thresholds: list[float]
     accuracy: float
-    macs_speedup: float
+    speedup: float
 
 
 @dataclass
 class EarlyExitReport(JsonRecord):
     """Early exit evaluated on a split (``evaluation.json``): every exit's accuracy, and the accuracy,
-    MACs speed-up and share of samples per exit under ``thresholds``; measured wall-clock; the β sweep
+    speed-up in MACs and share of samples per exit under ``thresholds``; measured wall-clock; the β sweep
     of the threshold search evaluated on this split; whether the search's target holds here; each
     exit's calibration error."""
+
+    renamed: ClassVar[dict[str, str]] = {"macs_speedup": "speedup"}
 
     split: str
     per_exit: ExitAccuracy
@@ -165,7 +170,7 @@ class EarlyExitReport(JsonRecord):
     fallback: str
     beta: float | None
     accuracy: float
-    macs_speedup: float
+    speedup: float
     exit_shares: list[float]
     wall_clock: list[WallClock] = field(default_factory=list)
     sweep: list[SweepPoint] = field(default_factory=list)

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from ..deploy.calibration import apply_temperatures, expected_calibration_error
+from ..deploy.calibration import expected_calibration_error
 from ..deploy.plots import plot_exit_shares, plot_tradeoff
-from ..deploy.policy import exit_accuracy
+from ..deploy.policy import apply_temperatures, exit_accuracy
 from ..deploy.predictor import EarlyExitPredictor
 from ..deploy.thresholds import ExitTable
 from ..deploy.timing import wall_clocks
+from ..exit_costs import ExitCosts
 from ..model.multi_exit import MultiExitModel
 from ..options import option
 from ..report import EarlyExitReport, SweepPoint, WallClock, exit_table
@@ -54,15 +55,16 @@ def measure_wall_clock(model: MultiExitModel, predictor: EarlyExitPredictor, ima
 
 def target_held(searched: ThresholdRecord, accuracy: float, shares: list[float], deepest: float,
                 exit_macs: list[int]) -> bool | None:
-    """Whether the search's target holds on the evaluated split (``accuracy`` in percent, ``shares`` of
-    samples per exit): accuracy at most ``max_drop`` below the baseline's here (the deepest exit's,
-    ``deepest``, a fraction, or the baseline run's test accuracy), or the mean cost per image within
-    the budget (a latency budget judged by the measured latency table); ``None`` for thresholds kept at β."""
-    if searched.target is None:
+    """Whether the search's target holds on the evaluated split (``accuracy``, a fraction, and
+    ``shares`` of samples per exit): accuracy at most the drop below the baseline's here (the deepest
+    exit's, ``deepest``, or the baseline run's test accuracy), or the mean cost per image within the
+    budget (a latency budget judged by the measured latency table); ``None`` for thresholds kept at β."""
+    origin = searched.policy.origin
+    if origin is None or origin.objective == "beta":
         return None
     baseline = deepest if searched.baseline_run is None else run_results(searched.baseline_run).test.deepest
-    costs = searched.latency.ms_per_image if searched.budget_ms is not None else exit_macs
-    return searched.objective(100 * baseline).met(accuracy, sum(s * c for s, c in zip(shares, costs)))
+    costs = searched.latency.ms_per_image if origin.cost_unit == "ms" else exit_macs
+    return searched.objective(baseline).met(accuracy, sum(s * c for s, c in zip(shares, costs)))
 
 
 def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
@@ -70,52 +72,55 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
     run = Path(cfg.run)
     searched = ThresholdRecord.load(Path(cfg.thresholds) if cfg.thresholds else run / THRESHOLDS)
     model, train_cfg = load_run(run)
+    model.policy = searched.policy  # the policy the search kept (the model's own, unless --thresholds names another)
+    policy = model.policy
     dataset = eval_dataset(run_splits(train_cfg), "test", model.data_config)
     raw, labels = cached_outputs(run, "test", model, dataset)
-    model.temperatures = searched.temperatures  # the thresholds hold at the temperatures they were searched at
-    probs = apply_temperatures(raw, searched.temperatures)
+    probs = apply_temperatures(raw, policy.temperatures)
     size = tuple(model.data_config["input_size"])
     exit_macs, backbone_macs = model.exit_macs(size), model.backbone_macs(size)
-    table = ExitTable.from_outputs(probs, labels, exit_macs, backbone_macs, searched.fallback)
+    table = ExitTable.from_outputs(raw, labels, ExitCosts.macs(exit_macs, backbone_macs), policy.fallback,
+                                   policy.temperatures)
     per_exit = exit_accuracy(probs, labels)
-    accuracy, acceleration = (float(v[0]) for v in table.evaluate([searched.thresholds]))
-    shares = [float(s) for s in table.exit_shares([searched.thresholds])[0]]
+    accuracy, speedup = (float(v[0]) for v in table.evaluate([policy.thresholds]))
+    shares = [float(s) for s in table.exit_shares([policy.thresholds])[0]]
 
-    predictor = EarlyExitPredictor(model, searched.thresholds, searched.fallback)
+    predictor = EarlyExitPredictor(model)
     n = max(cfg.latency_images, cfg.latency_images_b1)
     images = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
     real = predictor(images[: cfg.latency_images])
-    agree = (real.exit_index == table.exit_index([searched.thresholds])[0][: len(real.exit_index)]).float().mean()
+    agree = (real.exit_index == table.exit_index([policy.thresholds])[0][: len(real.exit_index)]).float().mean()
     timings = [measure_wall_clock(model, predictor, images[: cfg.latency_images], 256),
                measure_wall_clock(model, predictor, images[: cfg.latency_images_b1], 1)]
     sweep_acc, sweep_speedup = table.evaluate([pt.thresholds for pt in searched.sweep])
     report = EarlyExitReport(
         split="test", per_exit=per_exit, exit_macs=exit_macs, backbone_macs=backbone_macs,
-        thresholds=searched.thresholds, fallback=searched.fallback, beta=searched.beta, accuracy=accuracy / 100,
-        macs_speedup=acceleration, exit_shares=shares, wall_clock=timings,
-        sweep=[SweepPoint(pt.beta, pt.thresholds, float(a) / 100, float(c))
+        thresholds=list(policy.thresholds), fallback=policy.fallback, beta=searched.chosen.beta, accuracy=accuracy,
+        speedup=speedup, exit_shares=shares, wall_clock=timings,
+        sweep=[SweepPoint(pt.beta, list(pt.thresholds), float(a), float(c))
                for pt, a, c in zip(searched.sweep, sweep_acc, sweep_speedup)],
         target=searched.target, target_held=target_held(searched, accuracy, shares, per_exit.deepest, exit_macs),
-        temperatures=searched.temperatures, ece=[expected_calibration_error(p, labels) for p in raw],
-        ece_calibrated=[expected_calibration_error(p, labels) for p in probs] if searched.temperatures else None,
+        temperatures=list(policy.temperatures) if policy.temperatures else None,
+        ece=[expected_calibration_error(p, labels) for p in raw],
+        ece_calibrated=[expected_calibration_error(p, labels) for p in probs] if policy.temperatures else None,
     )
 
     print(f"{train_cfg.model} on {len(labels)} test images ({size[1]}x{size[2]})")
     print(exit_table(exit_macs, backbone_macs, per_exit))
-    kept = f"β = {searched.beta:g}" if searched.beta is not None else f"{searched.target} on validation"
-    print(f"early exit ({kept}, thresholds {', '.join(f'{t:.3f}' for t in searched.thresholds)}): "
-          f"accuracy {accuracy:.2f}%, MACs speed-up {acceleration:.2f}x, share per exit "
+    kept = f"β = {searched.chosen.beta:g}" if searched.target is None else f"{searched.target} on validation"
+    print(f"early exit ({kept}, thresholds {', '.join(f'{t:.3f}' for t in policy.thresholds)}): "
+          f"accuracy {100 * accuracy:.2f}%, MACs speed-up {speedup:.2f}x, share per exit "
           + " ".join(f"{s:.0%}" for s in shares))
     if report.target is not None:
         print(f"  target on validation: {report.target}; on test it {'holds' if report.target_held else 'does NOT hold'}"
-              + (" (by the measured latency table)" if searched.budget_ms is not None else ""))
+              + (" (by the measured latency table)" if policy.origin.cost_unit == "ms" else ""))
     print("  expected calibration error per exit: " + ", ".join(f"{e:.3f}" for e in report.ece)
           + (" → calibrated " + ", ".join(f"{e:.3f}" for e in report.ece_calibrated) if report.ece_calibrated else ""))
     for t in timings:
         print(f"  wall-clock at batch {t.batch_size:>3} ({t.images} images): backbone {t.backbone_ms_per_image:.3f} "
               f"ms/img, early exit {t.early_exit_ms_per_image:.3f} ms/img, measured speed-up {t.speedup:.2f}x")
     print(f"  (the real predictor and Algorithm 1 on cached outputs agree on the exit of {agree:.1%} of the timed images)")
-    plot_tradeoff([(pt.macs_speedup, 100 * pt.accuracy) for pt in report.sweep], run / "tradeoff_test.png",
+    plot_tradeoff([(pt.speedup, 100 * pt.accuracy) for pt in report.sweep], run / "tradeoff_test.png",
                   baseline=(1.0, 100 * per_exit.deepest), labels=[f"β={pt.beta:g}" for pt in report.sweep],
                   title=f"{train_cfg.model}: test, thresholds from validation")
     plot_exit_shares(shares, run / "exit_shares.png", f"Where test samples leave ({kept})")

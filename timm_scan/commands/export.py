@@ -1,7 +1,7 @@
 """``timm-scan export RUN``: a trained run's best model as ONNX graphs (one per section and per exit
 head) with a manifest, for `OnnxEarlyExitPredictor` (``pip install 'timm-scan[onnx]'``).
 
-The thresholds ``timm-scan search`` kept go into the manifest, and with ``--latency-batch-sizes``
+The exit policy ``timm-scan search`` kept goes into the manifest, and with ``--latency-batch-sizes``
 each exit's latency timed with ONNX Runtime on this machine. Writes ``<run>/onnx/`` unless told
 otherwise; ``timm-scan push RUN owner/name --onnx`` uploads it beside the model.
 """
@@ -40,11 +40,11 @@ def export(cfg: ExportConfig) -> OnnxManifest:
     for batch_size in cfg.latency_batch_sizes:  # before anything is written
         check_timing_arguments(batch_size, 64, 5)
     manifest = export_onnx(model, folder, size, opset=cfg.opset)
-    if manifest.thresholds is None:
+    if manifest.policy.thresholds is None:
         print(f"warning: {cfg.run} has no thresholds (run `timm-scan search` first); the export's predictor then "
-              "needs thresholds=[...]", file=sys.stderr)
-    if cfg.latency_batch_sizes:  # the timing forces its own thresholds; the fallback is the model's
-        predictor = OnnxEarlyExitPredictor(folder, [1.0] * (len(manifest.exits) - 1), manifest.fallback)
+              "needs a policy=ExitPolicy(thresholds=[...])", file=sys.stderr)
+    if cfg.latency_batch_sizes:  # the timing forces its own thresholds; the fallback and temperatures are the model's
+        predictor = OnnxEarlyExitPredictor(folder, manifest.policy.replace(thresholds=[1.0] * (len(manifest.exits) - 1)))
         manifest.exit_latency = [predictor.measure_exit_latency(bs) for bs in cfg.latency_batch_sizes]
         manifest.save(folder / MANIFEST)
         for latency in manifest.exit_latency:

@@ -7,8 +7,10 @@ runs the genetic search for each β of the sweep, prints the trade-off, plots it
 (``<run>/tradeoff_val.png``) and writes ``<run>/thresholds.json`` (a `ThresholdRecord`): the
 thresholds kept (those of ``beta``, or those of one target: ``max_drop``, the cheapest within that many
 points of the baseline; ``budget_macs`` or ``budget_ms``, the most accurate within that mean cost per
-image) and the whole sweep. The kept thresholds, temperatures and latency are also recorded in
-``<run>/best``, so ``from_pretrained`` and ``push`` carry them. The test split is never read.
+image) and the whole sweep. The kept exit policy (thresholds, fallback, temperatures, how they were
+chosen) and the latency are also recorded in ``<run>/best``, so ``from_pretrained``, ``export`` and
+``push`` carry them. The test split is never read. Accuracies are fractions in the record; the flags'
+drops are in points (``--max-drop 0.5``), as printed.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..deploy.calibration import apply_temperatures, calibrate
+from ..deploy.calibration import calibrate
 from ..deploy.latency import measure_exit_latency
 from ..deploy.plots import plot_tradeoff
-from ..deploy.policy import exit_accuracy
+from ..deploy.policy import apply_temperatures, exit_accuracy
 from ..deploy.thresholds import DEFAULT_MIN_THRESHOLD, Objective, SearchResult, search_thresholds, sweep_beta
-from ..model.config import FALLBACKS
+from ..exit_costs import ExitCosts
+from ..exit_policy import FALLBACKS, ExitPolicy, PolicyOrigin
 from ..model.hub import save_deployment
 from ..options import option
 from ..report import Calibration, ExitLatency, JsonRecord
@@ -81,50 +85,91 @@ class SearchConfig:
 
 @dataclass
 class ThresholdRecord(JsonRecord):
-    """``<run>/thresholds.json``: the kept thresholds (``chosen``: at ``beta``, or for the one target,
-    ``max_drop``, ``budget_macs`` or ``budget_ms``) and the β sweep (in ``cost``), all on validation;
-    ``baseline_accuracy`` (percent) is what the fitness scores against (the deepest exit's, or
-    ``baseline_run``'s). ``calibration``: the temperatures the search ran at; ``latency``: the
-    measurement that ``cost latency`` and ``budget_ms`` used."""
+    """``<run>/thresholds.json``: the kept search result (``chosen``: its policy is what ``<run>/best``
+    records) and the β sweep (in ``cost``), all on validation. ``baseline_accuracy`` (a fraction) is what
+    the fitness scores against: the deepest exit's, or ``baseline_run``'s. ``calibration``: the
+    temperatures the search ran at; ``latency``: the measurement that ``cost latency`` and ``budget_ms``
+    used. Files written before the exit policy (no ``format_version``, accuracies in percent) are read
+    into this form."""
 
-    beta: float | None
-    max_drop: float | None
-    min_threshold: float
-    fallback: str
+    chosen: SearchResult
     baseline: str
     baseline_accuracy: float
-    chosen: SearchResult
+    min_threshold: float
     sweep: list[SearchResult] = field(default_factory=list)
-    budget_macs: float | None = None
-    budget_ms: float | None = None
     cost: str = "macs"
     baseline_run: str | None = None
     calibration: Calibration | None = None
     latency: ExitLatency | None = None
+    format_version: int = 2
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ThresholdRecord:
+        if isinstance(data, dict) and "format_version" not in data:
+            data = _from_version_1(data)
+        return super().from_dict(data)
 
     @property
-    def temperatures(self) -> list[float] | None:
-        return self.calibration.temperatures if self.calibration is not None else None
+    def policy(self) -> ExitPolicy:
+        return self.chosen.policy
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        return self.chosen.policy.thresholds
 
     def objective(self, baseline_accuracy: float) -> Objective:
-        """The search's objective, with the baseline (percent) of the split it is judged on."""
-        budget = self.budget_macs if self.budget_macs is not None else self.budget_ms
-        return Objective(baseline_accuracy, self.beta, self.max_drop, budget)
+        """The search's objective, with the baseline (a fraction) of the split it is judged on."""
+        origin = self.policy.origin
+        targets = {origin.objective: origin.value} if origin.objective != "beta" else {"beta": origin.value}
+        return Objective(baseline_accuracy, targets.get("beta"), targets.get("max_accuracy_drop"),
+                         targets.get("budget"))
 
     @property
     def target(self) -> str | None:
         """The target the kept thresholds meet on validation, in words (``None``: kept at β)."""
-        if self.max_drop is not None:
-            return f"accuracy at most {self.max_drop:g} points below {self.baseline}"
-        if self.budget_macs is not None:
-            return f"at most {self.budget_macs / 1e6:g} MMACs per image"
-        if self.budget_ms is not None:
-            return f"at most {self.budget_ms:g} ms per image at batch {self.latency.batch_size}"
+        origin = self.policy.origin
+        if origin.objective == "max_accuracy_drop":
+            return f"accuracy at most {100 * origin.value:g} points below {self.baseline}"
+        if origin.objective == "budget" and origin.cost_unit == "macs":
+            return f"at most {origin.value / 1e6:g} MMACs per image"
+        if origin.objective == "budget":
+            return f"at most {origin.value:g} ms per image at batch {self.latency.batch_size}"
         return None
 
-    @property
-    def thresholds(self) -> list[float]:
-        return self.chosen.thresholds
+
+_CHOSEN_OBJECTIVES = (("max_drop", "max_accuracy_drop", 0.01), ("budget_macs", "budget", 1.0),
+                      ("budget_ms", "budget", 1.0))
+
+
+def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``thresholds.json`` written before the exit policy, in the current form: accuracies from percent
+    to fractions, ``acceleration`` → ``speedup``, each result's thresholds with the record's fallback and
+    temperatures as its policy."""
+    data = dict(data)
+    beta, fallback = data.pop("beta", None), data.pop("fallback", "ensemble")
+    targets = {key: data.pop(key, None) for key in ("max_drop", "budget_macs", "budget_ms")}
+    baseline = data["baseline_accuracy"] = data["baseline_accuracy"] / 100
+    temperatures = (data.get("calibration") or {}).get("temperatures")
+    unit = "ms" if targets["budget_ms"] is not None or data.get("cost") == "latency" else "macs"
+
+    def result(old: dict[str, Any], objective: str, value: float, cost_unit: str) -> dict[str, Any]:
+        origin = PolicyOrigin("genetic search", objective, value, cost_unit, baseline, None,
+                              min_threshold=data.get("min_threshold"))
+        policy = ExitPolicy(old["thresholds"], fallback, temperatures, origin)
+        return {"policy": policy.to_dict(), "accuracy": old["accuracy"] / 100, "speedup": old["acceleration"],
+                "mean_cost": old.get("mean_cost"), "fitness": old["fitness"], "exit_shares": old["exit_shares"],
+                "history": old.get("history", [])}
+
+    data["sweep"] = [result(pt, "beta", pt["beta"], "ms" if data.get("cost") == "latency" else "macs")
+                     for pt in data.get("sweep", [])]
+    objective, value = "beta", beta
+    for key, name, scale in _CHOSEN_OBJECTIVES:
+        if targets[key] is not None:
+            objective, value = name, targets[key] * scale
+            unit = "ms" if key == "budget_ms" else "macs" if key == "budget_macs" else unit
+    data["chosen"] = result(data["chosen"], objective, value, unit)
+    data["format_version"] = 2
+    return data
 
 
 def search(cfg: SearchConfig) -> ThresholdRecord:
@@ -133,39 +178,39 @@ def search(cfg: SearchConfig) -> ThresholdRecord:
     model, train_cfg = load_run(run)
     probs, labels = cached_outputs(run, "val", model, eval_dataset(run_splits(train_cfg), "val", model.data_config))
     size = tuple(model.data_config["input_size"])
-    macs = (model.exit_macs(size), model.backbone_macs(size))
-    calibration = calibrate(model, probs, labels) if cfg.calibrate else None
-    if calibration is not None:
-        probs = apply_temperatures(probs, calibration.temperatures)
+    macs = model.exit_costs(size)
+    calibration = calibrate(probs, labels) if cfg.calibrate else None
+    temperatures = calibration.temperatures if calibration is not None else None
+    policy = ExitPolicy(fallback=cfg.fallback, temperatures=temperatures)
     latency = None
     if cfg.cost == "latency" or cfg.budget_ms is not None:
-        latency = measure_exit_latency(model, size, cfg.latency_batch_size, fallback=cfg.fallback)
-    costs = (latency, None) if cfg.cost == "latency" else macs
+        latency = measure_exit_latency(model, size, cfg.latency_batch_size, policy=policy)
+    costs = ExitCosts.from_latency(latency) if cfg.cost == "latency" else macs
     if cfg.baseline_run is not None:
         results = run_results(cfg.baseline_run)
         if not results.baseline:
             raise ValueError(f"{cfg.baseline_run} is not a --baseline run")
-        baseline, baseline_accuracy = "the --baseline run", 100.0 * results.val.deepest
+        baseline, baseline_accuracy = "the --baseline run", results.val.deepest
     else:
-        baseline, baseline_accuracy = "the deepest exit", 100.0 * exit_accuracy(probs, labels).deepest
+        baseline = "the deepest exit"
+        baseline_accuracy = exit_accuracy(apply_temperatures(probs, temperatures), labels).deepest
     targeted = any(t is not None for t in (cfg.max_drop, cfg.budget_macs, cfg.budget_ms))
     betas = sorted(set(cfg.betas) | (set() if targeted else {cfg.beta}))
-    ga = {"seed": cfg.seed, "generations": cfg.generations, "min_threshold": cfg.min_threshold}
-    points = sweep_beta(probs, labels, *costs, betas, baseline_accuracy=baseline_accuracy, fallback=cfg.fallback, **ga)
-    common = {"baseline_accuracy": baseline_accuracy, "fallback": cfg.fallback, **ga}
+    common = {"baseline_accuracy": baseline_accuracy, "fallback": cfg.fallback, "temperatures": temperatures,
+              "seed": cfg.seed, "generations": cfg.generations, "min_threshold": cfg.min_threshold}
+    points = sweep_beta(probs, labels, costs, betas=betas, **common)
     if cfg.max_drop is not None:
-        chosen = search_thresholds(probs, labels, *costs, max_accuracy_drop=cfg.max_drop, **common)
+        chosen = search_thresholds(probs, labels, costs, max_accuracy_drop=cfg.max_drop / 100, **common)
     elif cfg.budget_macs is not None:
-        chosen = search_thresholds(probs, labels, *macs, budget=cfg.budget_macs, **common)
+        chosen = search_thresholds(probs, labels, macs, budget=cfg.budget_macs, **common)
     elif cfg.budget_ms is not None:
-        chosen = search_thresholds(probs, labels, latency, budget=cfg.budget_ms, **common)
+        chosen = search_thresholds(probs, labels, ExitCosts.from_latency(latency), budget=cfg.budget_ms, **common)
     else:
         chosen = points[betas.index(cfg.beta)]
-    record = ThresholdRecord(None if targeted else cfg.beta, cfg.max_drop, cfg.min_threshold, cfg.fallback, baseline,
-                             baseline_accuracy, chosen, points, cfg.budget_macs, cfg.budget_ms, cfg.cost,
+    record = ThresholdRecord(chosen, baseline, baseline_accuracy, cfg.min_threshold, points, cfg.cost,
                              cfg.baseline_run, calibration, latency)
 
-    print(f"validation: {len(labels)} samples; fitness baseline: {baseline}, {baseline_accuracy:.2f}%")
+    print(f"validation: {len(labels)} samples; fitness baseline: {baseline}, {100 * baseline_accuracy:.2f}%")
     if calibration is not None:
         print("calibrated: temperatures " + ", ".join(f"{t:.3f}" for t in calibration.temperatures) + "; expected "
               "calibration error per exit " + ", ".join(f"{a:.3f} → {b:.3f}" for a, b in zip(calibration.before,
@@ -178,18 +223,18 @@ def search(cfg: SearchConfig) -> ThresholdRecord:
     for pt in points:
         thresholds = ", ".join(f"{t:.3f}" for t in pt.thresholds)
         shares = " ".join(f"{s:.0%}" for s in pt.exit_shares)
-        print(f"{pt.beta:>6g}  {thresholds:<24}{pt.accuracy:>8.2f}%{pt.acceleration:>9.2f}x  {shares}")
-    plot_tradeoff([(pt.acceleration, pt.accuracy) for pt in points], run / "tradeoff_val.png",
-                  baseline=(1.0, baseline_accuracy), labels=[f"β={b:g}" for b in betas],
+        print(f"{pt.beta:>6g}  {thresholds:<24}{100 * pt.accuracy:>8.2f}%{pt.speedup:>9.2f}x  {shares}")
+    plot_tradeoff([(pt.speedup, 100 * pt.accuracy) for pt in points], run / "tradeoff_val.png",
+                  baseline=(1.0, 100 * baseline_accuracy), labels=[f"β={b:g}" for b in betas],
                   title=f"{train_cfg.model}: validation, β sweep",
                   cost="MACs" if cfg.cost == "macs" else f"latency (batch {cfg.latency_batch_size})")
     record.save(run / THRESHOLDS)
-    save_deployment(run / "best", record.thresholds, cfg.fallback, temperatures=record.temperatures,
-                    exit_latency=[latency] if latency is not None else [])  # from_pretrained(run/best) carries them
+    save_deployment(run / "best", record.policy, exit_latency=[latency] if latency is not None else [])
     kept = record.target or f"β = {cfg.beta:g}"
     unit = "fewer MACs" if cfg.budget_macs is not None or (cfg.cost == "macs" and cfg.budget_ms is None) else \
         "lower latency (predicted)"
     print(f"kept {kept}: thresholds {', '.join(f'{t:.3f}' for t in record.thresholds)}, validation accuracy "
-          f"{chosen.accuracy:.2f}% at {chosen.acceleration:.2f}x {unit} → {run / THRESHOLDS}; plot "
+          f"{100 * chosen.accuracy:.2f}% at {chosen.speedup:.2f}x {unit} → {run / THRESHOLDS}; plot "
           f"{run / 'tradeoff_val.png'}")
+    print(f"  promise: {record.policy.origin.promise}")
     return record

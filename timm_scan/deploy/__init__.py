@@ -1,11 +1,11 @@
 """Deployment: the exit policy and the ensemble, the early-exit predictor, threshold search, ONNX export,
 timing, plots."""
 
-from .calibration import apply_temperatures, calibrate
+from .calibration import calibrate
 from .latency import measure_exit_latency
 from .onnx import OnnxEarlyExitPredictor, OnnxManifest, export_onnx
 from .plots import plot_exit_shares, plot_tradeoff
-from .policy import ensemble_probs, simulate_early_exit
+from .policy import apply_temperatures, ensemble_probs, simulate_early_exit
 from .predictor import EarlyExitPredictor, EarlyExitResult
 from .thresholds import ExitTable, SearchResult, search_thresholds, sweep_beta
 from .timing import wall_clocks

@@ -10,26 +10,22 @@ sample, so ``softmax(log p / T) = softmax(z / T)``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..model.config import validate_temperatures
 from ..model.multi_exit import MultiExitModel
 from ..report import Calibration
-from .thresholds import _checked_outputs
+from .policy import apply_temperatures, check_outputs, log_probs
 
-__all__ = ["apply_temperatures", "calibrate", "expected_calibration_error", "fit_temperature", "fit_temperatures"]
+__all__ = ["calibrate", "expected_calibration_error", "fit_temperature", "fit_temperatures"]
 
 ECE_BINS = 15
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
-
-
-def _log_probs(probs: Tensor) -> Tensor:
-    """``log p`` with underflowed zeros held at the smallest normal float (a finite, very negative logit)."""
-    return _tensor(probs).double().clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
 def fit_temperature(probs: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> float:
@@ -38,8 +34,8 @@ def fit_temperature(probs: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> 
     (N, C). The NLL is convex in ``1/T``: L-BFGS on ``log(1/T)`` from ``T = 1``, then clipped to the
     range (where an exit is right on every sample the optimum is T → 0, on none T → ∞; the bounds keep
     its confidences usable as a threshold's input)."""
-    [probs], labels = _checked_outputs([probs], labels)
-    log_p = _log_probs(probs)
+    [probs], labels = check_outputs([probs], labels)
+    log_p = log_probs(probs)
     log_scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_scale], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
 
@@ -54,28 +50,15 @@ def fit_temperature(probs: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> 
     return float(torch.exp(-log_scale.detach()).clamp(MIN_TEMPERATURE, MAX_TEMPERATURE))
 
 
-def _tensor(values: Tensor | np.ndarray) -> Tensor:
-    return values if isinstance(values, Tensor) else torch.as_tensor(np.asarray(values))
-
-
 def fit_temperatures(probs: Sequence[Tensor | np.ndarray], labels: Tensor | np.ndarray) -> list[float]:
     """One temperature per exit (``probs``: K arrays ``(N, C)``, shallowest first)."""
     return [fit_temperature(p, labels) for p in probs]
 
 
-def apply_temperatures(probs: Sequence[Tensor | np.ndarray], temperatures: Sequence[float] | None) -> list[Tensor]:
-    """Each exit's softmax re-taken at its temperature, ``softmax(log p / T)`` (float32); ``None``
-    returns the probabilities unchanged."""
-    if temperatures is None:
-        return [_tensor(p) for p in probs]
-    validate_temperatures(temperatures, len(probs))
-    return [torch.softmax(_log_probs(p) / t, dim=-1).float() for p, t in zip(probs, temperatures)]
-
-
 def expected_calibration_error(probs: Tensor | np.ndarray, labels: Tensor | np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE of one exit, as a fraction: ``Σ_b (n_b / N) · |accuracy_b − mean confidence_b|`` over
     ``bins`` equal-width bins of the max softmax."""
-    [probs], labels = _checked_outputs([probs], labels)
+    [probs], labels = check_outputs([probs], labels)
     confidence, predicted = probs.double().max(-1)
     correct = (predicted == labels).double()
     which = (confidence * bins).ceil().clamp(1, bins).long() - 1  # bin b holds (b/bins, (b+1)/bins]
@@ -83,18 +66,30 @@ def expected_calibration_error(probs: Tensor | np.ndarray, labels: Tensor | np.n
     return float(gap.abs().sum() / len(labels))
 
 
-def calibrate(model: MultiExitModel, probs: Sequence[Tensor | np.ndarray], labels: Tensor | np.ndarray) -> Calibration:
-    """Fit one temperature per exit on validation outputs and set ``model.temperatures``, which
-    ``EarlyExitPredictor``, ``export_onnx`` and ``save_pretrained`` then use. ``probs``: the model's
-    softmax at every exit on validation images (K ``(N, C)``, shallowest first, at temperature 1:
+def calibrate(
+    probs: Sequence[Tensor | np.ndarray], labels: Tensor | np.ndarray, *legacy: Any
+) -> Calibration:
+    """Fit one temperature per exit on validation outputs: ``probs``, the model's softmax at every exit
+    on validation images (K ``(N, C)``, shallowest first, at temperature 1:
     ``timm_scan.training.compute_outputs``), ``labels`` (N,). Returns the temperatures and each exit's
-    expected calibration error on these outputs before and after.
+    expected calibration error on these outputs before and after; nothing else changes. To deploy them,
+    put them in the policy: ``model.policy = model.policy.replace(temperatures=calibration.temperatures)``,
+    or pass ``temperatures=`` to ``search_thresholds`` (which then returns a policy that carries them).
 
-    Search thresholds on the calibrated outputs, ``apply_temperatures(probs, model.temperatures)``,
-    so that they mean what the predictor will compare them with."""
-    if len(probs) != model.num_exits:
+    The 0.1.0 form ``calibrate(model, probs, labels)`` still works, with a deprecation warning: it
+    also replaces ``model.policy`` with one that has these temperatures."""
+    model = None
+    if isinstance(probs, MultiExitModel):
+        warnings.warn("calibrate(model, probs, labels) is deprecated: calibrate(probs, labels) returns the "
+                      "temperatures; set model.policy = model.policy.replace(temperatures=...) yourself",
+                      DeprecationWarning, stacklevel=2)
+        model, probs, labels = probs, labels, legacy[0] if legacy else None
+    elif legacy:
+        raise TypeError(f"calibrate(probs, labels) takes two arguments; got {2 + len(legacy)}")
+    if model is not None and len(probs) != model.num_exits:
         raise ValueError(f"probs: need the outputs of all {model.num_exits} exits; got {len(probs)}")
     temperatures = fit_temperatures(probs, labels)
-    model.temperatures = temperatures
+    if model is not None:
+        model.policy = model.policy.replace(temperatures=temperatures)
     return Calibration(temperatures, [expected_calibration_error(p, labels) for p in probs],
                        [expected_calibration_error(p, labels) for p in apply_temperatures(probs, temperatures)])

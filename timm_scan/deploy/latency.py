@@ -4,7 +4,7 @@ MACs are the paper's cost; wall-clock is what users pay, and the two part ways w
 ops cost more time than their MACs say. `measure_exit_latency` times, in turns with the plain
 backbone, one `EarlyExitPredictor` per exit whose thresholds send every sample to that exit; the
 result (`ExitLatency`) can be the cost the threshold search optimises (``search_thresholds(probs,
-labels, latency)``), and travels with the model (``model.exit_latency``, saved by ``save_pretrained``
+labels, ExitCosts.from_latency(latency))``), and travels with the model (``model.exit_latency``, saved by ``save_pretrained``
 and shown on its card). `OnnxEarlyExitPredictor.measure_exit_latency` times an exported model the
 same way (`time_exits`).
 """
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..exit_policy import ExitPolicy
 from ..model.config import check_input_size
 from ..model.multi_exit import MultiExitModel
 from ..report import ExitLatency
@@ -59,12 +60,12 @@ def time_exits(
     """Milliseconds per image of leaving at each exit (cumulative) and of the plain ``backbone``.
 
     ``predictor``: an `EarlyExitPredictor` or `OnnxEarlyExitPredictor`; exit i is timed with a shallow
-    copy of it (the same heads or sessions) whose thresholds send every sample there (confidence > 0
-    always holds, > 1 never), in turns with the backbone (`wall_clocks`). Noise can time a deeper exit
-    below a shallower one; such an entry is raised to the one before it."""
+    copy of it (the same heads or sessions) whose policy's thresholds send every sample there
+    (confidence > 0 always holds, > 1 never), in turns with the backbone (`wall_clocks`). Noise can time
+    a deeper exit below a shallower one; such an entry is raised to the one before it."""
     def forced(thresholds: list[float]) -> Any:
         copied = copy.copy(predictor)
-        copied.thresholds = thresholds
+        copied.policy = predictor.policy.replace(thresholds=thresholds)
         return copied
 
     k = num_exits
@@ -92,7 +93,7 @@ def measure_exit_latency(
     memory_format: str = "contiguous",
     images: int = 64,
     repeats: int = 5,
-    fallback: str | None = None,
+    policy: ExitPolicy | None = None,
 ) -> ExitLatency:
     """Milliseconds per image of leaving at each exit, at ``batch_size``, on the model's device and dtype.
 
@@ -100,8 +101,8 @@ def measure_exit_latency(
     ``"contiguous"`` or ``"channels_last"`` (the images'; convert the model too, as you deploy it).
     Each timed pass runs ``images`` random images (rounded up to whole batches); the median of
     ``repeats`` passes counts, with the exits and the backbone taking turns (`wall_clocks`).
-    ``fallback``: the answer of samples that reach the end (default the model's), which the deepest
-    exit's cost includes. Noise can time a deeper exit below a shallower one; such an entry is raised
+    ``policy``: the fallback and temperatures to time with (default the model's own, ``model.policy``);
+    the fallback is part of the deepest exit's cost. Its thresholds are not used. Noise can time a deeper exit below a shallower one; such an entry is raised
     to the one before it, so ``ms_per_image`` is cumulative. Everything runs in eval mode; the model
     is left in the mode it came in.
     """
@@ -115,11 +116,11 @@ def measure_exit_latency(
     input_size = check_input_size(input_size)
     weight = next(model.parameters())
     was_training = model.training
-    fallback = fallback or model.fallback
+    policy = policy or model.policy
     batches = [torch.randn(batch_size, *input_size, device=weight.device, dtype=weight.dtype)
                .contiguous(memory_format=_MEMORY_FORMATS[memory_format]) for _ in range(math.ceil(images / batch_size))]
     try:  # the predictors put the model in eval mode; the backbone is timed in it too
-        predictor = EarlyExitPredictor(model, [1.0] * (model.num_exits - 1), fallback)
+        predictor = EarlyExitPredictor(model, policy.replace(thresholds=[1.0] * (model.num_exits - 1)))
         exits_ms, backbone_ms = time_exits(predictor, model.backbone, model.num_exits, batches, repeats)
     finally:
         model.train(was_training)

@@ -3,7 +3,7 @@ with the same Algorithm 1 as `EarlyExitPredictor` (batch shrinking, fallback, re
 
 An exported folder::
 
-    manifest.json          `OnnxManifest`: graphs, input size, exits' MACs, thresholds, fallback, classes
+    manifest.json          `OnnxManifest`: graphs, input size, exits' MACs, the exit policy, classes
                            and, where measured (`OnnxEarlyExitPredictor.measure_exit_latency`), latency
     section_0.onnx ...     section k: its input (the image for k = 0) → the hidden state after it
     exit_0.onnx ...        exit k's classifier: section k's output → logits (the last: the backbone's head)
@@ -13,7 +13,9 @@ one tensor, batch first (graph input ``input``, output ``output``). A model run 
 hands on a `TracedState`: its tensors that follow the batch travel between graphs (the constants and
 batch counts are rebuilt inside each graph); where that is not one tensor, batch first, the graphs take
 ``input_0``, ``input_1``, ... and give ``output_0``, ..., and the manifest's ``state_layout`` records
-each tensor's batch dimension and rows per sample (format version 2; other exports are version 1).
+each tensor's batch dimension and rows per sample. Format version 3 holds the exit policy as one object
+(``policy``); versions 1 (0.1.0) and 2 (with ``state_layout``) held thresholds, fallback and temperatures
+as loose fields, and still load.
 ``onnx`` and ``onnxruntime`` are an optional extra: ``pip install 'timm-scan[onnx]'``.
 """
 
@@ -36,20 +38,21 @@ import torch
 from torch import Tensor, nn
 
 from ..model.backbone import eval_mode, model_name
-from ..model.config import check_input_size, validate_temperatures
+from ..exit_policy import ExitPolicy
+from ..model.config import check_input_size
 from ..model.multi_exit import MultiExitModel
 from ..model.traced import TracedState
 from ..report import ExitLatency, JsonRecord
 from .latency import check_timing_arguments, processor_name, time_exits
-from .predictor import EarlyExitResult, check_images, resolve_policy, run_early_exit
+from .predictor import EarlyExitResult, check_images, chosen_policy, run_early_exit
 from .threads import one_torch_thread
 
 __all__ = ["OnnxEarlyExitPredictor", "OnnxManifest", "export_onnx", "session_options", "use_global_thread_pool"]
 
 MANIFEST = "manifest.json"
 FORMAT = "timm-scan-onnx"
-FORMAT_VERSION = 1
-STATE_FORMAT_VERSION = 2  # an export whose graphs hand several tensors on (``OnnxManifest.state_layout``)
+FORMAT_VERSION = 3  # the exit policy as one object
+READ_VERSIONS = (1, 2, 3)  # 1: 0.1.0; 2: with state_layout; both with loose thresholds, fallback, temperatures
 INSTALL = "pip install 'timm-scan[onnx]'"
 
 
@@ -66,11 +69,9 @@ class OnnxManifest(JsonRecord):
     exits: list[str]  # graph files, exit k's classifier; the last is the backbone's head
     exit_macs: list[int]
     backbone_macs: int
-    fallback: str
-    thresholds: list[float] | None = None
+    policy: ExitPolicy = field(default_factory=ExitPolicy)
     class_names: list[str] | None = None
     data_config: dict[str, Any] | None = None
-    temperatures: list[float] | None = None  # per-exit temperature scaling, where calibrated
     exit_latency: list[ExitLatency] | None = None  # timed with ONNX Runtime, where measured
     opset: int | None = None
     stages: list[str] = field(default_factory=list)  # the backbone modules the exits follow
@@ -81,7 +82,7 @@ class OnnxManifest(JsonRecord):
 
     def to_dict(self) -> dict[str, Any]:
         """As JSON; without ``exit_latency`` where nothing was measured and without ``state_layout`` where
-        every section hands on one tensor, batch first, so that timm-scan 0.1.0 reads such an export."""
+        every section hands on one tensor, batch first."""
         data = super().to_dict()
         for key in ("exit_latency", "state_layout"):
             if data[key] is None:
@@ -90,9 +91,15 @@ class OnnxManifest(JsonRecord):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OnnxManifest:
-        """From JSON; a 0.1.0 export's ``exit_latency_ms`` (always null, never written) is dropped."""
-        if isinstance(data, dict) and "exit_latency_ms" in data and data["exit_latency_ms"] is None:
-            data = {k: v for k, v in data.items() if k != "exit_latency_ms"}
+        """From JSON, in any format version this reads: versions 1 and 2 keep the policy's thresholds,
+        fallback and temperatures as loose fields, and a 0.1.0 export's ``exit_latency_ms`` (always null,
+        never written) is dropped."""
+        if isinstance(data, dict) and data.get("format_version") in (1, 2):
+            data = dict(data)
+            if data.get("exit_latency_ms", 0) is None:
+                del data["exit_latency_ms"]
+            loose = {key: data.pop(key) for key in ("thresholds", "fallback", "temperatures") if key in data}
+            data["policy"] = ExitPolicy(**loose).to_dict()
         return super().from_dict(data)
 
 
@@ -152,8 +159,8 @@ def export_onnx(
     exporter, dynamic batch), with ``manifest.json``. ``input_size`` (C, H, W): default the model's data
     config. Each graph is checked on a random batch against the model, run by ONNX Runtime (to ``atol``
     times the output's largest magnitude where that is above 1, and 1e-3 relative); a part that
-    does not export, or exports to different numbers, is a ``ValueError`` naming it. The model's
-    thresholds and fallback, temperatures, class names and data config go into the manifest."""
+    does not export, or exports to different numbers, is a ``ValueError`` naming it. The model's exit
+    policy, class names and data config go into the manifest."""
     _, ort = _onnx_modules()
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("export_onnx runs on CPU: export model.cpu() (the graphs run on any ONNX Runtime provider)")
@@ -185,13 +192,11 @@ def export_onnx(
     state_layout = [[list(t) for t in h.batch_layout()] for h in states[1:-1] if isinstance(h, TracedState)]
     manifest = OnnxManifest(
         FORMAT, FORMAT_VERSION, name, list(input_size), model.num_classes, sections, exits,
-        model.exit_macs(input_size), model.backbone_macs(input_size), model.fallback, model.thresholds,
-        model.class_names, json.loads(json.dumps(model.data_config, default=list)) if model.data_config else None,
-        temperatures=model.temperatures, opset=opset, stages=[s.module for s in model.exit_stages],
+        model.exit_macs(input_size), model.backbone_macs(input_size), model.policy, model.class_names,
+        json.loads(json.dumps(model.data_config, default=list)) if model.data_config else None, opset=opset,
+        stages=[s.module for s in model.exit_stages],
         state_layout=state_layout if any(layout != [[0, 1]] for layout in state_layout) else None,
     )
-    if manifest.state_layout:
-        manifest.format_version = STATE_FORMAT_VERSION
     manifest.save(folder / MANIFEST)
     return manifest
 
@@ -395,9 +400,9 @@ class OnnxEarlyExitPredictor:
     ``predictor(images)`` → `EarlyExitResult` (labels, exit index, confidence, probabilities, MACs per
     sample, in input order), as `EarlyExitPredictor` gives, by the same Algorithm 1.
 
-    ``thresholds``: default the manifest's, with its fallback; ``fallback``: ``"ensemble"`` or
-    ``"deepest"`` (default: the manifest's with its thresholds, else ``"ensemble"``, as
-    `EarlyExitPredictor`). ``providers``: ONNX Runtime execution providers (default CPU).
+    ``policy``: the `ExitPolicy` to run; default the manifest's (the model's at export). The 0.1.0 form
+    ``OnnxEarlyExitPredictor(folder, thresholds, fallback)`` still works, with a deprecation warning, as
+    for `EarlyExitPredictor`. ``providers``: ONNX Runtime execution providers (default CPU).
     ``session_options``: default `session_options()` (the graphs run one after another: they share
     onnxruntime's global thread pool where `use_global_thread_pool` set it up, and otherwise their own
     pools stop spinning when a run returns). A missing or damaged graph, or a manifest that does not
@@ -408,10 +413,11 @@ class OnnxEarlyExitPredictor:
     def __init__(
         self,
         folder: str | Path,
-        thresholds: Sequence[float] | None = None,
-        fallback: str | None = None,
+        policy: ExitPolicy | None = None,
+        *legacy: Any,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         session_options: Any = None,
+        **legacy_keywords: Any,
     ) -> None:
         _, ort = _onnx_modules()
         session_options = session_options if session_options is not None else globals()["session_options"]()
@@ -423,24 +429,24 @@ class OnnxEarlyExitPredictor:
         except ValueError as exc:
             raise ValueError(f"{folder / MANIFEST} is damaged or not a manifest: {exc}") from None
         m = self.manifest
-        if m.format != FORMAT or m.format_version not in (FORMAT_VERSION, STATE_FORMAT_VERSION):
+        if m.format != FORMAT or m.format_version not in READ_VERSIONS or isinstance(m.format_version, bool):
             raise ValueError(f"{folder / MANIFEST}: format {m.format!r} version {m.format_version}; this reads "
-                             f"{FORMAT!r} versions {FORMAT_VERSION} and {STATE_FORMAT_VERSION}")
+                             f"{FORMAT!r} versions {', '.join(map(str, READ_VERSIONS))}")
         _check_manifest(m, folder / MANIFEST)
         k = len(m.exits)
         if len(m.sections) != k or len(m.exit_macs) != k:
             raise ValueError(f"{folder / MANIFEST}: {len(m.sections)} sections, {k} exits and {len(m.exit_macs)} MACs "
                              "do not match (one each per exit)")
-        self.thresholds, self.fallback = resolve_policy(thresholds, fallback, m.thresholds, m.fallback, k,
-                                                        "export a model that has some")
         try:
-            self.temperatures = None if m.temperatures is None else validate_temperatures(m.temperatures, k)
+            m.policy.check(k)
         except ValueError as exc:
             raise ValueError(f"{folder / MANIFEST}: {exc}") from None
+        self.policy = chosen_policy(m.policy, policy, legacy, legacy_keywords, "OnnxEarlyExitPredictor").check(
+            k, needs_thresholds="export a model that has some (model.policy)")
         self.exit_latency = list(m.exit_latency or [])
         if any(len(latency.ms_per_image) != k for latency in self.exit_latency):
             raise ValueError(f"{folder / MANIFEST}: exit_latency must hold {k} values per measurement, one per exit")
-        if (m.format_version == STATE_FORMAT_VERSION) != (m.state_layout is not None):
+        if m.format_version < FORMAT_VERSION and (m.format_version == 2) != (m.state_layout is not None):
             raise ValueError(f"{folder / MANIFEST}: format version {m.format_version} "
                              f"{'needs' if m.state_layout is None else 'has no'} state_layout; the manifest is damaged")
         self._layout = [[tuple(t) for t in layout] for layout in m.state_layout] if m.state_layout else None
@@ -500,12 +506,11 @@ class OnnxEarlyExitPredictor:
             if tuple(images.shape[1:]) != expected or images.dtype != torch.float32:
                 raise ValueError(f"images must be float32 (batch, {', '.join(map(str, expected))}) as exported; got "
                                  f"{images.dtype} {tuple(images.shape)}")
-            return run_early_exit(images.cpu(), len(self.exits), self._section, self._exit_logits, self.thresholds,
-                                  self.fallback, self._macs, self.manifest.num_classes)
+            return run_early_exit(images.cpu(), len(self.exits), self._section, self._exit_logits, self.policy,
+                                  self._macs, self.manifest.num_classes)
 
     def _exit_logits(self, k: int, h: Tensor | TracedState) -> Tensor:
-        logits = self._run(self.exits[k], h)[0]
-        return logits if self.temperatures is None else logits / self.temperatures[k]
+        return self._run(self.exits[k], h)[0]
 
     @property
     def exit_macs(self) -> list[int]:

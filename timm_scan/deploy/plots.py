@@ -27,13 +27,13 @@ def plot_tradeoff(
     cost: str = "MACs",
 ) -> Path:
     """PNG of accuracy (percent) against relative cost (``cost``: what it counts, e.g. MACs or latency)
-    for ``points`` = (acceleration, accuracy); ``baseline`` = (1.0, accuracy) marks the plain backbone."""
+    for ``points`` = (speed-up, accuracy in percent); ``baseline`` = (1.0, accuracy) marks the plain backbone."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    cost = [1.0 / a for a, _ in points]
-    ax.plot(cost, [acc for _, acc in points], "o-", label="early exit (β sweep)")
+    relative = [1.0 / a for a, _ in points]
+    ax.plot(relative, [acc for _, acc in points], "o-", label="early exit (β sweep)")
     groups: dict[tuple[float, float], list[str]] = {}  # points that coincide share one label
-    for c, (_, acc), text in zip(cost, points, labels or []):
+    for c, (_, acc), text in zip(relative, points, labels or []):
         groups.setdefault((round(c, 4), round(acc, 3)), []).append(text)
     for (c, acc), texts in groups.items():
         text = texts[0] if len(texts) == 1 else f"{texts[0]} … {texts[-1]}"

@@ -1,9 +1,12 @@
-"""The exit policy of scalable inference (SCAN Algorithm 1) and the ensemble: their one definition.
+"""How an `ExitPolicy` decides (SCAN Algorithm 1), the ensemble, and temperature scaling: their one
+definition, with the checks of cached outputs every consumer of them shares.
 
 Exits are indexed 0..K-1 from the shallowest; K-1 is the deepest (the backbone's own head). A sample
 leaves at the first shallow exit whose confidence (max softmax) is above that exit's threshold
 (`leaves`); a sample that passes no threshold runs every section and gets the fallback: the ensemble
-(the mean of all K exits' softmax, `ensemble_probs`) or the deepest exit's own answer.
+(the mean of all K exits' softmax, `ensemble_probs`) or the deepest exit's own answer. Confidences
+are taken at the policy's temperatures (`apply_temperatures` on cached softmax outputs; the
+predictors divide the logits).
 `EarlyExitPredictor` runs this policy section by section; `exit_index` evaluates it on cached outputs
 for many threshold vectors at once (the threshold search), and `simulate_early_exit` is the
 reference the predictor is tested against.
@@ -13,13 +16,60 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ..model.config import validate_fallback, validate_thresholds
+from ..exit_policy import ExitPolicy, validate_fallback, validate_temperatures
 from ..report import ExitAccuracy
 
-__all__ = ["ensemble_probs", "exit_accuracy", "exit_index", "fallback_probs", "leaves", "simulate_early_exit"]
+__all__ = ["apply_temperatures", "check_outputs", "ensemble_probs", "exit_accuracy", "exit_index", "fallback_probs",
+           "leaves", "log_probs", "simulate_early_exit"]
+
+
+def as_tensor(values: Tensor | np.ndarray) -> Tensor:
+    """An array or tensor as a tensor (no copy where it already is one)."""
+    return values if isinstance(values, Tensor) else torch.as_tensor(np.asarray(values))
+
+
+def log_probs(probs: Tensor) -> Tensor:
+    """``log p`` with underflowed zeros held at the smallest normal float (a finite, very negative logit)."""
+    return as_tensor(probs).double().clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def apply_temperatures(probs: Sequence[Tensor | np.ndarray], temperatures: Sequence[float] | None) -> list[Tensor]:
+    """Each exit's softmax re-taken at its temperature, ``softmax(log p / T)`` (float32); ``None``
+    returns the probabilities unchanged."""
+    if temperatures is None:
+        return [as_tensor(p) for p in probs]
+    validate_temperatures(temperatures, len(probs))
+    return [torch.softmax(log_probs(p) / t, dim=-1).float() for p, t in zip(probs, temperatures)]
+
+
+def check_outputs(probs: Sequence[Tensor | np.ndarray], labels: Tensor | np.ndarray) -> tuple[list[Tensor], Tensor]:
+    """Softmax probabilities of each exit (K arrays ``(N, C)``) and integer labels in [0, C), or a
+    ``ValueError`` saying what they are instead."""
+    try:
+        probs = [torch.as_tensor(np.asarray(p) if not isinstance(p, Tensor) else p) for p in probs]
+        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"probs must be K arrays (N, C) of numbers and labels N integers ({exc})") from None
+    if not probs or any(p.ndim != 2 or p.shape != probs[0].shape or not (p.is_floating_point()) for p in probs):
+        raise ValueError(f"probs must be K float arrays of one shape (N, C); got shapes {[tuple(p.shape) for p in probs]}")
+    n, classes = probs[0].shape
+    if labels.ndim != 1 or len(labels) != n or n == 0:
+        raise ValueError(f"labels must be N = {n} > 0 class indices, one per row of probs; got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels must be integers (class indices); got {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(f"labels must be class indices in [0, {classes}); got values from {labels.min().item()} to "
+                         f"{labels.max().item()}")
+    probs = [p.float() for p in probs]
+    for i, p in enumerate(probs):
+        if not torch.isfinite(p).all() or p.min() < 0 or (p.sum(-1) - 1).abs().max() > 1e-3:
+            raise ValueError(f"probs[{i}] are not softmax probabilities (finite, non-negative, each row summing to 1); "
+                             "pass torch.softmax(logits, -1), not logits")
+    return probs, labels
 
 
 def leaves(confidence: Tensor | float, threshold: Tensor | float) -> Tensor | bool:
@@ -59,14 +109,16 @@ def exit_index(confidence: Tensor, thresholds: Tensor) -> Tensor:
 
 
 def simulate_early_exit(
-    exit_probs: Sequence[Tensor], thresholds: Sequence[float], fallback: str = "ensemble"
+    exit_probs: Sequence[Tensor], policy: ExitPolicy
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Algorithm 1 on precomputed probabilities of every exit (``(N, C)`` each, deepest last):
-    ``(exit_index (N,), confidence (N,), probs (N, C))`` of the answer each sample gets."""
-    thresholds = validate_thresholds(thresholds, len(exit_probs))
+    """Algorithm 1 on precomputed probabilities of every exit (``(N, C)`` each at temperature 1, deepest
+    last) under ``policy`` (its temperatures applied first): ``(exit_index (N,), confidence (N,), probs
+    (N, C))`` of the answer each sample gets."""
+    policy.check(len(exit_probs), needs_thresholds="give the policy some")
+    exit_probs = apply_temperatures(exit_probs, policy.temperatures)
     stacked = torch.stack([p.float() for p in exit_probs])  # (K, N, C)
-    index = exit_index(stacked[:-1].amax(-1), torch.tensor([thresholds]))[0]
-    probs = fallback_probs(exit_probs, fallback).clone()
+    index = exit_index(stacked[:-1].amax(-1), torch.tensor([policy.thresholds]))[0]
+    probs = fallback_probs(exit_probs, policy.fallback).clone()
     for i in range(len(stacked) - 1):
         left_here = index == i
         probs[left_here] = stacked[i][left_here]

@@ -1,25 +1,28 @@
 """Scalable inference (SCAN Algorithm 1), for real: confident samples leave at shallow exits and only
-the samples still undecided run the next section (the batch shrinks). The policy itself (which
-sample leaves where, the fallback) is `timm_scan.deploy.policy`.
+the samples still undecided run the next section (the batch shrinks). What it runs is an
+`ExitPolicy` (``timm_scan.exit_policy``); how a policy decides (which sample leaves where, the
+fallback) is `timm_scan.deploy.policy`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..exit_policy import ExitPolicy
 from ..model.backbone import eval_mode
-from ..model.config import validate_fallback, validate_temperatures, validate_thresholds
 from ..model.multi_exit import MultiExitModel
 from .fast_heads import inference_copy
 from .policy import fallback_probs, leaves
 
-__all__ = ["EarlyExitPredictor", "EarlyExitResult", "check_images", "resolve_policy", "run_early_exit"]
+__all__ = ["EarlyExitPredictor", "EarlyExitResult", "check_images", "chosen_policy", "run_early_exit"]
 
 
 @dataclass
@@ -38,33 +41,31 @@ class EarlyExitResult:
 class EarlyExitPredictor:
     """Runs a ``MultiExitModel`` with early exits; ``predictor(images)`` → ``EarlyExitResult``.
 
-    ``thresholds``: one per shallow exit (K-1 numbers in [0, 1]); ``None`` takes the model's saved
-    ones (``model.thresholds``, with ``model.fallback``). ``fallback``: ``"ensemble"`` or
-    ``"deepest"`` for samples that pass no threshold. The model is put in eval mode.
+    ``policy``: the `ExitPolicy` to run (thresholds, fallback, temperatures); ``None`` runs the model's
+    own (``model.policy``, saved with it). A policy without thresholds is a ``ValueError``. The
+    0.1.0 form ``EarlyExitPredictor(model, thresholds, fallback)`` still works, with a deprecation
+    warning (the thresholds replace the model policy's; temperatures stay the model's). The model is
+    put in eval mode.
 
     ``optimize_heads`` (default on) runs ``fast_heads.inference_copy`` of each exit head: BatchNorm folded
     into the convs; on CPU, heads on small maps run as a chain of matrix products in a channel-major
     layout, and take channels_last input on larger maps. The same function up to float rounding, and
     cheaper. The copies are taken here, so build a new predictor after changing the model's weights or
     moving it to another device.
-
-    Where the model is calibrated (``model.temperatures``, from ``timm_scan.calibrate``), each exit's
-    logits are divided by its temperature before the softmax, as the threshold search assumed; the
-    temperatures are read here too.
     """
 
     def __init__(
         self,
         model: MultiExitModel,
-        thresholds: Sequence[float] | None = None,
-        fallback: str | None = None,
+        policy: ExitPolicy | None = None,
+        *legacy: Any,
         optimize_heads: bool = True,
+        **legacy_keywords: Any,
     ) -> None:
-        self.thresholds, self.fallback = resolve_policy(thresholds, fallback, model.thresholds, model.fallback,
-                                                        model.num_exits, "load a model saved with some")
+        self.policy = chosen_policy(model.policy, policy, legacy, legacy_keywords, "EarlyExitPredictor").check(
+            model.num_exits, needs_thresholds="load a model saved with some (model.policy)")
         self.model = model.eval()
-        self.heads = [inference_copy(h) if optimize_heads else h for h in model.exits]
-        self.temperatures = None if model.temperatures is None else validate_temperatures(model.temperatures, model.num_exits)
+        self.inference_heads = [inference_copy(h) if optimize_heads else h for h in model.exits]
         self._macs: dict[tuple[int, ...], Tensor] = {}
 
     def exit_macs(self, input_size: tuple[int, int, int], device: torch.device | str = "cpu") -> Tensor:
@@ -84,31 +85,35 @@ class EarlyExitPredictor:
         macs = self.exit_macs((images.shape[1], *image_size), images.device)
 
         def exit_logits(i: int, h: Tensor) -> Tensor:
-            logits = model.exit_logits(i, h, image_size, self.heads[i] if i < k - 1 else None)
-            return logits if self.temperatures is None else logits / self.temperatures[i]
+            return model.exit_logits(i, h, image_size, self.inference_heads[i] if i < k - 1 else None)
 
         with eval_mode(model) if model.training else nullcontext():
-            return run_early_exit(images, k, model.forward_section, exit_logits, self.thresholds, self.fallback, macs,
-                                  model.num_classes)
+            return run_early_exit(images, k, model.forward_section, exit_logits, self.policy, macs, model.num_classes)
 
 
-def resolve_policy(
-    thresholds: Sequence[float] | None,
-    fallback: str | None,
-    saved_thresholds: Sequence[float] | None,
-    saved_fallback: str | None,
-    num_exits: int,
-    where_saved: str,
-) -> tuple[list[float], str]:
-    """The thresholds and fallback a predictor runs with: the given ones, or where ``thresholds`` is
-    ``None`` the saved ones with their saved fallback (a fallback belongs to the thresholds it was
-    searched with); given thresholds without a fallback get ``"ensemble"``. Validated; no thresholds
-    at all is a ``ValueError`` that says to pass some or to ``where_saved``."""
+def chosen_policy(
+    own: ExitPolicy, policy: ExitPolicy | None, legacy: tuple[Any, ...], legacy_keywords: dict[str, Any], who: str
+) -> ExitPolicy:
+    """The policy a predictor runs: ``policy``, else ``own`` (the model's or the export's). The 0.1.0
+    arguments (``thresholds, fallback``, positional or by keyword) give ``own`` with those thresholds and
+    fallback (given thresholds without a fallback get ``"ensemble"``; a fallback alone keeps the own
+    thresholds), with a ``DeprecationWarning``."""
+    if isinstance(policy, ExitPolicy) or (policy is None and not legacy and not legacy_keywords):
+        if legacy or legacy_keywords:
+            raise TypeError(f"{who}: pass either policy=ExitPolicy(...) or nothing else; got also "
+                            f"{[*legacy, *legacy_keywords]}")
+        return own if policy is None else policy
+    names = ("thresholds", "fallback")
+    if len(legacy) > 1 or set(legacy_keywords) - set(names):
+        raise TypeError(f"{who}(model, policy) takes one ExitPolicy; got unexpected arguments "
+                        f"{sorted(set(legacy_keywords) - set(names)) or legacy[1:]}")
+    values = dict(zip(names, (policy, *legacy)), **legacy_keywords)
+    warnings.warn(f"{who}(..., thresholds, fallback) is deprecated: pass {who}(..., ExitPolicy(thresholds=..., "
+                  "fallback=...)), or nothing to run the saved policy", DeprecationWarning, stacklevel=3)
+    thresholds, fallback = values.get("thresholds"), values.get("fallback")
     if thresholds is None:
-        if saved_thresholds is None:
-            raise ValueError(f"no thresholds: pass thresholds=[...] (one per shallow exit) or {where_saved}")
-        thresholds, fallback = saved_thresholds, fallback or saved_fallback
-    return validate_thresholds(thresholds, num_exits), validate_fallback(fallback or "ensemble")
+        return own.replace(fallback=fallback) if fallback is not None else own
+    return own.replace(thresholds=thresholds, fallback=fallback or "ensemble")
 
 
 def check_images(images: Tensor) -> None:
@@ -129,15 +134,16 @@ def run_early_exit(
     num_exits: int,
     section: Callable[[int, Tensor], Tensor],
     exit_logits: Callable[[int, Tensor], Tensor],
-    thresholds: Sequence[float],
-    fallback: str,
+    policy: ExitPolicy,
     macs: Tensor,
     num_classes: int,
 ) -> EarlyExitResult:
     """SCAN Algorithm 1 run for real on any staged model: ``section(k, h)`` runs section k and
-    ``exit_logits(k, h)`` exit k's classifier (k = 0..K-1, shallowest first); after each shallow exit the
-    samples that pass its threshold (`leaves`) are answered and only the rest run on. ``macs`` (K,):
-    each exit's cumulative cost. The torch and the ONNX Runtime predictors both run this."""
+    ``exit_logits(k, h)`` exit k's classifier (k = 0..K-1, shallowest first), divided by the policy's
+    temperature for exit k; after each shallow exit the samples that pass its threshold (`leaves`) are
+    answered and only the rest run on. ``macs`` (K,): each exit's cumulative cost. The torch and the
+    ONNX Runtime predictors both run this."""
+    thresholds, fallback, temperatures = policy.thresholds, policy.fallback, policy.temperatures
     n = images.shape[0]
     if n == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=images.device)
@@ -148,7 +154,8 @@ def run_early_exit(
     h = images
     for i in range(num_exits):
         h = section(i, h)
-        probs = F.softmax(exit_logits(i, h).float(), dim=-1)
+        logits = exit_logits(i, h).float()
+        probs = F.softmax(logits if temperatures is None else logits / temperatures[i], dim=-1)
         if i == num_exits - 1:
             answered.append((pending, fallback_probs([*seen, probs], fallback), i))
             break

@@ -1,19 +1,22 @@
 """Threshold search for scalable inference: SCAN's genetic algorithm (Algorithm 2), an exhaustive
-reference on the same grid, and the β sweep that traces the accuracy / acceleration trade-off.
+reference on the same grid, and the β sweep that traces the accuracy / speed-up trade-off.
 
 Each threshold is a gene of ``bits`` binary digits decoded as ``σ = 1 − (1 − σ_min) / bits · popcount``,
 so σ lies on the grid {1 − (1 − σ_min)·j/bits : j = 0..bits} ⊂ [σ_min, 1]. The paper's σ_min is 0.70
 (``PAPER_MIN_THRESHOLD``); the default is the full range, σ_min = 0 (``DEFAULT_MIN_THRESHOLD``), which
 gave a better trade-off on test than SCAN's range in every run of ``benchmarks/threshold_choices.py``
-(``benchmarks/RESULTS.md`` §13, with what it costs: a zero-drop target misses on test more often). The cost of leaving at each exit is MACs (the paper's) or measured
-milliseconds (an `ExitLatency`); acceleration is ``backbone cost / mean cost per sample``. Fitness of a
-threshold vector is SCAN's ``acceleration + β · (accuracy − baseline)``, with accuracy in percent; or,
-given a target, ``max_drop`` (points): the acceleration of vectors whose accuracy is at least
-``baseline − max_drop``; ``budget`` (cost units): the accuracy of vectors whose mean cost is at most
-the budget. Vectors that miss a target rank below every one that meets it, by how far they miss.
-Everything is evaluated on cached outputs (``probs``: one
-``(N, C)`` array per exit, deepest last) with the policy of `timm_scan.deploy.policy`, vectorised over
-the population. Search on validation outputs; report on test.
+(``benchmarks/RESULTS.md`` §13, with what it costs: a zero-drop target misses on test more often).
+
+Costs are an `ExitCosts` (counted MACs or measured milliseconds); the speed-up of thresholds is
+``backbone cost / mean cost per sample``. Accuracies are fractions in [0, 1], drops too (0.005 is half a
+point). Fitness of a threshold vector is SCAN's ``speedup + β · (accuracy − baseline)`` with the
+accuracies in percentage points (as in the paper, so β keeps its meaning); or, given a target,
+``max_drop``: the speed-up of vectors whose accuracy is at least ``baseline − max_drop``; ``budget``
+(cost units): the accuracy of vectors whose mean cost is at most the budget. Vectors that miss a target
+rank below every one that meets it, by how far they miss. Everything is evaluated on cached outputs
+(``probs``: one ``(N, C)`` softmax array per exit at temperature 1, deepest last) with the decision rule
+of `timm_scan.deploy.policy`, vectorised over the population. The result holds the `ExitPolicy` to
+deploy. Search on validation outputs; report on test.
 """
 
 from __future__ import annotations
@@ -21,64 +24,78 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..exit_costs import ExitCosts
+from ..exit_policy import ExitPolicy, PolicyOrigin
 from ..report import ExitLatency, JsonRecord
-from .policy import exit_index, fallback_probs
+from .policy import apply_temperatures, check_outputs, exit_index, fallback_probs
 from .threads import one_torch_thread
 
-__all__ = ["DEFAULT_MIN_THRESHOLD", "PAPER_MIN_THRESHOLD", "ExitTable", "Objective", "SearchResult", "exhaustive_search", "genetic_search",
-           "search_thresholds", "sweep_beta"]
+__all__ = ["DEFAULT_BETAS", "DEFAULT_MIN_THRESHOLD", "PAPER_MIN_THRESHOLD", "ExitTable", "Objective", "SearchResult",
+           "exhaustive_search", "genetic_search", "search_thresholds", "sweep_beta"]
 
 PAPER_MIN_THRESHOLD = 0.7  # SCAN's decoding: σ ∈ [0.70, 1.00]
 DEFAULT_MIN_THRESHOLD = 0.0  # the full range, σ ∈ [0, 1]: measured better (benchmarks/RESULTS.md)
+DEFAULT_BETAS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 @dataclass
 class ExitTable:
     """What threshold evaluation needs, precomputed once from cached outputs.
 
-    ``confidence`` (K-1, N): max softmax of each shallow exit. ``correct`` (K, N): whether exit i
-    (rows 0..K-2) or the fallback (row K-1) is right. ``exit_costs`` (K,): cumulative cost of leaving at
-    each exit (MACs or ms per image), and ``backbone_cost`` the plain backbone's in the same unit.
-    ``deepest_accuracy``: the deepest exit's own accuracy in percent (the default fitness baseline).
+    ``confidence`` (K-1, N): max softmax of each shallow exit (at the policy's temperatures).
+    ``correct`` (K, N): whether exit i (rows 0..K-2) or the fallback (row K-1) is right. ``costs``: what
+    leaving at each exit costs. ``deepest_accuracy``: the deepest exit's own accuracy (a fraction; the
+    default baseline). ``policy``: the fallback and temperatures the table was built with; the search's
+    thresholds are added to it.
     """
 
     confidence: Tensor
     correct: Tensor
-    exit_costs: Tensor
-    backbone_cost: float
+    costs: ExitCosts
     deepest_accuracy: float
+    policy: ExitPolicy
 
     @classmethod
     def from_outputs(
         cls,
         probs: Sequence[Tensor | np.ndarray],
         labels: Tensor | np.ndarray,
-        exit_costs: Sequence[float] | ExitLatency,
-        backbone_cost: float | None = None,
+        costs: ExitCosts,
         fallback: str = "ensemble",
+        temperatures: Sequence[float] | None = None,
     ) -> ExitTable:
-        """From the softmax of every exit (K ``(N, C)`` tensors or arrays, deepest last), labels, and
-        the cost of each exit (see `costs`)."""
-        probs, labels = _checked_outputs(probs, labels)
-        exit_costs, backbone_cost = costs(exit_costs, backbone_cost)
-        if len(probs) != len(exit_costs):
-            raise ValueError(f"probs has {len(probs)} exits but the exit costs have {len(exit_costs)}")
+        """From the softmax of every exit at temperature 1 (K ``(N, C)`` tensors or arrays, deepest last),
+        labels, the costs, and the fallback and temperatures the thresholds will be deployed with."""
+        probs, labels = check_outputs(probs, labels)
+        if not isinstance(costs, ExitCosts):
+            raise ValueError(f"costs must be an ExitCosts (model.exit_costs(input_size), or ExitCosts.from_latency("
+                             f"measure_exit_latency(...))); got {type(costs).__name__}")
+        if len(probs) != costs.num_exits:
+            raise ValueError(f"probs has {len(probs)} exits but the costs have {costs.num_exits}")
+        policy = ExitPolicy(None, fallback, temperatures).check(len(probs))
+        probs = apply_temperatures(probs, policy.temperatures)
         final = fallback_probs(probs, fallback)
         correct = torch.stack([p.argmax(-1) == labels for p in probs[:-1]] + [final.argmax(-1) == labels])
         confidence = torch.stack([p.amax(-1) for p in probs[:-1]]) if len(probs) > 1 else torch.zeros(0, len(labels))
-        deepest = 100.0 * (probs[-1].argmax(-1) == labels).float().mean().item()
-        return cls(confidence, correct, torch.tensor(exit_costs, dtype=torch.float64), backbone_cost, deepest)
+        deepest = (probs[-1].argmax(-1) == labels).double().mean().item()
+        return cls(confidence, correct, costs, deepest, policy)
 
     @property
     def num_exits(self) -> int:
-        return len(self.exit_costs)
+        return self.costs.num_exits
+
+    @property
+    def samples(self) -> int:
+        return self.correct.shape[1]
 
     def exit_index(self, thresholds: np.ndarray | Sequence[float]) -> Tensor:
         """``(P, N)``: the exit each sample leaves at, for thresholds ``(P, K-1)`` (or one vector)."""
@@ -89,12 +106,13 @@ class ExitTable:
         return exit_index(self.confidence, thresholds)
 
     def evaluate(self, thresholds: np.ndarray | Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-        """For thresholds ``(P, K-1)``: accuracy in percent ``(P,)`` and acceleration ``(P,)`` (backbone
-        cost over mean cost per sample) under Algorithm 1."""
+        """For thresholds ``(P, K-1)``: accuracy ``(P,)`` (a fraction) and speed-up ``(P,)`` (backbone cost
+        over mean cost per sample) under Algorithm 1."""
         index = self.exit_index(thresholds)
-        accuracy = 100.0 * self.correct[index, torch.arange(index.shape[1])].double().mean(1)
-        acceleration = self.backbone_cost / self.exit_costs[index].mean(1)
-        return accuracy.numpy(), acceleration.numpy()
+        accuracy = self.correct[index, torch.arange(index.shape[1])].double().mean(1)
+        per_exit = torch.tensor(self.costs.per_exit, dtype=torch.float64)
+        speedup = self.costs.backbone / per_exit[index].mean(1)
+        return accuracy.numpy(), speedup.numpy()
 
     def exit_shares(self, thresholds: np.ndarray | Sequence[float]) -> np.ndarray:
         """``(P, K)``: share of samples leaving at each exit."""
@@ -102,77 +120,39 @@ class ExitTable:
         return torch.stack([(index == i).double().mean(1) for i in range(self.num_exits)], dim=1).numpy()
 
 
-def costs(exit_costs: Sequence[float] | ExitLatency, backbone_cost: float | None = None) -> tuple[list[float], float]:
-    """``(exit_costs, backbone_cost)`` validated: K cumulative costs of leaving at each exit (MACs from
-    ``model.exit_macs``, or an `ExitLatency` whose ``ms_per_image`` and, by default,
-    ``backbone_ms_per_image`` are used) and the plain backbone's cost in the same unit."""
-    if isinstance(exit_costs, ExitLatency):
-        if backbone_cost is not None:
-            raise ValueError("backbone_cost: an ExitLatency carries the backbone's own (in ms); give no second one "
-                             "(and pass beta by keyword: beta=...)")
-        exit_costs, backbone_cost = exit_costs.ms_per_image, exit_costs.backbone_ms_per_image
-    if backbone_cost is None:
-        raise ValueError("backbone_cost: the plain backbone's cost is needed with exit costs in MACs "
-                         "(model.backbone_macs(input_size)); an ExitLatency carries its own")
-    values = None if isinstance(exit_costs, (str, bytes)) or not hasattr(exit_costs, "__len__") else [
-        *exit_costs, backbone_cost]
-    if not values or not all(isinstance(m, numbers.Real) and not isinstance(m, bool) and 0 < m < math.inf for m in values):
-        raise ValueError(f"exit costs and the backbone's cost must be positive numbers; got {exit_costs!r}, {backbone_cost!r}")
-    if any(b < a for a, b in zip(values, values[1:-1])):
-        raise ValueError(f"exit costs must be cumulative (non-decreasing from the shallowest exit); got {list(exit_costs)}")
-    return [float(c) for c in exit_costs], float(backbone_cost)
-
-
-def _checked_outputs(probs: Sequence[Tensor | np.ndarray], labels: Tensor | np.ndarray) -> tuple[list[Tensor], Tensor]:
-    """Softmax probabilities of each exit (K arrays ``(N, C)``) and integer labels in [0, C), or a
-    ``ValueError`` saying what they are instead."""
-    try:
-        probs = [torch.as_tensor(np.asarray(p) if not isinstance(p, Tensor) else p) for p in probs]
-        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"probs must be K arrays (N, C) of numbers and labels N integers ({exc})") from None
-    if not probs or any(p.ndim != 2 or p.shape != probs[0].shape or not (p.is_floating_point()) for p in probs):
-        raise ValueError(f"probs must be K float arrays of one shape (N, C); got shapes {[tuple(p.shape) for p in probs]}")
-    n, classes = probs[0].shape
-    if labels.ndim != 1 or len(labels) != n or n == 0:
-        raise ValueError(f"labels must be N = {n} > 0 class indices, one per row of probs; got shape {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
-        raise ValueError(f"labels must be integers (class indices); got {labels.dtype}")
-    if labels.min() < 0 or labels.max() >= classes:
-        raise ValueError(f"labels must be class indices in [0, {classes}); got values from {labels.min().item()} to "
-                         f"{labels.max().item()}")
-    probs = [p.float() for p in probs]
-    for i, p in enumerate(probs):
-        if not torch.isfinite(p).all() or p.min() < 0 or (p.sum(-1) - 1).abs().max() > 1e-3:
-            raise ValueError(f"probs[{i}] are not softmax probabilities (finite, non-negative, each row summing to 1); "
-                             "pass torch.softmax(logits, -1), not logits")
-    return probs, labels
-
-
 @dataclass
 class SearchResult(JsonRecord):
-    """Best thresholds found (one per shallow exit), their accuracy (percent), acceleration (backbone
-    cost over ``mean_cost``, the mean cost per sample in the costs' unit), fitness and share of samples
-    per exit; the objective (``beta``, or the target ``max_drop`` or ``budget``); ``history``: best
-    fitness per generation."""
+    """What a search found: the ``policy`` to deploy (its thresholds, the fallback and temperatures it was
+    searched with, and its ``origin``: method, objective, split size), and on the searched outputs its
+    ``accuracy`` (a fraction), ``speedup`` (backbone cost over ``mean_cost``, the mean cost per sample
+    in the costs' unit), ``fitness`` and share of samples per exit; ``history``: best fitness per
+    generation."""
 
-    thresholds: list[float]
+    policy: ExitPolicy
     accuracy: float
-    acceleration: float
+    speedup: float
+    mean_cost: float
     fitness: float
     exit_shares: list[float]
-    beta: float | None
     history: list[float] = field(default_factory=list)
-    max_drop: float | None = None
-    budget: float | None = None
-    mean_cost: float | None = None
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        return self.policy.thresholds
+
+    @property
+    def beta(self) -> float | None:
+        """The β the thresholds were searched at (``None`` for a target)."""
+        origin = self.policy.origin
+        return origin.value if origin is not None and origin.objective == "beta" else None
 
 
 @dataclass(frozen=True)
 class Objective:
-    """What the search maximises (accuracies in percent): SCAN's ``acceleration + β·(accuracy −
-    baseline)``; with ``max_drop`` the acceleration subject to ``accuracy >= baseline − max_drop``;
-    with ``budget`` the accuracy subject to ``mean cost <= budget``, ties going to the cheaper."""
+    """What the search maximises (accuracies as fractions): SCAN's ``speedup + β·(accuracy − baseline)``
+    with the accuracies in points; with ``max_drop`` the speed-up subject to ``accuracy >= baseline −
+    max_drop``; with ``budget`` the accuracy subject to ``mean cost <= budget``, ties going to the
+    cheaper."""
 
     baseline: float
     beta: float | None = 1.0
@@ -180,36 +160,42 @@ class Objective:
     budget: float | None = None
 
     def __post_init__(self) -> None:
-        if not _finite(self.baseline):
-            raise ValueError(f"the baseline accuracy must be a number (percent); got {self.baseline!r}")
+        if not (_finite(self.baseline) and 0 <= self.baseline <= 1):
+            raise ValueError(f"the baseline accuracy must be a fraction in [0, 1]; got {self.baseline!r}")
         if self.max_drop is not None and self.budget is not None:
             raise ValueError("give one target: max_accuracy_drop (the cheapest within it) or budget (the most "
                              "accurate within it), not both")
         if self.target is None and not (_finite(self.beta) and self.beta >= 0):
             raise ValueError(f"beta must be a number >= 0; got {self.beta!r}")
-        if self.max_drop is not None and not (_finite(self.max_drop) and self.max_drop >= 0):
-            raise ValueError(f"max_accuracy_drop must be a number >= 0 (points); got {self.max_drop!r}")
+        if self.max_drop is not None and not (_finite(self.max_drop) and 0 <= self.max_drop <= 1):
+            raise ValueError(f"max_accuracy_drop must be a fraction in [0, 1] (0.005 is half a point); got "
+                             f"{self.max_drop!r}")
         if self.budget is not None and not (_finite(self.budget) and self.budget > 0):
-            raise ValueError(f"budget must be a number > 0 (mean cost per image, in the exit costs' unit); "
+            raise ValueError(f"budget must be a number > 0 (mean cost per image, in the costs' unit); "
                              f"got {self.budget!r}")
 
     @property
     def target(self) -> str | None:
-        return "max_drop" if self.max_drop is not None else "budget" if self.budget is not None else None
+        return "max_accuracy_drop" if self.max_drop is not None else "budget" if self.budget is not None else None
 
-    def fitness(self, accuracy: np.ndarray, acceleration: np.ndarray, mean_cost: np.ndarray) -> np.ndarray:
+    @property
+    def value(self) -> float:
+        """β, the drop or the budget: the number the objective is set by."""
+        return self.max_drop if self.max_drop is not None else self.budget if self.budget is not None else self.beta
+
+    def fitness(self, accuracy: np.ndarray, speedup: np.ndarray, mean_cost: np.ndarray) -> np.ndarray:
         if self.max_drop is not None:
             shortfall = self.baseline - self.max_drop - accuracy
-            return np.where(shortfall <= 1e-9, acceleration, -shortfall)  # every miss ranks below every hit
+            return np.where(shortfall <= 1e-11, speedup, -shortfall)  # every miss ranks below every hit
         if self.budget is not None:
             excess = mean_cost / self.budget - 1.0
-            # accuracy moves in steps of 100/N: the tie-break stays below one step for N < 10^6, speed-up < 1000
-            return np.where(excess <= 1e-9, accuracy + 1e-7 * acceleration, -excess)
-        return acceleration + self.beta * (accuracy - self.baseline)
+            # accuracy moves in steps of 1/N: the tie-break stays below one step for N < 10^6, speed-up < 1000
+            return np.where(excess <= 1e-9, accuracy + 1e-9 * speedup, -excess)
+        return speedup + self.beta * 100.0 * (accuracy - self.baseline)
 
     def met(self, accuracy: float, mean_cost: float) -> bool:
         if self.max_drop is not None:
-            return accuracy >= self.baseline - self.max_drop - 1e-9
+            return accuracy >= self.baseline - self.max_drop - 1e-11
         return self.budget is None or mean_cost <= self.budget * (1 + 1e-9)
 
 
@@ -227,68 +213,108 @@ def decode(genes: np.ndarray, bits: int, min_threshold: float = PAPER_MIN_THRESH
 
 
 def _fitness(table: ExitTable, thresholds: np.ndarray, objective: Objective) -> tuple[np.ndarray, ...]:
-    accuracy, acceleration = table.evaluate(thresholds)
-    mean_cost = table.backbone_cost / acceleration
-    return objective.fitness(accuracy, acceleration, mean_cost), accuracy, acceleration, mean_cost
+    accuracy, speedup = table.evaluate(thresholds)
+    mean_cost = table.costs.backbone / speedup
+    return objective.fitness(accuracy, speedup, mean_cost), accuracy, speedup, mean_cost
 
 
-def _result(table: ExitTable, thresholds: np.ndarray, objective: Objective, history=()) -> SearchResult:
-    fit, acc, accel, cost = (float(v[0]) for v in _fitness(table, thresholds[None], objective))
+def _result(table: ExitTable, thresholds: np.ndarray, objective: Objective, origin: dict[str, Any],
+            history: Sequence[float] = ()) -> SearchResult:
+    """The result for ``thresholds``; ``origin``: the method, seed and range, for the policy's `PolicyOrigin`."""
+    fit, acc, speedup, cost = (float(v[0]) for v in _fitness(table, thresholds[None], objective))
     if not objective.met(acc, cost):
         raise ValueError(_missed(table, objective, acc, cost))
     shares = table.exit_shares(thresholds[None])[0]
-    return SearchResult(
-        [float(t) for t in thresholds], acc, accel, fit, [float(s) for s in shares],
-        objective.beta if objective.target is None else None, list(history), objective.max_drop, objective.budget, cost,
-    )
+    origin = PolicyOrigin(objective=objective.target or "beta", value=float(objective.value),
+                          cost_unit=table.costs.unit, baseline_accuracy=objective.baseline, samples=table.samples,
+                          **origin)
+    policy = table.policy.replace(thresholds=[float(t) for t in thresholds], origin=origin)
+    return SearchResult(policy, acc, speedup, cost, fit, [float(s) for s in shares], [float(h) for h in history])
 
 
 def _missed(table: ExitTable, objective: Objective, accuracy: float, mean_cost: float) -> str:
     """Why no threshold vector meets the objective's target, and what to do."""
     if objective.max_drop is not None:
         deepest_path = float(table.evaluate(np.ones((1, table.num_exits - 1)))[0][0])
-        return (f"no thresholds reach accuracy >= {objective.baseline - objective.max_drop:.2f}% (baseline "
-                f"{objective.baseline:.2f}% minus {objective.max_drop:g} points) on these outputs; the best found gives "
-                f"{accuracy:.2f}%, and sending every sample to the end gives {deepest_path:.2f}% (the fallback's). "
-                "Allow a larger drop, or use fallback='deepest' where the ensemble is the weaker answer.")
-    cheapest = float(table.exit_costs[0])
+        return (f"no thresholds reach accuracy >= {100 * (objective.baseline - objective.max_drop):.2f}% (baseline "
+                f"{100 * objective.baseline:.2f}% minus {100 * objective.max_drop:g} points) on these outputs; the best "
+                f"found gives {100 * accuracy:.2f}%, and sending every sample to the end gives {100 * deepest_path:.2f}% "
+                "(the fallback's). Allow a larger drop, or use fallback='deepest' where the ensemble is the weaker "
+                "answer.")
+    cheapest = table.costs.per_exit[0]
     return (f"no thresholds keep the mean cost per image within the budget {objective.budget:g}; the best found costs "
             f"{mean_cost:g}, and even every sample leaving at exit 1 costs {cheapest:g} (the first exit's cost; a "
             "higher min_threshold can also keep samples from leaving there). Raise the budget.")
 
 
-def baseline_accuracy_of(table: ExitTable, baseline_accuracy: float | None) -> float:
-    """The given baseline (percent: the plain backbone's), else the deepest exit's own accuracy."""
-    return float(table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy)
+def _legacy_arguments(costs: Any, args: tuple[Any, ...], who: str) -> tuple[ExitCosts, tuple[Any, ...]]:
+    """The 0.1.0 cost arguments, ``exit_costs, backbone_cost`` (MACs) or an `ExitLatency` (with ``None`` as
+    a second argument), as an `ExitCosts` and the positional arguments after them; with a
+    ``DeprecationWarning``. Their accuracies were in percent: the caller converts them."""
+    if isinstance(costs, ExitLatency):
+        if args and args[0] is not None:
+            raise ValueError("backbone_cost: an ExitLatency carries the backbone's own (in ms); pass "
+                             "ExitCosts.from_latency(latency) and nothing else")
+        converted, args = ExitCosts.from_latency(costs), args[1:]
+        new = "ExitCosts.from_latency(latency)"
+    elif isinstance(costs, (str, bytes)) or not hasattr(costs, "__len__"):
+        raise ValueError(f"costs must be an ExitCosts (model.exit_costs(input_size), or "
+                         f"ExitCosts.from_latency(measure_exit_latency(...))); got {type(costs).__name__}")
+    else:
+        if not args or args[0] is None:
+            raise ValueError("costs must be an ExitCosts: ExitCosts.macs(model.exit_macs(size), "
+                             "model.backbone_macs(size)), or model.exit_costs(size)")
+        try:
+            converted = ExitCosts.macs(costs, args[0])
+        except ValueError as exc:
+            raise ValueError(f"exit costs and the backbone's cost must be positive numbers, cumulative: {exc}") from None
+        args, new = args[1:], "ExitCosts.macs(exit_macs, backbone_macs) or model.exit_costs(size)"
+    warnings.warn(f"{who}(probs, labels, exit_costs, backbone_cost, ...) is deprecated: pass costs={new}, targets "
+                  "by keyword, and accuracies as fractions (0.005 for half a point); this call's accuracies are read "
+                  "in percent, as before, and its result is in fractions", DeprecationWarning, stacklevel=3)
+    return converted, args
 
 
 def search_thresholds(
     probs: Sequence[Tensor | np.ndarray],
     labels: Tensor | np.ndarray,
-    exit_costs: Sequence[float] | ExitLatency,
-    backbone_cost: float | None = None,
-    beta: float = 1.0,
-    *,
+    costs: ExitCosts,
+    *legacy: Any,
+    beta: float | None = None,
     max_accuracy_drop: float | None = None,
     budget: float | None = None,
     baseline_accuracy: float | None = None,
     fallback: str = "ensemble",
-    **ga_options,
+    temperatures: Sequence[float] | None = None,
+    **ga_options: Any,
 ) -> SearchResult:
-    """SCAN's genetic search for one threshold per shallow exit, on cached outputs.
+    """SCAN's genetic search for one threshold per shallow exit, on cached outputs; the result's
+    ``policy`` is what to deploy (``model.policy = result.policy``).
 
-    ``exit_costs``: the cumulative cost of leaving at each exit, MACs (``model.exit_macs(size)``, with
-    ``backbone_cost = model.backbone_macs(size)``) or an `ExitLatency` from ``measure_exit_latency``
-    (milliseconds per image, the backbone's included). By default the search maximises SCAN's
-    trade-off with ``beta``. With a target it finds, on these outputs: ``max_accuracy_drop`` (points),
-    the cheapest thresholds whose accuracy is at least the baseline's minus that drop; ``budget`` (mean
-    cost per image, in the costs' unit), the most accurate thresholds that cost at most that. A target
-    no threshold vector meets is a ``ValueError``. ``baseline_accuracy`` (percent): the plain backbone's
-    accuracy; by default the deepest exit's. ``ga_options`` go to ``genetic_search``: ``min_threshold``,
-    ``bits``, ``population``, ``generations``, ``crossover``, ``mutation``, ``seed``.
+    ``probs``: every exit's softmax at temperature 1 (K ``(N, C)``, deepest last) and ``labels`` (N,),
+    from a validation split. ``costs``: an `ExitCosts`, counted MACs (``model.exit_costs(size)``) or
+    measured milliseconds (``ExitCosts.from_latency(measure_exit_latency(...))``). One objective: ``beta``
+    (SCAN's trade-off, default 1), or a target met on these outputs: ``max_accuracy_drop`` (a fraction:
+    the cheapest thresholds whose accuracy is at least the baseline's minus it) or ``budget`` (mean cost
+    per image, in the costs' unit: the most accurate thresholds within it). A target no threshold vector
+    meets is a ``ValueError``. A target met here is not a guarantee on new data. ``baseline_accuracy``
+    (a fraction): the plain backbone's accuracy; by default the deepest exit's. ``fallback`` and
+    ``temperatures`` (one per exit, e.g. from ``calibrate``) are those the policy is deployed with; the
+    search applies the temperatures to ``probs`` itself. ``ga_options`` go to ``genetic_search``:
+    ``min_threshold``, ``bits``, ``population``, ``generations``, ``crossover``, ``mutation``, ``seed``.
     """
-    table = ExitTable.from_outputs(probs, labels, exit_costs, backbone_cost, fallback)
-    objective = Objective(baseline_accuracy_of(table, baseline_accuracy), beta, max_accuracy_drop, budget)
+    if not isinstance(costs, ExitCosts) or legacy:
+        costs, legacy = _legacy_arguments(costs, legacy, "search_thresholds")
+        beta = legacy[0] if legacy else beta
+        if len(legacy) > 1:
+            raise TypeError(f"search_thresholds: unexpected positional arguments {legacy[1:]}")
+        max_accuracy_drop = None if max_accuracy_drop is None else max_accuracy_drop / 100
+        baseline_accuracy = None if baseline_accuracy is None else baseline_accuracy / 100
+    table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures)
+    baseline = table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
+    objective = Objective(baseline, 1.0 if beta is None else beta, max_accuracy_drop, budget)
+    if objective.target is not None and beta is not None:
+        raise ValueError(f"give one objective: beta, or a target ({objective.target}), not both")
     return genetic_search(table, objective, **ga_options)
 
 
@@ -320,16 +346,19 @@ def genetic_search(
         if not ok:
             raise ValueError(f"{name} must be {valid}; got {value!r}")
     n_genes = table.num_exits - 1
+    origin = {"method": "genetic search", "min_threshold": float(min_threshold), "seed": int(seed)}
     if n_genes == 0:
-        return _result(table, np.zeros(0), objective)
+        return _result(table, np.zeros(0), objective, origin)
     with one_torch_thread():
-        return _evolve(table, objective, n_genes, min_threshold, bits, population, generations, crossover, mutation,
-                       np.random.default_rng(seed))
+        thresholds, history = _evolve(table, objective, n_genes, min_threshold, bits, population, generations,
+                                      crossover, mutation, np.random.default_rng(seed))
+    return _result(table, thresholds, objective, origin, history)
 
 
 def _evolve(table: ExitTable, objective: Objective, n_genes: int, min_threshold: float, bits: int, population: int,
-            generations: int, crossover: float, mutation: float | None, rng: np.random.Generator) -> SearchResult:
-    """`genetic_search`'s loop, its arguments checked."""
+            generations: int, crossover: float, mutation: float | None, rng: np.random.Generator
+            ) -> tuple[np.ndarray, list[float]]:
+    """`genetic_search`'s loop, its arguments checked: the best thresholds and the best fitness per generation."""
     length = n_genes * bits
     mutation = 1.0 / length if mutation is None else mutation
     pop = rng.random((population, length)) < rng.random((population, 1))  # varied bit densities
@@ -350,7 +379,7 @@ def _evolve(table: ExitTable, objective: Objective, n_genes: int, min_threshold:
         children ^= rng.random(children.shape) < mutation
         children[0] = best  # elitism
         pop = children
-    return _result(table, decode(best.reshape(1, n_genes, bits), bits, min_threshold)[0], objective, history)
+    return decode(best.reshape(1, n_genes, bits), bits, min_threshold)[0], history
 
 
 def exhaustive_search(
@@ -366,23 +395,27 @@ def exhaustive_search(
         fit = _fitness(table, block, objective)[0]
         if fit.max() > best_fit:
             best, best_fit = block[int(fit.argmax())], float(fit.max())
-    return _result(table, best, objective)
+    return _result(table, best, objective, {"method": "exhaustive search", "min_threshold": float(min_threshold)})
 
 
 def sweep_beta(
     probs: Sequence[Tensor | np.ndarray],
-    labels: np.ndarray,
-    exit_costs: Sequence[float] | ExitLatency,
-    backbone_cost: float | None = None,
-    betas: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
-    *,
+    labels: Tensor | np.ndarray,
+    costs: ExitCosts,
+    *legacy: Any,
+    betas: Sequence[float] = DEFAULT_BETAS,
     baseline_accuracy: float | None = None,
     fallback: str = "ensemble",
+    temperatures: Sequence[float] | None = None,
     seed: int = 0,
-    **ga_kwargs,
+    **ga_options: Any,
 ) -> list[SearchResult]:
-    """One genetic search per β: the accuracy / acceleration trade-off (SCAN Fig. 5); costs as in
+    """One genetic search per β: the accuracy / speed-up trade-off (SCAN Fig. 5); arguments as in
     `search_thresholds`."""
-    table = ExitTable.from_outputs(probs, labels, exit_costs, backbone_cost, fallback)
-    baseline = baseline_accuracy_of(table, baseline_accuracy)
-    return [genetic_search(table, Objective(baseline, b), seed=seed, **ga_kwargs) for b in betas]
+    if not isinstance(costs, ExitCosts) or legacy:
+        costs, legacy = _legacy_arguments(costs, legacy, "sweep_beta")
+        betas = legacy[0] if legacy else betas
+        baseline_accuracy = None if baseline_accuracy is None else baseline_accuracy / 100
+    table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures)
+    baseline = table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
+    return [genetic_search(table, Objective(baseline, b), seed=seed, **ga_options) for b in betas]

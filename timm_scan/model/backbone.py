@@ -1,61 +1,40 @@
-"""Staged execution of timm models: run a backbone section by section, cut after chosen stages.
+"""Staged execution of timm models: where the exits go, and the runner that runs a backbone section by
+section, cut after those stages.
 
-A backbone with shallow exits after ``feature_info`` stages ``e_1 < … < e_{K-1}`` is run as K
-sections: section ``k`` (0-based) ends at stage ``e_{k+1}``, the last section runs to the end of
-``forward_features``. ``head`` then runs the backbone's own ``forward_head``: it is the deepest
-classifier. Hidden states between sections keep the backbone's own layout (NCHW for CNNs, NHWC for
-Swin, tokens for ViT); ``to_map`` turns one into the NCHW map an exit head reads.
-
-Runners hold references to the backbone's modules in plain Python lists, so the modules stay
-registered once, under the timm model (safetensors refuses shared tensors).
+``resolve_exit_indices`` turns ``ScanConfig.exits`` into ``feature_info`` indices; ``build_runner``
+picks the runner for a model and proves it (``verify_runner``): `VitRunner` for timm's
+``VisionTransformer``, `SequentialRunner` for models whose ``forward_features`` runs its children in
+order, ``traced.TracedRunner`` where neither can. The base class `Runner` and what the runners share
+live in ``runner``; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Stage", "StagedBackbone", "build_staged", "default_exit_indices", "eval_mode", "feature_stages",
-           "model_name", "resolve_exit_indices", "verify_staged", "without_capture_hooks"]
+from .runner import (
+    Runner,
+    Stage,
+    _check_close,
+    _no_checkpointing,
+    eval_mode,
+    feature_stages,
+    model_name,
+    without_capture_hooks,
+)
+from .traced import TracedRunner
+
+__all__ = ["Runner", "SequentialRunner", "Stage", "TracedRunner", "VitRunner", "build_runner", "default_exit_indices",
+           "eval_mode", "feature_stages", "model_name", "resolve_exit_indices", "verify_runner",
+           "without_capture_hooks"]
 
 NUM_DEFAULT_SHALLOW_EXITS = 3  # four classifiers in all, as the papers recommend (TPAMI §4.8-4.9)
 STEM_MAX_REDUCTION = 2
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One ``feature_info`` entry: output of ``module`` has ``num_chs`` channels at ``reduction``."""
-
-    index: int
-    module: str
-    num_chs: int
-    reduction: int
-
-
-def model_name(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(model).__name__
-
-
-def feature_stages(model: nn.Module) -> list[Stage]:
-    """The backbone's ``feature_info`` as ``Stage``s; a clear error where there is none."""
-    info = getattr(model, "feature_info", None)
-    if info is None or len(info) == 0:
-        raise ValueError(
-            f"cannot wrap {model_name(model)!r}: it has no feature_info, so its stages are unknown. "
-            "Pass a timm model created with timm.create_model(...) from a family that reports "
-            "feature_info (ResNet, EfficientNet, ConvNeXt, ViT, Swin, …)."
-        )
-    entries = info.info if hasattr(info, "info") else info
-    return [Stage(i, e["module"], int(e["num_chs"]), int(e["reduction"])) for i, e in enumerate(entries)]
 
 
 def default_exit_indices(stages: list[Stage]) -> list[int]:
@@ -111,135 +90,7 @@ def resolve_exit_indices(model: nn.Module, exits: list[int | str] | None) -> lis
     return sorted(resolved)
 
 
-class _ClassifierInput:
-    """Forward pre-hook on the backbone's classifier: records its input while ``active``.
-
-    It never changes what the classifier computes; it is inert when the backbone runs on its own.
-    """
-
-    def __init__(self) -> None:
-        self.active = False
-        self.value: Tensor | None = None
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self.active:
-            self.value = args[0]
-
-
-@contextmanager
-def run_mode(module: nn.Module, training: bool) -> Iterator[None]:
-    """``module.train(training)`` inside; every module's flag restored after."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.train(training)
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def eval_mode(module: nn.Module) -> AbstractContextManager[None]:
-    """Eval mode inside (no BN statistics updated, no dropout); every module's flag restored after."""
-    return run_mode(module, False)
-
-
-def without_capture_hooks(model: nn.Module) -> nn.Module:
-    """Remove the inert hooks ``wrap`` put on ``model``'s classifier (e.g. from a copy)."""
-    hooks = _classifier(model)._forward_pre_hooks
-    for key in [key for key, hook in hooks.items() if isinstance(hook, _ClassifierInput)]:
-        del hooks[key]
-    return model
-
-
-def _classifier(model: nn.Module) -> nn.Module:
-    """The backbone's classifier: its ``get_classifier()``, or the first of two (distilled models: DeiT,
-    LeViT, EfficientFormer, whose ``forward_head`` combines a class and a distillation head)."""
-    classifier = model.get_classifier()
-    if isinstance(classifier, tuple) and classifier:
-        classifier = classifier[0]
-    if not isinstance(classifier, nn.Module):
-        raise ValueError(
-            f"cannot wrap {model_name(model)!r}: its get_classifier() returns {type(classifier).__name__}, not a "
-            "module; timm models return their classifier (or, distilled, their two classifiers)"
-        )
-    return classifier
-
-
-def _run(modules: list[nn.Module], h: Tensor) -> Tensor:
-    for m in modules:
-        h = m(h)
-    return h
-
-
-class StagedBackbone:
-    """Base runner: ``sections``, ``to_map`` and ``head`` of a timm model cut after ``cuts``.
-
-    Subclasses fill ``self.sections`` (K lists of callables) from ``self.cuts`` (the shallow exits'
-    ``feature_info`` indices). ``kind`` names the runner (``MultiExitModel.runner``).
-    """
-
-    kind = "base"
-
-    def __init__(self, model: nn.Module, cuts: list[int]) -> None:
-        self.model = model
-        self.cuts = list(cuts)
-        self._classifier = _classifier(model)
-        self._capture = _ClassifierInput()
-        self.sections: list[list[Any]] = []
-
-    @property
-    def num_sections(self) -> int:
-        return len(self.sections)
-
-    def run_section(self, k: int, h: Tensor) -> Tensor:
-        """Section ``k`` (0-based); section 0 takes the image ``(B, 3, H, W)``.
-
-        Where the backbone's own gradient checkpointing is on (``model.grad_checkpointing``, set by
-        timm's ``set_grad_checkpointing``) and gradients are recorded, the section is checkpointed as
-        a whole: only its input is kept, and it runs again in the backward pass. Families that keep the
-        flag on their stages (ConvNeXt, Swin) checkpoint inside the stage modules, which the section
-        calls as they are.
-        """
-        if getattr(self.model, "grad_checkpointing", False) and torch.is_grad_enabled():
-            return checkpoint(_run, self.sections[k], h, use_reentrant=False)
-        return _run(self.sections[k], h)
-
-    def to_map(self, h: Tensor, image_size: tuple[int, int]) -> Tensor:
-        """Hidden state after a section → ``(B, C, H', W')`` feature map."""
-        return h
-
-    def trunk(self, k: int) -> nn.Module:
-        """A standalone copy of sections 0..k: images ``(B, 3, H, W)`` → exit k's NCHW map."""
-        raise NotImplementedError
-
-    def attach(self) -> None:
-        """Hook the backbone's classifier so that ``head`` returns the pre-logits (``build_staged`` does
-        it once the runner is proved; a runner that failed leaves the backbone untouched)."""
-        self._classifier.register_forward_pre_hook(self._capture)
-
-    def head(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """Last section's output → (logits ``(B, num_classes)``, pre-logits ``(B, head_hidden_size)``).
-
-        Runs the backbone's own ``forward_head`` (for a distilled model, the combination of both heads
-        it returns); the pre-logits are the (first) classifier's input.
-        """
-        self._capture.active = True
-        try:
-            logits = self.model.forward_head(h)
-            pre_logits = self._capture.value
-        finally:
-            self._capture.active = False
-            self._capture.value = None
-        if not isinstance(logits, Tensor):
-            raise ValueError(
-                f"{model_name(self.model)!r}'s forward_head returned {type(logits).__name__}, not one logits tensor "
-                "(a distilled model in distilled training returns both heads' outputs): the deepest exit needs the "
-                "combined output, so call set_distilled_training(False) on the backbone"
-            )
-        return logits, pre_logits
-
-
-class SequentialStages(StagedBackbone):
+class SequentialRunner(Runner):
     """Most CNNs and Swin: ``forward_features`` runs top-level children in order.
 
     The children that ``forward_features`` calls are recorded once on ``example``; a child that
@@ -284,7 +135,7 @@ class _NhwcToNchw(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class VitStages(StagedBackbone):
+class VitRunner(Runner):
     """timm ``VisionTransformer``: embeddings, blocks and norm run by hand, tokens → maps."""
 
     kind = "vit"
@@ -346,21 +197,6 @@ def _children_called(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Mo
     return called
 
 
-@contextmanager
-def _no_checkpointing(model: nn.Module) -> Iterator[None]:
-    """timm's gradient checkpointing off inside (it runs a stage's blocks, not the stage, so the
-    stages' hooks would not fire), every module's flag restored after."""
-    flags = [(m, m.grad_checkpointing) for m in model.modules()
-             if isinstance(getattr(m, "grad_checkpointing", None), bool)]
-    for m, _ in flags:
-        m.grad_checkpointing = False
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.grad_checkpointing = flag
-
-
 class _CannotCut(Exception):
     """A stage the sequential runner cannot end a section at (the message says why)."""
 
@@ -414,20 +250,18 @@ def _cannot_cut_error(
     return ValueError(f"cannot wrap {model_name(model)!r}: {reason}; {advice}")
 
 
-def build_staged(model: nn.Module, cuts: list[int], example: Tensor) -> StagedBackbone:
-    """The runner for ``model``, proved on ``example`` (``verify_staged``) and attached: timm's ``VisionTransformer``
+def build_runner(model: nn.Module, cuts: list[int], example: Tensor) -> Runner:
+    """The runner for ``model``, proved on ``example`` (``verify_runner``) and attached: timm's ``VisionTransformer``
     by hand, other models by running their children in order; where that cannot cut the model or
-    gives other numbers, ``forward_features`` traced with torch.fx (``traced.TracedStages``)."""
-    from .traced import TracedStages
-
-    runners = [VitStages] if isinstance(model, VisionTransformer) else [SequentialStages]
+    gives other numbers, ``forward_features`` traced with torch.fx (``traced.TracedRunner``)."""
+    runners = [VitRunner] if isinstance(model, VisionTransformer) else [SequentialRunner]
     first_error: ValueError | None = None
-    for runner in [*runners, TracedStages]:
+    for runner in [*runners, TracedRunner]:
         try:
-            staged = runner(model, cuts) if runner is VitStages else runner(model, cuts, example)
-            verify_staged(staged, example)
-            staged.attach()
-            return staged
+            built = runner(model, cuts) if runner is VitRunner else runner(model, cuts, example)
+            verify_runner(built, example)
+            built.attach()
+            return built
         except ValueError as exc:
             if first_error is None:
                 first_error = exc
@@ -438,48 +272,35 @@ def build_staged(model: nn.Module, cuts: list[int], example: Tensor) -> StagedBa
     raise AssertionError("unreachable")
 
 
-def verify_staged(staged: StagedBackbone, example: Tensor) -> None:
+def verify_runner(runner: Runner, example: Tensor) -> None:
     """Prove on ``example`` that staged features and logits equal the backbone's own.
 
     Compares each cut's feature map with ``forward_intermediates`` and the final logits with
     ``model(x)``, in eval mode (training flags are restored). Raises ``ValueError`` on mismatch.
     """
-    model = staged.model
+    model = runner.model
     name = model_name(model)
     try:
         with eval_mode(model), torch.no_grad():
             expected_logits = model(example)
             expected_maps = []
-            if staged.cuts and hasattr(model, "forward_intermediates"):
+            if runner.cuts and hasattr(model, "forward_intermediates"):
                 expected_maps = model.forward_intermediates(
-                    example, indices=staged.cuts, intermediates_only=True, stop_early=True
+                    example, indices=runner.cuts, intermediates_only=True, stop_early=True
                 )
             image_size = tuple(example.shape[-2:])
             h = example
             maps = []
-            for k in range(staged.num_sections):
-                h = staged.run_section(k, h)
-                if k < len(staged.cuts):
-                    maps.append(staged.to_map(h, image_size))
-            logits, _ = staged.head(h)
+            for k in range(runner.num_sections):
+                h = runner.run_section(k, h)
+                if k < len(runner.cuts):
+                    maps.append(runner.to_map(h, image_size))
+            logits, _ = runner.forward_head(h)
     except Exception as exc:
         raise ValueError(
             f"cannot wrap {name!r}: running it section by section failed ({type(exc).__name__}: {exc}). "
             "Its forward does more than run its children in order; this family needs a runner of its own."
         ) from exc
-    for stage, got, want in zip(staged.cuts, maps, expected_maps):
+    for stage, got, want in zip(runner.cuts, maps, expected_maps):
         _check_close(name, f"feature map of stage {stage}", got, want)
     _check_close(name, "logits", logits, expected_logits)
-
-
-def _check_close(name: str, what: str, got: Tensor, want: Tensor, atol: float = 1e-5) -> None:
-    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=atol):
-        detail = (
-            f"shape {tuple(got.shape)} vs {tuple(want.shape)}"
-            if got.shape != want.shape
-            else f"max abs difference {(got - want).abs().max().item():.3g}"
-        )
-        raise ValueError(
-            f"cannot wrap {name!r}: the staged {what} differ from the backbone's own ({detail}). "
-            "Its forward does more than run its children in order; this family needs a runner of its own."
-        )

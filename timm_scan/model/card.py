@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from huggingface_hub import ModelCardData
+from torch import nn
 
 from ..report import EarlyExitReport, RunResults, exit_table
-
-if TYPE_CHECKING:
-    from .multi_exit import MultiExitModel
 
 __all__ = ["model_card"]
 
@@ -19,7 +17,7 @@ _RECIPE_KEYS = ("dataset", "model", "baseline", "init_from", "freeze_backbone", 
 
 
 def model_card(
-    model: MultiExitModel,
+    model: nn.Module,
     *,
     repo_id: str | None = None,
     license: str = "apache-2.0",
@@ -29,8 +27,9 @@ def model_card(
     evaluation: EarlyExitReport | None = None,
     plot: str | None = None,
 ) -> str:
-    """README.md for the Hub: YAML header (library, tags, license, datasets, metrics), per-exit
-    accuracy and MACs, thresholds and their measured acceleration, how to load, how it was trained.
+    """README.md for the Hub of ``model`` (a `MultiExitModel`): YAML header (library, tags, license,
+    datasets, metrics), per-exit accuracy and MACs, its exit policy (thresholds, fallback, temperatures,
+    how they were chosen and what that promises) and measured speed-up, how to load, how it was trained.
 
     ``results``: the training run's; ``evaluation``: early exit evaluated on test (``timm_scan
     evaluate``); ``plot``: a file name in the saved folder to show (the trade-off plot).
@@ -61,20 +60,24 @@ def model_card(
         lines += ["## Exits", "", "Test accuracy and MACs per image; MACs are cumulative: a sample leaving at exit i "
                   "pays for sections 1..i and heads 1..i.", "",
                   exit_table(source.exit_macs, source.backbone_macs, accuracy, stages=stages, markdown=True), ""]
-    if model.thresholds:
+    policy = model.policy
+    if policy.thresholds:
         lines += ["## Early exit", "",
-                  f"Thresholds (max softmax, one per shallow exit): {', '.join(f'{t:.3f}' for t in model.thresholds)}; "
-                  f"samples that pass none get the {model.fallback}."]
+                  f"Thresholds (max softmax, one per shallow exit): {', '.join(f'{t:.3f}' for t in policy.thresholds)}; "
+                  f"samples that pass none get the {policy.fallback}."]
+        if policy.origin is not None:
+            lines.append(f"Chosen by {policy.origin.method} on {policy.origin.split} outputs; promise: "
+                         f"{policy.origin.promise}.")
         if evaluation is not None:
             lines.append(f"On the {evaluation.split} split: accuracy {100 * evaluation.accuracy:.2f}%, MACs speed-up "
-                         f"{evaluation.macs_speedup:.2f}x, share of samples per exit "
+                         f"{evaluation.speedup:.2f}x, share of samples per exit "
                          + ", ".join(f"{s:.0%}" for s in evaluation.exit_shares) + ".")
             for t in evaluation.wall_clock:
                 lines.append(f"Measured wall-clock speed-up at batch {t.batch_size}: {t.speedup:.2f}x.")
         lines.append("")
-    if model.temperatures:
+    if policy.temperatures:
         lines += [f"Confidences are temperature-scaled (one temperature per exit, fitted on validation): "
-                  f"{', '.join(f'{t:.3f}' for t in model.temperatures)}.", ""]
+                  f"{', '.join(f'{t:.3f}' for t in policy.temperatures)}.", ""]
     if model.exit_latency:
         lines += ["## Measured latency", "", "Milliseconds per image of leaving at each exit (cumulative), and of the "
                   "plain backbone, as measured with `timm_scan.measure_exit_latency`:", ""]
@@ -88,8 +91,8 @@ def model_card(
         "```python", "import timm_scan", "",
         f'model = timm_scan.from_pretrained("hf-hub:{name}")',
         "out = model(images)                # logits of every exit, shallowest first",
-        "predictor = timm_scan.EarlyExitPredictor(model)   # uses the saved thresholds" if model.thresholds else
-        "predictor = timm_scan.EarlyExitPredictor(model, thresholds=[...])",
+        "predictor = timm_scan.EarlyExitPredictor(model)   # runs the saved exit policy" if policy.thresholds else
+        "predictor = timm_scan.EarlyExitPredictor(model, timm_scan.ExitPolicy(thresholds=[...]))",
         "```", "",
         "The backbone alone, with plain timm:", "",
         "```python", "import timm", "",

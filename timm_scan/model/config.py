@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import numbers
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ATTENTION_KINDS", "FALLBACKS", "HEAD_KINDS", "ScanConfig", "check_input_size", "validate_fallback",
-           "validate_temperatures", "validate_thresholds"]
+from .._io import JsonRecord
+
+__all__ = ["ATTENTION_KINDS", "HEAD_KINDS", "ScanConfig", "check_input_size"]
 
 ATTENTION_KINDS = ("sd", "scan", "none")
 HEAD_KINDS = ("sepconv", "pooled")  # ExitHead's kinds (timm_scan.model.heads)
-FALLBACKS = ("ensemble", "deepest")  # the answer for samples that pass no threshold
 MAX_HEAD_CHANNELS = 16384  # beyond any timm stage's width: a larger value is a damaged config, not a model
 MAX_HEAD_BLOCKS = 32
 
 
 @dataclass
-class ScanConfig:
+class ScanConfig(JsonRecord):
     """How to turn a timm backbone into a multi-exit network.
 
     Attributes:
@@ -78,54 +74,6 @@ class ScanConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
                 raise ValueError(f"ScanConfig.{name} must be an int in [1, {most}] or None; got {value!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ScanConfig:
-        """Inverse of ``to_dict``; unknown keys are an error, not silently dropped."""
-        if not isinstance(data, dict):
-            raise ValueError(f"ScanConfig.from_dict expects a dict; got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ScanConfig field(s) {unknown}; valid fields are {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ScanConfig:
-        return cls.from_dict(json.loads(text))
-
-
-def validate_thresholds(thresholds: Sequence[float], num_exits: int) -> list[float]:
-    """One number in [0, 1] per shallow exit (thresholds on the max softmax), or a ``ValueError``
-    saying what is wrong."""
-    if isinstance(thresholds, (str, bytes, dict)) or not hasattr(thresholds, "__len__"):
-        raise ValueError(f"thresholds must be a sequence of numbers, one per shallow exit; got {thresholds!r}")
-    values = thresholds.tolist() if hasattr(thresholds, "tolist") else list(thresholds)
-    if len(values) != num_exits - 1:
-        raise ValueError(
-            f"thresholds: need one per shallow exit, {num_exits - 1} for this {num_exits}-exit model; got {len(values)}"
-        )
-    for i, t in enumerate(values):
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t) or not 0.0 <= t <= 1.0:
-            raise ValueError(f"thresholds[{i}] must be a number in [0, 1] (a softmax confidence); got {t!r}")
-    return [float(t) for t in values]
-
-
-def validate_temperatures(temperatures: Sequence[float], num_exits: int) -> list[float]:
-    """``temperatures`` as K positive finite floats (one per exit), or a ``ValueError``."""
-    values = temperatures.tolist() if hasattr(temperatures, "tolist") else list(temperatures) if isinstance(
-        temperatures, (list, tuple)) else None
-    if values is None or len(values) != num_exits or not all(
-            isinstance(t, numbers.Real) and not isinstance(t, bool) and 0 < t < math.inf for t in values):
-        raise ValueError(f"temperatures must be {num_exits} positive numbers, one per exit (deepest last); "
-                         f"got {temperatures!r}")
-    return [float(t) for t in values]
-
 
 def check_input_size(input_size: Any) -> tuple[int, int, int]:
     """``input_size`` as a tuple of ints (NumPy's included), or a ``ValueError`` unless it is
@@ -135,9 +83,3 @@ def check_input_size(input_size: Any) -> tuple[int, int, int]:
                                    for v in values):
         raise ValueError(f"input_size must be (channels, height, width) of positive ints; got {input_size!r}")
     return tuple(int(v) for v in values)
-
-
-def validate_fallback(fallback: str) -> str:
-    if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be one of {FALLBACKS}; got {fallback!r}")
-    return fallback

@@ -4,7 +4,7 @@ A saved model is a folder (or a Hub model repo) that plain timm can read too::
 
     config.json              timm's own config of the backbone (``timm.models.save_for_hf``)
     model.safetensors        the backbone's weights, timm's key names
-    scan_config.json         timm-scan: ScanConfig, thresholds, temperatures, measured latency
+    scan_config.json         timm-scan: ScanConfig, the exit policy, measured latency
     scan_exits.safetensors   the shallow exit heads' weights
     README.md                model card (Hub YAML header), plus any plot it shows
 
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import timm
 import torch
@@ -32,26 +32,26 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._io import atomic_write
+from ..exit_policy import ExitPolicy
+from ..report import ExitLatency
 from .backbone import model_name
 from .card import model_card
-from ..report import ExitLatency
-from .config import ScanConfig, validate_fallback, validate_temperatures, validate_thresholds
-
-if TYPE_CHECKING:
-    from .multi_exit import MultiExitModel
+from .config import ScanConfig
 
 __all__ = ["HubUploadError", "Pretrained", "load_initial_weights", "load_weights", "push_to_hub", "read_pretrained",
            "read_tensors", "save_deployment", "save_pretrained"]
 
 FORMAT = "timm-scan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the exit policy as one object, "policy"; 1 (0.1.0): thresholds, fallback, temperatures
 SCAN_CONFIG = "scan_config.json"
 EXITS_WEIGHTS = "scan_exits.safetensors"
 BACKBONE_CONFIG = "config.json"
 BACKBONE_WEIGHTS = "model.safetensors"
 HUB_PREFIX = "hf-hub:"
 FORMAT_FILES = (SCAN_CONFIG, BACKBONE_CONFIG, BACKBONE_WEIGHTS, EXITS_WEIGHTS)  # what loading fetches from the Hub
-_META_KEYS = {"format", "format_version", "scan_config", "thresholds", "fallback", "temperatures", "exit_latency"}
+_META_KEYS = {"format", "format_version", "scan_config", "policy", "exit_latency"}
+_V1_POLICY_KEYS = {"thresholds", "fallback", "temperatures"}  # format 1's loose policy fields
 _DRAFT_META_KEYS = {"class_names", "data_config"}  # written by unreleased drafts, now read from config.json
 MAX_INPUT_SIDE = 4096
 CHECK_SIDE = 256  # the wrap-time proof of a loaded model runs at most this size, unless its input size is fixed
@@ -64,11 +64,11 @@ class HubUploadError(RuntimeError):
     """Pushing to the Hub failed; the message says what failed and where the local files are."""
 
 
-def save_pretrained(model: MultiExitModel, save_directory: str | Path, card: str | None = None) -> Path:
-    """Write ``model`` to ``save_directory`` in the layout above; ``card`` is the README.md text
-    (default: ``model_card(model)``). Class names and the data config are stored once, in timm's
-    ``config.json``; ``scan_config.json`` holds what timm-scan adds: the exits and what deployment
-    uses (thresholds, fallback, temperatures, measured latency)."""
+def save_pretrained(model: nn.Module, save_directory: str | Path, card: str | None = None) -> Path:
+    """Write ``model`` (a `MultiExitModel`) to ``save_directory`` in the layout above; ``card`` is the
+    README.md text (default: ``model_card(model)``). Class names and the data config are stored once, in
+    timm's ``config.json``; ``scan_config.json`` holds what timm-scan adds: the exits, the exit policy and
+    measured latency. Every file but timm's own is written whole or not at all."""
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     model_config = {"label_names": list(model.class_names)} if model.class_names else None
@@ -80,33 +80,28 @@ def save_pretrained(model: MultiExitModel, save_directory: str | Path, card: str
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "scan_config": model.config.to_dict(),
-        "thresholds": model.thresholds,
-        "fallback": model.fallback,
+        "policy": model.policy.to_dict(),
     }
-    if model.temperatures is not None:  # written only when set, so uncalibrated models stay readable by 0.1.0
-        meta["temperatures"] = validate_temperatures(model.temperatures, model.num_exits)
     if model.exit_latency:
         meta["exit_latency"] = [latency.to_dict() for latency in model.exit_latency]
-    (folder / SCAN_CONFIG).write_text(json.dumps(meta, indent=2))
-    (folder / "README.md").write_text(card if card is not None else model_card(model))
+    atomic_write(folder / SCAN_CONFIG, json.dumps(meta, indent=2))
+    atomic_write(folder / "README.md", card if card is not None else model_card(model))
     return folder
 
 
 @dataclass
 class Pretrained:
     """A saved model's files, read and validated: the timm ``backbone`` with its weights, the exits'
-    ``config`` and the file of their weights (loaded once the exits are built), the thresholds,
-    fallback, temperatures and measured latency, and ``check_size``, the input size the wrap-time proof
+    ``config`` and the file of their weights (loaded once the exits are built), the exit policy and
+    measured latency, and ``check_size``, the input size the wrap-time proof
     may run at."""
 
     source: str
     backbone: nn.Module
     config: ScanConfig
     exits_file: Path
-    thresholds: list[float] | None
-    fallback: str
+    policy: ExitPolicy
     check_size: tuple[int, int, int]
-    temperatures: list[float] | None = None
     exit_latency: list[ExitLatency] = dataclasses.field(default_factory=list)
 
 
@@ -132,22 +127,21 @@ def read_pretrained(
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{src}: {SCAN_CONFIG} field 'scan_config': {exc}") from None
     try:
-        fallback, thresholds, temperatures, exit_latency = _deployment(meta, len(config.exits or []) + 1)
+        policy, exit_latency = _deployment(meta, len(config.exits or []) + 1)
     except ValueError as exc:
         raise ValueError(f"{src}: {SCAN_CONFIG}: {exc}") from None
     backbone, check_size = _read_backbone(folder, src)
-    return Pretrained(src, backbone, config, folder / EXITS_WEIGHTS, thresholds, fallback, check_size, temperatures,
-                      exit_latency)
+    return Pretrained(src, backbone, config, folder / EXITS_WEIGHTS, policy, check_size, exit_latency)
 
 
-def _deployment(meta: dict[str, Any], num_exits: int) -> tuple[str, list[float] | None, list[float] | None,
-                                                                 list[ExitLatency]]:
-    """The deployment fields of ``scan_config.json`` (fallback, thresholds, temperatures, exit latency), validated."""
-    fallback = validate_fallback(meta.get("fallback", "ensemble"))
-    thresholds = meta.get("thresholds")
-    thresholds = None if thresholds is None else validate_thresholds(thresholds, num_exits)
-    temperatures = meta.get("temperatures")
-    temperatures = None if temperatures is None else validate_temperatures(temperatures, num_exits)
+def _deployment(meta: dict[str, Any], num_exits: int) -> tuple[ExitPolicy, list[ExitLatency]]:
+    """The deployment fields of ``scan_config.json`` (the exit policy, in either format, and measured
+    latency), validated against a ``num_exits``-exit model."""
+    if meta.get("format_version") == 1:
+        policy = ExitPolicy(meta.get("thresholds"), meta.get("fallback", "ensemble"), meta.get("temperatures"))
+    else:
+        policy = ExitPolicy.from_dict(meta.get("policy", {}))
+    policy.check(num_exits)
     entries = meta.get("exit_latency") or []
     if not isinstance(entries, list):
         raise ValueError(f"exit_latency must be a list of measurements; got {type(entries).__name__}")
@@ -158,7 +152,7 @@ def _deployment(meta: dict[str, Any], num_exits: int) -> tuple[str, list[float] 
     for latency in exit_latency:
         if len(latency.ms_per_image) != num_exits:
             raise ValueError(f"exit_latency: {len(latency.ms_per_image)} values for a {num_exits}-exit model")
-    return fallback, thresholds, temperatures, exit_latency
+    return policy, exit_latency
 
 
 def _read_backbone(folder: Path, src: str) -> tuple[nn.Module, tuple[int, int, int]]:
@@ -225,7 +219,7 @@ def read_tensors(path: Path, expected: dict[str, torch.Tensor], src: str) -> dic
 
 
 def load_initial_weights(
-    model: MultiExitModel, source: str | Path, *, revision: str | None = None, token: str | None = None
+    model: nn.Module, source: str | Path, *, revision: str | None = None, token: str | None = None
 ) -> str:
     """Start ``model`` from weights a user already has; returns what was loaded: ``"backbone"`` or
     ``"backbone and exits"``.
@@ -269,7 +263,7 @@ def load_initial_weights(
     return "backbone and exits"
 
 
-def _load_backbone_weights(model: MultiExitModel, path: Path, src: str) -> None:
+def _load_backbone_weights(model: nn.Module, path: Path, src: str) -> None:
     """A timm checkpoint into the backbone, with a clear error where its classifier is for another
     number of classes."""
     classifier = model.backbone.pretrained_cfg.get("classifier")
@@ -302,21 +296,23 @@ def _read_json(path: Path, src: str | Path) -> dict[str, Any]:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    """``scan_config.json``, checked to be a JSON object of the format this version reads."""
+    """``scan_config.json``, checked to be a JSON object of a format this version reads (1 or 2)."""
     meta = _read_json(path, path.parent)
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    if meta.get("format") != FORMAT or version not in (1, FORMAT_VERSION) or isinstance(version, bool):
         raise ValueError(
-            f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}; this timm-scan "
-            f"reads {FORMAT!r} version {FORMAT_VERSION}"
+            f"{path}: format {meta.get('format')!r} version {version!r}; this timm-scan "
+            f"reads {FORMAT!r} versions 1 and {FORMAT_VERSION}"
         )
-    unknown = sorted(set(meta) - _META_KEYS - _DRAFT_META_KEYS)
+    known = _META_KEYS - {"policy"} | _V1_POLICY_KEYS | _DRAFT_META_KEYS if version == 1 else _META_KEYS
+    unknown = sorted(set(meta) - known)
     if unknown or not isinstance(meta.get("scan_config"), dict):
-        raise ValueError(f"{path}: needs a 'scan_config' object and knows only {sorted(_META_KEYS)}; "
+        raise ValueError(f"{path}: needs a 'scan_config' object and knows only {sorted(known)}; "
                          f"unknown {unknown}" if unknown else f"{path}: field 'scan_config' must be a JSON object")
     return meta
 
 
-def load_weights(model: MultiExitModel, folder: str | Path) -> None:
+def load_weights(model: nn.Module, folder: str | Path) -> None:
     """Load a ``save_pretrained`` folder's weights into an existing model of the same shape (strict)."""
     folder = Path(folder)
     load_strict(model.backbone, _load_safetensors(folder / BACKBONE_WEIGHTS, folder), BACKBONE_WEIGHTS, folder)
@@ -325,40 +321,45 @@ def load_weights(model: MultiExitModel, folder: str | Path) -> None:
 
 def save_deployment(
     folder: str | Path,
-    thresholds: list[float],
-    fallback: str = "ensemble",
+    policy: ExitPolicy,
     *,
-    temperatures: list[float] | None = None,
     exit_latency: Sequence[ExitLatency] = (),
+    **legacy: Any,
 ) -> None:
-    """Record what deployment uses in a saved model's ``scan_config.json`` (weights untouched): searched
-    thresholds and fallback, the temperatures they were searched at (``None``: uncalibrated) and measured
-    exit latency (added to what is there, replacing a measurement at the same device, batch size, input
-    size, dtype and memory format). Validated, and written whole or not at all."""
+    """Record what deployment uses in a saved model's ``scan_config.json`` (weights untouched): the exit
+    ``policy`` and measured exit latency (added to what is there, replacing a measurement at the same
+    device, batch size, input size, dtype and memory format). Validated against the saved model, and
+    written whole or not at all, in the current format (a format-1 folder is upgraded)."""
+    if not isinstance(policy, ExitPolicy):  # 0.1.0's save_deployment(folder, thresholds, fallback, temperatures=...)
+        fallback = legacy.pop("fallback", "ensemble")
+        warnings.warn("save_deployment(folder, thresholds, fallback, temperatures=...) is deprecated: pass "
+                      "save_deployment(folder, ExitPolicy(thresholds, fallback, temperatures))", DeprecationWarning,
+                      stacklevel=2)
+        policy = ExitPolicy(policy, fallback, legacy.pop("temperatures", None))
+    if legacy:
+        raise TypeError(f"save_deployment got unexpected arguments {sorted(legacy)}")
     path = Path(folder) / SCAN_CONFIG
     meta = _read_meta(path)
     exits = len(ScanConfig.from_dict(meta["scan_config"]).exits or []) + 1
     try:
-        old = _deployment(meta, exits)[3]
-        new = {latency.describe() for latency in exit_latency}
-        update = {"thresholds": thresholds, "fallback": fallback, "temperatures": temperatures,
-                  "exit_latency": [m.to_dict() for m in [*[m for m in old if m.describe() not in new], *exit_latency]]}
-        fallback, thresholds, temperatures, latency = _deployment(update, exits)
+        old = _deployment(meta, exits)[1]
+        policy.check(exits)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    meta.update(thresholds=thresholds, fallback=fallback)
-    for key, value in (("temperatures", temperatures), ("exit_latency", [m.to_dict() for m in latency])):
-        if value:
-            meta[key] = value
-        else:
-            meta.pop(key, None)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(meta, indent=2))
-    os.replace(partial, path)
+    new = {latency.describe() for latency in exit_latency}
+    latency = [*[m for m in old if m.describe() not in new], *exit_latency]
+    for key in _V1_POLICY_KEYS:
+        meta.pop(key, None)
+    meta.update(format_version=FORMAT_VERSION, policy=policy.to_dict())
+    if latency:
+        meta["exit_latency"] = [m.to_dict() for m in latency]
+    else:
+        meta.pop("exit_latency", None)
+    atomic_write(path, json.dumps(meta, indent=2))
 
 
 def push_to_hub(
-    model: MultiExitModel,
+    model: nn.Module,
     repo_id: str,
     *,
     save_directory: str | Path | None = None,

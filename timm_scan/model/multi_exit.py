@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -11,12 +12,14 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from ..exit_costs import ExitCosts
+from ..exit_policy import ExitPolicy
 from ..report import ExitLatency
 from . import hub
 from .backbone import (
     Stage,
-    StagedBackbone,
-    build_staged,
+    Runner,
+    build_runner,
     eval_mode,
     feature_stages,
     model_name,
@@ -53,22 +56,47 @@ class MultiExitModel(nn.Module):
     ``self.backbone``; the heads are ``self.exits`` (K-1 of them).
     """
 
-    def __init__(self, backbone: nn.Module, config: ScanConfig, staged: StagedBackbone, heads: list[ExitHead]) -> None:
+    def __init__(self, backbone: nn.Module, config: ScanConfig, runner: Runner, heads: list[ExitHead]) -> None:
         super().__init__()
         self.backbone = backbone
         self.exits = nn.ModuleList(heads)
         self.config = config
-        self._staged = staged  # plain object: the backbone's modules stay registered once
+        self._runner = runner  # plain object: the backbone's modules stay registered once
         stages = feature_stages(backbone)
         self.exit_stages: list[Stage] = [stages[i] for i in config.exits] + [stages[-1]]
         # What travels with the weights (save_pretrained): set by the trainer and threshold search.
         self.class_names: list[str] | None = None
         self.data_config: dict | None = None  # timm data config: input_size, mean, std, crop
-        self.thresholds: list[float] | None = None  # one per shallow exit
-        self.fallback: str = "ensemble"
-        self.temperatures: list[float] | None = None  # one per exit (timm_scan.calibrate); None: uncalibrated
+        self._policy = ExitPolicy()
         self.exit_latency: list[ExitLatency] = []  # measured costs per exit (timm_scan.measure_exit_latency)
         self.train(backbone.training)
+
+    @property
+    def policy(self) -> ExitPolicy:
+        """The exit policy deployment runs (thresholds, fallback, temperatures, how they were chosen);
+        saved with the model. Replace it (``model.policy = result.policy``); it is frozen."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: ExitPolicy) -> None:
+        if not isinstance(policy, ExitPolicy):
+            raise ValueError(f"model.policy must be an ExitPolicy; got {type(policy).__name__}")
+        self._policy = policy.check(self.num_exits)
+
+    def _deprecated_policy_field(self, name: str, value: object = None, *, setting: bool = False) -> object:
+        warnings.warn(f"MultiExitModel.{name} is deprecated: use model.policy.{name}" + (
+            f" and replace the policy, model.policy = model.policy.replace({name}=...)" if setting else ""),
+            DeprecationWarning, stacklevel=3)
+        if setting:
+            self.policy = self._policy.replace(**{name: value})
+        return getattr(self._policy, name)
+
+    thresholds = property(lambda self: self._deprecated_policy_field("thresholds"),
+                          lambda self, v: self._deprecated_policy_field("thresholds", v, setting=True))
+    fallback = property(lambda self: self._deprecated_policy_field("fallback"),
+                        lambda self, v: self._deprecated_policy_field("fallback", v, setting=True))
+    temperatures = property(lambda self: self._deprecated_policy_field("temperatures"),
+                            lambda self, v: self._deprecated_policy_field("temperatures", v, setting=True))
 
     @property
     def num_exits(self) -> int:
@@ -83,7 +111,7 @@ class MultiExitModel(nn.Module):
         """How the backbone runs section by section: ``"sequential"`` (its children in order),
         ``"vit"`` (timm's VisionTransformer by hand) or ``"traced"`` (its ``forward_features`` traced
         with torch.fx; a section then hands several values to the next, ``traced.TracedState``)."""
-        return self._staged.kind
+        return self._runner.kind
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing of the backbone (timm's ``set_grad_checkpointing``); the sections
@@ -94,29 +122,29 @@ class MultiExitModel(nn.Module):
         """Run section k on hidden state ``h`` (the image ``(B, 3, H, W)`` for k = 0). Between sections
         the state is a tensor in the backbone's layout, or, for the traced runner, a ``TracedState``;
         either keeps some samples with ``h[keep]`` (a boolean mask or positions along the batch)."""
-        return self._staged.run_section(k, h)
+        return self._runner.run_section(k, h)
 
     def exit_logits(self, k: int, h: Tensor, image_size: tuple[int, int], head: nn.Module | None = None) -> Tensor:
         """Logits ``(B, num_classes)`` of exit k from section k's output; ``image_size`` is the
         input's ``(H, W)`` (ViTs need it to lay tokens out as a map). ``head`` stands in for shallow
         exit k's head (the predictor passes its inference copies, `heads.inference_copy`)."""
         if k == self.num_exits - 1:
-            return self._staged.head(h)[0]
+            return self._runner.forward_head(h)[0]
         head = self.exits[k] if head is None else head
-        return head(self._staged.to_map(h, image_size))[0]
+        return head(self._runner.to_map(h, image_size))[0]
 
     def forward(self, x: Tensor) -> MultiExitOutput:
         image_size = (x.shape[-2], x.shape[-1])
         logits, features = [], []
         h = x
         for k in range(self.num_exits):
-            h = self._staged.run_section(k, h)
+            h = self._runner.run_section(k, h)
             if k < self.num_exits - 1:
                 head = self.exits[k]
-                out, pooled = head(self._staged.to_map(h, image_size))
+                out, pooled = head(self._runner.to_map(h, image_size))
                 feature = head.proj(pooled)
             else:
-                out, feature = self._staged.head(h)
+                out, feature = self._runner.forward_head(h)
             logits.append(out)
             features.append(feature)
         return MultiExitOutput(logits, features)
@@ -131,7 +159,7 @@ class MultiExitModel(nn.Module):
             return without_capture_hooks(copy.deepcopy(self.backbone))
         head = copy.deepcopy(self.exits[exit_index])
         head.proj = nn.Identity()  # the hint projection only serves training
-        return TruncatedModel(self._staged.trunk(exit_index), head)
+        return TruncatedModel(self._runner.trunk(exit_index), head)
 
     def save_pretrained(self, save_directory: str | Path, card: str | None = None) -> Path:
         """Save to a folder that ``from_pretrained`` and plain timm can read (layout: ``timm_scan.model.hub``);
@@ -153,8 +181,7 @@ class MultiExitModel(nn.Module):
         labels = saved.backbone.pretrained_cfg.get("label_names")
         model.class_names = list(labels) if labels else None
         model.data_config = timm.data.resolve_model_data_config(saved.backbone)
-        model.thresholds, model.fallback = saved.thresholds, saved.fallback
-        model.temperatures, model.exit_latency = saved.temperatures, saved.exit_latency
+        model.policy, model.exit_latency = saved.policy, saved.exit_latency
         return model
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
@@ -173,11 +200,15 @@ class MultiExitModel(nn.Module):
         with eval_mode(self), torch.no_grad():
             h = x
             for k in range(self.num_exits):
-                total += count_macs(self._staged.run_section, k, h)
-                h = self._staged.run_section(k, h)
+                total += count_macs(self._runner.run_section, k, h)
+                h = self._runner.run_section(k, h)
                 total += count_macs(self.exit_logits, k, h, image_size)
                 cumulative.append(total)
         return cumulative
+
+    def exit_costs(self, input_size: tuple[int, int, int]) -> ExitCosts:
+        """`exit_macs` and `backbone_macs` as the threshold search's cost (unit ``"macs"``)."""
+        return ExitCosts.macs(self.exit_macs(input_size), self.backbone_macs(input_size))
 
     def backbone_macs(self, input_size: tuple[int, int, int]) -> int:
         """MACs of the plain backbone for one sample: the baseline of every acceleration ratio."""
@@ -227,7 +258,7 @@ def wrap(
         )
     cuts = resolve_exit_indices(model, config.exits)
     example = _check_input(model, check_input_size)
-    staged = build_staged(model, cuts, example)
+    runner = build_runner(model, cuts, example)
 
     feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
     out_chs = config.head_channels or (stages[-1].num_chs if config.head == "sepconv" else POOLED_HIDDEN)
@@ -246,7 +277,7 @@ def wrap(
         ).to(device=example.device, dtype=example.dtype)
         for i, c in enumerate(cuts)
     ]
-    return MultiExitModel(model, dataclasses.replace(config, exits=cuts), staged, heads)
+    return MultiExitModel(model, dataclasses.replace(config, exits=cuts), runner, heads)
 
 
 def _check_input(model: nn.Module, input_size: tuple[int, int, int] | None) -> Tensor:

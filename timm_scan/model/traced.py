@@ -1,15 +1,15 @@
 """Staged execution of any timm model whose ``forward_features`` torch.fx can trace.
 
-The runner of last resort, for families whose forward does more than run its children in order
-(class tokens added halfway, rotary embeddings passed to every block, stages in a ``ModuleList``,
-several branches). ``forward_features`` is traced once with timm's own FX conventions (its
-``register_notrace_*`` modules and functions, as in ``timm.models.FeatureGraphNet``) and every module
-opaque except the ancestors of the exits' stages (where that does not trace, as deep as torch.fx
-goes by default). The graph is then cut after the call of each exit's stage, or, where ``feature_info``
-names no module the forward calls once, after the first value equal to the stage's
-``forward_intermediates`` map. Sections run the graph's own nodes against the live model, in the
-original order, so train mode consumes the random generator as ``backbone(x)`` does; a forward that
-takes other steps in train mode than in eval mode is refused.
+`TracedRunner`, the runner of last resort (``backbone.build_runner`` tries it after the others), for
+families whose forward does more than run its children in order (class tokens added halfway, rotary
+embeddings passed to every block, stages in a ``ModuleList``, several branches). ``forward_features`` is
+traced once with timm's own FX conventions (its ``register_notrace_*`` modules and functions, as in
+``timm.models.FeatureGraphNet``) and every module opaque except the ancestors of the exits' stages (where
+that does not trace, as deep as torch.fx goes by default). The graph is then cut after the call of each
+exit's stage, or, where ``feature_info`` names no module the forward calls once, after the first value
+equal to the stage's ``forward_intermediates`` map. Sections run the graph's own nodes against the live
+model, in the original order, so train mode consumes the random generator as ``backbone(x)`` does; a
+forward that takes other steps in train mode than in eval mode is refused.
 
 Between sections the hidden state is a ``TracedState``: every value that a later section reads (the
 stage's output, a rotary embedding, the batch size read off a shape, …). At wrap time each value is
@@ -31,8 +31,8 @@ from timm.layers import DropBlock2d, DropPath, PatchDropout, get_notrace_functio
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .backbone import (
-    StagedBackbone,
+from .runner import (
+    Runner,
     _check_close,
     _no_checkpointing,
     eval_mode,
@@ -41,7 +41,7 @@ from .backbone import (
     run_mode,
 )
 
-__all__ = ["TracedStages", "TracedState"]
+__all__ = ["TracedRunner", "TracedState"]
 
 _ROOT = "backbone"  # the traced wrapper's attribute holding the model: node targets start with it
 _PROBE_BATCH = 3
@@ -420,7 +420,7 @@ def _layout(value: Any, expected: Tensor | None, num_chs: int, image_size: tuple
     raise _CannotTrace(f"stage {stage!r} returns {shapes}, which does not lay out as {want}")
 
 
-class TracedStages(StagedBackbone):
+class TracedRunner(Runner):
     """Any model whose ``forward_features`` torch.fx can trace; hidden states are ``TracedState``s."""
 
     kind = "traced"

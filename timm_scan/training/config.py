@@ -3,8 +3,6 @@ metadata, from which the command line is generated (``timm_scan.cli``)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 import timm
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .._io import JsonRecord
 from ..model.config import ATTENTION_KINDS, HEAD_KINDS, ScanConfig
 from ..options import option
 from .losses import PRESETS, SelfDistillationLoss
@@ -27,9 +26,10 @@ def _number(value: Any) -> bool:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonRecord):
     """A training run: data, model, loss, optimisation and output. ``None`` means "the default of
-    what it configures" (the model's data config, the loss preset's value, ...)."""
+    what it configures" (the model's data config, the loss preset's value, ...). Saved in a run folder
+    as ``train_config.json`` (`JsonRecord`: tuples as lists, unknown fields refused)."""
 
     # data
     dataset: str = option(help="Hub id (uoft-cs/cifar10), local parquet folder (train*.parquet, test*.parquet) or image folder")
@@ -177,22 +177,12 @@ class TrainConfig:
         SelfDistillationLoss(**settings, external_weight=self.external_weight)  # validates
         return settings
 
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as JSON values (tuples as lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / TRAIN_CONFIG
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        """Write ``<folder>/train_config.json`` whole or not at all."""
+        return super().save(Path(folder) / TRAIN_CONFIG)
 
     @classmethod
     def load(cls, folder: str | Path) -> TrainConfig:
-        """The config a run saved (``<folder>/train_config.json``)."""
-        path = Path(folder) / TRAIN_CONFIG
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = json.loads(path.read_text())
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown TrainConfig field(s) {unknown}")
-        return cls(**data)
+        """The config a run saved (``<folder>/train_config.json``); a missing or damaged file, unknown fields
+        or invalid values are a ``ValueError`` naming the file."""
+        return super().load(Path(folder) / TRAIN_CONFIG)

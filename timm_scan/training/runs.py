@@ -7,7 +7,6 @@ Cached outputs live in ``<run>/outputs/<split>.safetensors`` (``probs_exit1`` â€
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,8 +16,9 @@ from tqdm.auto import tqdm
 
 from ..model.multi_exit import MultiExitModel
 from ..report import EpochMetrics, RunResults
-from .config import TRAIN_CONFIG, TrainConfig
+from .config import TrainConfig
 from .data import ImageSplits, TorchImageDataset, eval_transform, load_splits
+from .run_folder import RunFolder
 
 __all__ = ["cached_outputs", "compute_outputs", "epoch_metrics", "eval_dataset", "load_run", "run_results",
            "run_splits"]
@@ -33,25 +33,34 @@ def run_splits(cfg: TrainConfig) -> ImageSplits:
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[MultiExitModel, TrainConfig]:
     """The best model of a training run (``<run>/best``, strict load) and the run's TrainConfig."""
-    run = Path(run_dir)
-    for needed in (TRAIN_CONFIG, "best/scan_config.json"):
-        if not (run / needed).is_file():
-            raise ValueError(f"{run} is not a finished timm-scan training run: {needed} is missing")
-    return MultiExitModel.from_pretrained(run / "best").to(device).eval(), TrainConfig.load(run)
+    run = RunFolder(run_dir)
+    for needed in (run.train_config, run.best / "scan_config.json"):
+        if not needed.is_file():
+            raise ValueError(f"{run.root} is not a finished timm-scan training run: "
+                             f"{needed.relative_to(run.root)} is missing")
+    return MultiExitModel.from_pretrained(run.best).to(device).eval(), TrainConfig.load(run.root)
 
 
 def run_results(run_dir: str | Path) -> RunResults:
     """``<run>/results.json``: the finished run's validation and test accuracy per exit, its MACs."""
-    path = Path(run_dir) / "results.json"
+    path = RunFolder(run_dir).results
     if not path.is_file():
-        raise ValueError(f"{run_dir} is not a finished timm-scan training run: results.json is missing")
+        raise ValueError(f"{run_dir} is not a finished timm-scan training run: {path.name} is missing")
     return RunResults.load(path)
 
 
 def epoch_metrics(run_dir: str | Path) -> list[EpochMetrics]:
-    """``<run>/metrics.jsonl``: one entry per epoch trained."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [EpochMetrics.from_dict(json.loads(line)) for line in lines if line]
+    """``<run>/metrics.jsonl``: one entry per epoch trained; a line that is not one is a ``ValueError`` naming
+    the file and the line."""
+    path = RunFolder(run_dir).metrics
+    metrics = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line:
+            try:
+                metrics.append(EpochMetrics.from_json(line))
+            except ValueError as exc:  # bad JSON (a JSONDecodeError), an unknown or missing field
+                raise ValueError(f"{path}, line {number}, is not an EpochMetrics record ({exc})") from None
+    return metrics
 
 
 def eval_dataset(splits: ImageSplits, split: str, data_config: dict) -> TorchImageDataset:

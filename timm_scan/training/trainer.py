@@ -1,27 +1,14 @@
 """Self-distillation training on Accelerate: one code path for CPU, one GPU, many GPUs or machines.
 
-Layout of ``output_dir``::
-
-    train_config.json         the TrainConfig of the run (what evaluation rebuilds the splits from)
-    checkpoints/epoch_0003/   Accelerate ``save_state``: weights (safetensors), optimizer, RNG, progress
-    best/                     the best epoch on validation (deepest-exit accuracy), as ``save_pretrained``
-                              writes it: timm's config.json and model.safetensors, the exits, a card
-    metrics.jsonl             one ``EpochMetrics`` per line: loss parts per exit, validation accuracy
-    results.json              ``RunResults``: validation and test accuracy per exit, MACs per exit
-
-Running the same command again resumes from the last checkpoint (epoch, optimizer, schedule, RNG).
+What a run writes to ``output_dir``, and how running the same command again resumes it from the last
+checkpoint (epoch, optimizer, schedule, RNG), is `timm_scan.training.run_folder`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import re
-import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,21 +26,19 @@ from tqdm.auto import tqdm
 from ..deploy.plots import plot_tradeoff
 from ..deploy.policy import ensemble_probs
 from ..deploy.thresholds import sweep_beta
+from ..exit_costs import ExitCosts
 from ..model.card import model_card
 from ..model.hub import load_strict, load_weights, push_to_hub, read_tensors
 from ..model.multi_exit import MultiExitModel
 from ..report import EpochMetrics, ExitAccuracy, RunResults, exit_table
-from .config import TRAIN_CONFIG, TrainConfig
+from .config import TrainConfig
 from .data import build_transforms, data_config
 from .losses import LossOutput, SelfDistillationLoss
 from .recipe import build_loader, build_model, build_optimizer, lr_lambda
+from .run_folder import RunFolder
 from .runs import run_splits
 
 __all__ = ["Trainer", "TrainingDiverged", "check_trackers"]
-
-BEST = "best"
-RESUMABLE_CHANGES = ("output_dir", "num_workers", "keep_checkpoints", "log_with", "push_to_hub")  # may differ on resume
-CHECKPOINT_NAME = re.compile(r"epoch_\d{4}")
 
 TRACKER_EXTRAS = ("tensorboard", "wandb")  # trackers timm-scan has an extra for
 
@@ -77,13 +62,14 @@ class Progress:
 class Trainer:
     """Trains a wrapped timm model with ``SelfDistillationLoss`` under Accelerate.
 
-    ``callbacks`` are called as ``callback(trainer, metrics)`` after each epoch's checkpoint.
+    ``callbacks`` are called as ``callback(trainer, metrics)`` after each epoch's checkpoint. What it
+    writes, and how it resumes, is ``self.folder`` (a `RunFolder`).
     """
 
     def __init__(self, cfg: TrainConfig, callbacks: list[Callable[[Trainer, EpochMetrics], None]] | None = None) -> None:
         self.cfg = cfg
         self.callbacks = callbacks or []
-        self.out = Path(cfg.output_dir)
+        self.folder = RunFolder(cfg.output_dir)
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("mixed_precision='fp16' needs a CUDA GPU: on CPU its autocast would silently train in "
                              "fp32; use 'bf16' (which CPUs run) or 'no'")
@@ -94,7 +80,7 @@ class Trainer:
             gradient_accumulation_steps=cfg.grad_accum,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
             log_with=trackers or None,
-            project_dir=str(self.out),
+            project_dir=str(self.folder.root),
         )
         set_seed(cfg.seed)
         with self.accelerator.main_process_first():
@@ -144,11 +130,10 @@ class Trainer:
         acc = self.accelerator
         self._resume()
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.cfg.save(self.out)
+            self.folder.save_config(self.cfg)
         if self.cfg.log_with:  # on every process: Accelerate logs from the main one
             hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in self.cfg.to_dict().items()}
-            acc.init_trackers(self.out.name, config=hparams)  # scalars only: TensorBoard's hparams take no lists
+            acc.init_trackers(self.folder.root.name, config=hparams)  # scalars only: TensorBoard's hparams take no lists
         for epoch in range(self.progress.epoch, self.cfg.epochs):
             distilling = epoch < self.cfg.epochs - self.cfg.anneal_epochs
             self.loss.alpha = self.loss_settings["alpha"] if distilling else 0.0
@@ -162,7 +147,7 @@ class Trainer:
                 self.progress.best_accuracy, self.progress.best_epoch = val.deepest, epoch + 1
                 self._save_best()
             self._log(metrics)
-            self._save_checkpoint(epoch + 1)
+            self.folder.save_checkpoint(acc, epoch + 1, self.cfg.keep_checkpoints)
             for callback in self.callbacks:
                 callback(self, metrics)
         return self.finish()
@@ -240,78 +225,19 @@ class Trainer:
         stacked = torch.cat(kept)  # (N, K, C)
         return accuracy, list(stacked.unbind(1)), torch.cat(kept_labels)
 
-    # ---------------------------------------------------------- checkpoints
-    # Every folder is written under a temporary name and renamed when complete, so an interrupted
-    # write is never taken for a finished one; what an interruption leaves is cleaned up on resume.
-    def _checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
-        return sorted(p for p in (self.out / "checkpoints").glob("epoch_*") if CHECKPOINT_NAME.fullmatch(p.name))
-
+    # ---------------------------------------------------------- run folder
     def _resume(self) -> None:
-        """Continue from the last complete checkpoint that loads (an earlier one, with a warning, where the
-        last does not); drop what an interrupted epoch left: partial folders, metrics of later epochs."""
+        """Continue from the last checkpoint that loads (`RunFolder.resume`), after removing what an
+        interrupted write left; drop the metrics of the epochs redone."""
         acc = self.accelerator
         if acc.is_main_process:
-            partials = [*(self.out / "checkpoints").glob("*.partial"), self.out / f"{BEST}.partial"]
-            for partial in filter(Path.exists, partials):
-                warnings.warn(f"removing {partial}, left by an interrupted write")
-                shutil.rmtree(partial, ignore_errors=True)
-            best, previous = self.out / BEST, self.out / f"{BEST}.previous"
-            if previous.is_dir():  # interrupted between the two renames of _save_best
-                if best.is_dir():
-                    shutil.rmtree(previous)
-                else:
-                    os.replace(previous, best)
+            self.folder.clean_up()
         acc.wait_for_everyone()
-        checkpoints = self._checkpoints()
-        if checkpoints and (self.out / TRAIN_CONFIG).is_file():
-            saved = TrainConfig.load(self.out).to_dict()
-            changed = sorted(k for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
-            if changed:
-                raise ValueError(f"{self.out} holds a run of another configuration (it differs in {changed}); "
-                                 "rerun with the same settings to resume, or use another --output-dir")
-        for i, checkpoint in enumerate(reversed(checkpoints)):
-            try:
-                acc.load_state(str(checkpoint))
-            except Exception as exc:  # a damaged checkpoint: fall back to the one before
-                if i == len(checkpoints) - 1:
-                    raise ValueError(f"no checkpoint in {self.out / 'checkpoints'} can be loaded ({exc}); delete "
-                                     "the folder to start the run over") from exc
-                warnings.warn(f"checkpoint {checkpoint} cannot be loaded ({type(exc).__name__}: {exc}); "
-                              f"resuming from the one before")
-                continue
+        checkpoint = self.folder.resume(acc, self.cfg)
+        if checkpoint is not None:
             acc.print(f"resumed from {checkpoint} (epoch {self.progress.epoch} done)")
-            break
         if acc.is_main_process:
-            self._keep_metrics(self.progress.epoch)
-
-    def _keep_metrics(self, epochs: int) -> None:
-        """``metrics.jsonl`` without the lines of epochs after ``epochs`` (redone on resume) or cut short."""
-        path = self.out / "metrics.jsonl"
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["epoch"] <= epochs:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                break
-        _write_atomically(path, "".join(f"{line}\n" for line in kept))
-
-    def _save_checkpoint(self, epoch: int) -> None:
-        acc = self.accelerator
-        final = self.out / "checkpoints" / f"epoch_{epoch:04d}"
-        partial = final.with_name(final.name + ".partial")
-        acc.save_state(str(partial))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old)
-        acc.wait_for_everyone()
+            self.folder.keep_metrics(self.progress.epoch)
 
     def _save_best(self) -> None:
         """The model as ``best/`` (never non-finite weights), swapped in whole."""
@@ -321,14 +247,9 @@ class Trainer:
         bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             raise TrainingDiverged(f"the weights are not finite after epoch {self.progress.epoch} ({bad[0]} and "
-                                   f"{len(bad) - 1} more); nothing was saved as {self.out / BEST}. {_DIVERGED_ADVICE}")
+                                   f"{len(bad) - 1} more); nothing was saved as {self.folder.best}. {_DIVERGED_ADVICE}")
         if acc.is_main_process:
-            best, partial, previous = self.out / BEST, self.out / f"{BEST}.partial", self.out / f"{BEST}.previous"
-            model.save_pretrained(str(partial), card=self._card(model))
-            if best.exists():
-                os.replace(best, previous)
-            os.replace(partial, best)
-            shutil.rmtree(previous, ignore_errors=True)
+            self.folder.save_best(model, self._card(model))
         acc.wait_for_everyone()
 
     def _unwrapped(self) -> MultiExitModel:
@@ -344,8 +265,8 @@ class Trainer:
     def _log_tradeoff(self, probs: list[Tensor], labels: Tensor, results: RunResults) -> None:
         """The β sweep of the threshold search on the best model's validation outputs, as a plot in the
         run folder (``training_tradeoff.png``) and an image in the trackers."""
-        points = sweep_beta(probs, labels, results.exit_macs, results.backbone_macs)
-        path = plot_tradeoff([(p.acceleration, p.accuracy) for p in points], self.out / "training_tradeoff.png",
+        points = sweep_beta(probs, labels, ExitCosts.macs(results.exit_macs, results.backbone_macs))
+        path = plot_tradeoff([(p.speedup, 100 * p.accuracy) for p in points], self.folder.tradeoff_plot,
                              baseline=(1.0, 100 * results.val.deepest), labels=[f"β={p.beta:g}" for p in points],
                              title=f"{self.cfg.model}: validation, β sweep")
         image = np.asarray(Image.open(path).convert("RGB"))
@@ -359,8 +280,7 @@ class Trainer:
     def _log(self, metrics: EpochMetrics) -> None:
         acc = self.accelerator
         if acc.is_main_process:
-            with open(self.out / "metrics.jsonl", "a") as f:  # before the checkpoint: resume drops it if that fails
-                f.write(json.dumps(metrics.to_dict()) + "\n")
+            self.folder.append_metrics(metrics)
             summary = ", ".join(f"{v:.3f}" for v in metrics.val.exits)
             ensemble = f", ensemble {metrics.val.ensemble:.3f}" if metrics.val.ensemble is not None else ""
             acc.print(f"epoch {metrics.epoch}: loss {metrics.loss:.3f}, val accuracy per exit {summary}{ensemble} "
@@ -374,7 +294,7 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         model = self._unwrapped()
-        load_weights(model, self.out / BEST)
+        load_weights(model, self.folder.best)
         size = tuple(self.data_config["input_size"])
         val, val_probs, val_labels = self._evaluate(self.val_loader, "val", keep_outputs=bool(self.cfg.log_with))
         test = None
@@ -387,8 +307,7 @@ class Trainer:
             params=sum(p.numel() for p in model.parameters()), loss=None if self.cfg.baseline else self.loss_settings,
         )
         if acc.is_main_process:
-            results.save(self.out / "results.json")
-            _write_atomically(self.out / BEST / "README.md", self._card(model, results))
+            self.folder.write_results(results, self._card(model, results))
             acc.print(f"{results.model}{' (baseline)' if results.baseline else ''}: best epoch {results.best_epoch}, "
                       f"validation accuracy {results.val.deepest:.4f}"
                       + (f"; on {test.samples} test images:" if test else ""))
@@ -396,7 +315,7 @@ class Trainer:
             if self.cfg.log_with and model.num_exits > 1:
                 self._log_tradeoff(val_probs, val_labels, results)
             if self.cfg.push_to_hub:
-                url = push_to_hub(model, self.cfg.push_to_hub, save_directory=self.out / BEST,
+                url = push_to_hub(model, self.cfg.push_to_hub, save_directory=self.folder.best,
                                   card=self._card(model, results))
                 acc.print(f"pushed the best model to {self.cfg.push_to_hub}: {url}")
         acc.end_training()
@@ -408,12 +327,6 @@ class TrainingDiverged(FloatingPointError):
 
 
 _DIVERGED_ADVICE = "lower --lr, add --warmup-epochs, or train in fp32; rerunning resumes from the last checkpoint"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def check_trackers(log_with: str | None) -> list[str]:

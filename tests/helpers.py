@@ -1,16 +1,40 @@
-"""Thresholds that send some samples out at every shallow exit, each in the widest gap between the
-confidences near the quantile asked for: two runtimes whose confidences differ by float noise (torch
-and ONNX Runtime, a staged run and a whole forward) then agree on which sample leaves where. Used by
-the tests and by ``benchmarks/onnx_export.py --families``."""
+"""Helpers shared by the tests (and by ``benchmarks/onnx_export.py --families``); the fixtures stay in
+``conftest.py``, which sets the Hub's environment before anything here is imported."""
 
 from collections.abc import Sequence
 
+import timm
 import torch
 from torch import Tensor
 
 
+def create(name: str, **kwargs) -> torch.nn.Module:
+    """A timm model with random weights and 10 classes unless told otherwise."""
+    kwargs.setdefault("num_classes", 10)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def synthetic_images(n: int, classes: int, seed: int):
+    """Learnable toy images: each class has its own mean colour, plus noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, size=(classes, 3))
+    labels = [i % classes for i in range(n)]
+    images = []
+    for label in labels:
+        pixels = np.clip(palette[label] + rng.normal(0, 40, size=(32, 32, 3)), 0, 255).astype("uint8")
+        images.append(Image.fromarray(pixels))
+    return images, labels
+
+
 def mixing_thresholds(probs: Sequence[Tensor], quantiles: Sequence[float]) -> list[float]:
-    """One threshold per shallow exit, as Algorithm 1 sees the batch: ``probs[i]`` (B, classes) are
+    """Thresholds that send some samples out at every shallow exit, each in the widest gap between the
+    confidences near the quantile asked for: two runtimes whose confidences differ by float noise (torch
+    and ONNX Runtime, a staged run and a whole forward) then agree on which sample leaves where.
+
+    One threshold per shallow exit, as Algorithm 1 sees the batch: ``probs[i]`` (B, classes) are
     exit i's probabilities for every sample (shallowest first; exits past ``len(quantiles)`` are
     ignored), and exit i's threshold is placed among the samples that did not leave before it, so that
     about ``1 - quantiles[i]`` of them leave there, at least one leaves and at least one runs on. Each

@@ -1,0 +1,159 @@
+"""ExitPolicy: what deployment needs to decide where each sample leaves, in one frozen, validated,
+serialisable object.
+
+The threshold search returns one (`SearchResult.policy`), the model carries one (``model.policy``,
+replaced, never patched in place), ``save_pretrained`` / ``from_pretrained``, the ONNX manifest and the
+model card store and show it, and both predictors run it. Its values are validated here and nowhere
+else. How the policy is applied (Algorithm 1, the ensemble) is `timm_scan.deploy.policy`.
+
+Conventions: exits are numbered 0..K-1 from the shallowest; the last is the backbone's own head.
+Thresholds are one per shallow exit (K-1), on the softmax confidence (max probability, at the exit's
+temperature); temperatures are one per exit (K). Accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._io import JsonRecord
+
+__all__ = ["FALLBACKS", "ExitPolicy", "PolicyOrigin", "validate_fallback",
+           "validate_temperatures", "validate_thresholds"]
+
+FALLBACKS = ("ensemble", "deepest")  # the answer for samples that pass no threshold
+
+
+def _number_list(values: Any) -> list[Any] | None:
+    """A sequence (list, tuple, tensor, array) as a list; ``None`` for anything else."""
+    if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
+        values = values.tolist()
+    return list(values) if isinstance(values, (list, tuple)) else None
+
+
+def validate_thresholds(thresholds: Sequence[float], num_exits: int | None = None) -> tuple[float, ...]:
+    """One number in [0, 1] per shallow exit (``num_exits - 1`` of them, where given), or a ``ValueError``
+    saying what is wrong."""
+    values = _number_list(thresholds)
+    if values is None:
+        raise ValueError(f"thresholds must be a sequence of numbers, one per shallow exit; got {thresholds!r}")
+    if num_exits is not None and len(values) != num_exits - 1:
+        raise ValueError(
+            f"thresholds: need one per shallow exit, {num_exits - 1} for this {num_exits}-exit model; got {len(values)}"
+        )
+    for i, t in enumerate(values):
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"thresholds[{i}] must be a number in [0, 1] (a softmax confidence); got {t!r}")
+    return tuple(float(t) for t in values)
+
+
+def validate_temperatures(temperatures: Sequence[float], num_exits: int | None = None) -> tuple[float, ...]:
+    """One positive finite number per exit (``num_exits`` of them, where given), or a ``ValueError``."""
+    values = _number_list(temperatures)
+    if values is None or (num_exits is not None and len(values) != num_exits) or not all(
+            isinstance(t, numbers.Real) and not isinstance(t, bool) and 0 < t < math.inf for t in values):
+        count = f"{num_exits} " if num_exits is not None else ""
+        raise ValueError(f"temperatures must be {count}positive numbers, one per exit (deepest last); "
+                         f"got {temperatures!r}")
+    return tuple(float(t) for t in values)
+
+
+def validate_fallback(fallback: str) -> str:
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}; got {fallback!r}")
+    return fallback
+
+
+@dataclass(frozen=True)
+class PolicyOrigin(JsonRecord):
+    """How a policy's thresholds were chosen, and so what they promise.
+
+    ``method``: ``"genetic search"`` or ``"exhaustive search"`` (SCAN Algorithm 2 or its grid reference).
+    ``objective``: ``"beta"`` (SCAN's trade-off, ``value`` = β), ``"max_accuracy_drop"`` (the cheapest
+    within ``value`` of the baseline, a fraction: 0.005 is half a point) or ``"budget"`` (the most accurate
+    within a mean cost of ``value`` per image, in ``cost_unit``). ``baseline_accuracy``: what the
+    accuracy target is measured against (a fraction). ``samples``: the outputs searched on, of the
+    ``split`` (``None`` where a record from before the exit policy did not say). The thresholds meet the
+    target on those outputs only: nothing is certified for new data.
+    """
+
+    method: str
+    objective: str
+    value: float
+    cost_unit: str
+    baseline_accuracy: float
+    samples: int | None
+    split: str = "validation"
+    min_threshold: float | None = None
+    seed: int | None = None
+
+    @property
+    def promise(self) -> str:
+        """What the policy promises, in words."""
+        samples = f"{self.samples} {self.split} samples" if self.samples is not None else f"{self.split} samples"
+        if self.objective == "beta":
+            return f"none: SCAN's trade-off at β = {self.value:g}, chosen on {samples}"
+        target = (f"accuracy at most {100 * self.value:g} points below {100 * self.baseline_accuracy:.2f}%"
+                  if self.objective == "max_accuracy_drop" else
+                  f"a mean cost of at most {self.value:g} {self.cost_unit} per image")
+        return f"{target}, met on the {samples} it was searched on; no guarantee on new data"
+
+
+@dataclass(frozen=True)
+class ExitPolicy(JsonRecord):
+    """Where each sample leaves (SCAN Algorithm 1) and how it is answered.
+
+    ``thresholds``: one per shallow exit (K-1 numbers in [0, 1]); a sample leaves at the first exit whose
+    confidence is above its threshold. ``None``: no thresholds chosen yet (a predictor then needs a
+    policy that has some). ``fallback``: the answer of samples that pass no threshold, ``"ensemble"``
+    (the mean of all exits' softmax) or ``"deepest"``. ``temperatures``: one per exit (K), dividing
+    each exit's logits before the softmax (``timm_scan.calibrate``); ``None``: temperature 1.
+    ``origin``: how the thresholds were chosen (`PolicyOrigin`; ``None`` for thresholds set by hand).
+
+    Frozen: derive a changed policy with ``policy.replace(temperatures=...)``.
+    """
+
+    thresholds: tuple[float, ...] | None = None
+    fallback: str = "ensemble"
+    temperatures: tuple[float, ...] | None = None
+    origin: PolicyOrigin | None = None
+
+    def __post_init__(self) -> None:
+        if self.thresholds is not None:
+            object.__setattr__(self, "thresholds", validate_thresholds(self.thresholds))
+        validate_fallback(self.fallback)
+        if self.temperatures is not None:
+            object.__setattr__(self, "temperatures", validate_temperatures(self.temperatures))
+        if self.origin is not None and not isinstance(self.origin, PolicyOrigin):
+            raise ValueError(f"ExitPolicy.origin must be a PolicyOrigin or None; got {type(self.origin).__name__}")
+
+    def replace(self, **changes: Any) -> ExitPolicy:
+        """A copy with ``changes`` (validated); new thresholds drop the ``origin`` unless one is given."""
+        if "thresholds" in changes and "origin" not in changes:
+            changes["origin"] = None
+        return dataclasses.replace(self, **changes)
+
+    def check(self, num_exits: int, *, needs_thresholds: str | None = None) -> ExitPolicy:
+        """This policy, checked against a ``num_exits``-exit model (K-1 thresholds, K temperatures); with
+        ``needs_thresholds`` (where to get some, in words), no thresholds at all is a ``ValueError``."""
+        if self.thresholds is None:
+            if needs_thresholds is not None:
+                raise ValueError(f"no thresholds: pass a policy with some, ExitPolicy(thresholds=[...]) (one per "
+                                 f"shallow exit), or {needs_thresholds}")
+        else:
+            validate_thresholds(self.thresholds, num_exits)
+        if self.temperatures is not None:
+            validate_temperatures(self.temperatures, num_exits)
+        return self
+
+    def describe(self) -> str:
+        """One line: thresholds, fallback, temperatures."""
+        thresholds = ", ".join(f"{t:.3f}" for t in self.thresholds) if self.thresholds is not None else "none"
+        text = f"thresholds {thresholds}; fallback {self.fallback}"
+        if self.temperatures is not None:
+            text += "; temperatures " + ", ".join(f"{t:.3f}" for t in self.temperatures)
+        return text
