@@ -68,7 +68,7 @@ def measure(size: int, batch_size: int, images: int, repeats: int, channels_last
         h = model.forward_section(0, x)
         first = torch.softmax(model.exit_logits(0, h, (size, size)), -1).max(-1).values
     thresholds = [first.median().item() if scenario == "half" else 0.0] + [1.0] * (model.num_exits - 2)
-    predictor = timm_scan.EarlyExitPredictor(model, thresholds)
+    predictor = timm_scan.EarlyExitPredictor(model, timm_scan.ExitPolicy(thresholds))
     batches = list(x.split(batch_size))
     result = predictor(x)
     macs_speedup = model.backbone_macs((3, size, size)) / result.macs.double().mean().item()

@@ -89,8 +89,9 @@ def breakdown(size: int, batch_size: int, channels_last: bool, calls: int, repea
             model.exit_logits(i, z, image_size, fast[i] if i < k - 1 else None)
 
     row["sections and inference heads in sequence"] = per_call_ms(in_sequence, x, calls, repeats)
-    row["predictor, all leave at exit 1"] = per_call_ms(timm_scan.EarlyExitPredictor(model, [0.0] * (k - 1)), x, calls, repeats)
-    row["predictor, all run to the end"] = per_call_ms(timm_scan.EarlyExitPredictor(model, [1.0] * (k - 1)), x, calls, repeats)
+    for name, threshold in (("all leave at exit 1", 0.0), ("all run to the end", 1.0)):
+        predictor = timm_scan.EarlyExitPredictor(model, timm_scan.ExitPolicy([threshold] * (k - 1)))
+        row[f"predictor, {name}"] = per_call_ms(predictor, x, calls, repeats)
     alone = row["backbone"] + sum(row[f"head {i} for inference"] for i in range(k - 1)) + row["deepest head"]
     row["interleaving cost"] = row["sections and inference heads in sequence"] - alone
     return row

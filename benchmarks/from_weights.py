@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from timm_scan import ExitCosts
 from timm_scan.deploy import ExitTable, search_thresholds
 from timm_scan.report import exit_table
 from timm_scan.training import Trainer, TrainConfig, cached_outputs, eval_dataset, load_run, run_results, run_splits
@@ -65,23 +66,24 @@ def evaluate_mode(run: Path, baseline_val: float) -> dict:
                     "backbone_macs": results.backbone_macs}
     if results.baseline:  # one exit: nothing to search
         return record
+    costs = ExitCosts.macs(results.exit_macs, results.backbone_macs)
     found, errors = {}, {}
     for fallback in ("ensemble", "deepest"):
         try:
-            found[fallback] = search_thresholds(*val, results.exit_macs, results.backbone_macs, fallback=fallback,
-                                                max_accuracy_drop=0.0, baseline_accuracy=100 * baseline_val,
-                                                min_threshold=0.0)
+            found[fallback] = search_thresholds(*val, costs, fallback=fallback, max_accuracy_drop=0.0,
+                                                baseline_accuracy=baseline_val, min_threshold=0.0)
         except ValueError as exc:
             errors[fallback] = str(exc)
     if not found:
         record["no_loss"] = {"error": errors}
         return record
-    fallback = max(found, key=lambda f: found[f].acceleration)
+    fallback = max(found, key=lambda f: found[f].speedup)
     best = found[fallback]
-    table = ExitTable.from_outputs(*test, results.exit_macs, results.backbone_macs, fallback)
+    table = ExitTable.from_outputs(*test, costs, fallback)
     accuracy, speedup = (float(v[0]) for v in table.evaluate([best.thresholds]))
-    record["no_loss"] = {"fallback": fallback, "thresholds": best.thresholds, "val_accuracy": best.accuracy,
-                         "val_macs_speedup": best.acceleration, "test_accuracy": accuracy,
+    # accuracies in percent, as in the stored results
+    record["no_loss"] = {"fallback": fallback, "thresholds": list(best.thresholds), "val_accuracy": 100 * best.accuracy,
+                         "val_macs_speedup": best.speedup, "test_accuracy": 100 * accuracy,
                          "test_macs_speedup": speedup,
                          "test_exit_shares": table.exit_shares([best.thresholds])[0].tolist()}
     return record

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from timm_scan import EarlyExitPredictor, measure_exit_latency, sweep_beta
+from timm_scan import EarlyExitPredictor, ExitCosts, measure_exit_latency, sweep_beta
 from timm_scan.deploy import ExitTable
 from timm_scan.deploy.policy import exit_accuracy
 from timm_scan.training import cached_outputs, eval_dataset, load_run, run_splits
@@ -56,17 +56,19 @@ def measure_run(run: str, args: argparse.Namespace) -> dict:
     for batch_size, n in zip(args.batch_sizes, args.images):
         latency = measure_exit_latency(model, size, batch_size, images=max(batch_size, 64),
                                        memory_format="channels_last" if args.channels_last else "contiguous")
-        points = sweep_beta(val_probs, val_labels, latency, betas=args.betas, generations=args.generations)
-        table = ExitTable.from_outputs(test_probs, test_labels, latency)
+        costs = ExitCosts.from_latency(latency)
+        points = sweep_beta(val_probs, val_labels, costs, betas=args.betas, generations=args.generations)
+        table = ExitTable.from_outputs(test_probs, test_labels, costs)
         keys = [" ".join(f"{t:.6f}" for t in p.thresholds) for p in points]  # β values often share thresholds
-        predictors = {key: EarlyExitPredictor(model, p.thresholds) for key, p in zip(keys, points)}
+        predictors = {key: EarlyExitPredictor(model, p.policy) for key, p in zip(keys, points)}
         ms = timings({"backbone": model.backbone, **predictors}, images[:n], {batch_size: n}, args.repeats)
         backbone_ms = ms["backbone"][batch_size]
         rows = []
         for point, key in zip(points, keys):
             accuracy, predicted = (float(v[0]) for v in table.evaluate(np.array([point.thresholds])))
-            rows.append({"beta": point.beta, "thresholds": point.thresholds, "val_accuracy": point.accuracy,
-                         "test_accuracy": accuracy, "predicted_speedup": predicted,
+            # accuracies in percent, as in the stored results
+            rows.append({"beta": point.beta, "thresholds": list(point.thresholds), "val_accuracy": 100 * point.accuracy,
+                         "test_accuracy": 100 * accuracy, "predicted_speedup": predicted,
                          "ms_per_image": ms[key][batch_size], "measured_speedup": backbone_ms / ms[key][batch_size]})
         result["batches"][str(batch_size)] = {"latency": latency.to_dict(), "images_timed": n,
                                               "backbone_ms_per_image": backbone_ms, "rows": rows}

@@ -54,7 +54,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from families import FAMILIES as CNN_FAMILIES  # noqa: E402  (the test suite's lists)
 from families import FAMILIES_NOT_IN_ORDER  # noqa: E402
-from mixing import mixing_thresholds  # noqa: E402
+from helpers import mixing_thresholds  # noqa: E402
 
 # (model, timm.create_model kwargs, input side): every family of the test suite
 FAMILIES = [(name, {}, size) for name, size in CNN_FAMILIES] + [
@@ -108,9 +108,9 @@ def speed(size: int, batch_sizes: list[int], repeats: int, n_images: int | None,
         for bs in batch_sizes:
             images = n_images or (256 if bs == 1 else 1024)
             x = torch.randn(images, 3, size, size)
-            thresholds = half_at_exit_1(model, x)
-            onnx_predictor = timm_scan.OnnxEarlyExitPredictor(folder / "exits", thresholds)
-            torch_predictor = timm_scan.EarlyExitPredictor(model, thresholds)
+            policy = timm_scan.ExitPolicy(half_at_exit_1(model, x))
+            onnx_predictor = timm_scan.OnnxEarlyExitPredictor(folder / "exits", policy)
+            torch_predictor = timm_scan.EarlyExitPredictor(model, policy)
             result = onnx_predictor(x)
             macs_speedup = model.backbone_macs((3, size, size)) / result.macs.double().mean().item()
             seconds = wall_clocks({
@@ -159,9 +159,9 @@ def coverage(names: list[str]) -> list[dict]:
             with torch.no_grad():
                 probs = [torch.softmax(z, -1) for z in model(x).logits]
             quantiles = torch.linspace(0.6, 0.4, len(probs) - 1).tolist()  # a mixed batch: some leave at each exit
-            thresholds = mixing_thresholds(probs, quantiles)
-            ours = timm_scan.EarlyExitPredictor(model, thresholds)(x)
-            theirs = timm_scan.OnnxEarlyExitPredictor(tmp, thresholds)(x)
+            policy = timm_scan.ExitPolicy(mixing_thresholds(probs, quantiles))
+            ours = timm_scan.EarlyExitPredictor(model, policy)(x)
+            theirs = timm_scan.OnnxEarlyExitPredictor(tmp, policy)(x)
             rows.append({**row, "exported": True, "export_seconds": seconds,
                          "same_exits": bool(torch.equal(ours.exit_index, theirs.exit_index)),
                          "same_labels": bool(torch.equal(ours.labels, theirs.labels)),

@@ -41,11 +41,12 @@ the same way), the transforms, the timm model, the seed, the optimiser, schedule
   recommends on CPU). At each batch size b:
 
   1. *Our points, thresholds searched against measured latency.* ``measure_exit_latency(ours,
-     batch_size=b, fallback="ensemble")`` times what leaving at each exit costs (ms per image, the
+     batch_size=b, policy=ExitPolicy(fallback="ensemble"))`` times what leaving at each exit costs (ms per image, the
      predictor as it runs, in turns with the plain backbone; random images, as many as are timed
      below, ``--repeats`` passes). Where fewer than b images are timed (smoke tests), it is measured
-     at the batch actually timed. With that ``ExitLatency`` as the cost, on val outputs: ``sweep_beta`` at each of
-     ``--betas``, ``search_thresholds(max_accuracy_drop=d)`` at each of ``--drops`` (points below
+     at the batch actually timed. With that ``ExitLatency`` as the cost (``ExitCosts.from_latency``), on val
+     outputs: ``sweep_beta`` at each of ``--betas``, ``search_thresholds(max_accuracy_drop=d / 100)`` at each of
+     ``--drops`` (points below
      the deepest exit's val accuracy) and ``search_thresholds(budget=f × the backbone's ms per image
      in that ExitLatency)`` at each of ``--latency-budgets`` (settings ``ms-budget=f``): with the
      drops, the two kinds of target earlyon's calibrators get. A target no thresholds meet on val is
@@ -145,7 +146,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import timm_scan
-from timm_scan import ExitLatency, MultiExitModel
+from timm_scan import ExitCosts, ExitLatency, ExitPolicy, MultiExitModel
 from timm_scan.deploy import ExitTable, ensemble_probs, simulate_early_exit, wall_clocks
 from timm_scan.deploy.threads import one_torch_thread
 from timm_scan.model import count_macs
@@ -398,15 +399,16 @@ def ours_side(run: Path, model: MultiExitModel, cfg: TrainConfig, outputs: Outpu
     """Our exits on test and one point per β (thresholds by SCAN's genetic search on val, MACs as the cost)."""
     val_probs, val_labels, test_probs, test_labels = outputs.val_probs, outputs.val_labels, outputs.test_probs, \
         outputs.test_labels
-    exit_macs, backbone_macs = model.exit_macs(size), model.backbone_macs(size)
-    test_table = ExitTable.from_outputs(test_probs, test_labels, exit_macs, backbone_macs)
+    costs = model.exit_costs(size)
+    exit_macs = model.exit_macs(size)
+    test_table = ExitTable.from_outputs(test_probs, test_labels, costs)
     points = []
-    for result in timm_scan.sweep_beta(val_probs, val_labels, exit_macs, backbone_macs, betas, seed=cfg.seed):
+    for result in timm_scan.sweep_beta(val_probs, val_labels, costs, betas=betas, seed=cfg.seed):
         thresholds = np.array([result.thresholds])
-        test_accuracy, test_acceleration = test_table.evaluate(thresholds)
+        test_accuracy, test_speedup = test_table.evaluate(thresholds)
         points.append(Point(
-            OURS, f"β={result.beta:g}", result.thresholds, result.accuracy / 100, backbone_macs / result.acceleration,
-            float(test_accuracy[0]) / 100, backbone_macs / float(test_acceleration[0]),
+            OURS, f"β={result.beta:g}", list(result.thresholds), result.accuracy, costs.backbone / result.speedup,
+            float(test_accuracy[0]), costs.backbone / float(test_speedup[0]),
             test_table.exit_shares(thresholds)[0].tolist(),
         ))
     return Side(
@@ -519,29 +521,30 @@ def ours_latency_points(outputs: Outputs, latency: ExitLatency, betas: list[floa
     ``latency.backbone_ms_per_image``), replayed on test; identical vectors merged. Also the targets no
     thresholds meet on val, with the search's reason. ``method``: which of our runtimes ``latency`` timed."""
     probs, labels = outputs.val_probs, outputs.val_labels
-    searches = [(f"β={r.beta:g}", r) for r in timm_scan.sweep_beta(probs, labels, latency, betas=betas, seed=seed)]
-    targets = [(f"max-drop={d:g}pt", {"max_accuracy_drop": d}) for d in drops]
+    ms = ExitCosts.from_latency(latency)
+    searches = [(f"β={r.beta:g}", r) for r in timm_scan.sweep_beta(probs, labels, ms, betas=betas, seed=seed)]
+    targets = [(f"max-drop={d:g}pt", {"max_accuracy_drop": d / 100}) for d in drops]  # points → a fraction
     targets += [(f"ms-budget={f:g}", {"budget": f * latency.backbone_ms_per_image}) for f in budgets]
     skipped = []
     for setting, target in targets:
         try:
-            searches.append((setting, timm_scan.search_thresholds(probs, labels, latency, seed=seed, **target)))
+            searches.append((setting, timm_scan.search_thresholds(probs, labels, ms, seed=seed, **target)))
         except ValueError as e:
             skipped.append({"method": method, "setting": setting, "reason": str(e)})
-    on_macs = ExitTable.from_outputs(outputs.test_probs, outputs.test_labels, exit_macs, backbone_macs)
-    on_ms = ExitTable.from_outputs(outputs.test_probs, outputs.test_labels, latency)
+    on_macs = ExitTable.from_outputs(outputs.test_probs, outputs.test_labels, ExitCosts.macs(exit_macs, backbone_macs))
+    on_ms = ExitTable.from_outputs(outputs.test_probs, outputs.test_labels, ms)
     merged: dict[tuple[float, ...], CurvePoint] = {}
     for setting, result in searches:
         key = tuple(result.thresholds)
         if key in merged:
             merged[key].setting += f", {setting}"
             continue
-        test_accuracy, test_acceleration = on_macs.evaluate([result.thresholds])
-        _, ms_acceleration = on_ms.evaluate([result.thresholds])
+        test_accuracy, test_speedup = on_macs.evaluate([result.thresholds])
+        _, ms_speedup = on_ms.evaluate([result.thresholds])
         merged[key] = CurvePoint(
-            method, setting, list(result.thresholds), simulated_accuracy=float(test_accuracy[0]) / 100,
-            simulated_macs_fraction=1 / float(test_acceleration[0]), val_accuracy=result.accuracy / 100,
-            predicted_ms_per_image=latency.backbone_ms_per_image / float(ms_acceleration[0]))
+            method, setting, list(result.thresholds), simulated_accuracy=float(test_accuracy[0]),
+            simulated_macs_fraction=1 / float(test_speedup[0]), val_accuracy=result.accuracy,
+            predicted_ms_per_image=latency.backbone_ms_per_image / float(ms_speedup[0]))
     return list(merged.values()), skipped
 
 
@@ -601,11 +604,11 @@ def latency_curve(batch_size: int, images: Tensor, labels: Tensor, plain: torch.
         return result.labels, result.exit_index, result.macs.double()
 
     def ours_replay(p: CurvePoint) -> tuple[Tensor, Tensor]:
-        index, _, probs = simulate_early_exit([q[:n] for q in outputs.test_probs], p.thresholds, "ensemble")
+        index, _, probs = simulate_early_exit([q[:n] for q in outputs.test_probs], ExitPolicy(p.thresholds, "ensemble"))
         return probs.argmax(-1), index
 
     for p in ours_points:
-        settings[f"{OURS}: {p.setting}"] = (p, timm_scan.EarlyExitPredictor(ours, p.thresholds, "ensemble"),
+        settings[f"{OURS}: {p.setting}"] = (p, timm_scan.EarlyExitPredictor(ours, ExitPolicy(p.thresholds, "ensemble")),
                                             ours_answers, ours_replay(p))
     if onnx is not None:
         onnx_backbone = CurvePoint(BACKBONE_ONNX, "-", simulated_accuracy=backbone.simulated_accuracy,
@@ -617,7 +620,7 @@ def latency_curve(batch_size: int, images: Tensor, labels: Tensor, plain: torch.
 
         settings[BACKBONE_ONNX] = (onnx_backbone, onnx_plain, plain_answers, settings[BACKBONE][3])
         for p in onnx.points:
-            predictor = timm_scan.OnnxEarlyExitPredictor(onnx.folder, p.thresholds, "ensemble")
+            predictor = timm_scan.OnnxEarlyExitPredictor(onnx.folder, ExitPolicy(p.thresholds, "ensemble"))
             settings[f"{OURS_ONNX}: {p.setting}"] = (p, lambda batch, run=predictor: run(batch.contiguous()),
                                                      ours_answers, ours_replay(p))
 
@@ -701,7 +704,7 @@ def latency_curves(b: int, args: argparse.Namespace, cfg: TrainConfig, images: T
     n = len(labels)
     latency = timm_scan.measure_exit_latency(ours, tuple(images.shape[1:]), min(b, n), images=n,  # as timed below
                                              memory_format=args.memory_format, repeats=args.repeats,
-                                             fallback="ensemble")  # as searched and timed
+                                             policy=ExitPolicy(fallback="ensemble"))  # as searched and timed
     search = (args.betas, args.drops, args.latency_budgets, cfg.seed, exit_macs, backbone_macs)
     ours_points, skipped = ours_latency_points(outputs, latency, *search)
     onnx_side = onnx_latency = None
@@ -948,7 +951,7 @@ def main() -> None:
             onnx_dir = Path(onnx_dir)
             timm_scan.export_onnx(ours, onnx_dir / "ours", size)
             onnx_backbone = plain_backbone_session(plain, size[-1], onnx_dir, session_options())
-            onnx_base = timm_scan.OnnxEarlyExitPredictor(onnx_dir / "ours", [1.0] * (ours.num_exits - 1))
+            onnx_base = timm_scan.OnnxEarlyExitPredictor(onnx_dir / "ours", ExitPolicy([1.0] * (ours.num_exits - 1)))
         for model in (ours, plain, peer):
             model.to(memory_format=fmt)
         curves = {str(b): latency_curves(b, args, cfg, images[:counts[b]], labels[:counts[b]], plain, ours, peer,

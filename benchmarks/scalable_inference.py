@@ -2,9 +2,9 @@
 
 On the self-distilled run of ``benchmarks/accuracy.py``: the genetic threshold search for each β
 of a sweep on the validation split (fitness baseline: the plain backbone's validation accuracy),
-each point reported on the test split: accuracy, acceleration in MACs, share of samples per exit,
+each point reported on the test split: accuracy, speed-up in MACs, share of samples per exit,
 and the measured wall-clock speed-up of the real early-exit predictor over the plain backbone at
-batch 1 and batch 256 on test images. Then the largest acceleration whose test accuracy is at
+batch 1 and batch 256 on test images. Then the largest speed-up whose test accuracy is at
 least the plain backbone's.
 
     python benchmarks/scalable_inference.py                    # runs/bench/resnet18-{sd,baseline}
@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from timm_scan import EarlyExitPredictor
+from timm_scan import EarlyExitPredictor, ExitCosts
 from timm_scan.deploy import ExitTable, sweep_beta, wall_clocks
 from timm_scan.deploy.plots import plot_tradeoff
 from timm_scan.training import cached_outputs, eval_dataset, load_run, run_results, run_splits
@@ -74,9 +74,10 @@ def main() -> None:
     val_probs, val_labels = cached_outputs(args.sd, "val", model, eval_dataset(splits, "val", model.data_config))
     test_set = eval_dataset(splits, "test", model.data_config)
     test_probs, test_labels = cached_outputs(args.sd, "test", model, test_set)
-    points = sweep_beta(val_probs, val_labels, exit_macs, backbone_macs, args.betas, baseline_accuracy=baseline_val,
+    costs = ExitCosts.macs(exit_macs, backbone_macs)
+    points = sweep_beta(val_probs, val_labels, costs, betas=args.betas, baseline_accuracy=baseline_results.val.deepest,
                         generations=args.generations)
-    table = ExitTable.from_outputs(test_probs, test_labels, exit_macs, backbone_macs)
+    table = ExitTable.from_outputs(test_probs, test_labels, costs)
 
     batch_sizes = {1: args.images_b1, 256: args.images_b256}
     images = test_images(test_set, max(batch_sizes.values()))
@@ -85,16 +86,16 @@ def main() -> None:
         model, backbone = model.to(memory_format=torch.channels_last), backbone.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     keys = [" ".join(f"{t:.6f}" for t in point.thresholds) for point in points]  # β values often share thresholds
-    predictors = {key: EarlyExitPredictor(model, point.thresholds) for key, point in zip(keys, points)}
+    predictors = {key: EarlyExitPredictor(model, point.policy) for key, point in zip(keys, points)}
     measured = timings({"backbone": backbone, **predictors}, images, batch_sizes, args.repeats)
     backbone_ms = measured["backbone"]
     rows = []
     for point, key in zip(points, keys):
         thresholds = np.array([point.thresholds])
-        accuracy, acceleration = (float(v[0]) for v in table.evaluate(thresholds))
-        rows.append({
-            "beta": point.beta, "thresholds": point.thresholds, "val_accuracy": point.accuracy,
-            "val_acceleration": point.acceleration, "test_accuracy": accuracy, "test_macs_speedup": acceleration,
+        accuracy, speedup = (float(v[0]) for v in table.evaluate(thresholds))
+        rows.append({  # accuracies in percent and the keys of the stored results
+            "beta": point.beta, "thresholds": list(point.thresholds), "val_accuracy": 100 * point.accuracy,
+            "val_acceleration": point.speedup, "test_accuracy": 100 * accuracy, "test_macs_speedup": speedup,
             "test_exit_shares": [float(s) for s in table.exit_shares(thresholds)[0]],
             "early_exit_ms_per_image": {str(b): t for b, t in measured[key].items()},
             "measured_speedup": {str(b): backbone_ms[b] / t for b, t in measured[key].items()},

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 import timm_scan
-from timm_scan.deploy.calibration import apply_temperatures, expected_calibration_error, fit_temperatures
+from timm_scan.deploy.calibration import expected_calibration_error, fit_temperatures
+from timm_scan.deploy.policy import apply_temperatures
 from timm_scan.deploy.thresholds import ExitTable, Objective, genetic_search
 from timm_scan.training import cached_outputs, eval_dataset, load_run, run_splits
 
@@ -79,9 +80,10 @@ def per_sample(table: ExitTable, thresholds: list[float], exit_macs: list[int]) 
 
 def search_points(val: ExitTable, test: ExitTable, test_deepest: float, min_threshold: float, seed: int,
                   args: argparse.Namespace) -> list[dict]:
-    """Every target and β searched on validation, each evaluated on test."""
+    """Every target and β searched on validation, each evaluated on test (accuracies and drops in points
+    here, fractions in the search)."""
     baseline = val.deepest_accuracy
-    objectives = ([("max_drop", d, Objective(baseline, None, d)) for d in args.max_drops]
+    objectives = ([("max_drop", d, Objective(baseline, None, d / 100)) for d in args.max_drops]
                   + [("beta", b, Objective(baseline, b)) for b in args.betas])
     points = []
     for kind, value, objective in objectives:
@@ -94,7 +96,8 @@ def search_points(val: ExitTable, test: ExitTable, test_deepest: float, min_thre
             points.append(point)
             continue
         accuracy, speedup = (float(v[0]) for v in test.evaluate(np.array([found.thresholds])))
-        point.update(thresholds=found.thresholds, val_accuracy=found.accuracy, val_speedup=found.acceleration,
+        accuracy = 100 * accuracy
+        point.update(thresholds=list(found.thresholds), val_accuracy=100 * found.accuracy, val_speedup=found.speedup,
                      test_accuracy=accuracy, test_speedup=speedup,
                      test_exit_shares=[float(s) for s in test.exit_shares(np.array([found.thresholds]))[0]])
         if kind == "max_drop":
@@ -115,6 +118,7 @@ def evaluate_run(run: str, args: argparse.Namespace) -> dict:
     splits = run_splits(cfg)
     size = tuple(model.data_config["input_size"])
     exit_macs, backbone_macs = model.exit_macs(size), model.backbone_macs(size)
+    costs = timm_scan.ExitCosts.macs(exit_macs, backbone_macs)
     val_probs, val_labels = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
     test_probs, test_labels = cached_outputs(run, "test", model, eval_dataset(splits, "test", model.data_config))
     temperatures = fit_temperatures(val_probs, val_labels)
@@ -141,8 +145,8 @@ def evaluate_run(run: str, args: argparse.Namespace) -> dict:
     # for the bootstrap: each searched point's per-sample correctness and MACs on test, and its setting
     correct_rows, macs_rows, owners = [], [], []
     for calibrated in (False, True):
-        val_table = ExitTable.from_outputs(probs[calibrated][0], val_labels, exit_macs, backbone_macs, fallback)
-        test_table = ExitTable.from_outputs(probs[calibrated][1], test_labels, exit_macs, backbone_macs, fallback)
+        val_table = ExitTable.from_outputs(probs[calibrated][0], val_labels, costs, fallback)
+        test_table = ExitTable.from_outputs(probs[calibrated][1], test_labels, costs, fallback)
         fallback_accuracy = {"val": 100.0 * val_table.correct[-1].double().mean().item(),
                              "test": 100.0 * test_table.correct[-1].double().mean().item()}
         for min_threshold in args.min_thresholds:

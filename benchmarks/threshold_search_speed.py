@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from timm_scan import search_thresholds
+from timm_scan import ExitCosts, search_thresholds
 
 
 def synthetic(n: int = 10_000, k: int = 4, classes: int = 10, seed: int = 0):
@@ -30,7 +30,7 @@ def main() -> None:
     times = []
     for seed in range(5):
         started = time.perf_counter()
-        search_thresholds(probs, labels, [10, 20, 30, 42], 40, beta=1.0, generations=100, seed=seed)
+        search_thresholds(probs, labels, ExitCosts.macs([10, 20, 30, 42], 40), beta=1.0, generations=100, seed=seed)
         times.append(time.perf_counter() - started)
     print(f"genetic search, 10,000 samples, K = 4, 100 generations: median {statistics.median(times):.2f} s "
           f"(min {min(times):.2f}, max {max(times):.2f}, 5 runs)")

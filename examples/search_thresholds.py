@@ -12,5 +12,5 @@ from timm_scan.commands.search import SearchConfig, search
 
 if __name__ == "__main__":
     record = search(parse_config(SearchConfig, description=__doc__))
-    print(f"kept {record.target or f'β = {record.beta:g}'}: validation accuracy {record.chosen.accuracy:.2f}%, "
-          f"speed-up {record.chosen.acceleration:.2f}x")
+    print(f"kept {record.target or f'β = {record.chosen.beta:g}'}: validation accuracy "
+          f"{100 * record.chosen.accuracy:.2f}%, speed-up {record.chosen.speedup:.2f}x")

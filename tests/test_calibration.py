@@ -5,8 +5,8 @@ import torch
 from helpers import create
 
 import timm_scan
-from timm_scan import EarlyExitPredictor, calibrate
-from timm_scan.deploy.calibration import apply_temperatures, expected_calibration_error, fit_temperature
+from timm_scan import EarlyExitPredictor, ExitPolicy, apply_temperatures, calibrate
+from timm_scan.deploy.calibration import expected_calibration_error, fit_temperature
 from timm_scan.deploy.policy import simulate_early_exit
 
 
@@ -40,31 +40,36 @@ def test_a_calibrated_model_answers_with_its_temperatures_everywhere(tmp_path):
     with torch.no_grad():
         probs = [torch.softmax(z, -1) for z in model(x).logits]
     labels = torch.randint(0, 5, (32,), generator=torch.Generator().manual_seed(1))
-    report = calibrate(model, probs, labels)
-    assert model.temperatures == report.temperatures and len(report.before) == len(report.after) == 4
-    model.temperatures = [0.5, 2.0, 0.8, 1.5]  # far from 1, so a missed division would show
-    scaled = apply_temperatures(probs, model.temperatures)
+    before = model.policy
+    report = calibrate(probs, labels)
+    assert model.policy is before and len(report.temperatures) == len(report.before) == len(report.after) == 4
+    temperatures = [0.5, 2.0, 0.8, 1.5]  # far from 1, so a missed division would show
+    scaled = apply_temperatures(probs, temperatures)
     thresholds = [torch.quantile(p.amax(-1), 0.5).item() for p in scaled[:-1]]
-    result = EarlyExitPredictor(model, thresholds)(x)
-    exit_index, confidence, expected = simulate_early_exit(scaled, thresholds)
+    model.policy = ExitPolicy(thresholds, temperatures=temperatures)
+    result = EarlyExitPredictor(model)(x)
+    exit_index, confidence, expected = simulate_early_exit(probs, model.policy)
     assert torch.equal(result.exit_index, exit_index) and 0 < (exit_index < 3).sum() < 32
     torch.testing.assert_close(result.probs, expected, rtol=1e-4, atol=1e-5)
 
     model.save_pretrained(tmp_path / "saved")
     loaded = timm_scan.from_pretrained(tmp_path / "saved")
-    assert loaded.temperatures == [0.5, 2.0, 0.8, 1.5]
-    assert torch.equal(EarlyExitPredictor(loaded, thresholds)(x).exit_index, exit_index)
+    assert loaded.policy == model.policy and loaded.policy.temperatures == (0.5, 2.0, 0.8, 1.5)
+    assert torch.equal(EarlyExitPredictor(loaded)(x).exit_index, exit_index)
     pytest.importorskip("onnxruntime")
     timm_scan.export_onnx(model, tmp_path / "onnx", (3, 32, 32))
-    onnx = timm_scan.OnnxEarlyExitPredictor(tmp_path / "onnx", thresholds)
+    onnx = timm_scan.OnnxEarlyExitPredictor(tmp_path / "onnx")
     assert torch.equal(onnx(x).exit_index, exit_index)
 
 
-def test_calibrate_refuses_outputs_of_another_model():
+def test_the_0_1_0_calibrate_still_sets_the_model_with_a_warning_and_refuses_other_outputs():
     model = timm_scan.wrap(create("test_resnet", num_classes=5), check_input_size=(3, 32, 32))
     probs, labels = over_confident(n=50, classes=5)
-    with pytest.raises(ValueError, match="all 4 exits"):
+    with pytest.warns(DeprecationWarning, match="calibrate"), pytest.raises(ValueError, match="all 4 exits"):
         calibrate(model, [probs] * 3, labels)
+    with pytest.warns(DeprecationWarning, match="calibrate"):
+        report = calibrate(model, [probs] * 4, labels)
+    assert model.policy.temperatures == tuple(report.temperatures) == tuple(calibrate([probs] * 4, labels).temperatures)
 
 
 def test_degenerate_and_wrong_inputs():
@@ -76,6 +81,10 @@ def test_degenerate_and_wrong_inputs():
         fit_temperature(torch.randn(50, 10), torch.zeros(50, dtype=torch.long))
     with pytest.raises(ValueError, match="class indices"):
         expected_calibration_error(probs, torch.full((200,), 10))
+    policy = ExitPolicy([0.5] * 3, temperatures=__import__("numpy").array([1.0, 1.5, 2.0, 1.0], dtype="float32"))
+    assert policy.temperatures == (1.0, 1.5, 2.0, 1.0)  # any sequence will do
+    with pytest.raises(ValueError, match="temperatures must be positive"):
+        ExitPolicy(temperatures=[1.0, 0.0, 1.0])
     model = timm_scan.wrap(create("test_resnet", num_classes=5), check_input_size=(3, 32, 32))
-    model.temperatures = __import__("numpy").array([1.0, 1.5, 2.0, 1.0], dtype="float32")  # any sequence will do
-    assert EarlyExitPredictor(model, [0.5, 0.5, 0.5]).temperatures == [1.0, 1.5, 2.0, 1.0]
+    with pytest.raises(ValueError, match="temperatures must be 4"):
+        model.policy = ExitPolicy(temperatures=[1.0, 2.0])

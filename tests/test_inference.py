@@ -5,7 +5,7 @@ import torch
 from helpers import create
 
 import timm_scan
-from timm_scan import EarlyExitPredictor, ensemble_probs
+from timm_scan import EarlyExitPredictor, ExitPolicy, ensemble_probs
 from timm_scan.deploy import fast_heads
 from timm_scan.deploy.fast_heads import InferenceSeparableConv, inference_copy
 from timm_scan.deploy.policy import simulate_early_exit
@@ -37,8 +37,9 @@ def test_real_early_exit_equals_the_simulated_one(name, size, fallback, optimize
     generator = torch.Generator().manual_seed(0)
     for _ in range(4):
         thresholds = quantile_thresholds(probs, generator)
-        result = EarlyExitPredictor(model, thresholds, fallback, optimize_heads=optimize)(x)
-        exit_index, confidence, expected_probs = simulate_early_exit(probs, thresholds, fallback)
+        policy = ExitPolicy(thresholds, fallback)
+        result = EarlyExitPredictor(model, policy, optimize_heads=optimize)(x)
+        exit_index, confidence, expected_probs = simulate_early_exit(probs, policy)
         assert torch.equal(result.exit_index, exit_index)
         assert torch.equal(result.labels, expected_probs.argmax(-1))
         torch.testing.assert_close(result.probs, expected_probs, rtol=1e-4, atol=1e-5)
@@ -54,8 +55,9 @@ def test_one_image_at_a_time_equals_the_simulated_one(fallback):
     x = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     probs = all_exit_probs(model, x)
     thresholds = quantile_thresholds(probs, torch.Generator().manual_seed(1))
-    predictor = EarlyExitPredictor(model, thresholds, fallback)
-    exit_index, confidence, expected_probs = simulate_early_exit(probs, thresholds, fallback)
+    policy = ExitPolicy(thresholds, fallback)
+    predictor = EarlyExitPredictor(model, policy)
+    exit_index, confidence, expected_probs = simulate_early_exit(probs, policy)
     results = [predictor(image[None]) for image in x]  # batch 1 decides with one comparison per exit
     assert torch.equal(torch.cat([r.exit_index for r in results]), exit_index)
     assert len(set(exit_index.tolist())) > 1
@@ -180,7 +182,7 @@ def test_batch_order_is_preserved():
     model = wrapped()
     x = torch.randn(16, 3, 32, 32)
     probs = all_exit_probs(model, x)
-    predictor = EarlyExitPredictor(model, quantile_thresholds(probs, torch.Generator().manual_seed(1)))
+    predictor = EarlyExitPredictor(model, ExitPolicy(quantile_thresholds(probs, torch.Generator().manual_seed(1))))
     perm = torch.randperm(16)
     a, b = predictor(x), predictor(x[perm])
     assert torch.equal(a.exit_index[perm], b.exit_index) and torch.equal(a.labels[perm], b.labels)
@@ -190,7 +192,7 @@ def test_batch_order_is_preserved():
 
 def test_zero_thresholds_send_everyone_to_the_first_exit_and_skip_the_rest():
     model = wrapped()
-    predictor = EarlyExitPredictor(model, [0.0, 0.0, 0.0])
+    predictor = EarlyExitPredictor(model, ExitPolicy([0.0, 0.0, 0.0]))
     predictor.exit_macs((3, 32, 32))  # counting MACs runs every section once; cached from here on
     calls = []
     model.backbone.layer2.register_forward_hook(lambda *args: calls.append("layer2"))
@@ -207,11 +209,11 @@ def test_thresholds_above_every_confidence_send_everyone_to_the_fallback():
     model = wrapped()
     x = torch.randn(8, 3, 32, 32)
     probs = all_exit_probs(model, x)
-    result = EarlyExitPredictor(model, [1.0, 1.0, 1.0])(x)
+    result = EarlyExitPredictor(model, ExitPolicy([1.0, 1.0, 1.0]))(x)
     assert result.exit_index.tolist() == [3] * 8
     with torch.no_grad():
         torch.testing.assert_close(result.probs, ensemble_probs(probs))
-    deepest = EarlyExitPredictor(model, [1.0, 1.0, 1.0], fallback="deepest")(x)
+    deepest = EarlyExitPredictor(model, ExitPolicy([1.0, 1.0, 1.0], fallback="deepest"))(x)
     torch.testing.assert_close(deepest.probs, probs[-1])
 
 
@@ -222,12 +224,12 @@ def test_thresholds_above_every_confidence_send_everyone_to_the_fallback():
 )
 def test_threshold_validation(thresholds, message):
     with pytest.raises(ValueError, match=message):
-        EarlyExitPredictor(wrapped(), thresholds)
+        EarlyExitPredictor(wrapped(), ExitPolicy(thresholds))
 
 
 def test_fallback_validation():
     with pytest.raises(ValueError, match="fallback"):
-        EarlyExitPredictor(wrapped(), [0.9] * 3, fallback="vote")
+        ExitPolicy([0.9] * 3, fallback="vote")
 
 
 @pytest.mark.parametrize("name, size", [("resnet18", 32), ("swin_tiny_patch4_window7_224", 224), ("test_vit", 160)])
@@ -258,8 +260,8 @@ def test_pooled_heads_are_cheap_and_run_like_the_model(attention, tmp_path):
     x = torch.randn(24, 3, 32, 32)
     probs = all_exit_probs(model, x)
     thresholds = quantile_thresholds(probs, torch.Generator().manual_seed(0))
-    result = EarlyExitPredictor(model, thresholds)(x)
-    exit_index, _, expected = simulate_early_exit(probs, thresholds)
+    result = EarlyExitPredictor(model, ExitPolicy(thresholds))(x)
+    exit_index, _, expected = simulate_early_exit(probs, ExitPolicy(thresholds))
     assert torch.equal(result.exit_index, exit_index) and 0 < (exit_index < 3).sum() < 24
     torch.testing.assert_close(result.probs, expected, rtol=1e-4, atol=1e-5)
     with torch.no_grad():

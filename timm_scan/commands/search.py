@@ -146,6 +146,7 @@ def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
     to fractions, ``acceleration`` → ``speedup``, each result's thresholds with the record's fallback and
     temperatures as its policy."""
     data = dict(data)
+    data.setdefault("min_threshold", 0.7)  # 0.1.0 searched in SCAN's range and did not record it
     beta, fallback = data.pop("beta", None), data.pop("fallback", "ensemble")
     targets = {key: data.pop(key, None) for key in ("max_drop", "budget_macs", "budget_ms")}
     baseline = data["baseline_accuracy"] = data["baseline_accuracy"] / 100
