@@ -1,5 +1,6 @@
 """save_pretrained / from_pretrained on local folders (the Hub round trip is in test_hub_push.py)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import yaml
 from helpers import create
 
 import timm_scan
-from timm_scan import EarlyExitPredictor, ScanConfig
+from timm_scan import EarlyExitPredictor, ExitPolicy, PolicyOrigin, ScanConfig
 from timm_scan.model.card import model_card
 from timm_scan.report import EarlyExitReport, ExitAccuracy, RunResults, WallClock
 from timm_scan.model.hub import save_deployment
@@ -42,7 +43,7 @@ def outputs(model, x):
 ])
 def test_round_trip_is_exact(tmp_path, name, size, config):
     model = trained_like(name, size, **config)
-    model.thresholds, model.fallback = [0.9] * (model.num_exits - 1), "deepest"
+    model.policy = ExitPolicy([0.9] * (model.num_exits - 1), "deepest")
     model.save_pretrained(str(tmp_path))
     loaded = timm_scan.from_pretrained(tmp_path).eval()
     x = torch.randn(3, 3, size, size)
@@ -50,9 +51,9 @@ def test_round_trip_is_exact(tmp_path, name, size, config):
     for u, v in zip(a.logits + a.features, b.logits + b.features):
         assert torch.equal(u, v)
     assert loaded.config == model.config and loaded.class_names == model.class_names
-    assert tuple(loaded.data_config["input_size"]) == (3, size, size) and loaded.thresholds == model.thresholds
+    assert tuple(loaded.data_config["input_size"]) == (3, size, size) and loaded.policy == model.policy
     assert json.dumps(loaded.data_config) == json.dumps(model.data_config)  # stored once, in timm's config.json
-    assert EarlyExitPredictor(loaded).fallback == "deepest"  # the saved thresholds and fallback
+    assert EarlyExitPredictor(loaded).policy.fallback == "deepest"  # the saved thresholds and fallback
 
 
 def test_plain_timm_loads_the_backbone(tmp_path):
@@ -70,41 +71,53 @@ def test_thresholds_can_be_recorded_later(tmp_path):
     model.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="no thresholds"):
         EarlyExitPredictor(timm_scan.from_pretrained(tmp_path))
-    save_deployment(tmp_path, [0.8, 0.85, 0.9])
-    assert EarlyExitPredictor(timm_scan.from_pretrained(tmp_path)).thresholds == [0.8, 0.85, 0.9]
+    save_deployment(tmp_path, ExitPolicy([0.8, 0.85, 0.9]))
+    assert EarlyExitPredictor(timm_scan.from_pretrained(tmp_path)).policy.thresholds == (0.8, 0.85, 0.9)
+    with pytest.warns(DeprecationWarning, match="save_deployment"):  # 0.1.0's form
+        save_deployment(tmp_path, [0.7, 0.75, 0.8], "deepest")
+    assert timm_scan.from_pretrained(tmp_path).policy == ExitPolicy([0.7, 0.75, 0.8], "deepest")
 
 
 def test_temperatures_and_latency_travel_with_the_model(tmp_path):
     """Saved, loaded, shown on the card; a later measurement at the same setting replaces the earlier one."""
     model = trained_like()
-    model.temperatures = [1.5, 1.2, 1.1, 0.9]
+    model.policy = ExitPolicy(temperatures=[1.5, 1.2, 1.1, 0.9])
     b1 = ExitLatency([1.0, 2.0, 3.0, 4.5], 4.0, 1, [3, 32, 32], "float32", "contiguous", "cpu: test")
     model.exit_latency = [b1]
     model.save_pretrained(str(tmp_path))
     loaded = timm_scan.from_pretrained(tmp_path)
-    assert loaded.temperatures == [1.5, 1.2, 1.1, 0.9] and loaded.exit_latency == [b1]
+    assert loaded.policy.temperatures == (1.5, 1.2, 1.1, 0.9) and loaded.exit_latency == [b1]
     card = (tmp_path / "README.md").read_text()
     assert "1.000, 2.000, 3.000, 4.500" in card and "cpu: test, batch 1" in card and "1.500, 1.200" in card
     b1_again = ExitLatency([2.0, 2.5, 3.0, 5.0], 4.0, 1, [3, 32, 32], "float32", "contiguous", "cpu: test")
     b8 = ExitLatency([0.5, 1.0, 1.5, 2.0], 2.0, 8, [3, 32, 32], "float32", "contiguous", "cpu: test")
-    save_deployment(tmp_path, [0.8, 0.85, 0.9], temperatures=None, exit_latency=[b1_again, b8])
+    save_deployment(tmp_path, ExitPolicy([0.8, 0.85, 0.9]), exit_latency=[b1_again, b8])
     loaded = timm_scan.from_pretrained(tmp_path)
-    assert loaded.temperatures is None and loaded.exit_latency == [b1_again, b8]
+    assert loaded.policy.temperatures is None and loaded.exit_latency == [b1_again, b8]
     with pytest.raises(ValueError, match="exit_latency: 3 values for a 4-exit model"):
-        save_deployment(tmp_path, [0.8, 0.85, 0.9], exit_latency=[
+        save_deployment(tmp_path, ExitPolicy([0.8, 0.85, 0.9]), exit_latency=[
             ExitLatency([1.0, 2.0, 3.0], 4.0, 1, [3, 32, 32], "float32", "contiguous", "cpu: test")])
     with pytest.raises(ValueError, match="temperatures must be 4 positive numbers"):
-        save_deployment(tmp_path, [0.8, 0.85, 0.9], temperatures=[1.0, 0.0, 1.0, 1.0])
+        save_deployment(tmp_path, ExitPolicy([0.8, 0.85, 0.9], temperatures=[1.0, 2.0, 1.0]))
     assert timm_scan.from_pretrained(tmp_path).exit_latency == [b1_again, b8]  # a refused update writes nothing
-    save_deployment(tmp_path, __import__("numpy").array([0.5, 0.6, 0.7]), temperatures=__import__("numpy").ones(4))
-    assert timm_scan.from_pretrained(tmp_path).thresholds == [0.5, 0.6, 0.7]
+    policy = ExitPolicy(__import__("numpy").array([0.5, 0.6, 0.7]), temperatures=__import__("numpy").ones(4))
+    save_deployment(tmp_path, policy)
+    assert timm_scan.from_pretrained(tmp_path).policy == policy and policy.thresholds == (0.5, 0.6, 0.7)
 
 
-def test_uncalibrated_models_keep_the_format_of_0_1_0(tmp_path):
-    """The new keys are written only when set, so a model without them stays readable by 0.1.0."""
-    trained_like().save_pretrained(str(tmp_path))
+def test_the_policy_is_saved_as_one_object_and_the_old_attributes_warn(tmp_path):
+    model = trained_like()
+    with pytest.warns(DeprecationWarning, match="model.policy"):
+        model.thresholds = [0.9, 0.8, 0.7]  # 0.1.0's way: replaces the policy, never patches it
+    assert model.policy == ExitPolicy([0.9, 0.8, 0.7])
+    with pytest.warns(DeprecationWarning, match="model.policy.fallback"):
+        assert model.fallback == "ensemble"
+    model.save_pretrained(str(tmp_path))
     meta = json.loads((tmp_path / "scan_config.json").read_text())
-    assert set(meta) == {"format", "format_version", "scan_config", "thresholds", "fallback"}
+    assert set(meta) == {"format", "format_version", "scan_config", "policy"} and meta["format_version"] == 2
+    assert ExitPolicy.from_dict(meta["policy"]) == model.policy
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.policy.thresholds = (0.1, 0.1, 0.1)
 
 
 def test_a_plain_timm_folder_is_not_a_timm_scan_model(tmp_path):
@@ -149,7 +162,8 @@ def test_missing_folder(tmp_path):
 
 def test_model_card_has_the_hub_header_and_the_tables():
     model = trained_like()
-    model.thresholds = [0.9, 0.8, 0.7]
+    origin = PolicyOrigin("genetic search", "max_accuracy_drop", 0.005, "macs", 0.8, 5000)
+    model.policy = ExitPolicy([0.9, 0.8, 0.7], origin=origin)
     test = ExitAccuracy([0.5, 0.6, 0.7, 0.8], 0.75, 100)
     results = RunResults("test_resnet", False, 3, test, test, [1_000_000, 2_000_000, 3_000_000, 4_000_000], 3_800_000,
                          1000, loss={"alpha": 0.3})
@@ -164,5 +178,7 @@ def test_model_card_has_the_hub_header_and_the_tables():
     for text in ["| 1 | layer1 | 50.00% | 1.00 |", "| ensemble | all | 75.00%", "0.900, 0.800, 0.700", "accuracy 79.00%",
                  "MACs speed-up 1.50x", "batch 256: 1.30x", "![accuracy against MACs](tradeoff.png)",
                  'timm_scan.from_pretrained("hf-hub:me/m")', 'timm.create_model("hf-hub:me/m", pretrained=True)',
-                 "epochs=200, lr=0.1", "Loss: alpha=0.3"]:
+                 "epochs=200, lr=0.1", "Loss: alpha=0.3", "Chosen by genetic search on validation outputs",
+                 "accuracy at most 0.5 points below 80.00%, met on the 5000 validation samples it was searched on; "
+                 "no guarantee on new data"]:
         assert text in card, text

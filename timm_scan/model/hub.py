@@ -322,7 +322,7 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
 def save_deployment(
     folder: str | Path,
     policy: ExitPolicy,
-    *,
+    *legacy_fallback: str,
     exit_latency: Sequence[ExitLatency] = (),
     **legacy: Any,
 ) -> None:
@@ -331,11 +331,13 @@ def save_deployment(
     device, batch size, input size, dtype and memory format). Validated against the saved model, and
     written whole or not at all, in the current format (a format-1 folder is upgraded)."""
     if not isinstance(policy, ExitPolicy):  # 0.1.0's save_deployment(folder, thresholds, fallback, temperatures=...)
-        fallback = legacy.pop("fallback", "ensemble")
+        fallback = legacy.pop("fallback", legacy_fallback[0] if legacy_fallback else "ensemble")
         warnings.warn("save_deployment(folder, thresholds, fallback, temperatures=...) is deprecated: pass "
                       "save_deployment(folder, ExitPolicy(thresholds, fallback, temperatures))", DeprecationWarning,
                       stacklevel=2)
         policy = ExitPolicy(policy, fallback, legacy.pop("temperatures", None))
+    elif legacy_fallback:
+        raise TypeError("save_deployment(folder, policy): the fallback is part of the ExitPolicy")
     if legacy:
         raise TypeError(f"save_deployment got unexpected arguments {sorted(legacy)}")
     path = Path(folder) / SCAN_CONFIG
@@ -343,18 +345,15 @@ def save_deployment(
     exits = len(ScanConfig.from_dict(meta["scan_config"]).exits or []) + 1
     try:
         old = _deployment(meta, exits)[1]
-        policy.check(exits)
+        new = {latency.describe() for latency in exit_latency}
+        latency = [*[m for m in old if m.describe() not in new], *exit_latency]
+        meta = {k: v for k, v in meta.items() if k not in _V1_POLICY_KEYS | {"exit_latency"}}
+        meta.update(format_version=FORMAT_VERSION, policy=policy.to_dict())
+        if latency:
+            meta["exit_latency"] = [m.to_dict() for m in latency]
+        _deployment(meta, exits)  # what loading will check
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    new = {latency.describe() for latency in exit_latency}
-    latency = [*[m for m in old if m.describe() not in new], *exit_latency]
-    for key in _V1_POLICY_KEYS:
-        meta.pop(key, None)
-    meta.update(format_version=FORMAT_VERSION, policy=policy.to_dict())
-    if latency:
-        meta["exit_latency"] = [m.to_dict() for m in latency]
-    else:
-        meta.pop("exit_latency", None)
     atomic_write(path, json.dumps(meta, indent=2))
 
 
