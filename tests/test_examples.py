@@ -53,7 +53,7 @@ def test_search_thresholds_then_evaluate(tiny_parquet, tmp_path, monkeypatch, ca
     assert [p.beta for p in searched.sweep] == [0.1, 1.0, 10.0] and len(searched.thresholds) == 3
     assert (run / "outputs" / "val.safetensors").is_file() and (run / "tradeoff_val.png").is_file()
     assert not (run / "outputs" / "test.safetensors").exists()  # the search never reads test
-    assert timm_scan.from_pretrained(run / "best").thresholds == searched.thresholds
+    assert timm_scan.from_pretrained(run / "best").policy == searched.policy
     run_example("evaluate.py", monkeypatch, str(run), "--latency-images", "32", "--latency-images-b1", "4")
     report = EarlyExitReport.load(run / "evaluation.json")
     assert len(report.per_exit.exits) == 4 and len(report.exit_shares) == 4
@@ -79,14 +79,16 @@ def test_search_for_a_target_drop(tiny_parquet, tmp_path, monkeypatch, capsys):
     run_example("search_thresholds.py", monkeypatch, str(run), "--betas", "1", "--budget-ms", "1000", "--calibrate",
                 "--latency-batch-size", "4", "--generations", "5")
     record = ThresholdRecord.load(run / "thresholds.json")
-    assert record.budget_ms == 1000 and record.latency.batch_size == 4 and len(record.temperatures) == 4
+    origin = record.policy.origin
+    assert (origin.objective, origin.value, origin.cost_unit) == ("budget", 1000, "ms")
+    assert record.latency.batch_size == 4 and len(record.policy.temperatures) == 4
     assert record.chosen.mean_cost <= 1000 and record.chosen.budget == 1000
     best = timm_scan.from_pretrained(run / "best")
-    assert best.temperatures == record.temperatures and best.exit_latency == [record.latency]
+    assert best.policy == record.policy and best.exit_latency == [record.latency]
     out = capsys.readouterr().out
     assert "calibrated: temperatures" in out and "kept at most 1000 ms per image at batch 4" in out
     run_example("evaluate.py", monkeypatch, str(run), "--latency-images", "8", "--latency-images-b1", "2")
     report = EarlyExitReport.load(run / "evaluation.json")
-    assert report.target_held is True and report.temperatures == record.temperatures
+    assert report.target_held is True and tuple(report.temperatures) == record.policy.temperatures
     assert len(report.ece) == len(report.ece_calibrated) == 4
     assert "on test it holds" in capsys.readouterr().out

@@ -27,12 +27,12 @@ def assert_same_outputs(a, b, size=32):
 
 def test_push_then_load_from_the_hub(hub, tmp_path):
     model = trained_like()
-    model.thresholds = [0.9, 0.85, 0.8]
+    model.policy = timm_scan.ExitPolicy([0.9, 0.85, 0.8])
     url = model.push_to_hub("tester/scan-roundtrip")
     assert "tester/scan-roundtrip" in url
     loaded = timm_scan.from_pretrained("hf-hub:tester/scan-roundtrip").eval()
     assert_same_outputs(model, loaded)
-    assert loaded.thresholds == [0.9, 0.85, 0.8] and loaded.class_names == ["a", "b", "c", "d"]
+    assert loaded.policy == model.policy and loaded.class_names == ["a", "b", "c", "d"]
     files = HfApi().list_repo_files("tester/scan-roundtrip")
     assert sorted(files) == ["README.md", "config.json", "model.safetensors", "scan_config.json", "scan_exits.safetensors"]
     # plain timm still loads the backbone from the same repo
@@ -94,7 +94,7 @@ def test_trainer_pushes_at_the_end_and_the_example_pushes_a_run(hub, tiny_parque
     loaded = timm_scan.from_pretrained("hf-hub:tester/trained")
     assert loaded.class_names == ["red", "green", "blue", "grey"]
 
-    timm_scan.model.hub.save_deployment(tmp_path / "run" / "best", [0.9, 0.9, 0.9])  # as search_thresholds.py does
+    timm_scan.model.hub.save_deployment(tmp_path / "run" / "best", timm_scan.ExitPolicy([0.9, 0.9, 0.9]))  # as search does
     results = RunResults.load(tmp_path / "run" / "results.json")
     EarlyExitReport("test", results.test, results.exit_macs, results.backbone_macs, [0.9, 0.9, 0.9], "ensemble", 1.0,
                     0.5, 1.2, [0.5, 0.2, 0.1, 0.2]).save(tmp_path / "run" / "evaluation.json")

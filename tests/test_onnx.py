@@ -10,7 +10,7 @@ import torch
 from helpers import create, mixing_thresholds
 
 import timm_scan
-from timm_scan import EarlyExitPredictor, OnnxEarlyExitPredictor, export_onnx
+from timm_scan import EarlyExitPredictor, ExitPolicy, OnnxEarlyExitPredictor, export_onnx
 from timm_scan.deploy.onnx import OnnxManifest, session_options
 
 pytest.importorskip("onnxruntime")
@@ -32,8 +32,9 @@ def thresholds_for(model, x):
 
 
 def assert_same_answers(model, folder, x, thresholds, fallback="ensemble"):
-    torch_result = EarlyExitPredictor(model, thresholds, fallback)(x)
-    onnx_result = OnnxEarlyExitPredictor(folder, thresholds, fallback)(x)
+    policy = ExitPolicy(thresholds, fallback)
+    torch_result = EarlyExitPredictor(model, policy)(x)
+    onnx_result = OnnxEarlyExitPredictor(folder, policy)(x)
     assert torch.equal(torch_result.exit_index, onnx_result.exit_index)
     assert torch.equal(torch_result.labels, onnx_result.labels)
     assert torch.equal(torch_result.macs, onnx_result.macs)
@@ -45,7 +46,7 @@ def assert_same_answers(model, folder, x, thresholds, fallback="ensemble"):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     model = timm_scan.wrap(create("test_resnet", num_classes=5), check_input_size=(3, 32, 32)).eval()
-    model.thresholds, model.fallback = [0.5, 0.5, 0.5], "deepest"
+    model.policy = ExitPolicy([0.5, 0.5, 0.5], "deepest")
     model.class_names = list("abcde")
     folder = tmp_path_factory.mktemp("onnx")
     return model, folder, export_onnx(model, folder, (3, 32, 32))
@@ -66,7 +67,7 @@ def test_onnx_runtime_answers_as_the_torch_predictor(exported, fallback):
 def test_the_manifest_carries_thresholds_classes_and_costs(exported):
     model, folder, manifest = exported
     predictor = OnnxEarlyExitPredictor(folder)  # the manifest's thresholds and fallback
-    assert predictor.thresholds == [0.5, 0.5, 0.5] and predictor.fallback == "deepest"
+    assert predictor.policy == ExitPolicy([0.5, 0.5, 0.5], "deepest")
     assert manifest.class_names == list("abcde") and manifest.num_classes == 5
     assert manifest.backbone_macs == model.backbone_macs((3, 32, 32)) and manifest.stages[0] == "layer1"
     result = predictor(np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32))  # numpy in
@@ -97,14 +98,27 @@ def test_exit_latency_timed_with_onnx_runtime_travels_in_the_manifest(exported, 
         OnnxEarlyExitPredictor(folder).measure_exit_latency(batch_size=0)
 
 
+def as_version(manifest, version, **changes):
+    """``manifest`` (format 3) in an earlier format: the policy's fields loose, as versions 1 and 2 wrote them."""
+    old = {k: v for k, v in manifest.items() if k != "policy"}
+    policy = manifest["policy"]
+    old.update(format_version=version, thresholds=policy["thresholds"], fallback=policy["fallback"], **changes)
+    if policy["temperatures"] is not None:
+        old["temperatures"] = policy["temperatures"]
+    return old
+
+
 def test_a_0_1_0_manifest_still_loads(exported, tmp_path):
-    """0.1.0 wrote ``exit_latency_ms: null`` (never a value); it is read as no measurement."""
+    """0.1.0 wrote the policy's fields loose and ``exit_latency_ms: null`` (never a value), read as no measurement."""
     _, folder, _ = exported
     old = tmp_path / "old"
     shutil.copytree(folder, old)
     manifest = json.loads((old / "manifest.json").read_text())
-    (old / "manifest.json").write_text(json.dumps({**manifest, "exit_latency_ms": None}))
-    assert OnnxEarlyExitPredictor(old).exit_latency == []
+    (old / "manifest.json").write_text(json.dumps(as_version(manifest, 1, exit_latency_ms=None)))
+    predictor = OnnxEarlyExitPredictor(old)
+    assert predictor.exit_latency == [] and predictor.policy == ExitPolicy([0.5, 0.5, 0.5], "deepest")
+    with pytest.warns(DeprecationWarning, match="ExitPolicy"):
+        assert OnnxEarlyExitPredictor(old, [0.9, 0.9, 0.9]).policy == ExitPolicy([0.9, 0.9, 0.9], "ensemble")
 
 
 def test_the_latency_device_names_the_thread_pool(monkeypatch):
@@ -163,24 +177,23 @@ def test_bad_inputs_and_damaged_folders(exported, tmp_path):
                             (lambda m: m.update(input_size=[3, 64, 64]), "does not match graph section_0.onnx"),
                             (lambda m: m.update(num_classes=7), "does not match graph exit_0.onnx"),
                             (lambda m: m.update(surprise=1), "unknown field"),
-                            (lambda m: m.update(thresholds=[0.5, 2.0, 0.5]), r"thresholds\[1\]"),
+                            (lambda m: m["policy"].update(thresholds=[0.5, 2.0, 0.5]), r"thresholds\[1\]"),
+                            (lambda m: m["policy"].update(temperatures=[1.0, 2.0]), "temperatures must be 4"),
                             (lambda m: m.update(exit_latency=[{"ms_per_image": [1.0] * 4}]), "not a valid|missing"),
                             (lambda m: m.update(exit_latency=LATENCY), "a list of measurements"),
                             (lambda m: m.update(exit_latency=[{**LATENCY, "ms_per_image": [2.0, 1.0, 3.0, 4.0]}]),
                              "cumulative"),
-                            (lambda m: m.update(format_version=3), "versions 1 and 2"),
-                            (lambda m: m.update(format_version=2), "version 2 needs state_layout"),
-                            (lambda m: m.update(state_layout=[[[0, 1]]] * 3), "version 1 has no state_layout"),
-                            (lambda m: m.update(format_version=2, state_layout=[[[0, 0]]] * 3),
-                             "field 'state_layout'"),
-                            (lambda m: m.update(format_version=2, state_layout=[[[0, 1]]] * 2),
-                             "must describe 3 states"),
-                            (lambda m: m.update(format_version=2, state_layout=[[[0, 1], [1, 1]]] * 3),
+                            (lambda m: m.update(format_version=4), "versions 1, 2, 3"),
+                            (lambda m: as_version(m, 2), "version 2 needs state_layout"),
+                            (lambda m: as_version(m, 1, state_layout=[[[0, 1]]] * 3), "version 1 has no state_layout"),
+                            (lambda m: m.update(state_layout=[[[0, 0]]] * 3), "field 'state_layout'"),
+                            (lambda m: as_version(m, 2, state_layout=[[[0, 1]]] * 2), "must describe 3 states"),
+                            (lambda m: m.update(state_layout=[[[0, 1], [1, 1]]] * 3),
                              "section_0.onnx: not a timm-scan graph of this manifest .* and 2 outputs"),
-                            (lambda m: m.update(format_version=2, state_layout=[[[1, 1]]] * 3),
+                            (lambda m: as_version(m, 2, state_layout=[[[1, 1]]] * 3),
                              r"state_layout\[0\] puts the batch in dimension 1 of input 'input' of graph section_1")):
         broken = json.loads(json.dumps(manifest))
-        change(broken)
+        broken = change(broken) or broken
         (damaged / "manifest.json").write_text(json.dumps(broken))
         with pytest.raises(ValueError, match=message):
             OnnxEarlyExitPredictor(damaged)
@@ -223,18 +236,18 @@ EXPORTED_IN_TESTS = [("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)}, 
                      ("twins_pcpvt_small", {"img_size": 64, "depths": (1, 1, 1, 1)}, 64, 1)]
 
 
-@pytest.mark.parametrize("name, kwargs, size, version", EXPORTED_IN_TESTS, ids=[e[0] for e in EXPORTED_IN_TESTS])
-def test_each_runner_exports(name, kwargs, size, version, tmp_path):
+@pytest.mark.parametrize("name, kwargs, size, tensors", EXPORTED_IN_TESTS, ids=[e[0] for e in EXPORTED_IN_TESTS])
+def test_each_runner_exports(name, kwargs, size, tensors, tmp_path):
     model = timm_scan.wrap(create(name, **kwargs), timm_scan.ScanConfig(exits=[0]), check_input_size=(3, size, size))
     manifest = export_onnx(model.eval(), tmp_path, (3, size, size))
-    assert manifest.format_version == version and (manifest.state_layout is not None) == (version == 2)
+    assert manifest.format_version == 3 and (manifest.state_layout is not None) == (tensors == 2)
     x = torch.randn(3, 3, size, size)
     thresholds = thresholds_for(model, x)
     assert_same_answers(model, tmp_path, x, thresholds)
     assert_same_answers(model, tmp_path, x[1:2], thresholds)
-    if version == 2:  # the traced state's tensors travel between graphs, and the latency is timed through them
+    if tensors == 2:  # the traced state's tensors travel between graphs, and the latency is timed through them
         assert manifest.state_layout == [[[0, 16], [0, 1]]]
-        latency = OnnxEarlyExitPredictor(tmp_path, thresholds).measure_exit_latency(2, images=2, repeats=1)
+        latency = OnnxEarlyExitPredictor(tmp_path, ExitPolicy(thresholds)).measure_exit_latency(2, images=2, repeats=1)
         assert len(latency.ms_per_image) == 2
 
 
@@ -258,12 +271,12 @@ def test_export_a_trained_run_and_push_it(hub, tiny_parquet, tmp_path, monkeypat
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "export_onnx.py"), run_name="__main__")
     model, _ = timm_scan.training.load_run(run)
     manifest = OnnxManifest.load(run / "onnx" / "manifest.json")
-    assert manifest.thresholds == model.thresholds
+    assert manifest.policy == model.policy and model.policy.origin.objective == "beta"
     assert [latency.batch_size for latency in manifest.exit_latency] == [1, 4]  # timed with ONNX Runtime
     assert OnnxEarlyExitPredictor(run / "onnx").exit_latency == manifest.exit_latency
     images = torch.stack([timm_scan.training.eval_dataset(timm_scan.training.run_splits(
         timm_scan.TrainConfig.load(run)), "test", model.data_config)[i][0] for i in range(16)])
-    assert_same_answers(model, run / "onnx", images, model.thresholds)
+    assert_same_answers(model, run / "onnx", images, model.policy.thresholds)
     main(["push", str(run), "tester/with-onnx", "--onnx"])
     assert "onnx/exit_3.onnx" in HfApi().list_repo_files("tester/with-onnx")
 

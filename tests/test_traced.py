@@ -39,7 +39,7 @@ def test_predictor_runs_a_traced_model_as_algorithm_1():
     with torch.no_grad():
         probs = [p.softmax(-1) for p in model(x).logits]
     thresholds = mixing_thresholds(probs, [0.5]) + [0.0, 0.0]  # about half leave at exit 1, the rest at exit 2
-    result = EarlyExitPredictor(model, thresholds=thresholds, fallback="deepest")(x)
+    result = EarlyExitPredictor(model, timm_scan.ExitPolicy(thresholds, "deepest"))(x)
     expected = torch.where(probs[0].amax(-1) >= thresholds[0], 0, 1)
     assert torch.equal(result.exit_index.long(), expected)
     for i in range(6):
