@@ -70,9 +70,11 @@ def test_search_for_a_target_drop(tiny_parquet, tmp_path, monkeypatch, capsys):
     run_example("search_thresholds.py", monkeypatch, str(run), "--betas", "1", "--max-drop", "100",
                 "--min-threshold", "0.3", "--generations", "5")
     record = ThresholdRecord.load(run / "thresholds.json")
-    assert record.beta is None and record.max_drop == 100 and record.min_threshold == 0.3
+    origin = record.policy.origin
+    assert record.chosen.beta is None and (origin.objective, origin.value) == ("max_accuracy_drop", 1.0)  # points in
+    assert record.min_threshold == 0.3 and origin.min_threshold == 0.3 and origin.samples == 24
     assert all(0.3 - 1e-9 <= t <= 1 for t in record.thresholds)
-    assert record.chosen.accuracy >= record.baseline_accuracy - 100
+    assert record.chosen.accuracy >= record.baseline_accuracy - 1.0
     assert "kept accuracy at most 100 points below the deepest exit" in capsys.readouterr().out
 
     # a latency budget on calibrated confidences: temperatures and the measurement travel with the model

@@ -193,7 +193,8 @@ def test_bad_inputs_and_damaged_folders(exported, tmp_path):
                             (lambda m: as_version(m, 2, state_layout=[[[1, 1]]] * 3),
                              r"state_layout\[0\] puts the batch in dimension 1 of input 'input' of graph section_1")):
         broken = json.loads(json.dumps(manifest))
-        broken = change(broken) or broken
+        changed = change(broken)
+        broken = changed if isinstance(changed, dict) else broken  # as_version gives a new manifest
         (damaged / "manifest.json").write_text(json.dumps(broken))
         with pytest.raises(ValueError, match=message):
             OnnxEarlyExitPredictor(damaged)
