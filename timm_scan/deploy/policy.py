@@ -85,7 +85,7 @@ def ensemble_probs(exit_probs: Sequence[Tensor]) -> Tensor:
 def exit_accuracy(exit_probs: Sequence[Tensor], labels: Tensor) -> ExitAccuracy:
     """Accuracy of every exit and of the ensemble (``None`` for a single exit) on these outputs."""
     def accuracy(probs: Tensor) -> float:
-        return (probs.argmax(-1) == labels).float().mean().item()
+        return (probs.argmax(-1) == labels).double().mean().item()
 
     ensemble = accuracy(ensemble_probs(exit_probs)) if len(exit_probs) > 1 else None
     return ExitAccuracy([accuracy(p) for p in exit_probs], ensemble, len(labels))

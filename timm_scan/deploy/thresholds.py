@@ -186,7 +186,7 @@ class Objective:
     def fitness(self, accuracy: np.ndarray, speedup: np.ndarray, mean_cost: np.ndarray) -> np.ndarray:
         if self.max_drop is not None:
             shortfall = self.baseline - self.max_drop - accuracy
-            return np.where(shortfall <= 1e-11, speedup, -shortfall)  # every miss ranks below every hit
+            return np.where(shortfall <= 1e-9, speedup, -shortfall)  # every miss ranks below every hit
         if self.budget is not None:
             excess = mean_cost / self.budget - 1.0
             # accuracy moves in steps of 1/N: the tie-break stays below one step for N < 10^6, speed-up < 1000
@@ -195,7 +195,7 @@ class Objective:
 
     def met(self, accuracy: float, mean_cost: float) -> bool:
         if self.max_drop is not None:
-            return accuracy >= self.baseline - self.max_drop - 1e-11
+            return accuracy >= self.baseline - self.max_drop - 1e-9
         return self.budget is None or mean_cost <= self.budget * (1 + 1e-9)
 
 
