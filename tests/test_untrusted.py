@@ -12,7 +12,7 @@ from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
 import timm_scan
-from timm_scan import EarlyExitPredictor, search_thresholds
+from timm_scan import EarlyExitPredictor, ExitCosts, search_thresholds
 from timm_scan.deploy.predictor import check_images
 from timm_scan.model.hub import CHECK_SIDE
 
@@ -23,7 +23,7 @@ def saved(tmp_path_factory):
     model = timm_scan.wrap(timm.create_model("test_resnet", num_classes=4), check_input_size=(3, 32, 32))
     model.class_names = ["a", "b", "c", "d"]
     model.data_config = timm.data.resolve_model_data_config(model.backbone, args={"input_size": (3, 32, 32)})
-    model.thresholds = [0.9, 0.8, 0.7]
+    model.policy = model.policy.replace(thresholds=[0.9, 0.8, 0.7])
     model.save_pretrained(str(folder))
     return folder
 
@@ -58,10 +58,10 @@ def edit_json(path, change):
     ("scan_config.json", lambda d: d["scan_config"].update(attention=5), "attention must be one of"),
     ("scan_config.json", lambda d: d["scan_config"].update(exits="layer1"), "exits must be a list"),
     ("scan_config.json", lambda d: d["scan_config"].update(exits=[1, 2, 9]), "out of range"),
-    ("scan_config.json", lambda d: d.update(thresholds=[0.9, float("nan"), 0.7]), r"thresholds\[1\]"),
-    ("scan_config.json", lambda d: d.update(thresholds=[0.9, 0.8]), "need one per shallow exit"),
-    ("scan_config.json", lambda d: d.update(thresholds=["0.9", 0.8, 0.7]), r"thresholds\[0\]"),
-    ("scan_config.json", lambda d: d.update(fallback="vote"), "fallback must be one of"),
+    ("scan_config.json", lambda d: d["policy"].update(thresholds=[0.9, float("nan"), 0.7]), r"thresholds\[1\]"),
+    ("scan_config.json", lambda d: d["policy"].update(thresholds=[0.9, 0.8]), "need one per shallow exit"),
+    ("scan_config.json", lambda d: d["policy"].update(thresholds=["0.9", 0.8, 0.7]), r"thresholds\[0\]"),
+    ("scan_config.json", lambda d: d["policy"].update(fallback="vote"), "fallback must be one of"),
 ])
 def test_a_bad_config_field_is_named(saved, tmp_path, file, change, message):
     folder = copy_of(saved, tmp_path)
@@ -130,7 +130,8 @@ def test_a_loaded_model_saves_again(saved, tmp_path):
     model = timm_scan.from_pretrained(saved)
     model.save_pretrained(tmp_path / "again")
     again = timm_scan.from_pretrained(tmp_path / "again")
-    assert again.class_names == ["a", "b", "c", "d"] and again.thresholds == [0.9, 0.8, 0.7]
+    assert again.class_names == ["a", "b", "c", "d"] and again.policy == model.policy
+    assert again.policy.thresholds == (0.9, 0.8, 0.7)
 
 
 def test_hub_loads_fetch_only_the_formats_files(hub, saved, tmp_path):
@@ -311,15 +312,16 @@ def test_fuzz_search_thresholds_refuses_naming_the_input_or_finds_thresholds():
             refusal = OPTION_REFUSALS[option]
         elif choice == 4:
             p = p[: rng.randrange(0, 4)]
-            refusal = "probs|exit costs" if not p else None
+            refusal = "probs must be K float arrays" if not p else None
         elif rng.random() < 0.5:
             y = y.reshape(5, 10)
             refusal = "one per row of probs"
         else:
             y = y.float()
             refusal = "labels must be integers"
+        costs = ExitCosts.macs((MACS[: len(p)] or MACS) if choice == 4 else MACS, 40)
         try:
-            result = search_thresholds(p, y, MACS[: len(p)] if choice == 4 else MACS, 40, **kwargs)
+            result = search_thresholds(p, y, costs, **kwargs)
         except ValueError as exc:
             assert refusal is not None and re.search(refusal, str(exc)), f"case {i} (choice {choice}): {exc}"
             outcomes["refused"] += 1

@@ -8,7 +8,8 @@ from families import FAMILIES
 
 import timm_scan
 from timm_scan import ScanConfig
-from timm_scan.model.backbone import Stage, default_exit_indices
+from timm_scan.model.backbone import default_exit_indices
+from timm_scan.model.runner import Stage
 from timm_scan.model import count_macs
 from timm_scan.model.heads import align_plan
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..model.backbone import eval_mode, model_name
+from ..model.runner import eval_mode, model_name
 from ..exit_policy import ExitPolicy
 from ..model.config import check_input_size
 from ..model.multi_exit import MultiExitModel

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..exit_policy import ExitPolicy
-from ..model.backbone import eval_mode
+from ..model.runner import eval_mode
 from ..model.multi_exit import MultiExitModel
 from .fast_heads import inference_copy
 from .policy import fallback_probs, leaves

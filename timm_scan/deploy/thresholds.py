@@ -275,6 +275,15 @@ def _legacy_arguments(costs: Any, args: tuple[Any, ...], who: str) -> tuple[Exit
     return converted, args
 
 
+def _from_percent(value: Any, name: str) -> float | None:
+    """A 0.1.0 argument in percent as a fraction (``None`` stays ``None``); a non-number is a ``ValueError``."""
+    if value is None:
+        return None
+    if not _finite(value):
+        raise ValueError(f"{name} must be a number; got {value!r}")
+    return value / 100
+
+
 def search_thresholds(
     probs: Sequence[Tensor | np.ndarray],
     labels: Tensor | np.ndarray,
@@ -308,8 +317,8 @@ def search_thresholds(
         beta = legacy[0] if legacy else beta
         if len(legacy) > 1:
             raise TypeError(f"search_thresholds: unexpected positional arguments {legacy[1:]}")
-        max_accuracy_drop = None if max_accuracy_drop is None else max_accuracy_drop / 100
-        baseline_accuracy = None if baseline_accuracy is None else baseline_accuracy / 100
+        max_accuracy_drop = _from_percent(max_accuracy_drop, "max_accuracy_drop")
+        baseline_accuracy = _from_percent(baseline_accuracy, "baseline_accuracy")
     table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures)
     baseline = table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
     objective = Objective(baseline, 1.0 if beta is None else beta, max_accuracy_drop, budget)
@@ -415,7 +424,7 @@ def sweep_beta(
     if not isinstance(costs, ExitCosts) or legacy:
         costs, legacy = _legacy_arguments(costs, legacy, "sweep_beta")
         betas = legacy[0] if legacy else betas
-        baseline_accuracy = None if baseline_accuracy is None else baseline_accuracy / 100
+        baseline_accuracy = _from_percent(baseline_accuracy, "baseline_accuracy")
     table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures)
     baseline = table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
     return [genetic_search(table, Objective(baseline, b), seed=seed, **ga_options) for b in betas]

@@ -20,18 +20,16 @@ from torch import Tensor, nn
 from .runner import (
     Runner,
     Stage,
-    _check_close,
-    _no_checkpointing,
+    check_close,
+    no_checkpointing,
     eval_mode,
     feature_stages,
     model_name,
-    without_capture_hooks,
 )
 from .traced import TracedRunner
 
-__all__ = ["Runner", "SequentialRunner", "Stage", "TracedRunner", "VitRunner", "build_runner", "default_exit_indices",
-           "eval_mode", "feature_stages", "model_name", "resolve_exit_indices", "verify_runner",
-           "without_capture_hooks"]
+__all__ = ["SequentialRunner", "VitRunner", "build_runner", "default_exit_indices", "resolve_exit_indices",
+           "verify_runner"]
 
 NUM_DEFAULT_SHALLOW_EXITS = 3  # four classifiers in all, as the papers recommend (TPAMI §4.8-4.9)
 STEM_MAX_REDUCTION = 2
@@ -189,7 +187,7 @@ def _children_called(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Mo
                 called.append((name, module))
         handles.append(child.register_forward_pre_hook(record))
     try:
-        with eval_mode(model), _no_checkpointing(model), torch.no_grad():
+        with eval_mode(model), no_checkpointing(model), torch.no_grad():
             model.forward_features(example)
     finally:
         for h in handles:
@@ -302,5 +300,5 @@ def verify_runner(runner: Runner, example: Tensor) -> None:
             "Its forward does more than run its children in order; this family needs a runner of its own."
         ) from exc
     for stage, got, want in zip(runner.cuts, maps, expected_maps):
-        _check_close(name, f"feature map of stage {stage}", got, want)
-    _check_close(name, "logits", logits, expected_logits)
+        check_close(name, f"feature map of stage {stage}", got, want)
+    check_close(name, "logits", logits, expected_logits)

@@ -35,7 +35,7 @@ from torch import nn
 from .._io import atomic_write
 from ..exit_policy import ExitPolicy
 from ..report import ExitLatency
-from .backbone import model_name
+from .runner import model_name
 from .card import model_card
 from .config import ScanConfig
 

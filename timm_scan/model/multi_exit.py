@@ -16,19 +16,11 @@ from ..exit_costs import ExitCosts
 from ..exit_policy import ExitPolicy
 from ..report import ExitLatency
 from . import hub
-from .backbone import (
-    Stage,
-    Runner,
-    build_runner,
-    eval_mode,
-    feature_stages,
-    model_name,
-    resolve_exit_indices,
-    without_capture_hooks,
-)
+from .backbone import build_runner, resolve_exit_indices
 from .config import ScanConfig, check_input_size
 from .heads import POOLED_HIDDEN, ExitHead
 from .macs import count_macs
+from .runner import Runner, Stage, eval_mode, feature_stages, model_name, without_capture_hooks
 
 __all__ = ["MultiExitModel", "MultiExitOutput", "TruncatedModel", "from_pretrained", "wrap"]
 

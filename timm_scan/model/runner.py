@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Runner", "Stage", "eval_mode", "feature_stages", "model_name", "run_mode", "without_capture_hooks"]
+__all__ = ["Runner", "Stage", "check_close", "eval_mode", "feature_stages", "model_name", "no_checkpointing", "run_mode",
+           "without_capture_hooks"]
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class Runner:
 
 
 @contextmanager
-def _no_checkpointing(model: nn.Module) -> Iterator[None]:
+def no_checkpointing(model: nn.Module) -> Iterator[None]:
     """timm's gradient checkpointing off inside (it runs a stage's blocks, not the stage, so the
     stages' hooks would not fire), every module's flag restored after."""
     flags = [(m, m.grad_checkpointing) for m in model.modules()
@@ -197,7 +198,7 @@ def _no_checkpointing(model: nn.Module) -> Iterator[None]:
             m.grad_checkpointing = flag
 
 
-def _check_close(name: str, what: str, got: Tensor, want: Tensor, atol: float = 1e-5) -> None:
+def check_close(name: str, what: str, got: Tensor, want: Tensor, atol: float = 1e-5) -> None:
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=atol):
         detail = (
             f"shape {tuple(got.shape)} vs {tuple(want.shape)}"

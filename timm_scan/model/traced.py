@@ -33,8 +33,8 @@ from torch.utils import _pytree as pytree
 
 from .runner import (
     Runner,
-    _check_close,
-    _no_checkpointing,
+    check_close,
+    no_checkpointing,
     eval_mode,
     feature_stages,
     model_name,
@@ -244,7 +244,7 @@ def _trace(model: nn.Module, cut_names: list[str], training: bool) -> tuple[fx.G
         through.update(".".join(parts[:i]) for i in range(1, len(parts)))
     # checkpointing off while tracing: the graph runs blocks one by one; sections checkpoint as a whole
     try:
-        with run_mode(model, training), _no_checkpointing(model):
+        with run_mode(model, training), no_checkpointing(model):
             root = _Features(model)
             try:
                 graph = _Tracer(cuts, through).trace(root)
@@ -545,10 +545,10 @@ class TracedRunner(Runner):
                     for j in range(k + 1):
                         alone = self._run(self.model, j, alone)
                     want = self.to_map(alone, image_size)
-                    _check_close(name, f"map of stage {self.cuts[k]} after dropping samples",
+                    check_close(name, f"map of stage {self.cuts[k]} after dropping samples",
                                  self.to_map(h, image_size), want, atol=_batch_noise(want))
             want = self.model(x[kept])
-            _check_close(name, "logits after dropping samples", self.model.forward_head(h), want,
+            check_close(name, "logits after dropping samples", self.model.forward_head(h), want,
                          atol=_batch_noise(want))
 
 
