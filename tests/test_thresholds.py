@@ -273,3 +273,13 @@ def test_evaluate_judges_a_target_on_test_as_the_search_set_it():
     assert target_held(drop, 0.59, [0.5, 0.5], 0.60, [10, 20]) is True  # 1 point below the deepest exit's 60%
     assert target_held(drop, 0.589, [0.5, 0.5], 0.60, [10, 20]) is False
     assert target_held(record("beta", 1.0), 0.1, [0.5, 0.5], 0.6, [10, 20]) is None  # kept at β: no target
+
+
+def test_the_tradeoff_plot_names_its_cost_on_the_x_axis(tmp_path, monkeypatch):
+    """The axis says what the cost is (it once showed the list of relative costs instead)."""
+    import matplotlib.axes
+
+    labels = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda self, text, *a, **k: labels.append(text))
+    plot_tradeoff([(2.0, 80.0), (1.5, 82.0)], tmp_path / "t.png", cost="latency (batch 1)")
+    assert labels == ["latency (batch 1) relative to the plain backbone"]

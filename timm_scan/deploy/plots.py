@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
+
+from .._io import atomic_write
 
 __all__ = ["plot_exit_shares", "plot_tradeoff"]
 
@@ -15,6 +18,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, plt, path: str | Path) -> Path:
+    """The figure as a PNG at ``path``, written whole or not at all."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write(path, buffer.getvalue())
 
 
 def plot_tradeoff(
@@ -47,10 +58,7 @@ def plot_tradeoff(
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path)
 
 
 def plot_exit_shares(shares: Sequence[float], path: str | Path, title: str) -> Path:
@@ -63,7 +71,4 @@ def plot_exit_shares(shares: Sequence[float], path: str | Path, title: str) -> P
     ax.set_ylabel("share of samples (%)")
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path)

@@ -29,7 +29,7 @@ import timm
 import torch
 from huggingface_hub import HfApi, snapshot_download
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .._io import atomic_write
@@ -75,7 +75,7 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, card: str | No
     data_config = dict(model.data_config) if model.data_config else None
     timm.models.save_for_hf(model.backbone, str(folder), model_config=model_config, data_config=data_config,
                             safe_serialization=True)
-    save_file({k: v.contiguous() for k, v in model.exits.state_dict().items()}, str(folder / EXITS_WEIGHTS))
+    atomic_write(folder / EXITS_WEIGHTS, save({k: v.contiguous() for k, v in model.exits.state_dict().items()}))
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -203,7 +203,7 @@ class MultiExitModel(nn.Module):
         return ExitCosts.macs(self.exit_macs(input_size), self.backbone_macs(input_size))
 
     def backbone_macs(self, input_size: tuple[int, int, int]) -> int:
-        """MACs of the plain backbone for one sample: the baseline of every acceleration ratio."""
+        """MACs of the plain backbone for one sample: the baseline of every speed-up."""
         with eval_mode(self):
             return count_macs(self.backbone, self._dummy(input_size))
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._io import atomic_write
 from ..model.multi_exit import MultiExitModel
 from ..report import EpochMetrics, RunResults
 from .config import TrainConfig
@@ -100,5 +101,5 @@ def cached_outputs(
             return [tensors[f"probs_exit{i + 1}"] for i in range(model.num_exits)], tensors["labels"]
     probs, labels = compute_outputs(model, dataset)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    save_file({**{f"probs_exit{i + 1}": p for i, p in enumerate(probs)}, "labels": labels}, str(cache))
+    atomic_write(cache, save({**{f"probs_exit{i + 1}": p for i, p in enumerate(probs)}, "labels": labels}))
     return probs, labels
