@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import platform
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ def measure_exit_latency(
     images: int = 64,
     repeats: int = 5,
     policy: ExitPolicy | None = None,
+    fallback: str | None = None,
 ) -> ExitLatency:
     """Milliseconds per image of leaving at each exit, at ``batch_size``, on the model's device and dtype.
 
@@ -102,7 +104,8 @@ def measure_exit_latency(
     Each timed pass runs ``images`` random images (rounded up to whole batches); the median of
     ``repeats`` passes counts, with the exits and the backbone taking turns (`wall_clocks`).
     ``policy``: the fallback and temperatures to time with (default the model's own, ``model.policy``);
-    the fallback is part of the deepest exit's cost. Its thresholds are not used. Noise can time a deeper exit below a shallower one; such an entry is raised
+    the fallback is part of the deepest exit's cost. Its thresholds are not used. (``fallback=``, the
+    0.1.0 keyword, still works with a deprecation warning.) Noise can time a deeper exit below a shallower one; such an entry is raised
     to the one before it, so ``ms_per_image`` is cumulative. Everything runs in eval mode; the model
     is left in the mode it came in.
     """
@@ -117,6 +120,10 @@ def measure_exit_latency(
     weight = next(model.parameters())
     was_training = model.training
     policy = policy or model.policy
+    if fallback is not None:
+        warnings.warn("measure_exit_latency(..., fallback=...) is deprecated: pass policy=model.policy.replace("
+                      "fallback=...)", DeprecationWarning, stacklevel=2)
+        policy = policy.replace(fallback=fallback)
     batches = [torch.randn(batch_size, *input_size, device=weight.device, dtype=weight.dtype)
                .contiguous(memory_format=_MEMORY_FORMATS[memory_format]) for _ in range(math.ceil(images / batch_size))]
     try:  # the predictors put the model in eval mode; the backbone is timed in it too

@@ -114,6 +114,9 @@ def simulate_early_exit(
     """Algorithm 1 on precomputed probabilities of every exit (``(N, C)`` each at temperature 1, deepest
     last) under ``policy`` (its temperatures applied first): ``(exit_index (N,), confidence (N,), probs
     (N, C))`` of the answer each sample gets."""
+    if not isinstance(policy, ExitPolicy):
+        raise TypeError("simulate_early_exit(exit_probs, policy) takes an ExitPolicy since 0.2: pass "
+                        "ExitPolicy(thresholds, fallback)")
     policy.check(len(exit_probs), needs_thresholds="give the policy some")
     exit_probs = apply_temperatures(exit_probs, policy.temperatures)
     stacked = torch.stack([p.float() for p in exit_probs])  # (K, N, C)

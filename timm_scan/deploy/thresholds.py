@@ -141,6 +141,12 @@ class SearchResult(JsonRecord):
         return self.policy.thresholds
 
     @property
+    def acceleration(self) -> float:
+        """Deprecated: `speedup`."""
+        warnings.warn("SearchResult.acceleration is deprecated: use .speedup", DeprecationWarning, stacklevel=2)
+        return self.speedup
+
+    @property
     def beta(self) -> float | None:
         """The β the thresholds were searched at (``None`` for a target)."""
         origin = self.policy.origin
