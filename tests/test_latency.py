@@ -41,7 +41,7 @@ def test_latency_predicts_a_mixed_batch_from_its_exits(model):
     with torch.no_grad():
         first = torch.softmax(model(x).logits[0], -1).amax(-1)
     k = model.num_exits
-    predictor = EarlyExitPredictor(model, [torch.quantile(first, 0.5).item()] + [1.0] * (k - 2))
+    predictor = EarlyExitPredictor(model, timm_scan.ExitPolicy([torch.quantile(first, 0.5).item()] + [1.0] * (k - 2)))
     exits = predictor(x).exit_index
     at_first = int((exits == 0).sum())
     assert 20 < at_first < 44 and set(exits.tolist()) == {0, k - 1}

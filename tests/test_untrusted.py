@@ -12,7 +12,7 @@ from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
 import timm_scan
-from timm_scan import EarlyExitPredictor, ExitCosts, search_thresholds
+from timm_scan import EarlyExitPredictor, ExitCosts, ExitPolicy, search_thresholds
 from timm_scan.deploy.predictor import check_images
 from timm_scan.model.hub import CHECK_SIDE
 
@@ -155,7 +155,7 @@ def model():
 
 
 def test_predictor_inputs(model):
-    predictor = EarlyExitPredictor(model, np.array([0.5, 0.5, 0.5], dtype=np.float32))  # numpy numbers are numbers
+    predictor = EarlyExitPredictor(model, ExitPolicy(np.array([0.5, 0.5, 0.5], dtype=np.float32)))  # numpy numbers
     empty = predictor(torch.zeros(0, 3, 32, 32))
     assert empty.labels.shape == (0,) and empty.probs.shape == (0, 4)
     x = torch.randn(4, 3, 32, 32)
@@ -171,7 +171,7 @@ def test_predictor_inputs(model):
 
 
 def test_predictor_answers_in_eval_mode_whatever_the_models_mode(model):
-    predictor = EarlyExitPredictor(model, [0.5, 0.5, 0.5])
+    predictor = EarlyExitPredictor(model, ExitPolicy([0.5, 0.5, 0.5]))
     x = torch.randn(8, 3, 32, 32)
     before = predictor(x)
     statistics = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
@@ -212,7 +212,7 @@ def test_search_inputs(mutate, message):
     probs, labels = outputs()
     probs, labels, kwargs = mutate(probs, labels, {"generations": 2})
     with pytest.raises(ValueError, match=message):
-        search_thresholds(probs, labels, MACS, 40, **kwargs)
+        search_thresholds(probs, labels, ExitCosts.macs(MACS, 40), **kwargs)
 
 
 # ------------------------------------------------------------------ fuzz

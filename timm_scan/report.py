@@ -2,9 +2,9 @@
 the one per-exit table they are all shown in.
 
 Conventions: exits are listed shallowest first, the deepest (the backbone's own head) last;
-accuracies in these records are fractions in [0, 1] (the threshold search's `SearchResult` keeps
-the paper's percent, which its fitness is defined in); MACs are per image and cumulative (leaving
-at exit i costs sections 1..i and heads 1..i).
+accuracies are fractions in [0, 1], here as everywhere in the package's API and records (only what is
+printed or plotted is in percent); MACs are per image and cumulative (leaving at exit i costs sections
+1..i and heads 1..i); a speed-up is the plain backbone's cost over the mean cost per sample.
 """
 
 from __future__ import annotations

@@ -52,7 +52,6 @@ HUB_PREFIX = "hf-hub:"
 FORMAT_FILES = (SCAN_CONFIG, BACKBONE_CONFIG, BACKBONE_WEIGHTS, EXITS_WEIGHTS)  # what loading fetches from the Hub
 _META_KEYS = {"format", "format_version", "scan_config", "policy", "exit_latency"}
 _V1_POLICY_KEYS = {"thresholds", "fallback", "temperatures"}  # format 1's loose policy fields
-_DRAFT_META_KEYS = {"class_names", "data_config"}  # written by unreleased drafts, now read from config.json
 MAX_INPUT_SIDE = 4096
 CHECK_SIDE = 256  # the wrap-time proof of a loaded model runs at most this size, unless its input size is fixed
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -304,7 +303,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
             f"{path}: format {meta.get('format')!r} version {version!r}; this timm-scan "
             f"reads {FORMAT!r} versions 1 and {FORMAT_VERSION}"
         )
-    known = _META_KEYS - {"policy"} | _V1_POLICY_KEYS | _DRAFT_META_KEYS if version == 1 else _META_KEYS
+    known = _META_KEYS - {"policy"} | _V1_POLICY_KEYS if version == 1 else _META_KEYS
     unknown = sorted(set(meta) - known)
     if unknown or not isinstance(meta.get("scan_config"), dict):
         raise ValueError(f"{path}: needs a 'scan_config' object and knows only {sorted(known)}; "
