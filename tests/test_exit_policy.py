@@ -23,8 +23,13 @@ def test_a_policy_is_frozen_validated_and_round_trips_through_json():
         json.loads(policy.to_json())))
     with pytest.raises(dataclasses.FrozenInstanceError):
         policy.fallback = "ensemble"
-    assert policy.replace(fallback="ensemble").origin == origin  # the thresholds and their origin stay together
-    assert policy.replace(thresholds=[0.1, 0.1, 0.1]).origin is None  # new thresholds were not chosen by that search
+    assert policy.replace(thresholds=[0.9, 0.5, 0.25]).origin == origin  # unchanged: the promise still holds
+    for change in ({"thresholds": [0.1, 0.1, 0.1]}, {"fallback": "ensemble"}, {"temperatures": None}):
+        assert policy.replace(**change).origin is None  # what the search promised was for another policy
+    with pytest.raises(ValueError, match="PolicyOrigin.value"):
+        PolicyOrigin("genetic search", "beta", "x", "macs", 0.8, 2000)
+    with pytest.raises(ValueError, match="PolicyOrigin.objective"):
+        ExitPolicy.from_dict({"thresholds": [0.5], "origin": {**origin.to_dict(), "objective": "vote"}})
     for bad, message in (({"thresholds": [0.5, 1.5]}, r"thresholds\[1\]"), ({"fallback": "vote"}, "fallback"),
                          ({"temperatures": [1.0, -1.0]}, "temperatures"), ({"thresholds": "0.5"}, "sequence")):
         with pytest.raises(ValueError, match=message):

@@ -103,5 +103,5 @@ class JsonRecord:
         data = read_json(path)
         try:
             return cls.from_dict(data)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path} is not a valid {cls.__name__} file ({exc})") from None
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path} is not a valid {cls.__name__} file ({type(exc).__name__}: {exc})") from None

@@ -22,10 +22,19 @@ from typing import Any
 
 from ._io import JsonRecord
 
-__all__ = ["FALLBACKS", "ExitPolicy", "PolicyOrigin", "validate_fallback",
+__all__ = ["FALLBACKS", "OBJECTIVES", "ExitPolicy", "PolicyOrigin", "validate_fallback",
            "validate_temperatures", "validate_thresholds"]
 
 FALLBACKS = ("ensemble", "deepest")  # the answer for samples that pass no threshold
+OBJECTIVES = ("beta", "max_accuracy_drop", "budget")  # what a search chose thresholds for (PolicyOrigin)
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _number_list(values: Any) -> list[Any] | None:
@@ -91,6 +100,24 @@ class PolicyOrigin(JsonRecord):
     min_threshold: float | None = None
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        checks = [
+            ("method", isinstance(self.method, str) and bool(self.method), "a name"),
+            ("objective", self.objective in OBJECTIVES, f"one of {OBJECTIVES}"),
+            ("value", _real(self.value) and 0 <= self.value < math.inf, "a number >= 0"),
+            ("cost_unit", self.cost_unit in ("macs", "ms"), "'macs' or 'ms'"),
+            ("baseline_accuracy", _real(self.baseline_accuracy) and 0 <= self.baseline_accuracy <= 1,
+             "a fraction in [0, 1]"),
+            ("samples", self.samples is None or (_integer(self.samples) and self.samples > 0), "a count or None"),
+            ("split", isinstance(self.split, str), "a name"),
+            ("min_threshold", self.min_threshold is None or (_real(self.min_threshold) and 0 <= self.min_threshold <= 1),
+             "in [0, 1] or None"),
+            ("seed", self.seed is None or _integer(self.seed), "an int or None"),
+        ]
+        for name, ok, valid in checks:
+            if not ok:
+                raise ValueError(f"PolicyOrigin.{name} must be {valid}; got {getattr(self, name)!r}")
+
     @property
     def promise(self) -> str:
         """What the policy promises, in words."""
@@ -132,10 +159,13 @@ class ExitPolicy(JsonRecord):
             raise ValueError(f"ExitPolicy.origin must be a PolicyOrigin or None; got {type(self.origin).__name__}")
 
     def replace(self, **changes: Any) -> ExitPolicy:
-        """A copy with ``changes`` (validated); new thresholds drop the ``origin`` unless one is given."""
-        if "thresholds" in changes and "origin" not in changes:
-            changes["origin"] = None
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (validated). Changed thresholds, fallback or temperatures drop the
+        ``origin`` unless one is given: what the search promised held for the policy it searched."""
+        changed = dataclasses.replace(self, **changes)
+        decisive = ("thresholds", "fallback", "temperatures")
+        if "origin" not in changes and any(getattr(changed, k) != getattr(self, k) for k in decisive):
+            changed = dataclasses.replace(changed, origin=None)
+        return changed
 
     def check(self, num_exits: int, *, needs_thresholds: str | None = None) -> ExitPolicy:
         """This policy, checked against a ``num_exits``-exit model (K-1 thresholds, K temperatures); with

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from ._io import JsonRecord
 
-__all__ = ["Calibration", "EarlyExitReport", "JsonRecord", "EpochMetrics", "ExitAccuracy", "ExitLatency", "RunResults", "SweepPoint", "WallClock",
+__all__ = ["Calibration", "EarlyExitReport", "EpochMetrics", "ExitAccuracy", "ExitLatency", "RunResults", "SweepPoint", "WallClock",
            "exit_table"]
 
 

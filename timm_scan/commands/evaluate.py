@@ -60,7 +60,7 @@ def target_held(searched: ThresholdRecord, accuracy: float, shares: list[float],
     exit's, ``deepest``, or the baseline run's test accuracy), or the mean cost per image within the
     budget (a latency budget judged by the measured latency table); ``None`` for thresholds kept at β."""
     origin = searched.policy.origin
-    if origin is None or origin.objective == "beta":
+    if origin is None or origin.objective == "beta" or (origin.cost_unit == "ms" and searched.latency is None):
         return None
     baseline = deepest if searched.baseline_run is None else run_results(searched.baseline_run).test.deepest
     costs = searched.latency.ms_per_image if origin.cost_unit == "ms" else exit_macs

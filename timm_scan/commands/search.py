@@ -26,10 +26,11 @@ from ..deploy.plots import plot_tradeoff
 from ..deploy.policy import apply_temperatures, exit_accuracy
 from ..deploy.thresholds import DEFAULT_MIN_THRESHOLD, Objective, SearchResult, search_thresholds, sweep_beta
 from ..exit_costs import ExitCosts
-from ..exit_policy import FALLBACKS, ExitPolicy, PolicyOrigin
+from ..exit_policy import FALLBACKS, ExitPolicy, PolicyOrigin, validate_fallback
 from ..model.hub import save_deployment
 from ..options import option
-from ..report import Calibration, ExitLatency, JsonRecord
+from .._io import JsonRecord
+from ..report import Calibration, ExitLatency
 from ..training.runs import cached_outputs, eval_dataset, load_run, run_results, run_splits
 
 __all__ = ["SearchConfig", "ThresholdRecord", "search"]
@@ -63,8 +64,7 @@ class SearchConfig:
     seed: int = option(0, "seed of the genetic algorithm")
 
     def __post_init__(self) -> None:
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"SearchConfig.fallback must be one of {FALLBACKS}; got {self.fallback!r}")
+        validate_fallback(self.fallback)
         if not 0.0 <= self.min_threshold < 1.0:
             raise ValueError(f"SearchConfig.min_threshold must be in [0, 1); got {self.min_threshold}")
         if self.max_drop is not None and self.max_drop < 0:
@@ -117,24 +117,27 @@ class ThresholdRecord(JsonRecord):
     def thresholds(self) -> tuple[float, ...]:
         return self.chosen.policy.thresholds
 
-    def objective(self, baseline_accuracy: float) -> Objective:
-        """The search's objective, with the baseline (a fraction) of the split it is judged on."""
+    def objective(self, baseline_accuracy: float) -> Objective | None:
+        """The search's objective, with the baseline (a fraction) of the split it is judged on (``None``
+        where the policy does not say how it was chosen)."""
         origin = self.policy.origin
-        targets = {origin.objective: origin.value} if origin.objective != "beta" else {"beta": origin.value}
-        return Objective(baseline_accuracy, targets.get("beta"), targets.get("max_accuracy_drop"),
-                         targets.get("budget"))
+        if origin is None:
+            return None
+        value = {origin.objective: origin.value}
+        return Objective(baseline_accuracy, value.get("beta"), value.get("max_accuracy_drop"), value.get("budget"))
 
     @property
     def target(self) -> str | None:
-        """The target the kept thresholds meet on validation, in words (``None``: kept at β)."""
+        """The target the kept thresholds meet on validation, in words (``None``: kept at β, or not known)."""
         origin = self.policy.origin
+        if origin is None or origin.objective == "beta":
+            return None
         if origin.objective == "max_accuracy_drop":
             return f"accuracy at most {100 * origin.value:g} points below {self.baseline}"
-        if origin.objective == "budget" and origin.cost_unit == "macs":
+        if origin.cost_unit == "macs":
             return f"at most {origin.value / 1e6:g} MMACs per image"
-        if origin.objective == "budget":
-            return f"at most {origin.value:g} ms per image at batch {self.latency.batch_size}"
-        return None
+        batch = f" at batch {self.latency.batch_size}" if self.latency is not None else ""
+        return f"at most {origin.value:g} ms per image{batch}"
 
 
 _CHOSEN_OBJECTIVES = (("max_drop", "max_accuracy_drop", 0.01), ("budget_macs", "budget", 1.0),
@@ -157,9 +160,14 @@ def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
         origin = PolicyOrigin("genetic search", objective, value, cost_unit, baseline, None,
                               min_threshold=data.get("min_threshold"))
         policy = ExitPolicy(old["thresholds"], fallback, temperatures, origin)
+
+        def fitness(v: float) -> float:  # the parts in percent become fractions (Objective.fitness)
+            in_percent = (objective == "budget" and v >= 0) or (objective == "max_accuracy_drop" and v < 0)
+            return v / 100 if in_percent else v
+
         return {"policy": policy.to_dict(), "accuracy": old["accuracy"] / 100, "speedup": old["acceleration"],
-                "mean_cost": old.get("mean_cost"), "fitness": old["fitness"], "exit_shares": old["exit_shares"],
-                "history": old.get("history", [])}
+                "mean_cost": old.get("mean_cost"), "fitness": fitness(old["fitness"]),
+                "exit_shares": old["exit_shares"], "history": [fitness(v) for v in old.get("history", [])]}
 
     data["sweep"] = [result(pt, "beta", pt["beta"], "ms" if data.get("cost") == "latency" else "macs")
                      for pt in data.get("sweep", [])]

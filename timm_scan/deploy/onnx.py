@@ -42,7 +42,8 @@ from ..exit_policy import ExitPolicy
 from ..model.config import check_input_size
 from ..model.multi_exit import MultiExitModel
 from ..model.traced import TracedState
-from ..report import ExitLatency, JsonRecord
+from .._io import JsonRecord
+from ..report import ExitLatency
 from .latency import check_timing_arguments, processor_name, time_exits
 from .predictor import EarlyExitResult, check_images, chosen_policy, run_early_exit
 from .threads import one_torch_thread

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from ..exit_costs import ExitCosts
 from ..exit_policy import ExitPolicy, PolicyOrigin
-from ..report import ExitLatency, JsonRecord
+from .._io import JsonRecord
+from ..report import ExitLatency
 from .policy import apply_temperatures, check_outputs, exit_index, fallback_probs
 from .threads import one_torch_thread
 
