@@ -167,8 +167,8 @@ def test_model_card_has_the_hub_header_and_the_tables():
     test = ExitAccuracy([0.5, 0.6, 0.7, 0.8], 0.75, 100)
     results = RunResults("test_resnet", False, 3, test, test, [1_000_000, 2_000_000, 3_000_000, 4_000_000], 3_800_000,
                          1000, loss={"alpha": 0.3})
-    evaluation = EarlyExitReport("test", test, results.exit_macs, results.backbone_macs, [0.9, 0.8, 0.7], "ensemble",
-                                 1.0, 0.79, 1.5, [0.4, 0.2, 0.1, 0.3], [WallClock(256, 512, 1.3, 1.0)])
+    evaluation = EarlyExitReport("test", test, results.exit_macs, results.backbone_macs, model.policy,
+                                 0.79, 1.5, [0.4, 0.2, 0.1, 0.3], [WallClock(256, 512, 1.3, 1.0)])
     card = model_card(model, repo_id="me/m", dataset="uoft-cs/cifar10", train_config={"epochs": 200, "lr": 0.1},
                       results=results, evaluation=evaluation, plot="tradeoff.png")
     header = yaml.safe_load(card.split("---")[1])

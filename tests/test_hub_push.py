@@ -96,7 +96,7 @@ def test_trainer_pushes_at_the_end_and_the_example_pushes_a_run(hub, tiny_parque
 
     timm_scan.model.hub.save_deployment(tmp_path / "run" / "best", timm_scan.ExitPolicy([0.9, 0.9, 0.9]))  # as search does
     results = RunResults.load(tmp_path / "run" / "results.json")
-    EarlyExitReport("test", results.test, results.exit_macs, results.backbone_macs, [0.9, 0.9, 0.9], "ensemble", 1.0,
+    EarlyExitReport("test", results.test, results.exit_macs, results.backbone_macs, timm_scan.ExitPolicy([0.9] * 3),
                     0.5, 1.2, [0.5, 0.2, 0.1, 0.2]).save(tmp_path / "run" / "evaluation.json")
     monkeypatch.setattr(sys, "argv", ["push_to_hub.py", str(tmp_path / "run"), "tester/from-example"])
     runpy.run_path(str(ROOT / "examples" / "push_to_hub.py"), run_name="__main__")

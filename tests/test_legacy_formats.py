@@ -133,3 +133,20 @@ def test_a_runs_threshold_record_loads_and_matches_its_best_model(version):
     assert len(saved) == 3
     assert [float(t) for t in record.thresholds] == saved
     assert [float(t) for t in record.thresholds] == json.loads((run / "thresholds.json").read_text())["chosen"]["thresholds"]
+    raw = json.loads((run / "thresholds.json").read_text())
+    assert record.chosen.accuracy == pytest.approx(raw["chosen"]["accuracy"] / 100)  # percent then, fractions now
+    assert record.chosen.speedup == raw["chosen"]["acceleration"]
+    assert record.baseline_accuracy == pytest.approx(raw["baseline_accuracy"] / 100)
+    assert record.policy.fallback == raw["fallback"] and record.policy.origin.objective == "beta"
+    assert [p.speedup for p in record.sweep] == [p["acceleration"] for p in raw["sweep"]]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_runs_evaluation_loads(version):
+    from timm_scan.report import EarlyExitReport
+
+    path = LEGACY / version / "run" / "evaluation.json"
+    report, raw = EarlyExitReport.load(path), json.loads(path.read_text())
+    assert report.speedup == raw["macs_speedup"] and report.accuracy == raw["accuracy"]
+    assert list(report.policy.thresholds) == raw["thresholds"] and report.policy.fallback == raw["fallback"]
+    assert [p.speedup for p in report.sweep] == [p["macs_speedup"] for p in raw["sweep"]]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ._io import JsonRecord
+from .exit_policy import ExitPolicy
 
 __all__ = ["Calibration", "EarlyExitReport", "EpochMetrics", "ExitAccuracy", "ExitLatency", "RunResults", "SweepPoint", "WallClock",
            "exit_table"]
@@ -156,9 +157,11 @@ class SweepPoint(JsonRecord):
 @dataclass
 class EarlyExitReport(JsonRecord):
     """Early exit evaluated on a split (``evaluation.json``): every exit's accuracy, and the accuracy,
-    speed-up in MACs and share of samples per exit under ``thresholds``; measured wall-clock; the β sweep
-    of the threshold search evaluated on this split; whether the search's target holds here; each
-    exit's calibration error."""
+    speed-up in MACs and share of samples per exit under the exit ``policy`` (with how it was chosen);
+    measured wall-clock; the β sweep of the threshold search evaluated on this split; whether the
+    search's target holds here; each exit's calibration error (``ece`` at temperature 1,
+    ``ece_calibrated`` at the policy's temperatures). Files written before the exit policy (loose
+    ``thresholds``, ``fallback``, ``temperatures``, ``beta``) are read into this form."""
 
     renamed: ClassVar[dict[str, str]] = {"macs_speedup": "speedup"}
 
@@ -166,9 +169,7 @@ class EarlyExitReport(JsonRecord):
     per_exit: ExitAccuracy
     exit_macs: list[int]
     backbone_macs: int
-    thresholds: list[float]
-    fallback: str
-    beta: float | None
+    policy: ExitPolicy
     accuracy: float
     speedup: float
     exit_shares: list[float]
@@ -176,9 +177,17 @@ class EarlyExitReport(JsonRecord):
     sweep: list[SweepPoint] = field(default_factory=list)
     target: str | None = None  # the target the thresholds were searched for on validation, in words
     target_held: bool | None = None  # whether it holds on this split (None: kept at β)
-    temperatures: list[float] | None = None  # per-exit temperature scaling the search ran at
     ece: list[float] | None = None  # expected calibration error per exit on this split, at temperature 1
-    ece_calibrated: list[float] | None = None  # ... and at ``temperatures``
+    ece_calibrated: list[float] | None = None  # ... and at the policy's temperatures
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EarlyExitReport:
+        if isinstance(data, dict) and "policy" not in data and "thresholds" in data:
+            data = dict(data)
+            loose = {key: data.pop(key, None) for key in ("thresholds", "fallback", "temperatures", "beta")}
+            data["policy"] = ExitPolicy(loose["thresholds"], loose["fallback"] or "ensemble",
+                                        loose["temperatures"]).to_dict()
+        return super().from_dict(data)
 
 
 def exit_table(

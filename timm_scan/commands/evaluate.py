@@ -94,13 +94,11 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
                measure_wall_clock(model, predictor, images[: cfg.latency_images_b1], 1)]
     sweep_acc, sweep_speedup = table.evaluate([pt.thresholds for pt in searched.sweep])
     report = EarlyExitReport(
-        split="test", per_exit=per_exit, exit_macs=exit_macs, backbone_macs=backbone_macs,
-        thresholds=list(policy.thresholds), fallback=policy.fallback, beta=searched.chosen.beta, accuracy=accuracy,
-        speedup=speedup, exit_shares=shares, wall_clock=timings,
+        split="test", per_exit=per_exit, exit_macs=exit_macs, backbone_macs=backbone_macs, policy=policy,
+        accuracy=accuracy, speedup=speedup, exit_shares=shares, wall_clock=timings,
         sweep=[SweepPoint(pt.beta, list(pt.thresholds), float(a), float(c))
                for pt, a, c in zip(searched.sweep, sweep_acc, sweep_speedup)],
         target=searched.target, target_held=target_held(searched, accuracy, shares, per_exit.deepest, exit_macs),
-        temperatures=list(policy.temperatures) if policy.temperatures else None,
         ece=[expected_calibration_error(p, labels) for p in raw],
         ece_calibrated=[expected_calibration_error(p, labels) for p in probs] if policy.temperatures else None,
     )

@@ -76,7 +76,7 @@ def calibrate(
     put them in the policy: ``model.policy = model.policy.replace(temperatures=calibration.temperatures)``,
     or pass ``temperatures=`` to ``search_thresholds`` (which then returns a policy that carries them).
 
-    The 0.1.0 form ``calibrate(model, probs, labels)`` still works, with a deprecation warning: it
+    The earlier form ``calibrate(model, probs, labels)`` still works, with a deprecation warning: it
     also replaces ``model.policy`` with one that has these temperatures."""
     model = None
     if isinstance(probs, MultiExitModel):

@@ -14,7 +14,7 @@ hands on a `TracedState`: its tensors that follow the batch travel between graph
 batch counts are rebuilt inside each graph); where that is not one tensor, batch first, the graphs take
 ``input_0``, ``input_1``, ... and give ``output_0``, ..., and the manifest's ``state_layout`` records
 each tensor's batch dimension and rows per sample. Format version 3 holds the exit policy as one object
-(``policy``); versions 1 (0.1.0) and 2 (with ``state_layout``) held thresholds, fallback and temperatures
+(``policy``); versions 1 and 2 (with ``state_layout``) held thresholds, fallback and temperatures
 as loose fields, and still load.
 ``onnx`` and ``onnxruntime`` are an optional extra: ``pip install 'timm-scan[onnx]'``.
 """
@@ -53,7 +53,7 @@ __all__ = ["OnnxEarlyExitPredictor", "OnnxManifest", "export_onnx", "session_opt
 MANIFEST = "manifest.json"
 FORMAT = "timm-scan-onnx"
 FORMAT_VERSION = 3  # the exit policy as one object
-READ_VERSIONS = (1, 2, 3)  # 1: 0.1.0; 2: with state_layout; both with loose thresholds, fallback, temperatures
+READ_VERSIONS = (1, 2, 3)  # 1: the first; 2: with state_layout; both with loose thresholds, fallback, temperatures
 INSTALL = "pip install 'timm-scan[onnx]'"
 
 
@@ -93,7 +93,7 @@ class OnnxManifest(JsonRecord):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OnnxManifest:
         """From JSON, in any format version this reads: versions 1 and 2 keep the policy's thresholds,
-        fallback and temperatures as loose fields, and a 0.1.0 export's ``exit_latency_ms`` (always null,
+        fallback and temperatures as loose fields, and an early export's ``exit_latency_ms`` (always null,
         never written) is dropped."""
         if isinstance(data, dict) and data.get("format_version") in (1, 2):
             data = dict(data)
@@ -401,7 +401,7 @@ class OnnxEarlyExitPredictor:
     ``predictor(images)`` → `EarlyExitResult` (labels, exit index, confidence, probabilities, MACs per
     sample, in input order), as `EarlyExitPredictor` gives, by the same Algorithm 1.
 
-    ``policy``: the `ExitPolicy` to run; default the manifest's (the model's at export). The 0.1.0 form
+    ``policy``: the `ExitPolicy` to run; default the manifest's (the model's at export). The earlier form
     ``OnnxEarlyExitPredictor(folder, thresholds, fallback)`` still works, with a deprecation warning, as
     for `EarlyExitPredictor`. ``providers``: ONNX Runtime execution providers (default CPU).
     ``session_options``: default `session_options()` (the graphs run one after another: they share

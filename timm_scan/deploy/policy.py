@@ -15,6 +15,7 @@ reference the predictor is tested against.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,14 +110,14 @@ def exit_index(confidence: Tensor, thresholds: Tensor) -> Tensor:
 
 
 def simulate_early_exit(
-    exit_probs: Sequence[Tensor], policy: ExitPolicy
+    exit_probs: Sequence[Tensor], policy: ExitPolicy, *earlier: Any, **earlier_keywords: Any
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Algorithm 1 on precomputed probabilities of every exit (``(N, C)`` each at temperature 1, deepest
     last) under ``policy`` (its temperatures applied first): ``(exit_index (N,), confidence (N,), probs
     (N, C))`` of the answer each sample gets."""
-    if not isinstance(policy, ExitPolicy):
-        raise TypeError("simulate_early_exit(exit_probs, policy) takes an ExitPolicy since 0.2: pass "
-                        "ExitPolicy(thresholds, fallback)")
+    if not isinstance(policy, ExitPolicy) or earlier or earlier_keywords:
+        raise TypeError("simulate_early_exit(exit_probs, policy) takes an ExitPolicy: pass "
+                        "ExitPolicy(thresholds, fallback) instead of the thresholds and fallback")
     policy.check(len(exit_probs), needs_thresholds="give the policy some")
     exit_probs = apply_temperatures(exit_probs, policy.temperatures)
     stacked = torch.stack([p.float() for p in exit_probs])  # (K, N, C)

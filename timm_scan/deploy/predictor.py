@@ -43,7 +43,7 @@ class EarlyExitPredictor:
 
     ``policy``: the `ExitPolicy` to run (thresholds, fallback, temperatures); ``None`` runs the model's
     own (``model.policy``, saved with it). A policy without thresholds is a ``ValueError``. The
-    0.1.0 form ``EarlyExitPredictor(model, thresholds, fallback)`` still works, with a deprecation
+    earlier form ``EarlyExitPredictor(model, thresholds, fallback)`` still works, with a deprecation
     warning (the thresholds replace the model policy's; temperatures stay the model's). The model is
     put in eval mode.
 
@@ -94,7 +94,7 @@ class EarlyExitPredictor:
 def chosen_policy(
     own: ExitPolicy, policy: ExitPolicy | None, legacy: tuple[Any, ...], legacy_keywords: dict[str, Any], who: str
 ) -> ExitPolicy:
-    """The policy a predictor runs: ``policy``, else ``own`` (the model's or the export's). The 0.1.0
+    """The policy a predictor runs: ``policy``, else ``own`` (the model's or the export's). The earlier
     arguments (``thresholds, fallback``, positional or by keyword) give ``own`` with those thresholds and
     fallback (given thresholds without a fallback get ``"ensemble"``; a fallback alone keeps the own
     thresholds), with a ``DeprecationWarning``."""
@@ -154,8 +154,8 @@ def run_early_exit(
     h = images
     for i in range(num_exits):
         h = section(i, h)
-        logits = exit_logits(i, h).float()
-        probs = F.softmax(logits if temperatures is None else logits / temperatures[i], dim=-1)
+        logits = exit_logits(i, h)
+        probs = F.softmax((logits if temperatures is None else logits / temperatures[i]).float(), dim=-1)
         if i == num_exits - 1:
             answered.append((pending, fallback_probs([*seen, probs], fallback), i))
             break

@@ -255,7 +255,7 @@ def _missed(table: ExitTable, objective: Objective, accuracy: float, mean_cost: 
 
 
 def _legacy_arguments(costs: Any, args: tuple[Any, ...], who: str) -> tuple[ExitCosts, tuple[Any, ...]]:
-    """The 0.1.0 cost arguments, ``exit_costs, backbone_cost`` (MACs) or an `ExitLatency` (with ``None`` as
+    """The earlier cost arguments, ``exit_costs, backbone_cost`` (MACs) or an `ExitLatency` (with ``None`` as
     a second argument), as an `ExitCosts` and the positional arguments after them; with a
     ``DeprecationWarning``. Their accuracies were in percent: the caller converts them."""
     if isinstance(costs, ExitLatency):
@@ -283,7 +283,7 @@ def _legacy_arguments(costs: Any, args: tuple[Any, ...], who: str) -> tuple[Exit
 
 
 def _from_percent(value: Any, name: str) -> float | None:
-    """A 0.1.0 argument in percent as a fraction (``None`` stays ``None``); a non-number is a ``ValueError``."""
+    """An argument of the earlier form, in percent, as a fraction (``None`` stays ``None``); a non-number is a ``ValueError``."""
     if value is None:
         return None
     if not _finite(value):
@@ -319,11 +319,16 @@ def search_thresholds(
     search applies the temperatures to ``probs`` itself. ``ga_options`` go to ``genetic_search``:
     ``min_threshold``, ``bits``, ``population``, ``generations``, ``crossover``, ``mutation``, ``seed``.
     """
-    if not isinstance(costs, ExitCosts) or legacy:
+    if isinstance(costs, ExitCosts) and legacy:
+        raise TypeError(f"search_thresholds(probs, labels, costs, *, beta=...): pass beta and targets by keyword; got "
+                        f"the positional arguments {legacy}")
+    if not isinstance(costs, ExitCosts):
         costs, legacy = _legacy_arguments(costs, legacy, "search_thresholds")
-        beta = legacy[0] if legacy else beta
         if len(legacy) > 1:
             raise TypeError(f"search_thresholds: unexpected positional arguments {legacy[1:]}")
+        beta = legacy[0] if legacy else beta
+        if max_accuracy_drop is not None or budget is not None:
+            beta = None  # the earlier form always had a β, which a target overrode
         max_accuracy_drop = _from_percent(max_accuracy_drop, "max_accuracy_drop")
         baseline_accuracy = _from_percent(baseline_accuracy, "baseline_accuracy")
     table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures)
@@ -428,8 +433,13 @@ def sweep_beta(
 ) -> list[SearchResult]:
     """One genetic search per β: the accuracy / speed-up trade-off (SCAN Fig. 5); arguments as in
     `search_thresholds`."""
-    if not isinstance(costs, ExitCosts) or legacy:
+    if isinstance(costs, ExitCosts) and legacy:
+        raise TypeError(f"sweep_beta(probs, labels, costs, *, betas=...): pass betas by keyword; got the positional "
+                        f"arguments {legacy}")
+    if not isinstance(costs, ExitCosts):
         costs, legacy = _legacy_arguments(costs, legacy, "sweep_beta")
+        if len(legacy) > 1:
+            raise TypeError(f"sweep_beta: unexpected positional arguments {legacy[1:]}")
         betas = legacy[0] if legacy else betas
         baseline_accuracy = _from_percent(baseline_accuracy, "baseline_accuracy")
     table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures)

@@ -43,7 +43,7 @@ __all__ = ["HubUploadError", "Pretrained", "load_initial_weights", "load_weights
            "read_tensors", "save_deployment", "save_pretrained"]
 
 FORMAT = "timm-scan"
-FORMAT_VERSION = 2  # 2: the exit policy as one object, "policy"; 1 (0.1.0): thresholds, fallback, temperatures
+FORMAT_VERSION = 2  # 2: the exit policy as one object, "policy"; 1 (before): thresholds, fallback, temperatures
 SCAN_CONFIG = "scan_config.json"
 EXITS_WEIGHTS = "scan_exits.safetensors"
 BACKBONE_CONFIG = "config.json"
@@ -329,7 +329,7 @@ def save_deployment(
     ``policy`` and measured exit latency (added to what is there, replacing a measurement at the same
     device, batch size, input size, dtype and memory format). Validated against the saved model, and
     written whole or not at all, in the current format (a format-1 folder is upgraded)."""
-    if not isinstance(policy, ExitPolicy):  # 0.1.0's save_deployment(folder, thresholds, fallback, temperatures=...)
+    if not isinstance(policy, ExitPolicy):  # the earlier save_deployment(folder, thresholds, fallback, temperatures=...)
         fallback = legacy.pop("fallback", legacy_fallback[0] if legacy_fallback else "ensemble")
         warnings.warn("save_deployment(folder, thresholds, fallback, temperatures=...) is deprecated: pass "
                       "save_deployment(folder, ExitPolicy(thresholds, fallback, temperatures))", DeprecationWarning,
