@@ -22,11 +22,11 @@ from typing import Any
 
 from ._io import JsonRecord
 
-__all__ = ["FALLBACKS", "OBJECTIVES", "ExitPolicy", "PolicyOrigin", "validate_fallback",
+__all__ = ["FALLBACKS", "OBJECTIVES", "ExitPolicy", "Guarantee", "PolicyOrigin", "validate_fallback",
            "validate_temperatures", "validate_thresholds"]
 
 FALLBACKS = ("ensemble", "deepest")  # the answer for samples that pass no threshold
-OBJECTIVES = ("beta", "max_accuracy_drop", "budget")  # what a search chose thresholds for (PolicyOrigin)
+OBJECTIVES = ("beta", "max_accuracy_drop", "budget", "max_disagreement")  # what thresholds were chosen for
 
 
 def _real(value: Any) -> bool:
@@ -78,16 +78,65 @@ def validate_fallback(fallback: str) -> str:
 
 
 @dataclass(frozen=True)
+class Guarantee(JsonRecord):
+    """What certified thresholds promise (`timm_scan.deploy.certify`): with probability at least
+    ``1 − delta`` over the draw of the ``calibration_samples``, the ``risk`` (``"accuracy_drop"`` against
+    ``reference``, or ``"disagreement"`` with the deepest exit's answers) on new samples is at most
+    ``epsilon`` (a fraction), provided deployment samples are exchangeable with the calibration samples
+    (drawn from the same distribution). ``search_samples`` proposed the candidates; ``split_seed`` drew
+    the split. ``certified`` is false where no candidate passed, the policy then runs every exit, and
+    ``needed_samples`` says how many calibration samples could certify anything at ε and δ."""
+
+    risk: str
+    epsilon: float
+    delta: float
+    certified: bool
+    calibration_samples: int
+    search_samples: int
+    split_seed: int
+    p_value: float
+    needed_samples: int | None = None
+    reference: str = "the deepest exit"
+
+    def __post_init__(self) -> None:
+        checks = [("risk", self.risk in ("accuracy_drop", "disagreement"), "'accuracy_drop' or 'disagreement'"),
+                  ("epsilon", _real(self.epsilon) and 0 <= self.epsilon <= 1, "a fraction"),
+                  ("delta", _real(self.delta) and 0 < self.delta < 1, "in (0, 1)"),
+                  ("certified", isinstance(self.certified, bool), "true or false"),
+                  ("calibration_samples", _integer(self.calibration_samples) and self.calibration_samples > 0,
+                   "a count"),
+                  ("search_samples", _integer(self.search_samples) and self.search_samples >= 0, "a count"),
+                  ("p_value", _real(self.p_value) and 0 <= self.p_value <= 1, "in [0, 1]")]
+        for name, ok, valid in checks:
+            if not ok:
+                raise ValueError(f"Guarantee.{name} must be {valid}; got {getattr(self, name)!r}")
+
+    @property
+    def promise(self) -> str:
+        what = ("accuracy at most {e:g} points below {r}" if self.risk == "accuracy_drop"
+                else "answers differing from the deepest exit's on at most {e:g}% of samples").format(
+            e=100 * self.epsilon, r=self.reference)
+        if not self.certified:
+            return (f"nothing certified for {what} at {1 - self.delta:.0%} confidence on {self.calibration_samples} "
+                    f"calibration samples (at least {self.needed_samples} needed); every exit runs")
+        return (f"{what} on new data, with probability at least {1 - self.delta:.0%} over the "
+                f"{self.calibration_samples} calibration samples, for data exchangeable with them")
+
+
+@dataclass(frozen=True)
 class PolicyOrigin(JsonRecord):
     """How a policy's thresholds were chosen, and so what they promise.
 
-    ``method``: ``"genetic search"`` or ``"exhaustive search"`` (SCAN Algorithm 2 or its grid reference).
-    ``objective``: ``"beta"`` (SCAN's trade-off, ``value`` = β), ``"max_accuracy_drop"`` (the cheapest
-    within ``value`` of the baseline, a fraction: 0.005 is half a point) or ``"budget"`` (the most accurate
-    within a mean cost of ``value`` per image, in ``cost_unit``). ``baseline_accuracy``: what the
-    accuracy target is measured against (a fraction). ``samples``: the outputs searched on, of the
-    ``split`` (``None`` where a record from before the exit policy did not say). The thresholds meet the
-    target on those outputs only: nothing is certified for new data.
+    ``method``: ``"genetic search"``, ``"exhaustive search"`` (SCAN Algorithm 2 or its grid reference) or
+    ``"learn-then-test over the genetic search"`` (certified). ``objective``: ``"beta"`` (SCAN's
+    trade-off, ``value`` = β), ``"max_accuracy_drop"`` (the cheapest within ``value`` of the baseline, a
+    fraction: 0.005 is half a point), ``"max_disagreement"`` (the cheapest whose answers differ from the
+    deepest exit's on at most ``value`` of samples) or ``"budget"`` (the most accurate within a mean
+    cost of ``value`` per image, in ``cost_unit``). ``baseline_accuracy``: what the accuracy target is
+    measured against (a fraction). ``samples``: the outputs searched on (or, certified, checked on), of
+    the ``split`` (``None`` where a record from before the exit policy did not say). Without a
+    ``guarantee`` the thresholds meet the target on those outputs only: nothing is certified for new
+    data; with one (`Guarantee`), the target holds on new data with the stated confidence.
     """
 
     method: str
@@ -99,6 +148,7 @@ class PolicyOrigin(JsonRecord):
     split: str = "validation"
     min_threshold: float | None = None
     seed: int | None = None
+    guarantee: Guarantee | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -121,6 +171,8 @@ class PolicyOrigin(JsonRecord):
     @property
     def promise(self) -> str:
         """What the policy promises, in words."""
+        if self.guarantee is not None:
+            return self.guarantee.promise
         samples = f"{self.samples} {self.split} samples" if self.samples is not None else f"{self.split} samples"
         if self.objective == "beta":
             return f"none: SCAN's trade-off at β = {self.value:g}, chosen on {samples}"

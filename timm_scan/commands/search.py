@@ -24,7 +24,8 @@ from ..deploy.calibration import calibrate
 from ..deploy.latency import measure_exit_latency
 from ..deploy.plots import plot_tradeoff
 from ..deploy.policy import apply_temperatures, exit_accuracy
-from ..deploy.thresholds import DEFAULT_MIN_THRESHOLD, Objective, SearchResult, search_thresholds, sweep_beta
+from ..deploy.search import search_thresholds, sweep_beta
+from ..deploy.thresholds import DEFAULT_MIN_THRESHOLD, Objective, SearchResult
 from ..exit_costs import ExitCosts
 from ..exit_policy import FALLBACKS, ExitPolicy, PolicyOrigin, validate_fallback
 from ..model.hub import save_deployment

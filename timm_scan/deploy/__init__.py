@@ -7,7 +7,8 @@ from .onnx import OnnxEarlyExitPredictor, OnnxManifest, export_onnx
 from .plots import plot_exit_shares, plot_tradeoff
 from .policy import apply_temperatures, ensemble_probs, simulate_early_exit
 from .predictor import EarlyExitPredictor, EarlyExitResult
-from .thresholds import ExitTable, SearchResult, search_thresholds, sweep_beta
+from .search import search_thresholds, sweep_beta
+from .thresholds import ExitTable, SearchResult
 from .timing import wall_clocks
 
 __all__ = ["EarlyExitPredictor", "EarlyExitResult", "ExitTable", "OnnxEarlyExitPredictor", "OnnxManifest", "SearchResult",

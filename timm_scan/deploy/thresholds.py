@@ -36,12 +36,11 @@ from torch import Tensor
 from ..exit_costs import ExitCosts
 from ..exit_policy import ExitPolicy, PolicyOrigin
 from .._io import JsonRecord
-from ..report import ExitLatency
 from .policy import apply_temperatures, check_outputs, exit_index, fallback_probs
 from .threads import one_torch_thread
 
 __all__ = ["DEFAULT_BETAS", "DEFAULT_MIN_THRESHOLD", "PAPER_MIN_THRESHOLD", "ExitTable", "Objective", "SearchResult",
-           "exhaustive_search", "genetic_search", "search_thresholds", "sweep_beta"]
+           "exhaustive_search", "genetic_search", "result_for"]
 
 PAPER_MIN_THRESHOLD = 0.7  # SCAN's decoding: σ ∈ [0.70, 1.00]
 DEFAULT_MIN_THRESHOLD = 0.0  # the full range, σ ∈ [0, 1]: measured better (benchmarks/RESULTS.md)
@@ -54,16 +53,20 @@ class ExitTable:
 
     ``confidence`` (K-1, N): max softmax of each shallow exit (at the policy's temperatures).
     ``correct`` (K, N): whether exit i (rows 0..K-2) or the fallback (row K-1) is right. ``costs``: what
-    leaving at each exit costs. ``deepest_accuracy``: the deepest exit's own accuracy (a fraction; the
-    default baseline). ``policy``: the fallback and temperatures the table was built with; the search's
-    thresholds are added to it.
+    leaving at each exit costs. ``deepest_correct`` (N,): whether the deepest exit itself is right; its
+    mean is ``deepest_accuracy`` (a fraction; the default baseline). ``policy``: the fallback and
+    temperatures the table was built with; the search's thresholds are added to it.
     """
 
     confidence: Tensor
     correct: Tensor
     costs: ExitCosts
-    deepest_accuracy: float
+    deepest_correct: Tensor
     policy: ExitPolicy
+
+    @property
+    def deepest_accuracy(self) -> float:
+        return self.deepest_correct.double().mean().item()
 
     @classmethod
     def from_outputs(
@@ -87,8 +90,7 @@ class ExitTable:
         final = fallback_probs(probs, fallback)
         correct = torch.stack([p.argmax(-1) == labels for p in probs[:-1]] + [final.argmax(-1) == labels])
         confidence = torch.stack([p.amax(-1) for p in probs[:-1]]) if len(probs) > 1 else torch.zeros(0, len(labels))
-        deepest = (probs[-1].argmax(-1) == labels).double().mean().item()
-        return cls(confidence, correct, costs, deepest, policy)
+        return cls(confidence, correct, costs, probs[-1].argmax(-1) == labels, policy)
 
     @property
     def num_exits(self) -> int:
@@ -227,16 +229,29 @@ def _fitness(table: ExitTable, thresholds: np.ndarray, objective: Objective) -> 
 
 def _result(table: ExitTable, thresholds: np.ndarray, objective: Objective, origin: dict[str, Any],
             history: Sequence[float] = ()) -> SearchResult:
-    """The result for ``thresholds``; ``origin``: the method, seed and range, for the policy's `PolicyOrigin`."""
-    fit, acc, speedup, cost = (float(v[0]) for v in _fitness(table, thresholds[None], objective))
+    """The result for ``thresholds``, which must meet ``objective``'s target; ``origin``: the method, seed
+    and range, for the policy's `PolicyOrigin`."""
+    fit, acc, _, cost = (float(v[0]) for v in _fitness(table, thresholds[None], objective))
     if not objective.met(acc, cost):
         raise ValueError(_missed(table, objective, acc, cost))
+    return result_for(table, thresholds, objective.target or "beta", float(objective.value), objective.baseline,
+                      origin, fit, history)
+
+
+def result_for(table: ExitTable, thresholds: np.ndarray, objective: str, value: float, baseline: float,
+               origin: dict[str, Any], fitness: float | None = None, history: Sequence[float] = ()) -> SearchResult:
+    """``thresholds`` evaluated on ``table`` as a `SearchResult` whose policy records how they were chosen
+    (``objective`` and its ``value``, the ``baseline`` accuracy, and the ``origin`` fields: method, seed,
+    range, guarantee); ``fitness`` defaults to the speed-up."""
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    accuracy, speedup = (float(v[0]) for v in table.evaluate(thresholds[None]))
     shares = table.exit_shares(thresholds[None])[0]
-    origin = PolicyOrigin(objective=objective.target or "beta", value=float(objective.value),
-                          cost_unit=table.costs.unit, baseline_accuracy=objective.baseline, samples=table.samples,
-                          **origin)
+    origin = PolicyOrigin(objective=objective, value=value, cost_unit=table.costs.unit, baseline_accuracy=baseline,
+                          samples=table.samples, **origin)
     policy = table.policy.replace(thresholds=[float(t) for t in thresholds], origin=origin)
-    return SearchResult(policy, acc, speedup, cost, fit, [float(s) for s in shares], [float(h) for h in history])
+    return SearchResult(policy, accuracy, speedup, table.costs.backbone / speedup,
+                        speedup if fitness is None else fitness, [float(s) for s in shares],
+                        [float(h) for h in history])
 
 
 def _missed(table: ExitTable, objective: Objective, accuracy: float, mean_cost: float) -> str:
@@ -252,91 +267,6 @@ def _missed(table: ExitTable, objective: Objective, accuracy: float, mean_cost: 
     return (f"no thresholds keep the mean cost per image within the budget {objective.budget:g}; the best found costs "
             f"{mean_cost:g}, and even every sample leaving at exit 1 costs {cheapest:g} (the first exit's cost; a "
             "higher min_threshold can also keep samples from leaving there). Raise the budget.")
-
-
-def _legacy_arguments(costs: Any, args: tuple[Any, ...], who: str) -> tuple[ExitCosts, tuple[Any, ...]]:
-    """The earlier cost arguments, ``exit_costs, backbone_cost`` (MACs) or an `ExitLatency` (with ``None`` as
-    a second argument), as an `ExitCosts` and the positional arguments after them; with a
-    ``DeprecationWarning``. Their accuracies were in percent: the caller converts them."""
-    if isinstance(costs, ExitLatency):
-        if args and args[0] is not None:
-            raise ValueError("backbone_cost: an ExitLatency carries the backbone's own (in ms); pass "
-                             "ExitCosts.from_latency(latency) and nothing else")
-        converted, args = ExitCosts.from_latency(costs), args[1:]
-        new = "ExitCosts.from_latency(latency)"
-    elif isinstance(costs, (str, bytes)) or not hasattr(costs, "__len__"):
-        raise ValueError(f"costs must be an ExitCosts (model.exit_costs(input_size), or "
-                         f"ExitCosts.from_latency(measure_exit_latency(...))); got {type(costs).__name__}")
-    else:
-        if not args or args[0] is None:
-            raise ValueError("costs must be an ExitCosts: ExitCosts.macs(model.exit_macs(size), "
-                             "model.backbone_macs(size)), or model.exit_costs(size)")
-        try:
-            converted = ExitCosts.macs(costs, args[0])
-        except ValueError as exc:
-            raise ValueError(f"exit costs and the backbone's cost must be positive numbers, cumulative: {exc}") from None
-        args, new = args[1:], "ExitCosts.macs(exit_macs, backbone_macs) or model.exit_costs(size)"
-    warnings.warn(f"{who}(probs, labels, exit_costs, backbone_cost, ...) is deprecated: pass costs={new}, targets "
-                  "by keyword, and accuracies as fractions (0.005 for half a point); this call's accuracies are read "
-                  "in percent, as before, and its result is in fractions", DeprecationWarning, stacklevel=3)
-    return converted, args
-
-
-def _from_percent(value: Any, name: str) -> float | None:
-    """An argument of the earlier form, in percent, as a fraction (``None`` stays ``None``); a non-number is a ``ValueError``."""
-    if value is None:
-        return None
-    if not _finite(value):
-        raise ValueError(f"{name} must be a number; got {value!r}")
-    return value / 100
-
-
-def search_thresholds(
-    probs: Sequence[Tensor | np.ndarray],
-    labels: Tensor | np.ndarray,
-    costs: ExitCosts,
-    *legacy: Any,
-    beta: float | None = None,
-    max_accuracy_drop: float | None = None,
-    budget: float | None = None,
-    baseline_accuracy: float | None = None,
-    fallback: str = "ensemble",
-    temperatures: Sequence[float] | None = None,
-    **ga_options: Any,
-) -> SearchResult:
-    """SCAN's genetic search for one threshold per shallow exit, on cached outputs; the result's
-    ``policy`` is what to deploy (``model.policy = result.policy``).
-
-    ``probs``: every exit's softmax at temperature 1 (K ``(N, C)``, deepest last) and ``labels`` (N,),
-    from a validation split. ``costs``: an `ExitCosts`, counted MACs (``model.exit_costs(size)``) or
-    measured milliseconds (``ExitCosts.from_latency(measure_exit_latency(...))``). One objective: ``beta``
-    (SCAN's trade-off, default 1), or a target met on these outputs: ``max_accuracy_drop`` (a fraction:
-    the cheapest thresholds whose accuracy is at least the baseline's minus it) or ``budget`` (mean cost
-    per image, in the costs' unit: the most accurate thresholds within it). A target no threshold vector
-    meets is a ``ValueError``. A target met here is not a guarantee on new data. ``baseline_accuracy``
-    (a fraction): the plain backbone's accuracy; by default the deepest exit's. ``fallback`` and
-    ``temperatures`` (one per exit, e.g. from ``calibrate``) are those the policy is deployed with; the
-    search applies the temperatures to ``probs`` itself. ``ga_options`` go to ``genetic_search``:
-    ``min_threshold``, ``bits``, ``population``, ``generations``, ``crossover``, ``mutation``, ``seed``.
-    """
-    if isinstance(costs, ExitCosts) and legacy:
-        raise TypeError(f"search_thresholds(probs, labels, costs, *, beta=...): pass beta and targets by keyword; got "
-                        f"the positional arguments {legacy}")
-    if not isinstance(costs, ExitCosts):
-        costs, legacy = _legacy_arguments(costs, legacy, "search_thresholds")
-        if len(legacy) > 1:
-            raise TypeError(f"search_thresholds: unexpected positional arguments {legacy[1:]}")
-        beta = legacy[0] if legacy else beta
-        if max_accuracy_drop is not None or budget is not None:
-            beta = None  # the earlier form always had a β, which a target overrode
-        max_accuracy_drop = _from_percent(max_accuracy_drop, "max_accuracy_drop")
-        baseline_accuracy = _from_percent(baseline_accuracy, "baseline_accuracy")
-    table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures)
-    baseline = table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
-    objective = Objective(baseline, 1.0 if beta is None else beta, max_accuracy_drop, budget)
-    if objective.target is not None and beta is not None:
-        raise ValueError(f"give one objective: beta, or a target ({objective.target}), not both")
-    return genetic_search(table, objective, **ga_options)
 
 
 def genetic_search(
@@ -417,31 +347,3 @@ def exhaustive_search(
         if fit.max() > best_fit:
             best, best_fit = block[int(fit.argmax())], float(fit.max())
     return _result(table, best, objective, {"method": "exhaustive search", "min_threshold": float(min_threshold)})
-
-
-def sweep_beta(
-    probs: Sequence[Tensor | np.ndarray],
-    labels: Tensor | np.ndarray,
-    costs: ExitCosts,
-    *legacy: Any,
-    betas: Sequence[float] = DEFAULT_BETAS,
-    baseline_accuracy: float | None = None,
-    fallback: str = "ensemble",
-    temperatures: Sequence[float] | None = None,
-    seed: int = 0,
-    **ga_options: Any,
-) -> list[SearchResult]:
-    """One genetic search per β: the accuracy / speed-up trade-off (SCAN Fig. 5); arguments as in
-    `search_thresholds`."""
-    if isinstance(costs, ExitCosts) and legacy:
-        raise TypeError(f"sweep_beta(probs, labels, costs, *, betas=...): pass betas by keyword; got the positional "
-                        f"arguments {legacy}")
-    if not isinstance(costs, ExitCosts):
-        costs, legacy = _legacy_arguments(costs, legacy, "sweep_beta")
-        if len(legacy) > 1:
-            raise TypeError(f"sweep_beta: unexpected positional arguments {legacy[1:]}")
-        betas = legacy[0] if legacy else betas
-        baseline_accuracy = _from_percent(baseline_accuracy, "baseline_accuracy")
-    table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures)
-    baseline = table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
-    return [genetic_search(table, Objective(baseline, b), seed=seed, **ga_options) for b in betas]

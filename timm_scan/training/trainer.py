@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..deploy.plots import plot_tradeoff
 from ..deploy.policy import ensemble_probs
-from ..deploy.thresholds import sweep_beta
+from ..deploy.search import sweep_beta
 from ..exit_costs import ExitCosts
 from ..model.card import model_card
 from ..model.hub import load_strict, load_weights, push_to_hub, read_tensors

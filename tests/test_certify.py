@@ -1,0 +1,114 @@
+"""Certified thresholds (Learn-then-Test): exact binomial tails, valid p-values, and the search that
+returns only what it can certify."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import timm_scan
+from timm_scan import ExitCosts, ExitPolicy, search_thresholds
+from timm_scan.deploy.certify import binomial_cdf, clopper_pearson, risk_p_value
+
+COSTS = ExitCosts.macs([10, 20, 30, 42], 40)
+
+
+def synthetic(n, seed=0, k=4, classes=10):
+    """Deeper exits are more accurate; confidence correlates with correctness."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    probs = []
+    for i in range(k):
+        logits = rng.normal(size=(n, classes))
+        logits[np.arange(n), labels] += rng.normal(1.0 + 0.7 * i, 1.5, n)
+        logits *= rng.uniform(0.5, 3.0, (n, 1))
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        probs.append(p / p.sum(1, keepdims=True))
+    return probs, labels
+
+
+def test_binomial_tails_and_bounds_are_exact():
+    for n, k, p in ((10, 3, 0.5), (50, 0, 0.02), (300, 11, 0.03)):
+        exact = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+        assert binomial_cdf(k, n, p) == pytest.approx(exact, rel=1e-9)
+    assert clopper_pearson(0, 100, 0.05, upper=True) == pytest.approx(1 - 0.05 ** (1 / 100), rel=1e-6)
+    upper = clopper_pearson(7, 200, 0.05, upper=True)
+    assert binomial_cdf(7, 200, upper) == pytest.approx(0.05, rel=1e-4)  # the bound is where the tail is α
+    lower = clopper_pearson(7, 200, 0.05, upper=False)
+    assert 1 - binomial_cdf(6, 200, lower) == pytest.approx(0.05, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["disagreement", "accuracy_drop"])
+def test_p_values_are_valid_where_the_risk_is_just_above_the_target(kind):
+    """Where the true risk exceeds ε, a p-value at most δ is rare: at most δ of draws (here δ = 0.2, so
+    that 150 draws can show a broken test: a uniform p-value would pass 20%)."""
+    rng = np.random.default_rng(1)
+    epsilon, delta, passed = 0.02, 0.2, 0
+    for _ in range(150):
+        u = rng.random(600)
+        if kind == "disagreement":
+            losses = torch.tensor(u < 0.021, dtype=torch.int8)  # risk 0.021 > ε
+        else:  # drop p₊ − p₋ = 0.045 − 0.024 = 0.021 > ε
+            losses = torch.tensor(np.where(u < 0.045, 1, np.where(u < 0.069, -1, 0)), dtype=torch.int8)
+        passed += risk_p_value(losses, epsilon) <= delta
+    assert passed / 150 <= delta
+    assert risk_p_value(torch.zeros(600, dtype=torch.int8), epsilon) < 1e-4  # and power where it is zero
+
+
+def test_a_certified_search_records_its_guarantee_and_holds_on_fresh_samples():
+    probs, labels = synthetic(4000)
+    result = search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.03, confidence=0.9, generations=20)
+    guarantee = result.policy.origin.guarantee
+    assert guarantee.certified and (guarantee.risk, guarantee.epsilon, guarantee.delta) == ("accuracy_drop", 0.03,
+                                                                                               pytest.approx(0.1))
+    assert guarantee.calibration_samples + guarantee.search_samples == 4000 and guarantee.p_value <= 0.1
+    assert result.speedup > 1 and "with probability at least 90%" in result.policy.origin.promise
+    fresh, fresh_labels = synthetic(20000, seed=9)  # the same distribution, never seen
+    index, _, answered = timm_scan.deploy.simulate_early_exit([torch.from_numpy(p) for p in fresh], result.policy)
+    drop = (fresh[-1].argmax(-1) == fresh_labels).mean() - (answered.argmax(-1).numpy() == fresh_labels).mean()
+    assert drop <= 0.03 and (index < 3).any()
+    again = search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.03, confidence=0.9, generations=20)
+    assert again.policy == result.policy  # seeded: the split and the search
+
+
+def test_too_few_samples_certify_nothing_and_say_how_many_are_needed():
+    probs, labels = synthetic(60)
+    result = search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.005, confidence=0.95, generations=5)
+    guarantee = result.policy.origin.guarantee
+    needed = math.ceil(math.log(0.025) / math.log(1 - 0.005))  # even with no loss on any calibration sample
+    assert not guarantee.certified and guarantee.needed_samples == needed
+    assert result.policy.thresholds == (1.0, 1.0, 1.0)  # every exit runs: nothing uncertified is labelled certified
+    assert "nothing certified" in result.policy.origin.promise and f"{needed} needed" in result.policy.origin.promise
+
+
+def test_disagreement_is_certified_against_the_deepest_exits_answers():
+    probs, labels = synthetic(3000, seed=2)
+    result = search_thresholds(probs, labels, COSTS, max_disagreement=0.1, confidence=0.9, fallback="deepest",
+                               generations=20)
+    guarantee = result.policy.origin.guarantee
+    assert guarantee.risk == "disagreement" and guarantee.certified and result.policy.origin.objective == "max_disagreement"
+    fresh, fresh_labels = synthetic(20000, seed=8)
+    _, _, answered = timm_scan.deploy.simulate_early_exit([torch.from_numpy(p) for p in fresh], result.policy)
+    assert (answered.argmax(-1).numpy() != fresh[-1].argmax(-1)).mean() <= 0.1
+    assert 0 < result.accuracy < 1  # reported against the labels, not against the deepest exit's answers
+
+
+def test_the_guarantee_travels_with_the_model_and_bad_requests_are_refused(tmp_path):
+    from helpers import create
+
+    probs, labels = synthetic(2000, seed=3)
+    result = search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.05, confidence=0.9, generations=10)
+    model = timm_scan.wrap(create("test_resnet", num_classes=10), check_input_size=(3, 32, 32))
+    model.policy = result.policy
+    model.save_pretrained(tmp_path)
+    loaded = timm_scan.from_pretrained(tmp_path)
+    assert loaded.policy == result.policy and loaded.policy.origin.guarantee == result.policy.origin.guarantee
+    assert result.policy.origin.promise in (tmp_path / "README.md").read_text()
+    with pytest.raises(ValueError, match="confidence certifies a risk"):
+        search_thresholds(probs, labels, COSTS, budget=30.0, confidence=0.9)
+    with pytest.raises(ValueError, match="confidence must be in"):
+        search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.01, confidence=1.5)
+    with pytest.raises(ValueError, match="give one objective"):
+        search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.01, max_disagreement=0.01)
+    assert ExitPolicy.from_json(result.policy.to_json()) == result.policy

@@ -1,0 +1,187 @@
+"""Thresholds with a guarantee: Learn-then-Test (Angelopoulos et al., 2021) over the genetic search.
+
+The validation outputs are split at random (seeded) into a *search* part and a *calibration* part.
+On the search part the genetic search proposes candidate threshold vectors, from running every exit
+to the cheapest within twice the allowed risk; they are ordered from the most to the least expensive
+on the search part, so the order does not look at the calibration part. Fixed-sequence testing then
+walks that order on the calibration part: a candidate is accepted while the p-value of the null
+hypothesis "its risk on new data exceeds ε" is at most δ, and the last accepted one is returned. With
+probability at least 1 − δ over the draw of the calibration samples, the returned policy's risk on
+new samples from the same distribution (exchangeable with the calibration samples) is at most ε.
+
+Risks (exits shallowest first; the reference is the deepest exit, or a given accuracy):
+
+* ``"accuracy_drop"``: reference accuracy − the policy's accuracy. Against the deepest exit, each
+  sample's loss is 1 (the deepest is right, the policy wrong), −1 (the reverse) or 0; the drop is
+  ``p₊ − p₋``, bounded with two exact Clopper–Pearson bounds at δ'/2 each (a Bonferroni union). Against
+  a given accuracy ``a``, the policy's error rate is tested against ``1 − a + ε`` (exact binomial).
+* ``"disagreement"``: the share of samples whose answer differs from the deepest exit's (exact binomial).
+
+Where nothing can be certified (too few calibration samples for ε and δ), the result says so, with the
+number of samples that would be needed at best, and its policy runs every exit.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..exit_costs import ExitCosts
+from ..exit_policy import Guarantee
+from .policy import check_outputs
+from .thresholds import ExitTable, Objective, SearchResult, genetic_search, result_for
+
+__all__ = ["RISKS", "binomial_cdf", "certify_thresholds", "clopper_pearson", "risk_p_value"]
+
+RISKS = ("accuracy_drop", "disagreement")
+CANDIDATES = 12  # targets proposed on the search part: 0 to 2ε
+
+
+@functools.lru_cache(maxsize=8)
+def _log_factorials(n: int) -> np.ndarray:
+    """``log i!`` for i = 0..n."""
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """``P(Binomial(n, p) <= k)``, exactly (summed in log space)."""
+    if k < 0:
+        return 0.0
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    log_fact = _log_factorials(n)
+    i = np.arange(k + 1)
+    log_pmf = log_fact[n] - log_fact[i] - log_fact[n - i] + i * math.log(p) + (n - i) * math.log1p(-p)
+    top = log_pmf.max()
+    return float(min(1.0, math.exp(top) * np.exp(log_pmf - top).sum()))
+
+
+def clopper_pearson(k: int, n: int, alpha: float, upper: bool) -> float:
+    """The exact one-sided bound at level ``alpha`` for a binomial proportion with ``k`` successes in
+    ``n``: the upper bound (``P(p <= bound) >= 1 − alpha``) or the lower one."""
+    if upper and k >= n or not upper and k <= 0:
+        return 1.0 if upper else 0.0
+    low, high = 0.0, 1.0
+    for _ in range(60):  # bisection: the CDF falls as p grows
+        mid = (low + high) / 2
+        tail = binomial_cdf(k, n, mid) if upper else 1.0 - binomial_cdf(k - 1, n, mid)
+        if (tail > alpha) == upper:
+            low = mid
+        else:
+            high = mid
+    return high if upper else low
+
+
+def risk_p_value(losses: Tensor, epsilon: float) -> float:
+    """A valid p-value for "the mean loss on new data exceeds ``epsilon``". ``losses`` (n,) in {0, 1}: the
+    exact binomial tail; in {−1, 0, 1} (an accuracy drop): the smallest δ' at which the Clopper–Pearson
+    bounds at δ'/2 give ``p₊ − p₋ <= epsilon``."""
+    n = len(losses)
+    up, down = int((losses > 0).sum()), int((losses < 0).sum())
+    if down == 0 and bool(((losses == 0) | (losses == 1)).all()):
+        return binomial_cdf(up, n, epsilon) if epsilon < 1 else 0.0
+
+    def passes(delta: float) -> bool:
+        return clopper_pearson(up, n, delta / 2, upper=True) - clopper_pearson(down, n, delta / 2, upper=False) <= epsilon
+
+    if not passes(1.0):
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (low, mid) if passes(mid) else (mid, high)
+    return high
+
+
+def _needed_samples(risk: str, epsilon: float, delta: float) -> int:
+    """The fewest calibration samples that could certify anything: all losses zero."""
+    level = delta if risk == "disagreement" else delta / 2
+    return math.ceil(math.log(level) / math.log1p(-epsilon)) if 0 < epsilon < 1 else 1
+
+
+def certify_thresholds(
+    probs: Sequence[Tensor | np.ndarray],
+    labels: Tensor | np.ndarray,
+    costs: ExitCosts,
+    *,
+    max_risk: float,
+    confidence: float = 0.95,
+    risk: str = "accuracy_drop",
+    baseline_accuracy: float | None = None,
+    fallback: str = "ensemble",
+    temperatures: Sequence[float] | None = None,
+    search_share: float = 0.5,
+    split_seed: int = 0,
+    **ga_options: Any,
+) -> SearchResult:
+    """The cheapest thresholds whose ``risk`` on new data is at most ``max_risk`` (a fraction) with
+    probability at least ``confidence`` over the calibration samples (see the module docstring).
+    ``search_share`` of the samples (at random, ``split_seed``) propose candidates, the rest certify. The
+    result's ``policy.origin.guarantee`` records the risk, ε, δ, both parts' sizes, the seed, the
+    p-value, and whether anything was certified; its accuracy (against ``labels``), speed-up and shares
+    are measured on the calibration part."""
+    if risk not in RISKS:
+        raise ValueError(f"risk must be one of {RISKS}; got {risk!r}")
+    if not (isinstance(max_risk, (int, float)) and 0 <= max_risk < 1):
+        raise ValueError(f"max_risk must be a fraction in [0, 1) (0.005 is half a point); got {max_risk!r}")
+    if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
+        raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence!r}")
+    if not 0 < search_share < 1:
+        raise ValueError(f"search_share must be in (0, 1); got {search_share!r}")
+    if risk == "disagreement" and baseline_accuracy is not None:
+        raise ValueError("baseline_accuracy goes with risk='accuracy_drop'; disagreement is with the deepest exit")
+    probs, labels = check_outputs(probs, labels)
+    n = len(labels)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    n_search = int(round(search_share * n))
+    if not 0 < n_search < n:
+        raise ValueError(f"{n} samples cannot be split into a search and a calibration part")
+    search, calibration = order[:n_search], order[n_search:]
+    # disagreement is an accuracy drop against the deepest exit's own answers
+    target = probs[-1].argmax(-1) if risk == "disagreement" else labels
+    table = ExitTable.from_outputs([p[search] for p in probs], target[search], costs, fallback, temperatures)
+    check = ExitTable.from_outputs([p[calibration] for p in probs], target[calibration], costs, fallback, temperatures)
+    baseline = table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
+
+    candidates = [np.ones(table.num_exits - 1)]  # run every exit first: the most expensive
+    for step in range(CANDIDATES + 1):
+        objective = Objective(baseline, None, min(1.0, 2 * max_risk * step / CANDIDATES))
+        try:
+            candidates.append(np.asarray(genetic_search(table, objective, **ga_options).thresholds))
+        except ValueError:  # a target the search part cannot meet
+            continue
+    candidates.sort(key=lambda t: -float(table.costs.backbone / table.evaluate(t)[1][0]))  # by mean cost, descending
+
+    index = torch.arange(len(calibration))
+    reference_right = check.deepest_correct
+    accepted, p_value = None, 1.0
+    for thresholds in candidates:
+        right = check.correct[check.exit_index(thresholds)[0], index]
+        if baseline_accuracy is None:
+            losses = reference_right.to(torch.int8) - right.to(torch.int8)
+            p = risk_p_value(losses, max_risk)
+        else:  # the policy's error rate against 1 − a + ε
+            p = risk_p_value((~right).to(torch.int8), min(1.0, 1 - baseline_accuracy + max_risk))
+        if p > 1 - confidence:
+            break
+        accepted, p_value = thresholds, p
+    certified = accepted is not None
+    guarantee = Guarantee(risk, float(max_risk), 1 - float(confidence), certified, len(calibration), n_search,
+                          split_seed, float(p_value if certified else 1.0),
+                          None if certified else _needed_samples(risk, max_risk, 1 - confidence),
+                          "the deepest exit" if baseline_accuracy is None else f"accuracy {baseline_accuracy:.4f}")
+    chosen = accepted if certified else np.ones(table.num_exits - 1)
+    origin = {"method": "learn-then-test over the genetic search", "guarantee": guarantee, "split": "calibration",
+              **{k: ga_options[k] for k in ("min_threshold", "seed") if k in ga_options}}
+    report = check if risk == "accuracy_drop" else ExitTable.from_outputs(
+        [p[calibration] for p in probs], labels[calibration], costs, fallback, temperatures)
+    reference = report.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
+    return result_for(report, chosen, "max_" + risk, float(max_risk), reference, origin)
