@@ -79,6 +79,7 @@ def test_too_few_samples_certify_nothing_and_say_how_many_are_needed():
     needed = math.ceil(math.log(0.025) / math.log(1 - 0.005))  # even with no loss on any calibration sample
     assert not guarantee.certified and guarantee.needed_samples == needed
     assert result.policy.thresholds == (1.0, 1.0, 1.0)  # every exit runs: nothing uncertified is labelled certified
+    assert result.policy.fallback == "deepest"  # and the full model answers
     assert "nothing certified" in result.policy.origin.promise and f"{needed} needed" in result.policy.origin.promise
 
 
@@ -112,3 +113,30 @@ def test_the_guarantee_travels_with_the_model_and_bad_requests_are_refused(tmp_p
     with pytest.raises(ValueError, match="give one objective"):
         search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.01, max_disagreement=0.01)
     assert ExitPolicy.from_json(result.policy.to_json()) == result.policy
+
+
+def test_the_command_line_certifies_records_and_evaluates(tiny_parquet, tmp_path, capsys):
+    """``timm-scan search RUN --max-drop 5 --confidence 0.9`` on a toy run: 12 calibration samples cannot
+    certify 5 points, so the record says so and the model runs every exit; ``evaluate`` reports it."""
+    from timm_scan.cli import main
+    from timm_scan.commands.search import ThresholdRecord
+    from timm_scan.report import EarlyExitReport
+
+    run = tmp_path / "run"
+    main(["train", "--dataset", str(tiny_parquet), "--output-dir", str(run), "--model", "test_resnet", "--input-size",
+          "32", "--crop-pct", "1.0", "--val-size", "24", "--epochs", "1", "--batch-size", "16", "--num-workers", "0"])
+    main(["search", str(run), "--betas", "1", "--max-drop", "5", "--confidence", "0.9", "--generations", "3"])
+    record = ThresholdRecord.load(run / "thresholds.json")
+    guarantee = record.policy.origin.guarantee
+    assert (guarantee.epsilon, guarantee.calibration_samples, guarantee.search_samples) == (0.05, 12, 12)
+    assert not guarantee.certified and record.thresholds == (1.0, 1.0, 1.0)
+    assert timm_scan.from_pretrained(run / "best").policy == record.policy
+    assert "nothing certified" in capsys.readouterr().out
+    main(["evaluate", str(run), "--latency-images", "4", "--latency-images-b1", "2"])
+    report = EarlyExitReport.load(run / "evaluation.json")
+    assert report.policy == record.policy and report.agreement == 1.0 and report.exit_shares[-1] == 1.0
+    assert report.accuracy == report.per_exit.deepest  # the full model's answers
+    out = capsys.readouterr().out
+    assert "promise: nothing certified" in out and "asked with a guarantee but nothing certified" in out
+    with pytest.raises(SystemExit):
+        main(["search", str(run), "--budget-macs", "1e6", "--confidence", "0.9"])

@@ -84,7 +84,8 @@ class Guarantee(JsonRecord):
     ``reference``, or ``"disagreement"`` with the deepest exit's answers) on new samples is at most
     ``epsilon`` (a fraction), provided deployment samples are exchangeable with the calibration samples
     (drawn from the same distribution). ``search_samples`` proposed the candidates; ``split_seed`` drew
-    the split. ``certified`` is false where no candidate passed, the policy then runs every exit, and
+    the split. ``certified`` is false where no candidate passed (the policy then runs every exit and the
+    deepest exit answers), and
     ``needed_samples`` says how many calibration samples could certify anything at ε and δ."""
 
     risk: str
@@ -118,7 +119,8 @@ class Guarantee(JsonRecord):
             e=100 * self.epsilon, r=self.reference)
         if not self.certified:
             return (f"nothing certified for {what} at {1 - self.delta:.0%} confidence on {self.calibration_samples} "
-                    f"calibration samples (at least {self.needed_samples} needed); every exit runs")
+                    f"calibration samples (at least {self.needed_samples} needed); every exit runs and the deepest "
+                    "answers")
         return (f"{what} on new data, with probability at least {1 - self.delta:.0%} over the "
                 f"{self.calibration_samples} calibration samples, for data exchangeable with them")
 

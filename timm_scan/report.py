@@ -177,6 +177,7 @@ class EarlyExitReport(JsonRecord):
     sweep: list[SweepPoint] = field(default_factory=list)
     target: str | None = None  # the target the thresholds were searched for on validation, in words
     target_held: bool | None = None  # whether it holds on this split (None: kept at β)
+    agreement: float | None = None  # share of samples answered as the deepest exit answers them
     ece: list[float] | None = None  # expected calibration error per exit on this split, at temperature 1
     ece_calibrated: list[float] | None = None  # ... and at the policy's temperatures
 

@@ -54,14 +54,17 @@ def measure_wall_clock(model: MultiExitModel, predictor: EarlyExitPredictor, ima
 
 
 def target_held(searched: ThresholdRecord, accuracy: float, shares: list[float], deepest: float,
-                exit_macs: list[int]) -> bool | None:
+                exit_macs: list[int], agreement: float | None = None) -> bool | None:
     """Whether the search's target holds on the evaluated split (``accuracy``, a fraction, and
     ``shares`` of samples per exit): accuracy at most the drop below the baseline's here (the deepest
-    exit's, ``deepest``, or the baseline run's test accuracy), or the mean cost per image within the
-    budget (a latency budget judged by the measured latency table); ``None`` for thresholds kept at β."""
+    exit's, ``deepest``, or the baseline run's test accuracy), answers that agree with the deepest exit's
+    on at least the share asked (``agreement``), or the mean cost per image within the budget (a latency
+    budget judged by the measured latency table); ``None`` for thresholds kept at β."""
     origin = searched.policy.origin
     if origin is None or origin.objective == "beta" or (origin.cost_unit == "ms" and searched.latency is None):
         return None
+    if origin.objective == "max_disagreement":
+        return None if agreement is None else searched.objective(1.0).met(agreement, 0.0)
     baseline = deepest if searched.baseline_run is None else run_results(searched.baseline_run).test.deepest
     costs = searched.latency.ms_per_image if origin.cost_unit == "ms" else exit_macs
     return searched.objective(baseline).met(accuracy, sum(s * c for s, c in zip(shares, costs)))
@@ -83,6 +86,8 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
                                    policy.temperatures)
     per_exit = exit_accuracy(probs, labels)
     accuracy, speedup = (float(v[0]) for v in table.evaluate([policy.thresholds]))
+    agreement = float(ExitTable.from_outputs(raw, raw[-1].argmax(-1), table.costs, policy.fallback, policy.temperatures)
+                      .evaluate([policy.thresholds])[0][0])  # the share of answers equal to the deepest exit's
     shares = [float(s) for s in table.exit_shares([policy.thresholds])[0]]
 
     predictor = EarlyExitPredictor(model)
@@ -98,19 +103,22 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
         accuracy=accuracy, speedup=speedup, exit_shares=shares, wall_clock=timings,
         sweep=[SweepPoint(pt.beta, list(pt.thresholds), float(a), float(c))
                for pt, a, c in zip(searched.sweep, sweep_acc, sweep_speedup)],
-        target=searched.target, target_held=target_held(searched, accuracy, shares, per_exit.deepest, exit_macs),
+        target=searched.target, agreement=agreement,
+        target_held=target_held(searched, accuracy, shares, per_exit.deepest, exit_macs, agreement),
         ece=[expected_calibration_error(p, labels) for p in raw],
         ece_calibrated=[expected_calibration_error(p, labels) for p in probs] if policy.temperatures else None,
     )
 
     print(f"{train_cfg.model} on {len(labels)} test images ({size[1]}x{size[2]})")
     print(exit_table(exit_macs, backbone_macs, per_exit))
-    kept = f"β = {searched.chosen.beta:g}" if searched.target is None else f"{searched.target} on validation"
+    kept = f"β = {searched.chosen.beta:g}" if searched.target is None else searched.target
     print(f"early exit ({kept}, thresholds {', '.join(f'{t:.3f}' for t in policy.thresholds)}): "
           f"accuracy {100 * accuracy:.2f}%, MACs speed-up {speedup:.2f}x, share per exit "
-          + " ".join(f"{s:.0%}" for s in shares))
+          + f" {' '.join(f'{s:.0%}' for s in shares)}; the same answer as the deepest exit on {agreement:.1%}")
+    if policy.origin is not None:
+        print(f"  promise: {policy.origin.promise}")
     if report.target is not None:
-        print(f"  target on validation: {report.target}; on test it {'holds' if report.target_held else 'does NOT hold'}"
+        print(f"  target: {report.target}; on test it {'holds' if report.target_held else 'does NOT hold'}"
               + (" (by the measured latency table)" if policy.origin.cost_unit == "ms" else ""))
     print("  expected calibration error per exit: " + ", ".join(f"{e:.3f}" for e in report.ece)
           + (" → calibrated " + ", ".join(f"{e:.3f}" for e in report.ece_calibrated) if report.ece_calibrated else ""))

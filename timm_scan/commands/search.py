@@ -46,8 +46,18 @@ class SearchConfig:
     run: str = option(help="output directory of a training run", positional=True)
     betas: list[float] = option([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0], "the β values of the sweep")
     beta: float = option(1.0, "the β whose thresholds are kept (added to the sweep), unless --max-drop is given")
-    max_drop: float | None = option(None, "keep instead the cheapest thresholds whose validation accuracy is at "
-                                          "most this many points below the fitness baseline")
+    max_drop: float | None = option(None, "keep instead the cheapest thresholds whose accuracy is at most this many "
+                                          "points below the fitness baseline (on validation; on new data with "
+                                          "--confidence)")
+    max_disagreement: float | None = option(None, "keep instead the cheapest thresholds whose answers differ from "
+                                                  "the deepest exit's on at most this percent of samples (on "
+                                                  "validation; on new data with --confidence)")
+    confidence: float | None = option(None, "certify --max-drop or --max-disagreement on new data with this "
+                                            "probability (e.g. 0.95; Learn-then-Test on a held-out part of the "
+                                            "validation split) instead of meeting it on validation")
+    search_share: float = option(0.5, "with --confidence: the share of the validation split that proposes "
+                                      "thresholds; the rest certifies them")
+    split_seed: int = option(0, "with --confidence: seed of the split into a search and a calibration part")
     budget_macs: float | None = option(None, "keep instead the most accurate thresholds whose mean MACs per image "
                                              "on validation is at most this")
     budget_ms: float | None = option(None, "keep instead the most accurate thresholds whose mean latency per image "
@@ -68,11 +78,20 @@ class SearchConfig:
         validate_fallback(self.fallback)
         if not 0.0 <= self.min_threshold < 1.0:
             raise ValueError(f"SearchConfig.min_threshold must be in [0, 1); got {self.min_threshold}")
-        if self.max_drop is not None and self.max_drop < 0:
-            raise ValueError(f"SearchConfig.max_drop must be >= 0 (points of accuracy); got {self.max_drop}")
-        targets = [name for name in ("max_drop", "budget_macs", "budget_ms") if getattr(self, name) is not None]
+        for name in ("max_drop", "max_disagreement"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 100:
+                raise ValueError(f"SearchConfig.{name} must be in [0, 100) (points, or percent of samples); got "
+                                 f"{getattr(self, name)}")
+        targets = [name for name in ("max_drop", "max_disagreement", "budget_macs", "budget_ms")
+                   if getattr(self, name) is not None]
         if len(targets) > 1:
             raise ValueError(f"SearchConfig: give one target, not {' and '.join(targets)}")
+        if self.confidence is not None and (not 0 < self.confidence < 1 or targets not in (["max_drop"],
+                                                                                           ["max_disagreement"])):
+            raise ValueError("SearchConfig.confidence must be in (0, 1), with --max-drop or --max-disagreement; got "
+                             f"{self.confidence} with {targets or 'no target'}")
+        if not 0 < self.search_share < 1:
+            raise ValueError(f"SearchConfig.search_share must be in (0, 1); got {self.search_share}")
         for name in ("budget_macs", "budget_ms"):
             if getattr(self, name) is not None and not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"SearchConfig.{name} must be a number > 0; got {getattr(self, name)}")
@@ -120,12 +139,14 @@ class ThresholdRecord(JsonRecord):
 
     def objective(self, baseline_accuracy: float) -> Objective | None:
         """The search's objective, with the baseline (a fraction) of the split it is judged on (``None``
-        where the policy does not say how it was chosen)."""
+        where the policy does not say how it was chosen). A disagreement target is an accuracy target
+        against the deepest exit's own answers: pass 1.0 and judge the agreement."""
         origin = self.policy.origin
         if origin is None:
             return None
         value = {origin.objective: origin.value}
-        return Objective(baseline_accuracy, value.get("beta"), value.get("max_accuracy_drop"), value.get("budget"))
+        drop = value.get("max_accuracy_drop", value.get("max_disagreement"))
+        return Objective(baseline_accuracy, value.get("beta"), drop, value.get("budget"))
 
     @property
     def target(self) -> str | None:
@@ -133,8 +154,13 @@ class ThresholdRecord(JsonRecord):
         origin = self.policy.origin
         if origin is None or origin.objective == "beta":
             return None
+        guarantee = origin.guarantee
+        how = "" if guarantee is None else (f", certified at {1 - guarantee.delta:.0%} confidence" if
+                                            guarantee.certified else ", asked with a guarantee but nothing certified")
         if origin.objective == "max_accuracy_drop":
-            return f"accuracy at most {100 * origin.value:g} points below {self.baseline}"
+            return f"accuracy at most {100 * origin.value:g} points below {self.baseline}{how}"
+        if origin.objective == "max_disagreement":
+            return f"answers differing from the deepest exit's on at most {100 * origin.value:g}% of samples{how}"
         if origin.cost_unit == "macs":
             return f"at most {origin.value / 1e6:g} MMACs per image"
         batch = f" at batch {self.latency.batch_size}" if self.latency is not None else ""
@@ -196,21 +222,28 @@ def search(cfg: SearchConfig) -> ThresholdRecord:
     if cfg.cost == "latency" or cfg.budget_ms is not None:
         latency = measure_exit_latency(model, size, cfg.latency_batch_size, policy=policy)
     costs = ExitCosts.from_latency(latency) if cfg.cost == "latency" else macs
+    given_baseline = None  # the deepest exit's, sample by sample
     if cfg.baseline_run is not None:
         results = run_results(cfg.baseline_run)
         if not results.baseline:
             raise ValueError(f"{cfg.baseline_run} is not a --baseline run")
         baseline, baseline_accuracy = "the --baseline run", results.val.deepest
+        given_baseline = baseline_accuracy
     else:
         baseline = "the deepest exit"
         baseline_accuracy = exit_accuracy(apply_temperatures(probs, temperatures), labels).deepest
-    targeted = any(t is not None for t in (cfg.max_drop, cfg.budget_macs, cfg.budget_ms))
+    targeted = any(t is not None for t in (cfg.max_drop, cfg.max_disagreement, cfg.budget_macs, cfg.budget_ms))
     betas = sorted(set(cfg.betas) | (set() if targeted else {cfg.beta}))
-    common = {"baseline_accuracy": baseline_accuracy, "fallback": cfg.fallback, "temperatures": temperatures,
+    common = {"baseline_accuracy": given_baseline, "fallback": cfg.fallback, "temperatures": temperatures,
               "seed": cfg.seed, "generations": cfg.generations, "min_threshold": cfg.min_threshold}
+    certified = {"confidence": cfg.confidence, "search_share": cfg.search_share, "split_seed": cfg.split_seed}
     points = sweep_beta(probs, labels, costs, betas=betas, **common)
     if cfg.max_drop is not None:
-        chosen = search_thresholds(probs, labels, costs, max_accuracy_drop=cfg.max_drop / 100, **common)
+        chosen = search_thresholds(probs, labels, costs, max_accuracy_drop=cfg.max_drop / 100, **common, **certified)
+    elif cfg.max_disagreement is not None:
+        common.pop("baseline_accuracy")
+        chosen = search_thresholds(probs, labels, costs, max_disagreement=cfg.max_disagreement / 100, **common,
+                                   **certified)
     elif cfg.budget_macs is not None:
         chosen = search_thresholds(probs, labels, macs, budget=cfg.budget_macs, **common)
     elif cfg.budget_ms is not None:

@@ -18,7 +18,8 @@ Risks (exits shallowest first; the reference is the deepest exit, or a given acc
 * ``"disagreement"``: the share of samples whose answer differs from the deepest exit's (exact binomial).
 
 Where nothing can be certified (too few calibration samples for ε and δ), the result says so, with the
-number of samples that would be needed at best, and its policy runs every exit.
+number of samples that would be needed at best, and its policy runs every exit and answers with the
+deepest exit: the full model's answer, at no risk against the deepest exit.
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def certify_thresholds(
     chosen = accepted if certified else np.ones(table.num_exits - 1)
     origin = {"method": "learn-then-test over the genetic search", "guarantee": guarantee, "split": "calibration",
               **{k: ga_options[k] for k in ("min_threshold", "seed") if k in ga_options}}
-    report = check if risk == "accuracy_drop" else ExitTable.from_outputs(
-        [p[calibration] for p in probs], labels[calibration], costs, fallback, temperatures)
+    # nothing certified: every exit runs and the deepest answers, which is the reference itself
+    report = check if risk == "accuracy_drop" and certified else ExitTable.from_outputs(
+        [p[calibration] for p in probs], labels[calibration], costs, fallback if certified else "deepest", temperatures)
     reference = report.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
     return result_for(report, chosen, "max_" + risk, float(max_risk), reference, origin)
