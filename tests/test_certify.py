@@ -9,7 +9,7 @@ import torch
 
 import timm_scan
 from timm_scan import ExitCosts, ExitPolicy, search_thresholds
-from timm_scan.deploy.certify import binomial_cdf, clopper_pearson, risk_p_value
+from timm_scan.deploy.certify import binomial_cdf, clopper_pearson, rejects, risk_p_value
 
 COSTS = ExitCosts.macs([10, 20, 30, 42], 40)
 
@@ -140,3 +140,13 @@ def test_the_command_line_certifies_records_and_evaluates(tiny_parquet, tmp_path
     assert "promise: nothing certified" in out and "asked with a guarantee but nothing certified" in out
     with pytest.raises(SystemExit):
         main(["search", str(run), "--budget-macs", "1e6", "--confidence", "0.9"])
+
+
+def test_the_direct_test_agrees_with_the_p_value():
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        u = rng.random(400)
+        losses = torch.tensor(np.where(u < rng.uniform(0, 0.06), 1, np.where(u > 1 - rng.uniform(0, 0.03), -1, 0)),
+                              dtype=torch.int8)
+        for delta in (0.05, 0.2):
+            assert rejects(losses, 0.03, delta) == (risk_p_value(losses, 0.03) <= delta)

@@ -38,7 +38,7 @@ from ..exit_policy import Guarantee
 from .policy import check_outputs
 from .thresholds import ExitTable, Objective, SearchResult, genetic_search, result_for
 
-__all__ = ["RISKS", "binomial_cdf", "certify_thresholds", "clopper_pearson", "risk_p_value"]
+__all__ = ["RISKS", "binomial_cdf", "certify_thresholds", "clopper_pearson", "rejects", "risk_p_value"]
 
 RISKS = ("accuracy_drop", "disagreement")
 CANDIDATES = 12  # targets proposed on the search part: 0 to 2ε
@@ -81,24 +81,39 @@ def clopper_pearson(k: int, n: int, alpha: float, upper: bool) -> float:
     return high if upper else low
 
 
+def _counts(losses: Tensor) -> tuple[int, int, int, bool]:
+    """``(n, losses > 0, losses < 0, whether every loss is 0 or 1)``."""
+    up, down = int((losses > 0).sum()), int((losses < 0).sum())
+    return len(losses), up, down, down == 0 and bool(((losses == 0) | (losses == 1)).all())
+
+
+def _drop_bounded(n: int, up: int, down: int, epsilon: float, delta: float) -> bool:
+    """Whether the Clopper–Pearson bounds at ``delta``/2 each put ``p₊ − p₋`` at most ``epsilon``."""
+    return clopper_pearson(up, n, delta / 2, upper=True) - clopper_pearson(down, n, delta / 2, upper=False) <= epsilon
+
+
+def rejects(losses: Tensor, epsilon: float, delta: float) -> bool:
+    """Whether "the mean loss on new data exceeds ``epsilon``" is rejected at level ``delta``, i.e. whether
+    `risk_p_value` is at most ``delta`` (computed directly, without the p-value's search)."""
+    n, up, down, binary = _counts(losses)
+    if binary:
+        return binomial_cdf(up, n, epsilon) <= delta if epsilon < 1 else True
+    return _drop_bounded(n, up, down, epsilon, delta)
+
+
 def risk_p_value(losses: Tensor, epsilon: float) -> float:
     """A valid p-value for "the mean loss on new data exceeds ``epsilon``". ``losses`` (n,) in {0, 1}: the
     exact binomial tail; in {−1, 0, 1} (an accuracy drop): the smallest δ' at which the Clopper–Pearson
     bounds at δ'/2 give ``p₊ − p₋ <= epsilon``."""
-    n = len(losses)
-    up, down = int((losses > 0).sum()), int((losses < 0).sum())
-    if down == 0 and bool(((losses == 0) | (losses == 1)).all()):
+    n, up, down, binary = _counts(losses)
+    if binary:
         return binomial_cdf(up, n, epsilon) if epsilon < 1 else 0.0
-
-    def passes(delta: float) -> bool:
-        return clopper_pearson(up, n, delta / 2, upper=True) - clopper_pearson(down, n, delta / 2, upper=False) <= epsilon
-
-    if not passes(1.0):
+    if not _drop_bounded(n, up, down, epsilon, 1.0):
         return 1.0
     low, high = 0.0, 1.0
     for _ in range(40):
         mid = (low + high) / 2
-        low, high = (low, mid) if passes(mid) else (mid, high)
+        low, high = (low, mid) if _drop_bounded(n, up, down, epsilon, mid) else (mid, high)
     return high
 
 
@@ -163,20 +178,22 @@ def certify_thresholds(
 
     index = torch.arange(len(calibration))
     reference_right = check.deepest_correct
-    accepted, p_value = None, 1.0
-    for thresholds in candidates:
+    def losses(thresholds: np.ndarray) -> tuple[Tensor, float]:
+        """Each calibration sample's loss under ``thresholds``, and the risk level it is tested against."""
         right = check.correct[check.exit_index(thresholds)[0], index]
         if baseline_accuracy is None:
-            losses = reference_right.to(torch.int8) - right.to(torch.int8)
-            p = risk_p_value(losses, max_risk)
-        else:  # the policy's error rate against 1 − a + ε
-            p = risk_p_value((~right).to(torch.int8), min(1.0, 1 - baseline_accuracy + max_risk))
-        if p > 1 - confidence:
+            return reference_right.to(torch.int8) - right.to(torch.int8), max_risk
+        return (~right).to(torch.int8), min(1.0, 1 - baseline_accuracy + max_risk)  # the error rate against 1 − a + ε
+
+    accepted = None
+    for thresholds in candidates:  # fixed-sequence testing: stop at the first that is not rejected
+        if not rejects(*losses(thresholds), 1 - confidence):
             break
-        accepted, p_value = thresholds, p
+        accepted = thresholds
     certified = accepted is not None
+    p_value = risk_p_value(*losses(accepted)) if certified else 1.0
     guarantee = Guarantee(risk, float(max_risk), 1 - float(confidence), certified, len(calibration), n_search,
-                          split_seed, float(p_value if certified else 1.0),
+                          split_seed, float(p_value),
                           None if certified else _needed_samples(risk, max_risk, 1 - confidence),
                           "the deepest exit" if baseline_accuracy is None else f"accuracy {baseline_accuracy:.4f}")
     chosen = accepted if certified else np.ones(table.num_exits - 1)
