@@ -150,3 +150,19 @@ def test_the_direct_test_agrees_with_the_p_value():
                               dtype=torch.int8)
         for delta in (0.05, 0.2):
             assert rejects(losses, 0.03, delta) == (risk_p_value(losses, 0.03) <= delta)
+
+
+def test_candidates_run_from_every_exit_to_the_cheapest():
+    """Fixed-sequence testing returns the last candidate it accepts, so the order must be from the most to
+    the least expensive on the search part (running every exit first)."""
+    from timm_scan.deploy.certify import fixed_sequence, propose_candidates
+    from timm_scan.deploy.thresholds import ExitTable
+
+    probs, labels = synthetic(1500, seed=5)
+    table = ExitTable.from_outputs(probs, labels, COSTS)
+    candidates = propose_candidates(table, table.deepest_accuracy, 0.03, generations=10)
+    speedups = [float(table.evaluate(t)[1][0]) for t in candidates]
+    assert list(candidates[0]) == [1.0, 1.0, 1.0] and speedups == sorted(speedups) and speedups[-1] > speedups[0]
+    zero = torch.zeros(100, dtype=torch.int8)
+    assert fixed_sequence(candidates, lambda t: (zero, 0.1), 0.1) is candidates[-1]  # every risk rejected: cheapest
+    assert fixed_sequence(candidates, lambda t: (torch.ones(100, dtype=torch.int8), 0.1), 0.1) is None

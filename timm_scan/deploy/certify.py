@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,8 @@ from ..exit_policy import Guarantee
 from .policy import check_outputs
 from .thresholds import ExitTable, Objective, SearchResult, genetic_search, result_for
 
-__all__ = ["RISKS", "binomial_cdf", "certify_thresholds", "clopper_pearson", "rejects", "risk_p_value"]
+__all__ = ["RISKS", "binomial_cdf", "certify_thresholds", "clopper_pearson", "fixed_sequence", "propose_candidates",
+           "rejects", "risk_p_value"]
 
 RISKS = ("accuracy_drop", "disagreement")
 CANDIDATES = 12  # targets proposed on the search part: 0 to 2ε
@@ -123,6 +124,33 @@ def _needed_samples(risk: str, epsilon: float, delta: float) -> int:
     return math.ceil(math.log(level) / math.log1p(-epsilon)) if 0 < epsilon < 1 else 1
 
 
+def propose_candidates(table: ExitTable, baseline: float, max_risk: float, **ga_options: Any) -> list[np.ndarray]:
+    """Threshold vectors proposed on the search part (``table``): running every exit, then the genetic
+    search's cheapest within 0 to 2·``max_risk`` of ``baseline``; ordered from the most to the least
+    expensive on the search part, the order fixed-sequence testing walks."""
+    candidates = [np.ones(table.num_exits - 1)]
+    for step in range(CANDIDATES + 1):
+        objective = Objective(baseline, None, min(1.0, 2 * max_risk * step / CANDIDATES))
+        try:
+            candidates.append(np.asarray(genetic_search(table, objective, **ga_options).thresholds))
+        except ValueError:  # a target the search part cannot meet
+            continue
+    return sorted(candidates, key=lambda t: float(table.evaluate(t)[1][0]))  # speed-up ascending: cost descending
+
+
+def fixed_sequence(candidates: Sequence[np.ndarray], losses: Callable[[np.ndarray], tuple[Tensor, float]],
+                   delta: float) -> np.ndarray | None:
+    """Fixed-sequence testing: walk ``candidates`` in order while "risk above the level" is rejected at
+    ``delta`` on the calibration losses (``losses(thresholds)`` gives them and the level); the last
+    rejected one, or ``None``. The family-wise error is at most ``delta`` without any correction."""
+    accepted = None
+    for thresholds in candidates:
+        if not rejects(*losses(thresholds), delta):
+            break
+        accepted = thresholds
+    return accepted
+
+
 def certify_thresholds(
     probs: Sequence[Tensor | np.ndarray],
     labels: Tensor | np.ndarray,
@@ -167,15 +195,7 @@ def certify_thresholds(
     check = ExitTable.from_outputs([p[calibration] for p in probs], target[calibration], costs, fallback, temperatures)
     baseline = table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
 
-    candidates = [np.ones(table.num_exits - 1)]  # run every exit first: the most expensive
-    for step in range(CANDIDATES + 1):
-        objective = Objective(baseline, None, min(1.0, 2 * max_risk * step / CANDIDATES))
-        try:
-            candidates.append(np.asarray(genetic_search(table, objective, **ga_options).thresholds))
-        except ValueError:  # a target the search part cannot meet
-            continue
-    candidates.sort(key=lambda t: -float(table.costs.backbone / table.evaluate(t)[1][0]))  # by mean cost, descending
-
+    candidates = propose_candidates(table, baseline, max_risk, **ga_options)
     index = torch.arange(len(calibration))
     reference_right = check.deepest_correct
     def losses(thresholds: np.ndarray) -> tuple[Tensor, float]:
@@ -185,11 +205,7 @@ def certify_thresholds(
             return reference_right.to(torch.int8) - right.to(torch.int8), max_risk
         return (~right).to(torch.int8), min(1.0, 1 - baseline_accuracy + max_risk)  # the error rate against 1 − a + ε
 
-    accepted = None
-    for thresholds in candidates:  # fixed-sequence testing: stop at the first that is not rejected
-        if not rejects(*losses(thresholds), 1 - confidence):
-            break
-        accepted = thresholds
+    accepted = fixed_sequence(candidates, losses, 1 - confidence)
     certified = accepted is not None
     p_value = risk_p_value(*losses(accepted)) if certified else 1.0
     guarantee = Guarantee(risk, float(max_risk), 1 - float(confidence), certified, len(calibration), n_search,
