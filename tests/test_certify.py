@@ -9,7 +9,7 @@ import torch
 
 import timm_scan
 from timm_scan import ExitCosts, ExitPolicy, search_thresholds
-from timm_scan.deploy.certify import binomial_cdf, clopper_pearson, rejects, risk_p_value
+from timm_scan.deploy.certify import binomial_cdf, needed_samples, rejects, risk_p_value
 
 COSTS = ExitCosts.macs([10, 20, 30, 42], 40)
 
@@ -28,15 +28,11 @@ def synthetic(n, seed=0, k=4, classes=10):
     return probs, labels
 
 
-def test_binomial_tails_and_bounds_are_exact():
+def test_binomial_tails_are_exact():
     for n, k, p in ((10, 3, 0.5), (50, 0, 0.02), (300, 11, 0.03)):
         exact = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
         assert binomial_cdf(k, n, p) == pytest.approx(exact, rel=1e-9)
-    assert clopper_pearson(0, 100, 0.05, upper=True) == pytest.approx(1 - 0.05 ** (1 / 100), rel=1e-6)
-    upper = clopper_pearson(7, 200, 0.05, upper=True)
-    assert binomial_cdf(7, 200, upper) == pytest.approx(0.05, rel=1e-4)  # the bound is where the tail is α
-    lower = clopper_pearson(7, 200, 0.05, upper=False)
-    assert 1 - binomial_cdf(6, 200, lower) == pytest.approx(0.05, rel=1e-4)
+    assert binomial_cdf(-1, 10, 0.5) == 0.0 and binomial_cdf(10, 10, 0.5) == 1.0
 
 
 @pytest.mark.parametrize("kind", ["disagreement", "accuracy_drop"])
@@ -51,9 +47,10 @@ def test_p_values_are_valid_where_the_risk_is_just_above_the_target(kind):
             losses = torch.tensor(u < 0.021, dtype=torch.int8)  # risk 0.021 > ε
         else:  # drop p₊ − p₋ = 0.045 − 0.024 = 0.021 > ε
             losses = torch.tensor(np.where(u < 0.045, 1, np.where(u < 0.069, -1, 0)), dtype=torch.int8)
-        passed += risk_p_value(losses, epsilon) <= delta
+        passed += risk_p_value(losses, epsilon, delta, paired=kind == "accuracy_drop") <= delta
     assert passed / 150 <= delta
-    assert risk_p_value(torch.zeros(600, dtype=torch.int8), epsilon) < 1e-4  # and power where it is zero
+    zero = torch.zeros(600, dtype=torch.int8)
+    assert risk_p_value(zero, epsilon, delta, paired=kind == "accuracy_drop") < 0.01  # and power where it is zero
 
 
 def test_a_certified_search_records_its_guarantee_and_holds_on_fresh_samples():
@@ -76,8 +73,11 @@ def test_too_few_samples_certify_nothing_and_say_how_many_are_needed():
     probs, labels = synthetic(60)
     result = search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.005, confidence=0.95, generations=5)
     guarantee = result.policy.origin.guarantee
-    needed = math.ceil(math.log(0.025) / math.log(1 - 0.005))  # even with no loss on any calibration sample
-    assert not guarantee.certified and guarantee.needed_samples == needed
+    needed = needed_samples("accuracy_drop", 0.005, 0.05)  # even with no loss on any calibration sample
+    assert not guarantee.certified and guarantee.needed_samples == needed > 30
+    assert rejects(torch.zeros(needed, dtype=torch.int8), 0.005, 0.05, paired=True)
+    assert not rejects(torch.zeros(needed - 1, dtype=torch.int8), 0.005, 0.05, paired=True)
+    assert needed_samples("disagreement", 0.01, 0.1) == math.ceil(math.log(0.1) / math.log(0.99))
     assert result.policy.thresholds == (1.0, 1.0, 1.0)  # every exit runs: nothing uncertified is labelled certified
     assert result.policy.fallback == "deepest"  # and the full model answers
     assert "nothing certified" in result.policy.origin.promise and f"{needed} needed" in result.policy.origin.promise
@@ -149,7 +149,9 @@ def test_the_direct_test_agrees_with_the_p_value():
         losses = torch.tensor(np.where(u < rng.uniform(0, 0.06), 1, np.where(u > 1 - rng.uniform(0, 0.03), -1, 0)),
                               dtype=torch.int8)
         for delta in (0.05, 0.2):
-            assert rejects(losses, 0.03, delta) == (risk_p_value(losses, 0.03) <= delta)
+            for paired in (True, False):
+                binary = losses.clamp(min=0) if not paired else losses
+                assert rejects(binary, 0.03, delta, paired) == (risk_p_value(binary, 0.03, delta, paired) <= delta)
 
 
 def test_candidates_run_from_every_exit_to_the_cheapest():

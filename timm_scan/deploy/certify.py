@@ -12,9 +12,12 @@ new samples from the same distribution (exchangeable with the calibration sample
 Risks (exits shallowest first; the reference is the deepest exit, or a given accuracy):
 
 * ``"accuracy_drop"``: reference accuracy − the policy's accuracy. Against the deepest exit, each
-  sample's loss is 1 (the deepest is right, the policy wrong), −1 (the reverse) or 0; the drop is
-  ``p₊ − p₋``, bounded with two exact Clopper–Pearson bounds at δ'/2 each (a Bonferroni union). Against
-  a given accuracy ``a``, the policy's error rate is tested against ``1 − a + ε`` (exact binomial).
+  sample's loss is 1 (the deepest is right, the policy wrong), −1 (the reverse) or 0, and the drop is
+  their mean, tested by betting (Waudby-Smith and Ramdas, JRSS-B 2023: a capital process that is a
+  supermartingale while the drop exceeds ε, so that it reaches 1/δ with probability at most δ); it adapts
+  to how often the two disagree, where two Clopper–Pearson bounds would need twice the samples.
+  Against a given accuracy ``a``, the policy's error rate is tested against ``1 − a + ε`` (exact
+  binomial).
 * ``"disagreement"``: the share of samples whose answer differs from the deepest exit's (exact binomial).
 
 Where nothing can be certified (too few calibration samples for ε and δ), the result says so, with the
@@ -38,8 +41,8 @@ from ..exit_policy import Guarantee
 from .policy import check_outputs
 from .thresholds import ExitTable, Objective, SearchResult, genetic_search, result_for
 
-__all__ = ["RISKS", "binomial_cdf", "certify_thresholds", "clopper_pearson", "fixed_sequence", "propose_candidates",
-           "rejects", "risk_p_value"]
+__all__ = ["RISKS", "binomial_cdf", "certify_thresholds", "fixed_sequence", "propose_candidates",
+           "needed_samples", "rejects", "risk_p_value"]
 
 RISKS = ("accuracy_drop", "disagreement")
 CANDIDATES = 12  # targets proposed on the search part: 0 to 2ε
@@ -66,62 +69,56 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     return float(min(1.0, math.exp(top) * np.exp(log_pmf - top).sum()))
 
 
-def clopper_pearson(k: int, n: int, alpha: float, upper: bool) -> float:
-    """The exact one-sided bound at level ``alpha`` for a binomial proportion with ``k`` successes in
-    ``n``: the upper bound (``P(p <= bound) >= 1 − alpha``) or the lower one."""
-    if upper and k >= n or not upper and k <= 0:
-        return 1.0 if upper else 0.0
-    low, high = 0.0, 1.0
-    for _ in range(60):  # bisection: the CDF falls as p grows
-        mid = (low + high) / 2
-        tail = binomial_cdf(k, n, mid) if upper else 1.0 - binomial_cdf(k - 1, n, mid)
-        if (tail > alpha) == upper:
-            low = mid
-        else:
-            high = mid
-    return high if upper else low
+BET_CAP = 0.5  # the largest bet, as a share of what keeps the capital non-negative
 
 
-def _counts(losses: Tensor) -> tuple[int, int, int, bool]:
-    """``(n, losses > 0, losses < 0, whether every loss is 0 or 1)``."""
-    up, down = int((losses > 0).sum()), int((losses < 0).sum())
-    return len(losses), up, down, down == 0 and bool(((losses == 0) | (losses == 1)).all())
+def _log_capital(losses: Tensor, epsilon: float, delta: float) -> float:
+    """The largest log capital of a betting test of "the mean loss exceeds ``epsilon``" over ``losses``
+    (in [−1, 1], in their order): Waudby-Smith and Ramdas (2023), with the predictable plug-in bets for a
+    fixed sample size tuned to ``delta``. Under the null hypothesis the capital is a non-negative
+    supermartingale, so it reaches 1/δ with probability at most δ (Ville's inequality)."""
+    y = (losses.double().numpy() + 1) / 2  # in [0, 1]
+    m, n = (epsilon + 1) / 2, len(y)
+    t = np.arange(1, n + 1)
+    mean = (0.5 + np.cumsum(y)) / (t + 1)
+    spread = (0.25 + np.cumsum((y - np.concatenate([[0.5], mean[:-1]])) ** 2)) / (t + 1)
+    spread_before = np.concatenate([[0.25], spread[:-1]])
+    bets = np.minimum(BET_CAP / (1 - m), np.sqrt(2 * math.log(1 / delta) / (n * spread_before)))
+    return float(np.cumsum(np.log1p(bets * (m - y))).max())
 
 
-def _drop_bounded(n: int, up: int, down: int, epsilon: float, delta: float) -> bool:
-    """Whether the Clopper–Pearson bounds at ``delta``/2 each put ``p₊ − p₋`` at most ``epsilon``."""
-    return clopper_pearson(up, n, delta / 2, upper=True) - clopper_pearson(down, n, delta / 2, upper=False) <= epsilon
+def rejects(losses: Tensor, epsilon: float, delta: float, paired: bool = False) -> bool:
+    """Whether "the mean loss on new data exceeds ``epsilon``" is rejected at level ``delta``: losses in
+    {0, 1} by the exact binomial tail; ``paired`` losses in {−1, 0, 1} (an accuracy drop against the
+    deepest exit, sample by sample) by the betting test. Which test runs is fixed by the risk, never by
+    the data."""
+    if paired:
+        return _log_capital(losses, epsilon, delta) >= math.log(1 / delta)
+    return epsilon >= 1 or binomial_cdf(int(losses.sum()), len(losses), epsilon) <= delta
 
 
-def rejects(losses: Tensor, epsilon: float, delta: float) -> bool:
-    """Whether "the mean loss on new data exceeds ``epsilon``" is rejected at level ``delta``, i.e. whether
-    `risk_p_value` is at most ``delta`` (computed directly, without the p-value's search)."""
-    n, up, down, binary = _counts(losses)
-    if binary:
-        return binomial_cdf(up, n, epsilon) <= delta if epsilon < 1 else True
-    return _drop_bounded(n, up, down, epsilon, delta)
+def risk_p_value(losses: Tensor, epsilon: float, delta: float, paired: bool = False) -> float:
+    """A valid p-value for "the mean loss on new data exceeds ``epsilon``": the exact binomial tail for
+    losses in {0, 1}; for ``paired`` losses in {−1, 0, 1}, one over the largest capital of the betting
+    test whose bets are tuned to ``delta`` (so ``risk_p_value <= delta`` exactly when `rejects`)."""
+    if paired:
+        return min(1.0, math.exp(-_log_capital(losses, epsilon, delta)))
+    return 0.0 if epsilon >= 1 else binomial_cdf(int(losses.sum()), len(losses), epsilon)
 
 
-def risk_p_value(losses: Tensor, epsilon: float) -> float:
-    """A valid p-value for "the mean loss on new data exceeds ``epsilon``". ``losses`` (n,) in {0, 1}: the
-    exact binomial tail; in {−1, 0, 1} (an accuracy drop): the smallest δ' at which the Clopper–Pearson
-    bounds at δ'/2 give ``p₊ − p₋ <= epsilon``."""
-    n, up, down, binary = _counts(losses)
-    if binary:
-        return binomial_cdf(up, n, epsilon) if epsilon < 1 else 0.0
-    if not _drop_bounded(n, up, down, epsilon, 1.0):
-        return 1.0
-    low, high = 0.0, 1.0
-    for _ in range(40):
-        mid = (low + high) / 2
-        low, high = (low, mid) if _drop_bounded(n, up, down, epsilon, mid) else (mid, high)
+def needed_samples(risk: str, epsilon: float, delta: float) -> int:
+    """The fewest calibration samples that could certify anything at ε and δ: every loss zero."""
+    if not 0 < epsilon < 1:
+        return 1
+    if risk == "disagreement":
+        return math.ceil(math.log(delta) / math.log1p(-epsilon))
+    low, high = 0, 1
+    while not rejects(torch.zeros(high, dtype=torch.int8), epsilon, delta, paired=True):
+        low, high = high, 2 * high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if rejects(torch.zeros(mid, dtype=torch.int8), epsilon, delta, paired=True) else (mid, high)
     return high
-
-
-def _needed_samples(risk: str, epsilon: float, delta: float) -> int:
-    """The fewest calibration samples that could certify anything: all losses zero."""
-    level = delta if risk == "disagreement" else delta / 2
-    return math.ceil(math.log(level) / math.log1p(-epsilon)) if 0 < epsilon < 1 else 1
 
 
 def propose_candidates(table: ExitTable, baseline: float, max_risk: float, **ga_options: Any) -> list[np.ndarray]:
@@ -139,13 +136,14 @@ def propose_candidates(table: ExitTable, baseline: float, max_risk: float, **ga_
 
 
 def fixed_sequence(candidates: Sequence[np.ndarray], losses: Callable[[np.ndarray], tuple[Tensor, float]],
-                   delta: float) -> np.ndarray | None:
+                   delta: float, paired: bool = False) -> np.ndarray | None:
     """Fixed-sequence testing: walk ``candidates`` in order while "risk above the level" is rejected at
-    ``delta`` on the calibration losses (``losses(thresholds)`` gives them and the level); the last
-    rejected one, or ``None``. The family-wise error is at most ``delta`` without any correction."""
+    ``delta`` on the calibration losses (``losses(thresholds)`` gives them and the level; ``paired`` as in
+    `rejects`); the last rejected one, or ``None``. The family-wise error is at most ``delta`` without
+    any correction."""
     accepted = None
     for thresholds in candidates:
-        if not rejects(*losses(thresholds), delta):
+        if not rejects(*losses(thresholds), delta, paired):
             break
         accepted = thresholds
     return accepted
@@ -198,6 +196,8 @@ def certify_thresholds(
     candidates = propose_candidates(table, baseline, max_risk, **ga_options)
     index = torch.arange(len(calibration))
     reference_right = check.deepest_correct
+    paired = risk == "accuracy_drop" and baseline_accuracy is None  # else: disagreements, or errors, in {0, 1}
+
     def losses(thresholds: np.ndarray) -> tuple[Tensor, float]:
         """Each calibration sample's loss under ``thresholds``, and the risk level it is tested against."""
         right = check.correct[check.exit_index(thresholds)[0], index]
@@ -205,12 +205,12 @@ def certify_thresholds(
             return reference_right.to(torch.int8) - right.to(torch.int8), max_risk
         return (~right).to(torch.int8), min(1.0, 1 - baseline_accuracy + max_risk)  # the error rate against 1 − a + ε
 
-    accepted = fixed_sequence(candidates, losses, 1 - confidence)
+    accepted = fixed_sequence(candidates, losses, 1 - confidence, paired)
     certified = accepted is not None
-    p_value = risk_p_value(*losses(accepted)) if certified else 1.0
+    p_value = risk_p_value(*losses(accepted), 1 - confidence, paired) if certified else 1.0
     guarantee = Guarantee(risk, float(max_risk), 1 - float(confidence), certified, len(calibration), n_search,
                           split_seed, float(p_value),
-                          None if certified else _needed_samples(risk, max_risk, 1 - confidence),
+                          None if certified else needed_samples(risk, max_risk, 1 - confidence),
                           "the deepest exit" if baseline_accuracy is None else f"accuracy {baseline_accuracy:.4f}")
     chosen = accepted if certified else np.ones(table.num_exits - 1)
     origin = {"method": "learn-then-test over the genetic search", "guarantee": guarantee, "split": "calibration",

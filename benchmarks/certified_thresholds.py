@@ -1,0 +1,205 @@
+"""Certified thresholds (Learn-then-Test, `timm_scan.deploy.certify`): is the promise kept, and what
+does it cost?
+
+Validity on synthetic outputs whose distribution is known: a population of outputs of four exits
+(deeper exits more accurate, confidence correlated with correctness) is the distribution; every draw
+samples with replacement from it, so the true risk of any thresholds is their risk on the whole
+population, computed exactly. For each ε, δ and calibration size n, candidates are proposed once, on
+an independent search draw of n samples, as `certify_thresholds` proposes them; then each of
+``--draws`` calibration draws of n samples runs the fixed-sequence test, and the draw *violates* the
+promise if the thresholds it certifies have a true accuracy drop above ε (the guarantee holds for any
+candidates fixed before the calibration draw). Reported per setting: the violation frequency (to be at
+most δ), the share of draws that certify anything, and the mean true speed-up in MACs of what they
+certify, against the uncertified search at the same ε on a draw of 2n samples (the price of the
+guarantee), and how the guaranteed speed-up grows with n.
+
+    python benchmarks/certified_thresholds.py --out benchmarks/results/certified_thresholds.json \\
+        --plot benchmarks/results/certified_thresholds.png
+    python benchmarks/certified_thresholds.py --draws 50 --sizes 500 --epsilons 0.01 --deltas 0.1   # a quick look
+
+Real outputs: ``--runs RUN ...`` pools each finished, searched run's cached validation and test outputs
+(``timm-scan evaluate`` writes both) and re-splits them at random ``--splits`` times into a search, a
+calibration and a held-out part; the violation frequency is then measured on the held-out part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from timm_scan import ExitCosts, search_thresholds
+from timm_scan.deploy.certify import fixed_sequence, propose_candidates
+from timm_scan.deploy.latency import processor_name
+from timm_scan.deploy.thresholds import ExitTable
+
+COSTS = ExitCosts.macs([10, 20, 30, 42], 40)  # resnet18-like shares of the backbone's MACs, cumulative
+
+
+def population(n: int = 200_000, seed: int = 0, k: int = 4, classes: int = 10):
+    """The known distribution: outputs of K exits on ``n`` samples (as in the tests' ``synthetic``)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    probs = []
+    for i in range(k):
+        logits = rng.normal(size=(n, classes))
+        logits[np.arange(n), labels] += rng.normal(1.0 + 0.7 * i, 1.5, n)
+        logits *= rng.uniform(0.5, 3.0, (n, 1))
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        probs.append(torch.from_numpy((p / p.sum(1, keepdims=True)).astype(np.float32)))
+    return probs, torch.from_numpy(labels)
+
+
+def true_drop_and_speedup(table: ExitTable, thresholds: np.ndarray) -> tuple[float, float]:
+    """Exact accuracy drop against the deepest exit, and speed-up, on the whole population."""
+    accuracy, speedup = table.evaluate(thresholds[None])
+    return table.deepest_accuracy - float(accuracy[0]), float(speedup[0])
+
+
+def validity(args: argparse.Namespace) -> list[dict]:
+    probs, labels = population(args.population)
+    world = ExitTable.from_outputs(probs, labels, COSTS)
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    settings = [(e, d, n) for e in args.epsilons for d in args.deltas for n in args.sizes]
+    for epsilon, delta, n in tqdm(settings, desc="settings"):
+        started = time.perf_counter()
+        search_index = torch.from_numpy(rng.integers(0, len(labels), n))
+        search = ExitTable.from_outputs([p[search_index] for p in probs], labels[search_index], COSTS)
+        candidates = propose_candidates(search, search.deepest_accuracy, epsilon, generations=args.generations)
+        uncertified_index = torch.from_numpy(rng.integers(0, len(labels), 2 * n))
+        uncertified = search_thresholds([p[uncertified_index] for p in probs], labels[uncertified_index], COSTS,
+                                        max_accuracy_drop=epsilon, generations=args.generations)
+        everyone = torch.arange(len(labels))
+        right = {id(t): world.correct[world.exit_index(t)[0], everyone].to(torch.int8) for t in candidates}
+        violations, certified, speedups = 0, 0, []
+        for _ in range(args.draws):
+            index = torch.from_numpy(rng.integers(0, len(labels), n))
+            right_deepest = world.deepest_correct[index].to(torch.int8)
+
+            def losses(thresholds: np.ndarray) -> tuple[torch.Tensor, float]:
+                return right_deepest - right[id(thresholds)][index], epsilon
+
+            accepted = fixed_sequence(candidates, losses, delta, paired=True)
+            if accepted is None:
+                speedups.append(true_drop_and_speedup(world, np.ones(3))[1])  # every exit runs
+                continue
+            certified += 1
+            drop, speedup = true_drop_and_speedup(world, accepted)
+            violations += drop > epsilon
+            speedups.append(speedup)
+        drop, speedup = true_drop_and_speedup(world, np.asarray(uncertified.thresholds))
+        rows.append({"epsilon": epsilon, "delta": delta, "n": n, "draws": args.draws,
+                     "violation_frequency": violations / args.draws, "certified_share": certified / args.draws,
+                     "mean_certified_speedup": float(np.mean(speedups)), "candidates": len(candidates),
+                     "uncertified_true_drop": drop, "uncertified_speedup": speedup,
+                     "uncertified_violates": drop > epsilon, "seconds": time.perf_counter() - started})
+        row = rows[-1]
+        tqdm.write(f"ε {epsilon:g} δ {delta:g} n {n}: violations {row['violation_frequency']:.3f}, certified "
+                   f"{row['certified_share']:.2f}, speed-up {row['mean_certified_speedup']:.3f}x (uncertified "
+                   f"{speedup:.3f}x, true drop {drop:+.4f})")
+    return rows
+
+
+def real(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    rng = np.random.default_rng(args.seed)
+    for run in map(Path, args.runs):
+        tensors = [load_file(str(run / "outputs" / f"{split}.safetensors")) for split in ("val", "test")]
+        k = sum(name.startswith("probs_exit") for name in tensors[0])
+        probs = [torch.cat([t[f"probs_exit{i + 1}"] for t in tensors]) for i in range(k)]
+        labels = torch.cat([t["labels"] for t in tensors])
+        macs = json.loads((run / "results.json").read_text())
+        costs = ExitCosts.macs(macs["exit_macs"], macs["backbone_macs"])
+        for epsilon in args.epsilons:
+            for delta in args.deltas:
+                violations, certified, speedups, empirical = 0, 0, [], []
+                for _ in tqdm(range(args.splits), desc=f"{run.name} ε {epsilon:g} δ {delta:g}"):
+                    order = torch.from_numpy(rng.permutation(len(labels)))
+                    third = len(labels) // 3
+                    fit, held = order[: 2 * third], order[2 * third:]
+                    found = search_thresholds([p[fit] for p in probs], labels[fit], costs, max_accuracy_drop=epsilon,
+                                              confidence=1 - delta, generations=args.generations,
+                                              split_seed=int(rng.integers(1 << 30)))
+                    plain = search_thresholds([p[fit] for p in probs], labels[fit], costs, max_accuracy_drop=epsilon,
+                                              generations=args.generations)
+                    test = ExitTable.from_outputs([p[held] for p in probs], labels[held], costs, found.policy.fallback)
+                    drop, speedup = true_drop_and_speedup(test, np.asarray(found.thresholds))
+                    certified += found.policy.origin.guarantee.certified
+                    violations += drop > epsilon
+                    speedups.append(speedup)
+                    empirical.append(true_drop_and_speedup(test, np.asarray(plain.thresholds)))
+                rows.append({"run": str(run), "epsilon": epsilon, "delta": delta, "splits": args.splits,
+                             "samples": len(labels), "violation_frequency": violations / args.splits,
+                             "certified_share": certified / args.splits, "mean_speedup": float(np.mean(speedups)),
+                             "uncertified_violation_frequency": float(np.mean([d > epsilon for d, _ in empirical])),
+                             "uncertified_mean_speedup": float(np.mean([s for _, s in empirical]))})
+                tqdm.write(json.dumps(rows[-1]))
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for (epsilon, delta) in sorted({(r["epsilon"], r["delta"]) for r in rows}):
+        line = sorted((r for r in rows if (r["epsilon"], r["delta"]) == (epsilon, delta)), key=lambda r: r["n"])
+        label = f"ε = {100 * epsilon:g} pt, δ = {delta:g}"
+        axes[0].plot([r["n"] for r in line], [r["violation_frequency"] for r in line], "o-", label=label)
+        axes[1].plot([r["n"] for r in line], [r["mean_certified_speedup"] for r in line], "o-", label=label)
+    for delta in sorted({r["delta"] for r in rows}):
+        axes[0].axhline(delta, color="grey", ls="--", lw=1)
+    axes[0].set(xscale="log", xlabel="calibration samples n", ylabel="violation frequency (≤ δ promised)")
+    axes[1].set(xscale="log", xlabel="calibration samples n", ylabel="mean certified MACs speed-up (true)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epsilons", type=float, nargs="+", default=[0.005, 0.01, 0.02], help="accuracy drops (fractions)")
+    p.add_argument("--deltas", type=float, nargs="+", default=[0.05, 0.1])
+    p.add_argument("--sizes", type=int, nargs="+", default=[500, 2000, 5000, 20000], help="calibration sizes")
+    p.add_argument("--draws", type=int, default=1000, help="calibration draws per setting")
+    p.add_argument("--population", type=int, default=200_000)
+    p.add_argument("--generations", type=int, default=50)
+    p.add_argument("--runs", nargs="*", default=[], help="finished, evaluated runs: their outputs re-split")
+    p.add_argument("--splits", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--plot", type=Path)
+    args = p.parse_args()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    rows = real(args) if args.runs else validity(args)
+    result = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+              "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": f"{processor_name()}, {torch.get_num_threads()} torch threads, {platform.machine()}, "
+                         f"torch {torch.__version__.split('+')[0]}",
+              "rows": rows}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    if args.plot and not args.runs:
+        plot(rows, args.plot)
+    worst = max(r["violation_frequency"] - r["delta"] for r in rows)
+    print(f"{len(rows)} settings; the largest violation frequency minus δ: {worst:+.3f}"
+          + ("" if worst <= 0 else " (above δ: within the Monte Carlo error of the draws?)"))
+
+
+if __name__ == "__main__":
+    main()
