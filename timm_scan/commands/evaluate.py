@@ -114,7 +114,7 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
     kept = f"β = {searched.chosen.beta:g}" if searched.target is None else searched.target
     print(f"early exit ({kept}, thresholds {', '.join(f'{t:.3f}' for t in policy.thresholds)}): "
           f"accuracy {100 * accuracy:.2f}%, MACs speed-up {speedup:.2f}x, share per exit "
-          + f" {' '.join(f'{s:.0%}' for s in shares)}; the same answer as the deepest exit on {agreement:.1%}")
+          + f"{' '.join(f'{s:.0%}' for s in shares)}; the same answer as the deepest exit on {agreement:.1%}")
     if policy.origin is not None:
         print(f"  promise: {policy.origin.promise}")
     if report.target is not None:
