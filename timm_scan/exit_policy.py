@@ -162,8 +162,8 @@ class PolicyOrigin(JsonRecord):
              "a fraction in [0, 1]"),
             ("samples", self.samples is None or (_integer(self.samples) and self.samples > 0), "a count or None"),
             ("split", isinstance(self.split, str), "a name"),
-            ("min_threshold", self.min_threshold is None or (_real(self.min_threshold) and 0 <= self.min_threshold <= 1),
-             "in [0, 1] or None"),
+            ("min_threshold", self.min_threshold is None or (_real(self.min_threshold)
+                                                             and 0 <= self.min_threshold <= 1), "in [0, 1] or None"),
             ("seed", self.seed is None or _integer(self.seed), "an int or None"),
         ]
         for name, ok, valid in checks:

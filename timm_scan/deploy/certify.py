@@ -41,8 +41,8 @@ from ..exit_policy import Guarantee
 from .policy import check_outputs
 from .thresholds import ExitTable, Objective, SearchResult, genetic_search, result_for
 
-__all__ = ["RISKS", "binomial_cdf", "certify_thresholds", "fixed_sequence", "propose_candidates",
-           "needed_samples", "rejects", "risk_p_value"]
+__all__ = ["RISKS", "binomial_cdf", "certify_thresholds", "fixed_sequence", "needed_samples", "propose_candidates",
+           "rejects", "risk_p_value"]
 
 RISKS = ("accuracy_drop", "disagreement")
 CANDIDATES = 12  # targets proposed on the search part: 0 to 2ε
@@ -112,12 +112,15 @@ def needed_samples(risk: str, epsilon: float, delta: float) -> int:
         return 1
     if risk == "disagreement":
         return math.ceil(math.log(delta) / math.log1p(-epsilon))
+    def certifies(n: int) -> bool:
+        return rejects(torch.zeros(n, dtype=torch.int8), epsilon, delta, paired=True)
+
     low, high = 0, 1
-    while not rejects(torch.zeros(high, dtype=torch.int8), epsilon, delta, paired=True):
+    while not certifies(high):
         low, high = high, 2 * high
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (low, mid) if rejects(torch.zeros(mid, dtype=torch.int8), epsilon, delta, paired=True) else (mid, high)
+        low, high = (low, mid) if certifies(mid) else (mid, high)
     return high
 
 

@@ -49,7 +49,8 @@ def _legacy_arguments(costs: Any, args: tuple[Any, ...], who: str) -> tuple[Exit
         try:
             converted = ExitCosts.macs(costs, args[0])
         except ValueError as exc:
-            raise ValueError(f"exit costs and the backbone's cost must be positive numbers, cumulative: {exc}") from None
+            raise ValueError(f"exit costs and the backbone's cost must be positive numbers, cumulative: {exc}") \
+                from None
         args, new = args[1:], "ExitCosts.macs(exit_macs, backbone_macs) or model.exit_costs(size)"
     warnings.warn(f"{who}(probs, labels, exit_costs, backbone_cost, ...) is deprecated: pass costs={new}, targets "
                   "by keyword, and accuracies as fractions (0.005 for half a point); this call's accuracies are read "
@@ -58,7 +59,8 @@ def _legacy_arguments(costs: Any, args: tuple[Any, ...], who: str) -> tuple[Exit
 
 
 def _from_percent(value: Any, name: str) -> float | None:
-    """An argument of the earlier form, in percent, as a fraction (``None`` stays ``None``); a non-number is a ``ValueError``."""
+    """An argument of the earlier form, in percent, as a fraction (``None`` stays ``None``); a non-number is
+    a ``ValueError``."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
