@@ -227,3 +227,34 @@ def test_onnx_export_coverage(tmp_path, monkeypatch):
     [row] = record["coverage"]
     assert record["speed"] == []
     assert row["exported"] and row["same_exits"] and row["same_labels"] and row["input"] == 32
+
+
+def test_certified_thresholds(tmp_path, monkeypatch):
+    """Validity on the known distribution, then the real-output mode on the run this test makes (its
+    cached validation and test outputs re-split)."""
+    out = tmp_path / "cert.json"
+    run("certified_thresholds.py", monkeypatch, "--draws", "5", "--sizes", "300", "--epsilons", "0.05", "--deltas",
+        "0.2", "--population", "5000", "--generations", "3", "--out", str(out), "--plot", str(tmp_path / "cert.png"))
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert (row["epsilon"], row["delta"], row["n"], row["draws"]) == (0.05, 0.2, 300, 5)
+    assert 0 <= row["violation_frequency"] <= 1 and 0 <= row["certified_share"] <= 1 and row["candidates"] >= 1
+    assert row["mean_certified_speedup"] > 0 and "certified_thresholds.py" in result["command"]
+    assert (tmp_path / "cert.png").stat().st_size > 0
+    import torch
+    from safetensors.torch import save_file
+
+    run_dir = tmp_path / "fake-run"  # a run's cached outputs and MACs, as training and evaluate leave them
+    (run_dir / "outputs").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("val", 60), ("test", 90)):
+        labels = torch.randint(0, 5, (n,), generator=g)
+        save_file({**{f"probs_exit{i + 1}": torch.softmax(torch.randn(n, 5, generator=g) + 2.0 * (i + 1)
+                                                          * torch.nn.functional.one_hot(labels, 5), -1)
+                      for i in range(3)}, "labels": labels}, str(run_dir / "outputs" / f"{split}.safetensors"))
+    (run_dir / "results.json").write_text(json.dumps({"exit_macs": [10, 20, 31], "backbone_macs": 30}))
+    run("certified_thresholds.py", monkeypatch, "--runs", str(run_dir), "--splits", "2", "--epsilons", "0.1",
+        "--deltas", "0.2", "--generations", "3", "--out", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["splits"], row["samples"]) == (2, 150) and 0 <= row["violation_frequency"] <= 1
+    assert row["mean_speedup"] > 0 and row["uncertified_mean_speedup"] > 0
