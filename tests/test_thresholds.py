@@ -206,7 +206,7 @@ def test_a_budget_below_the_first_exit_is_reported_not_returned():
     probs, labels = synthetic(n=500)
     with pytest.raises(ValueError, match="even every sample leaving at exit 1 costs 10"):
         search_thresholds(probs, labels, COSTS, budget=9.0, generations=5)
-    with pytest.raises(ValueError, match="give one target"):
+    with pytest.raises(ValueError, match="give one objective"):
         search_thresholds(probs, labels, COSTS, budget=20.0, max_accuracy_drop=0.01)
 
 

@@ -79,8 +79,8 @@ class SearchConfig:
         if not 0.0 <= self.min_threshold < 1.0:
             raise ValueError(f"SearchConfig.min_threshold must be in [0, 1); got {self.min_threshold}")
         for name in ("max_drop", "max_disagreement"):
-            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 100:
-                raise ValueError(f"SearchConfig.{name} must be in [0, 100) (points, or percent of samples); got "
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 100:
+                raise ValueError(f"SearchConfig.{name} must be in [0, 100] (points, or percent of samples); got "
                                  f"{getattr(self, name)}")
         targets = [name for name in ("max_drop", "max_disagreement", "budget_macs", "budget_ms")
                    if getattr(self, name) is not None]
