@@ -42,21 +42,16 @@ from timm_scan.deploy.certify import fixed_sequence, propose_candidates
 from timm_scan.deploy.latency import processor_name
 from timm_scan.deploy.thresholds import ExitTable
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import synthetic_outputs  # noqa: E402
+
 COSTS = ExitCosts.macs([10, 20, 30, 42], 40)  # resnet18-like shares of the backbone's MACs, cumulative
 
 
-def population(n: int = 200_000, seed: int = 0, k: int = 4, classes: int = 10):
-    """The known distribution: outputs of K exits on ``n`` samples (as in the tests' ``synthetic``)."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, n)
-    probs = []
-    for i in range(k):
-        logits = rng.normal(size=(n, classes))
-        logits[np.arange(n), labels] += rng.normal(1.0 + 0.7 * i, 1.5, n)
-        logits *= rng.uniform(0.5, 3.0, (n, 1))
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        probs.append(torch.from_numpy((p / p.sum(1, keepdims=True)).astype(np.float32)))
-    return probs, torch.from_numpy(labels)
+def population(n: int = 200_000, seed: int = 0):
+    """The known distribution: outputs of four exits on ``n`` samples (the tests' ``synthetic_outputs``)."""
+    probs, labels = synthetic_outputs(n, seed=seed)
+    return [torch.from_numpy(p.astype(np.float32)) for p in probs], torch.from_numpy(labels)
 
 
 def true_drop_and_speedup(table: ExitTable, thresholds: np.ndarray) -> tuple[float, float]:

@@ -1,8 +1,10 @@
-"""Helpers shared by the tests (and by ``benchmarks/onnx_export.py --families``); the fixtures stay in
-``conftest.py``, which sets the Hub's environment before anything here is imported."""
+"""Helpers shared by the tests (and by ``benchmarks/onnx_export.py --families`` and
+``benchmarks/certified_thresholds.py``); the fixtures stay in ``conftest.py``, which sets the Hub's
+environment before anything here is imported."""
 
 from collections.abc import Sequence
 
+import numpy as np
 import timm
 import torch
 from torch import Tensor
@@ -57,3 +59,19 @@ def mixing_thresholds(probs: Sequence[Tensor], quantiles: Sequence[float]) -> li
         thresholds.append(((confidence[j - 1] + confidence[j]) / 2).item())
         running &= p.amax(-1) < thresholds[-1]
     return thresholds
+
+
+def synthetic_outputs(n: int = 3000, k: int = 4, classes: int = 10,
+                      seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """Softmax outputs of ``k`` synthetic exits on ``n`` samples and their labels: deeper exits are more
+    accurate, and confidence correlates with correctness (the threshold search's test case)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    probs = []
+    for i in range(k):
+        logits = rng.normal(size=(n, classes))
+        logits[np.arange(n), labels] += rng.normal(1.0 + 0.7 * i, 1.5, n)
+        logits *= rng.uniform(0.5, 3.0, (n, 1))
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        probs.append(p / p.sum(1, keepdims=True))
+    return probs, labels

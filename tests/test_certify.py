@@ -6,26 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import synthetic_outputs
 
 import timm_scan
 from timm_scan import ExitCosts, ExitPolicy, search_thresholds
 from timm_scan.deploy.certify import binomial_cdf, needed_samples, rejects, risk_p_value
 
 COSTS = ExitCosts.macs([10, 20, 30, 42], 40)
-
-
-def synthetic(n, seed=0, k=4, classes=10):
-    """Deeper exits are more accurate; confidence correlates with correctness."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, n)
-    probs = []
-    for i in range(k):
-        logits = rng.normal(size=(n, classes))
-        logits[np.arange(n), labels] += rng.normal(1.0 + 0.7 * i, 1.5, n)
-        logits *= rng.uniform(0.5, 3.0, (n, 1))
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        probs.append(p / p.sum(1, keepdims=True))
-    return probs, labels
 
 
 def test_binomial_tails_are_exact():
@@ -54,14 +41,14 @@ def test_p_values_are_valid_where_the_risk_is_just_above_the_target(kind):
 
 
 def test_a_certified_search_records_its_guarantee_and_holds_on_fresh_samples():
-    probs, labels = synthetic(4000)
+    probs, labels = synthetic_outputs(4000)
     result = search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.03, confidence=0.9, generations=20)
     guarantee = result.policy.origin.guarantee
     assert guarantee.certified and (guarantee.risk, guarantee.epsilon, guarantee.delta) == ("accuracy_drop", 0.03,
                                                                                                pytest.approx(0.1))
     assert guarantee.calibration_samples + guarantee.search_samples == 4000 and guarantee.p_value <= 0.1
     assert result.speedup > 1 and "with probability at least 90%" in result.policy.origin.promise
-    fresh, fresh_labels = synthetic(20000, seed=9)  # the same distribution, never seen
+    fresh, fresh_labels = synthetic_outputs(20000, seed=9)  # the same distribution, never seen
     index, _, answered = timm_scan.deploy.simulate_early_exit([torch.from_numpy(p) for p in fresh], result.policy)
     drop = (fresh[-1].argmax(-1) == fresh_labels).mean() - (answered.argmax(-1).numpy() == fresh_labels).mean()
     assert drop <= 0.03 and (index < 3).any()
@@ -70,7 +57,7 @@ def test_a_certified_search_records_its_guarantee_and_holds_on_fresh_samples():
 
 
 def test_too_few_samples_certify_nothing_and_say_how_many_are_needed():
-    probs, labels = synthetic(60)
+    probs, labels = synthetic_outputs(60)
     result = search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.005, confidence=0.95, generations=5)
     guarantee = result.policy.origin.guarantee
     needed = needed_samples("accuracy_drop", 0.005, 0.05)  # even with no loss on any calibration sample
@@ -84,13 +71,13 @@ def test_too_few_samples_certify_nothing_and_say_how_many_are_needed():
 
 
 def test_disagreement_is_certified_against_the_deepest_exits_answers():
-    probs, labels = synthetic(3000, seed=2)
+    probs, labels = synthetic_outputs(3000, seed=2)
     result = search_thresholds(probs, labels, COSTS, max_disagreement=0.1, confidence=0.9, fallback="deepest",
                                generations=20)
     guarantee = result.policy.origin.guarantee
     assert guarantee.risk == "disagreement" and guarantee.certified
     assert result.policy.origin.objective == "max_disagreement"
-    fresh, fresh_labels = synthetic(20000, seed=8)
+    fresh, fresh_labels = synthetic_outputs(20000, seed=8)
     _, _, answered = timm_scan.deploy.simulate_early_exit([torch.from_numpy(p) for p in fresh], result.policy)
     assert (answered.argmax(-1).numpy() != fresh[-1].argmax(-1)).mean() <= 0.1
     assert 0 < result.accuracy < 1  # reported against the labels, not against the deepest exit's answers
@@ -99,7 +86,7 @@ def test_disagreement_is_certified_against_the_deepest_exits_answers():
 def test_the_guarantee_travels_with_the_model_and_bad_requests_are_refused(tmp_path):
     from helpers import create
 
-    probs, labels = synthetic(2000, seed=3)
+    probs, labels = synthetic_outputs(2000, seed=3)
     result = search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.05, confidence=0.9, generations=10)
     model = timm_scan.wrap(create("test_resnet", num_classes=10), check_input_size=(3, 32, 32))
     model.policy = result.policy
@@ -161,7 +148,7 @@ def test_candidates_run_from_every_exit_to_the_cheapest():
     from timm_scan.deploy.certify import fixed_sequence, propose_candidates
     from timm_scan.deploy.thresholds import ExitTable
 
-    probs, labels = synthetic(1500, seed=5)
+    probs, labels = synthetic_outputs(1500, seed=5)
     table = ExitTable.from_outputs(probs, labels, COSTS)
     candidates = propose_candidates(table, table.deepest_accuracy, 0.03, generations=10)
     speedups = [float(table.evaluate(t)[1][0]) for t in candidates]

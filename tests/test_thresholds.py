@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import synthetic_outputs
 
 from timm_scan import ExitCosts, ExitPolicy, search_thresholds, sweep_beta
 from timm_scan.deploy import plot_tradeoff
@@ -17,20 +18,6 @@ from timm_scan.training import Trainer, TrainConfig
 
 MACS = [10, 20, 30, 42]
 COSTS = ExitCosts.macs(MACS, 40)
-
-
-def synthetic(n=3000, k=4, classes=10, seed=0):
-    """Deeper exits are more accurate; confidence correlates with correctness."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, n)
-    probs = []
-    for i in range(k):
-        logits = rng.normal(size=(n, classes))
-        logits[np.arange(n), labels] += rng.normal(1.0 + 0.7 * i, 1.5, n)
-        logits *= rng.uniform(0.5, 3.0, (n, 1))
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        probs.append(p / p.sum(1, keepdims=True))
-    return probs, labels
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +44,7 @@ def test_gene_decoding():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("beta", [0.1, 1.0, 5.0])
 def test_genetic_search_reaches_the_exhaustive_optimum_on_random_cases(seed, beta):
-    table = ExitTable.from_outputs(*synthetic(seed=seed), COSTS)
+    table = ExitTable.from_outputs(*synthetic_outputs(seed=seed), COSTS)
     objective = Objective(table.deepest_accuracy, beta)
     ga = genetic_search(table, objective, seed=seed, min_threshold=PAPER_MIN_THRESHOLD)
     best = exhaustive_search(table, objective, min_threshold=PAPER_MIN_THRESHOLD)
@@ -94,7 +81,7 @@ def algorithm_1(probs, labels, thresholds, exit_macs, fallback):
 
 @pytest.mark.parametrize("fallback", ["ensemble", "deepest"])
 def test_vectorised_policy_and_search_results_agree_with_algorithm_1_written_out(fallback):
-    probs, labels = synthetic(n=400)
+    probs, labels = synthetic_outputs(n=400)
     result = search_thresholds(probs, labels, COSTS, beta=1.0, baseline_accuracy=0.8, fallback=fallback,
                                generations=20)
     accuracy, mean_macs, exits = algorithm_1(probs, labels, result.thresholds, MACS, fallback)
@@ -116,7 +103,7 @@ def test_vectorised_policy_and_search_results_agree_with_algorithm_1_written_out
 
 
 def test_beta_sweep_trades_speed_for_accuracy(tmp_path):
-    probs, labels = synthetic()
+    probs, labels = synthetic_outputs()
     points = sweep_beta(probs, labels, COSTS, betas=[0.01, 1.0, 100.0])
     assert points[0].speedup >= points[-1].speedup
     assert points[0].accuracy <= points[-1].accuracy
@@ -127,7 +114,7 @@ def test_beta_sweep_trades_speed_for_accuracy(tmp_path):
 
 
 def test_inconsistent_inputs_are_refused():
-    probs, labels = synthetic()
+    probs, labels = synthetic_outputs()
     with pytest.raises(ValueError, match="probs has 4 exits but the costs have 3"):
         search_thresholds(probs, labels, ExitCosts.macs(MACS[:3], 40))
     with pytest.raises(ValueError, match="shape"):
@@ -139,7 +126,7 @@ def test_inconsistent_inputs_are_refused():
 
 
 def test_default_fitness_baseline_is_the_deepest_exits_accuracy():
-    probs, labels = synthetic()
+    probs, labels = synthetic_outputs()
     costs = ExitCosts.macs(MACS, 42)
     table = ExitTable.from_outputs(probs, labels, costs, fallback="ensemble")
     deepest = float((probs[-1].argmax(-1) == labels).mean())
@@ -161,7 +148,7 @@ def test_gene_decoding_over_a_wider_range():
 
 @pytest.mark.parametrize("max_drop", [0.0, 0.01, 0.03])
 def test_max_accuracy_drop_gives_the_cheapest_thresholds_that_keep_the_accuracy(max_drop):
-    probs, labels = synthetic(n=1500, seed=3)
+    probs, labels = synthetic_outputs(n=1500, seed=3)
     table = ExitTable.from_outputs(probs, labels, COSTS)
     objective = Objective(table.deepest_accuracy, None, max_drop)
     for low in (0.7, 0.3):
@@ -181,7 +168,7 @@ def test_max_accuracy_drop_gives_the_cheapest_thresholds_that_keep_the_accuracy(
 
 
 def test_an_unreachable_target_is_reported_not_returned():
-    probs, labels = synthetic(n=500)
+    probs, labels = synthetic_outputs(n=500)
     with pytest.raises(ValueError, match="no thresholds reach accuracy >= 100.00%"):
         search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.0, baseline_accuracy=1.0, generations=5,
                           min_threshold=0.99, bits=2)
@@ -189,7 +176,7 @@ def test_an_unreachable_target_is_reported_not_returned():
 
 @pytest.mark.parametrize("budget", [14.0, 24.0])
 def test_budget_gives_the_most_accurate_thresholds_within_the_mean_cost(budget):
-    probs, labels = synthetic(n=1000, seed=4)
+    probs, labels = synthetic_outputs(n=1000, seed=4)
     table = ExitTable.from_outputs(probs, labels, COSTS)
     result = search_thresholds(probs, labels, COSTS, budget=budget, min_threshold=0.0, seed=1)
     accuracy, mean_macs, _ = algorithm_1(probs, labels, result.thresholds, MACS, "ensemble")
@@ -203,7 +190,7 @@ def test_budget_gives_the_most_accurate_thresholds_within_the_mean_cost(budget):
 
 
 def test_a_budget_below_the_first_exit_is_reported_not_returned():
-    probs, labels = synthetic(n=500)
+    probs, labels = synthetic_outputs(n=500)
     with pytest.raises(ValueError, match="even every sample leaving at exit 1 costs 10"):
         search_thresholds(probs, labels, COSTS, budget=9.0, generations=5)
     with pytest.raises(ValueError, match="give one objective"):
@@ -214,7 +201,7 @@ def test_measured_milliseconds_are_a_cost_like_macs():
     """ExitCosts in ms (from an ExitLatency) behave as MACs do: speed-up and budgets in its milliseconds."""
     from timm_scan.report import ExitLatency
 
-    probs, labels = synthetic(n=400, seed=5)
+    probs, labels = synthetic_outputs(n=400, seed=5)
     latency = ExitLatency([1.0, 2.0, 3.0, 4.2], 4.0, 1, [3, 32, 32], "float32", "contiguous", "cpu: test")
     in_ms = ExitCosts.from_latency(latency)
     assert (in_ms.unit, in_ms.device) == ("ms", latency.describe())
@@ -234,7 +221,7 @@ def test_measured_milliseconds_are_a_cost_like_macs():
 
 
 def test_the_0_1_0_call_still_works_with_a_warning_and_reads_percent():
-    probs, labels = synthetic(n=600, seed=6)
+    probs, labels = synthetic_outputs(n=600, seed=6)
     new = search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.01, generations=20, seed=3)
     with pytest.warns(DeprecationWarning, match="ExitCosts.macs"):
         old = search_thresholds(probs, labels, MACS, 40, max_accuracy_drop=1.0, generations=20, seed=3)
@@ -247,7 +234,7 @@ def test_the_0_1_0_call_still_works_with_a_warning_and_reads_percent():
 def test_temperatures_given_to_the_search_are_applied_and_carried_by_the_policy():
     from timm_scan import apply_temperatures
 
-    probs, labels = synthetic(n=600, seed=7)
+    probs, labels = synthetic_outputs(n=600, seed=7)
     temperatures = [2.0, 1.5, 1.0, 1.0]
     inside = search_thresholds(probs, labels, COSTS, temperatures=temperatures, generations=20, seed=1)
     outside = search_thresholds(apply_temperatures(probs, temperatures), labels, COSTS, generations=20, seed=1)

@@ -58,6 +58,20 @@ def _legacy_arguments(costs: Any, args: tuple[Any, ...], who: str) -> tuple[Exit
     return converted, args
 
 
+def _positional(costs: Any, legacy: tuple[Any, ...], who: str, after: str) -> tuple[ExitCosts, Any, bool]:
+    """``(costs, the one positional argument the earlier form took after its costs (β or the betas) or
+    None, whether the call is of the earlier form)``; anything else positional is a ``TypeError``."""
+    if isinstance(costs, ExitCosts):
+        if legacy:
+            raise TypeError(f"{who}(probs, labels, costs, *, {after}=...): pass {after} and targets by keyword; got "
+                            f"the positional arguments {legacy}")
+        return costs, None, False
+    costs, legacy = _legacy_arguments(costs, legacy, who)
+    if len(legacy) > 1:
+        raise TypeError(f"{who}: unexpected positional arguments {legacy[1:]}")
+    return costs, legacy[0] if legacy else None, True
+
+
 def _from_percent(value: Any, name: str) -> float | None:
     """An argument of the earlier form, in percent, as a fraction (``None`` stays ``None``); a non-number is
     a ``ValueError``."""
@@ -106,14 +120,9 @@ def search_thresholds(
     to ``probs`` itself. ``ga_options`` go to ``genetic_search``: ``min_threshold``, ``bits``,
     ``population``, ``generations``, ``crossover``, ``mutation``, ``seed``.
     """
-    if isinstance(costs, ExitCosts) and legacy:
-        raise TypeError(f"search_thresholds(probs, labels, costs, *, beta=...): pass beta and targets by keyword; got "
-                        f"the positional arguments {legacy}")
-    if not isinstance(costs, ExitCosts):
-        costs, legacy = _legacy_arguments(costs, legacy, "search_thresholds")
-        if len(legacy) > 1:
-            raise TypeError(f"search_thresholds: unexpected positional arguments {legacy[1:]}")
-        beta = legacy[0] if legacy else beta
+    costs, extra, earlier = _positional(costs, legacy, "search_thresholds", "beta")
+    if earlier:
+        beta = extra if extra is not None else beta
         if max_accuracy_drop is not None or budget is not None:
             beta = None  # the earlier form always had a β, which a target overrode
         max_accuracy_drop = _from_percent(max_accuracy_drop, "max_accuracy_drop")
@@ -170,14 +179,9 @@ def sweep_beta(
 ) -> list[SearchResult]:
     """One genetic search per β: the accuracy / speed-up trade-off (SCAN Fig. 5); arguments as in
     `search_thresholds`."""
-    if isinstance(costs, ExitCosts) and legacy:
-        raise TypeError(f"sweep_beta(probs, labels, costs, *, betas=...): pass betas by keyword; got the positional "
-                        f"arguments {legacy}")
-    if not isinstance(costs, ExitCosts):
-        costs, legacy = _legacy_arguments(costs, legacy, "sweep_beta")
-        if len(legacy) > 1:
-            raise TypeError(f"sweep_beta: unexpected positional arguments {legacy[1:]}")
-        betas = legacy[0] if legacy else betas
+    costs, extra, earlier = _positional(costs, legacy, "sweep_beta", "betas")
+    if earlier:
+        betas = extra if extra is not None else betas
         baseline_accuracy = _from_percent(baseline_accuracy, "baseline_accuracy")
     table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures)
     baseline = table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
