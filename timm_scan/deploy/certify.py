@@ -15,7 +15,7 @@ Risks (exits shallowest first; the reference is the deepest exit, or a given acc
   sample's loss is 1 (the deepest is right, the policy wrong), −1 (the reverse) or 0, and the drop is
   their mean, tested by betting (Waudby-Smith and Ramdas, JRSS-B 2023: a capital process that is a
   supermartingale while the drop exceeds ε, so that it reaches 1/δ with probability at most δ); it adapts
-  to how often the two disagree, where two Clopper–Pearson bounds would need twice the samples.
+  to how often the two disagree (a bound on each of the two shares apart would ignore that).
   Against a given accuracy ``a``, the policy's error rate is tested against ``1 − a + ε`` (exact
   binomial).
 * ``"disagreement"``: the share of samples whose answer differs from the deepest exit's (exact binomial).

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .._io import atomic_write
+from .._io import atomic_write, read_json
 from ..exit_policy import ExitPolicy
 from ..report import ExitLatency
 from .runner import model_name
@@ -285,10 +285,8 @@ def _header(path: Path, src: str) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def _read_json(path: Path, src: str | Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{src}: {path.name} is not valid JSON ({exc}); the file is damaged") from None
+    """A JSON object file of a saved model (`read_json`), or a ``ValueError`` naming the model and file."""
+    data = read_json(path, f"{src}: {path.name}")
     if not isinstance(data, dict):
         raise ValueError(f"{src}: {path.name} must hold a JSON object; it holds a {type(data).__name__}")
     return data
