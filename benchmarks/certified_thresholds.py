@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from timm_scan import ExitCosts, search_thresholds
-from timm_scan.deploy.certify import fixed_sequence, propose_candidates
+from timm_scan.deploy.certify import drop_losses, fixed_sequence, propose_candidates
 from timm_scan.deploy.latency import processor_name
 from timm_scan.deploy.thresholds import ExitTable
 
@@ -82,9 +82,9 @@ def validity(args: argparse.Namespace) -> list[dict]:
             right_deepest = world.deepest_correct[index].to(torch.int8)
 
             def losses(thresholds: np.ndarray) -> tuple[torch.Tensor, float]:
-                return right_deepest - right[id(thresholds)][index], epsilon
+                return drop_losses(right_deepest, right[id(thresholds)][index], epsilon)
 
-            accepted = fixed_sequence(candidates, losses, delta, paired=True)
+            accepted = fixed_sequence(candidates, losses, delta, bounded=True)
             if accepted is None:
                 speedups.append(true_drop_and_speedup(world, np.ones(3))[1])  # every exit runs
                 continue

@@ -10,9 +10,16 @@ from helpers import synthetic_outputs
 
 import timm_scan
 from timm_scan import ExitCosts, ExitPolicy, search_thresholds
-from timm_scan.deploy.certify import binomial_cdf, needed_samples, rejects, risk_p_value
+from timm_scan.deploy.certify import binomial_cdf, drop_losses, needed_samples, rejects, risk_p_value
 
 COSTS = ExitCosts.macs([10, 20, 30, 42], 40)
+
+
+def p_value(losses: torch.Tensor, epsilon: float, delta: float, kind: str) -> float:
+    """The p-value certification uses for this risk: per-sample drops in {−1, 0, 1} by betting, else binary."""
+    if kind == "accuracy_drop":
+        return risk_p_value(*drop_losses(losses.clamp(min=0), (-losses).clamp(min=0), epsilon), delta, bounded=True)
+    return risk_p_value(losses, epsilon, delta)
 
 
 def test_binomial_tails_are_exact():
@@ -34,10 +41,10 @@ def test_p_values_are_valid_where_the_risk_is_just_above_the_target(kind):
             losses = torch.tensor(u < 0.021, dtype=torch.int8)  # risk 0.021 > ε
         else:  # drop p₊ − p₋ = 0.045 − 0.024 = 0.021 > ε
             losses = torch.tensor(np.where(u < 0.045, 1, np.where(u < 0.069, -1, 0)), dtype=torch.int8)
-        passed += risk_p_value(losses, epsilon, delta, paired=kind == "accuracy_drop") <= delta
+        passed += p_value(losses, epsilon, delta, kind) <= delta
     assert passed / 150 <= delta
     zero = torch.zeros(600, dtype=torch.int8)
-    assert risk_p_value(zero, epsilon, delta, paired=kind == "accuracy_drop") < 0.01  # and power where it is zero
+    assert p_value(zero, epsilon, delta, kind) < 0.01  # and power where it is zero
 
 
 def test_a_certified_search_records_its_guarantee_and_holds_on_fresh_samples():
@@ -62,8 +69,8 @@ def test_too_few_samples_certify_nothing_and_say_how_many_are_needed():
     guarantee = result.policy.origin.guarantee
     needed = needed_samples("accuracy_drop", 0.005, 0.05)  # even with no loss on any calibration sample
     assert not guarantee.certified and guarantee.needed_samples == needed > 30
-    assert rejects(torch.zeros(needed, dtype=torch.int8), 0.005, 0.05, paired=True)
-    assert not rejects(torch.zeros(needed - 1, dtype=torch.int8), 0.005, 0.05, paired=True)
+    none_lost = [drop_losses(torch.zeros(n), torch.zeros(n), 0.005) for n in (needed, needed - 1)]
+    assert rejects(*none_lost[0], 0.05, bounded=True) and not rejects(*none_lost[1], 0.05, bounded=True)
     assert needed_samples("disagreement", 0.01, 0.1) == math.ceil(math.log(0.1) / math.log(0.99))
     assert result.policy.thresholds == (1.0, 1.0, 1.0)  # every exit runs: nothing uncertified is labelled certified
     assert result.policy.fallback == "deepest"  # and the full model answers
@@ -94,8 +101,8 @@ def test_the_guarantee_travels_with_the_model_and_bad_requests_are_refused(tmp_p
     loaded = timm_scan.from_pretrained(tmp_path)
     assert loaded.policy == result.policy and loaded.policy.origin.guarantee == result.policy.origin.guarantee
     assert result.policy.origin.promise in (tmp_path / "README.md").read_text()
-    with pytest.raises(ValueError, match="confidence certifies a risk"):
-        search_thresholds(probs, labels, COSTS, budget=30.0, confidence=0.9)
+    with pytest.raises(ValueError, match="confidence certifies a target"):
+        search_thresholds(probs, labels, COSTS, beta=1.0, confidence=0.9)
     with pytest.raises(ValueError, match="confidence must be in"):
         search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.01, confidence=1.5)
     with pytest.raises(ValueError, match="give one objective"):
@@ -127,7 +134,16 @@ def test_the_command_line_certifies_records_and_evaluates(tiny_parquet, tmp_path
     out = capsys.readouterr().out
     assert "promise: nothing certified" in out and "asked with a guarantee but nothing certified" in out
     with pytest.raises(SystemExit):
-        main(["search", str(run), "--budget-macs", "1e6", "--confidence", "0.9"])
+        main(["search", str(run), "--confidence", "0.9"])  # nothing to certify
+    first_exit = timm_scan.from_pretrained(run / "best").exit_macs((3, 32, 32))[0]
+    main(["search", str(run), "--betas", "1", "--budget-macs", str(first_exit), "--confidence", "0.9",
+          "--generations", "3"])
+    record = ThresholdRecord.load(run / "thresholds.json")
+    assert record.policy.origin.guarantee.risk == "mean_cost" and record.thresholds == (0.0, 0.0, 0.0)
+    assert "certified at 90% confidence" in record.target
+    main(["evaluate", str(run), "--latency-images", "4", "--latency-images-b1", "2"])
+    report = EarlyExitReport.load(run / "evaluation.json")
+    assert report.exit_shares[0] == 1.0 and report.target_held  # every image at the first exit: at the budget
 
 
 def test_the_direct_test_agrees_with_the_p_value():
@@ -137,9 +153,9 @@ def test_the_direct_test_agrees_with_the_p_value():
         losses = torch.tensor(np.where(u < rng.uniform(0, 0.06), 1, np.where(u > 1 - rng.uniform(0, 0.03), -1, 0)),
                               dtype=torch.int8)
         for delta in (0.05, 0.2):
-            for paired in (True, False):
-                binary = losses.clamp(min=0) if not paired else losses
-                assert rejects(binary, 0.03, delta, paired) == (risk_p_value(binary, 0.03, delta, paired) <= delta)
+            for bounded in (True, False):
+                tested = (losses.double() + 1) / 2 if bounded else losses.clamp(min=0)
+                assert rejects(tested, 0.03, delta, bounded) == (risk_p_value(tested, 0.03, delta, bounded) <= delta)
 
 
 def test_candidates_run_from_every_exit_to_the_cheapest():
@@ -156,3 +172,26 @@ def test_candidates_run_from_every_exit_to_the_cheapest():
     zero = torch.zeros(100, dtype=torch.int8)
     assert fixed_sequence(candidates, lambda t: (zero, 0.1), 0.1) is candidates[-1]  # every risk rejected: cheapest
     assert fixed_sequence(candidates, lambda t: (torch.ones(100, dtype=torch.int8), 0.1), 0.1) is None
+
+
+def test_a_certified_budget_holds_on_fresh_samples_and_at_worst_sends_everything_to_the_first_exit():
+    """The mean cost (10, 20, 30, 42 per exit) is certified within a budget; the cheapest candidate, every
+    sample at the first exit, needs no data; a budget below it is refused."""
+    probs, labels = synthetic_outputs(4000, seed=6)
+    result = search_thresholds(probs, labels, COSTS, budget=22.0, confidence=0.9, generations=20)
+    guarantee = result.policy.origin.guarantee
+    assert (guarantee.risk, guarantee.epsilon, guarantee.cost_unit, guarantee.certified) == ("mean_cost", 22.0,
+                                                                                            "macs", True)
+    assert result.policy.origin.objective == "budget" and "a mean cost of at most 22 macs" in result.policy.origin.promise
+    fresh, _ = synthetic_outputs(20000, seed=10)
+    index, _, _ = timm_scan.deploy.simulate_early_exit([torch.from_numpy(p) for p in fresh], result.policy)
+    fresh_cost = torch.tensor(COSTS.per_exit, dtype=torch.float64)[index].mean().item()
+    assert 10 < fresh_cost <= 22.0 and (index > 0).any()
+    few, few_labels = synthetic_outputs(30, seed=6)
+    cheapest = search_thresholds(few, few_labels, COSTS, budget=10.5, confidence=0.95, generations=5)
+    assert cheapest.policy.thresholds == (0.0, 0.0, 0.0) and cheapest.exit_shares[0] == 1.0
+    assert cheapest.policy.origin.guarantee.certified and cheapest.policy.origin.guarantee.p_value == 0.0
+    with pytest.raises(ValueError, match="at least the first exit's, 10 macs"):
+        search_thresholds(probs, labels, COSTS, budget=9.0, confidence=0.9)
+    with pytest.raises(ValueError, match="baseline_accuracy goes with accuracy targets"):
+        search_thresholds(probs, labels, COSTS, budget=22.0, confidence=0.9, baseline_accuracy=0.5)

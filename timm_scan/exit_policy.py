@@ -22,11 +22,12 @@ from typing import Any
 
 from ._io import JsonRecord
 
-__all__ = ["FALLBACKS", "OBJECTIVES", "ExitPolicy", "Guarantee", "PolicyOrigin", "validate_fallback",
+__all__ = ["FALLBACKS", "GUARANTEED_RISKS", "OBJECTIVES", "ExitPolicy", "Guarantee", "PolicyOrigin", "validate_fallback",
            "validate_temperatures", "validate_thresholds"]
 
 FALLBACKS = ("ensemble", "deepest")  # the answer for samples that pass no threshold
 OBJECTIVES = ("beta", "max_accuracy_drop", "budget", "max_disagreement")  # what thresholds were chosen for
+GUARANTEED_RISKS = ("accuracy_drop", "disagreement", "mean_cost")  # what a certified policy bounds
 
 
 def _real(value: Any) -> bool:
@@ -82,8 +83,9 @@ class Guarantee(JsonRecord):
     """What certified thresholds promise (`timm_scan.deploy.certify`): with probability at least
     ``1 − delta`` over the draw of the ``calibration_samples``, the ``risk`` (``"accuracy_drop"`` against
     ``reference``, or ``"disagreement"`` with the deepest exit's answers) on new samples is at most
-    ``epsilon`` (a fraction), provided deployment samples are exchangeable with the calibration samples
-    (drawn from the same distribution). ``search_samples`` proposed the candidates; ``split_seed`` drew
+    ``epsilon`` (a fraction), or, for ``"mean_cost"``, the mean cost per image by the exit cost table is at
+    most ``epsilon`` (in ``cost_unit``), provided deployment samples are exchangeable with the calibration
+    samples (drawn from the same distribution). ``search_samples`` proposed the candidates; ``split_seed`` drew
     the split. ``certified`` is false where no candidate passed (the policy then runs every exit and the
     deepest exit answers), and
     ``needed_samples`` says how many calibration samples could certify anything at ε and δ."""
@@ -98,10 +100,15 @@ class Guarantee(JsonRecord):
     p_value: float
     needed_samples: int | None = None
     reference: str = "the deepest exit"
+    cost_unit: str | None = None
 
     def __post_init__(self) -> None:
-        checks = [("risk", self.risk in ("accuracy_drop", "disagreement"), "'accuracy_drop' or 'disagreement'"),
-                  ("epsilon", _real(self.epsilon) and 0 <= self.epsilon <= 1, "a fraction"),
+        cost = self.risk == "mean_cost"
+        checks = [("risk", self.risk in GUARANTEED_RISKS, f"one of {GUARANTEED_RISKS}"),
+                  ("epsilon", _real(self.epsilon) and 0 <= self.epsilon <= (math.inf if cost else 1),
+                   "a cost >= 0" if cost else "a fraction"),
+                  ("cost_unit", self.cost_unit in (("macs", "ms") if cost else (None,)),
+                   "'macs' or 'ms' for a mean cost, else None"),
                   ("delta", _real(self.delta) and 0 < self.delta < 1, "in (0, 1)"),
                   ("certified", isinstance(self.certified, bool), "true or false"),
                   ("calibration_samples", _integer(self.calibration_samples) and self.calibration_samples > 0,
@@ -114,9 +121,12 @@ class Guarantee(JsonRecord):
 
     @property
     def promise(self) -> str:
-        what = ("accuracy at most {e:g} points below {r}" if self.risk == "accuracy_drop"
-                else "answers differing from the deepest exit's on at most {e:g}% of samples").format(
-            e=100 * self.epsilon, r=self.reference)
+        if self.risk == "mean_cost":
+            what = f"a mean cost of at most {self.epsilon:g} {self.cost_unit} per image (by the exit cost table)"
+        else:
+            what = ("accuracy at most {e:g} points below {r}" if self.risk == "accuracy_drop"
+                    else "answers differing from the deepest exit's on at most {e:g}% of samples").format(
+                e=100 * self.epsilon, r=self.reference)
         if not self.certified:
             return (f"nothing certified for {what} at {1 - self.delta:.0%} confidence on {self.calibration_samples} "
                     f"calibration samples (at least {self.needed_samples} needed); every exit runs and the deepest "

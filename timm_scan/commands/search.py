@@ -52,9 +52,10 @@ class SearchConfig:
     max_disagreement: float | None = option(None, "keep instead the cheapest thresholds whose answers differ from "
                                                   "the deepest exit's on at most this percent of samples (on "
                                                   "validation; on new data with --confidence)")
-    confidence: float | None = option(None, "certify --max-drop or --max-disagreement on new data with this "
-                                            "probability (e.g. 0.95; Learn-then-Test on a held-out part of the "
-                                            "validation split) instead of meeting it on validation")
+    confidence: float | None = option(None, "certify the target (--max-drop, --max-disagreement or a budget) on "
+                                            "new data with this probability (e.g. 0.95; Learn-then-Test on a "
+                                            "held-out part of the validation split) instead of meeting it on "
+                                            "validation")
     search_share: float = option(0.5, "with --confidence: the share of the validation split that proposes "
                                       "thresholds; the rest certifies them")
     split_seed: int = option(0, "with --confidence: seed of the split into a search and a calibration part")
@@ -86,10 +87,10 @@ class SearchConfig:
                    if getattr(self, name) is not None]
         if len(targets) > 1:
             raise ValueError(f"SearchConfig: give one target, not {' and '.join(targets)}")
-        if self.confidence is not None and (not 0 < self.confidence < 1 or targets not in (["max_drop"],
-                                                                                           ["max_disagreement"])):
-            raise ValueError("SearchConfig.confidence must be in (0, 1), with --max-drop or --max-disagreement; got "
-                             f"{self.confidence} with {targets or 'no target'}")
+        if self.confidence is not None and (not 0 < self.confidence < 1 or not targets):
+            raise ValueError("SearchConfig.confidence must be in (0, 1), with a target (--max-drop, "
+                             f"--max-disagreement, --budget-macs or --budget-ms); got {self.confidence} with "
+                             f"{targets or 'no target'}")
         if not 0 < self.search_share < 1:
             raise ValueError(f"SearchConfig.search_share must be in (0, 1); got {self.search_share}")
         for name in ("budget_macs", "budget_ms"):
@@ -162,9 +163,9 @@ class ThresholdRecord(JsonRecord):
         if origin.objective == "max_disagreement":
             return f"answers differing from the deepest exit's on at most {100 * origin.value:g}% of samples{how}"
         if origin.cost_unit == "macs":
-            return f"at most {origin.value / 1e6:g} MMACs per image"
+            return f"at most {origin.value / 1e6:g} MMACs per image{how}"
         batch = f" at batch {self.latency.batch_size}" if self.latency is not None else ""
-        return f"at most {origin.value:g} ms per image{batch}"
+        return f"at most {origin.value:g} ms per image{batch}{how}"
 
 
 _CHOSEN_OBJECTIVES = (("max_drop", "max_accuracy_drop", 0.01), ("budget_macs", "budget", 1.0),
@@ -238,6 +239,8 @@ def search(cfg: SearchConfig) -> ThresholdRecord:
               "seed": cfg.seed, "generations": cfg.generations, "min_threshold": cfg.min_threshold}
     certified = {"confidence": cfg.confidence, "search_share": cfg.search_share, "split_seed": cfg.split_seed}
     points = sweep_beta(probs, labels, costs, betas=betas, **common)
+    if cfg.confidence is not None and (cfg.budget_macs is not None or cfg.budget_ms is not None):
+        common.pop("baseline_accuracy")  # a certified budget bounds the cost; the accuracy is reported
     if cfg.max_drop is not None:
         chosen = search_thresholds(probs, labels, costs, max_accuracy_drop=cfg.max_drop / 100, **common, **certified)
     elif cfg.max_disagreement is not None:
@@ -245,9 +248,10 @@ def search(cfg: SearchConfig) -> ThresholdRecord:
         chosen = search_thresholds(probs, labels, costs, max_disagreement=cfg.max_disagreement / 100, **common,
                                    **certified)
     elif cfg.budget_macs is not None:
-        chosen = search_thresholds(probs, labels, macs, budget=cfg.budget_macs, **common)
+        chosen = search_thresholds(probs, labels, macs, budget=cfg.budget_macs, **common, **certified)
     elif cfg.budget_ms is not None:
-        chosen = search_thresholds(probs, labels, ExitCosts.from_latency(latency), budget=cfg.budget_ms, **common)
+        chosen = search_thresholds(probs, labels, ExitCosts.from_latency(latency), budget=cfg.budget_ms, **common,
+                                   **certified)
     else:
         chosen = points[betas.index(cfg.beta)]
     record = ThresholdRecord(chosen, baseline, baseline_accuracy, cfg.min_threshold, points, cfg.cost,

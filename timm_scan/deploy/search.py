@@ -4,7 +4,7 @@ certified) and `sweep_beta` (SCAN's trade-off curve).
 An objective met on the searched outputs (``beta``, or a target: ``max_accuracy_drop``,
 ``max_disagreement``, ``budget``) runs the genetic search of `timm_scan.deploy.thresholds` on all of
 them: the thresholds meet the target there, with no guarantee on new data. With ``confidence`` the
-risk targets are certified instead (`timm_scan.deploy.certify`): part of the outputs proposes
+targets are certified instead (`timm_scan.deploy.certify`): part of the outputs proposes
 candidates, the rest tests them, and the target holds on new data with that probability. The result's
 ``policy`` records which (``policy.origin``, its ``guarantee`` and ``promise``).
 """
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..exit_costs import ExitCosts
 from ..report import ExitLatency
-from .certify import certify_thresholds
+from .certify import certify_budget, certify_thresholds
 from .policy import check_outputs
 from .thresholds import DEFAULT_BETAS, ExitTable, Objective, SearchResult, genetic_search, result_for
 
@@ -111,10 +111,10 @@ def search_thresholds(
     ``max_disagreement`` (the cheapest whose answers differ from the deepest exit's on at most that share
     of samples) or ``budget`` (mean cost per image, in the costs' unit: the most accurate within it).
     Without ``confidence`` a target is met on these outputs (a target no thresholds meet is a
-    ``ValueError``), which is no guarantee on new data. With ``confidence`` (1 − δ, e.g. 0.95) a risk
-    target is certified (`timm_scan.deploy.certify.certify_thresholds`: ``search_share`` of the outputs,
-    drawn with ``split_seed``, propose; the rest certify); where too few samples certify nothing, the
-    result says so and its policy runs every exit. ``baseline_accuracy`` (a fraction): the plain
+    ``ValueError``), which is no guarantee on new data. With ``confidence`` (1 − δ, e.g. 0.95) a target is
+    certified (`timm_scan.deploy.certify`: ``search_share`` of the outputs, drawn with ``split_seed``,
+    propose; the rest certify): a risk target where too few samples certify nothing says so and its
+    policy runs every exit; a budget keeps at worst every sample at the first exit. ``baseline_accuracy`` (a fraction): the plain
     backbone's accuracy; by default the deepest exit's. ``fallback`` and ``temperatures`` (one per exit,
     e.g. from ``calibrate``) are those the policy is deployed with; the search applies the temperatures
     to ``probs`` itself. ``ga_options`` go to ``genetic_search``: ``min_threshold``, ``bits``,
@@ -133,8 +133,15 @@ def search_thresholds(
         raise ValueError(f"give one objective: beta, or a target (max_accuracy_drop, max_disagreement or budget), "
                          f"not {' and '.join(given)}")
     if confidence is not None:
-        if max_accuracy_drop is None and max_disagreement is None:
-            raise ValueError("confidence certifies a risk: give max_accuracy_drop= or max_disagreement= with it")
+        if not given or given == ["beta"]:
+            raise ValueError("confidence certifies a target: give max_accuracy_drop=, max_disagreement= or budget= "
+                             "with it")
+        if budget is not None:
+            if baseline_accuracy is not None:
+                raise ValueError("baseline_accuracy goes with accuracy targets; a budget certifies the mean cost")
+            return certify_budget(probs, labels, costs, budget=budget, confidence=confidence, fallback=fallback,
+                                  temperatures=temperatures, search_share=search_share, split_seed=split_seed,
+                                  **ga_options)
         risk = "accuracy_drop" if max_accuracy_drop is not None else "disagreement"
         return certify_thresholds(probs, labels, costs, max_risk=max_accuracy_drop if max_disagreement is None
                                   else max_disagreement, confidence=confidence, risk=risk,
