@@ -17,9 +17,18 @@ guarantee), and how the guaranteed speed-up grows with n.
         --plot benchmarks/results/certified_thresholds.png
     python benchmarks/certified_thresholds.py --draws 50 --sizes 500 --epsilons 0.01 --deltas 0.1   # a quick look
 
+``--budgets`` adds mean-cost guarantees (`certify_budget`) the same way: a draw violates its promise if
+the certified thresholds' mean cost on the population is above the budget.
+
 Real outputs: ``--runs RUN ...`` pools each finished, searched run's cached validation and test outputs
-(``timm-scan evaluate`` writes both) and re-splits them at random ``--splits`` times into a search, a
-calibration and a held-out part; the violation frequency is then measured on the held-out part.
+(``timm-scan evaluate`` writes both). With ``--as-population`` each pool is the population, drawn from
+with replacement exactly as the synthetic one (so the true risk is still exact, and the study above
+runs on each model's real outputs); without, the pool is re-split at random ``--splits`` times into a
+search, a calibration and a held-out part, and violations are counted on the held-out part (itself an
+estimate, with its own sampling error).
+
+    python benchmarks/certified_thresholds.py --runs runs/a runs/b --as-population --sizes 1000 4000 \
+        --out benchmarks/results/certified_thresholds_pools.json --plot benchmarks/results/certified_thresholds_pools.png
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from timm_scan import ExitCosts, search_thresholds
-from timm_scan.deploy.certify import drop_losses, fixed_sequence, propose_candidates
+from timm_scan.deploy.certify import drop_losses, fixed_sequence, propose_budget_candidates, propose_candidates
 from timm_scan.deploy.latency import processor_name
 from timm_scan.deploy.thresholds import ExitTable
 
@@ -60,25 +69,42 @@ def true_drop_and_speedup(table: ExitTable, thresholds: np.ndarray) -> tuple[flo
     return table.deepest_accuracy - float(accuracy[0]), float(speedup[0])
 
 
-def validity(args: argparse.Namespace) -> list[dict]:
-    probs, labels = population(args.population)
-    world = ExitTable.from_outputs(probs, labels, COSTS)
+def run_outputs(run: Path) -> tuple[list[torch.Tensor], torch.Tensor, ExitCosts]:
+    """A finished, evaluated run's cached validation and test outputs, pooled, and its exit MACs."""
+    tensors = [load_file(str(run / "outputs" / f"{split}.safetensors")) for split in ("val", "test")]
+    k = sum(name.startswith("probs_exit") for name in tensors[0])
+    probs = [torch.cat([t[f"probs_exit{i + 1}"] for t in tensors]) for i in range(k)]
+    macs = json.loads((run / "results.json").read_text())
+    return probs, torch.cat([t["labels"] for t in tensors]), ExitCosts.macs(macs["exit_macs"], macs["backbone_macs"])
+
+
+def draw(rng: np.random.Generator, size: int, n: int) -> torch.Tensor:
+    """``n`` sample indices drawn with replacement from a population of ``size``: i.i.d. samples."""
+    return torch.from_numpy(rng.integers(0, size, n))
+
+
+def validity(args: argparse.Namespace, probs: list[torch.Tensor], labels: torch.Tensor, costs: ExitCosts,
+             name: str) -> list[dict]:
+    """Accuracy-drop guarantees on a population (``name``): per ε, δ and n, candidates from one search
+    draw, then ``--draws`` calibration draws, each judged by its certified thresholds' exact drop on the
+    population; the uncertified search on one draw of 2n beside it."""
+    world = ExitTable.from_outputs(probs, labels, costs)
     rng = np.random.default_rng(args.seed)
     rows = []
     settings = [(e, d, n) for e in args.epsilons for d in args.deltas for n in args.sizes]
-    for epsilon, delta, n in tqdm(settings, desc="settings"):
+    for epsilon, delta, n in tqdm(settings, desc=f"{name}: settings"):
         started = time.perf_counter()
-        search_index = torch.from_numpy(rng.integers(0, len(labels), n))
-        search = ExitTable.from_outputs([p[search_index] for p in probs], labels[search_index], COSTS)
+        search_index = draw(rng, len(labels), n)
+        search = ExitTable.from_outputs([p[search_index] for p in probs], labels[search_index], costs)
         candidates = propose_candidates(search, search.deepest_accuracy, epsilon, generations=args.generations)
-        uncertified_index = torch.from_numpy(rng.integers(0, len(labels), 2 * n))
-        uncertified = search_thresholds([p[uncertified_index] for p in probs], labels[uncertified_index], COSTS,
+        uncertified_index = draw(rng, len(labels), 2 * n)
+        uncertified = search_thresholds([p[uncertified_index] for p in probs], labels[uncertified_index], costs,
                                         max_accuracy_drop=epsilon, generations=args.generations)
         everyone = torch.arange(len(labels))
         right = {id(t): world.correct[world.exit_index(t)[0], everyone].to(torch.int8) for t in candidates}
         violations, certified, speedups = 0, 0, []
         for _ in range(args.draws):
-            index = torch.from_numpy(rng.integers(0, len(labels), n))
+            index = draw(rng, len(labels), n)
             right_deepest = world.deepest_correct[index].to(torch.int8)
 
             def losses(thresholds: np.ndarray) -> tuple[torch.Tensor, float]:
@@ -93,15 +119,61 @@ def validity(args: argparse.Namespace) -> list[dict]:
             violations += drop > epsilon
             speedups.append(speedup)
         drop, speedup = true_drop_and_speedup(world, np.asarray(uncertified.thresholds))
-        rows.append({"epsilon": epsilon, "delta": delta, "n": n, "draws": args.draws,
+        rows.append({"population": name, "risk": "accuracy_drop", "epsilon": epsilon, "delta": delta, "n": n,
+                     "draws": args.draws,
                      "violation_frequency": violations / args.draws, "certified_share": certified / args.draws,
                      "mean_certified_speedup": float(np.mean(speedups)), "candidates": len(candidates),
                      "uncertified_true_drop": drop, "uncertified_speedup": speedup,
                      "uncertified_violates": drop > epsilon, "seconds": time.perf_counter() - started})
         row = rows[-1]
-        tqdm.write(f"ε {epsilon:g} δ {delta:g} n {n}: violations {row['violation_frequency']:.3f}, certified "
+        tqdm.write(f"{name} ε {epsilon:g} δ {delta:g} n {n}: violations {row['violation_frequency']:.3f}, certified "
                    f"{row['certified_share']:.2f}, speed-up {row['mean_certified_speedup']:.3f}x (uncertified "
                    f"{speedup:.3f}x, true drop {drop:+.4f})")
+    return rows
+
+
+def budget_validity(args: argparse.Namespace, probs: list[torch.Tensor], labels: torch.Tensor, costs: ExitCosts,
+                    name: str) -> list[dict]:
+    """Mean-cost guarantees (`certify_budget`) on a population, as `validity`: per budget (a share of the
+    backbone's cost), δ and n, a draw violates the promise if its certified thresholds' exact mean cost
+    on the population is above the budget."""
+    world = ExitTable.from_outputs(probs, labels, costs)
+    rng = np.random.default_rng(args.seed)
+    per_exit = torch.tensor(costs.per_exit, dtype=torch.float64)
+    cheapest, span = costs.per_exit[0], costs.per_exit[-1] - costs.per_exit[0]
+    rows = []
+    settings = [(b * costs.backbone, d, n) for b in args.budgets for d in args.deltas for n in args.sizes]
+    for budget, delta, n in tqdm(settings, desc=f"{name}: budgets"):
+        search_index = draw(rng, len(labels), n)
+        search = ExitTable.from_outputs([p[search_index] for p in probs], labels[search_index], costs)
+        candidates = propose_budget_candidates(search, budget, generations=args.generations)
+        uncertified_index = draw(rng, len(labels), 2 * n)
+        uncertified = search_thresholds([p[uncertified_index] for p in probs], labels[uncertified_index], costs,
+                                        budget=budget, generations=args.generations)
+        uncertified_exit = world.exit_index(uncertified.policy.thresholds)[0]
+        uncertified_cost = per_exit[uncertified_exit].mean().item()
+        everyone = torch.arange(len(labels))
+        index_of = {id(t): world.exit_index(t)[0] for t in candidates}
+        violations, accuracies, mean_costs = 0, [], []
+        for _ in range(args.draws):
+            index = draw(rng, len(labels), n)
+
+            def losses(thresholds: np.ndarray) -> tuple[torch.Tensor, float]:
+                return (per_exit[index_of[id(thresholds)][index]] - cheapest) / span, (budget - cheapest) / span
+
+            chosen = fixed_sequence(candidates[1:], losses, delta, bounded=True)
+            chosen = candidates[0] if chosen is None else chosen
+            true_cost = per_exit[index_of[id(chosen)]].mean().item()
+            violations += true_cost > budget * (1 + 1e-12)
+            accuracies.append(world.correct[index_of[id(chosen)], everyone].double().mean().item())
+            mean_costs.append(true_cost)
+        rows.append({"population": name, "risk": "mean_cost", "budget": budget, "budget_share": budget / costs.backbone,
+                     "delta": delta, "n": n, "draws": args.draws, "violation_frequency": violations / args.draws,
+                     "mean_true_cost": float(np.mean(mean_costs)), "mean_true_accuracy": float(np.mean(accuracies)),
+                     "deepest_accuracy": world.deepest_accuracy, "candidates": len(candidates),
+                     "uncertified_true_cost": uncertified_cost, "uncertified_violates": uncertified_cost > budget,
+                     "uncertified_true_accuracy": world.correct[uncertified_exit, everyone].double().mean().item()})
+        tqdm.write(json.dumps(rows[-1]))
     return rows
 
 
@@ -109,12 +181,7 @@ def real(args: argparse.Namespace) -> list[dict]:
     rows = []
     rng = np.random.default_rng(args.seed)
     for run in map(Path, args.runs):
-        tensors = [load_file(str(run / "outputs" / f"{split}.safetensors")) for split in ("val", "test")]
-        k = sum(name.startswith("probs_exit") for name in tensors[0])
-        probs = [torch.cat([t[f"probs_exit{i + 1}"] for t in tensors]) for i in range(k)]
-        labels = torch.cat([t["labels"] for t in tensors])
-        macs = json.loads((run / "results.json").read_text())
-        costs = ExitCosts.macs(macs["exit_macs"], macs["backbone_macs"])
+        probs, labels, costs = run_outputs(run)
         for epsilon in args.epsilons:
             for delta in args.deltas:
                 violations, certified, speedups, empirical = 0, 0, [], []
@@ -146,24 +213,36 @@ def real(args: argparse.Namespace) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Per population (a column): violation frequency and certified speed-up against n, per ε and δ; the
+    uncertified search's true speed-up dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for (epsilon, delta) in sorted({(r["epsilon"], r["delta"]) for r in rows}):
-        line = sorted((r for r in rows if (r["epsilon"], r["delta"]) == (epsilon, delta)), key=lambda r: r["n"])
-        label = f"ε = {100 * epsilon:g} pt, δ = {delta:g}"
-        axes[0].plot([r["n"] for r in line], [r["violation_frequency"] for r in line], "o-", label=label)
-        axes[1].plot([r["n"] for r in line], [r["mean_certified_speedup"] for r in line], "o-", label=label)
-    for delta in sorted({r["delta"] for r in rows}):
-        axes[0].axhline(delta, color="grey", ls="--", lw=1)
-    axes[0].set(xscale="log", xlabel="calibration samples n", ylabel="violation frequency (≤ δ promised)")
-    axes[1].set(xscale="log", xlabel="calibration samples n", ylabel="mean certified MACs speed-up (true)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    rows = [r for r in rows if r["risk"] == "accuracy_drop"]
+    populations = list(dict.fromkeys(r["population"] for r in rows))
+    fig, axes = plt.subplots(2, len(populations), figsize=(4.2 * len(populations), 7), squeeze=False)
+    for column, name in enumerate(populations):
+        top, bottom = axes[0, column], axes[1, column]
+        mine = [r for r in rows if r["population"] == name]
+        for i, (epsilon, delta) in enumerate(sorted({(r["epsilon"], r["delta"]) for r in mine})):
+            line = sorted((r for r in mine if (r["epsilon"], r["delta"]) == (epsilon, delta)), key=lambda r: r["n"])
+            n = [r["n"] for r in line]
+            label, color = f"ε = {100 * epsilon:g} pt, δ = {delta:g}", f"C{i}"
+            top.plot(n, [r["violation_frequency"] for r in line], "o-", color=color, label=label)
+            bottom.plot(n, [r["mean_certified_speedup"] for r in line], "o-", color=color, label=label)
+            bottom.plot(n, [r["uncertified_speedup"] for r in line], "x:", color=color)
+        for delta in sorted({r["delta"] for r in mine}):
+            top.axhline(delta, color="grey", ls="--", lw=1)
+        top.set_ylim(bottom=-0.005)
+        top.set(xscale="log", title=Path(name).name, xlabel="calibration samples n",
+                ylabel="violation frequency (≤ δ promised)")
+        bottom.set(xscale="log", xlabel="calibration samples n",
+                   ylabel="MACs speed-up (true): certified ─, uncertified ⋯")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    axes[1, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -177,14 +256,26 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=1000, help="calibration draws per setting")
     p.add_argument("--population", type=int, default=200_000)
     p.add_argument("--generations", type=int, default=50)
+    p.add_argument("--budgets", type=float, nargs="*", default=[],
+                   help="also certify mean-cost budgets, as shares of the backbone's cost (e.g. 0.6 0.75)")
     p.add_argument("--runs", nargs="*", default=[], help="finished, evaluated runs: their outputs re-split")
+    p.add_argument("--as-population", action="store_true",
+                   help="with --runs: each run's pooled outputs are the population, drawn from as the synthetic "
+                        "one is (exact true risk), instead of re-split into parts")
     p.add_argument("--splits", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args()
     started = datetime.datetime.now(datetime.timezone.utc)
-    rows = real(args) if args.runs else validity(args)
+    if args.runs and not args.as_population:
+        rows = real(args)
+    else:
+        populations = [(str(run), *run_outputs(Path(run))) for run in args.runs] or [
+            ("synthetic", *population(args.population), COSTS)]
+        rows = [row for name, probs, labels, costs in populations
+                for row in validity(args, probs, labels, costs, name)
+                + budget_validity(args, probs, labels, costs, name)]
     result = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "date": started.strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{processor_name()}, {torch.get_num_threads()} torch threads, {platform.machine()}, "
@@ -192,7 +283,7 @@ def main() -> None:
               "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
-    if args.plot and not args.runs:
+    if args.plot and (args.as_population or not args.runs):
         plot(rows, args.plot)
     worst = max(r["violation_frequency"] - r["delta"] for r in rows)
     print(f"{len(rows)} settings; the largest violation frequency minus δ: {worst:+.3f}"
