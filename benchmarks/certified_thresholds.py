@@ -112,7 +112,7 @@ def validity(args: argparse.Namespace, probs: list[torch.Tensor], labels: torch.
 
             accepted = fixed_sequence(candidates, losses, delta, bounded=True)
             if accepted is None:
-                speedups.append(true_drop_and_speedup(world, np.ones(3))[1])  # every exit runs
+                speedups.append(true_drop_and_speedup(world, np.ones(world.num_exits - 1))[1])  # every exit runs
                 continue
             certified += 1
             drop, speedup = true_drop_and_speedup(world, accepted)
@@ -178,37 +178,51 @@ def budget_validity(args: argparse.Namespace, probs: list[torch.Tensor], labels:
 
 
 def real(args: argparse.Namespace) -> list[dict]:
+    """Each run's pool re-split ``--splits`` times: ``--fit-samples`` (default two thirds) play the
+    validation split a user searches on, once per ``--search-shares`` (the same split for every share,
+    so shares compare paired), and the rest is held out to judge the result."""
     rows = []
     rng = np.random.default_rng(args.seed)
     for run in map(Path, args.runs):
         probs, labels, costs = run_outputs(run)
+        n_fit = args.fit_samples or 2 * (len(labels) // 3)
+        if not 0 < n_fit < len(labels):
+            raise SystemExit(f"--fit-samples must be below the {len(labels)} pooled samples of {run}")
         for epsilon in args.epsilons:
             for delta in args.deltas:
-                violations, certified, speedups, empirical = 0, 0, [], []
+                certified = {share: [] for share in args.search_shares}  # per split: (drop, speed-up, certified)
+                empirical = []
                 for _ in tqdm(range(args.splits), desc=f"{run.name} ε {epsilon:g} δ {delta:g}"):
                     order = torch.from_numpy(rng.permutation(len(labels)))
-                    third = len(labels) // 3
-                    fit, held = order[: 2 * third], order[2 * third:]
-                    found = search_thresholds([p[fit] for p in probs], labels[fit], costs, max_accuracy_drop=epsilon,
-                                              confidence=1 - delta, generations=args.generations,
-                                              split_seed=int(rng.integers(1 << 30)))
+                    fit, held = order[:n_fit], order[n_fit:]
+                    test_tables = {}
+
+                    def on_held_out(policy) -> tuple[float, float]:  # drop and speed-up on the held-out part
+                        if policy.fallback not in test_tables:
+                            test_tables[policy.fallback] = ExitTable.from_outputs(
+                                [p[held] for p in probs], labels[held], costs, policy.fallback)
+                        return true_drop_and_speedup(test_tables[policy.fallback], np.asarray(policy.thresholds))
+
+                    split_seed = int(rng.integers(1 << 30))
+                    for share in args.search_shares:
+                        found = search_thresholds([p[fit] for p in probs], labels[fit], costs,
+                                                  max_accuracy_drop=epsilon, confidence=1 - delta, search_share=share,
+                                                  generations=args.generations, split_seed=split_seed)
+                        certified[share].append((*on_held_out(found.policy), found.policy.origin.guarantee.certified))
                     plain = search_thresholds([p[fit] for p in probs], labels[fit], costs, max_accuracy_drop=epsilon,
                                               generations=args.generations)
-                    def on_held_out(policy) -> tuple[float, float]:  # drop and speed-up on the held-out part
-                        test = ExitTable.from_outputs([p[held] for p in probs], labels[held], costs, policy.fallback)
-                        return true_drop_and_speedup(test, np.asarray(policy.thresholds))
-
-                    drop, speedup = on_held_out(found.policy)
-                    certified += found.policy.origin.guarantee.certified
-                    violations += drop > epsilon
-                    speedups.append(speedup)
                     empirical.append(on_held_out(plain.policy))
-                rows.append({"run": str(run), "epsilon": epsilon, "delta": delta, "splits": args.splits,
-                             "samples": len(labels), "violation_frequency": violations / args.splits,
-                             "certified_share": certified / args.splits, "mean_speedup": float(np.mean(speedups)),
-                             "uncertified_violation_frequency": float(np.mean([d > epsilon for d, _ in empirical])),
-                             "uncertified_mean_speedup": float(np.mean([s for _, s in empirical]))})
-                tqdm.write(json.dumps(rows[-1]))
+                for share, results in certified.items():
+                    rows.append({"run": str(run), "epsilon": epsilon, "delta": delta, "search_share": share,
+                                 "splits": args.splits, "samples": len(labels), "fit_samples": n_fit,
+                                 "violation_frequency": float(np.mean([d > epsilon for d, _, _ in results])),
+                                 "certified_share": float(np.mean([c for _, _, c in results])),
+                                 "mean_speedup": float(np.mean([s for _, s, _ in results])),
+                                 "speedups": [s for _, s, _ in results],
+                                 "uncertified_violation_frequency": float(np.mean([d > epsilon for d, _ in empirical])),
+                                 "uncertified_mean_speedup": float(np.mean([s for _, s in empirical])),
+                                 "uncertified_speedups": [s for _, s in empirical]})
+                    tqdm.write(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("speedups")}))
     return rows
 
 
@@ -263,6 +277,9 @@ def main() -> None:
                    help="with --runs: each run's pooled outputs are the population, drawn from as the synthetic "
                         "one is (exact true risk), instead of re-split into parts")
     p.add_argument("--splits", type=int, default=100)
+    p.add_argument("--fit-samples", type=int, help="with --runs: pooled samples searched on per split (default: 2/3)")
+    p.add_argument("--search-shares", type=float, nargs="+", default=[0.5],
+                   help="with --runs: shares of the searched samples that propose candidates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     p.add_argument("--plot", type=Path)
