@@ -254,7 +254,17 @@ def test_certified_thresholds(tmp_path, monkeypatch):
                       for i in range(3)}, "labels": labels}, str(run_dir / "outputs" / f"{split}.safetensors"))
     (run_dir / "results.json").write_text(json.dumps({"exit_macs": [10, 20, 31], "backbone_macs": 30}))
     run("certified_thresholds.py", monkeypatch, "--runs", str(run_dir), "--splits", "2", "--epsilons", "0.1",
-        "--deltas", "0.2", "--generations", "3", "--out", str(out))
-    (row,) = json.loads(out.read_text())["rows"]
-    assert (row["splits"], row["samples"]) == (2, 150) and 0 <= row["violation_frequency"] <= 1
-    assert row["mean_speedup"] > 0 and row["uncertified_mean_speedup"] > 0
+        "--deltas", "0.2", "--generations", "3", "--search-shares", "0.3", "0.5", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["search_share"] for r in rows] == [0.3, 0.5] and all(r["fit_samples"] == 100 for r in rows)
+    for row in rows:
+        assert (row["splits"], row["samples"]) == (2, 150) and 0 <= row["violation_frequency"] <= 1
+        assert row["mean_speedup"] > 0 and row["uncertified_mean_speedup"] > 0 and len(row["speedups"]) == 2
+    # the run's pool as the population, with a mean-cost budget beside the accuracy drop
+    run("certified_thresholds.py", monkeypatch, "--runs", str(run_dir), "--as-population", "--draws", "4", "--sizes",
+        "60", "--epsilons", "0.1", "--deltas", "0.2", "--budgets", "0.8", "--generations", "3", "--out", str(out),
+        "--plot", str(tmp_path / "pool.png"))
+    drop, cost = json.loads(out.read_text())["rows"]
+    assert (drop["risk"], cost["risk"]) == ("accuracy_drop", "mean_cost") and drop["population"] == str(run_dir)
+    assert cost["budget"] == pytest.approx(24.0) and 10 <= cost["mean_true_cost"] <= 31
+    assert cost["violation_frequency"] <= 1 and (tmp_path / "pool.png").stat().st_size > 0
