@@ -145,3 +145,81 @@ def test_labels_that_are_not_class_indices(tmp_path, train_labels, test_labels, 
     folder = parquet_with(tmp_path, rows, test, label_feature=datasets.Value("int64"))
     with pytest.raises(ValueError, match=message):
         load_splits(str(folder), val_size=6)
+
+
+def image_folder(root, layout):
+    """``root/<split>/<class>/<i>.png`` for each ``split: classes`` of ``layout`` (split "" puts the class
+    folders at the root), four images a class."""
+    from PIL import Image
+
+    for split, classes in layout.items():
+        for c in classes:
+            for i in range(4):
+                path = root / split / c / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), (40 * i, 60 * ord(c) % 256, 0)).save(path)
+    return root
+
+
+@pytest.mark.parametrize("layout, test_folder, warning", [
+    ({"train": "ab", "test": "ab"}, "test", None),
+    ({"training": "ab", "testing": "ab"}, "testing", None),  # datasets' other names
+    ({"train": "ab", "val": "ab"}, "val", r"no test split: its validation split \(7 images\) is the test split"),
+    ({"train": "ab", "validation": "ab", "eval": "ab"}, "eval", "its validation split is not used"),
+])
+def test_image_folder_splits_are_named_as_datasets_names_them(tmp_path, layout, test_folder, warning):
+    import re
+    import warnings
+
+    folder = image_folder(tmp_path, layout)
+    (folder / test_folder / "a" / "0.png").unlink()  # test/ has 7 images, no other split has
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        splits = load_splits(str(folder), val_size=2)
+    said = [str(w.message) for w in caught if "validation split" in str(w.message)]
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 2, 7)
+    if warning is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and re.search(warning, said[0])
+
+
+def test_parquet_files_are_named_as_datasets_names_them(tmp_path):
+    folder = parquet_with(tmp_path, [(png(i), i % 3) for i in range(30)])
+    (folder / "test.parquet").rename(folder / "val.parquet")
+    with pytest.warns(UserWarning, match="its validation split .6 images. is the test split"):
+        splits = load_splits(str(folder), val_size=6)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 6, 6)
+
+
+@pytest.mark.parametrize("layout", [{"": "ab"}, {"train": "ab"}, {"Train": "ab", "Test": "ab"}])
+def test_data_without_a_test_split_is_refused_before_training(tmp_path, layout):
+    """Class folders at the root, train/ alone, or capitalised split folders (which datasets reads as one
+    train split): refused with the folder and the layouts read, before the trainer writes anything."""
+    from timm_scan.cli import main
+
+    folder = image_folder(tmp_path / "data", layout)
+    message = rf"dataset '{folder}' has no test split \(its splits: \['train'\]\).*<folder>/train/<class>/<image>"
+    with pytest.raises(ValueError, match=message):
+        load_splits(str(folder))
+    with pytest.raises(SystemExit, match=message):
+        main(["train", "--dataset", str(folder), "--output-dir", str(tmp_path / "run"), "--model", "test_resnet",
+              "--epochs", "1", "--num-workers", "0"])
+    assert not (tmp_path / "run" / "train_config.json").exists()
+
+
+def test_a_class_only_in_the_test_split_is_refused(tmp_path):
+    folder = image_folder(tmp_path, {"train": "ab", "test": "abc"})
+    with pytest.raises(ValueError, match=r"classes \['c'\] are in the test split but in none of the 8 training images"):
+        load_splits(str(folder), val_size=2)
+
+
+def test_a_hub_dataset_that_cannot_be_fetched_is_one_clear_error(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"dataset 'someone/not-cached' is not in the local cache and the Hugging Face "
+                                         r"Hub .* cannot be reached .*or pass a local folder: a local folder is split"):
+        load_splits("someone/not-cached")

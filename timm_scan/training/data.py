@@ -1,9 +1,15 @@
 """Image classification data from ``datasets`` with timm's transforms.
 
-Sources: a Hub id (``uoft-cs/cifar10``), a local folder of parquet files in the Hub's layout
-(``train*.parquet``, ``test*.parquet``), or an image folder (one sub-folder per class, optionally
-under ``train/`` and ``test/``). The validation split is carved deterministically out of train; the
-test split (``test``, else ``validation``) is only for the final report.
+Sources: a Hub id (``uoft-cs/cifar10``), or a local folder of parquet files (``train*.parquet``,
+``test*.parquet``) or of images (``train/<class>/<image>``, ``test/<class>/<image>``), split as
+``datasets.load_dataset`` splits a folder (`LAYOUTS`).
+
+Splits: the data's ``train``, and its ``test`` split, only for the final report. The validation split
+(best epoch, thresholds) is always carved deterministically out of train. Data with no test split but a
+``validation`` one (timm's ``train/`` + ``val/`` layout, Hub datasets such as food101) is tested on that
+split, with a warning; a ``validation`` split beside a ``test`` one is left unused, with a warning; data
+with neither is refused before anything trains. Which split is which depends only on the data's split
+names, so a run's TrainConfig (dataset, val_size, seed, sizes) rebuilds the same splits.
 """
 
 from __future__ import annotations
@@ -21,11 +27,18 @@ import PIL.Image
 import timm.data
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Image, Value
+from datasets.exceptions import DatasetNotFoundError
+from huggingface_hub import constants
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["ImageSplits", "TorchImageDataset", "build_transforms", "data_config", "detect_columns", "eval_transform",
-           "load_image_dataset", "load_splits", "to_rgb"]
+__all__ = ["LAYOUTS", "ImageSplits", "TorchImageDataset", "build_transforms", "data_config", "detect_columns",
+           "eval_transform", "load_image_dataset", "load_splits", "to_rgb"]
+
+LAYOUTS = ("a local folder is split as datasets.load_dataset splits it, by lower-case folder or file names: train "
+           "(or training), test (testing, eval, evaluation) and optionally validation (val, valid, dev), e.g. "
+           "<folder>/train/<class>/<image> and <folder>/test/<class>/<image>, or train*.parquet and test*.parquet; "
+           "a Hub dataset needs a train split and a test (or validation) split")
 
 
 @dataclass
@@ -34,7 +47,7 @@ class ImageSplits:
 
     train: Dataset
     val: Dataset
-    test: Dataset | None
+    test: Dataset
     image_column: str
     label_column: str
     class_names: list[str]
@@ -45,26 +58,26 @@ class ImageSplits:
 
 
 def load_image_dataset(source: str) -> DatasetDict:
-    """``source`` as a ``DatasetDict``: a local parquet folder, a local image folder or a Hub id."""
+    """``source`` as a ``DatasetDict``: a local folder (parquet if it holds any ``.parquet`` file, else an image
+    folder), split by its folder and file names (`LAYOUTS`), or a Hub id. A Hub dataset that cannot be
+    fetched (offline, unreachable, no such id) is a ``ValueError`` saying so."""
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(path.rglob("*.parquet"))
-        if files:
-            data_files: dict[str, list[str]] = {}
-            for split in ("train", "validation", "test"):
-                matched = [str(f) for f in files if f.name.startswith(split) or f.parent.name == split]
-                if matched:
-                    data_files[split] = matched
-            if "train" not in data_files:
-                raise ValueError(
-                    f"{source}: found parquet files but none named train*.parquet; name the splits as the "
-                    "Hub does (train*.parquet, test*.parquet)"
-                )
-            return datasets.load_dataset("parquet", data_files=data_files)
-        return datasets.load_dataset("imagefolder", data_dir=str(path))
+        builder = "parquet" if next(path.rglob("*.parquet"), None) is not None else "imagefolder"
+        return datasets.load_dataset(builder, data_dir=str(path))
     if path.suffix or source.startswith((".", "/", "~")):
         raise ValueError(f"dataset {source!r} is neither an existing folder nor a Hub id (owner/name)")
-    return datasets.load_dataset(source)
+    try:
+        return datasets.load_dataset(source)
+    except ConnectionError as exc:  # offline mode, or no answer from HF_ENDPOINT, and not in the local cache
+        raise ValueError(
+            f"dataset {source!r} is not in the local cache and the Hugging Face Hub ({constants.ENDPOINT}) cannot "
+            f"be reached ({exc}). Download it once where the Hub can be reached (it is then cached, and found "
+            f"offline with HF_HUB_OFFLINE=1), or pass a local folder: {LAYOUTS}"
+        ) from None
+    except DatasetNotFoundError as exc:
+        raise ValueError(f"dataset {source!r}: {exc} Check the id (owner/name); a gated or private dataset needs "
+                         "`hf auth login`") from None
 
 
 def detect_columns(ds: Dataset, image_column: str | None, label_column: str | None) -> tuple[str, str]:
@@ -111,7 +124,8 @@ def load_splits(
     max_test_samples: int | None = None,
     skip_bad_images: bool = False,
 ) -> ImageSplits:
-    """Load ``source``, check it, and carve a validation split out of train.
+    """Load ``source``, check it, and carve a validation split out of train (which split is which: the
+    module docstring; data with no test split is a ``ValueError`` naming ``source`` and `LAYOUTS`).
 
     ``val_size``: a fraction of train (0 < f < 1) or a number of samples. The carve is stratified by
     class where labels are a ``ClassLabel`` and depends only on ``seed`` (a class with a single image
@@ -120,24 +134,34 @@ def load_splits(
     roughly class-balanced); ``max_test_samples`` a prefix of test.
 
     Checked before anything trains (``ValueError`` naming the split and row): labels are class
-    indices 0..C-1 (integer labels must use every index below their maximum; the test split may not
-    hold a class train does not), and every image opens as an image (``skip_bad_images``: images that
+    indices 0..C-1 (integer labels must use every index below their maximum), the test split holds no
+    class that train does not, and every image opens as an image (``skip_bad_images``: images that
     do not decode fully are left out, with a warning naming them, instead).
     """
     dd = load_image_dataset(source)
     if "train" not in dd:
-        raise ValueError(f"dataset {source!r} has no train split; its splits are {list(dd)}")
+        raise ValueError(f"dataset {source!r} has no train split (its splits: {list(dd)}); {LAYOUTS}")
+    if "test" not in dd and "validation" not in dd:
+        raise ValueError(f"dataset {source!r} has no test split (its splits: {list(dd)}), and timm-scan reports on "
+                         f"a test split that neither training nor the threshold search sees; {LAYOUTS}")
+    test_name = "test" if "test" in dd else "validation"
+    if test_name == "validation":
+        warnings.warn(f"dataset {source!r} has no test split: its validation split ({len(dd['validation'])} images) "
+                      "is the test split, seen only by the final report; the validation split that picks the best "
+                      "epoch and the thresholds is carved out of train (val_size)")
+    elif "validation" in dd:
+        warnings.warn(f"dataset {source!r}: its validation split is not used; the validation split is carved out "
+                      "of train (val_size), and its test split is the test split")
     train = dd["train"]
     image_column, label_column = detect_columns(train, image_column, label_column)
     label_feature = train.features[label_column]
     if max_train_samples is not None:
         train = train.select(range(min(max_train_samples, len(train))))
-    test_name = "test" if "test" in dd else "validation" if "validation" in dd else None
-    test = dd[test_name] if test_name else None
-    if test is not None and max_test_samples is not None:
+    test = dd[test_name]
+    if max_test_samples is not None:
         test = test.select(range(min(max_test_samples, len(test))))
     train = _checked_images(train, "train", image_column, skip_bad_images)
-    test = _checked_images(test, test_name, image_column, skip_bad_images) if test is not None else None
+    test = _checked_images(test, test_name, image_column, skip_bad_images)
     class_names = _class_names(train, test, label_column, test_name)
     if isinstance(val_size, float) and not 0 < val_size < 1 or isinstance(val_size, int) and not 0 < val_size < len(train):
         raise ValueError(f"val_size must be a fraction in (0, 1) or a count in [1, {len(train) - 1}]; got {val_size}")
@@ -153,10 +177,11 @@ def load_splits(
     return ImageSplits(carved["train"], carved["test"], test, image_column, label_column, class_names)
 
 
-def _class_names(train: Dataset, test: Dataset | None, label_column: str, test_name: str | None) -> list[str]:
-    """The classes, from a ``ClassLabel`` or from integer labels, with every label checked to be one."""
+def _class_names(train: Dataset, test: Dataset, label_column: str, test_name: str) -> list[str]:
+    """The classes, from a ``ClassLabel`` or from integer labels, with every label checked to be one, and
+    every class of the test split seen in train."""
     feature = train.features[label_column]
-    labels = {"train": train[label_column], **({test_name: test[label_column]} if test is not None else {})}
+    labels = {"train": train[label_column], test_name: test[label_column]}
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
     else:
@@ -170,6 +195,11 @@ def _class_names(train: Dataset, test: Dataset | None, label_column: str, test_n
         bad = next(((row, v) for row, v in enumerate(values) if not 0 <= v < len(names)), None)
         if bad is not None:
             raise ValueError(f"row {bad[0]} of the {split} split has label {bad[1]}, not a class of train (0..{len(names) - 1})")
+    unseen = sorted(set(labels[test_name]) - set(labels["train"]))
+    if unseen:
+        raise ValueError(f"classes {[names[c] for c in unseen]} are in the {test_name} split but in none of the "
+                         f"{len(train)} training images: the model would be tested on classes it never learns. Add "
+                         f"training images of them, or remove them from the {test_name} split")
     return names
 
 

@@ -26,7 +26,8 @@ __all__ = ["cached_outputs", "compute_outputs", "epoch_metrics", "eval_dataset",
 
 
 def run_splits(cfg: TrainConfig) -> ImageSplits:
-    """The run's train/val/test splits: its source, seed and sizes."""
+    """The run's train/val/test splits: its source, seed and sizes (which of the data's splits is which
+    follows from the data's split names alone, `load_splits`, so every command rebuilds the same)."""
     return load_splits(cfg.dataset, image_column=cfg.image_column, label_column=cfg.label_column,
                        val_size=cfg.val_size, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
                        max_test_samples=cfg.max_test_samples, skip_bad_images=cfg.skip_bad_images)
@@ -66,10 +67,8 @@ def epoch_metrics(run_dir: str | Path) -> list[EpochMetrics]:
 
 def eval_dataset(splits: ImageSplits, split: str, data_config: dict) -> TorchImageDataset:
     """``split`` ("val" or "test") through the eval transform of ``data_config``."""
-    ds = getattr(splits, split)
-    if ds is None:
-        raise ValueError(f"the run's dataset has no {split} split")
-    return TorchImageDataset(ds, splits.image_column, splits.label_column, eval_transform(data_config))
+    return TorchImageDataset(getattr(splits, split), splits.image_column, splits.label_column,
+                             eval_transform(data_config))
 
 
 @torch.no_grad()
