@@ -187,6 +187,7 @@ def test_image_folder_splits_are_named_as_datasets_names_them(tmp_path, layout, 
 def test_parquet_files_are_named_as_datasets_names_them(tmp_path):
     folder = parquet_with(tmp_path, [(png(i), i % 3) for i in range(30)])
     (folder / "test.parquet").rename(folder / "val.parquet")
+    (folder / "train_notes.txt").write_text("not a parquet file")  # named like a split: left out
     with pytest.warns(UserWarning, match="its validation split .6 images. is the test split"):
         splits = load_splits(str(folder), val_size=6)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 6, 6)

@@ -27,6 +27,7 @@ import PIL.Image
 import timm.data
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Image, Value
+from datasets.data_files import DataFilesDict, get_data_patterns
 from datasets.exceptions import DatasetNotFoundError
 from huggingface_hub import constants
 from torch import nn
@@ -62,9 +63,12 @@ def load_image_dataset(source: str) -> DatasetDict:
     folder), split by its folder and file names (`LAYOUTS`), or a Hub id. A Hub dataset that cannot be
     fetched (offline, unreachable, no such id) is a ``ValueError`` saying so."""
     path = Path(source).expanduser()
+    if path.is_dir() and next(path.rglob("*.parquet"), None) is not None:
+        resolved = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path),
+                                               allowed_extensions=[".parquet"])  # datasets' split names, parquet only
+        return datasets.load_dataset("parquet", data_files={split: files for split, files in resolved.items() if files})
     if path.is_dir():
-        builder = "parquet" if next(path.rglob("*.parquet"), None) is not None else "imagefolder"
-        return datasets.load_dataset(builder, data_dir=str(path))
+        return datasets.load_dataset("imagefolder", data_dir=str(path))
     if path.suffix or source.startswith((".", "/", "~")):
         raise ValueError(f"dataset {source!r} is neither an existing folder nor a Hub id (owner/name)")
     try:
