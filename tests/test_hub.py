@@ -71,8 +71,10 @@ def test_thresholds_can_be_recorded_later(tmp_path):
     model.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="no thresholds"):
         EarlyExitPredictor(timm_scan.from_pretrained(tmp_path))
+    card = (tmp_path / "README.md").read_text()
     save_deployment(tmp_path, ExitPolicy([0.8, 0.85, 0.9]))
     assert EarlyExitPredictor(timm_scan.from_pretrained(tmp_path)).policy.thresholds == (0.8, 0.85, 0.9)
+    assert (tmp_path / "README.md").read_text() == card  # not a run's best/: the card is left as it is
     with pytest.warns(DeprecationWarning, match="save_deployment"):  # 0.1.0's form
         save_deployment(tmp_path, [0.7, 0.75, 0.8], "deepest")
     assert timm_scan.from_pretrained(tmp_path).policy == ExitPolicy([0.7, 0.75, 0.8], "deepest")

@@ -24,6 +24,7 @@ from ..deploy.predictor import EarlyExitPredictor
 from ..deploy.thresholds import ExitTable
 from ..deploy.timing import wall_clocks
 from ..exit_costs import ExitCosts
+from ..model.card import write_run_card
 from ..model.multi_exit import MultiExitModel
 from ..options import option
 from ..report import EarlyExitReport, SweepPoint, WallClock, exit_table
@@ -131,5 +132,6 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
                   title=f"{train_cfg.model}: test, thresholds from validation")
     plot_exit_shares(shares, run / "exit_shares.png", f"Where test samples leave ({kept})")
     report.save(run / EVALUATION)
+    write_run_card(run / "best")  # the card shows these test results where they are of the policy it holds
     print(f"plots: {run / 'tradeoff_test.png'}, {run / 'exit_shares.png'}; numbers: {run / EVALUATION}")
     return report

@@ -1,8 +1,9 @@
 """``timm-scan push RUN owner/name``: a trained run's best model to the Hugging Face Hub, with its card.
 
-The card shows the test accuracy and MACs per exit (``<run>/results.json``), the searched thresholds
-and their measured speed-up (``<run>/evaluation.json``, from ``timm-scan evaluate``) and the trade-off
-plot, where those exist. The files are first written to ``<run>/hub/``; if the upload fails they stay.
+The card is the run's (`run_card`, as in ``<run>/best/README.md``): the test accuracy and MACs per exit
+(``<run>/results.json``), the searched thresholds and their measured speed-up (``<run>/evaluation.json``,
+from ``timm-scan evaluate``) and the trade-off plot, where those exist. The files are first written to
+``<run>/hub/``; if the upload fails they stay.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..model.card import model_card
+from ..model.card import run_card
 from ..model.hub import push_to_hub
 from ..options import option
-from ..report import EarlyExitReport
 from ..training.runs import load_run, run_results
-from .evaluate import EVALUATION
 
 __all__ = ["PushConfig", "push"]
 
@@ -36,12 +35,11 @@ class PushConfig:
 def push(cfg: PushConfig) -> str:
     """Push and return the commit URL."""
     run = Path(cfg.run)
-    model, train_cfg = load_run(run)
+    model, _ = load_run(run)
+    run_results(run)  # a finished run only: its test results are on the card
     plot = run / "tradeoff_test.png"
-    evaluation = EarlyExitReport.load(run / EVALUATION) if (run / EVALUATION).is_file() else None
-    card = model_card(model, repo_id=cfg.repo_id, license=cfg.license, dataset=train_cfg.dataset,
-                      train_config=train_cfg.to_dict(), results=run_results(run), evaluation=evaluation,
-                      plot=plot.name if plot.is_file() else None)
+    card = run_card(run / "best", model, repo_id=cfg.repo_id, license=cfg.license,
+                    plot=plot.name if plot.is_file() else None)
     if cfg.onnx and not (run / "onnx" / "manifest.json").is_file():
         raise ValueError(f"{run / 'onnx'} holds no ONNX export: run timm-scan export {run} first")
     shutil.rmtree(run / "hub", ignore_errors=True)  # what a previous push left there is not uploaded again

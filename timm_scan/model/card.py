@@ -1,4 +1,5 @@
-"""The model card (README.md with the Hub's YAML header) of a saved multi-exit model."""
+"""The model card (README.md with the Hub's YAML header) of a saved multi-exit model, and of a training
+run's best model (`run_card`: what ``<run>/best/README.md`` holds and ``timm-scan push`` uploads)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ from typing import Any
 from huggingface_hub import ModelCardData
 from torch import nn
 
+from .._io import atomic_write, read_json
 from ..report import EarlyExitReport, RunResults, exit_table
 
-__all__ = ["model_card"]
+__all__ = ["is_run_best", "model_card", "run_card", "write_run_card"]
+
+# What a training run (timm_scan.training.RunFolder) and `timm-scan evaluate` write beside <run>/best.
+RUN_BEST, RUN_CONFIG, RUN_RESULTS, RUN_EVALUATION = "best", "train_config.json", "results.json", "evaluation.json"
 
 _RECIPE_KEYS = ("dataset", "model", "baseline", "init_from", "freeze_backbone", "input_size", "epochs", "batch_size",
                 "optimizer", "lr", "weight_decay", "schedule", "anneal_epochs", "mixed_precision", "seed")
@@ -104,3 +109,38 @@ def model_card(
         lines += ["## Training", "", f"`timm-scan train` with {recipe}."
                   + (" Loss: " + ", ".join(f"{k}={v}" for k, v in loss.items()) + "." if loss else ""), ""]
     return "\n".join(lines)
+
+
+def is_run_best(folder: str | Path) -> bool:
+    """Whether ``folder`` is a training run's best model, ``<run>/best`` beside ``<run>/train_config.json``."""
+    folder = Path(folder)
+    return folder.name == RUN_BEST and (folder.parent / RUN_CONFIG).is_file()
+
+
+def run_card(best: str | Path, model: nn.Module | None = None, *, repo_id: str | None = None,
+             license: str = "apache-2.0", plot: str | None = None) -> str:
+    """The card of a training run's best model ``best`` (``<run>/best``): `model_card` with what the run
+    recorded beside it, each where present: ``train_config.json`` (the recipe, the dataset, and its
+    ``push_to_hub``, the default ``repo_id``; else ``<owner>/<the run folder's name>``), ``results.json``
+    (test accuracy per exit) and ``evaluation.json`` (early exit on test; shown only where it evaluated
+    the policy the model holds). ``model``: the model saved in ``best`` (default: loaded from it);
+    ``plot``: as for `model_card`."""
+    best = Path(best)
+    run = best.parent
+    if model is None:
+        from .multi_exit import MultiExitModel  # here: multi_exit imports hub, which imports this module
+
+        model = MultiExitModel.from_pretrained(best)
+    train_config = read_json(run / RUN_CONFIG) if (run / RUN_CONFIG).is_file() else {}
+    results = RunResults.load(run / RUN_RESULTS) if (run / RUN_RESULTS).is_file() else None
+    evaluation = EarlyExitReport.load(run / RUN_EVALUATION) if (run / RUN_EVALUATION).is_file() else None
+    if evaluation is not None and evaluation.policy != model.policy:
+        evaluation = None  # another policy's numbers (evaluate --thresholds, or a search since)
+    repo_id = repo_id or train_config.get("push_to_hub") or f"<owner>/{run.resolve().name}"
+    return model_card(model, repo_id=repo_id, license=license, dataset=train_config.get("dataset"),
+                      train_config=train_config, results=results, evaluation=evaluation, plot=plot)
+
+
+def write_run_card(best: str | Path) -> None:
+    """Rewrite ``<run>/best/README.md`` as `run_card` (after a search saved a policy, after an evaluation)."""
+    atomic_write(Path(best) / "README.md", run_card(best))

@@ -27,7 +27,8 @@ from typing import Any
 
 import timm
 import torch
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url, snapshot_download, try_to_load_from_cache
+from huggingface_hub.utils import HfHubHTTPError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
@@ -36,11 +37,11 @@ from .._io import atomic_write, read_json
 from ..exit_policy import ExitPolicy
 from ..report import ExitLatency
 from .runner import model_name
-from .card import model_card
+from .card import is_run_best, model_card, write_run_card
 from .config import ScanConfig
 
-__all__ = ["HubUploadError", "Pretrained", "load_initial_weights", "load_weights", "push_to_hub", "read_pretrained",
-           "read_tensors", "save_deployment", "save_pretrained"]
+__all__ = ["HubUploadError", "Pretrained", "check_pretrained_weights", "load_initial_weights", "load_weights",
+           "push_to_hub", "read_pretrained", "read_tensors", "save_deployment", "save_pretrained"]
 
 FORMAT = "timm-scan"
 FORMAT_VERSION = 2  # 2: the exit policy as one object, "policy"; 1 (before): thresholds, fallback, temperatures
@@ -262,6 +263,34 @@ def load_initial_weights(
     return "backbone and exits"
 
 
+def check_pretrained_weights(name: str) -> None:
+    """A ``ValueError`` at once where timm could not have the pretrained weights of model ``name`` (before
+    ``timm.create_model(name, pretrained=True)``, which would retry for about a minute, then raise a
+    traceback): they are not in the Hugging Face cache and the Hub cannot be reached (offline mode, or no
+    answer from ``HF_ENDPOINT`` within ``HF_HUB_ETAG_TIMEOUT``). Weights that are cached, or that the Hub
+    answers for, or that are not on the Hub (a URL or file of the model's ``pretrained_cfg``) pass."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id or cfg.file:
+        return
+    repo_id, _, revision = cfg.hf_hub_id.partition("@")
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]  # timm's order
+    if any(isinstance(try_to_load_from_cache(repo_id, f, revision=revision or None), str) for f in files):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, files[0], revision=revision or None))
+    except HfHubHTTPError:  # the Hub answered (a file it does not have, ...): timm fetches or says the rest
+        return
+    except Exception as exc:  # no answer: offline mode, refused, DNS, timeout (requests or httpx errors by version)
+        raise ValueError(
+            f"the pretrained weights of {name} ({repo_id} on the Hugging Face Hub) are not in the local cache "
+            f"({constants.HF_HUB_CACHE}) and the Hub ({constants.ENDPOINT}) cannot be reached ({type(exc).__name__}: "
+            f"{exc}). Offline, train from random weights (no --pretrained), start from weights you have (--init-from "
+            f"a save_pretrained folder or a .safetensors checkpoint of {name} for your classes; in Python, "
+            f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file='weights.safetensors'))), "
+            "or download the weights once where the Hub can be reached: they are then cached"
+        ) from None
+
+
 def _load_backbone_weights(model: nn.Module, path: Path, src: str) -> None:
     """A timm checkpoint into the backbone, with a clear error where its classifier is for another
     number of classes."""
@@ -326,7 +355,9 @@ def save_deployment(
     """Record what deployment uses in a saved model's ``scan_config.json`` (weights untouched): the exit
     ``policy`` and measured exit latency (added to what is there, replacing a measurement at the same
     device, batch size, input size, dtype and memory format). Validated against the saved model, and
-    written whole or not at all, in the current format (a format-1 folder is upgraded)."""
+    written whole or not at all, in the current format (a format-1 folder is upgraded). In a training
+    run's ``best/`` the card (README.md) is rewritten to show them (`card.run_card`); elsewhere it is left
+    as it is."""
     if not isinstance(policy, ExitPolicy):  # the earlier save_deployment(folder, thresholds, fallback, temperatures=...)
         fallback = legacy.pop("fallback", legacy_fallback[0] if legacy_fallback else "ensemble")
         warnings.warn("save_deployment(folder, thresholds, fallback, temperatures=...) is deprecated: pass "
@@ -352,6 +383,8 @@ def save_deployment(
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     atomic_write(path, json.dumps(meta, indent=2))
+    if is_run_best(folder):
+        write_run_card(folder)
 
 
 def push_to_hub(
