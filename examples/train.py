@@ -4,8 +4,9 @@
         --input-size 32 --epochs 200 --output-dir runs/resnet18-sd
     accelerate launch examples/train.py ... --baseline          # same recipe, plain cross-entropy
 
-The same as ``timm-scan train``: every TrainConfig field is a flag. Runs unchanged on CPU, one GPU or
-several (``accelerate launch --multi_gpu``); running the same command again resumes.
+The same as ``timm-scan train``: every TrainConfig field is a flag, and timm's train.py names work too
+(-b, --img-size, --amp, --model-kwargs, ...). Runs unchanged on CPU, one GPU or several (``accelerate
+launch --multi_gpu``); running the same command again resumes, and so does ``--resume OUTPUT_DIR``.
 """
 
 from timm_scan.cli import parse_config

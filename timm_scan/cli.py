@@ -8,11 +8,15 @@ Accelerate unchanged: ``accelerate launch -m timm_scan train ...`` (or ``python 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import sys
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from . import __version__
+from .options import did_you_mean
 
 __all__ = ["add_arguments", "config_from_args", "main", "parse_config"]
 
@@ -44,14 +48,61 @@ def _scalar_type(hint: Any) -> Callable[[str], Any] | None:
     return None
 
 
+class _KeyValues(argparse.Action):
+    """``KEY=VALUE ...`` into a dict, as timm's ``train.py`` reads ``--model-kwargs``: each value a Python
+    literal where it parses as one, else the string; given twice, the entries add up."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        kwargs = dict(getattr(namespace, self.dest, None) or {})
+        for item in values:
+            key, sep, text = item.partition("=")
+            if not sep or not key.isidentifier():
+                raise argparse.ArgumentError(self, f"expected KEY=VALUE (such as img_size=32); got {item!r}")
+            try:
+                kwargs[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                kwargs[key] = text
+        setattr(namespace, self.dest, kwargs)
+
+
+class _Switch(argparse.Action):
+    """A flag without a value that sets its field to ``const`` unless the field's own flag is given
+    (before or after it): ``--amp`` is ``--mixed-precision fp16``, and ``--amp --amp-dtype bfloat16`` bf16."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if not hasattr(namespace, self.dest):
+            setattr(namespace, self.dest, self.const)
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One argument per field of the dataclass ``config_cls``: ``--field-name`` (or positional where
-    the field's metadata says so), typed from the annotation, its help from the metadata."""
+    """One argument per field of the dataclass ``config_cls``: ``--field-name`` and the field's ``aliases``
+    (or positional where the metadata says so), typed from the annotation, its help from the metadata,
+    and its ``switches``. A config with a ``for_resume`` classmethod also takes ``--resume RUN``, and then
+    needs none of its fields (``config_from_args`` checks them)."""
     hints = typing.get_type_hints(config_cls)
+    resumable = hasattr(config_cls, "for_resume")
+    if resumable:
+        parser.add_argument("--resume", metavar="RUN", default=argparse.SUPPRESS,
+                            help="continue the run in RUN (an earlier --output-dir) with the settings it saved; flags "
+                                 "given with it replace those a resume may change (timm's --resume; running the same "
+                                 "command again resumes too)")
     for f in dataclasses.fields(config_cls):
         hint = hints[f.name]
         help_text = f.metadata.get("help", "")
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        required = _is_required(f)
         if not required and "default" not in help_text:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text += f" (default: {default})" if default is not None else ""
@@ -65,19 +116,46 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
             kwargs.update(nargs="*" if f.default is None else "+", type=_scalar_type(typing.get_args(base)[0]))
         elif typing.get_origin(base) is tuple:
             kwargs.update(nargs=len(typing.get_args(base)), type=_scalar_type(typing.get_args(base)[0]))
+        elif typing.get_origin(base) is dict:
+            kwargs.update(nargs="*", action=_KeyValues, metavar="KEY=VALUE")
         else:
             kwargs["type"] = _scalar_type(base)
         if f.metadata.get("positional"):
             parser.add_argument(f.name, **kwargs)
-        else:
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                                required=required, **kwargs)
+            continue
+        parser.add_argument(_flag(f.name), *f.metadata.get("aliases", ()), dest=f.name, default=argparse.SUPPRESS,
+                            required=required and not resumable, **kwargs)
+        for switch, value in f.metadata.get("switches", {}).items():
+            parser.add_argument(switch, dest=f.name, action=_Switch, const=value, default=argparse.SUPPRESS,
+                                help=f"{_flag(f.name)} {value}, unless {_flag(f.name)} is given")
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
-    """The dataclass from parsed arguments: fields not given keep their defaults."""
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    return config_cls(**{k: v for k, v in vars(args).items() if k in names})
+    """The dataclass from parsed arguments: fields not given keep their defaults; with ``--resume RUN``,
+    ``config_cls.for_resume(RUN, **given)``."""
+    fields = dataclasses.fields(config_cls)
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in fields}}
+    if "resume" in args:
+        return config_cls.for_resume(args.resume, **given)
+    missing = [_flag(f.name) for f in fields if _is_required(f) and not f.metadata.get("positional") and f.name not in given]
+    if missing:  # only where add_arguments left them optional for --resume
+        raise ValueError(f"the following arguments are required: {', '.join(missing)} (or --resume RUN, to continue "
+                         "an earlier run)")
+    return config_cls(**given)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+           subparsers: dict[str, argparse.ArgumentParser] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """``parser.parse_args(argv)`` and the parser of the command it names (``subparsers[args.command]``, or
+    ``parser``); unknown arguments are a usage error of that parser, with the nearest flags it has."""
+    args, unknown = parser.parse_known_args(argv)
+    owner = subparsers[args.command] if subparsers else parser
+    if unknown:
+        flags = [s for action in owner._actions for s in action.option_strings]
+        hints = [f"{token}{hint}" for token in unknown if token.startswith("--")
+                 and (hint := did_you_mean(token.split("=", 1)[0], flags, n=1))]
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; {'; '.join(hints)}" if hints else ""))
+    return args, owner
 
 
 def parse_config(config_cls: type, argv: Sequence[str] | None = None, description: str | None = None) -> Any:
@@ -86,7 +164,7 @@ def parse_config(config_cls: type, argv: Sequence[str] | None = None, descriptio
     parser = argparse.ArgumentParser(description=description or config_cls.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, config_cls)
-    args = parser.parse_args(argv)
+    args, _ = _parse(parser, argv)
     try:
         return config_from_args(config_cls, args)
     except ValueError as exc:
@@ -116,17 +194,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = _commands()
     parser = argparse.ArgumentParser(prog="timm-scan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = {}
     for name, (config_cls, run, summary) in commands.items():
         doc = sys.modules[run.__module__].__doc__
-        add_arguments(sub.add_parser(name, help=summary, description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter), config_cls)
-    args = parser.parse_args(argv)
+        subparsers[name] = sub.add_parser(name, help=summary, description=doc,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(subparsers[name], config_cls)
+    args, command_parser = _parse(parser, argv, subparsers)
     config_cls, run, _ = commands[args.command]
     try:
         cfg = config_from_args(config_cls, args)
     except ValueError as exc:
-        parser.error(f"{args.command}: {exc}")
+        command_parser.error(str(exc))
     from .model.hub import HubUploadError
 
     try:

@@ -28,6 +28,7 @@ from ..model.card import write_run_card
 from ..model.multi_exit import MultiExitModel
 from ..options import option
 from ..report import EarlyExitReport, SweepPoint, WallClock, exit_table
+from ..training.config import TRAIN_CONFIG
 from ..training.runs import cached_outputs, eval_dataset, load_run, run_results, run_splits
 from .search import THRESHOLDS, ThresholdRecord
 
@@ -74,6 +75,9 @@ def target_held(searched: ThresholdRecord, accuracy: float, shares: list[float],
 def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
     """Evaluate, print, plot and record (see the module docstring)."""
     run = Path(cfg.run)
+    if cfg.thresholds is None and (run / TRAIN_CONFIG).is_file() and not (run / THRESHOLDS).is_file():
+        raise ValueError(f"{run} has no {THRESHOLDS} yet: run `timm-scan search {run}` first (it chooses the exit "
+                         "thresholds on the validation split), then evaluate")
     searched = ThresholdRecord.load(Path(cfg.thresholds) if cfg.thresholds else run / THRESHOLDS)
     model, train_cfg = load_run(run)
     model.policy = searched.policy  # the policy the search kept (the model's own, unless --thresholds names another)
@@ -94,6 +98,8 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
     predictor = EarlyExitPredictor(model)
     n = max(cfg.latency_images, cfg.latency_images_b1)
     images = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+    print(f"timing the plain backbone and early exit on {len(images)} test images at batch 256 and batch 1",
+          flush=True)
     real = predictor(images[: cfg.latency_images])
     agree = (real.exit_index == table.exit_index([policy.thresholds])[0][: len(real.exit_index)]).float().mean()
     timings = [measure_wall_clock(model, predictor, images[: cfg.latency_images], 256),

@@ -25,7 +25,7 @@ class ExportConfig:
     """What ``timm-scan export`` does."""
 
     run: str = option(help="output directory of a training run", positional=True)
-    output: str | None = option(None, "folder for the graphs and manifest (default: <run>/onnx)")
+    output: str | None = option(None, "folder for the graphs and manifest (default: <run>/onnx)", aliases=["--output-dir"])
     input_size: int | None = option(None, "square input side the graphs take (default: the run's)")
     opset: int = option(18, "ONNX opset")
     latency_batch_sizes: list[int] = option([], "also time each exit with ONNX Runtime at these batch sizes and "
@@ -39,11 +39,14 @@ def export(cfg: ExportConfig) -> OnnxManifest:
     folder = Path(cfg.output or Path(cfg.run) / "onnx")
     for batch_size in cfg.latency_batch_sizes:  # before anything is written
         check_timing_arguments(batch_size, 64, 5)
+    print(f"exporting {cfg.run} to ONNX in {folder} (one graph per section and per exit, each checked against "
+          "PyTorch; this takes a while)", flush=True)
     manifest = export_onnx(model, folder, size, opset=cfg.opset)
     if manifest.policy.thresholds is None:
         print(f"warning: {cfg.run} has no thresholds (run `timm-scan search` first); the export's predictor then "
               "needs a policy=ExitPolicy(thresholds=[...])", file=sys.stderr)
     if cfg.latency_batch_sizes:  # the timing forces its own thresholds; the fallback and temperatures are the model's
+        print(f"timing each exit with ONNX Runtime at batch sizes {cfg.latency_batch_sizes}", flush=True)
         predictor = OnnxEarlyExitPredictor(folder, manifest.policy.replace(thresholds=[1.0] * (len(manifest.exits) - 1)))
         manifest.exit_latency = [predictor.measure_exit_latency(bs) for bs in cfg.latency_batch_sizes]
         manifest.save(folder / MANIFEST)

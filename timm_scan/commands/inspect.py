@@ -4,10 +4,11 @@ parameters and cumulative MACs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import timm
 from torch import nn
 
+from ..model.backbone import create_backbone
 from ..model.config import ATTENTION_KINDS, ScanConfig
 from ..model.multi_exit import MultiExitModel, wrap
 from ..options import option
@@ -21,14 +22,17 @@ class InspectConfig:
     """What ``timm-scan inspect`` does."""
 
     model: str = option("resnet18", "any timm model name")
-    input_size: int = option(32, "square input side in pixels")
+    model_kwargs: dict[str, Any] = option({}, "more keyword arguments of timm.create_model: KEY=VALUE ..., each VALUE "
+                                              "a Python literal or else a string (img_size=32 builds a ViT or Swin "
+                                              "for 32x32 inputs)")
+    input_size: int = option(32, "square input side in pixels", aliases=["--img-size"])
     num_classes: int = option(10, "classes of the classifier")
     attention: str = option("sd", f"attention of the shallow heads: one of {ATTENTION_KINDS}")
 
 
 def inspect(cfg: InspectConfig) -> MultiExitModel:
     """Print the table and return the wrapped model (random weights)."""
-    backbone = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes)
+    backbone = create_backbone(cfg.model, cfg.num_classes, model_kwargs=cfg.model_kwargs)
     size = (3, cfg.input_size, cfg.input_size)
     model = wrap(backbone, ScanConfig(attention=cfg.attention), check_input_size=size)
     macs, base = model.exit_macs(size), model.backbone_macs(size)

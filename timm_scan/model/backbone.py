@@ -1,5 +1,5 @@
-"""Staged execution of timm models: where the exits go, and the runner that runs a backbone section by
-section, cut after those stages.
+"""Staged execution of timm models: how a backbone is created (``create_backbone``), where the exits go,
+and the runner that runs a backbone section by section, cut after those stages.
 
 ``resolve_exit_indices`` turns ``ScanConfig.exits`` into ``feature_info`` indices; ``build_runner``
 picks the runner for a model and proves it (``verify_runner``): `VitRunner` for timm's
@@ -11,8 +11,10 @@ live in ``runner``; its names are re-exported here.
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
+import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -26,13 +28,62 @@ from .runner import (
     feature_stages,
     model_name,
 )
+from ..options import did_you_mean
 from .traced import TracedRunner
 
-__all__ = ["SequentialRunner", "VitRunner", "build_runner", "default_exit_indices", "resolve_exit_indices",
-           "verify_runner"]
+__all__ = ["SequentialRunner", "VitRunner", "build_runner", "check_input_fits", "check_model_kwargs", "create_backbone",
+           "default_exit_indices", "resolve_exit_indices", "verify_runner"]
 
+OWN_ARGUMENTS = {"num_classes": "--num-classes", "pretrained": "--pretrained"}  # model kwargs that have a flag
 NUM_DEFAULT_SHALLOW_EXITS = 3  # four classifiers in all, as the papers recommend (TPAMI §4.8-4.9)
 STEM_MAX_REDUCTION = 2
+
+
+def check_model_kwargs(kwargs: Any, what: str = "model_kwargs") -> None:
+    """A ``ValueError`` unless ``kwargs`` are keyword arguments for ``timm.create_model`` that a JSON file can
+    record: identifiers to JSON values, none of those set otherwise (``num_classes``, ``pretrained``)."""
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise ValueError(f"{what} must map keyword names to values, such as {{'img_size': 32}}; got {kwargs!r}")
+    for key, flag in OWN_ARGUMENTS.items():
+        if key in kwargs:
+            raise ValueError(f"{what} sets {key!r}, which has its own setting: use {flag} instead")
+    try:
+        json.dumps(kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must hold JSON values (numbers, strings, lists, true/false, null); {exc}") from None
+
+
+def create_backbone(name: str, num_classes: int, *, pretrained: bool = False,
+                    model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """``timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)``; an unknown
+    model name (with the nearest names) or a keyword the model does not take is a ``ValueError``."""
+    model_kwargs = model_kwargs or {}
+    check_model_kwargs(model_kwargs)
+    if ":" not in name and not timm.is_model(name):  # hf-hub: and local-dir: names are timm's to resolve
+        raise ValueError(f"{name!r} is not a timm model name{did_you_mean(name, timm.list_models())}; "
+                         "timm.list_models('*pattern*') lists them")
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
+    except TypeError as exc:
+        if not model_kwargs:
+            raise
+        raise ValueError(f"timm.create_model({name!r}) does not take the model kwargs {model_kwargs} ({exc}); see the "
+                         "model's class in timm for the arguments it takes") from None
+
+
+def check_input_fits(model: nn.Module, example: Tensor) -> None:
+    """A ``ValueError`` where ``model`` takes one input size only (a fixed-size patch embedding: ViT, DeiT, Swin,
+    ...) and ``example`` has another, saying how to build it for that size."""
+    embed = getattr(model, "patch_embed", None)
+    built = getattr(embed, "img_size", None)
+    if built is None or not getattr(embed, "strict_img_size", False) or getattr(model, "dynamic_img_size", False):
+        return
+    height, width = example.shape[-2:]
+    if tuple(built) != (height, width):
+        size = height if height == width else [height, width]
+        raise ValueError(f"cannot wrap {model_name(model)!r} at {height}x{width}: it was built for {built[0]}x{built[1]} "
+                         f"inputs only (its patch embedding has a fixed size); build it for yours with "
+                         f"timm.create_model(..., img_size={size}), on the command line --model-kwargs img_size={size}")
 
 
 def default_exit_indices(stages: list[Stage]) -> list[int]:
@@ -189,6 +240,9 @@ def _children_called(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Mo
     try:
         with eval_mode(model), no_checkpointing(model), torch.no_grad():
             model.forward_features(example)
+    except Exception as exc:
+        raise ValueError(f"cannot wrap {model_name(model)!r}: its forward_features fails on a batch of "
+                         f"{tuple(example.shape)} ({type(exc).__name__}: {exc})") from exc
     finally:
         for h in handles:
             h.remove()
@@ -251,7 +305,9 @@ def _cannot_cut_error(
 def build_runner(model: nn.Module, cuts: list[int], example: Tensor) -> Runner:
     """The runner for ``model``, proved on ``example`` (``verify_runner``) and attached: timm's ``VisionTransformer``
     by hand, other models by running their children in order; where that cannot cut the model or
-    gives other numbers, ``forward_features`` traced with torch.fx (``traced.TracedRunner``)."""
+    gives other numbers, ``forward_features`` traced with torch.fx (``traced.TracedRunner``). A model built
+    for another input size than ``example``'s is refused first (``check_input_fits``)."""
+    check_input_fits(model, example)
     runners = [VitRunner] if isinstance(model, VisionTransformer) else [SequentialRunner]
     first_error: ValueError | None = None
     for runner in [*runners, TracedRunner]:

@@ -12,13 +12,15 @@ import timm
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .._io import JsonRecord
+from ..model.backbone import check_model_kwargs
 from ..model.config import ATTENTION_KINDS, HEAD_KINDS, ScanConfig
-from ..options import option
+from ..options import did_you_mean, option
 from .losses import PRESETS, SelfDistillationLoss
 
 __all__ = ["TrainConfig"]
 
 TRAIN_CONFIG = "train_config.json"
+TIMM_PRECISIONS = {"float16": "fp16", "bfloat16": "bf16"}  # timm's --amp-dtype names
 
 
 def _number(value: Any) -> bool:
@@ -28,8 +30,9 @@ def _number(value: Any) -> bool:
 @dataclass
 class TrainConfig(JsonRecord):
     """A training run: data, model, loss, optimisation and output. ``None`` means "the default of
-    what it configures" (the model's data config, the loss preset's value, ...). Saved in a run folder
-    as ``train_config.json`` (`JsonRecord`: tuples as lists, unknown fields refused)."""
+    what it configures" (the model's data config, the loss preset's value, Accelerate's mixed precision,
+    ...). Saved in a run folder as ``train_config.json`` (`JsonRecord`: tuples as lists, unknown fields
+    refused), with the mixed precision the trainer used in place of ``None``."""
 
     # data
     dataset: str = option(help="Hub id (uoft-cs/cifar10), local parquet folder (train*.parquet, test*.parquet) or image folder")
@@ -39,15 +42,20 @@ class TrainConfig(JsonRecord):
     val_size: float | int = option(0.1, "validation split carved out of train: a fraction (0.1) or a count (5000)")
     max_train_samples: int | None = option(None, "keep only the first N training images (before the validation carve)")
     max_test_samples: int | None = option(None, "keep only the first N test images")
-    input_size: int | None = option(None, "square input side in pixels (default: the model's pretrained_cfg)")
+    input_size: int | None = option(None, "square input side in pixels (default: --model-kwargs img_size where given, "
+                                          "else the model's pretrained_cfg)", aliases=["--img-size"])
     crop_pct: float | None = option(None, "centre-crop fraction for evaluation (default: the model's)")
-    train_scale: tuple[float, float] = option((0.08, 1.0), "area range of the random-resized crop")
+    train_scale: tuple[float, float] = option((0.08, 1.0), "area range of the random-resized crop", aliases=["--scale"])
     skip_bad_images: bool = option(False, "leave out (with a warning) images that do not decode, instead of stopping")
     # model
     model: str = option("resnet18", "timm model name")
+    model_kwargs: dict[str, Any] = option({}, "more keyword arguments of timm.create_model, as timm's train.py takes "
+                                              "them: KEY=VALUE ..., each VALUE a Python literal or else a string "
+                                              "(img_size=32 builds a ViT or Swin for 32x32 inputs)")
     pretrained: bool = option(False, "start from timm's own weights (its classifier replaced where the classes differ)")
     init_from: str | None = option(None, "start from weights you have: a save_pretrained folder, an hf-hub: id or a "
-                                     "timm checkpoint (.safetensors) of --model, with the same classes")
+                                     "timm checkpoint (.safetensors) of --model, with the same classes",
+                                 aliases=["--initial-checkpoint"])
     freeze_backbone: bool = option(False, "train the exits only: the backbone, BatchNorm statistics included, stays "
                                       "exactly as given, so the deepest classifier is unchanged")
     grad_checkpointing: bool = option(False, "gradient checkpointing of the backbone (less memory, more compute)")
@@ -80,29 +88,41 @@ class TrainConfig(JsonRecord):
     external_weight: float = option(0.5, "weight of the external teacher's KD in every exit's label term")
     # optimisation
     epochs: int = option(200, "training epochs")
-    batch_size: int = option(128, "batch size per process")
-    grad_accum: int = option(1, "gradient accumulation steps")
+    batch_size: int = option(128, "batch size per process", aliases=["-b"])
+    grad_accum: int = option(1, "gradient accumulation steps", aliases=["--grad-accum-steps"])
     optimizer: str = option("sgd", "'sgd' (momentum) or 'adamw'")
     lr: float = option(0.1, "peak learning rate")
     momentum: float = option(0.9, "SGD momentum, in [0, 1)")
     weight_decay: float = option(5e-4, "weight decay")
     schedule: str = option("cosine", "'cosine' (to 0, per step) or 'step' (times gamma at each milestone)")
-    milestones: list[int] = option([66, 133], "epochs where a 'step' schedule multiplies the LR by gamma")
-    gamma: float = option(0.1, "LR factor at each milestone of a 'step' schedule")
+    milestones: list[int] = option([66, 133], "epochs where a 'step' schedule multiplies the LR by gamma",
+                                   aliases=["--decay-milestones"])
+    gamma: float = option(0.1, "LR factor at each milestone of a 'step' schedule", aliases=["--decay-rate"])
     warmup_epochs: int = option(0, "linear warm-up epochs")
-    mixed_precision: str = option("no", "'no', 'bf16' or 'fp16' (Accelerate)")
+    mixed_precision: str | None = option(None, "'no', 'bf16' or 'fp16' (timm's 'float16' and 'bfloat16' too); --amp "
+                                               "is fp16, as in timm (default: what Accelerate is configured with: "
+                                               "accelerate launch --mixed_precision, accelerate config or "
+                                               "ACCELERATE_MIXED_PRECISION, else 'no'; train_config.json records the "
+                                               "precision used)", aliases=["--amp-dtype"], switches={"--amp": "fp16"})
     seed: int = option(0, "seed of everything: weights, validation carve, data order, augmentation")
-    num_workers: int = option(2, "data loader workers per process")
+    num_workers: int = option(2, "data loader workers per process", aliases=["-j", "--workers"])
     # output
     output_dir: str = option("runs/scan", "checkpoints, best model, metrics.jsonl and results.json go here; running "
                                       "the same command again resumes")
-    keep_checkpoints: int = option(3, "how many epoch checkpoints to keep")
+    keep_checkpoints: int = option(3, "how many epoch checkpoints to keep", aliases=["--checkpoint-hist"])
     log_with: str | None = option(None, "an Accelerate tracker, e.g. tensorboard")
     push_to_hub: str | None = option(None, "a Hub repo id (owner/name): the best model is pushed there at the end")
 
     def __post_init__(self) -> None:
         if isinstance(self.train_scale, list):
             self.train_scale = tuple(self.train_scale)
+        self.mixed_precision = TIMM_PRECISIONS.get(self.mixed_precision, self.mixed_precision)
+        check_model_kwargs(self.model_kwargs, "TrainConfig.model_kwargs")
+        img_size = self.model_kwargs.get("img_size")
+        if isinstance(img_size, (list, tuple)) and len(set(img_size)) == 1:
+            img_size = img_size[0]
+        if self.input_size is None and isinstance(img_size, int) and not isinstance(img_size, bool):
+            self.input_size = img_size  # the size the model is built for, which a ViT or Swin takes only
         def positive(value: Any) -> bool:
             return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
 
@@ -133,7 +153,7 @@ class TrainConfig(JsonRecord):
             ("external_weight", _number(self.external_weight) and 0 <= self.external_weight <= 1, "in [0, 1]"),
             ("optimizer", self.optimizer in ("sgd", "adamw"), "'sgd' or 'adamw'"),
             ("schedule", self.schedule in ("cosine", "step"), "'cosine' or 'step'"),
-            ("mixed_precision", self.mixed_precision in ("no", "bf16", "fp16"), "'no', 'bf16' or 'fp16'"),
+            ("mixed_precision", self.mixed_precision in (None, "no", "bf16", "fp16"), "'no', 'bf16' or 'fp16'"),
             ("batch_size", count(self.batch_size, 1), "an int >= 1"),
             ("grad_accum", count(self.grad_accum, 1), "an int >= 1"),
             ("anneal_epochs", count(self.anneal_epochs, 0) and self.anneal_epochs <= self.epochs,
@@ -149,7 +169,9 @@ class TrainConfig(JsonRecord):
         ]
         for name, ok, valid in checks:
             if not ok:
-                raise ValueError(f"TrainConfig.{name} must be {valid}; got {getattr(self, name)!r}")
+                value = getattr(self, name)
+                hint = did_you_mean(value, timm.list_models()) if name.endswith("model") and isinstance(value, str) else ""
+                raise ValueError(f"TrainConfig.{name} must be {valid}; got {value!r}{hint}")
         if self.freeze_backbone and (self.baseline or self.exits == []):
             raise ValueError("TrainConfig.freeze_backbone trains only the exits, and this run has none (baseline)")
         self.scan_config()  # bad exits or head settings fail here, before any data loads
@@ -176,6 +198,18 @@ class TrainConfig(JsonRecord):
         settings.update({k: getattr(self, k) for k in settings if getattr(self, k) is not None})
         SelfDistillationLoss(**settings, external_weight=self.external_weight)  # validates
         return settings
+
+    @classmethod
+    def for_resume(cls, run: str | Path, **given: Any) -> TrainConfig:
+        """The config ``run`` saved (an earlier ``output_dir``), the fields in ``given`` replacing its values:
+        ``timm-scan train --resume RUN``. A rerun compares them with the saved ones (`RunFolder.resume`)."""
+        folder = Path(run)
+        if not (folder / TRAIN_CONFIG).is_file():
+            raise ValueError(f"--resume {run}: {folder / TRAIN_CONFIG} does not exist; --resume takes the --output-dir "
+                             "of an earlier timm-scan train run")
+        if "output_dir" in given and Path(given["output_dir"]).resolve() != folder.resolve():
+            raise ValueError(f"--resume {run} continues the run in {run}; drop --output-dir {given['output_dir']}")
+        return cls.from_dict({**cls.load(folder).to_dict(), **given, "output_dir": str(folder)})
 
     def save(self, folder: str | Path) -> Path:
         """Write ``<folder>/train_config.json`` whole or not at all."""

@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import timm
 import torch
 from datasets import Dataset
 from torch import nn
 
+from ..model.backbone import create_backbone
 from ..model.hub import load_initial_weights
 from ..model.multi_exit import MultiExitModel, wrap
 from .config import TrainConfig
@@ -20,9 +20,9 @@ __all__ = ["build_loader", "build_model", "build_optimizer", "lr_lambda"]
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> MultiExitModel:
-    """The timm backbone of ``cfg.model`` wrapped with its exits (none for ``--baseline``), started
-    from ``cfg.init_from`` where given, its backbone frozen for ``cfg.freeze_backbone``."""
-    backbone = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes)
+    """The timm backbone of ``cfg.model`` (with ``cfg.model_kwargs``) wrapped with its exits (none for
+    ``--baseline``), started from ``cfg.init_from`` where given, its backbone frozen for ``cfg.freeze_backbone``."""
+    backbone = create_backbone(cfg.model, num_classes, pretrained=cfg.pretrained, model_kwargs=cfg.model_kwargs)
     size = (3, cfg.input_size, cfg.input_size) if cfg.input_size else None
     model = wrap(backbone, cfg.scan_config(), check_input_size=size)
     if cfg.init_from:

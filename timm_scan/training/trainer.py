@@ -1,13 +1,16 @@
 """Self-distillation training on Accelerate: one code path for CPU, one GPU, many GPUs or machines.
 
 What a run writes to ``output_dir``, and how running the same command again resumes it from the last
-checkpoint (epoch, optimizer, schedule, RNG), is `timm_scan.training.run_folder`.
+checkpoint (epoch, optimizer, schedule, RNG), is `timm_scan.training.run_folder`. The mixed precision is
+the config's, else Accelerate's own setting (``accelerate launch --mixed_precision``, ``accelerate config``,
+``ACCELERATE_MIXED_PRECISION``); ``trainer.cfg`` and the run's ``train_config.json`` hold the one used.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,25 +66,26 @@ class Trainer:
     """Trains a wrapped timm model with ``SelfDistillationLoss`` under Accelerate.
 
     ``callbacks`` are called as ``callback(trainer, metrics)`` after each epoch's checkpoint. What it
-    writes, and how it resumes, is ``self.folder`` (a `RunFolder`).
+    writes, and how it resumes, is ``self.folder`` (a `RunFolder`). ``self.cfg`` is ``cfg`` with the mixed
+    precision Accelerate resolved in place of ``None``.
     """
 
     def __init__(self, cfg: TrainConfig, callbacks: list[Callable[[Trainer, EpochMetrics], None]] | None = None) -> None:
-        self.cfg = cfg
         self.callbacks = callbacks or []
         self.folder = RunFolder(cfg.output_dir)
-        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ValueError("mixed_precision='fp16' needs a CUDA GPU: on CPU its autocast would silently train in "
-                             "fp32; use 'bf16' (which CPUs run) or 'no'")
         trackers = check_trackers(cfg.log_with)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # else several CPU processes would each train alone
-            mixed_precision=cfg.mixed_precision,
+            mixed_precision=cfg.mixed_precision,  # None: Accelerate's own setting
             gradient_accumulation_steps=cfg.grad_accum,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
             log_with=trackers or None,
             project_dir=str(self.folder.root),
         )
+        self.cfg = cfg = dataclasses.replace(cfg, mixed_precision=self.accelerator.mixed_precision)
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("mixed_precision='fp16' (--amp, as in timm) needs a CUDA GPU: on CPU its autocast would "
+                             "silently train in fp32; use 'bf16' (which CPUs run) or 'no'")
         set_seed(cfg.seed)
         with self.accelerator.main_process_first():
             self.data = run_splits(cfg)
@@ -128,6 +132,7 @@ class Trainer:
     def fit(self) -> RunResults:
         """Train (resuming if a checkpoint exists), then evaluate the best model on test."""
         acc = self.accelerator
+        self._print_banner()
         self._resume()
         if acc.is_main_process:
             self.folder.save_config(self.cfg)
@@ -151,6 +156,21 @@ class Trainer:
             for callback in self.callbacks:
                 callback(self, metrics)
         return self.finish()
+
+    def _print_banner(self) -> None:
+        """What this run trains, on what, where and into which folder (main process)."""
+        cfg, data, acc, model = self.cfg, self.data, self.accelerator, self.accelerator.unwrap_model(self.model)
+        params = sum(p.numel() for p in model.parameters())
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        exits = "the plain backbone (--baseline)" if cfg.baseline else f"{model.num_exits} exits"
+        splits = " / ".join(f"{len(split):,} {name}" for name, split in
+                            (("train", data.train), ("val", data.val), ("test", data.test)) if split is not None)
+        processes = f" x {acc.num_processes} processes" if acc.num_processes > 1 else ""
+        precision = "fp32" if cfg.mixed_precision == "no" else f"{cfg.mixed_precision} mixed precision"
+        acc.print(f"timm-scan train: {cfg.model}, {exits}, {params / 1e6:.2f} M parameters ({trained / 1e6:.2f} M "
+                  f"trained), input {'x'.join(map(str, self.data_config['input_size']))}\n"
+                  f"  data: {cfg.dataset}, {data.num_classes} classes, {splits} images\n"
+                  f"  device: {acc.device}{processes}, {precision}; output: {self.folder.root}")
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch; the batch means of the loss parts (over processes too) and the mean step time."""
@@ -318,8 +338,19 @@ class Trainer:
                 url = push_to_hub(model, self.cfg.push_to_hub, save_directory=self.folder.best,
                                   card=self._card(model, results))
                 acc.print(f"pushed the best model to {self.cfg.push_to_hub}: {url}")
+            acc.print(self._next_steps())
         acc.end_training()
         return results
+
+    def _next_steps(self) -> str:
+        """Where the run is, and the command to run next."""
+        root = shlex.quote(str(self.folder.root))
+        wrote = f"wrote {self.folder.root}: best/ (the best epoch's model), results.json, metrics.jsonl. Next: "
+        if self.cfg.baseline:
+            return wrote + ("this run is the fitness baseline of a self-distillation run's search: timm-scan search "
+                            f"RUN --baseline-run {root}")
+        return wrote + (f"choose the exit thresholds on the validation split with timm-scan search {root} --max-drop 1 "
+                        f"(at most 1 point below the deepest exit), then timm-scan evaluate {root}")
 
 
 class TrainingDiverged(FloatingPointError):
