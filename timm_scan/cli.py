@@ -123,11 +123,11 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
         if f.metadata.get("positional"):
             parser.add_argument(f.name, **kwargs)
             continue
-        parser.add_argument(_flag(f.name), *f.metadata.get("aliases", ()), dest=f.name, default=argparse.SUPPRESS,
-                            required=required and not resumable, **kwargs)
+        flags = [_flag(f.name), *f.metadata.get("aliases", ())]
+        parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, required=required and not resumable, **kwargs)
         for switch, value in f.metadata.get("switches", {}).items():
             parser.add_argument(switch, dest=f.name, action=_Switch, const=value, default=argparse.SUPPRESS,
-                                help=f"{_flag(f.name)} {value}, unless {_flag(f.name)} is given")
+                                help=f"{flags[0]} {value}, unless {' or '.join(flags)} is given")
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:

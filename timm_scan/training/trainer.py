@@ -85,7 +85,8 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, mixed_precision=self.accelerator.mixed_precision)
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("mixed_precision='fp16' (--amp, as in timm) needs a CUDA GPU: on CPU its autocast would "
-                             "silently train in fp32; use 'bf16' (which CPUs run) or 'no'")
+                             "silently train in fp32; use 'bf16' (which CPUs run: --mixed-precision bf16, or --amp "
+                             "--amp-dtype bfloat16) or 'no'")
         set_seed(cfg.seed)
         with self.accelerator.main_process_first():
             self.data = run_splits(cfg)
