@@ -1,6 +1,7 @@
 """The card in a run's ``best/``: the full card (``card.run_card``, the one ``timm-scan push`` uploads) from
 training on, rewritten when ``search`` saves a policy and when ``evaluate`` tests it."""
 
+import timm_scan
 from timm_scan.commands.search import ThresholdRecord
 from timm_scan.model.card import run_card
 from timm_scan.report import EarlyExitReport
@@ -28,7 +29,8 @@ def test_search_and_evaluate_keep_the_card_in_best_complete(tiny_parquet, tmp_pa
     report = EarlyExitReport.load(run / "evaluation.json")
     text = card.read_text()
     assert f"On the test split: accuracy {100 * report.accuracy:.2f}%, MACs speed-up {report.speedup:.2f}x" in text
-    assert thresholds in text and policy.origin.promise in text and text == run_card(run / "best")
+    assert thresholds in text and policy.origin.promise in text
+    assert text == run_card(run / "best", timm_scan.from_pretrained(run / "best"))  # push's card, from the model
 
     main(["search", str(run), "--betas", "1", "--max-drop", "10", "--generations", "3"])  # another policy
     assert "On the test split" not in card.read_text()  # the earlier test results were another policy's

@@ -24,7 +24,7 @@ from ..deploy.predictor import EarlyExitPredictor
 from ..deploy.thresholds import ExitTable
 from ..deploy.timing import wall_clocks
 from ..exit_costs import ExitCosts
-from ..model.card import write_run_card
+from ..model.hub import write_run_card
 from ..model.multi_exit import MultiExitModel
 from ..options import option
 from ..report import EarlyExitReport, SweepPoint, WallClock, exit_table

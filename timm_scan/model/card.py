@@ -3,16 +3,19 @@ run's best model (`run_card`: what ``<run>/best/README.md`` holds and ``timm-sca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCardData
 from torch import nn
 
-from .._io import atomic_write, read_json
-from ..report import EarlyExitReport, RunResults, exit_table
+from .._io import read_json
+from ..exit_policy import ExitPolicy
+from ..report import EarlyExitReport, ExitLatency, RunResults, exit_table
+from .runner import model_name
 
-__all__ = ["is_run_best", "model_card", "run_card", "write_run_card"]
+__all__ = ["CardModel", "is_run_best", "model_card", "run_card"]
 
 # What a training run (timm_scan.training.RunFolder) and `timm-scan evaluate` write beside <run>/best.
 RUN_BEST, RUN_CONFIG, RUN_RESULTS, RUN_EVALUATION = "best", "train_config.json", "results.json", "evaluation.json"
@@ -21,8 +24,26 @@ _RECIPE_KEYS = ("dataset", "model", "baseline", "init_from", "freeze_backbone", 
                 "optimizer", "lr", "weight_decay", "schedule", "anneal_epochs", "mixed_precision", "seed")
 
 
+@dataclass(frozen=True)
+class CardModel:
+    """What a card says of a multi-exit model: its timm ``architecture``, the ``stages`` its classifiers
+    read (module names, shallowest first, the deepest classifier's last), its exit ``policy`` and measured
+    ``exit_latency``. `hub` reads one from a saved folder without building the model."""
+
+    architecture: str
+    stages: list[str]
+    policy: ExitPolicy
+    exit_latency: list[ExitLatency]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> CardModel:
+        """A `MultiExitModel`'s."""
+        return cls(model_name(model.backbone), [s.module for s in model.exit_stages], model.policy,
+                   list(model.exit_latency))
+
+
 def model_card(
-    model: nn.Module,
+    model: nn.Module | CardModel,
     *,
     repo_id: str | None = None,
     license: str = "apache-2.0",
@@ -32,14 +53,14 @@ def model_card(
     evaluation: EarlyExitReport | None = None,
     plot: str | None = None,
 ) -> str:
-    """README.md for the Hub of ``model`` (a `MultiExitModel`): YAML header (library, tags, license,
+    """README.md for the Hub of ``model`` (a `MultiExitModel`, or a `CardModel` of one): YAML header (library, tags, license,
     datasets, metrics), per-exit accuracy and MACs, its exit policy (thresholds, fallback, temperatures,
     how they were chosen and what that promises) and measured speed-up, how to load, how it was trained.
 
     ``results``: the training run's; ``evaluation``: early exit evaluated on test (``timm_scan
     evaluate``); ``plot``: a file name in the saved folder to show (the trade-off plot).
     """
-    arch = model.backbone.pretrained_cfg.get("architecture", type(model.backbone).__name__)
+    subject = model if isinstance(model, CardModel) else CardModel.of(model)
     data = ModelCardData(
         library_name="timm",
         license=license,
@@ -49,12 +70,12 @@ def model_card(
         pipeline_tag="image-classification",
     )
     name = repo_id or "<owner>/<name>"
-    stages = [s.module for s in model.exit_stages]
+    stages = subject.stages
     lines = [
         "---", data.to_yaml(), "---", "",
         f"# {name.split('/')[-1]}", "",
-        f"A multi-exit **{arch}** made with timm-scan (SCAN, NeurIPS 2019; "
-        f"Self-Distillation, TPAMI 2021): {model.num_exits} classifiers, shallow exits after "
+        f"A multi-exit **{subject.architecture}** made with timm-scan (SCAN, NeurIPS 2019; "
+        f"Self-Distillation, TPAMI 2021): {len(stages)} classifiers, shallow exits after "
         f"{', '.join(stages[:-1]) or 'none'} and the backbone's own head as the deepest. Easy images can leave "
         "at a shallow exit.", "",
     ]
@@ -65,7 +86,7 @@ def model_card(
         lines += ["## Exits", "", "Test accuracy and MACs per image; MACs are cumulative: a sample leaving at exit i "
                   "pays for sections 1..i and heads 1..i.", "",
                   exit_table(source.exit_macs, source.backbone_macs, accuracy, stages=stages, markdown=True), ""]
-    policy = model.policy
+    policy = subject.policy
     if policy.thresholds:
         lines += ["## Early exit", "",
                   f"Thresholds (max softmax, one per shallow exit): {', '.join(f'{t:.3f}' for t in policy.thresholds)}; "
@@ -83,11 +104,11 @@ def model_card(
     if policy.temperatures:
         lines += [f"Confidences are temperature-scaled (one temperature per exit, fitted on validation): "
                   f"{', '.join(f'{t:.3f}' for t in policy.temperatures)}.", ""]
-    if model.exit_latency:
+    if subject.exit_latency:
         lines += ["## Measured latency", "", "Milliseconds per image of leaving at each exit (cumulative), and of the "
                   "plain backbone, as measured with `timm_scan.measure_exit_latency`:", ""]
         lines += [f"- {m.describe()}: exits {', '.join(f'{v:.3f}' for v in m.ms_per_image)}; backbone "
-                  f"{m.backbone_ms_per_image:.3f}" for m in model.exit_latency]
+                  f"{m.backbone_ms_per_image:.3f}" for m in subject.exit_latency]
         lines.append("")
     if plot:
         lines += [f"![accuracy against MACs]({plot})", ""]
@@ -117,20 +138,14 @@ def is_run_best(folder: str | Path) -> bool:
     return folder.name == RUN_BEST and (folder.parent / RUN_CONFIG).is_file()
 
 
-def run_card(best: str | Path, model: nn.Module | None = None, *, repo_id: str | None = None,
+def run_card(best: str | Path, model: nn.Module | CardModel, *, repo_id: str | None = None,
              license: str = "apache-2.0", plot: str | None = None) -> str:
-    """The card of a training run's best model ``best`` (``<run>/best``): `model_card` with what the run
-    recorded beside it, each where present: ``train_config.json`` (the recipe, the dataset, and its
-    ``push_to_hub``, the default ``repo_id``; else ``<owner>/<the run folder's name>``), ``results.json``
-    (test accuracy per exit) and ``evaluation.json`` (early exit on test; shown only where it evaluated
-    the policy the model holds). ``model``: the model saved in ``best`` (default: loaded from it);
-    ``plot``: as for `model_card`."""
-    best = Path(best)
-    run = best.parent
-    if model is None:
-        from .multi_exit import MultiExitModel  # here: multi_exit imports hub, which imports this module
-
-        model = MultiExitModel.from_pretrained(best)
+    """The card of ``model``, a training run's best model saved in ``best`` (``<run>/best``): `model_card`
+    with what the run recorded beside it, each where present: ``train_config.json`` (the recipe, the
+    dataset, and its ``push_to_hub``, the default ``repo_id``; else ``<owner>/<the run folder's name>``),
+    ``results.json`` (test accuracy per exit) and ``evaluation.json`` (early exit on test; shown only where
+    it evaluated the policy the model holds). ``plot``: as for `model_card`."""
+    run = Path(best).parent
     train_config = read_json(run / RUN_CONFIG) if (run / RUN_CONFIG).is_file() else {}
     results = RunResults.load(run / RUN_RESULTS) if (run / RUN_RESULTS).is_file() else None
     evaluation = EarlyExitReport.load(run / RUN_EVALUATION) if (run / RUN_EVALUATION).is_file() else None
@@ -139,8 +154,3 @@ def run_card(best: str | Path, model: nn.Module | None = None, *, repo_id: str |
     repo_id = repo_id or train_config.get("push_to_hub") or f"<owner>/{run.resolve().name}"
     return model_card(model, repo_id=repo_id, license=license, dataset=train_config.get("dataset"),
                       train_config=train_config, results=results, evaluation=evaluation, plot=plot)
-
-
-def write_run_card(best: str | Path) -> None:
-    """Rewrite ``<run>/best/README.md`` as `run_card` (after a search saved a policy, after an evaluation)."""
-    atomic_write(Path(best) / "README.md", run_card(best))

@@ -36,12 +36,12 @@ from torch import nn
 from .._io import atomic_write, read_json
 from ..exit_policy import ExitPolicy
 from ..report import ExitLatency
-from .runner import model_name
-from .card import is_run_best, model_card, write_run_card
+from .runner import feature_stages, model_name
+from .card import CardModel, is_run_best, model_card, run_card
 from .config import ScanConfig
 
 __all__ = ["HubUploadError", "Pretrained", "check_pretrained_weights", "load_initial_weights", "load_weights",
-           "push_to_hub", "read_pretrained", "read_tensors", "save_deployment", "save_pretrained"]
+           "push_to_hub", "read_pretrained", "read_tensors", "save_deployment", "save_pretrained", "write_run_card"]
 
 FORMAT = "timm-scan"
 FORMAT_VERSION = 2  # 2: the exit policy as one object, "policy"; 1 (before): thresholds, fallback, temperatures
@@ -356,8 +356,7 @@ def save_deployment(
     ``policy`` and measured exit latency (added to what is there, replacing a measurement at the same
     device, batch size, input size, dtype and memory format). Validated against the saved model, and
     written whole or not at all, in the current format (a format-1 folder is upgraded). In a training
-    run's ``best/`` the card (README.md) is rewritten to show them (`card.run_card`); elsewhere it is left
-    as it is."""
+    run's ``best/`` the card is rewritten to show them (`write_run_card`); elsewhere it is left as it is."""
     if not isinstance(policy, ExitPolicy):  # the earlier save_deployment(folder, thresholds, fallback, temperatures=...)
         fallback = legacy.pop("fallback", legacy_fallback[0] if legacy_fallback else "ensemble")
         warnings.warn("save_deployment(folder, thresholds, fallback, temperatures=...) is deprecated: pass "
@@ -385,6 +384,20 @@ def save_deployment(
     atomic_write(path, json.dumps(meta, indent=2))
     if is_run_best(folder):
         write_run_card(folder)
+
+
+def write_run_card(best: str | Path) -> None:
+    """Rewrite ``<run>/best/README.md`` as `card.run_card` of the model saved there, read without building
+    it (after a search saved a policy, after an evaluation)."""
+    best = Path(best)
+    meta = _read_meta(best / SCAN_CONFIG)
+    exits = ScanConfig.from_dict(meta["scan_config"]).exits or []  # saved resolved: feature_info indices
+    policy, exit_latency = _deployment(meta, len(exits) + 1)
+    with torch.device("meta"):
+        backbone = timm.create_model(f"local-dir:{best}", pretrained=False)
+    stages = feature_stages(backbone)
+    model = CardModel(model_name(backbone), [stages[i].module for i in [*exits, -1]], policy, exit_latency)
+    atomic_write(best / "README.md", run_card(best, model))
 
 
 def push_to_hub(
