@@ -206,7 +206,7 @@ class Side:
 def with_overrides(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     """Our run's TrainConfig with the command line's overrides."""
     overrides = {k: getattr(args, k) for k in RECIPE_OVERRIDES if getattr(args, k) is not None}
-    if cfg.grad_accum != 1 or cfg.mixed_precision != "no":
+    if cfg.grad_accum != 1 or cfg.mixed_precision not in (None, "no"):
         raise ValueError("the earlyon side replicates recipes with grad_accum 1 and mixed_precision 'no' only")
     return dataclasses.replace(cfg, **overrides)
 
