@@ -53,9 +53,10 @@ def model_card(
     evaluation: EarlyExitReport | None = None,
     plot: str | None = None,
 ) -> str:
-    """README.md for the Hub of ``model`` (a `MultiExitModel`, or a `CardModel` of one): YAML header (library, tags, license,
-    datasets, metrics), per-exit accuracy and MACs, its exit policy (thresholds, fallback, temperatures,
-    how they were chosen and what that promises) and measured speed-up, how to load, how it was trained.
+    """README.md for the Hub of ``model`` (a `MultiExitModel`, or a `CardModel` of one): YAML header
+    (library, tags, license, datasets, metrics), per-exit accuracy and MACs, its exit policy (thresholds,
+    fallback, temperatures, how they were chosen and what that promises) and measured speed-up, how to
+    load, how it was trained.
 
     ``results``: the training run's; ``evaluation``: early exit evaluated on test (``timm_scan
     evaluate``); ``plot``: a file name in the saved folder to show (the trade-off plot).

@@ -27,7 +27,14 @@ from typing import Any
 
 import timm
 import torch
-from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url, snapshot_download, try_to_load_from_cache
+from huggingface_hub import (
+    HfApi,
+    constants,
+    get_hf_file_metadata,
+    hf_hub_url,
+    snapshot_download,
+    try_to_load_from_cache,
+)
 from huggingface_hub.utils import HfHubHTTPError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
