@@ -17,10 +17,10 @@ from timm_scan.model.hub import check_pretrained_weights
 
 TIMED_CHECK = """
 import json, time
-from timm_scan.model.hub import check_pretrained_weights
+from timm_scan.model.backbone import create_backbone
 start = time.monotonic()
 try:
-    check_pretrained_weights("resnet18")
+    create_backbone("resnet18", 10, pretrained=True)  # what timm-scan train --pretrained builds
     message = None
 except ValueError as exc:
     message = str(exc)
@@ -48,7 +48,7 @@ def test_pretrained_weights_that_cannot_be_had_fail_at_once(tmp_path, setting):
         f"the pretrained weights of resnet18 (timm/resnet18.a1_in1k on the Hugging Face Hub) are not in the local "
         f"cache ({tmp_path}) and the Hub ")
     assert "no --pretrained" in result["message"] and "--init-from" in result["message"]
-    assert result["seconds"] < 5  # timm alone retries for about a minute
+    assert result["seconds"] < 30  # no retries: timm alone retries for about a minute
 
 
 def test_weights_the_hub_answers_for_or_that_are_cached_pass(hub, monkeypatch):

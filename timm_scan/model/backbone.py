@@ -19,6 +19,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from .hub import check_pretrained_weights
 from .runner import (
     Runner,
     Stage,
@@ -62,6 +63,8 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = False,
     if ":" not in name and not timm.is_model(name):  # hf-hub: and local-dir: names are timm's to resolve
         raise ValueError(f"{name!r} is not a timm model name{did_you_mean(name, timm.list_models())}; "
                          "timm.list_models('*pattern*') lists them")
+    if pretrained:
+        check_pretrained_weights(name)  # offline and not cached: one ValueError at once, not a minute of retries
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
     except TypeError as exc:
