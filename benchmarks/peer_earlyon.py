@@ -910,8 +910,6 @@ def main() -> None:
     ours, cfg = load_run(run)
     cfg = with_overrides(cfg, args)
     splits = run_splits(cfg)
-    if splits.test is None:
-        raise ValueError(f"{cfg.dataset} has no test split")
     dc = data_config(ours.backbone, cfg.input_size, cfg.crop_pct)
     size = tuple(dc["input_size"])
     train_tf, eval_tf = build_transforms(dc, cfg.train_scale)

@@ -318,10 +318,8 @@ class Trainer:
         load_weights(model, self.folder.best)
         size = tuple(self.data_config["input_size"])
         val, val_probs, val_labels = self._evaluate(self.val_loader, "val", keep_outputs=bool(self.cfg.log_with))
-        test = None
-        if self.data.test is not None:
-            test_loader = acc.prepare(build_loader(self.cfg, self.data, self.data.test, self.eval_tf, train=False))
-            test = self.evaluate(test_loader, desc="test")
+        test_loader = acc.prepare(build_loader(self.cfg, self.data, self.data.test, self.eval_tf, train=False))
+        test = self.evaluate(test_loader, desc="test")
         results = RunResults(
             model=self.cfg.model, baseline=self.cfg.baseline, best_epoch=self.progress.best_epoch, val=val, test=test,
             exit_macs=model.exit_macs(size), backbone_macs=model.backbone_macs(size),
@@ -330,8 +328,7 @@ class Trainer:
         if acc.is_main_process:
             self.folder.write_results(results, self._card(model, results))
             acc.print(f"{results.model}{' (baseline)' if results.baseline else ''}: best epoch {results.best_epoch}, "
-                      f"validation accuracy {results.val.deepest:.4f}"
-                      + (f"; on {test.samples} test images:" if test else ""))
+                      f"validation accuracy {results.val.deepest:.4f}; on {test.samples} test images:")
             acc.print(exit_table(results.exit_macs, results.backbone_macs, test))
             if self.cfg.log_with and model.num_exits > 1:
                 self._log_tradeoff(val_probs, val_labels, results)
