@@ -9,10 +9,11 @@ The same as ``timm-scan train``: every TrainConfig field is a flag, and timm's t
 launch --multi_gpu``); running the same command again resumes, and so does ``--resume OUTPUT_DIR``.
 """
 
-from timm_scan.cli import parse_config
+from timm_scan.cli import command_errors, parse_config
 from timm_scan.training import TrainConfig
 from timm_scan.training.trainer import Trainer
 
 if __name__ == "__main__":
     config = parse_config(TrainConfig, description=__doc__)  # or TrainConfig(dataset=..., model=..., ...)
-    Trainer(config).fit()
+    with command_errors("train.py"):  # a bad input or a diverging run: one line and exit 1, as timm-scan train
+        Trainer(config).fit()

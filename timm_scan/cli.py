@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import __version__
 from .options import did_you_mean
 
-__all__ = ["add_arguments", "config_from_args", "main", "parse_config"]
+__all__ = ["add_arguments", "command_errors", "config_from_args", "main", "parse_config"]
 
 
 def _number(text: str) -> float | int:
@@ -171,6 +172,18 @@ def parse_config(config_cls: type, argv: Sequence[str] | None = None, descriptio
         parser.error(str(exc))
 
 
+@contextlib.contextmanager
+def command_errors(prog: str) -> Iterator[None]:
+    """Errors whose message says what to do (a ``ValueError``, a diverging run's ``FloatingPointError``, a failed
+    upload) end the program with ``{prog}: error: {message}`` and exit status 1, without a traceback."""
+    from .model.hub import HubUploadError
+
+    try:
+        yield
+    except (ValueError, FloatingPointError, HubUploadError) as exc:
+        sys.exit(f"{prog}: error: {exc}")
+
+
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     """Each command: its config dataclass, what runs it, and a one-line summary."""
     from .commands.evaluate import EvaluateConfig, evaluate
@@ -208,9 +221,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = config_from_args(config_cls, args)
     except ValueError as exc:
         command_parser.error(str(exc))
-    from .model.hub import HubUploadError
-
-    try:
+    with command_errors(f"timm-scan {args.command}"):
         run(cfg)
-    except (ValueError, FloatingPointError, HubUploadError) as exc:  # the message says what to do
-        sys.exit(f"timm-scan {args.command}: error: {exc}")
