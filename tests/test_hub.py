@@ -116,7 +116,7 @@ def test_the_policy_is_saved_as_one_object_and_the_old_attributes_warn(tmp_path)
         assert model.fallback == "ensemble"
     model.save_pretrained(str(tmp_path))
     meta = json.loads((tmp_path / "scan_config.json").read_text())
-    assert set(meta) == {"format", "format_version", "scan_config", "policy"} and meta["format_version"] == 2
+    assert set(meta) == {"format", "format_version", "scan_config", "policy", "sha256"} and meta["format_version"] == 3
     assert ExitPolicy.from_dict(meta["policy"]) == model.policy
     with pytest.raises(dataclasses.FrozenInstanceError):
         model.policy.thresholds = (0.1, 0.1, 0.1)

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import timm
 import torch
 from helpers import create, mixing_thresholds
 
@@ -48,6 +49,7 @@ def exported(tmp_path_factory):
     model = timm_scan.wrap(create("test_resnet", num_classes=5), check_input_size=(3, 32, 32)).eval()
     model.policy = ExitPolicy([0.5, 0.5, 0.5], "deepest")
     model.class_names = list("abcde")
+    model.data_config = timm.data.resolve_model_data_config(model.backbone, args={"input_size": (3, 32, 32)})
     folder = tmp_path_factory.mktemp("onnx")
     return model, folder, export_onnx(model, folder, (3, 32, 32))
 
@@ -100,8 +102,11 @@ def test_exit_latency_timed_with_onnx_runtime_travels_in_the_manifest(exported, 
 
 
 def as_version(manifest, version, **changes):
-    """``manifest`` (format 3) in an earlier format: the policy's fields loose, as versions 1 and 2 wrote them."""
-    old = {k: v for k, v in manifest.items() if k != "policy"}
+    """``manifest`` (format 4) in an earlier format: without the graphs' checksums, and for versions 1 and 2
+    with the policy's fields loose, as they wrote them."""
+    if version == 3:
+        return {k: v for k, v in manifest.items() if k != "sha256"} | {"format_version": 3, **changes}
+    old = {k: v for k, v in manifest.items() if k not in ("policy", "sha256")}
     policy = manifest["policy"]
     old.update(format_version=version, thresholds=policy["thresholds"], fallback=policy["fallback"], **changes)
     if policy["temperatures"] is not None:
@@ -165,10 +170,17 @@ def test_bad_inputs_and_damaged_folders(exported, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(folder, damaged)
     (damaged / "exit_2.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ValueError, match="exit_2.onnx does not have the SHA-256 checksum recorded"):
+        OnnxEarlyExitPredictor(damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    (damaged / "manifest.json").write_text(json.dumps(as_version(manifest, 3)))  # no checksums: the graph is read
     with pytest.raises(ValueError, match="exit_2.onnx: cannot be loaded as an ONNX graph"):
         OnnxEarlyExitPredictor(damaged)
     (damaged / "exit_2.onnx").unlink()
     with pytest.raises(ValueError, match="graph exit_2.onnx named in manifest.json is missing"):
+        OnnxEarlyExitPredictor(damaged)
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="exit_2.onnx named in manifest.json is missing"):
         OnnxEarlyExitPredictor(damaged)
     shutil.copy(folder / "exit_2.onnx", damaged / "exit_2.onnx")
     manifest = json.loads((damaged / "manifest.json").read_text())
@@ -184,7 +196,18 @@ def test_bad_inputs_and_damaged_folders(exported, tmp_path):
                             (lambda m: m.update(exit_latency=LATENCY), "a list of measurements"),
                             (lambda m: m.update(exit_latency=[{**LATENCY, "ms_per_image": [2.0, 1.0, 3.0, 4.0]}]),
                              "cumulative"),
-                            (lambda m: m.update(format_version=4), "versions 1, 2, 3"),
+                            (lambda m: m.update(format_version=5), "versions 1, 2, 3, 4"),
+                            (lambda m: m.update(format_version=True), "version True"),
+                            (lambda m: m.update(exit_macs=m["exit_macs"][::-1]), "never decreasing"),
+                            (lambda m: m.update(backbone_macs=0), "field 'backbone_macs'"),
+                            (lambda m: m.update(sha256=None), "field 'sha256'"),
+                            (lambda m: m["sha256"].pop("exit_1.onnx"), "field 'sha256'"),
+                            (lambda m: m["sha256"].update({"../model.safetensors": "0" * 64}), "field 'sha256'"),
+                            (lambda m: as_version(m, 3, sha256=m["sha256"]), "absent before format version 4"),
+                            (lambda m: m["data_config"].update(std=[0.0, 1.0, 1.0]), "data config field 'std'"),
+                            (lambda m: m["data_config"].update(mean=[float("nan")] * 3), "data config field 'mean'"),
+                            (lambda m: m["data_config"].update(crop_pct=1e-9), "data config field 'crop_pct'"),
+                            (lambda m: m["policy"].update(temperatures=[1e-300, 1.0, 1.0, 1.0]), "temperatures"),
                             (lambda m: as_version(m, 2), "version 2 needs state_layout"),
                             (lambda m: as_version(m, 1, state_layout=[[[0, 1]]] * 3), "version 1 has no state_layout"),
                             (lambda m: m.update(state_layout=[[[0, 0]]] * 3), "field 'state_layout'"),
@@ -202,6 +225,43 @@ def test_bad_inputs_and_damaged_folders(exported, tmp_path):
     (damaged / "manifest.json").write_text("{")
     with pytest.raises(ValueError, match="damaged or not a manifest"):
         OnnxEarlyExitPredictor(damaged)
+
+
+def nan_filled(graph):
+    """``graph`` (an ONNX file) with every float weight NaN, as bytes."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype == np.float32:
+            init.CopyFrom(numpy_helper.from_array(np.full_like(array, np.nan), init.name))
+    return model.SerializeToString()
+
+
+def test_tampered_or_swapped_graphs_are_refused_at_load(exported, tmp_path):
+    """A graph changed since export fails its checksum; without checksums (format 3), graphs swapped between
+    places fail the check of what each graph gives against what the next takes, at load, not at the first call."""
+    _, folder, _ = exported
+    tampered = tmp_path / "tampered"
+    shutil.copytree(folder, tampered)
+    (tampered / "section_1.onnx").write_bytes(nan_filled(folder / "section_1.onnx"))
+    with pytest.raises(ValueError, match="section_1.onnx does not have the SHA-256 checksum recorded"):
+        OnnxEarlyExitPredictor(tampered)
+    for first, second, message in (("exit_0.onnx", "exit_1.onnx", "exit_0.onnx: takes input .* but section_0.onnx gives"),
+                                   ("section_1.onnx", "section_2.onnx", "section_1.onnx: takes input .* but section_0"),
+                                   ("section_0.onnx", "exit_3.onnx", "does not match graph section_0.onnx")):
+        swapped = tmp_path / f"{first}-{second}"
+        shutil.copytree(folder, swapped)
+        (swapped / first).write_bytes((folder / second).read_bytes())
+        (swapped / second).write_bytes((folder / first).read_bytes())
+        with pytest.raises(ValueError, match="does not have the SHA-256 checksum recorded"):
+            OnnxEarlyExitPredictor(swapped)
+        manifest = json.loads((swapped / "manifest.json").read_text())
+        (swapped / "manifest.json").write_text(json.dumps(as_version(manifest, 3)))
+        with pytest.raises(ValueError, match=message):
+            OnnxEarlyExitPredictor(swapped)
 
 
 def test_a_failed_export_leaves_no_mix_of_old_and_new_graphs(exported, tmp_path, monkeypatch):
@@ -242,7 +302,7 @@ EXPORTED_IN_TESTS = [("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)}, 
 def test_each_runner_exports(name, kwargs, size, tensors, tmp_path):
     model = timm_scan.wrap(create(name, **kwargs), timm_scan.ScanConfig(exits=[0]), check_input_size=(3, size, size))
     manifest = export_onnx(model.eval(), tmp_path, (3, size, size))
-    assert manifest.format_version == 3 and (manifest.state_layout is not None) == (tensors == 2)
+    assert manifest.format_version == 4 and (manifest.state_layout is not None) == (tensors == 2)
     x = torch.randn(3, 3, size, size)
     thresholds = thresholds_for(model, x)
     assert_same_answers(model, tmp_path, x, thresholds)

@@ -1,8 +1,10 @@
 """Untrusted model folders, Hub repos and inputs: every bad one is a ValueError that says what is wrong."""
 
+import hashlib
 import json
 import random
 import re
+import time
 
 import numpy as np
 import pytest
@@ -42,6 +44,14 @@ def edit_json(path, change):
     path.write_text(json.dumps(data))
 
 
+def save_weights(folder, file, state):
+    """Write ``state`` as ``folder/file`` and record its SHA-256, as saving would: the checks behind the
+    checksum, for weights a folder's author wrote."""
+    save_file(state, str(folder / file))
+    edit_json(folder / "scan_config.json",
+              lambda d: d["sha256"].update({file: hashlib.sha256((folder / file).read_bytes()).hexdigest()}))
+
+
 @pytest.mark.parametrize("file, change, message", [
     ("config.json", lambda d: d.pop("architecture"), "'architecture' is None, not a model"),
     ("config.json", lambda d: d.update(architecture="resnet_9000"), "'architecture' is 'resnet_9000'"),
@@ -62,6 +72,22 @@ def edit_json(path, change):
     ("scan_config.json", lambda d: d["policy"].update(thresholds=[0.9, 0.8]), "need one per shallow exit"),
     ("scan_config.json", lambda d: d["policy"].update(thresholds=["0.9", 0.8, 0.7]), r"thresholds\[0\]"),
     ("scan_config.json", lambda d: d["policy"].update(fallback="vote"), "fallback must be one of"),
+    ("scan_config.json", lambda d: d["policy"].update(temperatures=[1e-300, 1.0, 1.0, 1.0]), r"temperatures .*\[0.01, 100\]"),
+    ("scan_config.json", lambda d: d["policy"].update(temperatures=[1.0, 1.0, 1.0, 1e6]), r"temperatures .*\[0.01, 100\]"),
+    ("scan_config.json", lambda d: d.update(format_version=True), "version True"),
+    ("scan_config.json", lambda d: d.pop("sha256"), "field 'sha256' must map"),
+    ("scan_config.json", lambda d: d["sha256"].update({"model.safetensors": "00"}), "field 'sha256' must map"),
+    ("scan_config.json", lambda d: d["sha256"].update({"../secret": "0" * 64}), "field 'sha256' must map"),
+    ("scan_config.json", lambda d: d.update(format_version=2), r"unknown \['sha256'\]"),  # format 2 had none
+    ("config.json", lambda d: d["pretrained_cfg"].update(mean=[float("nan")] * 3), "config.json .*'mean' must be 3 numbers"),
+    ("config.json", lambda d: d["pretrained_cfg"].update(mean=[0.5, 0.5]), "config.json .*'mean' must be 3 numbers"),
+    ("config.json", lambda d: d["pretrained_cfg"].update(std=[0.0, 1.0, 1.0]), "config.json .*'std' must be 3 numbers"),
+    ("config.json", lambda d: d["pretrained_cfg"].update(std=[1e-30] * 3), "config.json .*'std' must be 3 numbers"),
+    ("config.json", lambda d: d["pretrained_cfg"].update(crop_pct=1e-9), "config.json .*'crop_pct' must be a number"),
+    ("config.json", lambda d: d["pretrained_cfg"].update(crop_pct="0.9"), "config.json .*'crop_pct' must be a number"),
+    ("config.json", lambda d: d["pretrained_cfg"].update(interpolation="magic"), "config.json .*'interpolation' must"),
+    ("config.json", lambda d: d["pretrained_cfg"].update(crop_mode=5), "config.json .*'crop_mode' must be one of"),
+    ("config.json", lambda d: d["pretrained_cfg"].update(input_size=[3, 0, 32]), "config.json .*'input_size'"),
 ])
 def test_a_bad_config_field_is_named(saved, tmp_path, file, change, message):
     folder = copy_of(saved, tmp_path)
@@ -102,7 +128,7 @@ def test_tensors_of_another_kind_are_refused(saved, tmp_path, file, dtype):
     state = load_file(folder / file)
     name = next(k for k, v in state.items() if v.is_floating_point())
     state[name] = state[name].to(dtype)
-    save_file(state, str(folder / file))
+    save_weights(folder, file, state)
     with pytest.raises(ValueError, match=f"{file} tensor '{name}' is"):
         timm_scan.from_pretrained(folder)
 
@@ -110,7 +136,7 @@ def test_tensors_of_another_kind_are_refused(saved, tmp_path, file, dtype):
 def test_half_precision_weights_load_as_the_models_dtype(saved, tmp_path):
     folder = copy_of(saved, tmp_path)
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(folder / "scan_exits.safetensors").items()}
-    save_file(state, str(folder / "scan_exits.safetensors"))
+    save_weights(folder, "scan_exits.safetensors", state)
     model = timm_scan.from_pretrained(folder)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
@@ -121,7 +147,7 @@ def test_non_finite_weights_are_refused(saved, tmp_path, file):
     state = load_file(folder / file)
     name = next(k for k, v in state.items() if v.is_floating_point())
     state[name][0] = float("nan")
-    save_file(state, str(folder / file))
+    save_weights(folder, file, state)
     with pytest.raises(ValueError, match=f"{file} tensor '{name}' holds NaN"):
         timm_scan.from_pretrained(folder)
 
@@ -146,6 +172,143 @@ def test_hub_loads_fetch_only_the_formats_files(hub, saved, tmp_path):
     timm_scan.from_pretrained("hf-hub:tester/with-extras", cache_dir=cache)
     fetched = {p.name for p in cache.rglob("*") if p.is_file() and "snapshots" in p.parts}
     assert fetched == {"config.json", "model.safetensors", "scan_config.json", "scan_exits.safetensors"}
+
+
+def flip_data_byte(path):
+    """Change one byte in the data region of a safetensors file (after its header), as a bad disk would."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start + (len(data) - start) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "scan_exits.safetensors"])
+def test_flipped_bytes_in_the_weights_are_a_damaged_file(saved, tmp_path, file):
+    """The README's promise: a damaged file is a ValueError, even where the damage leaves finite weights of
+    the right shapes; whoever loads the folder's weights (from_pretrained, --init-from, the trainer's
+    load_weights) checks their SHA-256."""
+    from timm_scan.model.hub import load_initial_weights, load_weights
+
+    folder = copy_of(saved, tmp_path)
+    flip_data_byte(folder / file)
+    for load in (timm_scan.from_pretrained,
+                 lambda f: load_initial_weights(timm_scan.from_pretrained(saved), f),
+                 lambda f: load_weights(timm_scan.from_pretrained(saved), f)):
+        with pytest.raises(ValueError, match=f"{file} does not have the SHA-256 checksum recorded"):
+            load(folder)
+
+
+def test_a_folder_saved_before_checksums_loads_and_gains_them_when_its_policy_is_saved(saved, tmp_path):
+    """Format 2 (no checksums) still loads; ``save_deployment`` rewrites it in the current format, with the
+    checksums of the weights it holds."""
+    from timm_scan.model.hub import save_deployment
+
+    folder = copy_of(saved, tmp_path)
+    edit_json(folder / "scan_config.json", lambda d: (d.pop("sha256"), d.update(format_version=2)))
+    model = timm_scan.from_pretrained(folder)
+    save_deployment(folder, model.policy.replace(thresholds=[0.5, 0.5, 0.5]))
+    meta = json.loads((folder / "scan_config.json").read_text())
+    assert meta["format_version"] == 3 and meta["sha256"] == json.loads((saved / "scan_config.json").read_text())["sha256"]
+    assert timm_scan.from_pretrained(folder).policy.thresholds == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("file, change, message", [
+    # exit heads of 4.4e9 values (17.6 GB) that scan_config.json's ranges allow
+    ("scan_config.json", lambda d: d["scan_config"].update(head_channels=16384, head_blocks=32),
+     r"scan_config.json field 'scan_config' .* gives exit heads of 4,401,933,583 values, above"),
+    # a backbone of 100000 blocks in its first stage: stopped once it outgrows model.safetensors
+    ("config.json", lambda d: d.setdefault("model_args", {}).update(layers=[100000, 1, 1, 1]),
+     "config.json .* describes a larger model than model.safetensors holds"),
+    ("config.json", lambda d: d["model_args"].update(num_classes=10**9), "config.json .* describes a larger model"),
+])
+def test_what_a_folder_would_cost_is_refused_before_anything_is_built(saved, tmp_path, file, change, message):
+    """Within seconds, and before any parameter is allocated (all are built on the meta device)."""
+    folder = copy_of(saved, tmp_path)
+    edit_json(folder / file, change)
+    allocated = []
+
+    def record(module, name, param):
+        if param is not None and param.device.type != "meta":
+            allocated.append(param.numel())
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(record)
+    start = time.perf_counter()
+    try:
+        with pytest.raises(ValueError, match=message):
+            timm_scan.from_pretrained(folder)
+    finally:
+        handle.remove()
+    assert time.perf_counter() - start < 10 and allocated == []
+
+
+def test_max_parameters_is_a_limit_a_user_can_raise(saved):
+    model = timm_scan.from_pretrained(saved)
+    size = sum(t.numel() for t in [*model.backbone.state_dict().values(), *model.exits.state_dict().values()])
+    assert timm_scan.from_pretrained(saved, max_parameters=size).num_exits == 4
+    with pytest.raises(ValueError, match=rf"model.safetensors and scan_exits.safetensors hold .* above "
+                                         rf"max_parameters={size - 1:,}; .* pass a larger max_parameters"):
+        timm_scan.from_pretrained(saved, max_parameters=size - 1)
+    for bad in (0, True, 1.5, "1e9"):
+        with pytest.raises(ValueError, match="max_parameters must be a positive int"):
+            timm_scan.from_pretrained(saved, max_parameters=bad)
+
+
+@pytest.mark.parametrize("file, change, message", [
+    ("config.json", lambda d: d.setdefault("model_args", {}).update(layers=[2, 1, 1, 1]),
+     r"model.safetensors does not match the model config.json describes: missing \['layer1.1"),
+    ("config.json", lambda d: d.setdefault("model_args", {}).update(layers=[1, 1, 1]),
+     "config.json does not describe a model timm can build|model.safetensors does not match the model config.json"),
+    ("scan_config.json", lambda d: d["scan_config"].update(head_channels=16),
+     "scan_exits.safetensors tensor .* has shape .*; in the exits scan_config.json describes it is"),
+    ("scan_config.json", lambda d: (d["scan_config"].update(exits=[1, 2]), d["policy"].update(thresholds=[0.9, 0.8])),
+     "scan_exits.safetensors does not match the exits scan_config.json describes"),
+])
+def test_a_config_that_disagrees_with_its_weights_names_both_files(saved, tmp_path, file, change, message):
+    folder = copy_of(saved, tmp_path)
+    edit_json(folder / file, change)
+    with pytest.raises(ValueError, match=message):
+        timm_scan.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("depth", [65, 100_000])
+@pytest.mark.parametrize("file, where", [("config.json", lambda d, v: d.update(model_args=v)),
+                                         ("scan_config.json", lambda d, v: d["policy"].update(thresholds=v)),
+                                         ("scan_config.json", None)])
+def test_deeply_nested_json_is_a_value_error_naming_the_file(saved, tmp_path, file, where, depth):
+    folder = copy_of(saved, tmp_path)
+    nested = "[" * depth + "]" * depth
+    if where is None:
+        (folder / file).write_text(nested)
+    else:
+        text = json.dumps(json.loads((folder / file).read_text()) | {"__marker__": 0})
+        data = json.loads(text)
+        where(data, "__nested__")
+        (folder / file).write_text(json.dumps(data).replace('"__nested__"', nested))
+    with pytest.raises(ValueError, match=f"{file} nests lists or objects more than 64 deep"):
+        timm_scan.from_pretrained(folder)
+
+
+def test_temperatures_are_sane_by_construction_and_calibration_stays_inside():
+    from timm_scan.deploy.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE, fit_temperature
+    from timm_scan.exit_policy import TEMPERATURE_RANGE
+
+    for bad in (1e-300, 0.0, -1.0, 1e300, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"temperatures must be positive numbers in \[0.01, 100\]"):
+            ExitPolicy(temperatures=[1.0, bad])
+    assert TEMPERATURE_RANGE[0] <= MIN_TEMPERATURE and MAX_TEMPERATURE <= TEMPERATURE_RANGE[1]
+    assert ExitPolicy(temperatures=[MIN_TEMPERATURE, MAX_TEMPERATURE]).temperatures == (MIN_TEMPERATURE, MAX_TEMPERATURE)
+    labels = torch.arange(4)
+    right = torch.eye(4) * 0.96 + 0.01
+    fitted = [fit_temperature(right, labels), fit_temperature(right.roll(1, 0), labels)]  # right, or wrong, on all
+    assert ExitPolicy(temperatures=fitted).temperatures[1] == MAX_TEMPERATURE
+
+
+def test_a_data_config_loading_would_refuse_is_not_saved(tmp_path):
+    model = timm_scan.wrap(timm.create_model("test_resnet", num_classes=4), check_input_size=(3, 32, 32))
+    model.data_config = {**timm.data.resolve_model_data_config(model.backbone), "std": (0.2, 0.0, 0.2)}
+    with pytest.raises(ValueError, match="data config field 'std'"):
+        model.save_pretrained(tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 # ------------------------------------------------------------------ predictor and search inputs
@@ -240,34 +403,54 @@ def fuzz_json(data, rng):
         return data
 
 
+SIZE_FIELDS = [("config.json", lambda d, rng: d["model_args"].update(layers=[rng.choice([2, 10**3, 10**5]), 1, 1, 1])),
+               ("config.json", lambda d, rng: d["model_args"].update(num_classes=rng.choice([5, 10**6, 10**9]))),
+               ("scan_config.json", lambda d, rng: d["scan_config"].update(head_channels=rng.choice([8, 4096, 16384]))),
+               ("scan_config.json", lambda d, rng: d["scan_config"].update(head_blocks=rng.choice([2, 16, 32])))]
+
+
 def test_fuzz_from_pretrained_refuses_naming_the_file_or_loads_a_working_model(saved, tmp_path):
-    """One field, tensor or a few bytes of one file changed: a ``ValueError`` that names that file, or
-    (a harmless change: a label name, a float spelling) a model that answers."""
+    """One field, tensor or a few bytes of one file changed, a size field grown, or a field nested deep: a
+    ``ValueError`` that names that file, within seconds, or (a harmless change: a label name, a float
+    spelling) a model that answers. Changed tensors are saved with their checksum (a folder's author wrote
+    them); changed bytes are not (damage)."""
     rng = random.Random(0)
     outcomes = {"loaded": 0, "refused": 0}
-    for i in range(60):
+    for i in range(80):
         folder = copy_of(saved, tmp_path / str(i))
-        kind = rng.choice(["config.json", "scan_config.json", "tensor", "bytes"])
+        kind = rng.choice(["config.json", "scan_config.json", "tensor", "bytes", "size", "nested"])
         if kind.endswith(".json"):
             file = folder / kind
             file.write_text(json.dumps(fuzz_json(json.loads(file.read_text()), rng)))
+        elif kind == "size":
+            name, change = rng.choice(SIZE_FIELDS)
+            file = folder / name
+            edit_json(file, lambda d, change=change: change(d, rng))
+        elif kind == "nested":
+            file = folder / rng.choice(["config.json", "scan_config.json"])
+            depth = rng.choice([65, 1000, 100_000])
+            file.write_text(json.dumps(fuzz_json(json.loads(file.read_text()), random.Random(i)) | {"deep": "__deep__"})
+                            .replace('"__deep__"', "[" * depth + "]" * depth))
         elif kind == "tensor":
             file = folder / rng.choice(["model.safetensors", "scan_exits.safetensors"])
             state = load_file(file)
             name = rng.choice(sorted(state))
             state[name] = rng.choice([lambda t: t.to(torch.int16), lambda t: t.flatten(), lambda t: t * float("inf"),
                                       lambda t: torch.zeros(3)])(state[name])
-            save_file(state, str(file))
+            save_weights(folder, file.name, state)
         else:
             file = folder / rng.choice(["model.safetensors", "scan_exits.safetensors", "config.json"])
             data = bytearray(file.read_bytes())
             for _ in range(8):
-                data[rng.randrange(min(len(data), 200))] = rng.randrange(256)
+                at = rng.randrange(min(len(data), 200)) if rng.random() < 0.5 else rng.randrange(len(data))
+                data[at] = rng.randrange(256)
             file.write_bytes(bytes(data))
+        start = time.perf_counter()
         try:
             model = timm_scan.from_pretrained(folder)
         except ValueError as exc:
             assert file.name in str(exc), f"case {i} ({kind}): the refusal does not name {file.name}: {exc}"
+            assert time.perf_counter() - start < 10, f"case {i} ({kind}): refused after {time.perf_counter() - start:.0f} s"
             outcomes["refused"] += 1
             continue
         outcomes["loaded"] += 1

@@ -4,19 +4,21 @@ Every file timm-scan writes outside a weights library goes through `atomic_write
 temporary name beside the target, are flushed to disk, and replace the target in one rename, so a
 reader (or a rerun after a kill) sees the old file or the new one, never a half-written one.
 `JsonRecord` is the mixin of every dataclass saved as JSON (results, configs, the exit policy):
-nested dataclasses are rebuilt from their field types, unknown fields are an error.
+nested dataclasses are rebuilt from their field types, unknown fields are an error. `sha256` is the
+checksum that saved weights and graphs carry, so that loading can tell a damaged file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["JsonRecord", "atomic_write", "read_json"]
+__all__ = ["JsonRecord", "atomic_write", "check_sha256", "read_json", "sha256"]
 
 T = TypeVar("T")
 
@@ -33,17 +35,58 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
+MAX_JSON_DEPTH = 64  # lists and objects inside one another; the files timm-scan reads nest a few levels
+
+
 def read_json(path: str | Path, what: str | None = None) -> Any:
-    """The JSON value of ``path``; a missing, unreadable or malformed file is a ``ValueError`` naming it
-    (``what``: how to call the file in the message, default its path)."""
+    """The JSON value of ``path``; a missing, unreadable or malformed file, or one nested deeper than
+    ``MAX_JSON_DEPTH`` (which no later code could walk safely), is a ``ValueError`` naming it (``what``: how
+    to call the file in the message, default its path)."""
     path = Path(path)
     what = what or str(path)
     if not path.is_file():
         raise ValueError(f"{what} does not exist")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
+        too_deep = _nests_deeper(data, MAX_JSON_DEPTH)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{what} is not valid JSON ({exc}); the file is damaged") from None
+    except RecursionError:  # nested beyond what the parser itself can walk
+        too_deep = True
+    if too_deep:
+        raise ValueError(f"{what} nests lists or objects more than {MAX_JSON_DEPTH} deep; the file is damaged or "
+                         "not one timm-scan reads")
+    return data
+
+
+def _nests_deeper(value: Any, depth: int) -> bool:
+    """Whether a JSON value holds lists or objects more than ``depth`` inside one another (walked without
+    recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            if level > depth:
+                return True
+            stack.extend((child, level + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return False
+
+
+def sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex; read in 1 MiB chunks, so memory stays flat for large files."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_sha256(path: str | Path, expected: str, what: str) -> None:
+    """A ``ValueError`` naming ``what`` (the file, in the message) unless ``path``'s SHA-256 is ``expected``
+    (hex, as `sha256` gives)."""
+    if sha256(path) != expected:
+        raise ValueError(f"{what} does not have the SHA-256 checksum recorded when it was saved: the file is "
+                         "damaged or was changed since (save it again, or download it again)")
 
 
 def _dataclass_in(hint: Any) -> type | None:

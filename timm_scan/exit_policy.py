@@ -22,12 +22,15 @@ from typing import Any
 
 from ._io import JsonRecord
 
-__all__ = ["FALLBACKS", "GUARANTEED_RISKS", "OBJECTIVES", "ExitPolicy", "Guarantee", "PolicyOrigin", "validate_fallback",
-           "validate_temperatures", "validate_thresholds"]
+__all__ = ["FALLBACKS", "GUARANTEED_RISKS", "OBJECTIVES", "TEMPERATURE_RANGE", "ExitPolicy", "Guarantee", "PolicyOrigin",
+           "validate_fallback", "validate_temperatures", "validate_thresholds"]
 
 FALLBACKS = ("ensemble", "deepest")  # the answer for samples that pass no threshold
 OBJECTIVES = ("beta", "max_accuracy_drop", "budget", "max_disagreement")  # what thresholds were chosen for
 GUARANTEED_RISKS = ("accuracy_drop", "disagreement", "mean_cost")  # what a certified policy bounds
+# A temperature divides an exit's logits: far below 1e-2 they overflow to inf (NaN probabilities), far above
+# 1e2 every softmax is uniform. `timm_scan.calibrate` fits within [0.05, 20], inside this range.
+TEMPERATURE_RANGE = (1e-2, 1e2)
 
 
 def _real(value: Any) -> bool:
@@ -62,13 +65,14 @@ def validate_thresholds(thresholds: Sequence[float], num_exits: int | None = Non
 
 
 def validate_temperatures(temperatures: Sequence[float], num_exits: int | None = None) -> tuple[float, ...]:
-    """One positive finite number per exit (``num_exits`` of them, where given), or a ``ValueError``."""
+    """One number in ``TEMPERATURE_RANGE`` per exit (``num_exits`` of them, where given), or a ``ValueError``."""
     values = _number_list(temperatures)
+    low, high = TEMPERATURE_RANGE
     if values is None or (num_exits is not None and len(values) != num_exits) or not all(
-            isinstance(t, numbers.Real) and not isinstance(t, bool) and 0 < t < math.inf for t in values):
+            _real(t) and low <= t <= high for t in values):
         count = f"{num_exits} " if num_exits is not None else ""
-        raise ValueError(f"temperatures must be {count}positive numbers, one per exit (deepest last); "
-                         f"got {temperatures!r}")
+        raise ValueError(f"temperatures must be {count}positive numbers in [{low:g}, {high:g}], one per exit "
+                         f"(deepest last); got {temperatures!r}")
     return tuple(float(t) for t in values)
 
 
@@ -201,8 +205,9 @@ class ExitPolicy(JsonRecord):
     ``thresholds``: one per shallow exit (K-1 numbers in [0, 1]); a sample leaves at the first exit whose
     confidence is above its threshold. ``None``: no thresholds chosen yet (a predictor then needs a
     policy that has some). ``fallback``: the answer of samples that pass no threshold, ``"ensemble"``
-    (the mean of all exits' softmax) or ``"deepest"``. ``temperatures``: one per exit (K), dividing
-    each exit's logits before the softmax (``timm_scan.calibrate``); ``None``: temperature 1.
+    (the mean of all exits' softmax) or ``"deepest"``. ``temperatures``: one per exit (K, each in
+    ``TEMPERATURE_RANGE``), dividing each exit's logits before the softmax (``timm_scan.calibrate``);
+    ``None``: temperature 1.
     ``origin``: how the thresholds were chosen (`PolicyOrigin`; ``None`` for thresholds set by hand).
 
     Frozen: derive a changed policy with ``policy.replace(temperatures=...)``.

@@ -13,9 +13,10 @@ one tensor, batch first (graph input ``input``, output ``output``). A model run 
 hands on a `TracedState`: its tensors that follow the batch travel between graphs (the constants and
 batch counts are rebuilt inside each graph); where that is not one tensor, batch first, the graphs take
 ``input_0``, ``input_1``, ... and give ``output_0``, ..., and the manifest's ``state_layout`` records
-each tensor's batch dimension and rows per sample. Format version 3 holds the exit policy as one object
-(``policy``); versions 1 and 2 (with ``state_layout``) held thresholds, fallback and temperatures
-as loose fields, and still load.
+each tensor's batch dimension and rows per sample. Format version 4 records each graph file's SHA-256
+(``sha256``), which loading verifies; version 3 holds the exit policy as one object (``policy``);
+versions 1 and 2 (with ``state_layout``) held thresholds, fallback and temperatures as loose fields.
+All still load.
 ``onnx`` and ``onnxruntime`` are an optional extra: ``pip install 'timm-scan[onnx]'``.
 """
 
@@ -39,10 +40,10 @@ from torch import Tensor, nn
 
 from ..model.runner import eval_mode, model_name
 from ..exit_policy import ExitPolicy
-from ..model.config import check_input_size
+from ..model.config import check_data_config, check_input_size
 from ..model.multi_exit import MultiExitModel
 from ..model.traced import TracedState
-from .._io import JsonRecord
+from .._io import JsonRecord, check_sha256, sha256
 from ..report import ExitLatency
 from .latency import check_timing_arguments, processor_name, time_exits
 from .predictor import EarlyExitResult, check_images, chosen_policy, run_early_exit
@@ -52,8 +53,9 @@ __all__ = ["OnnxEarlyExitPredictor", "OnnxManifest", "export_onnx", "session_opt
 
 MANIFEST = "manifest.json"
 FORMAT = "timm-scan-onnx"
-FORMAT_VERSION = 3  # the exit policy as one object
-READ_VERSIONS = (1, 2, 3)  # 1: the first; 2: with state_layout; both with loose thresholds, fallback, temperatures
+FORMAT_VERSION = 4  # with the graphs' SHA-256
+READ_VERSIONS = (1, 2, 3, 4)  # 1: the first; 2: with state_layout; both with loose thresholds, fallback, temperatures;
+# 3: the exit policy as one object
 INSTALL = "pip install 'timm-scan[onnx]'"
 
 
@@ -80,12 +82,15 @@ class OnnxManifest(JsonRecord):
     # the last, [batch dimension, rows per sample] of each tensor, in the order of its graph's outputs
     # and of the next section's and its exit's inputs
     state_layout: list[list[list[int]]] | None = None
+    # each file of the graphs (a graph, and its external data "<graph>.data" where it has some) -> its SHA-256
+    # (hex); format 4 on
+    sha256: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """As JSON; without ``exit_latency`` where nothing was measured and without ``state_layout`` where
-        every section hands on one tensor, batch first."""
+        """As JSON; without ``exit_latency`` where nothing was measured, without ``state_layout`` where
+        every section hands on one tensor, batch first, and without ``sha256`` (formats before 4)."""
         data = super().to_dict()
-        for key in ("exit_latency", "state_layout"):
+        for key in ("exit_latency", "state_layout", "sha256"):
             if data[key] is None:
                 del data[key]
         return data
@@ -169,6 +174,8 @@ def export_onnx(
         input_size = tuple(model.data_config["input_size"]) if model.data_config else tuple(
             model.backbone.pretrained_cfg.get("input_size", (3, 224, 224)))
     input_size = check_input_size(input_size)
+    if model.data_config:
+        check_data_config(model.data_config)  # what loading will check
     if isinstance(check_batch, bool) or not isinstance(check_batch, Integral) or check_batch < 2:
         raise ValueError(f"check_batch must be an int >= 2 (the exporter fixes a batch dimension of 1); "
                          f"got {check_batch!r}")
@@ -197,6 +204,8 @@ def export_onnx(
         json.loads(json.dumps(model.data_config, default=list)) if model.data_config else None, opset=opset,
         stages=[s.module for s in model.exit_stages],
         state_layout=state_layout if any(layout != [[0, 1]] for layout in state_layout) else None,
+        sha256={file.name: sha256(file) for name in [*sections, *exits]
+                for file in (folder / name, folder / f"{name}.data") if file.is_file()},
     )
     manifest.save(folder / MANIFEST)
     return manifest
@@ -264,15 +273,20 @@ def _remove_earlier_export(folder: Path) -> None:
 
 
 def _check_manifest(m: OnnxManifest, path: Path) -> None:
-    """Types and ranges of what the predictor reads from the manifest: a ``ValueError`` naming the field."""
+    """Types and ranges of what the predictor reads from the manifest (of a format version it reads): a
+    ``ValueError`` naming the field."""
     def ints(values: Any, least: int = 1) -> bool:
         return isinstance(values, list) and bool(values) and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= least for v in values)
 
+    graphs = [g for g in [*m.sections, *m.exits] if _plain_name(g)] if isinstance(m.sections, list) and isinstance(
+        m.exits, list) else []
     checks = [
         ("input_size", ints(m.input_size) and len(m.input_size) == 3, "three positive ints (C, H, W)"),
         ("num_classes", ints([m.num_classes]), "a positive int"),
-        ("exit_macs", ints(m.exit_macs), "positive ints, one per exit"),
+        ("exit_macs", ints(m.exit_macs) and m.exit_macs == sorted(m.exit_macs),
+         "positive ints, one per exit, cumulative (never decreasing)"),
+        ("backbone_macs", ints([m.backbone_macs]), "a positive int"),
         ("sections", isinstance(m.sections, list) and all(_plain_name(f) for f in m.sections), "graph file names"),
         ("exits", isinstance(m.exits, list) and bool(m.exits) and all(_plain_name(f) for f in m.exits),
          "graph file names"),
@@ -281,10 +295,21 @@ def _check_manifest(m: OnnxManifest, path: Path) -> None:
             isinstance(layout, list) and layout and all(
                 isinstance(t, list) and len(t) == 2 and ints(t[:1], 0) and ints(t[1:]) for t in layout)
             for layout in m.state_layout)), "a list of [[batch dimension, rows per sample], ...] per section"),
+        ("sha256", (m.sha256 is None) == (m.format_version < 4) and (m.sha256 is None or (
+            isinstance(m.sha256, dict) and set(graphs) <= set(m.sha256) and all(
+                _plain_name(f.removesuffix(".data")) and isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v)
+                for f, v in m.sha256.items()))),
+         "absent before format version 4, and from 4 on the SHA-256 (64 hex digits) of every graph file named "
+         "(and of each external data file <graph>.data) in the folder"),
     ]
     for name, ok, valid in checks:
         if not ok:
             raise ValueError(f"{path}: field {name!r} must be {valid}; got {getattr(m, name)!r}")
+    if m.data_config is not None:
+        try:
+            check_data_config(m.data_config)
+        except ValueError as exc:
+            raise ValueError(f"{path}: field 'data_config': {exc}") from None
 
 
 def _check_graph_shapes(first_section: Any, exits: Sequence[Any], m: OnnxManifest, path: Path) -> None:
@@ -299,6 +324,34 @@ def _check_graph_shapes(first_section: Any, exits: Sequence[Any], m: OnnxManifes
         if differs(session.get_outputs()[0].shape[-1:], [m.num_classes]):
             raise ValueError(f"{path}: num_classes {m.num_classes} does not match graph {name}, whose output is "
                              f"{session.get_outputs()[0].shape}; the manifest belongs to another export")
+
+
+def _check_graph_chain(sections: Sequence[Any], exits: Sequence[Any], m: OnnxManifest, folder: Path) -> None:
+    """What each section's graph gives against what the graphs that take it (the next section's, its exit's)
+    declare: the same element types, ranks and fixed sizes, tensor by tensor; and the image in, logits
+    ``(batch, classes)`` out. Graphs swapped between places, or from another export, fail here."""
+    def describe(arg: Any) -> str:
+        return f"{arg.name} {arg.type} {arg.shape}"
+
+    def fits(given: Any, taken: Any) -> bool:
+        return given.type == taken.type and len(given.shape) == len(taken.shape) and all(
+            not (isinstance(g, int) and isinstance(t, int)) or g == t for g, t in zip(given.shape, taken.shape))
+
+    image, logits = sections[0].get_inputs()[0], [e.get_outputs()[0] for e in exits]
+    if image.type != "tensor(float)" or len(image.shape) != 4:
+        raise ValueError(f"{folder / m.sections[0]}: takes {describe(image)}, not a float image batch (N, C, H, W); "
+                         f"it is not the first section of this export")
+    for name, out in zip(m.exits, logits):
+        if out.type != "tensor(float)" or len(out.shape) != 2:
+            raise ValueError(f"{folder / name}: gives {describe(out)}, not float logits (N, classes); it is not an "
+                             "exit of this export")
+    for k, section in enumerate(sections):
+        takers = [(m.exits[k], exits[k])] + ([(m.sections[k + 1], sections[k + 1])] if k + 1 < len(sections) else [])
+        for name, taker in takers:
+            for given, taken in zip(section.get_outputs(), taker.get_inputs(), strict=True):
+                if not fits(given, taken):
+                    raise ValueError(f"{folder / name}: takes {describe(taken)}, but {m.sections[k]} gives "
+                                     f"{describe(given)}; the graphs were swapped or come from another export")
 
 
 def _check_state_layout(layout: list[list[tuple[int, int]]], sections: Sequence[Any], exits: Sequence[Any],
@@ -456,11 +509,16 @@ class OnnxEarlyExitPredictor:
                              f"but the last; it has {len(self._layout)}")
         handed = [len(layout) for layout in self._layout] if self._layout else [1] * (k - 1)
         taken, given = [1, *handed], [*handed, 1]  # tensors into and out of each section's graph
+        for name, digest in (m.sha256 or {}).items():
+            if not (folder / name).is_file():
+                raise ValueError(f"{folder}: {name} named in {MANIFEST} is missing")
+            check_sha256(folder / name, digest, f"{folder / name}")
         self.sections = [self._session(folder / f, ort, providers, session_options, taken[i], given[i])
                          for i, f in enumerate(m.sections)]
         self.exits = [self._session(folder / f, ort, providers, session_options, given[i], 1)
                       for i, f in enumerate(m.exits)]
         _check_graph_shapes(self.sections[0], self.exits, m, folder / MANIFEST)
+        _check_graph_chain(self.sections, self.exits, m, folder)
         if self._layout is not None:
             _check_state_layout(self._layout, self.sections[1:], self.exits, m, folder / MANIFEST)
         self._macs = torch.tensor(m.exit_macs, dtype=torch.int64)
@@ -474,10 +532,11 @@ class OnnxEarlyExitPredictor:
             session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
         except Exception as exc:  # ONNX Runtime raises its own types for damaged graphs
             raise ValueError(f"{path}: cannot be loaded as an ONNX graph ({type(exc).__name__}: {exc})") from None
-        names = [i.name for i in session.get_inputs()]
-        if names != _io_names("input", inputs) or len(session.get_outputs()) != outputs:
-            raise ValueError(f"{path}: not a timm-scan graph of this manifest (inputs {names}, "
-                             f"{len(session.get_outputs())} outputs; expected {inputs} inputs and {outputs} outputs)")
+        names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+        if names != (_io_names("input", inputs), _io_names("output", outputs)):
+            raise ValueError(f"{path}: not a timm-scan graph of this manifest (inputs {names[0]}, outputs "
+                             f"{names[1]}; expected {inputs} inputs and {outputs} outputs, named "
+                             f"{_io_names('input', inputs)} and {_io_names('output', outputs)})")
         return session
 
     @staticmethod

@@ -1,7 +1,8 @@
 """Staged execution of timm models: how a backbone is created (``create_backbone``), where the exits go,
 and the runner that runs a backbone section by section, cut after those stages.
 
-``resolve_exit_indices`` turns ``ScanConfig.exits`` into ``feature_info`` indices; ``build_runner``
+``resolve_exit_indices`` turns ``ScanConfig.exits`` into ``feature_info`` indices (it lives in ``heads``,
+beside the heads it places, and is re-exported here); ``build_runner``
 picks the runner for a model and proves it (``verify_runner``): `VitRunner` for timm's
 ``VisionTransformer``, `SequentialRunner` for models whose ``forward_features`` runs its children in
 order, ``traced.TracedRunner`` where neither can. The base class `Runner` and what the runners share
@@ -22,7 +23,6 @@ from torch import Tensor, nn
 from .hub import check_pretrained_weights
 from .runner import (
     Runner,
-    Stage,
     check_close,
     no_checkpointing,
     eval_mode,
@@ -30,14 +30,13 @@ from .runner import (
     model_name,
 )
 from ..options import did_you_mean
+from .heads import default_exit_indices, resolve_exit_indices
 from .traced import TracedRunner
 
 __all__ = ["SequentialRunner", "VitRunner", "build_runner", "check_input_fits", "check_model_kwargs", "create_backbone",
            "default_exit_indices", "resolve_exit_indices", "verify_runner"]
 
 OWN_ARGUMENTS = {"num_classes": "--num-classes", "pretrained": "--pretrained"}  # model kwargs that have a flag
-NUM_DEFAULT_SHALLOW_EXITS = 3  # four classifiers in all, as the papers recommend (TPAMI §4.8-4.9)
-STEM_MAX_REDUCTION = 2
 
 
 def check_model_kwargs(kwargs: Any, what: str = "model_kwargs") -> None:
@@ -87,59 +86,6 @@ def check_input_fits(model: nn.Module, example: Tensor) -> None:
         raise ValueError(f"cannot wrap {model_name(model)!r} at {height}x{width}: it was built for {built[0]}x{built[1]} "
                          f"inputs only (its patch embedding has a fixed size); build it for yours with "
                          f"timm.create_model(..., img_size={size}), on the command line --model-kwargs img_size={size}")
-
-
-def default_exit_indices(stages: list[Stage]) -> list[int]:
-    """Papers' default placement: three shallow exits at the ends of the main sections.
-
-    Candidates are every stage but the last (whose head is the backbone's) and but the stem
-    (stages at reduction <= 2, kept only if nothing else is left). Where more than three remain
-    (ViT: 12 equal blocks), exits go at 1/4, 2/4 and 3/4 of the candidates' depth.
-    """
-    candidates = [s.index for s in stages[:-1] if s.reduction > STEM_MAX_REDUCTION]
-    if not candidates:
-        candidates = [s.index for s in stages[:-1]]
-    m = len(candidates)
-    if m <= NUM_DEFAULT_SHALLOW_EXITS:
-        return candidates
-    n = NUM_DEFAULT_SHALLOW_EXITS + 1
-    positions = sorted({int(k * (m + 1) / n + 0.5) for k in range(1, n)})  # 1-based, half-up
-    return [candidates[p - 1] for p in positions]
-
-
-def resolve_exit_indices(model: nn.Module, exits: list[int | str] | None) -> list[int]:
-    """``ScanConfig.exits`` → ascending ``feature_info`` indices, validated against the model."""
-    stages = feature_stages(model)
-    if exits is None:
-        return default_exit_indices(stages)
-    n = len(stages)
-    by_name = {s.module: s.index for s in stages}
-    resolved = []
-    for i, e in enumerate(exits):
-        if isinstance(e, str):
-            if e not in by_name:
-                raise ValueError(
-                    f"ScanConfig.exits[{i}] = {e!r} is not a feature_info module of {model_name(model)!r}; "
-                    f"valid names are {[s.module for s in stages[:-1]]}"
-                )
-            idx = by_name[e]
-        else:
-            if not -n <= e < n:
-                raise ValueError(
-                    f"ScanConfig.exits[{i}] = {e} is out of range for {model_name(model)!r}: valid "
-                    f"feature_info indices are 0..{n - 2} (or {-n}..-2)"
-                )
-            idx = e % n
-        if idx == n - 1:
-            raise ValueError(
-                f"ScanConfig.exits[{i}] = {e!r} names the last stage ({stages[-1].module!r}) of "
-                f"{model_name(model)!r}, whose head is the backbone's own classifier; choose from "
-                f"indices 0..{n - 2}"
-            )
-        resolved.append(idx)
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"ScanConfig.exits {exits!r} names the same stage twice for {model_name(model)!r}")
-    return sorted(resolved)
 
 
 class SequentialRunner(Runner):

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .._io import JsonRecord
 
-__all__ = ["ATTENTION_KINDS", "HEAD_KINDS", "ScanConfig", "check_input_size"]
+__all__ = ["ATTENTION_KINDS", "HEAD_KINDS", "ScanConfig", "check_data_config", "check_input_size"]
 
 ATTENTION_KINDS = ("sd", "scan", "none")
 HEAD_KINDS = ("sepconv", "pooled")  # ExitHead's kinds (timm_scan.model.heads)
 MAX_HEAD_CHANNELS = 16384  # beyond any timm stage's width: a larger value is a damaged config, not a model
 MAX_HEAD_BLOCKS = 32
+MAX_INPUT_SIDE = 4096  # the largest height or width a saved model or export may name
+# What a data config (timm's: how images are resized, cropped and normalised) may hold: ranges that every
+# timm pretrained config lies well inside (crop_pct 0.875-1.15, mean 0-0.5, std 0.14-1)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's eval transforms'
+CROP_MODES = ("center", "squash", "border")
+CROP_PCT_RANGE = (0.05, 2.0)  # below, the resize before the crop would be over 20 times the input size
+MEAN_RANGE = (0.0, 1.0)  # of pixel values in [0, 1]
+STD_RANGE = (0.01, 10.0)  # normalised pixels stay within 100 of 0
 
 
 @dataclass
@@ -83,3 +92,47 @@ def check_input_size(input_size: Any) -> tuple[int, int, int]:
                                    for v in values):
         raise ValueError(f"input_size must be (channels, height, width) of positive ints; got {input_size!r}")
     return tuple(int(v) for v in values)
+
+
+def check_data_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """timm's data config (``resolve_model_data_config``'s keys: ``input_size``, ``interpolation``, ``mean``,
+    ``std``, ``crop_pct``, ``crop_mode``; those present, no others) as a dict with ``input_size`` a tuple, or
+    a ``ValueError`` naming the field: (C, H, W) up to ``MAX_INPUT_SIDE`` a side, one of timm's
+    interpolations and crop modes, C means in ``MEAN_RANGE`` and C standard deviations in ``STD_RANGE``
+    (pixels in [0, 1]), ``crop_pct`` in ``CROP_PCT_RANGE``."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"the data config must be a JSON object; got {config!r}")
+    known = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    unknown = sorted(set(config) - set(known), key=str)
+    if unknown:
+        raise ValueError(f"the data config has unknown fields {unknown}; it knows {list(known)}")
+    data = dict(config)
+    if "input_size" in data:
+        try:
+            data["input_size"] = check_input_size(data["input_size"])
+        except ValueError as exc:
+            raise ValueError(f"data config field 'input_size': {exc}") from None
+        if max(data["input_size"][1:]) > MAX_INPUT_SIDE:
+            raise ValueError(f"data config field 'input_size' is {data['input_size']}; models load with (C, H, W) "
+                             f"up to {MAX_INPUT_SIDE} pixels a side")
+    channels = data["input_size"][0] if "input_size" in data else None
+
+    def number_in(value: Any, low: float, high: float) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and low <= value <= high
+
+    def per_channel(values: Any, low: float, high: float) -> bool:
+        return isinstance(values, (list, tuple)) and len(values) == (channels or len(values)) > 0 and all(
+            number_in(v, low, high) for v in values)
+
+    count = f"{channels} " if channels else ""
+    checks = [
+        ("interpolation", lambda v: v in INTERPOLATIONS, f"one of {INTERPOLATIONS}"),
+        ("crop_mode", lambda v: v in CROP_MODES, f"one of {CROP_MODES}"),
+        ("mean", lambda v: per_channel(v, *MEAN_RANGE), f"{count}numbers in {list(MEAN_RANGE)}, one per channel"),
+        ("std", lambda v: per_channel(v, *STD_RANGE), f"{count}numbers in {list(STD_RANGE)}, one per channel"),
+        ("crop_pct", lambda v: number_in(v, *CROP_PCT_RANGE), f"a number in {list(CROP_PCT_RANGE)}"),
+    ]
+    for name, ok, valid in checks:
+        if name in data and not ok(data[name]):
+            raise ValueError(f"data config field {name!r} must be {valid}; got {data[name]!r}")
+    return data

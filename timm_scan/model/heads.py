@@ -6,6 +6,10 @@ pool → a two-layer MLP), whose cost is one pooling and two small matrix produc
 
 All modules take and return NCHW maps and work at any input resolution (global pooling only). Their
 inference form (BatchNorm folded, matrix products on CPU) is ``timm_scan.deploy.fast_heads``.
+
+Where the exits go: ``resolve_exit_indices`` turns ``ScanConfig.exits`` into ``feature_info`` indices of a
+backbone (``default_exit_indices``: the papers' placement), and ``exit_heads`` builds the heads a config
+puts there (on the meta device, it counts them without allocating).
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, SelectAdaptivePool2d, SeparableConvNormAct, make_divisible
 from torch import Tensor, nn
 
-from .config import HEAD_KINDS
+from .config import HEAD_KINDS, ScanConfig
+from .runner import Stage, feature_stages, model_name
 
-__all__ = ["POOLED_HIDDEN", "ExitHead", "ScanAttention", "SdAttention", "SepConv", "align_plan",
-           "make_attention"]
+__all__ = ["POOLED_HIDDEN", "ExitHead", "ScanAttention", "SdAttention", "SepConv", "align_plan", "default_exit_indices",
+           "exit_heads", "make_attention", "resolve_exit_indices"]
 
 POOLED_HIDDEN = 128  # the pooled head's hidden width by default (earlyon's)
+NUM_DEFAULT_SHALLOW_EXITS = 3  # four classifiers in all, as the papers recommend (TPAMI §4.8-4.9)
+STEM_MAX_REDUCTION = 2
 
 
 class SdAttention(nn.Module):
@@ -137,3 +144,80 @@ class ExitHead(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pooled = self.pool(self.align(self.attention(x)))
         return self.fc(pooled), pooled
+
+
+def default_exit_indices(stages: list[Stage]) -> list[int]:
+    """Papers' default placement: three shallow exits at the ends of the main sections.
+
+    Candidates are every stage but the last (whose head is the backbone's) and but the stem
+    (stages at reduction <= 2, kept only if nothing else is left). Where more than three remain
+    (ViT: 12 equal blocks), exits go at 1/4, 2/4 and 3/4 of the candidates' depth.
+    """
+    candidates = [s.index for s in stages[:-1] if s.reduction > STEM_MAX_REDUCTION]
+    if not candidates:
+        candidates = [s.index for s in stages[:-1]]
+    m = len(candidates)
+    if m <= NUM_DEFAULT_SHALLOW_EXITS:
+        return candidates
+    n = NUM_DEFAULT_SHALLOW_EXITS + 1
+    positions = sorted({int(k * (m + 1) / n + 0.5) for k in range(1, n)})  # 1-based, half-up
+    return [candidates[p - 1] for p in positions]
+
+
+def resolve_exit_indices(model: nn.Module, exits: list[int | str] | None) -> list[int]:
+    """``ScanConfig.exits`` → ascending ``feature_info`` indices, validated against the model."""
+    stages = feature_stages(model)
+    if exits is None:
+        return default_exit_indices(stages)
+    n = len(stages)
+    by_name = {s.module: s.index for s in stages}
+    resolved = []
+    for i, e in enumerate(exits):
+        if isinstance(e, str):
+            if e not in by_name:
+                raise ValueError(
+                    f"ScanConfig.exits[{i}] = {e!r} is not a feature_info module of {model_name(model)!r}; "
+                    f"valid names are {[s.module for s in stages[:-1]]}"
+                )
+            idx = by_name[e]
+        else:
+            if not -n <= e < n:
+                raise ValueError(
+                    f"ScanConfig.exits[{i}] = {e} is out of range for {model_name(model)!r}: valid "
+                    f"feature_info indices are 0..{n - 2} (or {-n}..-2)"
+                )
+            idx = e % n
+        if idx == n - 1:
+            raise ValueError(
+                f"ScanConfig.exits[{i}] = {e!r} names the last stage ({stages[-1].module!r}) of "
+                f"{model_name(model)!r}, whose head is the backbone's own classifier; choose from "
+                f"indices 0..{n - 2}"
+            )
+        resolved.append(idx)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"ScanConfig.exits {exits!r} names the same stage twice for {model_name(model)!r}")
+    return sorted(resolved)
+
+
+def exit_heads(backbone: nn.Module, config: ScanConfig, cuts: list[int]) -> list[ExitHead]:
+    """The shallow heads ``config`` puts after the backbone's ``feature_info`` stages ``cuts`` (resolved,
+    ascending), shallowest first, on the current default device (``torch.device("meta")`` counts their
+    parameters without allocating them)."""
+    stages = feature_stages(backbone)
+    feature_dim = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    out_chs = config.head_channels or (stages[-1].num_chs if config.head == "sepconv" else POOLED_HIDDEN)
+    num_exits = len(cuts) + 1
+    return [
+        ExitHead(
+            in_chs=stages[c].num_chs,
+            in_reduction=stages[c].reduction,
+            out_chs=out_chs,
+            out_reduction=stages[-1].reduction,
+            num_blocks=config.head_blocks or (num_exits - (i + 1)),
+            num_classes=backbone.num_classes,
+            feature_dim=feature_dim,
+            attention=config.attention,
+            kind=config.head,
+        )
+        for i, c in enumerate(cuts)
+    ]

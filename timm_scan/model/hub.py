@@ -4,23 +4,30 @@ A saved model is a folder (or a Hub model repo) that plain timm can read too::
 
     config.json              timm's own config of the backbone (``timm.models.save_for_hf``)
     model.safetensors        the backbone's weights, timm's key names
-    scan_config.json         timm-scan: ScanConfig, the exit policy, measured latency
+    scan_config.json         timm-scan: ScanConfig, the exit policy, measured latency, both weights files' SHA-256
     scan_exits.safetensors   the shallow exit heads' weights
     README.md                model card (Hub YAML header), plus any plot it shows
 
 so ``timm.create_model("hf-hub:owner/name", pretrained=True)`` still gives the plain backbone, and
 ``timm_scan.from_pretrained("hf-hub:owner/name")`` the whole multi-exit model. Weights are
-safetensors only, and loading is strict: every tensor must be there with its shape.
+safetensors only, and loading is strict: every tensor must be there with its shape, and every byte as
+saved (the SHA-256). A folder is untrusted input: what it would cost to build is checked before anything
+is allocated (`read_pretrained`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import numbers
+import re
 import shutil
 import tempfile
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,27 +47,35 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .._io import atomic_write, read_json
+from .._io import atomic_write, check_sha256, read_json, sha256
 from ..exit_policy import ExitPolicy
 from ..report import ExitLatency
 from .runner import feature_stages, model_name
 from .card import CardModel, is_run_best, model_card, run_card
-from .config import ScanConfig
+from .config import ScanConfig, check_data_config
+from .heads import exit_heads, resolve_exit_indices
 
-__all__ = ["HubUploadError", "Pretrained", "check_pretrained_weights", "load_initial_weights", "load_weights",
-           "push_to_hub", "read_pretrained", "read_tensors", "save_deployment", "save_pretrained", "write_run_card"]
+__all__ = ["MAX_PARAMETERS", "HubUploadError", "Pretrained", "check_pretrained_weights", "load_initial_weights",
+           "load_weights", "push_to_hub", "read_pretrained", "read_tensors", "save_deployment", "save_pretrained",
+           "write_run_card"]
 
 FORMAT = "timm-scan"
-FORMAT_VERSION = 2  # 2: the exit policy as one object, "policy"; 1 (before): thresholds, fallback, temperatures
+# 3: the weights' SHA-256 ("sha256"); 2: the exit policy as one object, "policy"; 1: thresholds, fallback, temperatures
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 SCAN_CONFIG = "scan_config.json"
 EXITS_WEIGHTS = "scan_exits.safetensors"
 BACKBONE_CONFIG = "config.json"
 BACKBONE_WEIGHTS = "model.safetensors"
+WEIGHT_FILES = (BACKBONE_WEIGHTS, EXITS_WEIGHTS)
 HUB_PREFIX = "hf-hub:"
 FORMAT_FILES = (SCAN_CONFIG, BACKBONE_CONFIG, BACKBONE_WEIGHTS, EXITS_WEIGHTS)  # what loading fetches from the Hub
-_META_KEYS = {"format", "format_version", "scan_config", "policy", "exit_latency"}
+_META_KEYS = {"format", "format_version", "scan_config", "policy", "exit_latency", "sha256"}
 _V1_POLICY_KEYS = {"thresholds", "fallback", "temperatures"}  # format 1's loose policy fields
-MAX_INPUT_SIDE = 4096
+MAX_PARAMETERS = 2_000_000_000  # the most values (parameters and buffers) from_pretrained loads by default: 8 GB in float32
+# Building config.json's backbone (on the meta device) stops once it has registered more than this many times the
+# tensors and values model.safetensors holds: a config that describes a larger model fails in the time its weights take
+BUILD_SLACK = 2
 CHECK_SIDE = 256  # the wrap-time proof of a loaded model runs at most this size, unless its input size is fixed
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -74,12 +89,16 @@ class HubUploadError(RuntimeError):
 def save_pretrained(model: nn.Module, save_directory: str | Path, card: str | None = None) -> Path:
     """Write ``model`` (a `MultiExitModel`) to ``save_directory`` in the layout above; ``card`` is the
     README.md text (default: ``model_card(model)``). Class names and the data config are stored once, in
-    timm's ``config.json``; ``scan_config.json`` holds what timm-scan adds: the exits, the exit policy and
-    measured latency. Every file but timm's own is written whole or not at all."""
+    timm's ``config.json``; ``scan_config.json`` holds what timm-scan adds: the exits, the exit policy,
+    measured latency, and the SHA-256 of both weights files, which loading verifies. It is written last:
+    every file but timm's own is written whole or not at all. A data config that loading would refuse
+    (`check_data_config`) is a ``ValueError`` before anything is written."""
+    data_config = dict(model.data_config) if model.data_config else None
+    if data_config is not None:
+        check_data_config(data_config)
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     model_config = {"label_names": list(model.class_names)} if model.class_names else None
-    data_config = dict(model.data_config) if model.data_config else None
     timm.models.save_for_hf(model.backbone, str(folder), model_config=model_config, data_config=data_config,
                             safe_serialization=True)
     atomic_write(folder / EXITS_WEIGHTS, save({k: v.contiguous() for k, v in model.exits.state_dict().items()}))
@@ -91,6 +110,7 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, card: str | No
     }
     if model.exit_latency:
         meta["exit_latency"] = [latency.to_dict() for latency in model.exit_latency]
+    meta["sha256"] = {name: sha256(folder / name) for name in WEIGHT_FILES}
     atomic_write(folder / SCAN_CONFIG, json.dumps(meta, indent=2))
     atomic_write(folder / "README.md", card if card is not None else model_card(model))
     return folder
@@ -100,25 +120,34 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, card: str | No
 class Pretrained:
     """A saved model's files, read and validated: the timm ``backbone`` with its weights, the exits'
     ``config`` and the file of their weights (loaded once the exits are built), the exit policy and
-    measured latency, and ``check_size``, the input size the wrap-time proof
-    may run at."""
+    measured latency, the ``data_config`` (timm's, checked), and ``check_size``, the input size the
+    wrap-time proof may run at."""
 
     source: str
     backbone: nn.Module
     config: ScanConfig
     exits_file: Path
     policy: ExitPolicy
+    data_config: dict[str, Any]
     check_size: tuple[int, int, int]
     exit_latency: list[ExitLatency] = dataclasses.field(default_factory=list)
 
 
 def read_pretrained(
-    name_or_path: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None, token: str | None = None
+    name_or_path: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
+    token: str | None = None, max_parameters: int = MAX_PARAMETERS,
 ) -> Pretrained:
     """What ``MultiExitModel.from_pretrained`` builds from, from a folder or from the Hub
     (``"hf-hub:owner/name"``: only the format's files are fetched). Everything is validated before
-    anything is built at full size: JSON types and ranges, the architecture, sizes, and every tensor's
-    name, shape, kind of dtype and finiteness; a ``ValueError`` names the file and what is wrong."""
+    anything is allocated, each ``ValueError`` naming the file and what is wrong: JSON types and ranges
+    and the data config; the size, against ``max_parameters`` (the most values, parameters and buffers
+    of backbone and exits, a folder may hold; raise it to load larger models) and against each other:
+    the weights files' headers, the model ``config.json`` describes (built on the meta device, stopped
+    once it outgrows ``model.safetensors``) and the exits ``scan_config.json`` describes (counted on the
+    meta device); the weights' SHA-256 (format 3 on); then every tensor's name, shape, kind of dtype and
+    finiteness."""
+    if isinstance(max_parameters, bool) or not isinstance(max_parameters, numbers.Integral) or max_parameters < 1:
+        raise ValueError(f"max_parameters must be a positive int; got {max_parameters!r}")
     src = str(name_or_path)
     folder = _resolve(src, revision, cache_dir, token)
     if not (folder / SCAN_CONFIG).is_file():
@@ -137,8 +166,27 @@ def read_pretrained(
         policy, exit_latency = _deployment(meta, len(config.exits or []) + 1)
     except ValueError as exc:
         raise ValueError(f"{src}: {SCAN_CONFIG}: {exc}") from None
-    backbone, check_size = _read_backbone(folder, src)
-    return Pretrained(src, backbone, config, folder / EXITS_WEIGHTS, policy, check_size, exit_latency)
+    headers = {name: _header(folder / name, src) for name in WEIGHT_FILES}
+    sizes = {name: _values(header) for name, header in headers.items()}
+    if sum(sizes.values()) > max_parameters:
+        raise ValueError(f"{src}: {BACKBONE_WEIGHTS} and {EXITS_WEIGHTS} hold {sizes[BACKBONE_WEIGHTS]:,} and "
+                         f"{sizes[EXITS_WEIGHTS]:,} values (parameters and buffers), above max_parameters="
+                         f"{max_parameters:,}; to load a model this large, pass a larger max_parameters")
+    _verify_weights(folder, meta, src)
+    skeleton = _skeleton(folder, src, headers[BACKBONE_WEIGHTS])
+    _check_header(headers[BACKBONE_WEIGHTS], skeleton.state_dict(), BACKBONE_WEIGHTS, src,
+                  f"the model {BACKBONE_CONFIG} describes")
+    try:
+        data_config = check_data_config(timm.data.resolve_model_data_config(skeleton))
+    except ValueError as exc:
+        raise ValueError(f"{src}: {BACKBONE_CONFIG} (pretrained_cfg): {exc}") from None
+    _check_exits(skeleton, config, headers[EXITS_WEIGHTS], max_parameters - sizes[BACKBONE_WEIGHTS], src)
+    backbone = timm.create_model(f"local-dir:{folder}", pretrained=False)
+    load_strict(backbone, _read_finite(folder / BACKBONE_WEIGHTS, src), BACKBONE_WEIGHTS, src)
+    size = data_config["input_size"]
+    check_size = size if backbone.pretrained_cfg.get("fixed_input_size", False) else (
+        size[0], min(size[1], CHECK_SIDE), min(size[2], CHECK_SIDE))
+    return Pretrained(src, backbone, config, folder / EXITS_WEIGHTS, policy, data_config, check_size, exit_latency)
 
 
 def _deployment(meta: dict[str, Any], num_exits: int) -> tuple[ExitPolicy, list[ExitLatency]]:
@@ -162,26 +210,66 @@ def _deployment(meta: dict[str, Any], num_exits: int) -> tuple[ExitPolicy, list[
     return policy, exit_latency
 
 
-def _read_backbone(folder: Path, src: str) -> tuple[nn.Module, tuple[int, int, int]]:
-    """The timm backbone of ``config.json`` with the weights of ``model.safetensors``, each checked
-    first (the model is built on the meta device to compare against), and the proof's input size."""
+class _Outgrown(Exception):
+    """A model under construction registered more parameters than `_at_most` allows."""
+
+
+@contextlib.contextmanager
+def _at_most(tensors: int, values: int) -> Iterator[None]:
+    """Raise `_Outgrown` inside the modules built in this thread, within the block, once they have
+    registered more than ``tensors`` parameters or ``values`` parameter values (replaced ones count)."""
+    thread, count = threading.get_ident(), [0, 0]
+
+    def registered(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and threading.get_ident() == thread:
+            count[0] += 1
+            count[1] += param.numel()
+            if count[0] > tensors or count[1] > values:
+                raise _Outgrown
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(registered)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _skeleton(folder: Path, src: str, weights: dict[str, tuple[str, tuple[int, ...]]]) -> nn.Module:
+    """The backbone ``config.json`` describes, checked, built on the meta device (nothing allocated) and
+    stopped once it outgrows the weights' header ``weights`` (`BUILD_SLACK`)."""
     config = _read_json(folder / BACKBONE_CONFIG, src)
     _check_backbone_config(config, src)
     try:
-        with torch.device("meta"):  # the architecture as config.json describes it, without allocating
-            skeleton = timm.create_model(f"local-dir:{folder}", pretrained=False)
+        with torch.device("meta"), _at_most(BUILD_SLACK * len(weights), BUILD_SLACK * _values(weights)):
+            return timm.create_model(f"local-dir:{folder}", pretrained=False)
+    except _Outgrown:
+        raise ValueError(
+            f"{src}: {BACKBONE_CONFIG} (fields 'architecture' {config['architecture']!r} and 'model_args' "
+            f"{config.get('model_args', {})}) describes a larger model than {BACKBONE_WEIGHTS} holds "
+            f"({len(weights)} tensors, {_values(weights):,} values): the two files do not belong together, or one "
+            "is damaged") from None
     except Exception as exc:  # timm raises many types for configs it cannot build
         raise ValueError(f"{src}: {BACKBONE_CONFIG} does not describe a model timm can build "
                          f"({type(exc).__name__}: {exc})") from None
-    size = tuple(timm.data.resolve_model_data_config(skeleton)["input_size"])
-    if len(size) != 3 or not all(isinstance(v, int) and 0 < v for v in size) or max(size[1:]) > MAX_INPUT_SIDE:
-        raise ValueError(f"{src}: {BACKBONE_CONFIG} gives the input size {size}; this loads models with (C, H, W) "
-                         f"up to {MAX_INPUT_SIDE} pixels a side")
-    state = read_tensors(folder / BACKBONE_WEIGHTS, skeleton.state_dict(), src)
-    backbone = timm.create_model(f"local-dir:{folder}", pretrained=False)
-    load_strict(backbone, state, BACKBONE_WEIGHTS, src)
-    fixed = backbone.pretrained_cfg.get("fixed_input_size", False)
-    return backbone, size if fixed else (size[0], min(size[1], CHECK_SIDE), min(size[2], CHECK_SIDE))
+
+
+def _check_exits(skeleton: nn.Module, config: ScanConfig, weights: dict[str, tuple[str, tuple[int, ...]]],
+                 max_values: int, src: str) -> None:
+    """The exit heads ``config`` puts on ``skeleton``, counted on the meta device: at most ``max_values``
+    values, and the tensors of ``scan_exits.safetensors`` (header ``weights``)."""
+    try:
+        cuts = resolve_exit_indices(skeleton, config.exits)
+    except ValueError as exc:
+        raise ValueError(f"{src}: {SCAN_CONFIG} field 'scan_config': {exc}") from None
+    with torch.device("meta"):
+        expected = nn.ModuleList(exit_heads(skeleton, config, cuts)).state_dict()
+    values = sum(t.numel() for t in expected.values())
+    if values > max_values:
+        raise ValueError(
+            f"{src}: {SCAN_CONFIG} field 'scan_config' (exits {config.exits}, head_channels {config.head_channels}, "
+            f"head_blocks {config.head_blocks}) gives exit heads of {values:,} values, above the {max_values:,} that "
+            "max_parameters leaves beside the backbone; to load a model this large, pass a larger max_parameters")
+    _check_header(weights, expected, EXITS_WEIGHTS, src, f"the exits {SCAN_CONFIG} describes")
 
 
 def _check_backbone_config(config: dict[str, Any], src: str) -> None:
@@ -204,20 +292,31 @@ def _check_backbone_config(config: dict[str, Any], src: str) -> None:
 
 def read_tensors(path: Path, expected: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, checked against ``expected`` (a state dict, possibly on the meta
-    device) before they are read: the same names and shapes, floating point where the model's are (other
-    float precisions are cast), the exact dtype otherwise; then every floating tensor finite."""
-    header = _header(path, src)
+    device) before they are read (`_check_header`), then every floating tensor finite."""
+    _check_header(_header(path, src), expected, path.name, src, "the model")
+    return _read_finite(path, src)
+
+
+def _check_header(header: dict[str, tuple[str, tuple[int, ...]]], expected: dict[str, torch.Tensor], file: str,
+                  src: str, model: str) -> None:
+    """A safetensors header (`_header`) of ``file`` against ``expected``, the state dict of ``model`` (in
+    words, for the message): the same names and shapes, floating point where the model's are (other float
+    precisions are cast on loading), the exact dtype otherwise."""
     missing, unexpected = sorted(expected.keys() - header.keys()), sorted(header.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"{src}: {path.name} does not match the model: missing {missing[:5]}, unexpected "
+        raise ValueError(f"{src}: {file} does not match {model}: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}" + (" (and more)" if len(missing) > 5 or len(unexpected) > 5 else ""))
     for name, want in expected.items():
         dtype, shape = header[name]
         got = _SAFETENSORS_DTYPES.get(dtype)
         if shape != tuple(want.shape):
-            raise ValueError(f"{src}: {path.name} tensor {name!r} has shape {shape}; the model's is {tuple(want.shape)}")
+            raise ValueError(f"{src}: {file} tensor {name!r} has shape {shape}; in {model} it is {tuple(want.shape)}")
         if got is None or (got != want.dtype and not (got.is_floating_point and want.dtype.is_floating_point)):
-            raise ValueError(f"{src}: {path.name} tensor {name!r} is {dtype}; the model's is {want.dtype}")
+            raise ValueError(f"{src}: {file} tensor {name!r} is {dtype}; in {model} it is {want.dtype}")
+
+
+def _read_finite(path: Path, src: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose header was checked; a NaN or infinite value is a ``ValueError``."""
     state = _load_safetensors(path, src)
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -254,11 +353,14 @@ def load_initial_weights(
     if config.get("architecture") != arch:
         raise ValueError(f"{src} holds a {config.get('architecture')!r} model but this run builds {arch!r}; "
                          f"pass --model {config.get('architecture')}")
+    meta = _read_meta(folder / SCAN_CONFIG) if (folder / SCAN_CONFIG).is_file() else None
+    if meta is not None:
+        _verify_weights(folder, meta, src)
     _load_backbone_weights(model, folder / BACKBONE_WEIGHTS, src)
-    if not (folder / SCAN_CONFIG).is_file():
+    if meta is None:
         return "backbone"
     try:
-        saved = ScanConfig.from_dict(_read_meta(folder / SCAN_CONFIG)["scan_config"])
+        saved = ScanConfig.from_dict(meta["scan_config"])
     except TypeError as exc:
         raise ValueError(f"{src}: {SCAN_CONFIG} field 'scan_config': {exc}") from None
     if not saved.exits:  # a plain backbone (a --baseline run): the exits start afresh
@@ -320,6 +422,18 @@ def _header(path: Path, src: str) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise ValueError(f"{src}: {path.name} cannot be read as safetensors ({exc}); it is truncated or damaged") from None
 
 
+def _values(header: dict[str, tuple[str, tuple[int, ...]]]) -> int:
+    """How many values (parameters and buffers) a safetensors header (`_header`) describes."""
+    return sum(math.prod(shape) for _, shape in header.values())
+
+
+def _verify_weights(folder: Path, meta: dict[str, Any], src: str | Path) -> None:
+    """Both weights files against the SHA-256 that ``scan_config.json`` (``meta``, `_read_meta`) records
+    (format 3 on; earlier folders have none, and their files are checked by their contents only)."""
+    for name, digest in meta.get("sha256", {}).items():
+        check_sha256(folder / name, digest, f"{src}: {name}")
+
+
 def _read_json(path: Path, src: str | Path) -> dict[str, Any]:
     """A JSON object file of a saved model (`read_json`), or a ``ValueError`` naming the model and file."""
     data = read_json(path, f"{src}: {path.name}")
@@ -329,25 +443,33 @@ def _read_json(path: Path, src: str | Path) -> dict[str, Any]:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    """``scan_config.json``, checked to be a JSON object of a format this version reads (1 or 2)."""
+    """``scan_config.json``, checked to be a JSON object of a format this version reads (1 to 3), with the
+    fields of its version: from 3 on, ``sha256`` maps both weights files to their SHA-256 (hex)."""
     meta = _read_json(path, path.parent)
     version = meta.get("format_version")
-    if meta.get("format") != FORMAT or version not in (1, FORMAT_VERSION) or isinstance(version, bool):
+    if meta.get("format") != FORMAT or isinstance(version, bool) or version not in READ_VERSIONS:
         raise ValueError(
             f"{path}: format {meta.get('format')!r} version {version!r}; this timm-scan "
-            f"reads {FORMAT!r} versions 1 and {FORMAT_VERSION}"
+            f"reads {FORMAT!r} versions {', '.join(map(str, READ_VERSIONS))}"
         )
-    known = _META_KEYS - {"policy"} | _V1_POLICY_KEYS if version == 1 else _META_KEYS
+    known = {1: _META_KEYS - {"policy", "sha256"} | _V1_POLICY_KEYS, 2: _META_KEYS - {"sha256"}}.get(version, _META_KEYS)
     unknown = sorted(set(meta) - known)
     if unknown or not isinstance(meta.get("scan_config"), dict):
         raise ValueError(f"{path}: needs a 'scan_config' object and knows only {sorted(known)}; "
                          f"unknown {unknown}" if unknown else f"{path}: field 'scan_config' must be a JSON object")
+    sums = meta.get("sha256")
+    if "sha256" in known and not (isinstance(sums, dict) and sorted(sums) == sorted(WEIGHT_FILES) and all(
+            isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) for v in sums.values())):
+        raise ValueError(f"{path}: field 'sha256' must map {list(WEIGHT_FILES)} to their SHA-256 checksums "
+                         f"(64 hex digits); got {sums!r}")
     return meta
 
 
 def load_weights(model: nn.Module, folder: str | Path) -> None:
-    """Load a ``save_pretrained`` folder's weights into an existing model of the same shape (strict)."""
+    """Load a ``save_pretrained`` folder's weights into an existing model of the same shape (strict), after
+    checking their SHA-256 where the folder records it."""
     folder = Path(folder)
+    _verify_weights(folder, _read_meta(folder / SCAN_CONFIG), folder)
     load_strict(model.backbone, _load_safetensors(folder / BACKBONE_WEIGHTS, folder), BACKBONE_WEIGHTS, folder)
     load_strict(model.exits, _load_safetensors(folder / EXITS_WEIGHTS, folder), EXITS_WEIGHTS, folder)
 
@@ -383,6 +505,7 @@ def save_deployment(
         latency = [*[m for m in old if m.describe() not in new], *exit_latency]
         meta = {k: v for k, v in meta.items() if k not in _V1_POLICY_KEYS | {"exit_latency"}}
         meta.update(format_version=FORMAT_VERSION, policy=policy.to_dict())
+        meta.setdefault("sha256", {name: sha256(Path(folder) / name) for name in WEIGHT_FILES})  # an upgraded folder
         if latency:
             meta["exit_latency"] = [m.to_dict() for m in latency]
         _deployment(meta, exits)  # what loading will check

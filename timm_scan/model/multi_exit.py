@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-import timm
 import torch
 from torch import Tensor, nn
 
@@ -18,7 +17,7 @@ from ..report import ExitLatency
 from . import hub
 from .backbone import build_runner, resolve_exit_indices
 from .config import ScanConfig, check_input_size
-from .heads import POOLED_HIDDEN, ExitHead
+from .heads import ExitHead, exit_heads
 from .macs import count_macs
 from .runner import Runner, Stage, eval_mode, feature_stages, model_name, without_capture_hooks
 
@@ -161,18 +160,22 @@ class MultiExitModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, name_or_path: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
-        token: str | None = None,
+        token: str | None = None, max_parameters: int = hub.MAX_PARAMETERS,
     ) -> MultiExitModel:
         """Load a saved model from a folder or from the Hub (``"hf-hub:owner/name"``), strictly: every
-        tensor with its shape. Raises ``ValueError`` when the source is not a timm-scan model or a file is
-        missing, truncated, corrupt or of the wrong shape."""
-        saved = hub.read_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
+        tensor with its shape. Raises ``ValueError`` when the source is not a timm-scan model, a file is
+        missing, truncated, corrupt (its SHA-256 differs from the one saved) or of the wrong shape, or the
+        model would hold more than ``max_parameters`` values (parameters and buffers, default
+        ``hub.MAX_PARAMETERS``, two billion: raise it to load a larger model); everything is checked before
+        anything is allocated (`hub.read_pretrained`)."""
+        saved = hub.read_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                                    max_parameters=max_parameters)
         model = wrap(saved.backbone.eval(), saved.config, check_input_size=saved.check_size)
         exits = hub.read_tensors(saved.exits_file, model.exits.state_dict(), saved.source)
         hub.load_strict(model.exits, exits, hub.EXITS_WEIGHTS, saved.source)
         labels = saved.backbone.pretrained_cfg.get("label_names")
         model.class_names = list(labels) if labels else None
-        model.data_config = timm.data.resolve_model_data_config(saved.backbone)
+        model.data_config = saved.data_config
         model.policy, model.exit_latency = saved.policy, saved.exit_latency
         return model
 
@@ -241,7 +244,6 @@ def wrap(
         raise ValueError(f"wrap expects a timm model (torch.nn.Module); got {type(model).__name__}")
     config = config if config is not None else ScanConfig()
     name = model_name(model)
-    stages = feature_stages(model)
     num_classes = getattr(model, "num_classes", 0)
     if not num_classes:
         raise ValueError(
@@ -252,23 +254,7 @@ def wrap(
     example = _check_input(model, check_input_size)
     runner = build_runner(model, cuts, example)
 
-    feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
-    out_chs = config.head_channels or (stages[-1].num_chs if config.head == "sepconv" else POOLED_HIDDEN)
-    num_exits = len(cuts) + 1
-    heads = [
-        ExitHead(
-            in_chs=stages[c].num_chs,
-            in_reduction=stages[c].reduction,
-            out_chs=out_chs,
-            out_reduction=stages[-1].reduction,
-            num_blocks=config.head_blocks or (num_exits - (i + 1)),
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            attention=config.attention,
-            kind=config.head,
-        ).to(device=example.device, dtype=example.dtype)
-        for i, c in enumerate(cuts)
-    ]
+    heads = [head.to(device=example.device, dtype=example.dtype) for head in exit_heads(model, config, cuts)]
     return MultiExitModel(model, dataclasses.replace(config, exits=cuts), runner, heads)
 
 
