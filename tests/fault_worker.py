@@ -5,12 +5,17 @@ files as a SIGKILL would: no cleanup, nothing flushed) or, with no point, run to
 
 POINT: ``step`` (the COUNT-th optimizer step), ``torch.save`` (the COUNT-th file Accelerate writes with
 torch.save: optimizer, schedule, RNG, in the middle of a checkpoint), ``os.replace`` (the COUNT-th rename
-that completes a checkpoint or ``best/``) or ``checkpoint`` (the COUNT-th checkpoint, right after that
-epoch's metrics line).
+of a folder: those that complete a checkpoint or swap ``best/`` in), ``checkpoint`` (the COUNT-th
+checkpoint, right after that epoch's metrics line), ``write:NAME`` (in the middle of the COUNT-th write of
+a file named NAME, or of the temporary file it is written through: half its bytes written) or ``pause``
+(at the COUNT-th optimizer step, print "paused" and sleep, holding the run folder, until killed).
 """
 
+import builtins
+import io
 import os
 import sys
+import time
 
 import torch
 
@@ -43,6 +48,52 @@ elif point == "os.replace":  # the renames of folders, not those of the files wr
     die_at(os, "replace", counted=lambda src, dst: os.path.isdir(src))
 elif point == "checkpoint":
     die_at(RunFolder, "save_checkpoint")
+elif point == "pause":
+    original_step = torch.optim.SGD.step
+
+    def paused_step(*args, **kwargs):
+        global calls
+        calls += 1
+        if calls == count:
+            print("paused", flush=True)
+            time.sleep(600)
+        return original_step(*args, **kwargs)
+
+    torch.optim.SGD.step = paused_step
+elif point is not None and point.startswith("write:"):
+    name, real_open = point.removeprefix("write:"), open
+
+    class HalfWritten:
+        """A file that takes half of what is written to it, and then the process dies."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            os._exit(9)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, attr):
+            return getattr(self.f, attr)
+
+    def opening(file, mode="r", *args, **kwargs):
+        global calls
+        f = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") \
+                and os.path.basename(file) in (name, f"{name}.partial"):
+            calls += 1
+            if calls == count:
+                return HalfWritten(f)
+        return f
+
+    builtins.open = io.open = opening
 
 cfg = TrainConfig(dataset=data, output_dir=out, model="test_resnet", input_size=32, crop_pct=1.0, val_size=16, epochs=3,
                   batch_size=16, lr=0.05, num_workers=0, keep_checkpoints=2)

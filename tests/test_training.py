@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from timm_scan.training import PRESETS, Trainer, TrainConfig, epoch_metrics
+from timm_scan.training.config import FLOAT32_MAX
+from timm_scan.training.trainer import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,10 +105,16 @@ def test_kd_from_an_external_teacher(tiny_parquet, tmp_path):
         ({"crop_pct": -1}, "TrainConfig.crop_pct"),
         ({"input_size": 0}, "TrainConfig.input_size"),
         ({"max_test_samples": 0}, "TrainConfig.max_test_samples"),
-        ({"lr": float("inf")}, "TrainConfig.lr must be a finite number"),
+        ({"lr": float("inf")}, "TrainConfig.lr must be a number in"),
         ({"lr": 1000.0, "push_to_hub": "not a repo id/x"}, "TrainConfig.push_to_hub must be a Hub repo id"),
         ({"mixed_precision": "fp16"}, "needs a CUDA GPU"),
         ({"loss_preset": "paper"}, "TrainConfig.loss_preset"),
+        ({"schedule": "step", "milestones": [2, 2], "gamma": 1e38}, r"TrainConfig.gamma must be in \(0, 1\]"),
+        ({"schedule": "step", "milestones": [2, 2]}, "TrainConfig.milestones must be .* strictly increasing order"),
+        ({"schedule": "step", "milestones": [1, 3]}, "TrainConfig.milestones must be .* each at most epochs=2"),
+        ({"lr": 1e39}, r"TrainConfig.lr must be a number in \(0, 3.4e\+38\]"),
+        ({"weight_decay": 1e39}, "TrainConfig.weight_decay must be a number in"),
+        ({"optimizer": "adamw", "lr": 1e20, "weight_decay": 1e20}, r"TrainConfig.lr \* weight_decay must be at most"),
     ],
 )
 def test_bad_inputs_fail_before_training(tiny_parquet, tmp_path, kwargs, message):
@@ -115,6 +123,18 @@ def test_bad_inputs_fail_before_training(tiny_parquet, tmp_path, kwargs, message
     with pytest.raises(ValueError, match=message):
         Trainer(config(tiny_parquet, tmp_path, **kwargs))
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"schedule": "step", "milestones": [1, 2], "gamma": 1e-300},  # the LR underflows to 0 after epoch 1
+    {"lr": FLOAT32_MAX, "weight_decay": FLOAT32_MAX},
+    {"optimizer": "adamw", "lr": 1e19, "weight_decay": 1e19},
+], ids=["tiny-gamma", "sgd-largest", "adamw-largest"])
+def test_settings_at_the_limits_train_or_stop_as_diverged(tiny_parquet, tmp_path, kwargs):
+    try:  # anything else (a RuntimeError of the optimizer's float32 arithmetic) fails the test
+        assert Trainer(config(tiny_parquet, tmp_path, **kwargs)).fit().test.samples == 32
+    except TrainingDiverged as exc:
+        assert "another --output-dir" in str(exc)
 
 
 def test_two_cpu_processes_are_one_data_parallel_job(tiny_parquet, tmp_path):

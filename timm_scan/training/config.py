@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .._io import JsonRecord
@@ -21,6 +22,7 @@ __all__ = ["TrainConfig"]
 
 TRAIN_CONFIG = "train_config.json"
 TIMM_PRECISIONS = {"float16": "fp16", "bfloat16": "bf16"}  # timm's --amp-dtype names
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the optimizers take lr and weight_decay as float32
 
 
 def _number(value: Any) -> bool:
@@ -95,9 +97,10 @@ class TrainConfig(JsonRecord):
     momentum: float = option(0.9, "SGD momentum, in [0, 1)")
     weight_decay: float = option(5e-4, "weight decay")
     schedule: str = option("cosine", "'cosine' (to 0, per step) or 'step' (times gamma at each milestone)")
-    milestones: list[int] = option([66, 133], "epochs where a 'step' schedule multiplies the LR by gamma",
+    milestones: list[int] = option([66, 133], "epochs after which a 'step' schedule multiplies the LR by gamma "
+                                               "(strictly increasing, at most --epochs)",
                                    aliases=["--decay-milestones"])
-    gamma: float = option(0.1, "LR factor at each milestone of a 'step' schedule", aliases=["--decay-rate"])
+    gamma: float = option(0.1, "LR factor at each milestone of a 'step' schedule, in (0, 1]", aliases=["--decay-rate"])
     warmup_epochs: int = option(0, "linear warm-up epochs")
     mixed_precision: str | None = option(None, "'no', 'bf16' or 'fp16' (timm's 'float16' and 'bfloat16' too); --amp "
                                                "is fp16, as in timm (default: what Accelerate is configured with: "
@@ -131,16 +134,23 @@ class TrainConfig(JsonRecord):
 
         if not count(self.epochs, 1):  # first: the checks below compare with it
             raise ValueError(f"TrainConfig.epochs must be an int >= 1; got {self.epochs!r}")
+        in_epochs = (f", each at most epochs={self.epochs} (a 'step' schedule multiplies the LR by gamma after that "
+                     "many epochs)" if self.schedule == "step" else "")
         checks = [
             ("attention", self.attention in ATTENTION_KINDS, f"one of {ATTENTION_KINDS}"),
             ("head", self.head in HEAD_KINDS, f"one of {HEAD_KINDS}"),
-            ("lr", _number(self.lr) and 0 < self.lr < math.inf, "a finite number > 0"),
+            ("lr", _number(self.lr) and 0 < self.lr <= FLOAT32_MAX,
+             f"a number in (0, {FLOAT32_MAX:.3g}] (the optimizer steps in float32)"),
             ("momentum", _number(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)"),
-            ("weight_decay", _number(self.weight_decay) and 0 <= self.weight_decay < math.inf, "a finite number >= 0"),
-            ("gamma", _number(self.gamma) and 0 < self.gamma < math.inf, "a finite number > 0"),
+            ("weight_decay", _number(self.weight_decay) and 0 <= self.weight_decay <= FLOAT32_MAX,
+             f"a number in [0, {FLOAT32_MAX:.3g}] (the optimizer steps in float32)"),
+            ("gamma", _number(self.gamma) and 0 < self.gamma <= 1, "in (0, 1]: a step schedule lowers the LR"),
             ("warmup_epochs", isinstance(self.warmup_epochs, int) and 0 <= self.warmup_epochs <= self.epochs,
              f"an int in [0, epochs={self.epochs}]"),
-            ("milestones", all(isinstance(m, int) and m > 0 for m in self.milestones), "positive epoch numbers"),
+            ("milestones", isinstance(self.milestones, (list, tuple)) and all(count(m, 1) for m in self.milestones)
+             and all(a < b for a, b in zip(self.milestones, self.milestones[1:]))
+             and (self.schedule != "step" or all(m <= self.epochs for m in self.milestones)),
+             f"epoch numbers in strictly increasing order{in_epochs}"),
             ("input_size", self.input_size is None or (isinstance(self.input_size, int) and 8 <= self.input_size <= 4096),
              "an int in [8, 4096] pixels"),
             ("crop_pct", self.crop_pct is None or (_number(self.crop_pct) and 0 < self.crop_pct <= 1), "in (0, 1]"),
@@ -172,6 +182,10 @@ class TrainConfig(JsonRecord):
                 value = getattr(self, name)
                 hint = did_you_mean(value, timm.list_models()) if name.endswith("model") and isinstance(value, str) else ""
                 raise ValueError(f"TrainConfig.{name} must be {valid}; got {value!r}{hint}")
+        if self.optimizer == "adamw" and self.lr * self.weight_decay > FLOAT32_MAX:
+            raise ValueError(f"TrainConfig.lr * weight_decay must be at most {FLOAT32_MAX:.3g} for AdamW (its "
+                             "decoupled decay multiplies the weights by 1 - lr * weight_decay in float32); got "
+                             f"{self.lr:g} * {self.weight_decay:g}")
         if self.freeze_backbone and (self.baseline or self.exits == []):
             raise ValueError("TrainConfig.freeze_backbone trains only the exits, and this run has none (baseline)")
         self.scan_config()  # bad exits or head settings fail here, before any data loads
@@ -218,5 +232,10 @@ class TrainConfig(JsonRecord):
     @classmethod
     def load(cls, folder: str | Path) -> TrainConfig:
         """The config a run saved (``<folder>/train_config.json``); a missing or damaged file, unknown fields
-        or invalid values are a ``ValueError`` naming the file."""
-        return super().load(Path(folder) / TRAIN_CONFIG)
+        or invalid values are a ``ValueError`` naming the file and what to do."""
+        try:
+            return super().load(Path(folder) / TRAIN_CONFIG)
+        except ValueError as exc:
+            raise ValueError(f"{exc}. It holds the settings that resuming, search and evaluate rebuild the run (its "
+                             "splits, model and recipe) from, and training writes it whole: restore it from a copy, "
+                             "or train again into another --output-dir") from None

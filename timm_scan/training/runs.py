@@ -44,25 +44,22 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[MultiExitModel, 
 
 
 def run_results(run_dir: str | Path) -> RunResults:
-    """``<run>/results.json``: the finished run's validation and test accuracy per exit, its MACs."""
+    """``<run>/results.json``: the finished run's validation and test accuracy per exit, its MACs; a damaged one
+    is a ``ValueError`` naming it and how to write it again."""
     path = RunFolder(run_dir).results
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a finished timm-scan training run: {path.name} is missing")
-    return RunResults.load(path)
+    try:
+        return RunResults.load(path)
+    except ValueError as exc:
+        raise ValueError(f"{exc}. Rerun the run's timm-scan train command (or timm-scan train --resume {run_dir}): "
+                         "it resumes the finished run and writes results.json again") from None
 
 
 def epoch_metrics(run_dir: str | Path) -> list[EpochMetrics]:
-    """``<run>/metrics.jsonl``: one entry per epoch trained; a line that is not one is a ``ValueError`` naming
-    the file and the line."""
-    path = RunFolder(run_dir).metrics
-    metrics = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line:
-            try:
-                metrics.append(EpochMetrics.from_json(line))
-            except ValueError as exc:  # bad JSON (a JSONDecodeError), an unknown or missing field
-                raise ValueError(f"{path}, line {number}, is not an EpochMetrics record ({exc})") from None
-    return metrics
+    """``<run>/metrics.jsonl``: one entry per epoch trained; a line that is not the next epoch's record is a
+    ``ValueError`` naming the file and the line (`RunFolder.read_metrics`)."""
+    return RunFolder(run_dir).read_metrics()
 
 
 def eval_dataset(splits: ImageSplits, split: str, data_config: dict) -> TorchImageDataset:

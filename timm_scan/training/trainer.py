@@ -66,8 +66,9 @@ class Trainer:
     """Trains a wrapped timm model with ``SelfDistillationLoss`` under Accelerate.
 
     ``callbacks`` are called as ``callback(trainer, metrics)`` after each epoch's checkpoint. What it
-    writes, and how it resumes, is ``self.folder`` (a `RunFolder`). ``self.cfg`` is ``cfg`` with the mixed
-    precision Accelerate resolved in place of ``None``.
+    writes, and how it resumes, is ``self.folder`` (a `RunFolder`), which the trainer holds from its
+    construction to the end of ``fit``: another run on it meanwhile, in this process or another, is a
+    ``ValueError``. ``self.cfg`` is ``cfg`` with the mixed precision Accelerate resolved in place of ``None``.
     """
 
     def __init__(self, cfg: TrainConfig, callbacks: list[Callable[[Trainer, EpochMetrics], None]] | None = None) -> None:
@@ -87,6 +88,16 @@ class Trainer:
             raise ValueError("mixed_precision='fp16' (--amp, as in timm) needs a CUDA GPU: on CPU its autocast would "
                              "silently train in fp32; use 'bf16' (which CPUs run: --mixed-precision bf16, or --amp "
                              "--amp-dtype bfloat16) or 'no'")
+        self.folder.hold(self.accelerator)  # first: a second run on the folder is refused before any work
+        try:
+            self._build()
+        except BaseException:
+            self.folder.unlock()
+            raise
+
+    def _build(self) -> None:
+        """The data, model, loss, optimizer, loaders and schedule of ``self.cfg``, prepared by Accelerate."""
+        cfg = self.cfg
         set_seed(cfg.seed)
         with self.accelerator.main_process_first():
             self.data = run_splits(cfg)
@@ -131,7 +142,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- the run
     def fit(self) -> RunResults:
-        """Train (resuming if a checkpoint exists), then evaluate the best model on test."""
+        """Train (resuming if a checkpoint exists), then evaluate the best model on test; the run folder is
+        released at the end, however the run ends."""
+        try:
+            return self._fit()
+        finally:
+            self.folder.unlock()
+
+    def _fit(self) -> RunResults:
         acc = self.accelerator
         self._print_banner()
         self._resume()
@@ -198,7 +216,8 @@ class Trainer:
                     finite = acc.reduce(finite, reduction="sum") / acc.num_processes
                 if finite.item() < 1:
                     raise TrainingDiverged(f"the loss is not finite ({value} here) at epoch {epoch + 1}, step "
-                                           f"{batches + 1} (lr {self.scheduler.get_last_lr()[0]:.3g}); {_DIVERGED_ADVICE}")
+                                           f"{batches + 1} (lr {self.scheduler.get_last_lr()[0]:.3g}); "
+                                           f"{self._diverged_advice()}")
                 acc.backward(loss.total)
                 self.optimizer.step()
                 if acc.sync_gradients:
@@ -268,10 +287,22 @@ class Trainer:
         bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             raise TrainingDiverged(f"the weights are not finite after epoch {self.progress.epoch} ({bad[0]} and "
-                                   f"{len(bad) - 1} more); nothing was saved as {self.folder.best}. {_DIVERGED_ADVICE}")
+                                   f"{len(bad) - 1} more); nothing was saved as {self.folder.best}; "
+                                   f"{self._diverged_advice()}")
         if acc.is_main_process:
             self.folder.save_best(model, self._card(model))
         acc.wait_for_everyone()
+
+    def _diverged_advice(self) -> str:
+        """How to go on after divergence: not by rerunning, which resumes with the same settings and seed and so
+        diverges again, but by a new run with safer settings, from the best weights so far where there are some."""
+        cfg = self.cfg
+        fp32 = ", or in fp32 (--mixed-precision no)" if cfg.mixed_precision != "no" else ""
+        best = self.folder.best
+        start = f", adding --init-from {best} to start from this run's best model" if best.is_dir() else ""
+        return (f"rerunning this command would diverge again (it resumes with the same settings and seed). Train anew "
+                f"into another --output-dir with a lower --lr (such as {cfg.lr / 10:g}) or --warmup-epochs N"
+                f"{fp32}{start}")
 
     def _unwrapped(self) -> MultiExitModel:
         """The model without Accelerate's wrappers, carrying its class names and data config."""
@@ -354,8 +385,6 @@ class Trainer:
 class TrainingDiverged(FloatingPointError):
     """The loss or the weights stopped being finite; training stops without saving them."""
 
-
-_DIVERGED_ADVICE = "lower --lr, add --warmup-epochs, or train in fp32; rerunning resumes from the last checkpoint"
 
 
 def check_trackers(log_with: str | None) -> list[str]:
