@@ -37,6 +37,32 @@ def test_a_trainer_is_refused_a_held_folder_before_loading_anything(tmp_path):
     holder.unlock()
 
 
+class Stop(Exception):
+    pass
+
+
+def test_a_trainer_holds_its_folder_in_every_fit_and_not_after(tiny_parquet, tmp_path):
+    held = []
+
+    def probe(trainer, metrics):  # after each epoch: may another RunFolder take the folder?
+        with pytest.raises(ValueError, match="is in use"):
+            RunFolder(tmp_path).lock()
+        held.append(metrics.epoch)
+        if metrics.epoch == 1:
+            raise Stop
+
+    trainer = Trainer(config(tiny_parquet, tmp_path, epochs=2), callbacks=[probe])
+    with pytest.raises(Stop):
+        trainer.fit()
+    free = RunFolder(tmp_path)
+    free.lock()  # released when fit ended
+    free.unlock()
+    trainer.fit()  # the same trainer again: it holds the folder again, resumes and finishes
+    assert held == [1, 2]
+    free.lock()
+    free.unlock()
+
+
 def test_a_trainer_that_fails_to_start_releases_its_folder(tiny_parquet, tmp_path):
     with pytest.raises(ValueError, match="num_classes=10"):
         Trainer(config(tiny_parquet, tmp_path, num_classes=10))

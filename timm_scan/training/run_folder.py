@@ -99,9 +99,12 @@ class RunFolder:
             raise ValueError(refused)
 
     def lock(self) -> None:
-        """Create the folder and take ``train.lock`` for this process, writing in it which process holds it;
-        the lock lasts until `unlock` or the process ends (the OS releases it, however the process dies). A
-        folder another process holds is a ``ValueError`` naming the folder and that process."""
+        """Create the folder and take ``train.lock`` for this process, writing in it which process holds it
+        (nothing to do where this object holds it already); the lock lasts until `unlock` or the process ends
+        (the OS releases it, however the process dies). A folder held by another process, or by another
+        `RunFolder` of this one, is a ``ValueError`` naming the folder and that process."""
+        if self._lock is not None:
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         handle = open(self.lock_file, "a+")
         try:

@@ -144,6 +144,7 @@ class Trainer:
     def fit(self) -> RunResults:
         """Train (resuming if a checkpoint exists), then evaluate the best model on test; the run folder is
         released at the end, however the run ends."""
+        self.folder.hold(self.accelerator)  # held since __init__, unless an earlier fit released it
         try:
             return self._fit()
         finally:
