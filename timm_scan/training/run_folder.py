@@ -19,9 +19,9 @@ temporary name (``<name>.partial``) and renamed when complete, and every file wi
 (``train.lock`` aside: its lock is on the file itself), so an interrupted write is never taken for a
 finished one; `RunFolder.clean_up` removes what an interruption left. A file found damaged anyway (changed
 from outside) is a ``ValueError`` naming it; a checkpoint whose files do not match its manifest is passed
-over for the one before, with a warning naming the file. Methods that take an ``accelerator`` are
-collective (every process calls them); the others read or write files and are called on the main
-process only.
+over for the one before, with a warning naming the file (one without a manifest, as an earlier timm-scan
+wrote them, is loaded with a warning). Methods that take an ``accelerator`` are collective (every process
+calls them); the others read or write files and are called on the main process only.
 """
 
 from __future__ import annotations

@@ -387,7 +387,6 @@ class TrainingDiverged(FloatingPointError):
     """The loss or the weights stopped being finite; training stops without saving them."""
 
 
-
 def check_trackers(log_with: str | None) -> list[str]:
     """The Accelerate trackers of ``log_with`` (comma-separated), each known and installed, or a
     ``ValueError`` naming the install command, so a run never trains without the logs it was asked for."""
