@@ -225,6 +225,11 @@ def test_bad_inputs_and_damaged_folders(exported, tmp_path):
     (damaged / "manifest.json").write_text("{")
     with pytest.raises(ValueError, match="damaged or not a manifest"):
         OnnxEarlyExitPredictor(damaged)
+    for depth in (65, 100_000):  # past what is walked safely, past what the parser can walk
+        (damaged / "manifest.json").write_text(json.dumps({**manifest, "exit_latency": "_"}).replace(
+            '"_"', "[" * depth + "]" * depth))
+        with pytest.raises(ValueError, match="manifest.json nests lists or objects more than 64 deep"):
+            OnnxEarlyExitPredictor(damaged)
 
 
 def nan_filled(graph):

@@ -244,6 +244,7 @@ def wrap(
         raise ValueError(f"wrap expects a timm model (torch.nn.Module); got {type(model).__name__}")
     config = config if config is not None else ScanConfig()
     name = model_name(model)
+    feature_stages(model)  # a model without feature_info is refused first, whatever else it lacks
     num_classes = getattr(model, "num_classes", 0)
     if not num_classes:
         raise ValueError(
