@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import fuzz_json
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
@@ -379,30 +380,6 @@ def test_search_inputs(mutate, message):
 
 
 # ------------------------------------------------------------------ fuzz
-def mutations(value, rng):
-    """Malformed variants of a JSON value."""
-    return [None, "x", -1, 0, 10**12, 1e300, float("nan"), [], {}, [value], {"v": value}, True, rng.random()]
-
-
-def fuzz_json(data, rng):
-    """``data`` with one field somewhere replaced by a malformed value, or deleted."""
-    data = json.loads(json.dumps(data))
-    node = data
-    while True:
-        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
-        if not keys:
-            return data
-        key = rng.choice(keys)
-        if isinstance(node[key], (dict, list)) and node[key] and rng.random() < 0.5:
-            node = node[key]
-            continue
-        if isinstance(node, dict) and rng.random() < 0.2:
-            del node[key]
-        else:
-            node[key] = rng.choice(mutations(node[key], rng))
-        return data
-
-
 SIZE_FIELDS = [("config.json", lambda d, rng: d["model_args"].update(layers=[rng.choice([2, 10**3, 10**5]), 1, 1, 1])),
                ("config.json", lambda d, rng: d["model_args"].update(num_classes=rng.choice([5, 10**6, 10**9]))),
                ("scan_config.json", lambda d, rng: d["scan_config"].update(head_channels=rng.choice([8, 4096, 16384]))),
