@@ -165,8 +165,9 @@ def export_onnx(
     exporter, dynamic batch), with ``manifest.json``. ``input_size`` (C, H, W): default the model's data
     config. Each graph is checked on a random batch against the model, run by ONNX Runtime (to ``atol``
     times the output's largest magnitude where that is above 1, and 1e-3 relative); a part that
-    does not export, or exports to different numbers, is a ``ValueError`` naming it. The model's exit
-    policy, class names and data config go into the manifest."""
+    does not export, or exports to different numbers, is a ``ValueError`` naming it, as is a data config
+    that loading would refuse (`check_data_config`). The model's exit policy, class names and data config
+    go into the manifest, with the SHA-256 of every file of the graphs."""
     _, ort = _onnx_modules()
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("export_onnx runs on CPU: export model.cpu() (the graphs run on any ONNX Runtime provider)")
@@ -459,9 +460,11 @@ class OnnxEarlyExitPredictor:
     for `EarlyExitPredictor`. ``providers``: ONNX Runtime execution providers (default CPU).
     ``session_options``: default `session_options()` (the graphs run one after another: they share
     onnxruntime's global thread pool where `use_global_thread_pool` set it up, and otherwise their own
-    pools stop spinning when a run returns). A missing or damaged graph, or a manifest that does not
-    match the graphs (their number, input size, class count), is a ``ValueError`` here; images of the
-    wrong shape or dtype are one at call time.
+    pools stop spinning when a run returns). A missing or damaged graph (from format 4 on, every file of the
+    graphs must have the SHA-256 the manifest records), graphs swapped between places or from another
+    export (what each section gives must be what the graphs after it take: names, element types, ranks,
+    fixed sizes), or a manifest that does not match the graphs (their number, input size, class count) is
+    a ``ValueError`` here; images of the wrong shape or dtype are one at call time.
     """
 
     def __init__(
