@@ -26,7 +26,6 @@ calls them); the others read or write files and are called on the main process o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -37,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from .._io import atomic_write
+from .._io import atomic_write, sha256
 from ..report import EpochMetrics, RunResults
 from .config import TRAIN_CONFIG, TrainConfig
 
@@ -191,13 +190,13 @@ class RunFolder:
         try:
             digests = json.loads(manifest.read_text())["sha256"]
             expected = {str(name): str(digest) for name, digest in digests.items()}
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError) as exc:
             return f"{MANIFEST} is damaged ({type(exc).__name__}: {exc})"
         for name, digest in expected.items():
             path = checkpoint / name
             if not path.is_file():
                 return f"{name} is missing"
-            if _sha256(path) != digest:
+            if sha256(path) != digest:
                 return f"{name} is damaged: its sha256 differs from the one {MANIFEST} recorded"
         return None
 
@@ -241,7 +240,7 @@ class RunFolder:
         accelerator.save_state(str(partial))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            digests = {p.relative_to(partial).as_posix(): _sha256(p) for p in sorted(partial.rglob("*")) if p.is_file()}
+            digests = {p.relative_to(partial).as_posix(): sha256(p) for p in sorted(partial.rglob("*")) if p.is_file()}
             atomic_write(partial / MANIFEST, json.dumps({"sha256": digests}, indent=2))
             if final.exists():
                 shutil.rmtree(final)
@@ -269,11 +268,3 @@ class RunFolder:
 
 def _line(metrics: EpochMetrics) -> str:
     return json.dumps(metrics.to_dict()) + "\n"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
