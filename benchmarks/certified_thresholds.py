@@ -286,10 +286,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     p.add_argument("--plot", type=Path)
-    p.add_argument("--replot", type=Path, help="only draw --plot again from this stored JSON")
+    p.add_argument("--replot", type=Path, nargs="+", help="only draw --plot again, from these stored JSON files")
     args = p.parse_args()
     if args.replot:
-        plot(json.loads(args.replot.read_text())["rows"], args.plot)
+        plot([row for path in args.replot for row in json.loads(path.read_text())["rows"]], args.plot)
         return
     started = datetime.datetime.now(datetime.timezone.utc)
     if args.runs and not args.as_population:
