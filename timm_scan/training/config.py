@@ -14,7 +14,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .._io import JsonRecord
 from ..model.backbone import check_model_kwargs
-from ..model.config import ATTENTION_KINDS, HEAD_KINDS, ScanConfig
+from ..model.config import ATTENTION_KINDS, CROP_PCT_RANGE, HEAD_KINDS, ScanConfig
 from ..options import did_you_mean, option
 from .losses import PRESETS, SelfDistillationLoss
 
@@ -153,7 +153,8 @@ class TrainConfig(JsonRecord):
              f"epoch numbers in strictly increasing order{in_epochs}"),
             ("input_size", self.input_size is None or (isinstance(self.input_size, int) and 8 <= self.input_size <= 4096),
              "an int in [8, 4096] pixels"),
-            ("crop_pct", self.crop_pct is None or (_number(self.crop_pct) and 0 < self.crop_pct <= 1), "in (0, 1]"),
+            ("crop_pct", self.crop_pct is None or (_number(self.crop_pct) and CROP_PCT_RANGE[0] <= self.crop_pct <= 1),
+             f"in [{CROP_PCT_RANGE[0]}, 1] (a saved model's data config allows no less)"),
             ("train_scale", len(self.train_scale) == 2 and all(_number(v) for v in self.train_scale)
              and 0 < self.train_scale[0] <= self.train_scale[1] <= 1, "two numbers 0 < low <= high <= 1"),
             ("max_train_samples", positive(self.max_train_samples), "a positive int"),
