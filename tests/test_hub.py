@@ -162,6 +162,14 @@ def test_missing_folder(tmp_path):
         timm_scan.from_pretrained(tmp_path / "nothing")
 
 
+def test_a_repo_or_revision_the_hub_lacks_is_a_value_error(hub):
+    with pytest.raises(ValueError, match="hf-hub:tester/missing: the Hub .* has no repo 'tester/missing'.*token="):
+        timm_scan.from_pretrained("hf-hub:tester/missing")
+    trained_like().push_to_hub("tester/scan-misses")
+    with pytest.raises(ValueError, match="hf-hub:tester/scan-misses: the repo has no revision 'nope'; check the branch"):
+        timm_scan.from_pretrained("hf-hub:tester/scan-misses", revision="nope")
+
+
 def test_model_card_has_the_hub_header_and_the_tables():
     model = trained_like()
     origin = PolicyOrigin("genetic search", "max_accuracy_drop", 0.005, "macs", 0.8, 5000)

@@ -42,7 +42,7 @@ from huggingface_hub import (
     snapshot_download,
     try_to_load_from_cache,
 )
-from huggingface_hub.utils import HfHubHTTPError
+from huggingface_hub.utils import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
@@ -576,10 +576,20 @@ def push_to_hub(
 
 
 def _resolve(name: str, revision: str | None, cache_dir: str | Path | None, token: str | None) -> Path:
+    """The folder ``name`` names, or the format's files of Hub repo ``"hf-hub:owner/name"`` fetched; a repo or
+    revision the Hub does not have is a ``ValueError`` saying what to check."""
     if name.startswith(HUB_PREFIX):
         repo_id = name[len(HUB_PREFIX):]
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
-                                      allow_patterns=list(FORMAT_FILES)))
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
+                                          allow_patterns=list(FORMAT_FILES)))
+        except RepositoryNotFoundError:
+            raise ValueError(f"{name}: the Hub ({constants.ENDPOINT}) has no repo {repo_id!r} that this token can "
+                             "read; check the name (owner/name) and, for a private or gated repo, pass token= or "
+                             "log in (huggingface-cli login)") from None
+        except RevisionNotFoundError:
+            raise ValueError(f"{name}: the repo has no revision {revision!r}; check the branch or tag name or the "
+                             "full commit sha (the repo's page lists them)") from None
     folder = Path(name).expanduser()
     if not folder.is_dir():
         raise ValueError(f"{name} is neither a folder nor a Hub model ('hf-hub:owner/name')")
