@@ -224,3 +224,50 @@ def test_a_hub_dataset_that_cannot_be_fetched_is_one_clear_error(monkeypatch):
     with pytest.raises(ValueError, match=r"dataset 'someone/not-cached' is not in the local cache and the Hugging Face "
                                          r"Hub .* cannot be reached .*or pass a local folder: a local folder is split"):
         load_splits("someone/not-cached")
+
+
+def noise_image(format, size=32):
+    """An image of noise (large compressed data to damage) encoded as ``format``."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def corrupt_idat(data, valid_crc):
+    """A PNG whose first IDAT chunk has 16 bytes of its compressed data overwritten, its CRC recomputed or not."""
+    import struct
+    import zlib
+
+    at = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[at:at + 4])[0]
+    body = bytearray(data[at + 8:at + 8 + length])
+    body[length // 2:length // 2 + 16] = b"\xff" * 16
+    crc = zlib.crc32(b"IDAT" + body) if valid_crc else struct.unpack(">I", data[at + 8 + length:at + 12 + length])[0]
+    return data[:at + 8] + bytes(body) + struct.pack(">I", crc) + data[at + 12 + length:]
+
+
+@pytest.mark.parametrize("name, data", [
+    ("cut.jpg", noise_image("JPEG")[:-600]),
+    ("inside.png", corrupt_idat(noise_image("PNG"), valid_crc=True)),
+    ("crc.png", corrupt_idat(noise_image("PNG"), valid_crc=False)),
+], ids=["truncated-jpeg", "png-idat-valid-crc", "png-idat-bad-crc"])
+def test_images_that_fail_only_a_full_decode_are_found_before_training(tmp_path, name, data):
+    from PIL import Image
+
+    for split, n in (("train", 30), ("test", 6)):
+        for i in range(n):
+            path = tmp_path / split / f"class{i % 3}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(path)
+    (tmp_path / "test" / "class1" / name).write_bytes(data)
+    with Image.open(tmp_path / "test" / "class1" / name) as image:
+        image.size  # the header opens: only a full decode finds the damage
+    with pytest.raises(ValueError, match=rf"of the test split \(.*{name}\): the image cannot be read .*--skip-bad-images"):
+        load_splits(str(tmp_path), val_size=6)
+    with pytest.warns(UserWarning, match=rf"of the test split \(.*{name}\): the image cannot be read"):
+        splits = load_splits(str(tmp_path), val_size=6, skip_bad_images=True)
+    assert len(splits.test) == 6
