@@ -1,5 +1,6 @@
 """Untrusted model folders, Hub repos and inputs: every bad one is a ValueError that says what is wrong."""
 
+import copy
 import hashlib
 import json
 import random
@@ -332,6 +333,30 @@ def test_predictor_inputs(model):
     check_images(torch.full((2, 3, 4, 4), 3e38))  # finite pixels whose sum overflows pass
     with pytest.raises(ValueError, match="float tensor"):
         predictor(torch.zeros(2, 32, 32, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("images, message", [
+    (torch.randn(2, 1, 32, 32), "images have 1 channels; this model takes 3"),
+    (torch.randn(2, 4, 32, 32), "images have 4 channels; this model takes 3"),
+    (torch.randn(2, 3, 32, 32, dtype=torch.float16), r"images are torch.float16 on cpu; the model is torch.float32 on cpu: "
+                                                       r"pass images.to\('cpu', torch.float32\)"),
+    (torch.randn(2, 3, 32, 32, dtype=torch.float64), "images are torch.float64"),
+    (torch.randn(2, 3, 32, 32, dtype=torch.bfloat16), "images are torch.bfloat16"),
+])
+def test_predictor_refuses_images_the_model_cannot_take(model, images, message):
+    with pytest.raises(ValueError, match=message):
+        EarlyExitPredictor(model, ExitPolicy([0.5, 0.5, 0.5]))(images)
+
+
+def test_non_finite_logits_are_refused_not_answered(model):
+    """What pixels far outside the normalised range can do deep in a network (overflow, then inf - inf), here by
+    a NaN-filled stage, as in a damaged export: the shared `run_early_exit` refuses the answer."""
+    damaged = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in damaged.backbone.layer2.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"images \[0, 1\] produced non-finite logits .*far outside the normalised"):
+        EarlyExitPredictor(damaged, ExitPolicy([0.99, 0.99, 0.99]))(torch.randn(2, 3, 32, 32))
 
 
 def test_predictor_answers_in_eval_mode_whatever_the_models_mode(model):

@@ -12,11 +12,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import timm.data
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..exit_policy import ExitPolicy
+from ..model.backbone import fixed_input_size
 from ..model.runner import eval_mode
 from ..model.multi_exit import MultiExitModel
 from .fast_heads import inference_copy
@@ -67,6 +69,11 @@ class EarlyExitPredictor:
         self.model = model.eval()
         self.inference_heads = [inference_copy(h) if optimize_heads else h for h in model.exits]
         self._macs: dict[tuple[int, ...], Tensor] = {}
+        data_config = model.data_config or timm.data.resolve_model_data_config(model.backbone)
+        self._channels = data_config["input_size"][0]
+        self._size = fixed_input_size(model.backbone)
+        weight = next(model.parameters())
+        self._dtype, self._device = weight.dtype, weight.device
 
     def exit_macs(self, input_size: tuple[int, int, int], device: torch.device | str = "cpu") -> Tensor:
         """Cumulative MACs per exit for one sample of ``input_size``, counted once and cached."""
@@ -78,8 +85,11 @@ class EarlyExitPredictor:
     @torch.no_grad()
     def __call__(self, images: Tensor) -> EarlyExitResult:
         """Answer a batch ``(B, C, H, W)`` of float images (B may be 0 or 1); non-finite pixels are a
-        ``ValueError``. The model runs in eval mode even if it was switched to train mode since."""
+        ``ValueError``, as are images the model cannot take (channels other than its data config's, a size
+        other than the one a fixed-size model takes, a dtype or device other than the model's: they are
+        refused, not converted). The model runs in eval mode even if it was switched to train mode since."""
         check_images(images)
+        self._check_fits(images)
         model, k = self.model, self.model.num_exits
         image_size = (images.shape[-2], images.shape[-1])
         macs = self.exit_macs((images.shape[1], *image_size), images.device)
@@ -89,6 +99,21 @@ class EarlyExitPredictor:
 
         with eval_mode(model) if model.training else nullcontext():
             return run_early_exit(images, k, model.forward_section, exit_logits, self.policy, macs, model.num_classes)
+
+
+    def _check_fits(self, images: Tensor) -> None:
+        """A ``ValueError`` unless the model takes ``images`` (checked by `check_images`) as they are."""
+        channels, size = images.shape[1], tuple(images.shape[-2:])
+        if channels != self._channels:
+            raise ValueError(f"images have {channels} channels; this model takes {self._channels} (its data config's "
+                             f"input_size): convert them as it was trained (e.g. PIL's .convert('RGB') before the "
+                             f"transforms), or set model.data_config for a model built for {channels} channels")
+        if self._size is not None and size != self._size:
+            raise ValueError(f"images are {size[0]}x{size[1]}; this model takes {self._size[0]}x{self._size[1]} only "
+                             "(its patch embedding has a fixed size): resize them with its transforms")
+        if images.dtype != self._dtype or images.device != self._device:
+            raise ValueError(f"images are {images.dtype} on {images.device}; the model is {self._dtype} on "
+                             f"{self._device}: pass images.to({self._device.type!r}, {self._dtype})")
 
 
 def chosen_policy(
@@ -175,7 +200,13 @@ def run_early_exit(
             answered.append((pending[done], probs[done], i))
             pending, h = pending[keep], h[keep]
             seen = [p[keep] for p in seen]
-    return _assemble(answered, n, macs)
+    result = _assemble(answered, n, macs)
+    if not torch.isfinite(result.confidence).all():  # a NaN anywhere in a sample's probabilities makes its max NaN
+        bad = (~torch.isfinite(result.confidence)).nonzero()[:, 0].tolist()
+        raise ValueError(f"images {bad[:10]} produced non-finite logits (NaN or infinite): pixel values far outside "
+                         "the normalised range (not normalised, or scaled wrongly) or a damaged model do that; "
+                         "nothing was answered")
+    return result
 
 
 def _assemble(answered: list[tuple[Tensor | None, Tensor, int]], n: int, macs: Tensor) -> EarlyExitResult:

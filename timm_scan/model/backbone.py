@@ -73,15 +73,22 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = False,
                          "model's class in timm for the arguments it takes") from None
 
 
-def check_input_fits(model: nn.Module, example: Tensor) -> None:
-    """A ``ValueError`` where ``model`` takes one input size only (a fixed-size patch embedding: ViT, DeiT, Swin,
-    ...) and ``example`` has another, saying how to build it for that size."""
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """``(height, width)`` where ``model`` takes that input size only (a fixed-size patch embedding: ViT, DeiT,
+    Swin, ...), else ``None``."""
     embed = getattr(model, "patch_embed", None)
     built = getattr(embed, "img_size", None)
     if built is None or not getattr(embed, "strict_img_size", False) or getattr(model, "dynamic_img_size", False):
-        return
+        return None
+    return tuple(built)
+
+
+def check_input_fits(model: nn.Module, example: Tensor) -> None:
+    """A ``ValueError`` where ``model`` takes one input size only (a fixed-size patch embedding: ViT, DeiT, Swin,
+    ...) and ``example`` has another, saying how to build it for that size."""
+    built = fixed_input_size(model)
     height, width = example.shape[-2:]
-    if tuple(built) != (height, width):
+    if built is not None and built != (height, width):
         size = height if height == width else [height, width]
         raise ValueError(f"cannot wrap {model_name(model)!r} at {height}x{width}: it was built for {built[0]}x{built[1]} "
                          f"inputs only (its patch embedding has a fixed size); build it for yours with "
