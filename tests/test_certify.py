@@ -1,6 +1,7 @@
 """Certified thresholds (Learn-then-Test): exact binomial tails, valid p-values, and the search that
 returns only what it can certify."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -74,7 +75,9 @@ def test_too_few_samples_certify_nothing_and_say_how_many_are_needed():
     assert needed_samples("disagreement", 0.01, 0.1) == math.ceil(math.log(0.1) / math.log(0.99))
     assert result.policy.thresholds == (1.0, 1.0, 1.0)  # every exit runs: nothing uncertified is labelled certified
     assert result.policy.fallback == "deepest"  # and the full model answers
-    assert "nothing certified" in result.policy.origin.promise and f"{needed} needed" in result.policy.origin.promise
+    assert "nothing certified" in result.policy.origin.promise and f"at least {needed} needed" in result.policy.origin.promise
+    enough = dataclasses.replace(result.policy.origin.guarantee, calibration_samples=needed + 1)
+    assert "would do only if no answer were lost" in enough.promise  # enough samples, too uncertain a risk
 
 
 def test_disagreement_is_certified_against_the_deepest_exits_answers():

@@ -132,9 +132,12 @@ class Guarantee(JsonRecord):
                     else "answers differing from the deepest exit's on at most {e:g}% of samples").format(
                 e=100 * self.epsilon, r=self.reference)
         if not self.certified:
+            why = (f"at least {self.needed_samples} needed" if self.needed_samples is not None
+                   and self.calibration_samples < self.needed_samples else
+                   f"{self.needed_samples} would do only if no answer were lost; the candidates' answers differ too "
+                   "often for this ε: hold out more samples, or allow a larger ε or a lower confidence")
             return (f"nothing certified for {what} at {1 - self.delta:.0%} confidence on {self.calibration_samples} "
-                    f"calibration samples (at least {self.needed_samples} needed); every exit runs and the deepest "
-                    "answers")
+                    f"calibration samples ({why}); every exit runs and the deepest answers")
         return (f"{what} on new data, with probability at least {1 - self.delta:.0%} over the "
                 f"{self.calibration_samples} calibration samples, for data exchangeable with them")
 
