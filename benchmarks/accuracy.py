@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from timm_scan.report import RunResults, exit_table  # noqa: E402
 from timm_scan.training import Trainer, TrainConfig, epoch_metrics, load_run, run_results  # noqa: E402
+from timm_scan.training.run_folder import config_changes  # noqa: E402
 
 HERE = Path(__file__).parent
 DATASET = "../shared/data/cifar10" if Path("../shared/data/cifar10").is_dir() else "uoft-cs/cifar10"
@@ -47,21 +48,13 @@ RECIPE = dict(
 # (timm_scan.training.PRESETS): the library's default, the TPAMI text and the authors' released code.
 VARIANTS = {"sd": {}, "sd-tpami": {"loss_preset": "tpami"}, "sd-released": {"loss_preset": "released"}}
 
-# Fields that do not change what is trained.
-NOT_RECIPE = ("output_dir", "num_workers", "keep_checkpoints", "log_with", "push_to_hub")
-
 
 def train_or_reuse(cfg: TrainConfig) -> Path:
     """Train ``cfg`` unless its output folder holds a finished run of the same recipe."""
     out = Path(cfg.output_dir)
-    saved = out / "train_config.json"
-    if saved.is_file():
-        previous, wanted = (
-            {k: v for k, v in config.items() if k not in NOT_RECIPE}
-            for config in (json.loads(saved.read_text()), cfg.to_dict())
-        )
-        if previous != wanted:
-            changed = sorted(k for k in wanted if previous.get(k) != wanted[k])
+    if (out / "train_config.json").is_file():
+        changed = config_changes(TrainConfig.load(out), cfg)
+        if changed:
             raise SystemExit(f"{out} holds a run of another recipe (differs in {changed}); pass another --runs-dir")
         if (out / "results.json").is_file():
             print(f"reusing the finished run in {out}")

@@ -38,6 +38,7 @@ import torch
 
 from timm_scan.report import RunResults
 from timm_scan.training import PRESETS, Trainer, TrainConfig, run_results
+from timm_scan.training.run_folder import config_changes
 
 HERE = Path(__file__).parent
 CIFAR10 = "../shared/data/cifar10" if Path("../shared/data/cifar10").is_dir() else "uoft-cs/cifar10"
@@ -85,7 +86,6 @@ VARIANTS: dict[str, dict] = {
     "pooled": {"head": "pooled", "attention": "none"},
 }
 LOSS_FIELDS = tuple(PRESETS["default"])
-NOT_RECIPE = ("output_dir", "num_workers", "keep_checkpoints", "log_with", "push_to_hub")
 
 
 def grey5(root: Path) -> str:
@@ -137,10 +137,8 @@ def train_or_reuse(cfg: TrainConfig) -> RunResults:
     """The results of ``cfg``'s run, training it unless its folder holds a finished run of the same recipe."""
     out = Path(cfg.output_dir)
     if (out / "train_config.json").is_file():
-        previous, wanted = ({k: v for k, v in config.items() if k not in NOT_RECIPE}
-                            for config in (TrainConfig.load(out).to_dict(), cfg.to_dict()))
-        if previous != wanted:
-            changed = sorted(k for k in wanted if previous.get(k) != wanted[k])
+        changed = config_changes(TrainConfig.load(out), cfg)
+        if changed:
             raise SystemExit(f"{out} holds a run of another recipe (differs in {changed}); pass another --runs-dir")
     if not (out / "results.json").is_file():
         Trainer(cfg).fit()

@@ -50,9 +50,17 @@ if TYPE_CHECKING:
 
     from ..model.multi_exit import MultiExitModel
 
-__all__ = ["RESUMABLE_CHANGES", "RunFolder"]
+__all__ = ["RESUMABLE_CHANGES", "RunFolder", "config_changes"]
 
 RESUMABLE_CHANGES = ("output_dir", "num_workers", "keep_checkpoints", "log_with", "push_to_hub")  # may differ on resume
+
+
+def config_changes(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """The fields in which ``cfg`` asks for another run than the ``saved`` one: all but
+    ``RESUMABLE_CHANGES``; a precision ``cfg`` leaves to Accelerate (``None``) matches the one recorded."""
+    recorded = saved.to_dict()
+    return sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and recorded.get(k) != v
+                  and not (k == "mixed_precision" and v is None))
 CHECKPOINT_NAME = re.compile(r"epoch_\d{4}")
 MANIFEST = "manifest.json"  # in each checkpoint: {"sha256": {file: digest}}
 LOCKED_BYTE = 1 << 20  # Windows locks a byte range: one past the holder's line, which others must read
@@ -160,8 +168,7 @@ class RunFolder:
             if not self.train_config.is_file():
                 raise ValueError(f"{self.root} holds checkpoints but no {TRAIN_CONFIG}, which says what they were "
                                  "trained with: restore it, or use another --output-dir")
-            saved = TrainConfig.load(self.root).to_dict()
-            changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+            changed = config_changes(TrainConfig.load(self.root), cfg)
             if changed:
                 raise ValueError(f"{self.root} holds a run of another configuration (it differs in {changed}); "
                                  "rerun with the same settings to resume, or use another --output-dir")
