@@ -211,7 +211,8 @@ def test_from_weights(tiny_parquet, tmp_path, monkeypatch, capsys):
 
 def test_onnx_export(tmp_path, monkeypatch):
     out = tmp_path / "onnx.json"
-    run("onnx_export.py", monkeypatch, "--batch-sizes", "4", "--repeats", "1", "--head", "pooled", "--out", str(out))
+    run("onnx_export.py", monkeypatch, "--batch-sizes", "4", "--repeats", "1", "--images", "64", "--head", "pooled",
+        "--out", str(out))
     row = json.loads(out.read_text())["speed"][0]
     assert row["head"] == "pooled"
     assert set(row["ms_per_image"]) == {"onnx backbone", "onnx early exit", "onnx sections in turn", "onnx graphs in turn",

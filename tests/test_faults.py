@@ -51,10 +51,10 @@ def same_files(a: Path, b: Path, names=("model.safetensors", "scan_exits.safeten
                                      # written, the old one not yet renamed away
     [("os.replace", 5)],             # epoch 3: the old best/ renamed away (best.previous), the new one not yet in
     [("checkpoint", 2)],             # epoch 2's metrics line written, its checkpoint not
-    [("write:metrics.jsonl", 2)],    # in the middle of epoch 2's metrics line
-    [("write:manifest.json", 2)],    # in the middle of epoch 2's checkpoint manifest
-    [("write:results.json", 1)],     # in the middle of results.json, after the last epoch
-    [("step", 12), ("write:train_config.json", 1)],  # the rerun of a run with checkpoints, as it rewrites its config
+    # one run killed after another, each writing a file of the run folder whole: epoch 2's metrics line; the
+    # rerun as it rewrites its config; the next one in epoch 2's checkpoint manifest; the next in results.json
+    [("write:metrics.jsonl", 2), ("write:train_config.json", 1), ("write:manifest.json", 1),
+     ("write:results.json", 1)],
 ], ids=lambda kills: "+".join(f"{point}-{count}" for point, count in kills))
 def test_a_killed_run_reruns_to_the_same_best_model(tiny_parquet, tmp_path, uninterrupted, kills):
     for point, count in kills:
