@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,14 @@ def test_a_killed_run_reruns_to_the_same_best_model(tiny_parquet, tmp_path, unin
     assert not list(tmp_path.glob("best.*")) and not list(tmp_path.rglob("*.partial"))
 
 
+@pytest.fixture(scope="module")
+def killed_in_epoch_3(tiny_parquet, tmp_path_factory):
+    """A run killed in epoch 3 (checkpoints 1 and 2 written), copied by each test that damages it."""
+    out = tmp_path_factory.mktemp("killed")
+    assert worker(tiny_parquet, out, "step", 12).returncode == 9
+    return out
+
+
 def flip_last_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # in the tensors' data: the file still loads
@@ -81,8 +90,9 @@ def flip_last_byte(path: Path) -> None:
     (lambda ckpt: flip_last_byte(ckpt / "model.safetensors"), "model.safetensors is damaged"),
     (lambda ckpt: (ckpt / "manifest.json").write_text("{"), "manifest.json is damaged"),
 ], ids=["optimizer-overwritten", "rng-missing", "weights-flipped", "manifest-damaged"])
-def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tiny_parquet, tmp_path, uninterrupted, damage, said):
-    assert worker(tiny_parquet, tmp_path, "step", 12).returncode == 9  # in epoch 3: checkpoints 1 and 2 exist
+def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tiny_parquet, tmp_path, uninterrupted, killed_in_epoch_3,
+                                                                 damage, said):
+    shutil.copytree(killed_in_epoch_3, tmp_path, dirs_exist_ok=True)
     damage(tmp_path / "checkpoints" / "epoch_0002")
     rerun = worker(tiny_parquet, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -91,8 +101,8 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tiny_parquet, tm
     assert [m.epoch for m in epoch_metrics(tmp_path)] == [1, 2, 3]
 
 
-def test_a_checkpoint_without_manifest_loads_with_a_warning(tiny_parquet, tmp_path, uninterrupted):
-    assert worker(tiny_parquet, tmp_path, "step", 12).returncode == 9
+def test_a_checkpoint_without_manifest_loads_with_a_warning(tiny_parquet, tmp_path, uninterrupted, killed_in_epoch_3):
+    shutil.copytree(killed_in_epoch_3, tmp_path, dirs_exist_ok=True)
     (tmp_path / "checkpoints" / "epoch_0002" / "manifest.json").unlink()  # as an earlier timm-scan wrote it
     rerun = worker(tiny_parquet, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
