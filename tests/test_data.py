@@ -112,6 +112,8 @@ def test_a_damaged_image_is_found_before_training_and_named(tmp_path, damage):
     with pytest.warns(UserWarning, match="row 17 of the train split"):
         splits = load_splits(str(folder), val_size=6, skip_bad_images=True)
     assert len(splits.train) + len(splits.val) == 30
+    unchecked = load_splits(str(folder), val_size=6, check_images=False)  # as search and evaluate rebuild a run's
+    assert len(unchecked.train) + len(unchecked.val) == 31  # not decoded again, so the damage is not seen here
 
 
 def test_16_bit_grey_images_keep_their_levels():

@@ -82,7 +82,7 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
     model, train_cfg = load_run(run)
     model.policy = searched.policy  # the policy the search kept (the model's own, unless --thresholds names another)
     policy = model.policy
-    dataset = eval_dataset(run_splits(train_cfg), "test", model.data_config)
+    dataset = eval_dataset(run_splits(train_cfg, trained=True), "test", model.data_config)
     raw, labels = cached_outputs(run, "test", model, dataset)
     probs = apply_temperatures(raw, policy.temperatures)
     size = tuple(model.data_config["input_size"])

@@ -213,7 +213,8 @@ def search(cfg: SearchConfig) -> ThresholdRecord:
     """Search, print, plot and record (see the module docstring)."""
     run = Path(cfg.run)
     model, train_cfg = load_run(run)
-    probs, labels = cached_outputs(run, "val", model, eval_dataset(run_splits(train_cfg), "val", model.data_config))
+    val = eval_dataset(run_splits(train_cfg, trained=True), "val", model.data_config)
+    probs, labels = cached_outputs(run, "val", model, val)
     size = tuple(model.data_config["input_size"])
     macs = model.exit_costs(size)
     calibration = calibrate(probs, labels) if cfg.calibrate else None

@@ -128,6 +128,7 @@ def load_splits(
     max_train_samples: int | None = None,
     max_test_samples: int | None = None,
     skip_bad_images: bool = False,
+    check_images: bool = True,
 ) -> ImageSplits:
     """Load ``source``, check it, and carve a validation split out of train (which split is which: the
     module docstring; data with no test split is a ``ValueError`` naming ``source`` and `LAYOUTS`).
@@ -141,7 +142,9 @@ def load_splits(
     Checked before anything trains (``ValueError`` naming the split and row): labels are class
     indices 0..C-1 (integer labels must use every index below their maximum), the test split holds no
     class that train does not, and every image decodes fully (checked in parallel; ``skip_bad_images``: images
-    that do not are left out, with a warning naming them, instead).
+    that do not are left out, with a warning naming them, instead). ``check_images=False`` skips decoding
+    (splits rebuilt for a run that trained on them, so were checked then); ``skip_bad_images`` decodes
+    anyway, so that the same rows are left out.
     """
     dd = load_image_dataset(source)
     if "train" not in dd:
@@ -165,8 +168,9 @@ def load_splits(
     test = dd[test_name]
     if max_test_samples is not None:
         test = test.select(range(min(max_test_samples, len(test))))
-    train = _checked_images(train, "train", image_column, skip_bad_images)
-    test = _checked_images(test, test_name, image_column, skip_bad_images)
+    if check_images or skip_bad_images:
+        train = _checked_images(train, "train", image_column, skip_bad_images)
+        test = _checked_images(test, test_name, image_column, skip_bad_images)
     class_names = _class_names(train, test, label_column, test_name)
     if isinstance(val_size, float) and not 0 < val_size < 1 or isinstance(val_size, int) and not 0 < val_size < len(train):
         raise ValueError(f"val_size must be a fraction in (0, 1) or a count in [1, {len(train) - 1}]; got {val_size}")

@@ -25,12 +25,14 @@ __all__ = ["cached_outputs", "compute_outputs", "epoch_metrics", "eval_dataset",
            "run_splits"]
 
 
-def run_splits(cfg: TrainConfig) -> ImageSplits:
+def run_splits(cfg: TrainConfig, *, trained: bool = False) -> ImageSplits:
     """The run's train/val/test splits: its source, seed and sizes (which of the data's splits is which
-    follows from the data's split names alone, `load_splits`, so every command rebuilds the same)."""
+    follows from the data's split names alone, `load_splits`, so every command rebuilds the same).
+    ``trained``: the run has trained on them, so its images were decoded and checked then, not again."""
     return load_splits(cfg.dataset, image_column=cfg.image_column, label_column=cfg.label_column,
                        val_size=cfg.val_size, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
-                       max_test_samples=cfg.max_test_samples, skip_bad_images=cfg.skip_bad_images)
+                       max_test_samples=cfg.max_test_samples, skip_bad_images=cfg.skip_bad_images,
+                       check_images=not trained)
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[MultiExitModel, TrainConfig]:
