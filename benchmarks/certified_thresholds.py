@@ -47,7 +47,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from timm_scan import ExitCosts, search_thresholds
-from timm_scan.deploy.certify import drop_losses, fixed_sequence, propose_budget_candidates, propose_candidates
+from timm_scan.deploy.certify import (cheapest_accepted, drop_losses, fixed_sequence, propose_budget_candidates,
+                                     propose_candidates)
 from timm_scan.deploy.latency import processor_name
 from timm_scan.deploy.thresholds import ExitTable
 
@@ -110,7 +111,7 @@ def validity(args: argparse.Namespace, probs: list[torch.Tensor], labels: torch.
             def losses(thresholds: np.ndarray) -> tuple[torch.Tensor, float]:
                 return drop_losses(right_deepest, right[id(thresholds)][index], epsilon)
 
-            accepted = fixed_sequence(candidates, losses, delta, bounded=True)
+            accepted = cheapest_accepted(search, fixed_sequence(candidates, losses, delta, bounded=True))
             if accepted is None:
                 speedups.append(true_drop_and_speedup(world, np.ones(world.num_exits - 1))[1])  # every exit runs
                 continue
@@ -161,8 +162,8 @@ def budget_validity(args: argparse.Namespace, probs: list[torch.Tensor], labels:
             def losses(thresholds: np.ndarray) -> tuple[torch.Tensor, float]:
                 return (per_exit[index_of[id(thresholds)][index]] - cheapest) / span, (budget - cheapest) / span
 
-            chosen = fixed_sequence(candidates[1:], losses, delta, bounded=True)
-            chosen = candidates[0] if chosen is None else chosen
+            accepted = fixed_sequence(candidates[1:], losses, delta, bounded=True)
+            chosen = accepted[-1] if accepted else candidates[0]
             true_cost = per_exit[index_of[id(chosen)]].mean().item()
             violations += true_cost > budget * (1 + 1e-12)
             accuracies.append(world.correct[index_of[id(chosen)], everyone].double().mean().item())

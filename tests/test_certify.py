@@ -161,20 +161,28 @@ def test_the_direct_test_agrees_with_the_p_value():
                 assert rejects(tested, 0.03, delta, bounded) == (risk_p_value(tested, 0.03, delta, bounded) <= delta)
 
 
-def test_candidates_run_from_every_exit_to_the_cheapest():
-    """Fixed-sequence testing returns the last candidate it accepts, so the order must be from the most to
-    the least expensive on the search part (running every exit first)."""
-    from timm_scan.deploy.certify import fixed_sequence, propose_candidates
+def test_candidates_are_walked_from_the_least_risk_and_the_cheapest_accepted_is_kept():
+    """Fixed-sequence testing stops at the first candidate it cannot accept, so the order goes from the
+    most to the least accurate on the search part; running every exit and the steps toward the search's
+    proposals are among them, and of those accepted the one with the largest speed-up is kept."""
+    from timm_scan.deploy.certify import cheapest_accepted, fixed_sequence, propose_candidates
     from timm_scan.deploy.thresholds import ExitTable
 
     probs, labels = synthetic_outputs(1500, seed=5)
     table = ExitTable.from_outputs(probs, labels, COSTS)
     candidates = propose_candidates(table, table.deepest_accuracy, 0.03, generations=10)
+    accuracies = [float(table.evaluate(t)[0][0]) for t in candidates]
     speedups = [float(table.evaluate(t)[1][0]) for t in candidates]
-    assert list(candidates[0]) == [1.0, 1.0, 1.0] and speedups == sorted(speedups) and speedups[-1] > speedups[0]
+    assert accuracies == sorted(accuracies, reverse=True) and any((t == 1).all() for t in candidates)
+    assert len(candidates) > 13 and max(speedups) > min(speedups)
     zero = torch.zeros(100, dtype=torch.int8)
-    assert fixed_sequence(candidates, lambda t: (zero, 0.1), 0.1) is candidates[-1]  # every risk rejected: cheapest
-    assert fixed_sequence(candidates, lambda t: (torch.ones(100, dtype=torch.int8), 0.1), 0.1) is None
+    accepted = fixed_sequence(candidates, lambda t: (zero, 0.1), 0.1)  # every risk rejected: all accepted
+    assert len(accepted) == len(candidates) and cheapest_accepted(table, accepted) is candidates[speedups.index(max(speedups))]
+    second = candidates[1]
+    stops = fixed_sequence(candidates, lambda t: (torch.ones(100, dtype=torch.int8) if t is second else zero, 0.1), 0.1)
+    assert len(stops) == 1  # a prefix: nothing after the first candidate it cannot accept
+    assert fixed_sequence(candidates, lambda t: (torch.ones(100, dtype=torch.int8), 0.1), 0.1) == []
+    assert cheapest_accepted(table, []) is None
 
 
 def test_a_certified_budget_holds_on_fresh_samples_and_at_worst_sends_everything_to_the_first_exit():

@@ -94,3 +94,23 @@ def test_a_missing_tracker_fails_before_training(tiny_parquet, tmp_path, monkeyp
     with pytest.raises(ValueError, match="unknown tracker 'tensorbored'"):
         Trainer(TrainConfig(dataset=str(tiny_parquet), output_dir=str(tmp_path), log_with="tensorbored"))
     assert not any(tmp_path.iterdir())
+
+
+def test_evaluate_says_why_early_exit_measured_slower():
+    from timm_scan import ExitPolicy
+    from timm_scan.commands.evaluate import saving_notes
+    from timm_scan.exit_policy import Guarantee, PolicyOrigin
+    from timm_scan.report import WallClock
+
+    def clocks(*speedups):
+        return [WallClock(batch_size=b, images=8, backbone_ms_per_image=1.0, early_exit_ms_per_image=1 / s)
+                for b, s in zip((256, 1), speedups)]
+
+    uncertified = Guarantee("accuracy_drop", 0.02, 0.1, False, 1000, 1000, 0, 1.0, 231)
+    origin = PolicyOrigin("learn-then-test over the genetic search", "max_accuracy_drop", 0.02, "macs", 0.5, 1000,
+                          guarantee=uncertified)
+    assert saving_notes(1.4, clocks(1.2, 1.1), ExitPolicy([0.5, 0.5])) == []  # faster at both: nothing to explain
+    [note] = saving_notes(0.96, clocks(0.92, 0.75), ExitPolicy([1.0, 1.0], origin=origin))
+    assert note.startswith("no saving to measure: nothing was certified") and "4% more" in note
+    [note] = saving_notes(1.46, clocks(1.2, 0.9), ExitPolicy([0.5, 0.5]))
+    assert note.startswith("1.46x fewer MACs, yet slower at batch 1:")

@@ -12,6 +12,7 @@ test, the plain backbone marked) and ``<run>/exit_shares.png``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..deploy.predictor import EarlyExitPredictor
 from ..deploy.thresholds import ExitTable
 from ..deploy.timing import wall_clocks
 from ..exit_costs import ExitCosts
+from ..exit_policy import ExitPolicy
 from ..model.hub import write_run_card
 from ..model.multi_exit import MultiExitModel
 from ..options import option
@@ -70,6 +72,23 @@ def target_held(searched: ThresholdRecord, accuracy: float, shares: list[float],
     baseline = deepest if searched.baseline_run is None else run_results(searched.baseline_run).test.deepest
     costs = searched.latency.ms_per_image if origin.cost_unit == "ms" else exit_macs
     return searched.objective(baseline).met(accuracy, sum(s * c for s, c in zip(shares, costs)))
+
+
+def saving_notes(speedup: float, timings: Sequence[WallClock], policy: ExitPolicy) -> list[str]:
+    """Why early exit measured slower than the plain backbone (``speedup``: in MACs), so that a slowdown
+    is not read as the result; nothing when it measured faster at every batch size."""
+    slower = [t for t in timings if t.speedup < 1]
+    if not slower:
+        return []
+    guarantee = policy.origin.guarantee if policy.origin is not None else None
+    if speedup <= 1:
+        why = ("nothing was certified (see the promise), so every exit runs" if guarantee and not guarantee.certified
+               else "these thresholds send no sample out early, so every exit runs")
+        return [f"no saving to measure: {why} and the exit heads cost {1 / speedup - 1:.0%} more than the plain "
+                "backbone; the timings above show that cost, not early exit"]
+    batches = " and ".join(f"batch {t.batch_size}" for t in slower)
+    return [f"{speedup:.2f}x fewer MACs, yet slower at {batches}: on this device the exits' overhead (heads, "
+            "sections run apart, small batches) outweighs what they save"]
 
 
 def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
@@ -132,6 +151,8 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
     for t in timings:
         print(f"  wall-clock at batch {t.batch_size:>3} ({t.images} images): backbone {t.backbone_ms_per_image:.3f} "
               f"ms/img, early exit {t.early_exit_ms_per_image:.3f} ms/img, measured speed-up {t.speedup:.2f}x")
+    for note in saving_notes(speedup, timings, policy):
+        print(f"  {note}")
     print(f"  (the real predictor and Algorithm 1 on cached outputs agree on the exit of {agree:.1%} of the timed images)")
     plot_tradeoff([(pt.speedup, 100 * pt.accuracy) for pt in report.sweep], run / "tradeoff_test.png",
                   baseline=(1.0, 100 * per_exit.deepest), labels=[f"β={pt.beta:g}" for pt in report.sweep],

@@ -46,11 +46,12 @@ from ..exit_policy import GUARANTEED_RISKS, Guarantee
 from .policy import check_outputs
 from .thresholds import ExitTable, Objective, SearchResult, genetic_search, result_for
 
-__all__ = ["ACCURACY_RISKS", "binomial_cdf", "certify_budget", "certify_thresholds", "drop_losses", "fixed_sequence",
-           "needed_samples", "propose_budget_candidates", "propose_candidates", "rejects", "risk_p_value"]
+__all__ = ["ACCURACY_RISKS", "binomial_cdf", "certify_budget", "certify_thresholds", "cheapest_accepted", "drop_losses",
+           "fixed_sequence", "needed_samples", "propose_budget_candidates", "propose_candidates", "rejects", "risk_p_value"]
 
 ACCURACY_RISKS = GUARANTEED_RISKS[:2]  # certify_thresholds' risks; the mean cost is certify_budget's
 CANDIDATES = 12  # targets proposed on the search part: 0 to 2ε
+STEPS = (0.25, 0.5, 0.75)  # from running every exit (0) to the search's most expensive proposal (1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -141,30 +142,45 @@ def needed_samples(risk: str, epsilon: float, delta: float) -> int:
 
 
 def propose_candidates(table: ExitTable, baseline: float, max_risk: float, **ga_options: Any) -> list[np.ndarray]:
-    """Threshold vectors proposed on the search part (``table``): running every exit, then the genetic
-    search's cheapest within 0 to 2·``max_risk`` of ``baseline``; ordered from the most to the least
-    expensive on the search part, the order fixed-sequence testing walks."""
-    candidates = [np.ones(table.num_exits - 1)]
+    """Threshold vectors proposed on the search part (``table``): running every exit, the genetic search's
+    cheapest within 0 to 2·``max_risk`` of ``baseline``, and steps from running every exit to the most
+    expensive of those (``1 − a·(1 − t)`` for a in `STEPS`: the search jumps, and its cheapest within 0
+    often risks too much to be certified). Ordered by accuracy on the search part, the most accurate (the
+    least risk) first, then the most expensive first: the order fixed-sequence testing walks, so that it
+    stops where the risk grows, not where the search happened to jump."""
+    found = []
     for step in range(CANDIDATES + 1):
         objective = Objective(baseline, None, min(1.0, 2 * max_risk * step / CANDIDATES))
         try:
-            candidates.append(np.asarray(genetic_search(table, objective, **ga_options).thresholds))
+            found.append(np.asarray(genetic_search(table, objective, **ga_options).thresholds))
         except ValueError:  # a target the search part cannot meet
             continue
-    return sorted(candidates, key=lambda t: float(table.evaluate(t)[1][0]))  # speed-up ascending: cost descending
+    steps = [1 - a * (1 - t) for t in found for a in STEPS]
+    unique = np.unique(np.round(np.stack([np.ones(table.num_exits - 1), *steps, *found]), 12), axis=0)
+    return sorted(unique, key=lambda t: (-float(table.evaluate(t)[0][0]), _speedup(table, t)))
+
+
+def _speedup(table: ExitTable, thresholds: np.ndarray) -> float:
+    return float(table.evaluate(thresholds)[1][0])
+
+
+def cheapest_accepted(table: ExitTable, accepted: Sequence[np.ndarray]) -> np.ndarray | None:
+    """The accepted candidate with the largest speed-up on ``table`` (the search part), or ``None``."""
+    return max(accepted, key=lambda t: _speedup(table, t), default=None)
 
 
 def fixed_sequence(candidates: Sequence[np.ndarray], losses: Callable[[np.ndarray], tuple[Tensor, float]],
-                   delta: float, bounded: bool = False) -> np.ndarray | None:
+                   delta: float, bounded: bool = False) -> list[np.ndarray]:
     """Fixed-sequence testing: walk ``candidates`` in order while "risk above the level" is rejected at
     ``delta`` on the calibration losses (``losses(thresholds)`` gives them and the level; ``bounded`` as
-    in `rejects`); the last rejected one, or ``None``. The family-wise error is at most ``delta`` without
-    any correction."""
-    accepted = None
+    in `rejects`); the candidates rejected so far, a prefix of ``candidates``. With probability at least
+    1 − ``delta``, every one of them has risk at most its level, without any correction, so any of them may
+    be chosen."""
+    accepted = []
     for thresholds in candidates:
         if not rejects(*losses(thresholds), delta, bounded):
             break
-        accepted = thresholds
+        accepted.append(thresholds)
     return accepted
 
 
@@ -237,7 +253,7 @@ def certify_thresholds(
                                                                                         max_risk)
         return (~right).to(torch.int8), min(1.0, 1 - baseline_accuracy + max_risk)  # the error rate against 1 − a + ε
 
-    accepted = fixed_sequence(candidates, losses, 1 - confidence, bounded)
+    accepted = cheapest_accepted(table, fixed_sequence(candidates, losses, 1 - confidence, bounded))
     certified = accepted is not None
     p_value = risk_p_value(*losses(accepted), 1 - confidence, bounded) if certified else 1.0
     guarantee = Guarantee(risk, float(max_risk), 1 - float(confidence), certified, len(calibration), len(search),
@@ -304,8 +320,8 @@ def certify_budget(
 
     # the first candidate (everything at the first exit) costs the first exit's cost on any data: no test
     accepted = fixed_sequence(candidates[1:], losses, 1 - confidence, bounded=True)
-    chosen = candidates[0] if accepted is None else accepted
-    p_value = 0.0 if accepted is None else risk_p_value(*losses(accepted), 1 - confidence, bounded=True)
+    chosen = accepted[-1] if accepted else candidates[0]
+    p_value = risk_p_value(*losses(chosen), 1 - confidence, bounded=True) if accepted else 0.0
     guarantee = Guarantee("mean_cost", float(budget), 1 - float(confidence), True, len(calibration), len(search),
                           split_seed, float(p_value), reference=f"the exit costs in {costs.unit}",
                           cost_unit=costs.unit)

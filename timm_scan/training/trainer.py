@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -190,7 +191,7 @@ class Trainer:
         acc.print(f"timm-scan train: {cfg.model}, {exits}, {params / 1e6:.2f} M parameters ({trained / 1e6:.2f} M "
                   f"trained), input {'x'.join(map(str, self.data_config['input_size']))}\n"
                   f"  data: {cfg.dataset}, {data.num_classes} classes, {splits} images\n"
-                  f"  device: {acc.device}{processes}, {precision}; output: {self.folder.root}")
+                  f"  device: {acc.device}{processes}{_cpu_threads(acc)}, {precision}; output: {self.folder.root}")
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch; the batch means of the loss parts (over processes too) and the mean step time."""
@@ -408,3 +409,18 @@ def check_trackers(log_with: str | None) -> list[str]:
 
 def _loss_vector(loss: LossOutput) -> Tensor:
     return torch.stack([loss.total.detach(), *loss.ce, *loss.kd, *loss.hint]).float()
+
+
+def _cpu_threads(acc: Accelerator) -> str:
+    """On CPU, the threads each process computes with, and a hint when cores sit idle.
+
+    ``accelerate launch`` sets ``OMP_NUM_THREADS=1`` unless told otherwise, which trains on one core of many.
+    """
+    if acc.device.type != "cpu":
+        return ""
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = cores // acc.num_processes
+    hint = (f" of {share} cores (accelerate launch sets OMP_NUM_THREADS=1 unless given --num_cpu_threads_per_process "
+            f"{share})") if share > threads else ""
+    return f", {threads} thread{'s' * (threads > 1)}{hint}"
