@@ -20,14 +20,36 @@ TRAIN_ARGS = ["--model", "test_resnet", "--input-size", "32", "--crop-pct", "1.0
               "--batch-size", "16", "--num-workers", "0"]
 
 
-def worker(data, out, *fault):
+@pytest.fixture(scope="module")
+def server():
+    """fault_worker.py --serve: one process that pays the imports once and forks a child per run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(WORKER), str(data), str(out), *map(str, fault)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.Popen([sys.executable, str(WORKER), "--serve"], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    yield proc
+    proc.stdin.close()
+    proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_parquet, tmp_path_factory):
+def worker(server, tmp_path_factory):
+    """``worker(data, out, *fault)``: the run of fault_worker.py (killed at ``fault``, or to the end), as
+    ``subprocess.run`` would answer it: its exit code and stderr."""
+    logs = tmp_path_factory.mktemp("worker_logs")
+
+    def run(data, out, *fault):
+        err = logs / f"{len(list(logs.iterdir()))}.txt"
+        server.stdin.write("\t".join(map(str, (data, out, *fault, err))) + "\n")
+        server.stdin.flush()
+        code = server.stdout.readline()
+        assert code, "the fault worker server died"
+        return subprocess.CompletedProcess([], int(code), "", err.read_text())
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(worker, tiny_parquet, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     proc = worker(tiny_parquet, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,7 +79,7 @@ def same_files(a: Path, b: Path, names=("model.safetensors", "scan_exits.safeten
     [("write:metrics.jsonl", 2), ("write:train_config.json", 1), ("write:manifest.json", 1),
      ("write:results.json", 1)],
 ], ids=lambda kills: "+".join(f"{point}-{count}" for point, count in kills))
-def test_a_killed_run_reruns_to_the_same_best_model(tiny_parquet, tmp_path, uninterrupted, kills):
+def test_a_killed_run_reruns_to_the_same_best_model(worker, tiny_parquet, tmp_path, uninterrupted, kills):
     for point, count in kills:
         killed = worker(tiny_parquet, tmp_path, point, count)
         assert killed.returncode == 9, killed.stderr[-3000:]  # it did die at that point
@@ -71,7 +93,7 @@ def test_a_killed_run_reruns_to_the_same_best_model(tiny_parquet, tmp_path, unin
 
 
 @pytest.fixture(scope="module")
-def killed_in_epoch_3(tiny_parquet, tmp_path_factory):
+def killed_in_epoch_3(worker, tiny_parquet, tmp_path_factory):
     """A run killed in epoch 3 (checkpoints 1 and 2 written), copied by each test that damages it."""
     out = tmp_path_factory.mktemp("killed")
     assert worker(tiny_parquet, out, "step", 12).returncode == 9
@@ -90,7 +112,8 @@ def flip_last_byte(path: Path) -> None:
     (lambda ckpt: flip_last_byte(ckpt / "model.safetensors"), "model.safetensors is damaged"),
     (lambda ckpt: (ckpt / "manifest.json").write_text("{"), "manifest.json is damaged"),
 ], ids=["optimizer-overwritten", "rng-missing", "weights-flipped", "manifest-damaged"])
-def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tiny_parquet, tmp_path, uninterrupted, killed_in_epoch_3,
+def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(worker, tiny_parquet, tmp_path, uninterrupted,
+                                                                 killed_in_epoch_3,
                                                                  damage, said):
     shutil.copytree(killed_in_epoch_3, tmp_path, dirs_exist_ok=True)
     damage(tmp_path / "checkpoints" / "epoch_0002")
@@ -101,7 +124,8 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tiny_parquet, tm
     assert [m.epoch for m in epoch_metrics(tmp_path)] == [1, 2, 3]
 
 
-def test_a_checkpoint_without_manifest_loads_with_a_warning(tiny_parquet, tmp_path, uninterrupted, killed_in_epoch_3):
+def test_a_checkpoint_without_manifest_loads_with_a_warning(worker, tiny_parquet, tmp_path, uninterrupted,
+                                                             killed_in_epoch_3):
     shutil.copytree(killed_in_epoch_3, tmp_path, dirs_exist_ok=True)
     (tmp_path / "checkpoints" / "epoch_0002" / "manifest.json").unlink()  # as an earlier timm-scan wrote it
     rerun = worker(tiny_parquet, tmp_path)
@@ -110,7 +134,7 @@ def test_a_checkpoint_without_manifest_loads_with_a_warning(tiny_parquet, tmp_pa
     assert same_files(tmp_path / "best", uninterrupted / "best")
 
 
-def test_a_second_run_on_the_folder_is_refused_until_the_first_ends(tiny_parquet, tmp_path, uninterrupted):
+def test_a_second_run_on_the_folder_is_refused_until_the_first_ends(worker, tiny_parquet, tmp_path, uninterrupted):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen([sys.executable, str(WORKER), str(tiny_parquet), str(tmp_path), "pause", "3"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
