@@ -273,3 +273,13 @@ def test_pooled_heads_are_cheap_and_run_like_the_model(attention, tmp_path):
         torch.testing.assert_close(loaded(x).logits[0], model(x).logits[0])
     with pytest.raises(ValueError, match="head_blocks applies to 'sepconv' heads"):
         timm_scan.ScanConfig(head="pooled", head_blocks=2)
+
+
+def test_a_fixed_size_model_refuses_other_sizes_and_says_how_to_resize():
+    vit = timm_scan.wrap(create("vit_tiny_patch16_224", img_size=32, depth=4).eval(), check_input_size=(3, 32, 32))
+    predictor = EarlyExitPredictor(vit, ExitPolicy([0.5] * (vit.num_exits - 1)))
+    assert predictor(torch.randn(2, 3, 32, 32)).labels.shape == (2,)
+    with pytest.raises(ValueError, match=r"images are 48x48; this model takes 32x32 only .*resize them"):
+        predictor(torch.randn(2, 3, 48, 48))
+    convolutional = EarlyExitPredictor(wrapped("resnet18", 32), ExitPolicy([0.5, 0.5, 0.5]))
+    assert convolutional(torch.randn(2, 3, 48, 48)).labels.shape == (2,)  # any size a CNN can take
