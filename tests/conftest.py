@@ -5,7 +5,12 @@ import atexit
 import os
 import shutil
 import socket
+import sys
 import tempfile
+from pathlib import Path
+
+# benchmarks/fuzz_folders.py holds the fuzz tests' mutations (its longer run is a benchmark)
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def _free_port() -> int:

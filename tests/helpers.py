@@ -2,10 +2,7 @@
 ``benchmarks/certified_thresholds.py``); the fixtures stay in ``conftest.py``, which sets the Hub's
 environment before anything here is imported."""
 
-import json
-import random
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import timm
@@ -78,27 +75,3 @@ def synthetic_outputs(n: int = 3000, k: int = 4, classes: int = 10,
         p = np.exp(logits - logits.max(1, keepdims=True))
         probs.append(p / p.sum(1, keepdims=True))
     return probs, labels
-
-
-def mutations(value: Any, rng: random.Random) -> list[Any]:
-    """Malformed variants of a JSON value."""
-    return [None, "x", -1, 0, 10**12, 1e300, float("nan"), [], {}, [value], {"v": value}, True, rng.random()]
-
-
-def fuzz_json(data: Any, rng: random.Random) -> Any:
-    """``data`` with one field somewhere replaced by a malformed value, or deleted."""
-    data = json.loads(json.dumps(data))
-    node = data
-    while True:
-        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
-        if not keys:
-            return data
-        key = rng.choice(keys)
-        if isinstance(node[key], (dict, list)) and node[key] and rng.random() < 0.5:
-            node = node[key]
-            continue
-        if isinstance(node, dict) and rng.random() < 0.2:
-            del node[key]
-        else:
-            node[key] = rng.choice(mutations(node[key], rng))
-        return data

@@ -269,3 +269,32 @@ def test_certified_thresholds(tmp_path, monkeypatch):
     assert (drop["risk"], cost["risk"]) == ("accuracy_drop", "mean_cost") and drop["population"] == str(run_dir)
     assert cost["budget"] == pytest.approx(24.0) and 10 <= cost["mean_true_cost"] <= 31
     assert cost["violation_frequency"] <= 1 and (tmp_path / "pool.png").stat().st_size > 0
+
+
+def test_fuzz_folders(tmp_path, monkeypatch):
+    """Both targets on 6 cases each: every case counted once, per kind and by outcome, and each finding listed
+    (and its folder kept; with ``--slow 0`` every refusal is one)."""
+    out, kept = tmp_path / "fuzz.json", tmp_path / "findings"
+    run("fuzz_folders.py", monkeypatch, "--cases", "6", "--slow", "0", "--keep-cases", "--keep-findings", str(kept),
+        "--out", str(out))
+    result = json.loads(out.read_text())
+    assert "fuzz_folders.py" in result["command"] and result["date"] and result["machine"]
+    cases = result.pop("all_cases")
+    works = {"from_pretrained": "loaded", "onnx": "answered"}
+    assert result["cases"] == {"from_pretrained": 6, "onnx": 6} and len(cases) == 12
+    for target, done in works.items():
+        mine = [c for c in cases if c["target"] == target]
+        outcomes = {c["outcome"] for c in mine}
+        assert result["outcomes"][target] == {o: sum(c["outcome"] == o for c in mine) for o in outcomes}
+        rows = [r for r in result["per_kind"] if r["target"] == target]
+        assert sum(r["cases"] for r in rows) == 6 and {r["kind"] for r in rows} == {c["kind"] for c in mine}
+        assert all(r["refused"] + r[done] + r["other"] == r["cases"] for r in rows)
+        assert sum(r["refused"] for r in rows) == result["outcomes"][target].get("ValueError", 0)
+    assert result["findings"] == [c for c in cases if c["finding"]]
+    assert all(c["finding"] for c in cases if c["outcome"] == "ValueError") and result["findings"]
+    assert all(c["finding"] for c in cases if c["outcome"] not in ("ValueError", works[c["target"]]))
+    assert result["not_named"] == [c for c in cases if c["outcome"] == "ValueError" and not c["named"]]
+    assert result["slowest"][0]["seconds"] == max(c["seconds"] for c in cases)
+    assert 0 < result["memory"]["peak_rss_mb_before_cases"] <= result["memory"]["peak_rss_mb"]
+    assert all(c["rss_increase_mb"] >= 0 for c in cases)
+    assert sorted(p.name for p in kept.iterdir()) == sorted(f"{c['target']}-{c['case']}" for c in result["findings"])

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-from helpers import create, fuzz_json, mixing_thresholds
+from fuzz_folders import mutate_onnx
+from helpers import create, mixing_thresholds
 
 import timm_scan
 from timm_scan import EarlyExitPredictor, ExitPolicy, OnnxEarlyExitPredictor, export_onnx
@@ -194,7 +195,7 @@ def test_bad_inputs_and_damaged_folders(exported, tmp_path):
                             (lambda m: m["policy"].update(thresholds=[0.5, 2.0, 0.5]), r"thresholds\[1\]"),
                             (lambda m: m["policy"].update(temperatures=[1.0, 2.0]), "temperatures must be 4"),
                             (lambda m: m.update(exit_latency=[{"ms_per_image": [1.0] * 4}]), "not a valid|missing"),
-                            (lambda m: m.update(exit_latency=LATENCY), "a list of measurements"),
+                            (lambda m: m.update(exit_latency=LATENCY), "field .exit_latency. must be a list of ExitLatency"),
                             (lambda m: m.update(exit_latency=[{**LATENCY, "ms_per_image": [2.0, 1.0, 3.0, 4.0]}]),
                              "cumulative"),
                             (lambda m: m.update(format_version=5), "versions 1, 2, 3, 4"),
@@ -272,38 +273,20 @@ def test_tampered_or_swapped_graphs_are_refused_at_load(exported, tmp_path):
 
 def test_fuzz_onnx_folder_refuses_naming_the_file_or_answers(exported, tmp_path):
     """One field of the manifest changed, a few bytes of a graph (or its external data) changed, or two graphs
-    swapped in an export without checksums (format 3): a ``ValueError`` at load that names the manifest or
-    the graph, or (a harmless change: a class name, a threshold) a predictor whose answers are finite."""
+    swapped in an export without checksums (format 3) (``benchmarks/fuzz_folders.py``'s `mutate_onnx`, which
+    runs thousands): a ``ValueError`` at load that names the manifest or the graph, or (a harmless change: a
+    class name, a threshold) a predictor whose answers are finite."""
     _, folder, _ = exported
     rng = random.Random(0)
     outcomes = {"answered": 0, "refused": 0}
-    graphs = sorted(p.name for p in folder.iterdir() if p.name != "manifest.json")
     for i in range(60):
         case = tmp_path / str(i)
         shutil.copytree(folder, case)
-        manifest = json.loads((case / "manifest.json").read_text())
-        kind = rng.choice(["manifest", "bytes", "swap"])
-        if kind == "manifest":
-            named = "manifest.json"
-            (case / named).write_text(json.dumps(fuzz_json(manifest, rng)))
-        elif kind == "bytes":
-            named = rng.choice(graphs)
-            data = bytearray((case / named).read_bytes())
-            for _ in range(4):
-                data[rng.randrange(len(data))] = rng.randrange(256)
-            (case / named).write_bytes(bytes(data))
-        else:
-            first, second = rng.sample([g for g in graphs if g.endswith(".onnx")], 2)
-            named = f"{first}|{second}|manifest.json"
-            for a, b in ((first, second), (second, first)):
-                (case / a).write_bytes((folder / b).read_bytes())
-                if (folder / f"{b}.data").is_file():
-                    (case / f"{a}.data").write_bytes((folder / f"{b}.data").read_bytes())
-            (case / "manifest.json").write_text(json.dumps(as_version(manifest, 3)))
+        kind, named = mutate_onnx(case, rng)
         try:
             predictor = OnnxEarlyExitPredictor(case)
         except ValueError as exc:
-            assert any(name in str(exc) for name in named.split("|")), f"case {i} ({kind}): not naming {named}: {exc}"
+            assert any(name in str(exc) for name in named), f"case {i} ({kind}): not naming {named}: {exc}"
             outcomes["refused"] += 1
             continue
         assert kind == "manifest", f"case {i}: {kind} ({named}) loaded"

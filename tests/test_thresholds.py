@@ -41,8 +41,7 @@ def test_gene_decoding():
     assert decode(genes, 30).tolist() == [[1.0, pytest.approx(0.7)]]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("beta", [0.1, 1.0, 5.0])
+@pytest.mark.parametrize("seed, beta", [(0, 0.1), (1, 1.0), (2, 5.0)])
 def test_genetic_search_reaches_the_exhaustive_optimum_on_random_cases(seed, beta):
     table = ExitTable.from_outputs(*synthetic_outputs(seed=seed), COSTS)
     objective = Objective(table.deepest_accuracy, beta)

@@ -1,7 +1,6 @@
 """Untrusted model folders, Hub repos and inputs: every bad one is a ValueError that says what is wrong."""
 
 import copy
-import hashlib
 import json
 import random
 import re
@@ -11,9 +10,9 @@ import numpy as np
 import pytest
 import timm
 import torch
-from helpers import fuzz_json
+from fuzz_folders import edit_json, mutate_saved, save_weights, saved_folder
 from huggingface_hub import HfApi
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import timm_scan
 from timm_scan import EarlyExitPredictor, ExitCosts, ExitPolicy, search_thresholds
@@ -23,12 +22,9 @@ from timm_scan.model.hub import CHECK_SIDE
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
+    """test_resnet with exits, 4 classes, saved (as ``benchmarks/fuzz_folders.py`` fuzzes it)."""
     folder = tmp_path_factory.mktemp("saved")
-    model = timm_scan.wrap(timm.create_model("test_resnet", num_classes=4), check_input_size=(3, 32, 32))
-    model.class_names = ["a", "b", "c", "d"]
-    model.data_config = timm.data.resolve_model_data_config(model.backbone, args={"input_size": (3, 32, 32)})
-    model.policy = model.policy.replace(thresholds=[0.9, 0.8, 0.7])
-    model.save_pretrained(str(folder))
+    saved_folder(folder)
     return folder
 
 
@@ -38,20 +34,6 @@ def copy_of(saved, tmp_path):
     target = tmp_path / "copy"
     shutil.copytree(saved, target)
     return target
-
-
-def edit_json(path, change):
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
-
-
-def save_weights(folder, file, state):
-    """Write ``state`` as ``folder/file`` and record its SHA-256, as saving would: the checks behind the
-    checksum, for weights a folder's author wrote."""
-    save_file(state, str(folder / file))
-    edit_json(folder / "scan_config.json",
-              lambda d: d["sha256"].update({file: hashlib.sha256((folder / file).read_bytes()).hexdigest()}))
 
 
 @pytest.mark.parametrize("file, change, message", [
@@ -405,53 +387,20 @@ def test_search_inputs(mutate, message):
 
 
 # ------------------------------------------------------------------ fuzz
-SIZE_FIELDS = [("config.json", lambda d, rng: d["model_args"].update(layers=[rng.choice([2, 10**3, 10**5]), 1, 1, 1])),
-               ("config.json", lambda d, rng: d["model_args"].update(num_classes=rng.choice([5, 10**6, 10**9]))),
-               ("scan_config.json", lambda d, rng: d["scan_config"].update(head_channels=rng.choice([8, 4096, 16384]))),
-               ("scan_config.json", lambda d, rng: d["scan_config"].update(head_blocks=rng.choice([2, 16, 32])))]
-
-
 def test_fuzz_from_pretrained_refuses_naming_the_file_or_loads_a_working_model(saved, tmp_path):
-    """One field, tensor or a few bytes of one file changed, a size field grown, or a field nested deep: a
-    ``ValueError`` that names that file, within seconds, or (a harmless change: a label name, a float
-    spelling) a model that answers. Changed tensors are saved with their checksum (a folder's author wrote
-    them); changed bytes are not (damage)."""
+    """One field, tensor or a few bytes of one file changed, a size field grown, or a field nested deep
+    (``benchmarks/fuzz_folders.py``'s `mutate_saved`, which runs thousands): a ``ValueError`` that names
+    that file, within seconds, or (a harmless change: a label name, a float spelling) a model that answers."""
     rng = random.Random(0)
     outcomes = {"loaded": 0, "refused": 0}
     for i in range(80):
         folder = copy_of(saved, tmp_path / str(i))
-        kind = rng.choice(["config.json", "scan_config.json", "tensor", "bytes", "size", "nested"])
-        if kind.endswith(".json"):
-            file = folder / kind
-            file.write_text(json.dumps(fuzz_json(json.loads(file.read_text()), rng)))
-        elif kind == "size":
-            name, change = rng.choice(SIZE_FIELDS)
-            file = folder / name
-            edit_json(file, lambda d, change=change: change(d, rng))
-        elif kind == "nested":
-            file = folder / rng.choice(["config.json", "scan_config.json"])
-            depth = rng.choice([65, 1000, 100_000])
-            file.write_text(json.dumps(fuzz_json(json.loads(file.read_text()), random.Random(i)) | {"deep": "__deep__"})
-                            .replace('"__deep__"', "[" * depth + "]" * depth))
-        elif kind == "tensor":
-            file = folder / rng.choice(["model.safetensors", "scan_exits.safetensors"])
-            state = load_file(file)
-            name = rng.choice(sorted(state))
-            state[name] = rng.choice([lambda t: t.to(torch.int16), lambda t: t.flatten(), lambda t: t * float("inf"),
-                                      lambda t: torch.zeros(3)])(state[name])
-            save_weights(folder, file.name, state)
-        else:
-            file = folder / rng.choice(["model.safetensors", "scan_exits.safetensors", "config.json"])
-            data = bytearray(file.read_bytes())
-            for _ in range(8):
-                at = rng.randrange(min(len(data), 200)) if rng.random() < 0.5 else rng.randrange(len(data))
-                data[at] = rng.randrange(256)
-            file.write_bytes(bytes(data))
+        kind, (name,) = mutate_saved(folder, rng)
         start = time.perf_counter()
         try:
             model = timm_scan.from_pretrained(folder)
         except ValueError as exc:
-            assert file.name in str(exc), f"case {i} ({kind}): the refusal does not name {file.name}: {exc}"
+            assert name in str(exc), f"case {i} ({kind}): the refusal does not name {name}: {exc}"
             assert time.perf_counter() - start < 10, f"case {i} ({kind}): refused after {time.perf_counter() - start:.0f} s"
             outcomes["refused"] += 1
             continue

@@ -96,6 +96,11 @@ def _dataclass_in(hint: Any) -> type | None:
     return next((found for arg in typing.get_args(hint) if (found := _dataclass_in(arg)) is not None), None)
 
 
+def _holds_list(hint: Any) -> bool:
+    """Whether a field's type is a list (``list[X]``, ``list[X] | None``)."""
+    return typing.get_origin(hint) is list or any(_holds_list(arg) for arg in typing.get_args(hint))
+
+
 class JsonRecord:
     """Mixin of the dataclasses saved as JSON: ``to_dict`` / ``from_dict`` (nested dataclasses rebuilt
     from their field types; unknown fields are a ``ValueError``) and ``save`` / ``load`` of a file,
@@ -121,6 +126,10 @@ class JsonRecord:
         for name, value in data.items():
             nested = _dataclass_in(hints[name])
             if nested is not None and value is not None and issubclass(nested, JsonRecord):
+                if isinstance(value, list) != _holds_list(hints[name]):
+                    raise ValueError(f"{cls.__name__} field {name!r} must be "
+                                     f"{'a list of' if _holds_list(hints[name]) else 'one'} {nested.__name__} "
+                                     f"(a JSON {'array' if _holds_list(hints[name]) else 'object'}); got {value!r:.80}")
                 value = [nested.from_dict(v) for v in value] if isinstance(value, list) else nested.from_dict(value)
             values[name] = value
         try:

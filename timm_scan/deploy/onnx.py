@@ -288,6 +288,7 @@ def _check_manifest(m: OnnxManifest, path: Path) -> None:
         ("exit_macs", ints(m.exit_macs) and m.exit_macs == sorted(m.exit_macs),
          "positive ints, one per exit, cumulative (never decreasing)"),
         ("backbone_macs", ints([m.backbone_macs]), "a positive int"),
+        ("policy", isinstance(m.policy, ExitPolicy), "an exit policy (a JSON object)"),
         ("sections", isinstance(m.sections, list) and all(_plain_name(f) for f in m.sections), "graph file names"),
         ("exits", isinstance(m.exits, list) and bool(m.exits) and all(_plain_name(f) for f in m.exits),
          "graph file names"),
@@ -499,7 +500,7 @@ class OnnxEarlyExitPredictor:
         except ValueError as exc:
             raise ValueError(f"{folder / MANIFEST}: {exc}") from None
         self.policy = chosen_policy(m.policy, policy, legacy, legacy_keywords, "OnnxEarlyExitPredictor").check(
-            k, needs_thresholds="export a model that has some (model.policy)")
+            k, needs_thresholds=f"export a model that has some (model.policy): {folder / MANIFEST} has none")
         self.exit_latency = list(m.exit_latency or [])
         if any(len(latency.ms_per_image) != k for latency in self.exit_latency):
             raise ValueError(f"{folder / MANIFEST}: exit_latency must hold {k} values per measurement, one per exit")
