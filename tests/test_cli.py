@@ -114,3 +114,14 @@ def test_evaluate_says_why_early_exit_measured_slower():
     assert note.startswith("no saving to measure: nothing was certified") and "4% more" in note
     [note] = saving_notes(1.46, clocks(1.2, 0.9), ExitPolicy([0.5, 0.5]))
     assert note.startswith("1.46x fewer MACs, yet slower at batch 1:")
+
+
+def test_inspect_warns_where_exits_cost_more_than_they_save():
+    from timm_scan.commands.inspect import cost_warnings
+
+    assert cost_warnings([30, 60, 90, 100], 100) == []  # every exit saves, the deepest costs the backbone's
+    [every] = cost_warnings([12, 21, 30, 39], 37)  # resnet18 at 32x32: the heads add 4%
+    assert every.startswith("a sample that runs every exit pays 105% of the plain backbone") and "more than 7%" in every
+    exit3, every = cost_warnings([40, 80, 107, 127], 100)  # resnet50 at 224 with the papers' heads
+    assert exit3.startswith("exit 3 costs 107% of the plain backbone: a sample leaving there saves nothing")
+    assert "pays 127%" in every and "more than 31% of samples leave at exit 1" in every

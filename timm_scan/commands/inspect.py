@@ -47,4 +47,21 @@ def inspect(cfg: InspectConfig) -> MultiExitModel:
                             "head params": [f"{sum(p.numel() for p in h.parameters()):,}" for h in heads] + ["-"]}))
     print("MMACs: cumulative cost of a sample that leaves at that exit (sections and heads on the way); the deepest "
           "exit's head is the backbone's own classifier.")
+    for line in cost_warnings(macs, base):
+        print(f"warning: {line}")
     return model
+
+
+def cost_warnings(exit_macs: list[int], backbone_macs: int) -> list[str]:
+    """Where exits cost more than they save (``exit_macs`` cumulative, shallowest first; the last runs
+    every section and head): shallow exits at or above the plain backbone's cost, and the share of samples
+    that must leave at the first exit, the rest running every exit, to break even."""
+    warnings = [f"exit {i + 1} costs {m / backbone_macs:.0%} of the plain backbone: a sample leaving there saves "
+                "nothing (the heads on the way cost more than the sections it skips)"
+                for i, m in enumerate(exit_macs[:-1]) if m >= backbone_macs]
+    first, every = exit_macs[0], exit_macs[-1]
+    if every > backbone_macs and first < backbone_macs:
+        share = (every - backbone_macs) / (every - first)
+        warnings.append(f"a sample that runs every exit pays {every / backbone_macs:.0%} of the plain backbone: early "
+                        f"exit saves MACs only once more than {share:.0%} of samples leave at exit 1")
+    return warnings
