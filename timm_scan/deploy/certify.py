@@ -1,13 +1,14 @@
 """Thresholds with a guarantee: Learn-then-Test (Angelopoulos et al., 2021) over the genetic search.
 
 The validation outputs are split at random (seeded) into a *search* part and a *calibration* part.
-On the search part the genetic search proposes candidate threshold vectors, from running every exit
-to the cheapest within twice the allowed risk; they are ordered from the most to the least expensive
-on the search part, so the order does not look at the calibration part. Fixed-sequence testing then
-walks that order on the calibration part: a candidate is accepted while the p-value of the null
-hypothesis "its risk on new data exceeds ε" is at most δ, and the last accepted one is returned. With
-probability at least 1 − δ over the draw of the calibration samples, the returned policy's risk on
-new samples from the same distribution (exchangeable with the calibration samples) is at most ε.
+On the search part the genetic search proposes candidate threshold vectors (the cheapest within 0 to
+twice the allowed risk, and steps toward each from running every exit); running every exit comes
+first, the others from the most to the least accurate on the search part, so the order does not look
+at the calibration part. Fixed-sequence testing then walks that order on the calibration part: a
+candidate is accepted while the p-value of the null hypothesis "its risk on new data exceeds ε" is at
+most δ, and the cheapest of those accepted is returned. With probability at least 1 − δ over the draw
+of the calibration samples, every accepted policy's risk on new samples from the same distribution
+(exchangeable with the calibration samples) is at most ε.
 
 Risks (exits shallowest first; the reference is the deepest exit, or a given accuracy):
 
@@ -145,9 +146,10 @@ def propose_candidates(table: ExitTable, baseline: float, max_risk: float, **ga_
     """Threshold vectors proposed on the search part (``table``): running every exit, the genetic search's
     cheapest within 0 to 2·``max_risk`` of ``baseline``, and steps from running every exit to the most
     expensive of those (``1 − a·(1 − t)`` for a in `STEPS`: the search jumps, and its cheapest within 0
-    often risks too much to be certified). Ordered by accuracy on the search part, the most accurate (the
-    least risk) first, then the most expensive first: the order fixed-sequence testing walks, so that it
-    stops where the risk grows, not where the search happened to jump."""
+    often risks too much to be certified). Running every exit comes first (what any certification keeps
+    at least), then the rest by accuracy on the search part, the most accurate (the least risk) first, then
+    the most expensive first: the order fixed-sequence testing walks, so that it stops where the risk
+    grows, not where the search happened to jump."""
     found = []
     for step in range(CANDIDATES + 1):
         objective = Objective(baseline, None, min(1.0, 2 * max_risk * step / CANDIDATES))
@@ -156,8 +158,10 @@ def propose_candidates(table: ExitTable, baseline: float, max_risk: float, **ga_
         except ValueError:  # a target the search part cannot meet
             continue
     steps = [1 - a * (1 - t) for t in found for a in STEPS]
-    unique = np.unique(np.round(np.stack([np.ones(table.num_exits - 1), *steps, *found]), 12), axis=0)
-    return sorted(unique, key=lambda t: (-float(table.evaluate(t)[0][0]), _speedup(table, t)))
+    every = np.ones(table.num_exits - 1)
+    unique = np.unique(np.round(np.stack([every, *steps, *found]), 12), axis=0)
+    others = [t for t in unique if not (t == every).all()]
+    return [every, *sorted(others, key=lambda t: (-float(table.evaluate(t)[0][0]), _speedup(table, t)))]
 
 
 def _speedup(table: ExitTable, thresholds: np.ndarray) -> float:
