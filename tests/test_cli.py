@@ -125,3 +125,20 @@ def test_inspect_warns_where_exits_cost_more_than_they_save():
     exit3, every = cost_warnings([40, 80, 107, 127], 100)  # resnet50 at 224 with the papers' heads
     assert exit3.startswith("exit 3 costs 107% of the plain backbone: a sample leaving there saves nothing")
     assert "pays 127%" in every and "more than 31% of samples leave at exit 1" in every
+
+
+def test_the_banner_gives_the_threads_and_says_when_cores_sit_idle(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from timm_scan.training import trainer
+
+    monkeypatch.setattr(trainer.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    one = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert trainer._cpu_threads(one) == (", 1 thread of 4 cores (accelerate launch sets OMP_NUM_THREADS=1 unless given "
+                                         "--num_cpu_threads_per_process 4)")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert trainer._cpu_threads(SimpleNamespace(device=torch.device("cpu"), num_processes=2)) == ", 2 threads"
+    assert trainer._cpu_threads(SimpleNamespace(device=torch.device("cuda", 0), num_processes=1)) == ""

@@ -52,7 +52,7 @@ __all__ = ["ACCURACY_RISKS", "binomial_cdf", "certify_budget", "certify_threshol
 
 ACCURACY_RISKS = GUARANTEED_RISKS[:2]  # certify_thresholds' risks; the mean cost is certify_budget's
 CANDIDATES = 12  # targets proposed on the search part: 0 to 2ε
-STEPS = (0.25, 0.5, 0.75)  # from running every exit (0) to the search's most expensive proposal (1)
+STEPS = (0.25, 0.5, 0.75)  # from running every exit (0) toward each of the search's proposals (1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,12 +144,12 @@ def needed_samples(risk: str, epsilon: float, delta: float) -> int:
 
 def propose_candidates(table: ExitTable, baseline: float, max_risk: float, **ga_options: Any) -> list[np.ndarray]:
     """Threshold vectors proposed on the search part (``table``): running every exit, the genetic search's
-    cheapest within 0 to 2·``max_risk`` of ``baseline``, and steps from running every exit to the most
-    expensive of those (``1 − a·(1 − t)`` for a in `STEPS`: the search jumps, and its cheapest within 0
-    often risks too much to be certified). Running every exit comes first (what any certification keeps
-    at least), then the rest by accuracy on the search part, the most accurate (the least risk) first, then
-    the most expensive first: the order fixed-sequence testing walks, so that it stops where the risk
-    grows, not where the search happened to jump."""
+    cheapest within 0 to 2·``max_risk`` of ``baseline``, and steps from running every exit toward each of
+    those (``1 − a·(1 − t)`` for a in `STEPS`: the search jumps, and its cheapest within 0 often risks too
+    much to be certified). Running every exit comes first (what any certification keeps at least), then
+    the rest by accuracy on the search part, the most accurate (the least risk) first, then the most
+    expensive first: the order fixed-sequence testing walks, so that it stops where the risk grows, not
+    where the search happened to jump."""
     found = []
     for step in range(CANDIDATES + 1):
         objective = Objective(baseline, None, min(1.0, 2 * max_risk * step / CANDIDATES))
@@ -161,16 +161,19 @@ def propose_candidates(table: ExitTable, baseline: float, max_risk: float, **ga_
     every = np.ones(table.num_exits - 1)
     unique = np.unique(np.round(np.stack([every, *steps, *found]), 12), axis=0)
     others = [t for t in unique if not (t == every).all()]
-    return [every, *sorted(others, key=lambda t: (-float(table.evaluate(t)[0][0]), _speedup(table, t)))]
-
-
-def _speedup(table: ExitTable, thresholds: np.ndarray) -> float:
-    return float(table.evaluate(thresholds)[1][0])
+    if not others:
+        return [every]
+    accuracy, speedup = table.evaluate(np.stack(others))  # every candidate in one pass
+    order = sorted(range(len(others)), key=lambda i: (-float(accuracy[i]), float(speedup[i])))
+    return [every, *(others[i] for i in order)]
 
 
 def cheapest_accepted(table: ExitTable, accepted: Sequence[np.ndarray]) -> np.ndarray | None:
     """The accepted candidate with the largest speed-up on ``table`` (the search part), or ``None``."""
-    return max(accepted, key=lambda t: _speedup(table, t), default=None)
+    if not accepted:
+        return None
+    speedup = table.evaluate(np.stack(accepted))[1]
+    return accepted[int(speedup.argmax())]
 
 
 def fixed_sequence(candidates: Sequence[np.ndarray], losses: Callable[[np.ndarray], tuple[Tensor, float]],

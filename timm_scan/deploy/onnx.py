@@ -292,7 +292,6 @@ def _check_manifest(m: OnnxManifest, path: Path) -> None:
         ("sections", isinstance(m.sections, list) and all(_plain_name(f) for f in m.sections), "graph file names"),
         ("exits", isinstance(m.exits, list) and bool(m.exits) and all(_plain_name(f) for f in m.exits),
          "graph file names"),
-        ("exit_latency", m.exit_latency is None or isinstance(m.exit_latency, list), "a list of measurements"),
         ("state_layout", m.state_layout is None or (isinstance(m.state_layout, list) and all(
             isinstance(layout, list) and layout and all(
                 isinstance(t, list) and len(t) == 2 and ints(t[:1], 0) and ints(t[1:]) for t in layout)
