@@ -96,8 +96,8 @@ def graphs_in_turn(predictor: timm_scan.OnnxEarlyExitPredictor, heads: bool) -> 
 
 def speed(size: int, batch_sizes: list[int], repeats: int, n_images: int | None, head: str) -> list[dict]:
     torch.manual_seed(0)
-    model = timm_scan.wrap(timm.create_model("resnet18", num_classes=10), timm_scan.ScanConfig(head=head),
-                           check_input_size=(3, size, size)).eval()
+    model = timm_scan.wrap(timm.create_model("resnet18", num_classes=10), timm_scan.ScanConfig.papers(head=head),
+                           check_input_size=(3, size, size)).eval()  # the heads RESULTS §12 timed (default until 2026-12-06)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -143,7 +143,7 @@ def coverage(names: list[str]) -> list[dict]:
     rows = []
     for name in names or listed:
         kwargs, size = listed.get(name, ({}, 32))
-        model = timm_scan.wrap(timm.create_model(name, num_classes=10, **kwargs),
+        model = timm_scan.wrap(timm.create_model(name, num_classes=10, **kwargs), timm_scan.ScanConfig.papers(),
                                check_input_size=(3, size, size)).eval()
         x = torch.randn(8, 3, size, size)
         row = {"model": name, "input": size, "runner": model.runner}

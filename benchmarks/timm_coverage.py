@@ -1,8 +1,9 @@
 """Which timm families `timm_scan.wrap` handles: one model of every model module in the installed timm
 (``timm.list_models()`` grouped by the module that defines each model), random weights, its default
-input size. A model passes when it wraps with the default exits, its deepest exit equals
+input size. A model passes when it wraps with the default exits and heads, its deepest exit equals
 ``backbone(x)`` bit for bit in eval mode and ``exit_macs`` is strictly increasing; a refusal is
-recorded with its reason.
+recorded with its reason. Each row also records what the default heads and the papers' heads (SepConv to
+the deepest stage's width, SD attention) add to the backbone's MACs and parameters at that size.
 
     python benchmarks/timm_coverage.py                       # every module; results/timm_coverage.json
     python benchmarks/timm_coverage.py --models resnet50 vit_small_patch16_224 --out /tmp/cov.json
@@ -28,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import timm_scan
+from timm_scan.model.heads import exit_heads, head_macs
 
 CANDIDATES = 6
 _SIZE_WORDS = ["atto", "femto", "pico", "nano", "xxxs", "xxs", "xs", "mini", "tiny", "t", "lite", "small", "s", "b0"]
@@ -54,6 +56,24 @@ def pick_model(module: str) -> str:
     return min(names, key=lambda n: (sizes[n], _looks_small(n)))
 
 
+def _inference_params(heads: list[torch.nn.Module]) -> int:
+    return sum(p.numel() for h in heads for n, p in h.named_parameters() if not n.startswith("proj."))
+
+
+def head_costs(backbone: torch.nn.Module, model: timm_scan.MultiExitModel, size: tuple[int, int, int]) -> dict:
+    """What the default heads and the papers' (SepConv to the deepest width, SD attention) add at ``size``:
+    backbone MACs and parameters, the heads' MACs and inference parameters (the hint's projection left
+    out), the default heads' align width."""
+    cuts = model.config.exits
+    papers = timm_scan.ScanConfig(exits=cuts, attention="sd", head_budget=None)
+    with torch.device("meta"):
+        papers_params = _inference_params(exit_heads(backbone, papers, cuts))
+    return {"backbone_macs": model.backbone_macs(size), "backbone_params": sum(p.numel() for p in backbone.parameters()),
+            "head_channels": model.config.head_channels, "attention": model.config.attention,
+            "heads_macs": sum(head_macs(backbone, model.config, cuts, size)), "heads_params": _inference_params(model.exits),
+            "papers_heads_macs": sum(head_macs(backbone, papers, cuts, size)), "papers_heads_params": papers_params}
+
+
 def check(name: str) -> dict:
     started = time.time()
     row: dict = {"model": name}
@@ -69,7 +89,7 @@ def check(name: str) -> dict:
         increasing = all(a < b for a, b in zip(macs, macs[1:]))
         row.update(ok=equal and increasing, deepest_equal=equal, macs_increasing=increasing,
                    runner=model.runner, exits=[s.module for s in model.exit_stages[:-1]],
-                   exit_macs=macs)
+                   exit_macs=macs, **head_costs(backbone, model, size))
     except ValueError as exc:
         row.update(ok=False, refusal=str(exc))
     except Exception as exc:  # not a refusal: a bug to fix

@@ -88,7 +88,8 @@ def main() -> None:
         "baseline": timm_scan.wrap(timm.create_model(args.model, num_classes=args.num_classes), ScanConfig(exits=[]),
                                    check_input_size=size).to(device),
         "self-distillation": timm_scan.wrap(timm.create_model(args.model, num_classes=args.num_classes),
-                                            ScanConfig(attention=args.attention), check_input_size=size).to(device),
+                                            ScanConfig.papers(attention=args.attention),
+                                            check_input_size=size).to(device),
     }
     loss_fn = SelfDistillationLoss()  # the default preset (hints computed, λ or not); on one exit plain cross-entropy
     times: dict[str, list[float]] = {name: [] for name in models}

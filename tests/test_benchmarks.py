@@ -298,3 +298,35 @@ def test_fuzz_folders(tmp_path, monkeypatch):
     assert 0 < result["memory"]["peak_rss_mb_before_cases"] <= result["memory"]["peak_rss_mb"]
     assert all(c["rss_increase_mb"] >= 0 for c in cases)
     assert sorted(p.name for p in kept.iterdir()) == sorted(f"{c['target']}-{c['case']}" for c in result["findings"])
+
+
+def test_decision_rules(bench_runs, monkeypatch):
+    runs, _ = bench_runs
+    out = runs / "rules.json"
+    bench = run("decision_rules.py", monkeypatch, "--runs", str(runs / "resnet18-sd"), "--seeds", "0", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert [r["rule"] for r in report["rows"]] == list(bench["RULES"])
+    assert all(set(r) >= {"no-loss", "0.005", "0.01", "0.02"} for r in report["rows"])
+    probs = [bench["torch"].softmax(bench["torch"].randn(5, 3), -1) for _ in range(3)]
+    own, mean = bench["decide"](probs, "own"), bench["decide"](probs, "running mean")
+    assert all(a is b for a, b in zip(own, probs))  # Algorithm 1's rule
+    assert bench["torch"].allclose(mean[1], (probs[0] + probs[1]) / 2) and mean[-1] is probs[-1]  # deepest its own
+
+
+def test_head_budget(bench_runs, monkeypatch, tmp_path):
+    runs, _ = bench_runs
+    out = tmp_path / "heads.json"
+    run("head_budget.py", monkeypatch, "--train", str(runs / "resnet18-sd"), "--designs", "w32-none", "--epochs", "1",
+        "--batch-size", "16",
+        "--root", str(tmp_path / "runs"), "--latency", "test_resnet", "--batch-sizes", "1", "--repeats", "1",
+        "--out", str(out))
+    report = json.loads(out.read_text())
+    row = report["designs"]["w32-none"]
+    assert row["scan_config"]["head_channels"] == 32 and row["scan_config"]["attention"] == "none"
+    assert TrainConfig.load(tmp_path / "runs" / "resnet18-sd" / "w32-none").freeze_backbone
+    assert set(row) >= {"no_loss", "one_point"} and len(row["test"]["exits"]) == 4
+    [timed] = report["latency"]
+    default, papers = timed["designs"]["default"], timed["designs"]["papers"]
+    assert papers["scan_config"]["attention"] == "sd" and papers["scan_config"]["head_budget"] is None
+    assert default["exit_macs"][-1] < papers["exit_macs"][-1]  # cheaper heads
+    assert len(default["latency"]["1"]["ms_per_image"]) == 4

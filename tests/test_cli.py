@@ -127,6 +127,18 @@ def test_inspect_warns_where_exits_cost_more_than_they_save():
     assert "pays 127%" in every and "more than 31% of samples leave at exit 1" in every
 
 
+def test_inspect_says_what_the_heads_add_and_how_they_were_sized(capsys):
+    from timm_scan.commands.inspect import inspect
+
+    model = inspect(InspectConfig(model="resnet50", input_size=64))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("shallow heads: "))
+    assert f"align width {model.config.head_channels} sized by head_budget=0.05; attention 'none'" in line
+    assert float(line.split()[2].rstrip("%")) <= 5.0
+    inspect(InspectConfig(model="resnet50", input_size=64, head_budget=None, attention="sd"))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("shallow heads: "))
+    assert "SepConv at the papers' widths (no head_budget); attention 'sd'" in line and float(line.split()[2][:-1]) > 20
+
+
 def test_the_banner_gives_the_threads_and_says_when_cores_sit_idle(monkeypatch):
     from types import SimpleNamespace
 

@@ -5,7 +5,8 @@ from timm_scan import ScanConfig
 
 def test_defaults_are_valid():
     cfg = ScanConfig()
-    assert cfg.exits is None and cfg.attention == "sd"
+    assert cfg.exits is None and cfg.attention == "none" and cfg.head_budget == 0.05
+    assert ScanConfig.papers(exits=[1]) == ScanConfig(exits=[1], attention="sd", head_budget=None)
 
 
 @pytest.mark.parametrize(
@@ -20,6 +21,11 @@ def test_defaults_are_valid():
         ({"head_channels": 0}, "head_channels"),
         ({"head_blocks": -1}, "head_blocks"),
         ({"head_blocks": 2.0}, "head_blocks"),
+        ({"head_budget": 0}, "head_budget"),
+        ({"head_budget": 1.5}, "head_budget"),
+        ({"head_budget": True}, "head_budget"),
+        ({"head_budget": float("nan")}, "head_budget"),
+        ({"head_budget": "5%"}, "head_budget"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):
@@ -52,3 +58,9 @@ def test_input_size_is_three_positive_ints_numpy_ones_included():
     for bad in (32, (3, 32), (3, 0, 32), (True, 32, 32), (3.0, 32, 32)):
         with pytest.raises(ValueError, match=r"\(channels, height, width\)"):
             check_input_size(bad)
+
+
+def test_a_config_saved_before_the_head_budget_keeps_the_papers_heads():
+    saved = {"exits": [1, 2, 3], "attention": "sd", "head_channels": None, "head_blocks": None, "head": "sepconv"}
+    assert ScanConfig.from_dict(saved).head_budget is None
+    assert ScanConfig().head_budget == 0.05  # a new config is sized by cost

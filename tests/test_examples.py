@@ -22,11 +22,12 @@ def test_train_cli_maps_flags_to_the_config(tiny_parquet, tmp_path, monkeypatch,
         "train.py", monkeypatch,
         "--dataset", str(tiny_parquet), "--output-dir", str(tmp_path), "--model", "test_resnet",
         "--input-size", "32", "--crop-pct", "1.0", "--train-scale", "0.5", "1", "--val-size", "0.25",
-        "--exits", "layer1", "-3", "--attention", "scan", "--epochs", "1", "--anneal-epochs", "0",
+        "--exits", "layer1", "-3", "--attention", "scan", "--no-head-budget", "--epochs", "1", "--anneal-epochs", "0",
         "--batch-size", "16", "--num-workers", "0", "--schedule", "step", "--milestones", "1",
     )
     best = json.loads((tmp_path / "best" / "scan_config.json").read_text())
     assert best["scan_config"]["exits"] == [1, 2] and best["scan_config"]["attention"] == "scan"
+    assert best["scan_config"]["head_budget"] is None and best["scan_config"]["head_channels"] is None
     assert "ensemble" in capsys.readouterr().out
 
 

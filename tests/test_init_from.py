@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import timm_scan
 from timm_scan.model.hub import load_initial_weights
-from timm_scan.training import Trainer, TrainConfig, run_results
+from timm_scan.training import Trainer, TrainConfig, epoch_metrics, run_results
 
 
 def config(data, out, **kwargs):
@@ -32,13 +32,15 @@ def wrapped(**kwargs):
 def test_freeze_backbone_keeps_the_deepest_classifier_bit_identical(baseline_run, tiny_parquet, tmp_path):
     start = load_file(baseline_run / "best" / "model.safetensors")
     results = Trainer(config(tiny_parquet, tmp_path, init_from=str(baseline_run / "best"), freeze_backbone=True,
-                             epochs=2)).fit()
+                             epochs=3)).fit()
     after = load_file(tmp_path / "best" / "model.safetensors")
     assert after.keys() == start.keys() and all(torch.equal(after[k], start[k]) for k in start)  # BN buffers too
     assert results.test.deepest == run_results(baseline_run).test.deepest
     fresh = wrapped().exits.state_dict()
     trained = load_file(tmp_path / "best" / "scan_exits.safetensors")
     assert any(not torch.equal(trained[k], fresh[k]) for k in fresh if k.endswith("weight"))  # the exits learnt
+    means = [sum(m.val.exits) / len(m.val.exits) for m in epoch_metrics(tmp_path)]
+    assert results.best_epoch == 1 + means.index(max(means))  # not the first epoch whose deepest exit ties
 
 
 def test_fine_tuning_from_trained_weights_starts_there(baseline_run, tiny_parquet, tmp_path):

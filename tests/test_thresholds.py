@@ -10,6 +10,7 @@ from timm_scan.deploy.thresholds import (
     PAPER_MIN_THRESHOLD,
     ExitTable,
     Objective,
+    SearchResult,
     decode,
     exhaustive_search,
     genetic_search,
@@ -269,3 +270,16 @@ def test_the_tradeoff_plot_names_its_cost_on_the_x_axis(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda self, text, *a, **k: labels.append(text))
     plot_tradeoff([(2.0, 80.0), (1.5, 82.0)], tmp_path / "t.png", cost="latency (batch 1)")
     assert labels == ["latency (batch 1) relative to the plain backbone"]
+
+
+def test_thresholds_no_faster_than_the_backbone_say_so():
+    def result(accuracy, speedup):
+        return SearchResult(ExitPolicy((0.5,)), accuracy, speedup, 1.0, 0.0, [0.5, 0.5])
+
+    assert result(0.70, 1.4).against_backbone(0.71) is None  # faster: worth deploying
+    slower = result(0.70, 0.8).against_backbone(0.71)
+    assert "1.25x the cost of running every section" in slower and "1.00 points less accurate" in slower
+    assert "plain backbone serves better" in slower
+    assert "buy accuracy, not speed" in result(0.72, 0.9).against_backbone(0.71)
+    assert "less accurate" in result(0.70, 1.0).against_backbone(0.71)
+    assert result(0.71, 1.0).against_backbone(0.71) is None

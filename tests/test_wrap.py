@@ -11,7 +11,7 @@ from timm_scan import ScanConfig
 from timm_scan.model.backbone import default_exit_indices
 from timm_scan.model.runner import Stage
 from timm_scan.model import count_macs
-from timm_scan.model.heads import align_plan
+from timm_scan.model.heads import align_plan, head_macs
 
 
 def wrap(name, size, config=None, **kwargs):
@@ -220,7 +220,7 @@ def test_gradients_reach_backbone_and_every_head():
 
 
 def test_saved_config_recreates_the_same_model():
-    backbone, model = wrap("resnet18", 32, ScanConfig(attention="scan", head_blocks=2))
+    backbone, model = wrap("resnet18", 32, ScanConfig(attention="scan", head_blocks=2, head_budget=None))
     again = timm_scan.wrap(backbone, ScanConfig.from_json(model.config.to_json()), check_input_size=(3, 32, 32))
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     assert shapes == {k: v.shape for k, v in again.state_dict().items()}
@@ -286,3 +286,30 @@ def test_backbone_macs_match_published_figures(name, published):
     give vit_tiny_patch16_224 1.26 GMACs."""
     model = timm_scan.wrap(create(name, num_classes=1000))
     assert model.backbone_macs((3, 224, 224)) == pytest.approx(published, rel=0.01)
+
+
+def test_default_heads_are_sized_within_the_budget_and_saved_with_their_width():
+    # resnet50's papers' heads add 27% of its MACs (RESULTS §18); the budget's are within 5%
+    backbone, model = wrap("resnet50", 64, ScanConfig(attention="none"))
+    size = (3, 64, 64)
+    width = model.config.head_channels
+    assert width is not None and width % 8 == 0 and width < 2048
+    heads = model.exit_macs(size)[-1] - model.backbone_macs(size)
+    assert 0 < heads <= 0.05 * model.backbone_macs(size)
+    wider = sum(head_macs(backbone, ScanConfig(exits=model.config.exits, attention="none", head_channels=width + 8),
+                          model.config.exits, size))
+    assert wider > 0.05 * model.backbone_macs(size)  # the widest width within the budget
+    # narrower than its input (256 channels), an align net narrows in its first conv
+    first, second = model.exits[0].align[0]
+    assert first.conv_pw.out_channels == second.conv_pw.out_channels < 256
+    again = timm_scan.wrap(backbone, ScanConfig.from_json(model.config.to_json()), check_input_size=size)
+    assert again.config == model.config
+    papers = timm_scan.wrap(backbone, ScanConfig(attention="none", head_budget=None), check_input_size=size)
+    assert papers.config.head_channels is None and papers.exits[0].align[-1][-1].conv_pw.out_channels == 2048
+    assert papers.exits[0].align[0][0].conv_pw.out_channels == 256  # the papers': widen after each depthwise conv
+
+
+def test_a_budget_the_heads_cannot_meet_is_refused_saying_what_costs_what():
+    with pytest.raises(ValueError, match=r"'resnet50' cost .*% of its MACs at 64x64 even 8 channels wide "
+                                         r"\(.*% is their attention 'sd'\).*head_budget=0.01; pass attention='none'"):
+        wrap("resnet50", 64, ScanConfig(attention="sd", head_budget=0.01))

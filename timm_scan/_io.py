@@ -107,6 +107,8 @@ class JsonRecord:
     written atomically."""
 
     renamed: typing.ClassVar[dict[str, str]] = {}  # old field name -> new, read from files written before a rename
+    # field -> the value that files written before the field existed meant (where it differs from today's default)
+    absent: typing.ClassVar[dict[str, Any]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON values (nested dataclasses as objects, tuples as lists)."""
@@ -116,7 +118,7 @@ class JsonRecord:
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         if not isinstance(data, dict):
             raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
-        data = {cls.renamed.get(k, k): v for k, v in data.items()}
+        data = {**cls.absent, **{cls.renamed.get(k, k): v for k, v in data.items()}}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

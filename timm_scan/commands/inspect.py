@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..model.backbone import create_backbone
-from ..model.config import ATTENTION_KINDS, ScanConfig
+from ..model.config import ATTENTION_KINDS, DEFAULT_HEAD_BUDGET, HEAD_KINDS, ScanConfig
 from ..model.multi_exit import MultiExitModel, wrap
 from ..options import option
 from ..report import exit_table
@@ -27,14 +27,18 @@ class InspectConfig:
                                               "for 32x32 inputs)")
     input_size: int = option(32, "square input side in pixels", aliases=["--img-size"])
     num_classes: int = option(10, "classes of the classifier")
-    attention: str = option("sd", f"attention of the shallow heads: one of {ATTENTION_KINDS}")
+    attention: str = option(ScanConfig.attention, f"attention of the shallow heads: one of {ATTENTION_KINDS}")
+    head: str = option(ScanConfig.head, f"kind of shallow head: one of {HEAD_KINDS}")
+    head_budget: float | None = option(DEFAULT_HEAD_BUDGET, "what the SepConv heads together may add, a fraction of "
+                                       "the backbone's MACs at the input size", switches={"--no-head-budget": None})
 
 
 def inspect(cfg: InspectConfig) -> MultiExitModel:
     """Print the table and return the wrapped model (random weights)."""
     backbone = create_backbone(cfg.model, cfg.num_classes, model_kwargs=cfg.model_kwargs)
     size = (3, cfg.input_size, cfg.input_size)
-    model = wrap(backbone, ScanConfig(attention=cfg.attention), check_input_size=size)
+    model = wrap(backbone, ScanConfig(attention=cfg.attention, head=cfg.head, head_budget=cfg.head_budget),
+                 check_input_size=size)
     macs, base = model.exit_macs(size), model.backbone_macs(size)
     classifier = backbone.get_classifier()  # distilled models: their two classifiers
     heads = [*model.exits, nn.ModuleList(classifier) if isinstance(classifier, tuple) else classifier]
@@ -47,9 +51,21 @@ def inspect(cfg: InspectConfig) -> MultiExitModel:
                             "head params": [f"{sum(p.numel() for p in h.parameters()):,}" for h in heads] + ["-"]}))
     print("MMACs: cumulative cost of a sample that leaves at that exit (sections and heads on the way); the deepest "
           "exit's head is the backbone's own classifier.")
+    print(heads_line(model, macs[-1] - base, base, sum(p.numel() for p in backbone.parameters())))
     for line in cost_warnings(macs, base):
         print(f"warning: {line}")
     return model
+
+
+def heads_line(model: MultiExitModel, head_macs: int, backbone_macs: int, backbone_params: int) -> str:
+    """What the shallow heads add, in MACs and parameters, and how they were sized."""
+    params = sum(p.numel() for h in model.exits for name, p in h.named_parameters() if not name.startswith("proj."))
+    c = model.config
+    how = (f"SepConv, align width {c.head_channels} sized by head_budget={c.head_budget:g}" if c.head == "sepconv"
+           and c.head_budget is not None else "SepConv at the papers' widths (no head_budget)" if c.head == "sepconv"
+           else "pooled")
+    return (f"shallow heads: {head_macs / backbone_macs:.1%} of the backbone's MACs, {params / backbone_params:.1%} of "
+            f"its parameters (inference; {how}; attention {c.attention!r})")
 
 
 def cost_warnings(exit_macs: list[int], backbone_macs: int) -> list[str]:

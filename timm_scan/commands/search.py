@@ -285,4 +285,7 @@ def search(cfg: SearchConfig) -> ThresholdRecord:
           f"{100 * chosen.accuracy:.2f}% at {chosen.speedup:.2f}x {unit} → {run / THRESHOLDS}; plot "
           f"{run / 'tradeoff_val.png'}")
     print(f"  promise: {record.policy.origin.promise}")
+    worse = chosen.against_backbone(exit_accuracy(probs, labels).deepest)
+    if worse is not None:
+        print(f"  note: {worse}")
     return record

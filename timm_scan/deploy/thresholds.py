@@ -155,6 +155,22 @@ class SearchResult(JsonRecord):
         origin = self.policy.origin
         return origin.value if origin is not None and origin.objective == "beta" else None
 
+    def against_backbone(self, deepest_accuracy: float) -> str | None:
+        """Where these thresholds are no faster than running every section to the deepest exit (a speed-up of
+        at most 1: the heads on the way cost at least what the sections that samples skip save), what they
+        cost and gain against it, in words; ``None`` where they are faster. ``deepest_accuracy``: the deepest
+        exit's on the same outputs (a fraction)."""
+        less = self.accuracy < deepest_accuracy
+        if self.speedup > 1 or (self.speedup == 1 and not less):
+            return None
+        cost = f"{1 / self.speedup:.2f}x the cost of running every section to the deepest exit"
+        if not less:
+            return (f"these thresholds are {cost}, for {100 * (self.accuracy - deepest_accuracy):+.2f} points against "
+                    "it on these samples: they buy accuracy, not speed")
+        return (f"these thresholds are {cost} and {100 * (deepest_accuracy - self.accuracy):.2f} points less accurate "
+                "than it on these samples: the plain backbone serves better; train longer, use cheaper heads "
+                "(timm-scan inspect) or allow a larger drop")
+
 
 @dataclass(frozen=True)
 class Objective:

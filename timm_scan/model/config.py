@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .._io import JsonRecord
 
-__all__ = ["ATTENTION_KINDS", "HEAD_KINDS", "ScanConfig", "check_data_config", "check_input_size"]
+__all__ = ["ATTENTION_KINDS", "DEFAULT_HEAD_BUDGET", "HEAD_KINDS", "ScanConfig", "check_data_config",
+           "check_input_size"]
 
 ATTENTION_KINDS = ("sd", "scan", "none")
 HEAD_KINDS = ("sepconv", "pooled")  # ExitHead's kinds (timm_scan.model.heads)
 MAX_HEAD_CHANNELS = 16384  # beyond any timm stage's width: a larger value is a damaged config, not a model
 MAX_HEAD_BLOCKS = 32
+DEFAULT_HEAD_BUDGET = 0.05  # the shallow heads together: at most 5% of the backbone's MACs (benchmarks/RESULTS.md §18)
 MAX_INPUT_SIDE = 4096  # the largest height or width a saved model or export may name
 # What a data config (timm's: how images are resized, cropped and normalised) may hold: ranges that every
 # timm pretrained config lies well inside (crop_pct 0.875-1.15, mean 0-0.5, std 0.14-1)
@@ -37,21 +40,42 @@ class ScanConfig(JsonRecord):
             last ``feature_info`` stage cannot be an exit: the backbone's own head is the deepest
             classifier. After ``wrap`` the model's config holds the resolved indices, ascending.
         attention: attention module in front of each shallow head: ``"sd"`` (Self-Distillation,
-            TPAMI 2021), ``"scan"`` (SCAN, NeurIPS 2019) or ``"none"``.
+            TPAMI 2021), ``"scan"`` (SCAN, NeurIPS 2019) or ``"none"`` (the default: at 224x224 the SD
+            attention alone costs 3.8% of resnet50's MACs and 5.6% of densenet121's, for at most 0.2 points
+            measured at equal width, benchmarks/RESULTS.md §18). The papers' heads are
+            ``ScanConfig.papers()``.
         head: the kind of shallow head: ``"sepconv"`` (the papers': a SepConv align net to the deepest
             stage's width, then pooling and a linear classifier) or ``"pooled"`` (latency-oriented,
             as in SDN and earlyon: pooling straight after the stage, then a two-layer MLP).
-        head_channels: output width of every align net (``"sepconv"``; ``None`` uses the deepest
-            stage's width) or the MLP's hidden width (``"pooled"``; ``None`` uses 128).
+        head_channels: output width of every align net (``"sepconv"``) or the MLP's hidden width
+            (``"pooled"``; ``None`` uses 128). For ``"sepconv"``, ``None`` sizes it by ``head_budget``, or,
+            without a budget, uses the deepest stage's width (the papers' align nets). After ``wrap`` the
+            model's config holds the width used, so that the saved config re-creates the same heads.
         head_blocks: SepConv blocks per align net; ``None`` uses the papers' ``K - i`` for exit ``i``
             (1-based) of ``K`` classifiers. Only for ``"sepconv"`` heads.
+        head_budget: what all shallow heads together may add, as a fraction of the plain backbone's MACs
+            at the input size ``wrap`` checks the model at (its ``check_input_size``, by default the
+            model's ``pretrained_cfg`` input size): ``wrap`` gives ``"sepconv"`` heads without a
+            ``head_channels`` the widest align width (a multiple of 8, at most the deepest stage's) within
+            it, and refuses, saying what costs what, where even width 8 is over it. ``None``: no budget
+            (with ``head_channels=None``, the papers' full-width align nets). Pooled heads are not sized.
     """
 
     exits: list[int | str] | None = None
-    attention: str = "sd"
+    attention: str = "none"
     head_channels: int | None = None
     head_blocks: int | None = None
     head: str = "sepconv"
+    head_budget: float | None = DEFAULT_HEAD_BUDGET
+
+    # saved before the budget existed: their heads were the papers' (full width where head_channels is None)
+    absent: ClassVar[dict[str, Any]] = {"head_budget": None}
+
+    @classmethod
+    def papers(cls, **fields: Any) -> ScanConfig:
+        """The papers' exit heads (TPAMI's SD attention, SepConv align nets to the deepest stage's width, no
+        budget), with any other ``fields``."""
+        return cls(**{"attention": "sd", "head_budget": None, **fields})
 
     def __post_init__(self) -> None:
         if self.exits is not None:
@@ -78,6 +102,11 @@ class ScanConfig(JsonRecord):
             raise ValueError(f"ScanConfig.head must be one of {', '.join(map(repr, HEAD_KINDS))}; got {self.head!r}")
         if self.head == "pooled" and self.head_blocks is not None:
             raise ValueError("ScanConfig.head_blocks applies to 'sepconv' heads; a 'pooled' head has no align net")
+        budget = self.head_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real)
+                                   or not math.isfinite(budget) or not 0 < budget <= 1):
+            raise ValueError(f"ScanConfig.head_budget must be a fraction of the backbone's MACs in (0, 1] (0.05 is "
+                             f"5%), or None for no budget; got {budget!r}")
         for name, most in (("head_channels", MAX_HEAD_CHANNELS), ("head_blocks", MAX_HEAD_BLOCKS)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):

@@ -9,10 +9,14 @@ inference form (BatchNorm folded, matrix products on CPU) is ``timm_scan.deploy.
 
 Where the exits go: ``resolve_exit_indices`` turns ``ScanConfig.exits`` into ``feature_info`` indices of a
 backbone (``default_exit_indices``: the papers' placement), and ``exit_heads`` builds the heads a config
-puts there (on the meta device, it counts them without allocating).
+puts there (on the meta device, it counts them without allocating). How wide: ``sized_head_channels``
+fits the SepConv heads' align width to ``ScanConfig.head_budget``, their MACs counted on the meta device.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +24,16 @@ from timm.layers import ConvNormAct, SelectAdaptivePool2d, SeparableConvNormAct,
 from torch import Tensor, nn
 
 from .config import HEAD_KINDS, ScanConfig
+from .macs import count_macs
 from .runner import Stage, feature_stages, model_name
 
 __all__ = ["POOLED_HIDDEN", "ExitHead", "ScanAttention", "SdAttention", "SepConv", "align_plan", "default_exit_indices",
-           "exit_heads", "make_attention", "resolve_exit_indices"]
+           "exit_heads", "head_macs", "make_attention", "resolve_exit_indices", "sized_head_channels"]
 
 POOLED_HIDDEN = 128  # the pooled head's hidden width by default (earlyon's)
 NUM_DEFAULT_SHALLOW_EXITS = 3  # four classifiers in all, as the papers recommend (TPAMI §4.8-4.9)
 STEM_MAX_REDUCTION = 2
+WIDTH_STEP = 8  # align widths that the budget chooses are multiples of this
 
 
 class SdAttention(nn.Module):
@@ -71,12 +77,15 @@ def make_attention(kind: str, channels: int) -> nn.Module:
 
 class SepConv(nn.Sequential):
     """Align-net block of the papers' code: two depthwise-pointwise convs with BN and ReLU; the
-    first carries the stride, the second changes the width."""
+    first carries the stride, the second changes the width. ``narrow_first``: a block narrower than its
+    input narrows in its first conv instead, so that both pointwise convs run at the smaller width
+    (the heads sized by a budget; a widening block is the papers' either way)."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int) -> None:
+    def __init__(self, in_chs: int, out_chs: int, stride: int, narrow_first: bool = False) -> None:
+        mid = min(in_chs, out_chs) if narrow_first else in_chs
         super().__init__(
-            SeparableConvNormAct(in_chs, in_chs, kernel_size=3, stride=stride),
-            SeparableConvNormAct(in_chs, out_chs, kernel_size=3, stride=1),
+            SeparableConvNormAct(in_chs, mid, kernel_size=3, stride=stride),
+            SeparableConvNormAct(mid, out_chs, kernel_size=3, stride=1),
         )
 
 
@@ -102,7 +111,7 @@ class ExitHead(nn.Module):
     """Shallow classifier ``c_i``: attention mask → align net → global average pool → ``fc``.
 
     ``kind="sepconv"`` (the papers'): the align net is SepConv blocks from ``in_chs`` to ``out_chs``
-    (``num_blocks`` of them, see `align_plan`) and ``fc`` one linear layer. ``kind="pooled"``: no
+    (``num_blocks`` of them, see `align_plan`; ``narrow_first`` as `SepConv`'s) and ``fc`` one linear layer. ``kind="pooled"``: no
     align net; ``fc`` is Linear(in_chs, ``out_chs``) → ReLU → Linear(out_chs, num_classes), so
     ``out_chs`` is the hidden width and ``num_blocks`` is unused.
 
@@ -124,6 +133,7 @@ class ExitHead(nn.Module):
         feature_dim: int,
         attention: str,
         kind: str = "sepconv",
+        narrow_first: bool = False,
     ) -> None:
         super().__init__()
         if kind not in HEAD_KINDS:
@@ -132,7 +142,7 @@ class ExitHead(nn.Module):
         self.pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
         if kind == "sepconv":
             plan = align_plan(in_chs, in_reduction, out_chs, out_reduction, num_blocks)
-            self.align = nn.Sequential(*(SepConv(a, b, s) for a, b, s in plan))
+            self.align = nn.Sequential(*(SepConv(a, b, s, narrow_first) for a, b, s in plan))
             self.fc = nn.Linear(out_chs, num_classes)
             pooled_chs = out_chs
         else:
@@ -201,7 +211,8 @@ def resolve_exit_indices(model: nn.Module, exits: list[int | str] | None) -> lis
 
 def exit_heads(backbone: nn.Module, config: ScanConfig, cuts: list[int]) -> list[ExitHead]:
     """The shallow heads ``config`` puts after the backbone's ``feature_info`` stages ``cuts`` (resolved,
-    ascending), shallowest first, on the current default device (``torch.device("meta")`` counts their
+    ascending), shallowest first (SepConv heads of a config with a ``head_budget`` narrow first, the papers'
+    without one), on the current default device (``torch.device("meta")`` counts their
     parameters without allocating them)."""
     stages = feature_stages(backbone)
     feature_dim = getattr(backbone, "head_hidden_size", None) or backbone.num_features
@@ -218,6 +229,48 @@ def exit_heads(backbone: nn.Module, config: ScanConfig, cuts: list[int]) -> list
             feature_dim=feature_dim,
             attention=config.attention,
             kind=config.head,
+            narrow_first=config.head_budget is not None,
         )
         for i, c in enumerate(cuts)
     ]
+
+
+def head_macs(backbone: nn.Module, config: ScanConfig, cuts: list[int], input_size: tuple[int, int, int]) -> list[int]:
+    """MACs of each shallow head ``config`` puts after stages ``cuts`` (shallowest first), for one image of
+    ``input_size`` (C, H, W), counted on the meta device: a stage of reduction r gives the head a map of
+    ``ceil(H / r) x ceil(W / r)``."""
+    stages = feature_stages(backbone)
+    with torch.device("meta"):
+        heads = exit_heads(backbone, config, cuts)
+        maps = [torch.empty(1, stages[c].num_chs, math.ceil(input_size[1] / stages[c].reduction),
+                            math.ceil(input_size[2] / stages[c].reduction)) for c in cuts]
+    return [count_macs(head.eval(), x) for head, x in zip(heads, maps)]  # eval: BatchNorm takes one 1x1 map
+
+
+def sized_head_channels(
+    backbone: nn.Module, config: ScanConfig, cuts: list[int], input_size: tuple[int, int, int], backbone_macs: int
+) -> int:
+    """The widest SepConv align width (a multiple of ``WIDTH_STEP``, at most the deepest stage's width) whose
+    shallow heads together cost at most ``config.head_budget · backbone_macs`` at ``input_size``, or a
+    ``ValueError`` saying what the narrowest heads cost, their attention's share, and what to change."""
+    stages = feature_stages(backbone)
+    budget = config.head_budget * backbone_macs
+
+    def cost(width: int) -> int:
+        return sum(head_macs(backbone, dataclasses.replace(config, head_channels=width), cuts, input_size))
+
+    widths = range(WIDTH_STEP, max(stages[-1].num_chs, WIDTH_STEP) + 1, WIDTH_STEP)
+    low, high = 0, len(widths)  # widths[:low] fit; widths[high:] do not
+    while low < high:  # the cost grows with the width
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if cost(widths[mid]) <= budget else (low, mid)
+    if low == 0:
+        narrowest = cost(WIDTH_STEP)
+        attention = narrowest - sum(head_macs(backbone, dataclasses.replace(
+            config, attention="none", head_channels=WIDTH_STEP), cuts, input_size))
+        raise ValueError(
+            f"the exit heads of {model_name(backbone)!r} cost {100 * narrowest / backbone_macs:.1f}% of its MACs at "
+            f"{input_size[1]}x{input_size[2]} even {WIDTH_STEP} channels wide ({100 * attention / backbone_macs:.1f}% "
+            f"is their attention {config.attention!r}), above head_budget={config.head_budget:g}; pass "
+            f"attention='none', head='pooled', fewer exits, a larger head_budget, or head_budget=None")
+    return widths[low - 1]

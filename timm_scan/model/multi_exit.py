@@ -17,7 +17,7 @@ from ..report import ExitLatency
 from . import hub
 from .backbone import build_runner, resolve_exit_indices
 from .config import ScanConfig, check_input_size
-from .heads import ExitHead, exit_heads
+from .heads import ExitHead, exit_heads, sized_head_channels
 from .macs import count_macs
 from .runner import Runner, Stage, eval_mode, feature_stages, model_name, without_capture_hooks
 
@@ -238,7 +238,9 @@ def wrap(
     The model is used as is (weights, head and ``pretrained_cfg`` included) and what it computes is
     unchanged: one forward pre-hook on its classifier records the pre-logits while the wrapper
     runs. Wrapping proves staged execution on a random batch of ``check_input_size`` (default: the
-    model's ``pretrained_cfg`` input size) against ``forward_intermediates`` and ``model(x)``.
+    model's ``pretrained_cfg`` input size) against ``forward_intermediates`` and ``model(x)``; SepConv
+    heads are sized by ``config.head_budget`` at that input size too (`sized_head_channels`), and the
+    returned model's config holds the exits and the width used.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"wrap expects a timm model (torch.nn.Module); got {type(model).__name__}")
@@ -254,9 +256,14 @@ def wrap(
     cuts = resolve_exit_indices(model, config.exits)
     example = _check_input(model, check_input_size)
     runner = build_runner(model, cuts, example)
-
+    config = dataclasses.replace(config, exits=cuts)
+    if config.head == "sepconv" and config.head_channels is None and config.head_budget is not None and cuts:
+        with eval_mode(model):
+            macs = count_macs(model, example[:1])
+        config = dataclasses.replace(config, head_channels=sized_head_channels(
+            model, config, cuts, tuple(example.shape[1:]), macs))
     heads = [head.to(device=example.device, dtype=example.dtype) for head in exit_heads(model, config, cuts)]
-    return MultiExitModel(model, dataclasses.replace(config, exits=cuts), runner, heads)
+    return MultiExitModel(model, config, runner, heads)
 
 
 def _check_input(model: nn.Module, input_size: tuple[int, int, int] | None) -> Tensor:

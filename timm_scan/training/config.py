@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import timm
 import torch
@@ -14,7 +14,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .._io import JsonRecord
 from ..model.backbone import check_model_kwargs
-from ..model.config import ATTENTION_KINDS, CROP_PCT_RANGE, HEAD_KINDS, ScanConfig
+from ..model.config import ATTENTION_KINDS, CROP_PCT_RANGE, DEFAULT_HEAD_BUDGET, HEAD_KINDS, ScanConfig
 from ..options import did_you_mean, option
 from .losses import PRESETS, SelfDistillationLoss
 
@@ -35,6 +35,8 @@ class TrainConfig(JsonRecord):
     what it configures" (the model's data config, the loss preset's value, Accelerate's mixed precision,
     ...). Saved in a run folder as ``train_config.json`` (`JsonRecord`: tuples as lists, unknown fields
     refused), with the mixed precision the trainer used in place of ``None``."""
+
+    absent: ClassVar[dict[str, Any]] = {"head_budget": None}  # runs from before the budget: the papers' heads
 
     # data
     dataset: str = option(help="Hub id (uoft-cs/cifar10), local parquet folder (train*.parquet, test*.parquet) or image folder")
@@ -59,17 +61,23 @@ class TrainConfig(JsonRecord):
                                      "timm checkpoint (.safetensors) of --model, with the same classes",
                                  aliases=["--initial-checkpoint"])
     freeze_backbone: bool = option(False, "train the exits only: the backbone, BatchNorm statistics included, stays "
-                                      "exactly as given, so the deepest classifier is unchanged")
+                                      "exactly as given, so the deepest classifier is unchanged (the best epoch is "
+                                      "then the one whose exits are the most accurate on average)")
     grad_checkpointing: bool = option(False, "gradient checkpointing of the backbone (less memory, more compute)")
     baseline: bool = option(False, "the plain backbone with cross-entropy under the same recipe (no exits)")
     exits: list[int | str] | None = option(None, "feature_info indices or module names of the shallow exits "
                                              "(default: the papers' three)")
-    attention: str = option("sd", f"attention module of the shallow heads: one of {ATTENTION_KINDS}")
+    attention: str = option(ScanConfig.attention, f"attention module of the shallow heads: one of {ATTENTION_KINDS} "
+                                                  "(the papers' heads: sd, and no head budget)")
     head_channels: int | None = option(None, "width of the exit heads' align nets (default: the deepest stage's); "
                                              "for pooled heads, the MLP's hidden width (default 128)")
     head_blocks: int | None = option(None, "SepConv blocks per head (default: the papers' K - i)")
     head: str = option("sepconv", f"kind of shallow head: one of {HEAD_KINDS} (pooled: latency-oriented, "
                                   "pooling then a two-layer MLP, as in SDN and earlyon)")
+    head_budget: float | None = option(
+        DEFAULT_HEAD_BUDGET, "what the SepConv heads together may add, a fraction of the backbone's MACs at the "
+        "input size: their align width is the widest within it (ScanConfig.head_budget)",
+        switches={"--no-head-budget": None})
     # loss
     loss_preset: str = option("default", f"SelfDistillationLoss settings, one of {sorted(PRESETS)}: default (the "
                                      "library's, chosen by measurement), tpami (the paper's text), released (the "
@@ -203,7 +211,8 @@ class TrainConfig(JsonRecord):
     def scan_config(self) -> ScanConfig:
         """What ``wrap`` adds: no exit for a baseline."""
         return ScanConfig(exits=[] if self.baseline else self.exits, attention=self.attention,
-                          head_channels=self.head_channels, head_blocks=self.head_blocks, head=self.head)
+                          head_channels=self.head_channels, head_blocks=self.head_blocks, head=self.head,
+                          head_budget=self.head_budget)
 
     def loss_settings(self) -> dict[str, Any]:
         """The ``SelfDistillationLoss`` arguments: the preset's, overridden by the fields that are set."""

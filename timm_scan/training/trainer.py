@@ -49,7 +49,8 @@ TRACKER_EXTRAS = ("tensorboard", "wandb")  # trackers timm-scan has an extra for
 
 @dataclass
 class Progress:
-    """Trainer state saved with every checkpoint (Accelerate ``register_for_checkpointing``)."""
+    """Trainer state saved with every checkpoint (Accelerate ``register_for_checkpointing``); ``best_accuracy`` is
+    the best epoch's validation score (`Trainer._selection_score`)."""
 
     epoch: int = 0
     best_accuracy: float = -1.0
@@ -169,8 +170,8 @@ class Trainer:
             val = self.evaluate(self.val_loader, desc=f"val {epoch + 1}")
             metrics = EpochMetrics(epoch=epoch + 1, seconds=round(time.time() - started, 2), val=val, **train)
             self.progress.epoch = epoch + 1
-            if val.deepest > self.progress.best_accuracy:
-                self.progress.best_accuracy, self.progress.best_epoch = val.deepest, epoch + 1
+            if self._selection_score(val) > self.progress.best_accuracy:
+                self.progress.best_accuracy, self.progress.best_epoch = self._selection_score(val), epoch + 1
                 self._save_best()
             self._log(metrics)
             self.folder.save_checkpoint(acc, epoch + 1, self.cfg.keep_checkpoints)
@@ -280,6 +281,11 @@ class Trainer:
             acc.print(f"resumed from {checkpoint} (epoch {self.progress.epoch} done)")
         if acc.is_main_process:
             self.folder.keep_metrics(self.progress.epoch)
+
+    def _selection_score(self, val: ExitAccuracy) -> float:
+        """What picks the best epoch on validation: the deepest exit's accuracy, or, where the backbone is frozen
+        (the deepest exit never changes), the mean accuracy of every exit."""
+        return sum(val.exits) / len(val.exits) if self.cfg.freeze_backbone else val.deepest
 
     def _save_best(self) -> None:
         """The model as ``best/`` (never non-finite weights), swapped in whole."""

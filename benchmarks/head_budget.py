@@ -1,0 +1,134 @@
+"""Exit heads sized by cost (``ScanConfig.head_budget``) against the papers' full-width heads.
+
+Two parts, run one at a time (both use every core):
+
+``--train``: exits-only training (``--freeze-backbone``) of several head designs on the frozen backbone
+of a trained run, so that the heads alone differ; the same data carve as the run that trained the
+backbone (its dataset, ``--val-size``, ``--max-train-samples`` and seed), so validation stays unseen.
+Then, per design: validation and test accuracy of every exit, MACs at the training size, and the
+cheapest thresholds at no loss and within one point of the deepest exit on validation
+(``max_accuracy_drop`` 0 and 0.01, the deepest exit answering samples that pass no threshold), on test. ``--latency``: at 224x224, random weights, each exit's cumulative MACs and measured latency
+(`measure_exit_latency`, channels_last, batch 1 and 16 unless ``--batch-sizes``) of the default heads against the papers'.
+
+    python benchmarks/head_budget.py --train runs/cert-resnet18-45k --epochs 2 --out benchmarks/results/head_budget_resnet18.json
+    python benchmarks/head_budget.py --latency resnet50 vit_small_patch16_224 --out benchmarks/results/head_budget_224.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+
+import timm_scan
+from timm_scan.deploy import measure_exit_latency
+from timm_scan.deploy.search import search_thresholds
+from timm_scan.deploy.thresholds import ExitTable
+from timm_scan.training.runs import cached_outputs, eval_dataset, load_run, run_results, run_splits
+
+# the designs trained on a frozen backbone: CLI flags of timm-scan train
+DESIGNS = {
+    "papers": ["--no-head-budget", "--attention", "sd"],  # SepConv to the deepest width, SD attention
+    "w128-none": ["--head-channels", "128", "--attention", "none"],  # narrowed first, no attention
+    "w128-sd": ["--head-channels", "128", "--attention", "sd"],
+    "w32-none": ["--head-channels", "32", "--attention", "none"],
+}
+
+
+TARGETS = {"no_loss": 0.0, "one_point": 0.01}  # accuracy drops against the deepest exit on validation
+
+
+def train(base: Path, designs: list[str], epochs: int, batch_size: int, root: Path) -> list[Path]:
+    """One exits-only run per design, skipped where its results exist."""
+    cfg = load_run(base)[1]
+    data = ["--dataset", cfg.dataset, "--model", cfg.model, "--input-size", str(cfg.input_size), "--val-size",
+            str(cfg.val_size), "--seed", str(cfg.seed)] + (
+        ["--max-train-samples", str(cfg.max_train_samples)] if cfg.max_train_samples else [])
+    runs = []
+    for design in designs:
+        out = root / base.name / design
+        if not (out / "results.json").is_file():
+            subprocess.run([sys.executable, "-m", "timm_scan", "train", *data, "--init-from",
+                            str(base / "best" / "model.safetensors"), "--freeze-backbone", "--epochs", str(epochs),
+                            "--batch-size", str(batch_size),
+                            *DESIGNS[design], "--output-dir", str(out)], check=True)
+        runs.append(out)
+    return runs
+
+
+def summarise(run: Path) -> dict:
+    model, cfg = load_run(run)
+    splits = run_splits(cfg, trained=True)
+    size = (3, cfg.input_size, cfg.input_size)
+    costs = model.exit_costs(size)
+    results = run_results(run)
+    val, val_labels = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
+    test, test_labels = cached_outputs(run, "test", model, eval_dataset(splits, "test", model.data_config))
+    row = {"run": str(run), "scan_config": model.config.to_dict(), "val": results.val.to_dict(),
+           "test": results.test.to_dict(), "exit_macs": costs.per_exit, "backbone_macs": costs.backbone}
+    for name, drop in TARGETS.items():
+        chosen = search_thresholds(val, val_labels, costs, max_accuracy_drop=drop, fallback="deepest")
+        table = ExitTable.from_outputs(test, test_labels, costs, fallback="deepest")
+        accuracy, speedup = table.evaluate([chosen.policy.thresholds])
+        row[name] = {"thresholds": list(chosen.policy.thresholds), "val_speedup": chosen.speedup,
+                     "test_accuracy": float(accuracy[0]), "test_speedup": float(speedup[0])}
+    return row
+
+
+def latency(name: str, batch_sizes: list[int], repeats: int) -> dict:
+    backbone = timm.create_model(name, num_classes=1000).eval()
+    size = tuple(backbone.pretrained_cfg["input_size"])
+    row = {"model": name, "input_size": list(size), "designs": {}}
+    for design, config in (("default", timm_scan.ScanConfig()),
+                           ("papers", timm_scan.ScanConfig(attention="sd", head_budget=None))):
+        model = timm_scan.wrap(backbone, config, check_input_size=size).eval().to(memory_format=torch.channels_last)
+        row["backbone_macs"] = model.backbone_macs(size)
+        row["designs"][design] = {
+            "scan_config": model.config.to_dict(), "exit_macs": model.exit_macs(size),
+            "latency": {str(b): measure_exit_latency(model, size, b, memory_format="channels_last",
+                                                     images=max(16, b), repeats=repeats).to_dict() for b in batch_sizes}}
+        print(name, design, [f"{m / row['backbone_macs']:.1%}" for m in row["designs"][design]["exit_macs"]],
+              {b: v["ms_per_image"] for b, v in row["designs"][design]["latency"].items()}, flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", help="a trained run whose frozen backbone the designs are trained on")
+    p.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--root", default="runs/head_budget", help="where the exits-only runs go")
+    p.add_argument("--latency", nargs="+", help="timm models to time at their default size")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    record = {"date": datetime.date.today().isoformat(), "timm": timm.__version__, "torch": torch.__version__,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+              "command": " ".join(["python", "benchmarks/head_budget.py", *sys.argv[1:]])}
+    if args.train:
+        record["base"] = args.train
+        record["base_results"] = run_results(args.train).to_dict()
+        record["designs"] = {d: summarise(r) for d, r in zip(args.designs, train(
+            Path(args.train), args.designs, args.epochs, args.batch_size, Path(args.root)))}
+        for design, row in record["designs"].items():
+            print(f"{design:10s} test exits {[round(100 * a, 2) for a in row['test']['exits']]}", *(
+                f"{name} {row[name]['test_speedup']:.2f}x at {100 * row[name]['test_accuracy']:.2f}%" for name in TARGETS))
+    if args.latency:
+        record["latency"] = [latency(name, args.batch_sizes, args.repeats) for name in args.latency]
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
