@@ -43,6 +43,7 @@ DATASET = "../shared/data/cifar10" if Path("../shared/data/cifar10").is_dir() el
 RECIPE = dict(
     dataset=DATASET, model="resnet18", input_size=32, crop_pct=1.0, train_scale=(0.35, 1.0), val_size=5000,
     epochs=12, anneal_epochs=2, batch_size=128, lr=0.1, warmup_epochs=1, seed=0,
+    attention="sd", head_budget=None,  # the papers' heads, which the stored runs trained (the default until 2026-12-06)
 )
 # Self-distillation settings to compare with the baseline: the SelfDistillationLoss presets
 # (timm_scan.training.PRESETS): the library's default, the TPAMI text and the authors' released code.

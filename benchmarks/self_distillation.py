@@ -47,7 +47,9 @@ GREY5_CLASSES = 5
 GREY5_SIDE = 16
 GREY5_TRAIN = 2000
 
-_CIFAR_32 = dict(input_size=32, crop_pct=1.0, train_scale=(0.35, 1.0), batch_size=128, warmup_epochs=1)
+# the papers' heads, which §1's runs trained (the default until 2026-12-06)
+_CIFAR_32 = dict(input_size=32, crop_pct=1.0, train_scale=(0.35, 1.0), batch_size=128, warmup_epochs=1, attention="sd",
+                 head_budget=None)
 SETTINGS: dict[str, dict] = {
     "cifar10": dict(dataset=CIFAR10, model="resnet18", val_size=5000, epochs=12, lr=0.1, **_CIFAR_32),
     "cifar10-10k": dict(dataset=CIFAR10, model="resnet18", max_train_samples=12000, val_size=2000, epochs=8, lr=0.1,

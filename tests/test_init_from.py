@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import timm_scan
 from timm_scan.model.hub import load_initial_weights
+from timm_scan.report import ExitAccuracy
 from timm_scan.training import Trainer, TrainConfig, epoch_metrics, run_results
 
 
@@ -40,7 +41,19 @@ def test_freeze_backbone_keeps_the_deepest_classifier_bit_identical(baseline_run
     trained = load_file(tmp_path / "best" / "scan_exits.safetensors")
     assert any(not torch.equal(trained[k], fresh[k]) for k in fresh if k.endswith("weight"))  # the exits learnt
     means = [sum(m.val.exits) / len(m.val.exits) for m in epoch_metrics(tmp_path)]
-    assert results.best_epoch == 1 + means.index(max(means))  # not the first epoch whose deepest exit ties
+    assert results.best_epoch == 1 + means.index(max(means))
+
+
+def test_a_frozen_backbone_keeps_the_epoch_whose_exits_are_best(baseline_run, tiny_parquet, tmp_path, monkeypatch):
+    # the deepest exit ties at every epoch (its weights are frozen); the exits are best at epoch 2
+    val = iter([ExitAccuracy([0.2, 0.3, 0.4, 0.5], 0.5, 16), ExitAccuracy([0.4, 0.4, 0.45, 0.5], 0.5, 16),
+                ExitAccuracy([0.3, 0.3, 0.4, 0.5], 0.5, 16)])
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, loader, desc="eval": next(val) if desc.startswith("val")
+                        else evaluate(self, loader, desc))
+    results = Trainer(config(tiny_parquet, tmp_path, init_from=str(baseline_run / "best"), freeze_backbone=True,
+                             epochs=3)).fit()
+    assert results.best_epoch == 2
 
 
 def test_fine_tuning_from_trained_weights_starts_there(baseline_run, tiny_parquet, tmp_path):

@@ -278,7 +278,7 @@ def test_thresholds_no_faster_than_the_backbone_say_so():
 
     assert result(0.70, 1.4).against_backbone(0.71) is None  # faster: worth deploying
     slower = result(0.70, 0.8).against_backbone(0.71)
-    assert "1.25x the cost of running every section" in slower and "1.00 points less accurate" in slower
+    assert "1.25x the plain backbone's cost" in slower and "1.00 points less accurate" in slower
     assert "plain backbone serves better" in slower
     assert "buy accuracy, not speed" in result(0.72, 0.9).against_backbone(0.71)
     assert "less accurate" in result(0.70, 1.0).against_backbone(0.71)

@@ -48,6 +48,8 @@ def copy_of(saved, tmp_path):
     ("scan_config.json", lambda d: d.pop("scan_config"), "'scan_config' must be a JSON object"),
     ("scan_config.json", lambda d: d.update(extra=1), r"unknown \['extra'\]"),
     ("scan_config.json", lambda d: d["scan_config"].update(head_channels=1e9), "head_channels must be an int"),
+    ("scan_config.json", lambda d: d["scan_config"].update(head_channels=None),
+     "has a head_budget but no head_channels; a saved config records the width"),
     ("scan_config.json", lambda d: d["scan_config"].update(head_channels=10**9), r"head_channels must be an int in \[1, 16384\]"),
     ("scan_config.json", lambda d: d["scan_config"].update(attention=5), "attention must be one of"),
     ("scan_config.json", lambda d: d["scan_config"].update(exits="layer1"), "exits must be a list"),

@@ -285,7 +285,9 @@ def search(cfg: SearchConfig) -> ThresholdRecord:
           f"{100 * chosen.accuracy:.2f}% at {chosen.speedup:.2f}x {unit} → {run / THRESHOLDS}; plot "
           f"{run / 'tradeoff_val.png'}")
     print(f"  promise: {record.policy.origin.promise}")
-    worse = chosen.against_backbone(exit_accuracy(probs, labels).deepest)
+    deepest = (chosen.policy.origin.baseline_accuracy if cfg.baseline_run is None  # on the samples it was measured on
+               else exit_accuracy(probs, labels).deepest)
+    worse = chosen.against_backbone(deepest)
     if worse is not None:
         print(f"  note: {worse}")
     return record

@@ -156,14 +156,14 @@ class SearchResult(JsonRecord):
         return origin.value if origin is not None and origin.objective == "beta" else None
 
     def against_backbone(self, deepest_accuracy: float) -> str | None:
-        """Where these thresholds are no faster than running every section to the deepest exit (a speed-up of
-        at most 1: the heads on the way cost at least what the sections that samples skip save), what they
-        cost and gain against it, in words; ``None`` where they are faster. ``deepest_accuracy``: the deepest
-        exit's on the same outputs (a fraction)."""
+        """Where these thresholds are no faster than the plain backbone, which runs every section to the deepest
+        exit without the heads (a speed-up of at most 1: the heads on the way cost at least what the sections
+        that samples skip save), what they cost and gain against it, in words; ``None`` where they are faster.
+        ``deepest_accuracy``: the deepest exit's on the same samples (a fraction)."""
         less = self.accuracy < deepest_accuracy
         if self.speedup > 1 or (self.speedup == 1 and not less):
             return None
-        cost = f"{1 / self.speedup:.2f}x the cost of running every section to the deepest exit"
+        cost = f"{1 / self.speedup:.2f}x the plain backbone's cost"
         if not less:
             return (f"these thresholds are {cost}, for {100 * (self.accuracy - deepest_accuracy):+.2f} points against "
                     "it on these samples: they buy accuracy, not speed")

@@ -41,12 +41,12 @@ class ScanConfig(JsonRecord):
             classifier. After ``wrap`` the model's config holds the resolved indices, ascending.
         attention: attention module in front of each shallow head: ``"sd"`` (Self-Distillation,
             TPAMI 2021), ``"scan"`` (SCAN, NeurIPS 2019) or ``"none"`` (the default: at 224x224 the SD
-            attention alone costs 3.8% of resnet50's MACs and 5.6% of densenet121's, for at most 0.2 points
-            measured at equal width, benchmarks/RESULTS.md §18). The papers' heads are
+            attention alone costs 3.8% of resnet50's MACs and 5.6% of densenet121's, for no gain beyond the
+            noise measured at equal width, benchmarks/RESULTS.md §18). The papers' heads are
             ``ScanConfig.papers()``.
-        head: the kind of shallow head: ``"sepconv"`` (the papers': a SepConv align net to the deepest
-            stage's width, then pooling and a linear classifier) or ``"pooled"`` (latency-oriented,
-            as in SDN and earlyon: pooling straight after the stage, then a two-layer MLP).
+        head: the kind of shallow head: ``"sepconv"`` (the papers': a SepConv align net, its width sized by
+            ``head_budget``, then pooling and a linear classifier) or ``"pooled"`` (latency-oriented, as in
+            SDN and earlyon: pooling straight after the stage, then a two-layer MLP).
         head_channels: output width of every align net (``"sepconv"``) or the MLP's hidden width
             (``"pooled"``; ``None`` uses 128). For ``"sepconv"``, ``None`` sizes it by ``head_budget``, or,
             without a budget, uses the deepest stage's width (the papers' align nets). After ``wrap`` the
@@ -57,8 +57,12 @@ class ScanConfig(JsonRecord):
             at the input size ``wrap`` checks the model at (its ``check_input_size``, by default the
             model's ``pretrained_cfg`` input size): ``wrap`` gives ``"sepconv"`` heads without a
             ``head_channels`` the widest align width (a multiple of 8, at most the deepest stage's) within
-            it, and refuses, saying what costs what, where even width 8 is over it. ``None``: no budget
-            (with ``head_channels=None``, the papers' full-width align nets). Pooled heads are not sized.
+            it, and refuses, saying what costs what, where even width 8 is over it. A stage's map is counted
+            as ``ceil(H / r) x ceil(W / r)``; where layers are unpadded (Inception) the maps are smaller and
+            the heads cost less than counted. With a budget, an align net narrower than its input narrows in
+            its first conv, whether the width was sized or given (an explicit ``head_channels`` is not checked
+            against the budget). ``None``: no budget, the papers' align nets (with ``head_channels=None``, to
+            the deepest stage's width). Pooled heads are not sized.
     """
 
     exits: list[int | str] | None = None

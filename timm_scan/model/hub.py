@@ -261,6 +261,9 @@ def _check_exits(skeleton: nn.Module, config: ScanConfig, weights: dict[str, tup
         cuts = resolve_exit_indices(skeleton, config.exits)
     except ValueError as exc:
         raise ValueError(f"{src}: {SCAN_CONFIG} field 'scan_config': {exc}") from None
+    if cuts and config.head == "sepconv" and config.head_budget is not None and config.head_channels is None:
+        raise ValueError(f"{src}: {SCAN_CONFIG} field 'scan_config' has a head_budget but no head_channels; a saved "
+                         "config records the width wrap chose for its heads")
     with torch.device("meta"):
         expected = nn.ModuleList(exit_heads(skeleton, config, cuts)).state_dict()
     values = sum(t.numel() for t in expected.values())

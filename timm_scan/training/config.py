@@ -69,8 +69,9 @@ class TrainConfig(JsonRecord):
                                              "(default: the papers' three)")
     attention: str = option(ScanConfig.attention, f"attention module of the shallow heads: one of {ATTENTION_KINDS} "
                                                   "(the papers' heads: sd, and no head budget)")
-    head_channels: int | None = option(None, "width of the exit heads' align nets (default: the deepest stage's); "
-                                             "for pooled heads, the MLP's hidden width (default 128)")
+    head_channels: int | None = option(None, "width of the exit heads' align nets (default: sized by the head budget; "
+                                             "the deepest stage's without one); for pooled heads, the MLP's hidden "
+                                             "width (default 128)")
     head_blocks: int | None = option(None, "SepConv blocks per head (default: the papers' K - i)")
     head: str = option("sepconv", f"kind of shallow head: one of {HEAD_KINDS} (pooled: latency-oriented, "
                                   "pooling then a two-layer MLP, as in SDN and earlyon)")
