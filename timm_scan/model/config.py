@@ -40,9 +40,9 @@ class ScanConfig(JsonRecord):
             last ``feature_info`` stage cannot be an exit: the backbone's own head is the deepest
             classifier. After ``wrap`` the model's config holds the resolved indices, ascending.
         attention: attention module in front of each shallow head: ``"sd"`` (Self-Distillation,
-            TPAMI 2021), ``"scan"`` (SCAN, NeurIPS 2019) or ``"none"`` (the default: at 224x224 the SD
-            attention alone costs 3.8% of resnet50's MACs and 5.6% of densenet121's, for no gain beyond the
-            noise measured at equal width, benchmarks/RESULTS.md §18). The papers' heads are
+            TPAMI 2021), ``"scan"`` (SCAN, NeurIPS 2019) or ``"none"`` (the default: on wide models at 224x224
+            the SD attention alone takes most of the head budget, for no gain beyond the noise measured at
+            equal width; benchmarks/RESULTS.md §18). The papers' heads are
             ``ScanConfig.papers()``.
         head: the kind of shallow head: ``"sepconv"`` (the papers': a SepConv align net, its width sized by
             ``head_budget``, then pooling and a linear classifier) or ``"pooled"`` (latency-oriented, as in

@@ -170,8 +170,9 @@ class Trainer:
             val = self.evaluate(self.val_loader, desc=f"val {epoch + 1}")
             metrics = EpochMetrics(epoch=epoch + 1, seconds=round(time.time() - started, 2), val=val, **train)
             self.progress.epoch = epoch + 1
-            if self._selection_score(val) > self.progress.best_accuracy:
-                self.progress.best_accuracy, self.progress.best_epoch = self._selection_score(val), epoch + 1
+            score = self._selection_score(val)
+            if score > self.progress.best_accuracy:
+                self.progress.best_accuracy, self.progress.best_epoch = score, epoch + 1
                 self._save_best()
             self._log(metrics)
             self.folder.save_checkpoint(acc, epoch + 1, self.cfg.keep_checkpoints)
