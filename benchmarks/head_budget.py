@@ -46,8 +46,8 @@ DESIGNS = {
 TARGETS = {"no_loss": 0.0, "one_point": 0.01}  # accuracy drops against the deepest exit on validation
 
 
-def train(base: Path, designs: list[str], epochs: int, batch_size: int, root: Path) -> list[Path]:
-    """One exits-only run per design, skipped where its results exist."""
+def train(base: Path, designs: dict[str, list[str]], epochs: int, batch_size: int, root: Path) -> list[Path]:
+    """One exits-only run per design (its name and ``timm-scan train`` flags), skipped where its results exist."""
     cfg = load_run(base)[1]
     data = ["--dataset", cfg.dataset, "--model", cfg.model, "--input-size", str(cfg.input_size), "--val-size",
             str(cfg.val_size), "--seed", str(cfg.seed)] + (
@@ -59,7 +59,7 @@ def train(base: Path, designs: list[str], epochs: int, batch_size: int, root: Pa
             subprocess.run([sys.executable, "-m", "timm_scan", "train", *data, "--init-from",
                             str(base / "best" / "model.safetensors"), "--freeze-backbone", "--epochs", str(epochs),
                             "--batch-size", str(batch_size),
-                            *DESIGNS[design], "--output-dir", str(out)], check=True)
+                            *designs[design], "--output-dir", str(out)], check=True)
         runs.append(out)
     return runs
 
@@ -120,7 +120,7 @@ def main() -> None:
         record["base"] = args.train
         record["base_results"] = run_results(args.train).to_dict()
         record["designs"] = {d: summarise(r) for d, r in zip(args.designs, train(
-            Path(args.train), args.designs, args.epochs, args.batch_size, Path(args.root)))}
+            Path(args.train), {d: DESIGNS[d] for d in args.designs}, args.epochs, args.batch_size, Path(args.root)))}
         for design, row in record["designs"].items():
             print(f"{design:10s} test exits {[round(100 * a, 2) for a in row['test']['exits']]}", *(
                 f"{name} {row[name]['test_speedup']:.2f}x at {100 * row[name]['test_accuracy']:.2f}%" for name in TARGETS))

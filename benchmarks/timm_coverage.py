@@ -64,8 +64,8 @@ def head_costs(backbone: torch.nn.Module, model: timm_scan.MultiExitModel, size:
     """What the default heads and the papers' (SepConv to the deepest width, SD attention) add at ``size``:
     backbone MACs and parameters, the heads' MACs and inference parameters (the hint's projection left
     out), the default heads' align width."""
-    cuts = model.config.exits
-    papers = timm_scan.ScanConfig(exits=cuts, attention="sd", head_budget=None)
+    cuts = model.exit_stages[:-1]
+    papers = timm_scan.ScanConfig(exits=model.config.exits, attention="sd", head_budget=None)
     with torch.device("meta"):
         papers_params = _inference_params(exit_heads(backbone, papers, cuts))
     return {"backbone_macs": model.backbone_macs(size), "backbone_params": sum(p.numel() for p in backbone.parameters()),

@@ -160,8 +160,9 @@ def test_no_shallow_exit_is_the_plain_backbone():
         ([7], r"out of range .* 0\.\.3"),
         ([4], "last stage .*layer4"),
         ([-1], "last stage"),
-        (["layer9"], "not a feature_info module"),
+        (["layer9"], "neither a feature_info module nor a module"),
         ([1, -4], "same stage twice"),
+        (["fc"], "called 0 times"),  # the classifier: forward_features never calls it
     ],
 )
 def test_bad_exits_name_the_field(exits, message):
@@ -297,7 +298,7 @@ def test_default_heads_are_sized_within_the_budget_and_saved_with_their_width():
     heads = model.exit_macs(size)[-1] - model.backbone_macs(size)
     assert 0 < heads <= 0.05 * model.backbone_macs(size)
     wider = sum(head_macs(backbone, ScanConfig(exits=model.config.exits, attention="none", head_channels=width + 8),
-                          model.config.exits, size))
+                          model.exit_stages[:-1], size))
     assert wider > 0.05 * model.backbone_macs(size)  # the widest width within the budget
     # narrower than its input (256 channels), an align net narrows in its first conv
     first, second = model.exits[0].align[0]

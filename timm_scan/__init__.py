@@ -11,6 +11,7 @@ the ``timm-scan`` command (``timm_scan.cli``) are built on them. The names users
 from .deploy import (
     EarlyExitPredictor,
     EarlyExitResult,
+    ExitProposal,
     OnnxEarlyExitPredictor,
     SearchResult,
     apply_temperatures,
@@ -18,6 +19,7 @@ from .deploy import (
     ensemble_probs,
     export_onnx,
     measure_exit_latency,
+    propose_exits,
     search_thresholds,
     sweep_beta,
 )
@@ -33,6 +35,7 @@ __all__ = [
     "EarlyExitResult",
     "ExitCosts",
     "ExitLatency",
+    "ExitProposal",
     "ExitPolicy",
     "HubUploadError",
     "LossOutput",
@@ -50,6 +53,7 @@ __all__ = [
     "export_onnx",
     "from_pretrained",
     "measure_exit_latency",
+    "propose_exits",
     "search_thresholds",
     "sweep_beta",
     "wrap",

@@ -1,4 +1,4 @@
-"""The ``timm-scan`` command: ``train``, ``search``, ``evaluate``, ``export``, ``push`` and ``inspect``.
+"""The ``timm-scan`` command: ``train``, ``search``, ``evaluate``, ``export``, ``push``, ``inspect`` and ``propose``.
 
 Each command's flags are generated from its config dataclass (`timm_scan.commands`), one flag per
 field, with the field's metadata as help, so the flags and the docs cannot drift. Training runs under
@@ -189,6 +189,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from .commands.evaluate import EvaluateConfig, evaluate
     from .commands.export import ExportConfig, export
     from .commands.inspect import InspectConfig, inspect
+    from .commands.propose import ProposeConfig, propose
     from .commands.push import PushConfig, push
     from .commands.search import SearchConfig, search
     from .commands.train import TrainConfig, train
@@ -200,6 +201,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "export": (ExportConfig, export, "export a run's best model to ONNX, one graph per section and exit"),
         "push": (PushConfig, push, "push a run's best model to the Hugging Face Hub"),
         "inspect": (InspectConfig, inspect, "print a wrapped model's exits and MACs"),
+        "propose": (ProposeConfig, propose, "propose exit positions from costs measured on this device"),
     }
 
 

@@ -6,5 +6,6 @@ the command's flags) and a function of it.
 - ``evaluate`` (`EvaluateConfig`, `evaluate`): early exit on a run's test split;
 - ``export`` (`ExportConfig`, `export`): a run's best model as ONNX graphs that keep the early exit;
 - ``push`` (`PushConfig`, `push`): a run's best model to the Hub with its card;
-- ``inspect`` (`InspectConfig`, `inspect`): a wrapped model's exits and MACs.
+- ``inspect`` (`InspectConfig`, `inspect`): a wrapped model's exits and MACs;
+- ``propose`` (`ProposeConfig`, `propose`): exit positions proposed from costs measured on a device.
 """

@@ -1,8 +1,8 @@
 """Staged execution of timm models: how a backbone is created (``create_backbone``), where the exits go,
 and the runner that runs a backbone section by section, cut after those stages.
 
-``resolve_exit_indices`` turns ``ScanConfig.exits`` into ``feature_info`` indices (it lives in ``heads``,
-beside the heads it places, and is re-exported here); ``build_runner``
+``resolve_exits`` turns ``ScanConfig.exits`` into ``Stage``s (it lives in ``positions``, and is re-exported
+here); ``build_runner``
 picks the runner for a model and proves it (``verify_runner``): `VitRunner` for timm's
 ``VisionTransformer``, `SequentialRunner` for models whose ``forward_features`` runs its children in
 order, ``traced.TracedRunner`` where neither can. The base class `Runner` and what the runners share
@@ -23,18 +23,20 @@ from torch import Tensor, nn
 from .hub import check_pretrained_weights
 from .runner import (
     Runner,
+    Stage,
     check_close,
+    expected_maps,
     no_checkpointing,
     eval_mode,
     feature_stages,
     model_name,
 )
 from ..options import did_you_mean
-from .heads import default_exit_indices, resolve_exit_indices
+from .positions import default_exit_indices, resolve_exits
 from .traced import TracedRunner
 
 __all__ = ["SequentialRunner", "VitRunner", "build_runner", "check_input_fits", "check_model_kwargs", "create_backbone",
-           "default_exit_indices", "resolve_exit_indices", "verify_runner"]
+           "default_exit_indices", "resolve_exits", "verify_runner"]
 
 OWN_ARGUMENTS = {"num_classes": "--num-classes", "pretrained": "--pretrained"}  # model kwargs that have a flag
 
@@ -104,12 +106,11 @@ class SequentialRunner(Runner):
 
     kind = "sequential"
 
-    def __init__(self, model: nn.Module, cuts: list[int], example: Tensor) -> None:
+    def __init__(self, model: nn.Module, cuts: list[Stage], example: Tensor) -> None:
         super().__init__(model, cuts)
-        stages = feature_stages(model)
         self.output_fmt = getattr(model, "output_fmt", "NCHW")
         top_level = _children_called(model, example)
-        cut_names = [stages[c].module for c in self.cuts]
+        cut_names = [c.module for c in self.cuts]
         path = top_level
         try:
             for name in cut_names:
@@ -119,8 +120,8 @@ class SequentialRunner(Runner):
         names = [n for n, _ in path]
         self.sections = []
         start = 0
-        for name in cut_names:
-            end = names.index(name) + 1
+        for name in cut_names:  # a stage expanded for a block inside it ends with its last element
+            end = max(i for i, n in enumerate(names) if n == name or n.startswith(name + ".")) + 1
             self.sections.append([m for _, m in path[start:end]])
             start = end
         self.sections.append([m for _, m in path[start:]])
@@ -145,11 +146,13 @@ class VitRunner(Runner):
 
     kind = "vit"
 
-    def __init__(self, model: VisionTransformer, cuts: list[int]) -> None:
+    def __init__(self, model: VisionTransformer, cuts: list[Stage]) -> None:
         super().__init__(model, cuts)
+        if any(c.index is None for c in self.cuts):  # unreachable from wrap: a ViT block's output is tokens
+            raise ValueError(f"cannot wrap {model_name(model)!r}: a ViT is cut after whole blocks only")
         blocks = list(model.blocks)
         prelude = [model.patch_embed, model._pos_embed, model.patch_drop, model.norm_pre]
-        bounds = [0] + [c + 1 for c in self.cuts] + [len(blocks)]
+        bounds = [0] + [c.index + 1 for c in self.cuts] + [len(blocks)]
         self.sections = [blocks[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         self.sections[0] = prelude + self.sections[0]
         self.sections[-1] = self.sections[-1] + [model.norm]
@@ -159,7 +162,7 @@ class VitRunner(Runner):
 
     def trunk(self, k: int) -> nn.Module:
         vit = copy.deepcopy(self.model)
-        vit.blocks = vit.blocks[: self.cuts[k] + 1]
+        vit.blocks = vit.blocks[: self.cuts[k].index + 1]
         vit.norm = vit.fc_norm = vit.head_drop = vit.head = nn.Identity()
         return _VitTrunk(vit)
 
@@ -210,8 +213,9 @@ class _CannotCut(Exception):
 
 
 def _expand_to(path: list[tuple[str, nn.Module]], target: str) -> list[tuple[str, nn.Module]]:
-    """Expand the containers in ``path`` until the module named ``target`` is an entry of it."""
-    while all(n != target for n, _ in path):
+    """Expand the containers in ``path`` until the module named ``target`` is an entry of it (or, expanded
+    already for a block inside it, its elements are)."""
+    while all(n != target and not n.startswith(target + ".") for n, _ in path):
         parent = next((i for i, (n, _) in enumerate(path) if target.startswith(n + ".")), None)
         if parent is None:
             raise _CannotCut(f"stage module {target!r} is not reached by running its top-level children in order")
@@ -258,7 +262,7 @@ def _cannot_cut_error(
     return ValueError(f"cannot wrap {model_name(model)!r}: {reason}; {advice}")
 
 
-def build_runner(model: nn.Module, cuts: list[int], example: Tensor) -> Runner:
+def build_runner(model: nn.Module, cuts: list[Stage], example: Tensor) -> Runner:
     """The runner for ``model``, proved on ``example`` (``verify_runner``) and attached: timm's ``VisionTransformer``
     by hand, other models by running their children in order; where that cannot cut the model or
     gives other numbers, ``forward_features`` traced with torch.fx (``traced.TracedRunner``). A model built
@@ -285,19 +289,16 @@ def build_runner(model: nn.Module, cuts: list[int], example: Tensor) -> Runner:
 def verify_runner(runner: Runner, example: Tensor) -> None:
     """Prove on ``example`` that staged features and logits equal the backbone's own.
 
-    Compares each cut's feature map with ``forward_intermediates`` and the final logits with
-    ``model(x)``, in eval mode (training flags are restored). Raises ``ValueError`` on mismatch.
+    Compares each cut's feature map with the backbone's own (``runner.expected_maps``:
+    ``forward_intermediates``, or a block's output) and the final logits with ``model(x)``, in eval mode
+    (training flags are restored). Raises ``ValueError`` on mismatch.
     """
     model = runner.model
     name = model_name(model)
     try:
         with eval_mode(model), torch.no_grad():
             expected_logits = model(example)
-            expected_maps = []
-            if runner.cuts and hasattr(model, "forward_intermediates"):
-                expected_maps = model.forward_intermediates(
-                    example, indices=runner.cuts, intermediates_only=True, stop_early=True
-                )
+            expected = expected_maps(model, runner.cuts, example)
             image_size = tuple(example.shape[-2:])
             h = example
             maps = []
@@ -311,6 +312,7 @@ def verify_runner(runner: Runner, example: Tensor) -> None:
             f"cannot wrap {name!r}: running it section by section failed ({type(exc).__name__}: {exc}). "
             "Its forward does more than run its children in order; this family needs a runner of its own."
         ) from exc
-    for stage, got, want in zip(runner.cuts, maps, expected_maps):
-        check_close(name, f"feature map of stage {stage}", got, want)
+    for stage, got, want in zip(runner.cuts, maps, expected):
+        if want is not None:
+            check_close(name, f"feature map of {stage.module!r}", got, want)
     check_close(name, "logits", logits, expected_logits)

@@ -51,8 +51,9 @@ class ScanConfig(JsonRecord):
             (``"pooled"``; ``None`` uses 128). For ``"sepconv"``, ``None`` sizes it by ``head_budget``, or,
             without a budget, uses the deepest stage's width (the papers' align nets). After ``wrap`` the
             model's config holds the width used, so that the saved config re-creates the same heads.
-        head_blocks: SepConv blocks per align net; ``None`` uses the papers' ``K - i`` for exit ``i``
-            (1-based) of ``K`` classifiers. Only for ``"sepconv"`` heads.
+        head_blocks: SepConv blocks per align net: one count for every head, a list of one per shallow exit
+            (shallowest first), or ``None``, the papers' ``K - i`` for exit ``i`` (1-based) of ``K``
+            classifiers. Only for ``"sepconv"`` heads.
         head_budget: what all shallow heads together may add, as a fraction of the plain backbone's MACs
             at the input size ``wrap`` checks the model at (its ``check_input_size``, by default the
             model's ``pretrained_cfg`` input size): ``wrap`` gives ``"sepconv"`` heads without a
@@ -68,7 +69,7 @@ class ScanConfig(JsonRecord):
     exits: list[int | str] | None = None
     attention: str = "none"
     head_channels: int | None = None
-    head_blocks: int | None = None
+    head_blocks: int | list[int] | None = None
     head: str = "sepconv"
     head_budget: float | None = DEFAULT_HEAD_BUDGET
 
@@ -111,10 +112,19 @@ class ScanConfig(JsonRecord):
                                    or not math.isfinite(budget) or not 0 < budget <= 1):
             raise ValueError(f"ScanConfig.head_budget must be a fraction of the backbone's MACs in (0, 1] (0.05 is "
                              f"5%), or None for no budget; got {budget!r}")
-        for name, most in (("head_channels", MAX_HEAD_CHANNELS), ("head_blocks", MAX_HEAD_BLOCKS)):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
-                raise ValueError(f"ScanConfig.{name} must be an int in [1, {most}] or None; got {value!r}")
+        def count(value: Any, most: int) -> bool:
+            return not isinstance(value, bool) and isinstance(value, int) and 1 <= value <= most
+
+        if self.head_channels is not None and not count(self.head_channels, MAX_HEAD_CHANNELS):
+            raise ValueError(f"ScanConfig.head_channels must be an int in [1, {MAX_HEAD_CHANNELS}] or None; "
+                             f"got {self.head_channels!r}")
+        blocks = self.head_blocks
+        if isinstance(blocks, tuple):
+            self.head_blocks = blocks = list(blocks)
+        if blocks is not None and not (count(blocks, MAX_HEAD_BLOCKS) or isinstance(blocks, list) and blocks and all(
+                count(b, MAX_HEAD_BLOCKS) for b in blocks)):
+            raise ValueError(f"ScanConfig.head_blocks must be an int in [1, {MAX_HEAD_BLOCKS}], a list of one such int "
+                             f"per shallow exit, or None; got {blocks!r}")
 
 
 def check_input_size(input_size: Any) -> tuple[int, int, int]:

@@ -7,9 +7,8 @@ pool → a two-layer MLP), whose cost is one pooling and two small matrix produc
 All modules take and return NCHW maps and work at any input resolution (global pooling only). Their
 inference form (BatchNorm folded, matrix products on CPU) is ``timm_scan.deploy.fast_heads``.
 
-Where the exits go: ``resolve_exit_indices`` turns ``ScanConfig.exits`` into ``feature_info`` indices of a
-backbone (``default_exit_indices``: the papers' placement), and ``exit_heads`` builds the heads a config
-puts there (on the meta device, it counts them without allocating). How wide: ``sized_head_channels``
+``exit_heads`` builds the heads a config puts after the exits' stages (``positions.resolve_exits``; on the
+meta device, it counts them without allocating). How wide: ``sized_head_channels``
 fits the SepConv heads' align width to ``ScanConfig.head_budget``, their MACs counted on the meta device.
 """
 
@@ -27,12 +26,10 @@ from .config import HEAD_KINDS, ScanConfig
 from .macs import count_macs
 from .runner import Stage, feature_stages, model_name
 
-__all__ = ["POOLED_HIDDEN", "ExitHead", "ScanAttention", "SdAttention", "SepConv", "align_plan", "default_exit_indices",
-           "exit_heads", "head_macs", "make_attention", "resolve_exit_indices", "sized_head_channels"]
+__all__ = ["POOLED_HIDDEN", "ExitHead", "ScanAttention", "SdAttention", "SepConv", "align_plan", "exit_heads",
+           "head_macs", "make_attention", "sized_head_channels"]
 
 POOLED_HIDDEN = 128  # the pooled head's hidden width by default (earlyon's)
-NUM_DEFAULT_SHALLOW_EXITS = 3  # four classifiers in all, as the papers recommend (TPAMI §4.8-4.9)
-STEM_MAX_REDUCTION = 2
 WIDTH_STEP = 8  # align widths that the budget chooses are multiples of this
 
 
@@ -156,75 +153,27 @@ class ExitHead(nn.Module):
         return self.fc(pooled), pooled
 
 
-def default_exit_indices(stages: list[Stage]) -> list[int]:
-    """Papers' default placement: three shallow exits at the ends of the main sections.
-
-    Candidates are every stage but the last (whose head is the backbone's) and but the stem
-    (stages at reduction <= 2, kept only if nothing else is left). Where more than three remain
-    (ViT: 12 equal blocks), exits go at 1/4, 2/4 and 3/4 of the candidates' depth.
-    """
-    candidates = [s.index for s in stages[:-1] if s.reduction > STEM_MAX_REDUCTION]
-    if not candidates:
-        candidates = [s.index for s in stages[:-1]]
-    m = len(candidates)
-    if m <= NUM_DEFAULT_SHALLOW_EXITS:
-        return candidates
-    n = NUM_DEFAULT_SHALLOW_EXITS + 1
-    positions = sorted({int(k * (m + 1) / n + 0.5) for k in range(1, n)})  # 1-based, half-up
-    return [candidates[p - 1] for p in positions]
-
-
-def resolve_exit_indices(model: nn.Module, exits: list[int | str] | None) -> list[int]:
-    """``ScanConfig.exits`` → ascending ``feature_info`` indices, validated against the model."""
-    stages = feature_stages(model)
-    if exits is None:
-        return default_exit_indices(stages)
-    n = len(stages)
-    by_name = {s.module: s.index for s in stages}
-    resolved = []
-    for i, e in enumerate(exits):
-        if isinstance(e, str):
-            if e not in by_name:
-                raise ValueError(
-                    f"ScanConfig.exits[{i}] = {e!r} is not a feature_info module of {model_name(model)!r}; "
-                    f"valid names are {[s.module for s in stages[:-1]]}"
-                )
-            idx = by_name[e]
-        else:
-            if not -n <= e < n:
-                raise ValueError(
-                    f"ScanConfig.exits[{i}] = {e} is out of range for {model_name(model)!r}: valid "
-                    f"feature_info indices are 0..{n - 2} (or {-n}..-2)"
-                )
-            idx = e % n
-        if idx == n - 1:
-            raise ValueError(
-                f"ScanConfig.exits[{i}] = {e!r} names the last stage ({stages[-1].module!r}) of "
-                f"{model_name(model)!r}, whose head is the backbone's own classifier; choose from "
-                f"indices 0..{n - 2}"
-            )
-        resolved.append(idx)
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"ScanConfig.exits {exits!r} names the same stage twice for {model_name(model)!r}")
-    return sorted(resolved)
-
-
-def exit_heads(backbone: nn.Module, config: ScanConfig, cuts: list[int]) -> list[ExitHead]:
-    """The shallow heads ``config`` puts after the backbone's ``feature_info`` stages ``cuts`` (resolved,
-    ascending), shallowest first (SepConv heads of a config with a ``head_budget`` narrow first, the papers'
+def exit_heads(backbone: nn.Module, config: ScanConfig, cuts: list[Stage]) -> list[ExitHead]:
+    """The shallow heads ``config`` puts after ``cuts`` (the exits' stages, ``positions.resolve_exits``),
+    shallowest first (SepConv heads of a config with a ``head_budget`` narrow first, the papers'
     without one), on the current default device (``torch.device("meta")`` counts their
     parameters without allocating them)."""
     stages = feature_stages(backbone)
     feature_dim = getattr(backbone, "head_hidden_size", None) or backbone.num_features
     out_chs = config.head_channels or (stages[-1].num_chs if config.head == "sepconv" else POOLED_HIDDEN)
     num_exits = len(cuts) + 1
+    blocks = config.head_blocks
+    if isinstance(blocks, list) and len(blocks) != len(cuts):
+        raise ValueError(f"ScanConfig.head_blocks lists {len(blocks)} counts ({blocks}) for {len(cuts)} shallow exits "
+                         f"({[c.module for c in cuts]}): give one per exit, or one int for all")
+    blocks = blocks if isinstance(blocks, list) else [blocks or (num_exits - (i + 1)) for i in range(len(cuts))]
     return [
         ExitHead(
-            in_chs=stages[c].num_chs,
-            in_reduction=stages[c].reduction,
+            in_chs=c.num_chs,
+            in_reduction=c.reduction,
             out_chs=out_chs,
             out_reduction=stages[-1].reduction,
-            num_blocks=config.head_blocks or (num_exits - (i + 1)),
+            num_blocks=blocks[i],
             num_classes=backbone.num_classes,
             feature_dim=feature_dim,
             attention=config.attention,
@@ -235,20 +184,20 @@ def exit_heads(backbone: nn.Module, config: ScanConfig, cuts: list[int]) -> list
     ]
 
 
-def head_macs(backbone: nn.Module, config: ScanConfig, cuts: list[int], input_size: tuple[int, int, int]) -> list[int]:
-    """MACs of each shallow head ``config`` puts after stages ``cuts`` (shallowest first), for one image of
+def head_macs(backbone: nn.Module, config: ScanConfig, cuts: list[Stage],
+              input_size: tuple[int, int, int]) -> list[int]:
+    """MACs of each shallow head ``config`` puts after ``cuts`` (shallowest first), for one image of
     ``input_size`` (C, H, W), counted on the meta device: a stage of reduction r gives the head a map of
     ``ceil(H / r) x ceil(W / r)``."""
-    stages = feature_stages(backbone)
     with torch.device("meta"):
         heads = exit_heads(backbone, config, cuts)
-        maps = [torch.empty(1, stages[c].num_chs, math.ceil(input_size[1] / stages[c].reduction),
-                            math.ceil(input_size[2] / stages[c].reduction)) for c in cuts]
+        maps = [torch.empty(1, c.num_chs, math.ceil(input_size[1] / c.reduction),
+                            math.ceil(input_size[2] / c.reduction)) for c in cuts]
     return [count_macs(head.eval(), x) for head, x in zip(heads, maps)]  # eval: BatchNorm takes one 1x1 map
 
 
 def sized_head_channels(
-    backbone: nn.Module, config: ScanConfig, cuts: list[int], input_size: tuple[int, int, int], backbone_macs: int
+    backbone: nn.Module, config: ScanConfig, cuts: list[Stage], input_size: tuple[int, int, int], backbone_macs: int
 ) -> int:
     """The widest SepConv align width (a multiple of ``WIDTH_STEP``, at most the deepest stage's width) whose
     shallow heads together cost at most ``config.head_budget · backbone_macs`` at ``input_size``, or a

@@ -53,7 +53,8 @@ from ..report import ExitLatency
 from .runner import feature_stages, model_name
 from .card import CardModel, is_run_best, model_card, run_card
 from .config import ScanConfig, check_data_config
-from .heads import exit_heads, resolve_exit_indices
+from .heads import exit_heads
+from .positions import resolve_exits
 
 __all__ = ["MAX_PARAMETERS", "HubUploadError", "Pretrained", "check_pretrained_weights", "load_initial_weights",
            "load_weights", "push_to_hub", "read_pretrained", "read_tensors", "save_deployment", "save_pretrained",
@@ -180,12 +181,12 @@ def read_pretrained(
         data_config = check_data_config(timm.data.resolve_model_data_config(skeleton))
     except ValueError as exc:
         raise ValueError(f"{src}: {BACKBONE_CONFIG} (pretrained_cfg): {exc}") from None
-    _check_exits(skeleton, config, headers[EXITS_WEIGHTS], max_parameters - sizes[BACKBONE_WEIGHTS], src)
+    size = data_config["input_size"]
+    check_size = size if skeleton.pretrained_cfg.get("fixed_input_size", False) else (
+        size[0], min(size[1], CHECK_SIDE), min(size[2], CHECK_SIDE))
+    _check_exits(skeleton, config, headers[EXITS_WEIGHTS], max_parameters - sizes[BACKBONE_WEIGHTS], check_size, src)
     backbone = timm.create_model(f"local-dir:{folder}", pretrained=False)
     load_strict(backbone, _read_finite(folder / BACKBONE_WEIGHTS, src), BACKBONE_WEIGHTS, src)
-    size = data_config["input_size"]
-    check_size = size if backbone.pretrained_cfg.get("fixed_input_size", False) else (
-        size[0], min(size[1], CHECK_SIDE), min(size[2], CHECK_SIDE))
     return Pretrained(src, backbone, config, folder / EXITS_WEIGHTS, policy, data_config, check_size, exit_latency)
 
 
@@ -254,11 +255,13 @@ def _skeleton(folder: Path, src: str, weights: dict[str, tuple[str, tuple[int, .
 
 
 def _check_exits(skeleton: nn.Module, config: ScanConfig, weights: dict[str, tuple[str, tuple[int, ...]]],
-                 max_values: int, src: str) -> None:
-    """The exit heads ``config`` puts on ``skeleton``, counted on the meta device: at most ``max_values``
-    values, and the tensors of ``scan_exits.safetensors`` (header ``weights``)."""
+                 max_values: int, input_size: tuple[int, int, int], src: str) -> None:
+    """The exit heads ``config`` puts on ``skeleton``, counted on the meta device (blocks inside stages
+    probed there at ``input_size``): at most ``max_values`` values, and the tensors of
+    ``scan_exits.safetensors`` (header ``weights``)."""
     try:
-        cuts = resolve_exit_indices(skeleton, config.exits)
+        with torch.device("meta"):
+            cuts = resolve_exits(skeleton, config.exits, torch.empty(1, *input_size))
     except ValueError as exc:
         raise ValueError(f"{src}: {SCAN_CONFIG} field 'scan_config': {exc}") from None
     if cuts and config.head == "sepconv" and config.head_budget is not None and config.head_channels is None:
@@ -524,12 +527,13 @@ def write_run_card(best: str | Path) -> None:
     it (after a search saved a policy, after an evaluation)."""
     best = Path(best)
     meta = _read_meta(best / SCAN_CONFIG)
-    exits = ScanConfig.from_dict(meta["scan_config"]).exits or []  # saved resolved: feature_info indices
+    exits = ScanConfig.from_dict(meta["scan_config"]).exits or []  # saved resolved: indices, or blocks' names
     policy, exit_latency = _deployment(meta, len(exits) + 1)
     with torch.device("meta"):
         backbone = timm.create_model(f"local-dir:{best}", pretrained=False)
     stages = feature_stages(backbone)
-    model = CardModel(model_name(backbone), [stages[i].module for i in [*exits, -1]], policy, exit_latency)
+    names = [stages[e].module if isinstance(e, int) else e for e in [*exits, -1]]
+    model = CardModel(model_name(backbone), names, policy, exit_latency)
     atomic_write(best / "README.md", run_card(best, model))
 
 

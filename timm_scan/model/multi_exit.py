@@ -15,7 +15,8 @@ from ..exit_costs import ExitCosts
 from ..exit_policy import ExitPolicy
 from ..report import ExitLatency
 from . import hub
-from .backbone import build_runner, resolve_exit_indices
+from .backbone import build_runner
+from .positions import exit_entry, resolve_exits
 from .config import ScanConfig, check_input_size
 from .heads import ExitHead, exit_heads, sized_head_channels
 from .macs import count_macs
@@ -53,8 +54,7 @@ class MultiExitModel(nn.Module):
         self.exits = nn.ModuleList(heads)
         self.config = config
         self._runner = runner  # plain object: the backbone's modules stay registered once
-        stages = feature_stages(backbone)
-        self.exit_stages: list[Stage] = [stages[i] for i in config.exits] + [stages[-1]]
+        self.exit_stages: list[Stage] = [*runner.cuts, feature_stages(backbone)[-1]]
         # What travels with the weights (save_pretrained): set by the trainer and threshold search.
         self.class_names: list[str] | None = None
         self.data_config: dict | None = None  # timm data config: input_size, mean, std, crop
@@ -151,6 +151,28 @@ class MultiExitModel(nn.Module):
         head = copy.deepcopy(self.exits[exit_index])
         head.proj = nn.Identity()  # the hint projection only serves training
         return TruncatedModel(self._runner.trunk(exit_index), head)
+
+    def keep_exits(self, keep: list[int]) -> MultiExitModel:
+        """A copy with only the shallow exits ``keep`` (0-based indices of this model's exits, the deepest
+        always kept), trained weights and all: candidate exits trained once, narrowed to the ones a
+        deployment takes without retraining. The kept heads are the same modules (their block counts are
+        pinned in ``config.head_blocks``); the copy's policy is the default one, so search its thresholds
+        again (a deployment's costs change with its exits)."""
+        shallow = self.num_exits - 1
+        if (not isinstance(keep, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in keep)
+                or not all(0 <= i < shallow for i in keep) or len(set(keep)) != len(keep)):
+            raise ValueError(f"keep_exits takes distinct indices of shallow exits, in 0..{shallow - 1} (the deepest, "
+                             f"exit {shallow}, is always kept); got {keep!r}")
+        keep = sorted(keep)
+        config = dataclasses.replace(self.config, exits=[self.config.exits[i] for i in keep])
+        if config.head == "sepconv":
+            config.head_blocks = [len(self.exits[i].align) for i in keep] or None
+        size = tuple(self.data_config["input_size"]) if self.data_config else None
+        with torch.no_grad():
+            kept = wrap(without_capture_hooks(copy.deepcopy(self.backbone)), config, check_input_size=size)
+        kept.exits.load_state_dict(nn.ModuleList([self.exits[i] for i in keep]).state_dict(), strict=True)
+        kept.class_names, kept.data_config = self.class_names, self.data_config
+        return kept.train(self.training)
 
     def save_pretrained(self, save_directory: str | Path, card: str | None = None) -> Path:
         """Save to a folder that ``from_pretrained`` and plain timm can read (layout: ``timm_scan.model.hub``);
@@ -253,10 +275,10 @@ def wrap(
             f"cannot wrap {name!r}: it has no classifier (num_classes={num_classes}); create it with "
             "timm.create_model(..., num_classes=N)"
         )
-    cuts = resolve_exit_indices(model, config.exits)
     example = _check_input(model, check_input_size)
+    cuts = resolve_exits(model, config.exits, example)
     runner = build_runner(model, cuts, example)
-    config = dataclasses.replace(config, exits=cuts)
+    config = dataclasses.replace(config, exits=[exit_entry(c) for c in cuts])
     if config.head == "sepconv" and config.head_channels is None and config.head_budget is not None and cuts:
         with eval_mode(model):
             macs = count_macs(model, example[:1])

@@ -1,7 +1,8 @@
 """Runners: what runs a timm model section by section, cut after chosen ``feature_info`` stages.
 
-A backbone with shallow exits after stages ``e_1 < … < e_{K-1}`` is run as K sections: section ``k``
-(0-based) ends at stage ``e_{k+1}``, the last section runs to the end of ``forward_features``.
+A backbone with shallow exits after stages ``e_1 < … < e_{K-1}`` (``feature_info`` stages or blocks inside
+them, ``Stage``) is run as K sections: section ``k`` (0-based) ends at ``e_{k+1}``, the last section runs
+to the end of ``forward_features``.
 ``Runner.forward_head`` then runs the backbone's own ``forward_head``: it is the deepest classifier.
 Hidden states between sections keep the backbone's own layout (NCHW for CNNs, NHWC for Swin, tokens for
 ViT); ``to_map`` turns one into the NCHW map an exit head reads.
@@ -23,15 +24,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Runner", "Stage", "check_close", "eval_mode", "feature_stages", "model_name", "no_checkpointing", "run_mode",
-           "without_capture_hooks"]
+__all__ = ["Runner", "Stage", "check_close", "eval_mode", "expected_maps", "feature_stages", "model_name",
+           "no_checkpointing", "run_mode", "without_capture_hooks"]
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One ``feature_info`` entry: output of ``module`` has ``num_chs`` channels at ``reduction``."""
+    """Where an exit can go: output of ``module`` has ``num_chs`` channels at ``reduction``. ``index`` is the
+    ``feature_info`` entry's, or ``None`` for a block inside a stage (``positions.resolve_exits``)."""
 
-    index: int
+    index: int | None
     module: str
     num_chs: int
     reduction: int
@@ -119,12 +121,12 @@ class Runner:
     """Base runner: ``sections``, ``to_map`` and ``forward_head`` of a timm model cut after ``cuts``.
 
     Subclasses fill ``self.sections`` (K lists of callables) from ``self.cuts`` (the shallow exits'
-    ``feature_info`` indices). ``kind`` names the runner (``MultiExitModel.runner``).
+    ``Stage``s, in forward order). ``kind`` names the runner (``MultiExitModel.runner``).
     """
 
     kind = "base"
 
-    def __init__(self, model: nn.Module, cuts: list[int]) -> None:
+    def __init__(self, model: nn.Module, cuts: list[Stage]) -> None:
         self.model = model
         self.cuts = list(cuts)
         self._classifier = _classifier(model)
@@ -196,6 +198,30 @@ def no_checkpointing(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.grad_checkpointing = flag
+
+
+def expected_maps(model: nn.Module, cuts: list[Stage], example: Tensor) -> list[Tensor | None]:
+    """The backbone's own map at each cut on ``example``, NCHW: ``forward_intermediates``'s for a
+    ``feature_info`` stage (``None`` where the model has no ``forward_intermediates``), the block's output
+    for a block inside a stage. Call it in eval mode without gradients."""
+    indices = [c.index for c in cuts if c.index is not None]
+    stage_maps: list[Tensor] = []
+    if indices and hasattr(model, "forward_intermediates"):
+        stage_maps = model.forward_intermediates(example, indices=indices, intermediates_only=True, stop_early=True)
+    blocks: dict[str, Tensor] = {}
+    handles = [model.get_submodule(c.module).register_forward_hook(
+        lambda module, args, output, name=c.module: blocks.setdefault(name, output)) for c in cuts if c.index is None]
+    try:
+        if handles:
+            with no_checkpointing(model):
+                model.forward_features(example)
+    finally:
+        for h in handles:
+            h.remove()
+    nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
+    stage_iter = iter(stage_maps)
+    return [next(stage_iter, None) if c.index is not None else
+            (blocks[c.module].permute(0, 3, 1, 2) if nhwc else blocks[c.module]) for c in cuts]
 
 
 def check_close(name: str, what: str, got: Tensor, want: Tensor, atol: float = 1e-5) -> None:

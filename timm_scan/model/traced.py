@@ -33,10 +33,11 @@ from torch.utils import _pytree as pytree
 
 from .runner import (
     Runner,
+    Stage,
     check_close,
+    expected_maps,
     no_checkpointing,
     eval_mode,
-    feature_stages,
     model_name,
     run_mode,
 )
@@ -230,18 +231,19 @@ def _run_nodes(root: nn.Module, section: _Section | list[fx.Node], env: dict[fx.
 
 
 def _trace(model: nn.Module, cut_names: list[str], training: bool) -> tuple[fx.Graph, dict[str, Tensor]]:
-    """``forward_features`` as a graph, each stage in ``cut_names`` one ``call_module`` node, and the
-    tensors torch.fx made of the forward's Python constants.
+    """``forward_features`` as a graph, each stage in ``cut_names`` one ``call_module`` node (but a stage
+    holding another cut, a block inside it, which is traced into), and the tensors torch.fx made of the
+    forward's Python constants.
 
     Every other module is a leaf where that traces (it then runs as the model runs it); where it does
     not (a module returning a tuple that the caller unpacks), the modules are traced into as torch.fx
     does by default.
     """
-    cuts = {f"{_ROOT}.{name}" for name in cut_names}
     through = {""}  # the wrapper
-    for name in cuts:
-        parts = name.split(".")
+    for name in cut_names:
+        parts = f"{_ROOT}.{name}".split(".")
         through.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    cuts = {f"{_ROOT}.{name}" for name in cut_names} - through
     # checkpointing off while tracing: the graph runs blocks one by one; sections checkpoint as a whole
     try:
         with run_mode(model, training), no_checkpointing(model):
@@ -293,8 +295,8 @@ def _split(graph: fx.Graph, cuts: list[fx.Node]) -> list[_Section]:
     return sections
 
 
-def _find_cuts(model: nn.Module, graph: fx.Graph, env: dict[fx.Node, Any], expected: list[Tensor] | None,
-               stages: list, image_size: tuple[int, int]) -> tuple[list[fx.Node], list[_Layout]]:
+def _find_cuts(model: nn.Module, graph: fx.Graph, env: dict[fx.Node, Any], expected: list[Tensor | None],
+               stages: list[Stage], image_size: tuple[int, int]) -> tuple[list[fx.Node], list[_Layout]]:
     """For each exit's stage, the graph node whose value (``env``, on the check batch) is that stage's
     map, and how to read the map off it: the call of the stage module where ``forward_features`` calls
     it once, else the first later node whose value lays out as the stage's ``forward_intermediates`` map
@@ -304,7 +306,7 @@ def _find_cuts(model: nn.Module, graph: fx.Graph, env: dict[fx.Node, Any], expec
     layouts: list[_Layout] = []
     nodes = [n for n in graph.nodes if n.op not in ("output", "placeholder", "get_attr")]
     for k, stage in enumerate(stages):
-        want = None if expected is None else expected[k]
+        want = expected[k]
         after = nodes[nodes.index(cuts[-1]) + 1 :] if cuts else nodes
         calls = [n for n in after if n.op == "call_module" and n.target == f"{_ROOT}.{stage.module}"]
         if len(calls) == 1:
@@ -425,9 +427,9 @@ class TracedRunner(Runner):
 
     kind = "traced"
 
-    def __init__(self, model: nn.Module, cuts: list[int], example: Tensor) -> None:
+    def __init__(self, model: nn.Module, cuts: list[Stage], example: Tensor) -> None:
         super().__init__(model, cuts)
-        stages = [feature_stages(model)[c] for c in self.cuts]
+        stages = self.cuts
         names = [s.module for s in stages]
         graph, self._constants = _trace(model, names, training=False)
         if not _same_graph(graph, _trace(model, names, training=True)[0]):
@@ -442,10 +444,7 @@ class TracedRunner(Runner):
             except Exception as exc:
                 raise _CannotTrace(f"its traced forward_features fails to run ({type(exc).__name__}: {exc})") \
                     from None
-            expected = None
-            if self.cuts and hasattr(model, "forward_intermediates"):
-                expected = model.forward_intermediates(example, indices=self.cuts, intermediates_only=True,
-                                                       stop_early=True)
+            expected = expected_maps(model, stages, example)
         cut_nodes, self._layouts = _find_cuts(model, graph, env, expected, stages, image_size)
         self._traced = _split(graph, cut_nodes)
         self.sections = [[] for _ in self._traced]  # the base class counts sections on it
@@ -545,7 +544,7 @@ class TracedRunner(Runner):
                     for j in range(k + 1):
                         alone = self._run(self.model, j, alone)
                     want = self.to_map(alone, image_size)
-                    check_close(name, f"map of stage {self.cuts[k]} after dropping samples",
+                    check_close(name, f"map of {self.cuts[k].module!r} after dropping samples",
                                  self.to_map(h, image_size), want, atol=_batch_noise(want))
             want = self.model(x[kept])
             check_close(name, "logits after dropping samples", self.model.forward_head(h), want,

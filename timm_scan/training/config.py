@@ -72,7 +72,8 @@ class TrainConfig(JsonRecord):
     head_channels: int | None = option(None, "width of the exit heads' align nets (default: sized by the head budget; "
                                              "the deepest stage's without one); for pooled heads, the MLP's hidden "
                                              "width (default 128)")
-    head_blocks: int | None = option(None, "SepConv blocks per head (default: the papers' K - i)")
+    head_blocks: list[int] | None = option(None, "SepConv blocks per head: one count for every head, or one per "
+                                                 "shallow exit, shallowest first (default: the papers' K - i)")
     head: str = option("sepconv", f"kind of shallow head: one of {HEAD_KINDS} (pooled: latency-oriented, "
                                   "pooling then a two-layer MLP, as in SDN and earlyon)")
     head_budget: float | None = option(
@@ -128,6 +129,10 @@ class TrainConfig(JsonRecord):
     def __post_init__(self) -> None:
         if isinstance(self.train_scale, list):
             self.train_scale = tuple(self.train_scale)
+        if isinstance(self.head_blocks, int) and not isinstance(self.head_blocks, bool):
+            self.head_blocks = [self.head_blocks]  # one count for every head (a run saved before the lists)
+        elif isinstance(self.head_blocks, tuple):
+            self.head_blocks = list(self.head_blocks)
         self.mixed_precision = TIMM_PRECISIONS.get(self.mixed_precision, self.mixed_precision)
         check_model_kwargs(self.model_kwargs, "TrainConfig.model_kwargs")
         img_size = self.model_kwargs.get("img_size")
@@ -212,7 +217,9 @@ class TrainConfig(JsonRecord):
     def scan_config(self) -> ScanConfig:
         """What ``wrap`` adds: no exit for a baseline."""
         return ScanConfig(exits=[] if self.baseline else self.exits, attention=self.attention,
-                          head_channels=self.head_channels, head_blocks=self.head_blocks, head=self.head,
+                          head_channels=self.head_channels, head=self.head,
+                          head_blocks=self.head_blocks[0] if self.head_blocks and len(self.head_blocks) == 1
+                          else self.head_blocks,
                           head_budget=self.head_budget)
 
     def loss_settings(self) -> dict[str, Any]:

@@ -1,0 +1,176 @@
+"""Where the exits go: stage ends, the positions ``propose_exits`` spaces evenly in measured time, and
+candidate exits trained once, then narrowed (``MultiExitModel.keep_exits``) to the subset that measures best.
+
+Exits-only training (``--freeze-backbone``, as ``head_budget.py``) on the frozen backbone of a trained run,
+every design with the same SepConv heads (the default heads' width at the stage ends, no attention, one
+block per halving of the map left), so that the positions alone differ:
+
+- ``stage-ends``: the default exits (the papers' placement);
+- ``proposed``: what ``propose_exits`` proposes at the run's input size, batch 1, on this machine;
+- ``candidates``: every position ``propose_exits`` considers (stages past the stem, blocks inside them),
+  trained together once.
+
+The candidates run is then narrowed without retraining to every subset of its exits; per subset, the
+cheapest thresholds at no loss against the deepest exit on validation (``fallback="deepest"``), and the
+subset with the largest such speed-up is reported with the stage ends and the proposed positions. For
+each trained design and narrowed subset: test accuracy per exit, thresholds at no loss and within one
+point on validation, their MACs speed-up on test, and (``--wall-clock``) the predictor against the plain
+backbone on test images at batch 256 and 1, timed in turns.
+
+    python benchmarks/exit_positions.py --train runs/cert-resnet18-45k --epochs 2 --wall-clock \\
+        --out benchmarks/results/exit_positions_resnet18.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+from head_budget import TARGETS, summarise, train  # noqa: E402  (benchmarks/ is the script's folder)
+
+from timm_scan import EarlyExitPredictor, ExitCosts, ScanConfig, propose_exits, wrap
+from timm_scan.commands.evaluate import measure_wall_clock
+from timm_scan.deploy.search import search_thresholds
+from timm_scan.deploy.thresholds import ExitTable
+from timm_scan.model.macs import count_macs
+from timm_scan.training.runs import cached_outputs, eval_dataset, load_run, run_results, run_splits
+
+
+def designs(base: Path) -> tuple[dict[str, list[str]], dict]:
+    """The three designs' ``timm-scan train`` flags, and what the proposal measured."""
+    model, cfg = load_run(base)
+    size = (3, cfg.input_size, cfg.input_size)
+    backbone = model.backbone
+    proposal = propose_exits(backbone, size, batch_size=1)
+    width = wrap(backbone, ScanConfig(), check_input_size=size).config.head_channels
+    deepest = model.exit_stages[-1].reduction
+    halvings = {p.entry: max(1, (deepest // p.reduction).bit_length() - 1) for p in proposal.positions}
+    stage_ends = wrap(backbone, ScanConfig(head_channels=width), check_input_size=size).config.exits
+
+    def flags(entries: list) -> list[str]:
+        return ["--exits", *map(str, entries), "--head-blocks", *(str(halvings[e]) for e in entries),
+                "--head-channels", str(width), "--attention", "none"]
+
+    chosen = [proposal.positions[i].entry for i in proposal.chosen]
+    return ({"stage-ends": flags(stage_ends), "proposed": flags(chosen),
+             "candidates": flags([p.entry for p in proposal.positions])},
+            {"positions": [vars(p) for p in proposal.positions], "proposed": chosen, "stage_ends": stage_ends,
+             "head_channels": width, "device": proposal.device, "backbone_ms": proposal.backbone_ms})
+
+
+def subset_costs(exit_macs: list[int], head_macs: list[int], backbone: int, keep: tuple[int, ...]) -> ExitCosts:
+    """MACs of the candidates model narrowed to shallow exits ``keep``: the backbone up to each kept exit plus
+    the kept heads on the way (``exit_macs`` cumulative with every head, ``head_macs`` per shallow head)."""
+    to_position = [m - sum(head_macs[: i + 1]) for i, m in enumerate(exit_macs[:-1])]
+    per_exit = [to_position[i] + sum(head_macs[j] for j in keep if j <= i) for i in keep]
+    return ExitCosts.macs([*per_exit, backbone + sum(head_macs[j] for j in keep)], backbone)
+
+
+def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], wall: bool) -> dict:
+    """Every subset of the candidates run searched at no loss on validation; the named ``keeps`` and the best
+    reported in full."""
+    model, cfg = load_run(run)
+    splits = run_splits(cfg, trained=True)
+    size = (3, cfg.input_size, cfg.input_size)
+    test_set = eval_dataset(splits, "test", model.data_config)
+    val, val_labels = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
+    test, test_labels = cached_outputs(run, "test", model, test_set)
+    exit_macs, backbone = model.exit_macs(size), model.backbone_macs(size)
+    heads = [exit_macs[i] - (exit_macs[i - 1] if i else 0) - section for i, section in enumerate(
+        _sections(model, size))]  # what each shallow head adds
+    shallow = model.num_exits - 1
+    searched = {}
+    for r in range(1, shallow + 1):
+        for keep in itertools.combinations(range(shallow), r):
+            costs = subset_costs(exit_macs, heads, backbone, keep)
+            outputs = [val[i] for i in keep] + [val[-1]]
+            searched[keep] = search_thresholds(outputs, val_labels, costs, max_accuracy_drop=0.0,
+                                               fallback="deepest").speedup
+    best = max(searched, key=searched.get)
+    report = {"subsets": {",".join(map(str, k)): v for k, v in searched.items()}, "best": list(best), "rows": {}}
+    for name, keep in {**keeps, "best on validation": best}.items():
+        kept = model.keep_exits(list(keep))
+        costs = kept.exit_costs(size)
+        assert costs.per_exit == subset_costs(exit_macs, heads, backbone, keep).per_exit  # keep_exits' own costs
+        val_k, test_k = [val[i] for i in keep] + [val[-1]], [test[i] for i in keep] + [test[-1]]
+        row = {"keep": list(keep), "exits": kept.config.exits, "exit_macs": costs.per_exit,
+               "test_exits": [float((o.argmax(-1) == test_labels).float().mean()) for o in test_k]}
+        for target, drop in TARGETS.items():
+            chosen = search_thresholds(val_k, val_labels, costs, max_accuracy_drop=drop, fallback="deepest")
+            accuracy, speedup = ExitTable.from_outputs(test_k, test_labels, costs, fallback="deepest").evaluate(
+                [chosen.policy.thresholds])
+            row[target] = {"thresholds": list(chosen.policy.thresholds), "val_speedup": chosen.speedup,
+                           "test_accuracy": float(accuracy[0]), "test_speedup": float(speedup[0])}
+            if wall and target == "no_loss":
+                row[target]["wall_clock"] = wall_clock(kept, chosen.policy, test_set)
+        report["rows"][name] = row
+        print(f"{name:20s} exits {kept.config.exits}: no loss {row['no_loss']['test_speedup']:.2f}x at "
+              f"{100 * row['no_loss']['test_accuracy']:.2f}% on test", flush=True)
+    return report
+
+
+def _sections(model, size: tuple[int, int, int]) -> list[int]:
+    """MACs of each section of ``model`` but the last, for one image."""
+    runner = model._runner
+    h, out = torch.zeros(1, *size), []
+    with torch.no_grad():
+        model.eval()
+        for k in range(model.num_exits - 1):
+            out.append(count_macs(runner.run_section, k, h))
+            h = runner.run_section(k, h)
+    return out
+
+
+def wall_clock(model, policy, dataset) -> list[dict]:
+    """The predictor under ``policy`` against the plain backbone on test images, batch 256 then 1."""
+    model.policy = policy
+    predictor = EarlyExitPredictor(model)
+    images = torch.stack([dataset[i][0] for i in range(1024)])
+    return [measure_wall_clock(model, predictor, images[:n], b).to_dict() for b, n in ((256, 1024), (1, 256))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", required=True, help="a trained run whose frozen backbone the designs are trained on")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--root", default="runs/exit_positions", help="where the exits-only runs go")
+    p.add_argument("--wall-clock", action="store_true", help="time the predictors on test images (batch 256 and 1)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    record = {"date": datetime.date.today().isoformat(), "timm": timm.__version__, "torch": torch.__version__,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+              "command": " ".join(["python", "benchmarks/exit_positions.py", *sys.argv[1:]]),
+              "base": args.train, "base_results": run_results(args.train).to_dict()}
+    flags, record["proposal"] = designs(Path(args.train))
+    runs = dict(zip(flags, train(Path(args.train), flags, args.epochs, args.batch_size, Path(args.root))))
+    record["designs"] = {}
+    for name, run in runs.items():
+        row = summarise(run)
+        if args.wall_clock and name != "candidates":
+            model = load_run(run)[0]
+            row["no_loss"]["wall_clock"] = wall_clock(model, model.policy.replace(
+                thresholds=row["no_loss"]["thresholds"], fallback="deepest"), eval_dataset(
+                run_splits(load_run(run)[1], trained=True), "test", model.data_config))
+        record["designs"][name] = row
+        print(f"{name:12s} test exits {[round(100 * a, 2) for a in row['test']['exits']]}", *(
+            f"{t} {row[t]['test_speedup']:.2f}x at {100 * row[t]['test_accuracy']:.2f}%" for t in TARGETS), flush=True)
+    entries = [q["entry"] for q in record["proposal"]["positions"]]
+    keeps = {name: tuple(entries.index(e) for e in record["proposal"][key])
+             for name, key in (("stage ends", "stage_ends"), ("proposed", "proposed"))}
+    record["narrowed"] = narrowed(runs["candidates"], keeps, args.wall_clock)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
