@@ -9,6 +9,7 @@ import timm_scan
 from timm_scan import ScanConfig
 from timm_scan.cli import main
 from timm_scan.commands.train import TrainConfig
+from timm_scan.deploy.policy import simulate_early_exit
 
 
 def wrap(name, size, config=None, **kwargs):
@@ -138,3 +139,17 @@ def test_propose_command(capsys):
     out = capsys.readouterr().out
     assert "layer2.0" in out and "time to here" in out and "train with: timm-scan train --model resnet18" in out
     assert sum(line.startswith("*  ") for line in out.splitlines()) == 2
+
+
+@pytest.mark.parametrize("name, size, exits", [("resnet18", 32, [1, "layer2.0", "layer3.0"]),
+                                               ("convnext_atto", 64, ["stages.1.blocks.0", "stages.2.blocks.1"])])
+def test_early_exit_from_blocks_inside_stages_equals_the_simulated_one(name, size, exits):
+    _, model = wrap(name, size, ScanConfig(exits=exits))
+    x = torch.randn(24, 3, size, size)
+    with torch.no_grad():
+        probs = [torch.softmax(z, -1) for z in model(x).logits]
+    policy = timm_scan.ExitPolicy([torch.quantile(p.max(-1).values, 0.5).item() for p in probs[:-1]], "deepest")
+    result = timm_scan.EarlyExitPredictor(model, policy)(x)
+    exit_index, _, expected = simulate_early_exit(probs, policy)
+    assert torch.equal(result.exit_index, exit_index) and torch.equal(result.labels, expected.argmax(-1))
+    assert len(set(exit_index.tolist())) > 2

@@ -33,12 +33,14 @@ class ScanConfig(JsonRecord):
     """How to turn a timm backbone into a multi-exit network.
 
     Attributes:
-        exits: where the shallow exits go, as entries of the backbone's ``feature_info``: an index
-            (negative counts from the end) or a module name such as ``"layer2"``. ``None`` picks the
-            papers' default (three shallow exits, never on the stem; see ``default_exit_indices``).
-            ``[]`` gives no shallow exit: the plain backbone behind the multi-exit interface. The
-            last ``feature_info`` stage cannot be an exit: the backbone's own head is the deepest
-            classifier. After ``wrap`` the model's config holds the resolved indices, ascending.
+        exits: where the shallow exits go: entries of the backbone's ``feature_info`` (an index, negative
+            counting from the end, or a module name such as ``"layer2"``), or blocks inside its stages by
+            module name (``"layer3.0"``: a module ``forward_features`` calls once that returns a feature
+            map; ``timm_scan.propose_exits`` lists them). ``None`` picks the papers' default (three
+            shallow exits, never on the stem; see ``positions.default_exit_indices``). ``[]`` gives no
+            shallow exit: the plain backbone behind the multi-exit interface. The last ``feature_info``
+            stage cannot be an exit: the backbone's own head is the deepest classifier. After ``wrap``
+            the model's config holds the resolved exits in forward order: stage indices, blocks' names.
         attention: attention module in front of each shallow head: ``"sd"`` (Self-Distillation,
             TPAMI 2021), ``"scan"`` (SCAN, NeurIPS 2019) or ``"none"`` (the default: on wide models at 224x224
             the SD attention alone takes most of the head budget, for no gain beyond the noise measured at
