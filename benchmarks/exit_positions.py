@@ -12,7 +12,7 @@ block per halving of the map left), so that the positions alone differ:
 
 The candidates run is then narrowed without retraining to every subset of its exits; per subset, the
 cheapest thresholds at no loss against the deepest exit on validation (``fallback="deepest"``), and the
-subset with the largest such speed-up is reported with the stage ends and the proposed positions. For
+subset with the largest such speed-up (``--max-subset``: among those of at most that many exits) is reported with the stage ends and the proposed positions. For
 each trained design and narrowed subset: test accuracy per exit, thresholds at no loss and within one
 point on validation, their MACs speed-up on test, and (``--wall-clock``) the predictor against the plain
 backbone on test images at batch 256 and 1, timed in turns.
@@ -44,8 +44,12 @@ from timm_scan.model.macs import count_macs
 from timm_scan.training.runs import cached_outputs, eval_dataset, load_run, run_results, run_splits
 
 
-def designs(base: Path) -> tuple[dict[str, list[str]], dict]:
-    """The three designs' ``timm-scan train`` flags, and what the proposal measured."""
+def designs(base: Path, root: Path) -> tuple[dict[str, list[str]], dict]:
+    """The three designs' ``timm-scan train`` flags, and what the proposal measured (measured once: kept in
+    ``root/<base>/proposal.json`` and read from there later, so that a rerun reports the runs it trained)."""
+    saved = root / base.name / "proposal.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
     model, cfg = load_run(base)
     size = (3, cfg.input_size, cfg.input_size)
     backbone = model.backbone
@@ -60,10 +64,14 @@ def designs(base: Path) -> tuple[dict[str, list[str]], dict]:
                 "--head-channels", str(width), "--attention", "none"]
 
     chosen = [proposal.positions[i].entry for i in proposal.chosen]
-    return ({"stage-ends": flags(stage_ends), "proposed": flags(chosen),
-             "candidates": flags([p.entry for p in proposal.positions])},
-            {"positions": [vars(p) for p in proposal.positions], "proposed": chosen, "stage_ends": stage_ends,
-             "head_channels": width, "device": proposal.device, "backbone_ms": proposal.backbone_ms})
+    result = ({"stage-ends": flags(stage_ends), "proposed": flags(chosen),
+               "candidates": flags([p.entry for p in proposal.positions])},
+              {"positions": [vars(p) for p in proposal.positions], "proposed": chosen, "stage_ends": stage_ends,
+               "head_channels": width, "device": proposal.device, "backbone_ms": proposal.backbone_ms,
+               "notes": proposal.notes})
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def subset_costs(exit_macs: list[int], head_macs: list[int], backbone: int, keep: tuple[int, ...]) -> ExitCosts:
@@ -74,9 +82,9 @@ def subset_costs(exit_macs: list[int], head_macs: list[int], backbone: int, keep
     return ExitCosts.macs([*per_exit, backbone + sum(head_macs[j] for j in keep)], backbone)
 
 
-def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], wall: bool) -> dict:
-    """Every subset of the candidates run searched at no loss on validation; the named ``keeps`` and the best
-    reported in full."""
+def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], max_subset: int | None, wall: bool) -> dict:
+    """Every subset (of at most ``max_subset`` shallow exits) of the candidates run searched at no loss on
+    validation; the named ``keeps`` and the best reported in full."""
     model, cfg = load_run(run)
     splits = run_splits(cfg, trained=True)
     size = (3, cfg.input_size, cfg.input_size)
@@ -88,7 +96,7 @@ def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], wall: bool) -> dict:
         _sections(model, size))]  # what each shallow head adds
     shallow = model.num_exits - 1
     searched = {}
-    for r in range(1, shallow + 1):
+    for r in range(1, min(shallow, max_subset or shallow) + 1):
         for keep in itertools.combinations(range(shallow), r):
             costs = subset_costs(exit_macs, heads, backbone, keep)
             outputs = [val[i] for i in keep] + [val[-1]]
@@ -133,7 +141,7 @@ def wall_clock(model, policy, dataset) -> list[dict]:
     """The predictor under ``policy`` against the plain backbone on test images, batch 256 then 1."""
     model.policy = policy
     predictor = EarlyExitPredictor(model)
-    images = torch.stack([dataset[i][0] for i in range(1024)])
+    images = torch.stack([dataset[i][0] for i in range(min(1024, len(dataset)))])
     return [measure_wall_clock(model, predictor, images[:n], b).to_dict() for b, n in ((256, 1024), (1, 256))]
 
 
@@ -143,6 +151,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--root", default="runs/exit_positions", help="where the exits-only runs go")
+    p.add_argument("--max-subset", type=int, help="narrow the candidates to subsets of at most this many exits")
     p.add_argument("--wall-clock", action="store_true", help="time the predictors on test images (batch 256 and 1)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -151,7 +160,7 @@ def main() -> None:
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
               "command": " ".join(["python", "benchmarks/exit_positions.py", *sys.argv[1:]]),
               "base": args.train, "base_results": run_results(args.train).to_dict()}
-    flags, record["proposal"] = designs(Path(args.train))
+    flags, record["proposal"] = designs(Path(args.train), Path(args.root))
     runs = dict(zip(flags, train(Path(args.train), flags, args.epochs, args.batch_size, Path(args.root))))
     record["designs"] = {}
     for name, run in runs.items():
@@ -167,7 +176,7 @@ def main() -> None:
     entries = [q["entry"] for q in record["proposal"]["positions"]]
     keeps = {name: tuple(entries.index(e) for e in record["proposal"][key])
              for name, key in (("stage ends", "stage_ends"), ("proposed", "proposed"))}
-    record["narrowed"] = narrowed(runs["candidates"], keeps, args.wall_clock)
+    record["narrowed"] = narrowed(runs["candidates"], keeps, args.max_subset, args.wall_clock)
     Path(args.out).write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}")
 

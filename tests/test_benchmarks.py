@@ -330,3 +330,28 @@ def test_head_budget(bench_runs, monkeypatch, tmp_path):
     assert papers["scan_config"]["attention"] == "sd" and papers["scan_config"]["head_budget"] is None
     assert default["exit_macs"][-1] < papers["exit_macs"][-1]  # cheaper heads
     assert len(default["latency"]["1"]["ms_per_image"]) == 4
+
+
+def test_exit_positions(bench_runs, monkeypatch, tmp_path):
+    runs, _ = bench_runs
+    out = tmp_path / "positions.json"
+    root = tmp_path / "runs"
+    args = ["--train", str(runs / "resnet18-sd"), "--epochs", "1", "--batch-size", "16", "--max-subset", "2",
+            "--root", str(root), "--out", str(out)]
+    run("exit_positions.py", monkeypatch, *args, "--wall-clock")
+    report = json.loads(out.read_text())
+    proposal = report["proposal"]
+    assert set(report["designs"]) == {"stage-ends", "proposed", "candidates"}
+    candidates = report["designs"]["candidates"]["scan_config"]
+    assert candidates["exits"] == [p["entry"] for p in proposal["positions"]] and "layer2.0" in candidates["exits"]
+    assert report["designs"]["proposed"]["scan_config"]["exits"] == proposal["proposed"]
+    assert all(row["scan_config"]["head_channels"] == proposal["head_channels"] for row in report["designs"].values())
+    narrowed = report["narrowed"]
+    assert all(1 <= len(k.split(",")) <= 2 for k in narrowed["subsets"])
+    assert set(narrowed["rows"]) == {"stage ends", "proposed", "best on validation"}
+    assert narrowed["rows"]["stage ends"]["exits"] == proposal["stage_ends"]
+    assert narrowed["subsets"][",".join(map(str, narrowed["best"]))] == max(narrowed["subsets"].values())
+    assert [w["batch_size"] for w in narrowed["rows"]["proposed"]["no_loss"]["wall_clock"]] == [256, 1]
+    # a rerun reuses the proposal measured first, and the runs trained with it
+    run("exit_positions.py", monkeypatch, *args)
+    assert json.loads(out.read_text())["proposal"] == proposal

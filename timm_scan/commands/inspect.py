@@ -27,6 +27,10 @@ class InspectConfig:
                                               "for 32x32 inputs)")
     input_size: int = option(32, "square input side in pixels", aliases=["--img-size"])
     num_classes: int = option(10, "classes of the classifier")
+    exits: list[int | str] | None = option(None, "feature_info indices or module names of the shallow exits, "
+                                                  "blocks inside stages included (default: the papers' placement)")
+    head_blocks: list[int] | None = option(None, "SepConv blocks per head: one count for every head, or one per "
+                                                 "shallow exit (default: the papers' K - i)")
     attention: str = option(ScanConfig.attention, f"attention of the shallow heads: one of {ATTENTION_KINDS}")
     head: str = option(ScanConfig.head, f"kind of shallow head: one of {HEAD_KINDS}")
     head_budget: float | None = option(DEFAULT_HEAD_BUDGET, "what the SepConv heads together may add, a fraction of "
@@ -37,8 +41,8 @@ def inspect(cfg: InspectConfig) -> MultiExitModel:
     """Print the table and return the wrapped model (random weights)."""
     backbone = create_backbone(cfg.model, cfg.num_classes, model_kwargs=cfg.model_kwargs)
     size = (3, cfg.input_size, cfg.input_size)
-    model = wrap(backbone, ScanConfig(attention=cfg.attention, head=cfg.head, head_budget=cfg.head_budget),
-                 check_input_size=size)
+    model = wrap(backbone, ScanConfig(exits=cfg.exits, head_blocks=cfg.head_blocks, attention=cfg.attention, head=cfg.head,
+                                      head_budget=cfg.head_budget), check_input_size=size)
     macs, base = model.exit_macs(size), model.backbone_macs(size)
     classifier = backbone.get_classifier()  # distilled models: their two classifiers
     heads = [*model.exits, nn.ModuleList(classifier) if isinstance(classifier, tuple) else classifier]

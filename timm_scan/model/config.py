@@ -53,8 +53,8 @@ class ScanConfig(JsonRecord):
             (``"pooled"``; ``None`` uses 128). For ``"sepconv"``, ``None`` sizes it by ``head_budget``, or,
             without a budget, uses the deepest stage's width (the papers' align nets). After ``wrap`` the
             model's config holds the width used, so that the saved config re-creates the same heads.
-        head_blocks: SepConv blocks per align net: one count for every head, a list of one per shallow exit
-            (shallowest first), or ``None``, the papers' ``K - i`` for exit ``i`` (1-based) of ``K``
+        head_blocks: SepConv blocks per align net: one count for every head (also given as a list of one), a
+            list of one per shallow exit (shallowest first), or ``None``, the papers' ``K - i`` for exit ``i`` (1-based) of ``K``
             classifiers. Only for ``"sepconv"`` heads.
         head_budget: what all shallow heads together may add, as a fraction of the plain backbone's MACs
             at the input size ``wrap`` checks the model at (its ``check_input_size``, by default the
@@ -121,8 +121,8 @@ class ScanConfig(JsonRecord):
             raise ValueError(f"ScanConfig.head_channels must be an int in [1, {MAX_HEAD_CHANNELS}] or None; "
                              f"got {self.head_channels!r}")
         blocks = self.head_blocks
-        if isinstance(blocks, tuple):
-            self.head_blocks = blocks = list(blocks)
+        if isinstance(blocks, (list, tuple)):  # one count in a list is one count for every head
+            self.head_blocks = blocks = blocks[0] if len(blocks) == 1 else list(blocks)
         if blocks is not None and not (count(blocks, MAX_HEAD_BLOCKS) or isinstance(blocks, list) and blocks and all(
                 count(b, MAX_HEAD_BLOCKS) for b in blocks)):
             raise ValueError(f"ScanConfig.head_blocks must be an int in [1, {MAX_HEAD_BLOCKS}], a list of one such int "

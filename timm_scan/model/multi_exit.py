@@ -164,9 +164,8 @@ class MultiExitModel(nn.Module):
             raise ValueError(f"keep_exits takes distinct indices of shallow exits, in 0..{shallow - 1} (the deepest, "
                              f"exit {shallow}, is always kept); got {keep!r}")
         keep = sorted(keep)
-        config = dataclasses.replace(self.config, exits=[self.config.exits[i] for i in keep])
-        if config.head == "sepconv":
-            config.head_blocks = [len(self.exits[i].align) for i in keep] or None
+        blocks = [len(self.exits[i].align) for i in keep] if self.config.head == "sepconv" and keep else None
+        config = dataclasses.replace(self.config, exits=[self.config.exits[i] for i in keep], head_blocks=blocks)
         size = tuple(self.data_config["input_size"]) if self.data_config else None
         with torch.no_grad():
             kept = wrap(without_capture_hooks(copy.deepcopy(self.backbone)), config, check_input_size=size)

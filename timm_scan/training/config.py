@@ -217,9 +217,7 @@ class TrainConfig(JsonRecord):
     def scan_config(self) -> ScanConfig:
         """What ``wrap`` adds: no exit for a baseline."""
         return ScanConfig(exits=[] if self.baseline else self.exits, attention=self.attention,
-                          head_channels=self.head_channels, head=self.head,
-                          head_blocks=self.head_blocks[0] if self.head_blocks and len(self.head_blocks) == 1
-                          else self.head_blocks,
+                          head_channels=self.head_channels, head_blocks=self.head_blocks, head=self.head,
                           head_budget=self.head_budget)
 
     def loss_settings(self) -> dict[str, Any]:
