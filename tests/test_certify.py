@@ -93,6 +93,22 @@ def test_disagreement_is_certified_against_the_deepest_exits_answers():
     assert 0 < result.accuracy < 1  # reported against the labels, not against the deepest exit's answers
 
 
+def test_a_certified_search_proposes_and_tests_under_the_policys_rule():
+    probs, labels = synthetic_outputs(4000, seed=11)
+    result = search_thresholds(probs, labels, COSTS, max_accuracy_drop=0.03, confidence=0.9, fallback="deepest",
+                               rule="running-mean", generations=20)
+    assert result.policy.rule == "running-mean" and result.policy.origin.guarantee.certified
+    fresh, fresh_labels = synthetic_outputs(20000, seed=12)
+    index, _, answered = timm_scan.deploy.simulate_early_exit([torch.from_numpy(p) for p in fresh], result.policy)
+    drop = (fresh[-1].argmax(-1) == fresh_labels).mean() - (answered.argmax(-1).numpy() == fresh_labels).mean()
+    assert drop <= 0.03 and (index < 3).any()
+    few = search_thresholds([p[:60] for p in probs], labels[:60], COSTS, max_accuracy_drop=0.005, confidence=0.95,
+                            rule="running-mean", generations=5).policy
+    assert not few.origin.guarantee.certified and (few.thresholds, few.rule) == ((1.0, 1.0, 1.0), "running-mean")
+    assert search_thresholds(probs, labels, COSTS, budget=22.0, confidence=0.9, rule="running-mean",
+                             generations=5).policy.rule == "running-mean"
+
+
 def test_the_guarantee_travels_with_the_model_and_bad_requests_are_refused(tmp_path):
     from helpers import create
 

@@ -47,6 +47,10 @@ def test_a_bad_value_is_a_usage_error(capsys):
         main(["train", "--dataset", "d", "--loss-preset", "paper"])
     assert exit_.value.code == 2
     assert "loss_preset must be one of ['default', 'released', 'tpami']; got 'paper'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "run", "--rule", "vote"])
+    assert exit_.value.code == 2
+    assert "rule must be one of ('own', 'running-mean'); got 'vote'" in capsys.readouterr().err
 
 
 def test_trainer_runs_as_a_module_under_accelerate(tiny_parquet, tmp_path):

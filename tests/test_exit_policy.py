@@ -35,11 +35,37 @@ def test_a_policy_is_frozen_validated_and_round_trips_through_json():
         with pytest.raises(ValueError, match=message):
             ExitPolicy(**bad)
     with pytest.raises(ValueError, match="unknown ExitPolicy field"):
-        ExitPolicy.from_dict({"thresholds": [0.5], "rule": "vote"})
+        ExitPolicy.from_dict({"thresholds": [0.5], "weights": [1.0]})
     with pytest.raises(ValueError, match="need one per shallow exit, 2"):
         ExitPolicy([0.5]).check(3)
     with pytest.raises(ValueError, match="no thresholds.*ExitPolicy"):
         ExitPolicy().check(3, needs_thresholds="search first")
+
+
+def test_the_decision_rule_is_validated_saved_and_read_as_own_where_a_file_has_none(tmp_path):
+    origin = PolicyOrigin("genetic search", "beta", 1.0, "macs", 0.8, 2000)
+    policy = ExitPolicy([0.9, 0.5, 0.25], "deepest", origin=origin, rule="running-mean")
+    assert ExitPolicy.from_json(policy.to_json()) == policy and policy.to_dict()["rule"] == "running-mean"
+    assert ExitPolicy.load(policy.save(tmp_path / "policy.json")).rule == "running-mean"
+    before_rules = {key: value for key, value in policy.replace(rule="own").to_dict().items() if key != "rule"}
+    assert ExitPolicy.from_dict(before_rules) == ExitPolicy([0.9, 0.5, 0.25], "deepest")  # read as Algorithm 1's own
+    assert ExitPolicy().rule == "own" and "rule" not in ExitPolicy([0.5]).describe()
+    assert "rule running-mean" in policy.describe()
+    assert policy.replace(rule="running-mean").origin == origin and policy.replace(rule="own").origin is None
+    for bad in ("vote", "running mean", None):
+        with pytest.raises(ValueError, match=r"rule must be one of \('own', 'running-mean'\)"):
+            ExitPolicy([0.5], rule=bad)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        ExitPolicy.from_dict({"thresholds": [0.5], "rule": "vote"})
+    assert timm_scan.exit_policy.RULES == ("own", "running-mean")
+    model = timm_scan.wrap(create("test_resnet", num_classes=5), check_input_size=(3, 32, 32))
+    model.policy = policy
+    model.save_pretrained(tmp_path / "model")
+    assert timm_scan.from_pretrained(tmp_path / "model").policy == policy  # the rule travels with the model
+    meta = json.loads((tmp_path / "model" / "scan_config.json").read_text())
+    del meta["policy"]["rule"]  # as saved before rules
+    (tmp_path / "model" / "scan_config.json").write_text(json.dumps(meta))
+    assert timm_scan.from_pretrained(tmp_path / "model").policy == policy.replace(rule="own", origin=origin)
 
 
 def test_costs_carry_their_unit_and_the_one_speed_ratio():

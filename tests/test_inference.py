@@ -8,7 +8,7 @@ import timm_scan
 from timm_scan import EarlyExitPredictor, ExitPolicy, ScanConfig, ensemble_probs
 from timm_scan.deploy import fast_heads
 from timm_scan.deploy.fast_heads import InferenceSeparableConv, inference_copy
-from timm_scan.deploy.policy import simulate_early_exit
+from timm_scan.deploy.policy import decision_probs, simulate_early_exit
 from timm_scan.model import heads
 
 
@@ -21,10 +21,10 @@ def all_exit_probs(model, x):
         return [torch.softmax(z, -1) for z in model(x).logits]
 
 
-def quantile_thresholds(probs, generator):
-    """Thresholds that send some samples out at every shallow exit."""
+def quantile_thresholds(probs, generator, rule="own"):
+    """Thresholds that send some samples out at every shallow exit (on what ``rule`` decides with)."""
     return [torch.quantile(p.max(-1).values, torch.rand(1, generator=generator).item() * 0.6 + 0.3).item()
-            for p in probs[:-1]]
+            for p in decision_probs(probs, rule)[:-1]]
 
 
 @pytest.mark.parametrize("name, size", [("resnet18", 32), ("test_vit", 160), ("convnext_atto", 64)])
@@ -50,12 +50,30 @@ def test_real_early_exit_equals_the_simulated_one(name, size, fallback, optimize
 
 
 @pytest.mark.parametrize("fallback", ["ensemble", "deepest"])
-def test_one_image_at_a_time_equals_the_simulated_one(fallback):
+def test_the_running_mean_rule_runs_as_simulated(fallback):
+    model = wrapped()
+    x = torch.randn(24, 3, 32, 32)
+    probs = all_exit_probs(model, x)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        policy = ExitPolicy(quantile_thresholds(probs, generator, "running-mean"), fallback, rule="running-mean")
+        result = EarlyExitPredictor(model, policy)(x)
+        exit_index, confidence, expected_probs = simulate_early_exit(probs, policy)
+        assert torch.equal(result.exit_index, exit_index) and torch.equal(result.labels, expected_probs.argmax(-1))
+        torch.testing.assert_close(result.probs, expected_probs, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(result.confidence, confidence, rtol=1e-4, atol=1e-5)
+        assert 0 < (exit_index < model.num_exits - 1).sum() < len(x)  # a real mix of exits
+        assert not torch.equal(exit_index, simulate_early_exit(probs, policy.replace(rule="own"))[0])  # the rule counts
+
+
+@pytest.mark.parametrize("rule", ["own", "running-mean"])
+@pytest.mark.parametrize("fallback", ["ensemble", "deepest"])
+def test_one_image_at_a_time_equals_the_simulated_one(fallback, rule):
     model = wrapped()
     x = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     probs = all_exit_probs(model, x)
-    thresholds = quantile_thresholds(probs, torch.Generator().manual_seed(1))
-    policy = ExitPolicy(thresholds, fallback)
+    thresholds = quantile_thresholds(probs, torch.Generator().manual_seed(1), rule)
+    policy = ExitPolicy(thresholds, fallback, rule=rule)
     predictor = EarlyExitPredictor(model, policy)
     exit_index, confidence, expected_probs = simulate_early_exit(probs, policy)
     results = [predictor(image[None]) for image in x]  # batch 1 decides with one comparison per exit

@@ -15,6 +15,7 @@ from helpers import create, mixing_thresholds
 import timm_scan
 from timm_scan import EarlyExitPredictor, ExitPolicy, OnnxEarlyExitPredictor, export_onnx
 from timm_scan.deploy.onnx import OnnxManifest, session_options
+from timm_scan.deploy.policy import decision_probs, simulate_early_exit
 
 pytest.importorskip("onnxruntime")
 
@@ -34,8 +35,8 @@ def thresholds_for(model, x):
     return mixing_thresholds(probs_of(model, x)[:-1], (0.6, 0.5, 0.4, 0.3))
 
 
-def assert_same_answers(model, folder, x, thresholds, fallback="ensemble"):
-    policy = ExitPolicy(thresholds, fallback)
+def assert_same_answers(model, folder, x, thresholds, fallback="ensemble", rule="own"):
+    policy = ExitPolicy(thresholds, fallback, rule=rule)
     torch_result = EarlyExitPredictor(model, policy)(x)
     onnx_result = OnnxEarlyExitPredictor(folder, policy)(x)
     assert torch.equal(torch_result.exit_index, onnx_result.exit_index)
@@ -66,6 +67,27 @@ def test_onnx_runtime_answers_as_the_torch_predictor(exported, fallback):
     assert len(set(result.exit_index.tolist())) == 4  # a real mix of exits
     for image in x[:6]:  # batch 1
         assert_same_answers(model, folder, image[None], thresholds, fallback)
+
+
+@pytest.mark.parametrize("fallback", ["ensemble", "deepest"])
+def test_onnx_runtime_runs_the_running_mean_rule_as_simulated(exported, fallback, tmp_path):
+    model, folder, _ = exported
+    x = torch.randn(24, 3, 32, 32)
+    probs = probs_of(model, x)
+    thresholds = mixing_thresholds(decision_probs(probs, "running-mean")[:-1], (0.6, 0.5, 0.4))
+    result = assert_same_answers(model, folder, x, thresholds, fallback, "running-mean")
+    exit_index, confidence, expected = simulate_early_exit(probs, ExitPolicy(thresholds, fallback, rule="running-mean"))
+    assert torch.equal(result.exit_index, exit_index) and len(set(exit_index.tolist())) == 4
+    torch.testing.assert_close(result.probs, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(result.confidence, confidence, rtol=1e-4, atol=1e-5)
+    for image in x[:6]:  # batch 1
+        assert_same_answers(model, folder, image[None], thresholds, fallback, "running-mean")
+    carried = tmp_path / "carried"  # a manifest's policy carries the rule
+    shutil.copytree(folder, carried)
+    manifest = json.loads((carried / "manifest.json").read_text())
+    manifest["policy"].update(thresholds=thresholds, fallback=fallback, rule="running-mean")
+    (carried / "manifest.json").write_text(json.dumps(manifest))
+    assert torch.equal(OnnxEarlyExitPredictor(carried)(x).exit_index, exit_index)
 
 
 def test_the_manifest_carries_thresholds_classes_and_costs(exported):

@@ -32,5 +32,11 @@ def test_search_and_evaluate_keep_the_card_in_best_complete(tiny_parquet, tmp_pa
     assert thresholds in text and policy.origin.promise in text
     assert text == run_card(run / "best", timm_scan.from_pretrained(run / "best"))  # push's card, from the model
 
-    main(["search", str(run), "--betas", "1", "--max-drop", "10", "--generations", "3"])  # another policy
+    main(["search", str(run), "--betas", "1", "--max-drop", "10", "--generations", "3", "--rule", "running-mean"])
     assert "On the test split" not in card.read_text()  # the earlier test results were another policy's
+    policy = ThresholdRecord.load(run / "thresholds.json").policy
+    assert policy.rule == "running-mean" and timm_scan.from_pretrained(run / "best").policy == policy
+    assert (f"Thresholds (rule running-mean: the max of the mean softmax of the exit and every exit before it, one "
+            f"per shallow exit): {', '.join(f'{t:.3f}' for t in policy.thresholds)}") in card.read_text()
+    main(["evaluate", str(run), "--latency-images", "4", "--latency-images-b1", "2"])  # evaluated under the rule
+    assert EarlyExitReport.load(run / "evaluation.json").policy == policy and "On the test split" in card.read_text()

@@ -61,14 +61,17 @@ def test_genetic_search_reaches_the_exhaustive_optimum_on_a_trained_model(traine
     assert genetic_search(table, objective).fitness >= best - 0.01 * abs(best)  # fitness can be negative
 
 
-def algorithm_1(probs, labels, thresholds, exit_macs, fallback):
-    """SCAN Algorithm 1 written out sample by sample: (accuracy as a fraction, mean MACs, exit per sample)."""
+def algorithm_1(probs, labels, thresholds, exit_macs, fallback, rule="own"):
+    """SCAN Algorithm 1 written out sample by sample: (accuracy as a fraction, mean MACs, exit per sample);
+    under ``rule="running-mean"`` exit i decides and answers with the mean of exits 0..i."""
     correct, macs, exits = 0, 0, []
     for n in range(len(labels)):
         answer, exit_at = None, len(probs) - 1
         for i, threshold in enumerate(thresholds):
-            if max(probs[i][n]) > threshold:
-                answer, exit_at = list(probs[i][n]), i
+            seen = [p[n] for p in probs[: i + 1]] if rule == "running-mean" else [probs[i][n]]
+            decided = [sum(p[c] for p in seen) / len(seen) for c in range(len(probs[i][n]))]
+            if max(decided) > threshold:
+                answer, exit_at = decided, i
                 break
         if answer is None:
             answer = [sum(p[n][c] for p in probs) / len(probs) for c in range(len(probs[0][n]))] if fallback == "ensemble" \
@@ -79,27 +82,47 @@ def algorithm_1(probs, labels, thresholds, exit_macs, fallback):
     return correct / len(labels), macs / len(labels), exits
 
 
-@pytest.mark.parametrize("fallback", ["ensemble", "deepest"])
-def test_vectorised_policy_and_search_results_agree_with_algorithm_1_written_out(fallback):
+@pytest.mark.parametrize("fallback, rule", [("ensemble", "own"), ("deepest", "own"), ("ensemble", "running-mean"),
+                                            ("deepest", "running-mean")])
+def test_vectorised_policy_and_search_results_agree_with_algorithm_1_written_out(fallback, rule):
     probs, labels = synthetic_outputs(n=400)
     result = search_thresholds(probs, labels, COSTS, beta=1.0, baseline_accuracy=0.8, fallback=fallback,
-                               generations=20)
-    accuracy, mean_macs, exits = algorithm_1(probs, labels, result.thresholds, MACS, fallback)
+                               rule=rule, generations=20)
+    accuracy, mean_macs, exits = algorithm_1(probs, labels, result.thresholds, MACS, fallback, rule)
     assert result.accuracy == pytest.approx(accuracy) and result.speedup == pytest.approx(40 / mean_macs)
     assert result.fitness == pytest.approx(40 / mean_macs + 1.0 * 100 * (accuracy - 0.8))  # β per point
     assert result.policy.fallback == fallback and result.policy.origin.objective == "beta"
+    assert result.policy.rule == rule and sweep_beta(probs, labels, COSTS, betas=[1.0], rule=rule,
+                                                     generations=2)[0].policy.rule == rule
     assert result.exit_shares == pytest.approx([exits.count(i) / len(exits) for i in range(4)])
     thresholds = [[0.75, 0.8, 0.9], result.thresholds, [1.0, 1.0, 1.0], [0.0, 0.5, 0.5]]
-    confidence = torch.stack([torch.from_numpy(p).amax(-1) for p in probs[:-1]])
+    confidence = ExitTable.from_outputs(probs, labels, COSTS, fallback, rule=rule).confidence
     vectorised = exit_index(confidence, torch.tensor(thresholds, dtype=torch.float64))
     for row, t in zip(vectorised, thresholds):
-        expected = algorithm_1(probs, labels, t, MACS, fallback)[2]
+        expected = algorithm_1(probs, labels, t, MACS, fallback, rule)[2]
         assert row.tolist() == expected
-        policy = ExitPolicy(t, fallback)
+        policy = ExitPolicy(t, fallback, rule=rule)
         simulated, _, simulated_probs = simulate_early_exit([torch.from_numpy(p) for p in probs], policy)
         assert simulated.tolist() == expected
         assert (simulated_probs.argmax(-1).numpy() == labels).mean() == pytest.approx(
-            algorithm_1(probs, labels, t, MACS, fallback)[0])
+            algorithm_1(probs, labels, t, MACS, fallback, rule)[0])
+
+
+@pytest.mark.parametrize("fallback", ["ensemble", "deepest"])
+def test_the_running_mean_rule_decides_with_every_exit_computed_on_a_case_checked_by_hand(fallback):
+    # three samples, two classes, thresholds 0.8 and 0.7:
+    # A: exit 0 at 0.6; exit 1's own 0.8 leaves ("own"), the mean of exits 0-1, (0.4, 0.6), stays ("running-mean")
+    # B: exit 0 at 0.75; exit 1's own 0.68 stays, the mean (0.715, 0.285) leaves
+    # C: exit 0 at 0.9 leaves under either rule, with exit 0's own answer
+    probs = [torch.tensor([[0.6, 0.4], [0.75, 0.25], [0.1, 0.9]]), torch.tensor([[0.2, 0.8], [0.68, 0.32], [0.5, 0.5]]),
+             torch.tensor([[0.3, 0.7], [0.4, 0.6], [0.5, 0.5]])]
+    fallen = {"ensemble": [1.1 / 3, 1.9 / 3], "deepest": [0.3, 0.7]}[fallback]  # A's answer under running-mean
+    index, confidence, answered = simulate_early_exit(probs, ExitPolicy([0.8, 0.7], fallback, rule="running-mean"))
+    assert index.tolist() == [2, 1, 0]
+    torch.testing.assert_close(answered, torch.tensor([fallen, [0.715, 0.285], [0.1, 0.9]]))
+    torch.testing.assert_close(confidence, torch.tensor([max(fallen), 0.715, 0.9]))
+    own_index, _, own = simulate_early_exit(probs, ExitPolicy([0.8, 0.7], fallback))
+    assert own_index.tolist() == [1, 2, 0] and own[0].tolist() == probs[1][0].tolist()
 
 
 def test_beta_sweep_trades_speed_for_accuracy(tmp_path):

@@ -58,6 +58,7 @@ def copy_of(saved, tmp_path):
     ("scan_config.json", lambda d: d["policy"].update(thresholds=[0.9, 0.8]), "need one per shallow exit"),
     ("scan_config.json", lambda d: d["policy"].update(thresholds=["0.9", 0.8, 0.7]), r"thresholds\[0\]"),
     ("scan_config.json", lambda d: d["policy"].update(fallback="vote"), "fallback must be one of"),
+    ("scan_config.json", lambda d: d["policy"].update(rule="vote"), "rule must be one of"),
     ("scan_config.json", lambda d: d["policy"].update(temperatures=[1e-300, 1.0, 1.0, 1.0]), r"temperatures .*\[0.01, 100\]"),
     ("scan_config.json", lambda d: d["policy"].update(temperatures=[1.0, 1.0, 1.0, 1e6]), r"temperatures .*\[0.01, 100\]"),
     ("scan_config.json", lambda d: d.update(format_version=True), "version True"),

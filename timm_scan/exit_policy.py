@@ -4,11 +4,12 @@ serialisable object.
 The threshold search returns one (`SearchResult.policy`), the model carries one (``model.policy``,
 replaced, never patched in place), ``save_pretrained`` / ``from_pretrained``, the ONNX manifest and the
 model card store and show it, and both predictors run it. Its values are validated here and nowhere
-else. How the policy is applied (Algorithm 1, the ensemble) is `timm_scan.deploy.policy`.
+else. How the policy is applied (Algorithm 1, its decision rules, the ensemble) is `timm_scan.deploy.policy`.
 
 Conventions: exits are numbered 0..K-1 from the shallowest; the last is the backbone's own head.
 Thresholds are one per shallow exit (K-1), on the softmax confidence (max probability, at the exit's
-temperature); temperatures are one per exit (K). Accuracies are fractions in [0, 1].
+temperature, of what the policy's rule decides with); temperatures are one per exit (K). Accuracies are
+fractions in [0, 1].
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from typing import Any
 
 from ._io import JsonRecord
 
-__all__ = ["FALLBACKS", "GUARANTEED_RISKS", "OBJECTIVES", "TEMPERATURE_RANGE", "ExitPolicy", "Guarantee", "PolicyOrigin",
-           "validate_fallback", "validate_temperatures", "validate_thresholds"]
+__all__ = ["FALLBACKS", "GUARANTEED_RISKS", "OBJECTIVES", "RULES", "TEMPERATURE_RANGE", "ExitPolicy", "Guarantee",
+           "PolicyOrigin", "validate_fallback", "validate_rule", "validate_temperatures", "validate_thresholds"]
 
 FALLBACKS = ("ensemble", "deepest")  # the answer for samples that pass no threshold
+# what a shallow exit decides and answers with: its own softmax (SCAN Algorithm 1), or the mean softmax of every
+# exit computed so far (`timm_scan.deploy.policy.decision_probs`)
+RULES = ("own", "running-mean")
 OBJECTIVES = ("beta", "max_accuracy_drop", "budget", "max_disagreement")  # what thresholds were chosen for
 GUARANTEED_RISKS = ("accuracy_drop", "disagreement", "mean_cost")  # what a certified policy bounds
 # A temperature divides an exit's logits: far below 1e-2 they overflow to inf (NaN probabilities), far above
@@ -80,6 +84,12 @@ def validate_fallback(fallback: str) -> str:
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}; got {fallback!r}")
     return fallback
+
+
+def validate_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    return rule
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,10 @@ class ExitPolicy(JsonRecord):
     ``TEMPERATURE_RANGE``), dividing each exit's logits before the softmax (``timm_scan.calibrate``);
     ``None``: temperature 1.
     ``origin``: how the thresholds were chosen (`PolicyOrigin`; ``None`` for thresholds set by hand).
+    ``rule`` (one of `RULES`): what shallow exit i decides with, and answers with where a sample leaves
+    there: ``"own"``, its own softmax (Algorithm 1); ``"running-mean"``, the mean softmax of exits 0..i
+    (a running ensemble of every exit computed). The fallback is the same under either rule. A saved
+    policy without a rule (from before rules) reads as ``"own"``.
 
     Frozen: derive a changed policy with ``policy.replace(temperatures=...)``.
     """
@@ -220,21 +234,31 @@ class ExitPolicy(JsonRecord):
     fallback: str = "ensemble"
     temperatures: tuple[float, ...] | None = None
     origin: PolicyOrigin | None = None
+    rule: str = "own"
 
     def __post_init__(self) -> None:
         if self.thresholds is not None:
             object.__setattr__(self, "thresholds", validate_thresholds(self.thresholds))
         validate_fallback(self.fallback)
+        validate_rule(self.rule)
         if self.temperatures is not None:
             object.__setattr__(self, "temperatures", validate_temperatures(self.temperatures))
         if self.origin is not None and not isinstance(self.origin, PolicyOrigin):
             raise ValueError(f"ExitPolicy.origin must be a PolicyOrigin or None; got {type(self.origin).__name__}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values; ``rule`` left out where it is ``"own"``, so that a model saved with
+        Algorithm 1's rule reads as before in versions that predate rules."""
+        data = super().to_dict()
+        if self.rule == "own":
+            del data["rule"]
+        return data
+
     def replace(self, **changes: Any) -> ExitPolicy:
-        """A copy with ``changes`` (validated). Changed thresholds, fallback or temperatures drop the
+        """A copy with ``changes`` (validated). Changed thresholds, fallback, temperatures or rule drop the
         ``origin`` unless one is given: what the search promised held for the policy it searched."""
         changed = dataclasses.replace(self, **changes)
-        decisive = ("thresholds", "fallback", "temperatures")
+        decisive = ("thresholds", "fallback", "temperatures", "rule")
         if "origin" not in changes and any(getattr(changed, k) != getattr(self, k) for k in decisive):
             changed = dataclasses.replace(changed, origin=None)
         return changed
@@ -253,9 +277,10 @@ class ExitPolicy(JsonRecord):
         return self
 
     def describe(self) -> str:
-        """One line: thresholds, fallback, temperatures."""
+        """One line: thresholds, the rule (where not ``"own"``), fallback, temperatures."""
         thresholds = ", ".join(f"{t:.3f}" for t in self.thresholds) if self.thresholds is not None else "none"
-        text = f"thresholds {thresholds}; fallback {self.fallback}"
+        text = f"thresholds {thresholds}; " + (f"rule {self.rule}; " if self.rule != "own" else "") + \
+            f"fallback {self.fallback}"
         if self.temperatures is not None:
             text += "; temperatures " + ", ".join(f"{t:.3f}" for t in self.temperatures)
         return text

@@ -107,11 +107,12 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
     size = tuple(model.data_config["input_size"])
     exit_macs, backbone_macs = model.exit_macs(size), model.backbone_macs(size)
     table = ExitTable.from_outputs(raw, labels, ExitCosts.macs(exit_macs, backbone_macs), policy.fallback,
-                                   policy.temperatures)
+                                   policy.temperatures, policy.rule)
     per_exit = exit_accuracy(probs, labels)
     accuracy, speedup = (float(v[0]) for v in table.evaluate([policy.thresholds]))
-    agreement = float(ExitTable.from_outputs(raw, raw[-1].argmax(-1), table.costs, policy.fallback, policy.temperatures)
-                      .evaluate([policy.thresholds])[0][0])  # the share of answers equal to the deepest exit's
+    agreement = float(ExitTable.from_outputs(raw, raw[-1].argmax(-1), table.costs, policy.fallback, policy.temperatures,
+                                             policy.rule)  # the share of answers equal to the deepest exit's
+                      .evaluate([policy.thresholds])[0][0])
     shares = [float(s) for s in table.exit_shares([policy.thresholds])[0]]
 
     predictor = EarlyExitPredictor(model)
@@ -138,6 +139,7 @@ def evaluate(cfg: EvaluateConfig) -> EarlyExitReport:
     print(f"{train_cfg.model} on {len(labels)} test images ({size[1]}x{size[2]})")
     print(exit_table(exit_macs, backbone_macs, per_exit))
     kept = f"β = {searched.chosen.beta:g}" if searched.target is None else searched.target
+    kept += f", rule {policy.rule}" if policy.rule != "own" else ""
     print(f"early exit ({kept}, thresholds {', '.join(f'{t:.3f}' for t in policy.thresholds)}): "
           f"accuracy {100 * accuracy:.2f}%, MACs speed-up {speedup:.2f}x, share per exit "
           + f"{' '.join(f'{s:.0%}' for s in shares)}; the same answer as the deepest exit on {agreement:.1%}")

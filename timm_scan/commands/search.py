@@ -7,7 +7,7 @@ runs the genetic search for each β of the sweep, prints the trade-off, plots it
 (``<run>/tradeoff_val.png``) and writes ``<run>/thresholds.json`` (a `ThresholdRecord`): the
 thresholds kept (those of ``beta``, or those of one target: ``max_drop``, the cheapest within that many
 points of the baseline; ``budget_macs`` or ``budget_ms``, the most accurate within that mean cost per
-image) and the whole sweep. The kept exit policy (thresholds, fallback, temperatures, how they were
+image) and the whole sweep. The kept exit policy (thresholds, rule, fallback, temperatures, how they were
 chosen) and the latency are also recorded in ``<run>/best``, so ``from_pretrained``, ``export`` and
 ``push`` carry them. The test split is never read. Accuracies are fractions in the record; the flags'
 drops are in points (``--max-drop 0.5``), as printed.
@@ -27,7 +27,7 @@ from ..deploy.policy import apply_temperatures, exit_accuracy
 from ..deploy.search import search_thresholds, sweep_beta
 from ..deploy.thresholds import DEFAULT_MIN_THRESHOLD, Objective, SearchResult
 from ..exit_costs import ExitCosts
-from ..exit_policy import FALLBACKS, ExitPolicy, PolicyOrigin, validate_fallback
+from ..exit_policy import FALLBACKS, RULES, ExitPolicy, PolicyOrigin, validate_fallback, validate_rule
 from ..model.hub import save_deployment
 from ..options import option
 from .._io import JsonRecord
@@ -72,11 +72,15 @@ class SearchConfig:
     baseline_run: str | None = option(None, "a --baseline run: its validation accuracy is the fitness baseline "
                                             "(default: the deepest exit's)")
     fallback: str = option("ensemble", f"answer for samples that pass no threshold: one of {FALLBACKS}")
+    rule: str = option("own", f"what each shallow exit decides and answers with: one of {RULES}; 'own' is its own "
+                              "softmax (SCAN's Algorithm 1), 'running-mean' the mean softmax of every exit computed so "
+                              "far (benchmarks/RESULTS.md §19 measured no rule leading across settings)")
     generations: int = option(100, "generations of the genetic algorithm")
     seed: int = option(0, "seed of the genetic algorithm")
 
     def __post_init__(self) -> None:
         validate_fallback(self.fallback)
+        validate_rule(self.rule)
         if not 0.0 <= self.min_threshold < 1.0:
             raise ValueError(f"SearchConfig.min_threshold must be in [0, 1); got {self.min_threshold}")
         for name in ("max_drop", "max_disagreement"):
@@ -219,7 +223,7 @@ def search(cfg: SearchConfig) -> ThresholdRecord:
     macs = model.exit_costs(size)
     calibration = calibrate(probs, labels) if cfg.calibrate else None
     temperatures = calibration.temperatures if calibration is not None else None
-    policy = ExitPolicy(fallback=cfg.fallback, temperatures=temperatures)
+    policy = ExitPolicy(fallback=cfg.fallback, temperatures=temperatures, rule=cfg.rule)
     latency = None
     if cfg.cost == "latency" or cfg.budget_ms is not None:
         latency = measure_exit_latency(model, size, cfg.latency_batch_size, policy=policy)
@@ -237,7 +241,7 @@ def search(cfg: SearchConfig) -> ThresholdRecord:
     targeted = any(t is not None for t in (cfg.max_drop, cfg.max_disagreement, cfg.budget_macs, cfg.budget_ms))
     betas = sorted(set(cfg.betas) | (set() if targeted else {cfg.beta}))
     common = {"baseline_accuracy": given_baseline, "fallback": cfg.fallback, "temperatures": temperatures,
-              "seed": cfg.seed, "generations": cfg.generations, "min_threshold": cfg.min_threshold}
+              "rule": cfg.rule, "seed": cfg.seed, "generations": cfg.generations, "min_threshold": cfg.min_threshold}
     certified = {"confidence": cfg.confidence, "search_share": cfg.search_share, "split_seed": cfg.split_seed}
     points = sweep_beta(probs, labels, costs, betas=betas, **common)
     if cfg.confidence is not None and (cfg.budget_macs is not None or cfg.budget_ms is not None):
@@ -281,7 +285,8 @@ def search(cfg: SearchConfig) -> ThresholdRecord:
     kept = record.target or f"β = {cfg.beta:g}"
     unit = "fewer MACs" if cfg.budget_macs is not None or (cfg.cost == "macs" and cfg.budget_ms is None) else \
         "lower latency (predicted)"
-    print(f"kept {kept}: thresholds {', '.join(f'{t:.3f}' for t in record.thresholds)}, validation accuracy "
+    rule = f" (rule {record.policy.rule})" if record.policy.rule != "own" else ""
+    print(f"kept {kept}: thresholds {', '.join(f'{t:.3f}' for t in record.thresholds)}{rule}, validation accuracy "
           f"{100 * chosen.accuracy:.2f}% at {chosen.speedup:.2f}x {unit} → {run / THRESHOLDS}; plot "
           f"{run / 'tradeoff_val.png'}")
     print(f"  promise: {record.policy.origin.promise}")

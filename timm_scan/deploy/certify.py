@@ -223,6 +223,7 @@ def certify_thresholds(
     baseline_accuracy: float | None = None,
     fallback: str = "ensemble",
     temperatures: Sequence[float] | None = None,
+    rule: str = "own",
     search_share: float = 0.5,
     split_seed: int = 0,
     **ga_options: Any,
@@ -244,8 +245,9 @@ def certify_thresholds(
     search, calibration = _split(len(labels), search_share, split_seed)
     # disagreement is an accuracy drop against the deepest exit's own answers
     target = probs[-1].argmax(-1) if risk == "disagreement" else labels
-    table = ExitTable.from_outputs([p[search] for p in probs], target[search], costs, fallback, temperatures)
-    check = ExitTable.from_outputs([p[calibration] for p in probs], target[calibration], costs, fallback, temperatures)
+    table = ExitTable.from_outputs([p[search] for p in probs], target[search], costs, fallback, temperatures, rule)
+    check = ExitTable.from_outputs([p[calibration] for p in probs], target[calibration], costs, fallback, temperatures,
+                                   rule)
     baseline = table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
 
     candidates = propose_candidates(table, baseline, max_risk, **ga_options)
@@ -270,7 +272,8 @@ def certify_thresholds(
     chosen = accepted if certified else np.ones(table.num_exits - 1)
     # nothing certified: every exit runs and the deepest answers, which is the reference itself
     report = check if risk == "accuracy_drop" and certified else ExitTable.from_outputs(
-        [p[calibration] for p in probs], labels[calibration], costs, fallback if certified else "deepest", temperatures)
+        [p[calibration] for p in probs], labels[calibration], costs, fallback if certified else "deepest", temperatures,
+        rule)
     reference = report.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
     return result_for(report, chosen, "max_" + risk, float(max_risk), reference, _origin(guarantee, ga_options))
 
@@ -299,6 +302,7 @@ def certify_budget(
     confidence: float = 0.95,
     fallback: str = "ensemble",
     temperatures: Sequence[float] | None = None,
+    rule: str = "own",
     search_share: float = 0.5,
     split_seed: int = 0,
     **ga_options: Any,
@@ -315,8 +319,9 @@ def certify_budget(
     _check_certified(confidence, search_share)
     probs, labels = check_outputs(probs, labels)
     search, calibration = _split(len(labels), search_share, split_seed)
-    table = ExitTable.from_outputs([p[search] for p in probs], labels[search], costs, fallback, temperatures)
-    check = ExitTable.from_outputs([p[calibration] for p in probs], labels[calibration], costs, fallback, temperatures)
+    table = ExitTable.from_outputs([p[search] for p in probs], labels[search], costs, fallback, temperatures, rule)
+    check = ExitTable.from_outputs([p[calibration] for p in probs], labels[calibration], costs, fallback, temperatures,
+                                   rule)
     candidates = propose_budget_candidates(table, budget, **ga_options)
     per_exit = torch.tensor(costs.per_exit, dtype=torch.float64)
     span = max(dearest - cheapest, 1e-12)

@@ -103,7 +103,7 @@ def measure_exit_latency(
     ``"contiguous"`` or ``"channels_last"`` (the images'; convert the model too, as you deploy it).
     Each timed pass runs ``images`` random images (rounded up to whole batches); the median of
     ``repeats`` passes counts, with the exits and the backbone taking turns (`wall_clocks`).
-    ``policy``: the fallback and temperatures to time with (default the model's own, ``model.policy``);
+    ``policy``: the rule, fallback and temperatures to time with (default the model's own, ``model.policy``);
     the fallback is part of the deepest exit's cost. Its thresholds are not used. (``fallback=``, the
     earlier keyword, still works with a deprecation warning.) Noise can time a deeper exit below a shallower one; such an entry is raised
     to the one before it, so ``ms_per_image`` is cumulative. Everything runs in eval mode; the model

@@ -1,12 +1,15 @@
-"""How an `ExitPolicy` decides (SCAN Algorithm 1), the ensemble, and temperature scaling: their one
-definition, with the checks of cached outputs every consumer of them shares.
+"""How an `ExitPolicy` decides (SCAN Algorithm 1 and its decision rules), the ensemble, and temperature
+scaling: their one definition, with the checks of cached outputs every consumer of them shares.
 
 Exits are indexed 0..K-1 from the shallowest; K-1 is the deepest (the backbone's own head). A sample
-leaves at the first shallow exit whose confidence (max softmax) is above that exit's threshold
-(`leaves`); a sample that passes no threshold runs every section and gets the fallback: the ensemble
-(the mean of all K exits' softmax, `ensemble_probs`) or the deepest exit's own answer. Confidences
-are taken at the policy's temperatures (`apply_temperatures` on cached softmax outputs; the
-predictors divide the logits).
+leaves at the first shallow exit whose confidence (the max of the probabilities that exit decides with)
+is above that exit's threshold (`leaves`) and is answered with those probabilities; a sample that
+passes no threshold runs every section and gets the fallback: the ensemble (the mean of all K exits'
+softmax, `ensemble_probs`) or the deepest exit's own answer. What a shallow exit decides with is the
+policy's rule (`decision_probs`, one step at a time `decision_step`): its own softmax (``"own"``) or
+the mean softmax of every exit computed so far (``"running-mean"``). Confidences are taken at the
+policy's temperatures (`apply_temperatures` on cached softmax outputs; the predictors divide the
+logits).
 `EarlyExitPredictor` runs this policy section by section; `exit_index` evaluates it on cached outputs
 for many threshold vectors at once (the threshold search), and `simulate_early_exit` is the
 reference the predictor is tested against.
@@ -21,11 +24,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..exit_policy import ExitPolicy, validate_fallback, validate_temperatures
+from ..exit_policy import ExitPolicy, validate_fallback, validate_rule, validate_temperatures
 from ..report import ExitAccuracy
 
-__all__ = ["apply_temperatures", "check_outputs", "ensemble_probs", "exit_accuracy", "exit_index", "fallback_probs",
-           "leaves", "log_probs", "simulate_early_exit"]
+__all__ = ["apply_temperatures", "check_outputs", "decision_probs", "decision_step", "ensemble_probs", "exit_accuracy",
+           "exit_index", "fallback_probs", "leaves", "log_probs", "simulate_early_exit"]
 
 
 def as_tensor(values: Tensor | np.ndarray) -> Tensor:
@@ -98,9 +101,35 @@ def fallback_probs(exit_probs: Sequence[Tensor], fallback: str) -> Tensor:
     return ensemble_probs(exit_probs) if fallback == "ensemble" else exit_probs[-1].float()
 
 
+def decision_step(rule: str, probs: Tensor, total: Tensor | None, i: int) -> tuple[Tensor, Tensor | None]:
+    """Shallow exit i under ``rule``, as the predictors take it exit by exit: from exit i's own softmax
+    ``probs`` ``(N, C)`` and ``total``, the running sum of exits 0..i-1's softmax for the same rows
+    (``None`` at exit 0, and always under ``"own"``), the probabilities exit i decides and answers with
+    and the running sum to carry to exit i+1 (drop its rows as samples leave). ``"running-mean"``
+    averages in float32, summing in exit order."""
+    if rule == "own":
+        return probs, None
+    total = probs.float() if total is None else total + probs.float()
+    return total / (i + 1), total
+
+
+def decision_probs(exit_probs: Sequence[Tensor], rule: str) -> list[Tensor]:
+    """The probabilities each exit decides and answers with under ``rule`` (``exit_probs``: K softmax
+    ``(N, C)``, deepest last): at shallow exit i its own softmax (``"own"``, the tensors themselves) or the
+    mean of exits 0..i's (``"running-mean"``, `decision_step`); the deepest exit's own softmax last under
+    either rule."""
+    validate_rule(rule)
+    decided, total = [], None
+    for i, probs in enumerate(exit_probs[:-1]):
+        probs, total = decision_step(rule, probs, total, i)
+        decided.append(probs)
+    return [*decided, exit_probs[-1]]
+
+
 def exit_index(confidence: Tensor, thresholds: Tensor) -> Tensor:
-    """Algorithm 1 for many threshold vectors at once: ``confidence`` ``(K-1, N)`` (max softmax of each
-    shallow exit), ``thresholds`` ``(P, K-1)`` → ``(P, N)``: the exit each sample leaves at."""
+    """Algorithm 1 for many threshold vectors at once: ``confidence`` ``(K-1, N)`` (each shallow exit's max
+    of the probabilities it decides with, `decision_probs`), ``thresholds`` ``(P, K-1)`` → ``(P, N)``: the
+    exit each sample leaves at."""
     shallow, n = confidence.shape
     passed = leaves(confidence[None], thresholds[:, :, None])  # (P, K-1, N)
     index = torch.full((len(thresholds), n), shallow, dtype=torch.int64, device=confidence.device)
@@ -113,14 +142,14 @@ def simulate_early_exit(
     exit_probs: Sequence[Tensor], policy: ExitPolicy, *earlier: Any, **earlier_keywords: Any
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Algorithm 1 on precomputed probabilities of every exit (``(N, C)`` each at temperature 1, deepest
-    last) under ``policy`` (its temperatures applied first): ``(exit_index (N,), confidence (N,), probs
-    (N, C))`` of the answer each sample gets."""
+    last) under ``policy`` (its temperatures applied first, then its rule, `decision_probs`):
+    ``(exit_index (N,), confidence (N,), probs (N, C))`` of the answer each sample gets."""
     if not isinstance(policy, ExitPolicy) or earlier or earlier_keywords:
         raise TypeError("simulate_early_exit(exit_probs, policy) takes an ExitPolicy: pass "
                         "ExitPolicy(thresholds, fallback) instead of the thresholds and fallback")
     policy.check(len(exit_probs), needs_thresholds="give the policy some")
     exit_probs = apply_temperatures(exit_probs, policy.temperatures)
-    stacked = torch.stack([p.float() for p in exit_probs])  # (K, N, C)
+    stacked = torch.stack([p.float() for p in decision_probs(exit_probs, policy.rule)])  # (K, N, C)
     index = exit_index(stacked[:-1].amax(-1), torch.tensor([policy.thresholds]))[0]
     probs = fallback_probs(exit_probs, policy.fallback).clone()
     for i in range(len(stacked) - 1):

@@ -22,7 +22,7 @@ from ..model.backbone import fixed_input_size
 from ..model.runner import eval_mode
 from ..model.multi_exit import MultiExitModel
 from .fast_heads import inference_copy
-from .policy import fallback_probs, leaves
+from .policy import decision_step, fallback_probs, leaves
 
 __all__ = ["EarlyExitPredictor", "EarlyExitResult", "check_images", "chosen_policy", "run_early_exit"]
 
@@ -43,7 +43,7 @@ class EarlyExitResult:
 class EarlyExitPredictor:
     """Runs a ``MultiExitModel`` with early exits; ``predictor(images)`` → ``EarlyExitResult``.
 
-    ``policy``: the `ExitPolicy` to run (thresholds, fallback, temperatures); ``None`` runs the model's
+    ``policy``: the `ExitPolicy` to run (thresholds, rule, fallback, temperatures); ``None`` runs the model's
     own (``model.policy``, saved with it). A policy without thresholds is a ``ValueError``. The
     earlier form ``EarlyExitPredictor(model, thresholds, fallback)`` still works, with a deprecation
     warning (the thresholds replace the model policy's; temperatures stay the model's). The model is
@@ -165,10 +165,11 @@ def run_early_exit(
 ) -> EarlyExitResult:
     """SCAN Algorithm 1 run for real on any staged model: ``section(k, h)`` runs section k and
     ``exit_logits(k, h)`` exit k's classifier (k = 0..K-1, shallowest first), divided by the policy's
-    temperature for exit k; after each shallow exit the samples that pass its threshold (`leaves`) are
-    answered and only the rest run on. ``macs`` (K,): each exit's cumulative cost. The torch and the
-    ONNX Runtime predictors both run this."""
-    thresholds, fallback, temperatures = policy.thresholds, policy.fallback, policy.temperatures
+    temperature for exit k; after each shallow exit the samples that pass its threshold (`leaves`) on the
+    probabilities the policy's rule decides with (`decision_step`) are answered with them and only the
+    rest run on. ``macs`` (K,): each exit's cumulative cost. The torch and the ONNX Runtime predictors
+    both run this."""
+    thresholds, fallback, temperatures, rule = policy.thresholds, policy.fallback, policy.temperatures, policy.rule
     n = images.shape[0]
     if n == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=images.device)
@@ -176,6 +177,7 @@ def run_early_exit(
     pending: Tensor | None = None  # input positions of the samples still running; None: all, in order
     answered: list[tuple[Tensor | None, Tensor, int]] = []  # (positions, probs, exit) per group that left
     seen: list[Tensor] = []  # the running samples' probabilities at each exit so far, for the fallback
+    total: Tensor | None = None  # the running samples' sum of probabilities so far, for the rule
     h = images
     for i in range(num_exits):
         h = section(i, h)
@@ -184,22 +186,24 @@ def run_early_exit(
         if i == num_exits - 1:
             answered.append((pending, fallback_probs([*seen, probs], fallback), i))
             break
+        decided, total = decision_step(rule, probs, total, i)
         if len(probs) == 1:  # one sample: one comparison, no mask (most of the cost at batch 1 is per op)
-            n_done = int(leaves(probs.max(), thresholds[i]))  # as a tensor: compared in float32, as batches are
+            n_done = int(leaves(decided.max(), thresholds[i]))  # as a tensor: compared in float32, as batches are
         else:
-            done = leaves(probs.amax(-1), thresholds[i])
+            done = leaves(decided.amax(-1), thresholds[i])
             n_done = int(done.sum())
         if n_done == len(probs):
-            answered.append((pending, probs, i))
+            answered.append((pending, decided, i))
             break
         if fallback == "ensemble":
             seen.append(probs)
         if n_done:
             keep = ~done
             pending = torch.arange(n, device=images.device) if pending is None else pending
-            answered.append((pending[done], probs[done], i))
+            answered.append((pending[done], decided[done], i))
             pending, h = pending[keep], h[keep]
             seen = [p[keep] for p in seen]
+            total = total[keep] if total is not None else None
     result = _assemble(answered, n, macs)
     if not torch.isfinite(result.confidence).all():  # a NaN anywhere in a sample's probabilities makes its max NaN
         bad = (~torch.isfinite(result.confidence)).nonzero()[:, 0].tolist()

@@ -95,6 +95,7 @@ def search_thresholds(
     baseline_accuracy: float | None = None,
     fallback: str = "ensemble",
     temperatures: Sequence[float] | None = None,
+    rule: str = "own",
     search_share: float = 0.5,
     split_seed: int = 0,
     **ga_options: Any,
@@ -115,10 +116,11 @@ def search_thresholds(
     certified (`timm_scan.deploy.certify`: ``search_share`` of the outputs, drawn with ``split_seed``,
     propose; the rest certify): a risk target where too few samples certify nothing says so and its
     policy runs every exit; a budget keeps at worst every sample at the first exit. ``baseline_accuracy`` (a fraction): the plain
-    backbone's accuracy; by default the deepest exit's. ``fallback`` and ``temperatures`` (one per exit,
-    e.g. from ``calibrate``) are those the policy is deployed with; the search applies the temperatures
-    to ``probs`` itself. ``ga_options`` go to ``genetic_search``: ``min_threshold``, ``bits``,
-    ``population``, ``generations``, ``crossover``, ``mutation``, ``seed``.
+    backbone's accuracy; by default the deepest exit's. ``fallback``, ``temperatures`` (one per exit,
+    e.g. from ``calibrate``) and ``rule`` (what each shallow exit decides with, one of
+    `timm_scan.exit_policy.RULES`) are those the policy is deployed with; the search applies the
+    temperatures and the rule to ``probs`` itself. ``ga_options`` go to ``genetic_search``:
+    ``min_threshold``, ``bits``, ``population``, ``generations``, ``crossover``, ``mutation``, ``seed``.
     """
     costs, extra, earlier = _positional(costs, legacy, "search_thresholds", "beta")
     if earlier:
@@ -140,32 +142,32 @@ def search_thresholds(
             if baseline_accuracy is not None:
                 raise ValueError("baseline_accuracy goes with accuracy targets; a budget certifies the mean cost")
             return certify_budget(probs, labels, costs, budget=budget, confidence=confidence, fallback=fallback,
-                                  temperatures=temperatures, search_share=search_share, split_seed=split_seed,
-                                  **ga_options)
+                                  temperatures=temperatures, rule=rule, search_share=search_share,
+                                  split_seed=split_seed, **ga_options)
         risk = "accuracy_drop" if max_accuracy_drop is not None else "disagreement"
         return certify_thresholds(probs, labels, costs, max_risk=max_accuracy_drop if max_disagreement is None
                                   else max_disagreement, confidence=confidence, risk=risk,
                                   baseline_accuracy=baseline_accuracy, fallback=fallback, temperatures=temperatures,
-                                  search_share=search_share, split_seed=split_seed, **ga_options)
+                                  rule=rule, search_share=search_share, split_seed=split_seed, **ga_options)
     if max_disagreement is not None:
         if baseline_accuracy is not None:
             raise ValueError("baseline_accuracy goes with accuracy targets; disagreement is with the deepest exit")
-        return _search_disagreement(probs, labels, costs, max_disagreement, fallback, temperatures, ga_options)
-    table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures)
+        return _search_disagreement(probs, labels, costs, max_disagreement, fallback, temperatures, rule, ga_options)
+    table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures, rule)
     baseline = table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
     objective = Objective(baseline, 1.0 if beta is None else beta, max_accuracy_drop, budget)
     return genetic_search(table, objective, **ga_options)
 
 
 def _search_disagreement(probs: Sequence[Tensor | np.ndarray], labels: Tensor | np.ndarray, costs: ExitCosts,
-                         epsilon: float, fallback: str, temperatures: Sequence[float] | None,
+                         epsilon: float, fallback: str, temperatures: Sequence[float] | None, rule: str,
                          ga_options: dict[str, Any]) -> SearchResult:
     """The cheapest thresholds whose answers differ from the deepest exit's on at most ``epsilon`` of these
     outputs: an accuracy target against the deepest exit's own answers; reported against ``labels``."""
     probs, labels = check_outputs(probs, labels)
-    agreement = ExitTable.from_outputs(probs, probs[-1].argmax(-1), costs, fallback, temperatures)
+    agreement = ExitTable.from_outputs(probs, probs[-1].argmax(-1), costs, fallback, temperatures, rule)
     found = genetic_search(agreement, Objective(1.0, None, epsilon), **ga_options)
-    table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures)
+    table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures, rule)
     origin = found.policy.origin
     return result_for(table, np.asarray(found.thresholds), "max_disagreement", epsilon, table.deepest_accuracy,
                       {"method": origin.method, "min_threshold": origin.min_threshold, "seed": origin.seed},
@@ -181,6 +183,7 @@ def sweep_beta(
     baseline_accuracy: float | None = None,
     fallback: str = "ensemble",
     temperatures: Sequence[float] | None = None,
+    rule: str = "own",
     seed: int = 0,
     **ga_options: Any,
 ) -> list[SearchResult]:
@@ -190,6 +193,6 @@ def sweep_beta(
     if earlier:
         betas = extra if extra is not None else betas
         baseline_accuracy = _from_percent(baseline_accuracy, "baseline_accuracy")
-    table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures)
+    table = ExitTable.from_outputs(probs, labels, costs, fallback, temperatures, rule)
     baseline = table.deepest_accuracy if baseline_accuracy is None else baseline_accuracy
     return [genetic_search(table, Objective(baseline, b), seed=seed, **ga_options) for b in betas]

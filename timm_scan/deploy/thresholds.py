@@ -15,8 +15,8 @@ accuracies in percentage points (as in the paper, so β keeps its meaning); or, 
 (cost units): the accuracy of vectors whose mean cost is at most the budget. Vectors that miss a target
 rank below every one that meets it, by how far they miss. Everything is evaluated on cached outputs
 (``probs``: one ``(N, C)`` softmax array per exit at temperature 1, deepest last) with the decision rule
-of `timm_scan.deploy.policy`, vectorised over the population. The result holds the `ExitPolicy` to
-deploy. Search on validation outputs; report on test.
+of `timm_scan.deploy.policy` (the policy's ``rule``: what each shallow exit decides with), vectorised over
+the population. The result holds the `ExitPolicy` to deploy. Search on validation outputs; report on test.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch import Tensor
 from ..exit_costs import ExitCosts
 from ..exit_policy import ExitPolicy, PolicyOrigin
 from .._io import JsonRecord
-from .policy import apply_temperatures, check_outputs, exit_index, fallback_probs
+from .policy import apply_temperatures, check_outputs, decision_probs, exit_index, fallback_probs
 from .threads import one_torch_thread
 
 __all__ = ["DEFAULT_BETAS", "DEFAULT_MIN_THRESHOLD", "PAPER_MIN_THRESHOLD", "ExitTable", "Objective", "SearchResult",
@@ -51,11 +51,12 @@ DEFAULT_BETAS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 class ExitTable:
     """What threshold evaluation needs, precomputed once from cached outputs.
 
-    ``confidence`` (K-1, N): max softmax of each shallow exit (at the policy's temperatures).
-    ``correct`` (K, N): whether exit i (rows 0..K-2) or the fallback (row K-1) is right. ``costs``: what
-    leaving at each exit costs. ``deepest_correct`` (N,): whether the deepest exit itself is right; its
-    mean is ``deepest_accuracy`` (a fraction; the default baseline). ``policy``: the fallback and
-    temperatures the table was built with; the search's thresholds are added to it.
+    ``confidence`` (K-1, N): each shallow exit's max of the probabilities its rule decides with (its own
+    softmax, or the running mean; at the policy's temperatures). ``correct`` (K, N): whether exit i's
+    answer under the rule (rows 0..K-2) or the fallback (row K-1) is right. ``costs``: what leaving at
+    each exit costs. ``deepest_correct`` (N,): whether the deepest exit itself is right; its mean is
+    ``deepest_accuracy`` (a fraction; the default baseline). ``policy``: the fallback, temperatures and
+    rule the table was built with; the search's thresholds are added to it.
     """
 
     confidence: Tensor
@@ -76,20 +77,22 @@ class ExitTable:
         costs: ExitCosts,
         fallback: str = "ensemble",
         temperatures: Sequence[float] | None = None,
+        rule: str = "own",
     ) -> ExitTable:
         """From the softmax of every exit at temperature 1 (K ``(N, C)`` tensors or arrays, deepest last),
-        labels, the costs, and the fallback and temperatures the thresholds will be deployed with."""
+        labels, the costs, and the fallback, temperatures and rule the thresholds will be deployed with."""
         probs, labels = check_outputs(probs, labels)
         if not isinstance(costs, ExitCosts):
             raise ValueError(f"costs must be an ExitCosts (model.exit_costs(input_size), or ExitCosts.from_latency("
                              f"measure_exit_latency(...))); got {type(costs).__name__}")
         if len(probs) != costs.num_exits:
             raise ValueError(f"probs has {len(probs)} exits but the costs have {costs.num_exits}")
-        policy = ExitPolicy(None, fallback, temperatures).check(len(probs))
+        policy = ExitPolicy(None, fallback, temperatures, rule=rule).check(len(probs))
         probs = apply_temperatures(probs, policy.temperatures)
         final = fallback_probs(probs, fallback)
-        correct = torch.stack([p.argmax(-1) == labels for p in probs[:-1]] + [final.argmax(-1) == labels])
-        confidence = torch.stack([p.amax(-1) for p in probs[:-1]]) if len(probs) > 1 else torch.zeros(0, len(labels))
+        decided = decision_probs(probs, rule)[:-1]
+        correct = torch.stack([p.argmax(-1) == labels for p in decided] + [final.argmax(-1) == labels])
+        confidence = torch.stack([p.amax(-1) for p in decided]) if decided else torch.zeros(0, len(labels))
         return cls(confidence, correct, costs, probs[-1].argmax(-1) == labels, policy)
 
     @property
@@ -125,8 +128,8 @@ class ExitTable:
 
 @dataclass
 class SearchResult(JsonRecord):
-    """What a search found: the ``policy`` to deploy (its thresholds, the fallback and temperatures it was
-    searched with, and its ``origin``: method, objective, split size), and on the searched outputs its
+    """What a search found: the ``policy`` to deploy (its thresholds, the fallback, temperatures and rule it
+    was searched with, and its ``origin``: method, objective, split size), and on the searched outputs its
     ``accuracy`` (a fraction), ``speedup`` (backbone cost over ``mean_cost``, the mean cost per sample
     in the costs' unit), ``fitness`` and share of samples per exit; ``history``: best fitness per
     generation."""

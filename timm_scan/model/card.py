@@ -54,9 +54,9 @@ def model_card(
     plot: str | None = None,
 ) -> str:
     """README.md for the Hub of ``model`` (a `MultiExitModel`, or a `CardModel` of one): YAML header
-    (library, tags, license, datasets, metrics), per-exit accuracy and MACs, its exit policy (thresholds,
-    fallback, temperatures, how they were chosen and what that promises) and measured speed-up, how to
-    load, how it was trained.
+    (library, tags, license, datasets, metrics), per-exit accuracy and MACs, its exit policy (thresholds, the
+    rule they decide by, fallback, temperatures, how they were chosen and what that promises) and measured
+    speed-up, how to load, how it was trained.
 
     ``results``: the training run's; ``evaluation``: early exit evaluated on test (``timm_scan
     evaluate``); ``plot``: a file name in the saved folder to show (the trade-off plot).
@@ -89,9 +89,12 @@ def model_card(
                   exit_table(source.exit_macs, source.backbone_macs, accuracy, stages=stages, markdown=True), ""]
     policy = subject.policy
     if policy.thresholds:
+        confidence = "max softmax" if policy.rule == "own" else \
+            f"rule {policy.rule}: the max of the mean softmax of the exit and every exit before it"
+        thresholds = ", ".join(f"{t:.3f}" for t in policy.thresholds)
         lines += ["## Early exit", "",
-                  f"Thresholds (max softmax, one per shallow exit): {', '.join(f'{t:.3f}' for t in policy.thresholds)}; "
-                  f"samples that pass none get the {policy.fallback}."]
+                  f"Thresholds ({confidence}, one per shallow exit): {thresholds}; samples that pass none get the "
+                  f"{policy.fallback}."]
         if policy.origin is not None:
             lines.append(f"Chosen by {policy.origin.method} on {policy.origin.split} outputs; promise: "
                          f"{policy.origin.promise}.")
