@@ -14,11 +14,18 @@ The candidates run is then narrowed without retraining to every subset of its ex
 cheapest thresholds at no loss against the deepest exit on validation (``fallback="deepest"``), and the
 subset with the largest such speed-up (``--max-subset``: among those of at most that many exits) is reported with the stage ends and the proposed positions. For
 each trained design and narrowed subset: test accuracy per exit, thresholds at no loss and within one
-point on validation, their MACs speed-up on test, and (``--wall-clock``) the predictor against the plain
+point on validation under Algorithm 1's rule and under the running mean (``rule="running-mean"``), their
+MACs speed-up on test, and (``--wall-clock``, Algorithm 1's no-loss thresholds) the predictor against the plain
 backbone on test images at batch 256 and 1, timed in turns.
 
     python benchmarks/exit_positions.py --train runs/cert-resnet18-45k --epochs 2 --wall-clock \\
         --out benchmarks/results/exit_positions_resnet18.json
+
+``--propose``: what ``propose_exits`` proposes at timm's default input size (random weights: costs only) for
+each model and batch size, against where the stage ends fall in the measured time.
+
+    python benchmarks/exit_positions.py --propose resnet50 convnext_tiny vit_small_patch16_224 \\
+        --out benchmarks/results/exit_positions_224.json
 """
 
 from __future__ import annotations
@@ -34,12 +41,11 @@ from pathlib import Path
 
 import timm
 import torch
-from head_budget import TARGETS, summarise, train  # noqa: E402  (benchmarks/ is the script's folder)
+from head_budget import TARGETS, operating_points, summarise, train  # noqa: E402  (benchmarks/: the script's folder)
 
-from timm_scan import EarlyExitPredictor, ExitCosts, ScanConfig, propose_exits, wrap
+from timm_scan import EarlyExitPredictor, ExitCosts, ExitPolicy, ScanConfig, propose_exits, wrap
 from timm_scan.commands.evaluate import measure_wall_clock
 from timm_scan.deploy.search import search_thresholds
-from timm_scan.deploy.thresholds import ExitTable
 from timm_scan.model.macs import count_macs
 from timm_scan.training.runs import cached_outputs, eval_dataset, load_run, run_results, run_splits
 
@@ -111,14 +117,11 @@ def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], max_subset: int | Non
         val_k, test_k = [val[i] for i in keep] + [val[-1]], [test[i] for i in keep] + [test[-1]]
         row = {"keep": list(keep), "exits": kept.config.exits, "exit_macs": costs.per_exit,
                "test_exits": [float((o.argmax(-1) == test_labels).float().mean()) for o in test_k]}
-        for target, drop in TARGETS.items():
-            chosen = search_thresholds(val_k, val_labels, costs, max_accuracy_drop=drop, fallback="deepest")
-            accuracy, speedup = ExitTable.from_outputs(test_k, test_labels, costs, fallback="deepest").evaluate(
-                [chosen.policy.thresholds])
-            row[target] = {"thresholds": list(chosen.policy.thresholds), "val_speedup": chosen.speedup,
-                           "test_accuracy": float(accuracy[0]), "test_speedup": float(speedup[0])}
-            if wall and target == "no_loss":
-                row[target]["wall_clock"] = wall_clock(kept, chosen.policy, test_set)
+        row.update(operating_points(val_k, val_labels, test_k, test_labels, costs))
+        row["running_mean"] = operating_points(val_k, val_labels, test_k, test_labels, costs, rule="running-mean")
+        if wall:
+            row["no_loss"]["wall_clock"] = wall_clock(kept, ExitPolicy(row["no_loss"]["thresholds"], "deepest"),
+                                                      test_set)
         report["rows"][name] = row
         print(f"{name:20s} exits {kept.config.exits}: no loss {row['no_loss']['test_speedup']:.2f}x at "
               f"{100 * row['no_loss']['test_accuracy']:.2f}% on test", flush=True)
@@ -137,6 +140,16 @@ def _sections(model, size: tuple[int, int, int]) -> list[int]:
     return out
 
 
+def running_mean(run: Path) -> dict:
+    """`operating_points` of a trained design under the running-mean rule."""
+    model, cfg = load_run(run)
+    splits = run_splits(cfg, trained=True)
+    val, val_labels = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
+    test, test_labels = cached_outputs(run, "test", model, eval_dataset(splits, "test", model.data_config))
+    size = (3, cfg.input_size, cfg.input_size)
+    return operating_points(val, val_labels, test, test_labels, model.exit_costs(size), rule="running-mean")
+
+
 def wall_clock(model, policy, dataset) -> list[dict]:
     """The predictor under ``policy`` against the plain backbone on test images, batch 256 then 1."""
     model.policy = policy
@@ -145,26 +158,29 @@ def wall_clock(model, policy, dataset) -> list[dict]:
     return [measure_wall_clock(model, predictor, images[:n], b).to_dict() for b, n in ((256, 1024), (1, 256))]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", required=True, help="a trained run whose frozen backbone the designs are trained on")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--root", default="runs/exit_positions", help="where the exits-only runs go")
-    p.add_argument("--max-subset", type=int, help="narrow the candidates to subsets of at most this many exits")
-    p.add_argument("--wall-clock", action="store_true", help="time the predictors on test images (batch 256 and 1)")
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
-    warnings.filterwarnings("ignore")
-    record = {"date": datetime.date.today().isoformat(), "timm": timm.__version__, "torch": torch.__version__,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-              "command": " ".join(["python", "benchmarks/exit_positions.py", *sys.argv[1:]]),
-              "base": args.train, "base_results": run_results(args.train).to_dict()}
+def proposal_row(name: str, batch_size: int) -> dict:
+    """What ``propose_exits`` proposes for ``name`` at its default size and ``batch_size``, on this machine."""
+    backbone = timm.create_model(name, num_classes=1000).eval()
+    p = propose_exits(backbone, batch_size=batch_size)
+    stage_ends = wrap(backbone, check_input_size=p.input_size).exit_stages[:-1]
+    print(f"{name} batch {batch_size}: {p.flags()}; stage ends at "
+          + ", ".join(f"{q.share:.0%}" for q in p.positions if q.module in {s.module for s in stage_ends})
+          + " of the time, proposed at " + ", ".join(f"{p.positions[i].share:.0%}" for i in p.chosen), flush=True)
+    return {"model": name, "input_size": list(p.input_size), "batch_size": batch_size, "device": p.device,
+            "backbone_ms": p.backbone_ms, "backbone_macs": p.backbone_macs, "positions": [vars(q) for q in p.positions],
+            "chosen": p.chosen, "stage_ends": [s.module for s in stage_ends], "scan_config": p.config.to_dict(),
+            "exit_macs": p.exit_macs, "notes": p.notes}
+
+
+def trained(args: argparse.Namespace) -> dict:
+    """The designs trained on ``args.train``'s frozen backbone, and the candidates narrowed."""
+    record = {"base": args.train, "base_results": run_results(args.train).to_dict()}
     flags, record["proposal"] = designs(Path(args.train), Path(args.root))
     runs = dict(zip(flags, train(Path(args.train), flags, args.epochs, args.batch_size, Path(args.root))))
     record["designs"] = {}
     for name, run in runs.items():
         row = summarise(run)
+        row["running_mean"] = running_mean(run)
         if args.wall_clock and name != "candidates":
             model = load_run(run)[0]
             row["no_loss"]["wall_clock"] = wall_clock(model, model.policy.replace(
@@ -177,6 +193,30 @@ def main() -> None:
     keeps = {name: tuple(entries.index(e) for e in record["proposal"][key])
              for name, key in (("stage ends", "stage_ends"), ("proposed", "proposed"))}
     record["narrowed"] = narrowed(runs["candidates"], keeps, args.max_subset, args.wall_clock)
+    return record
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", help="a trained run whose frozen backbone the designs are trained on")
+    p.add_argument("--propose", nargs="+", help="timm models to propose exits for at their default size (random "
+                                                "weights, costs only), at each of --batch-sizes")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--root", default="runs/exit_positions", help="where the exits-only runs go")
+    p.add_argument("--max-subset", type=int, help="narrow the candidates to subsets of at most this many exits")
+    p.add_argument("--wall-clock", action="store_true", help="time the predictors on test images (batch 256 and 1)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    record = {"date": datetime.date.today().isoformat(), "timm": timm.__version__, "torch": torch.__version__,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+              "command": " ".join(["python", "benchmarks/exit_positions.py", *sys.argv[1:]])}
+    if args.propose:
+        record["proposals"] = [proposal_row(name, b) for name in args.propose for b in args.batch_sizes]
+    if args.train:
+        record.update(trained(args))
     Path(args.out).write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}")
 

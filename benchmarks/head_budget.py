@@ -74,13 +74,20 @@ def summarise(run: Path) -> dict:
     test, test_labels = cached_outputs(run, "test", model, eval_dataset(splits, "test", model.data_config))
     row = {"run": str(run), "scan_config": model.config.to_dict(), "val": results.val.to_dict(),
            "test": results.test.to_dict(), "exit_macs": costs.per_exit, "backbone_macs": costs.backbone}
+    return {**row, **operating_points(val, val_labels, test, test_labels, costs)}
+
+
+def operating_points(val: list, val_labels, test: list, test_labels, costs, rule: str = "own") -> dict:
+    """Per target of ``TARGETS``: thresholds searched on validation under ``rule`` (the deepest exit answering
+    samples that pass none), their speed-up there, and their accuracy and speed-up on test."""
+    points = {}
     for name, drop in TARGETS.items():
-        chosen = search_thresholds(val, val_labels, costs, max_accuracy_drop=drop, fallback="deepest")
-        table = ExitTable.from_outputs(test, test_labels, costs, fallback="deepest")
+        chosen = search_thresholds(val, val_labels, costs, max_accuracy_drop=drop, fallback="deepest", rule=rule)
+        table = ExitTable.from_outputs(test, test_labels, costs, fallback="deepest", rule=rule)
         accuracy, speedup = table.evaluate([chosen.policy.thresholds])
-        row[name] = {"thresholds": list(chosen.policy.thresholds), "val_speedup": chosen.speedup,
-                     "test_accuracy": float(accuracy[0]), "test_speedup": float(speedup[0])}
-    return row
+        points[name] = {"thresholds": list(chosen.policy.thresholds), "val_speedup": chosen.speedup,
+                        "test_accuracy": float(accuracy[0]), "test_speedup": float(speedup[0])}
+    return points
 
 
 def latency(name: str, batch_sizes: list[int], repeats: int) -> dict:

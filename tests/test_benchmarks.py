@@ -352,6 +352,8 @@ def test_exit_positions(bench_runs, monkeypatch, tmp_path):
     assert narrowed["rows"]["stage ends"]["exits"] == proposal["stage_ends"]
     assert narrowed["subsets"][",".join(map(str, narrowed["best"]))] == max(narrowed["subsets"].values())
     assert [w["batch_size"] for w in narrowed["rows"]["proposed"]["no_loss"]["wall_clock"]] == [256, 1]
+    assert all(set(row["running_mean"]) == {"no_loss", "one_point"} for row in narrowed["rows"].values())
+    assert set(report["designs"]["stage-ends"]["running_mean"]) == {"no_loss", "one_point"}
     # a rerun reuses the proposal measured first, and the runs trained with it
     run("exit_positions.py", monkeypatch, *args)
     assert json.loads(out.read_text())["proposal"] == proposal
