@@ -45,6 +45,7 @@ from head_budget import TARGETS, operating_points, summarise, train  # noqa: E40
 
 from timm_scan import EarlyExitPredictor, ExitCosts, ExitPolicy, ScanConfig, propose_exits, wrap
 from timm_scan.commands.evaluate import measure_wall_clock
+from timm_scan.deploy.propose import halvings
 from timm_scan.deploy.search import search_thresholds
 from timm_scan.model.macs import count_macs
 from timm_scan.training.runs import cached_outputs, eval_dataset, load_run, run_results, run_splits
@@ -62,11 +63,11 @@ def designs(base: Path, root: Path) -> tuple[dict[str, list[str]], dict]:
     proposal = propose_exits(backbone, size, batch_size=1)
     width = wrap(backbone, ScanConfig(), check_input_size=size).config.head_channels
     deepest = model.exit_stages[-1].reduction
-    halvings = {p.entry: max(1, (deepest // p.reduction).bit_length() - 1) for p in proposal.positions}
+    blocks = {p.entry: halvings(p.reduction, deepest) for p in proposal.positions}
     stage_ends = wrap(backbone, ScanConfig(head_channels=width), check_input_size=size).config.exits
 
     def flags(entries: list) -> list[str]:
-        return ["--exits", *map(str, entries), "--head-blocks", *(str(halvings[e]) for e in entries),
+        return ["--exits", *map(str, entries), "--head-blocks", *(str(blocks[e]) for e in entries),
                 "--head-channels", str(width), "--attention", "none"]
 
     chosen = [proposal.positions[i].entry for i in proposal.chosen]

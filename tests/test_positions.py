@@ -1,12 +1,15 @@
 """Exits inside stages (``ScanConfig.exits`` naming a block), narrowing trained exits to a subset
 (``keep_exits``) and exit positions proposed from measured costs (``propose_exits``, ``timm-scan propose``)."""
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import create
 
 import timm_scan
 from timm_scan import ScanConfig
+from timm_scan._io import JsonRecord
 from timm_scan.cli import main
 from timm_scan.commands.train import TrainConfig
 from timm_scan.deploy.policy import simulate_early_exit
@@ -56,7 +59,7 @@ def test_resnet_exits_sorted_in_forward_order():
 
 
 def test_a_model_with_blocks_inside_stages_saves_and_loads(tmp_path):
-    _, model = wrap("resnet18", 32, ScanConfig(exits=["layer2.0", "layer3.1"]))
+    _, model = wrap("resnet18", 32, ScanConfig(exits=["layer2.0", "layer3.0"]))
     model.save_pretrained(tmp_path)
     loaded = timm_scan.from_pretrained(tmp_path).eval()
     assert loaded.config == model.config
@@ -153,3 +156,37 @@ def test_early_exit_from_blocks_inside_stages_equals_the_simulated_one(name, siz
     exit_index, _, expected = simulate_early_exit(probs, policy)
     assert torch.equal(result.exit_index, exit_index) and torch.equal(result.labels, expected.argmax(-1))
     assert len(set(exit_index.tolist())) > 2
+
+
+def test_head_blocks_follow_their_exits_into_forward_order():
+    _, model = wrap("resnet18", 32, ScanConfig(exits=["layer3", 1, "layer2.0"], head_blocks=[1, 3, 2]))
+    assert model.config.exits == [1, "layer2.0", 3] and model.config.head_blocks == [3, 2, 1]
+    assert [len(h.align) for h in model.exits] == [3, 2, 1]
+
+
+@pytest.mark.parametrize("exits, message", [
+    (["layer3.1", "layer3"], "output of stage 'layer3': name the stage instead"),
+    (["layer4.1"], "the end of the last stage"),
+])
+def test_a_block_that_ends_a_stage_is_refused(exits, message):
+    with pytest.raises(ValueError, match=message):
+        wrap("resnet18", 32, ScanConfig(exits=exits))
+
+
+def test_a_single_proposed_exit_keeps_its_head_blocks_in_the_flags():
+    proposal = timm_scan.propose_exits(create("resnet18").eval(), (3, 32, 32), num_exits=1, images=1, repeats=1,
+                                       attention="sd")
+    flags = proposal.flags().split()
+    assert flags[flags.index("--head-blocks") + 1] == str(proposal.config.head_blocks)
+    assert flags[flags.index("--attention") + 1] == "sd"
+
+
+def test_a_nested_policy_with_algorithm_1_s_rule_is_saved_without_the_field():
+    @dataclasses.dataclass
+    class Holder(JsonRecord):
+        policy: timm_scan.ExitPolicy
+
+    own, mean = timm_scan.ExitPolicy([0.5]), timm_scan.ExitPolicy([0.5], rule="running-mean")
+    assert "rule" not in Holder(own).to_dict()["policy"]
+    assert Holder(mean).to_dict()["policy"]["rule"] == "running-mean"
+    assert Holder.from_dict(Holder(mean).to_dict()).policy == mean and Holder.from_dict(Holder(own).to_dict()).policy == own

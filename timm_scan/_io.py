@@ -101,6 +101,20 @@ def _holds_list(hint: Any) -> bool:
     return typing.get_origin(hint) is list or any(_holds_list(arg) for arg in typing.get_args(hint))
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with every nested ``JsonRecord`` as its ``to_dict`` (so that a record leaving out a field, as
+    ``ExitPolicy`` does, leaves it out wherever it is nested)."""
+    if isinstance(value, JsonRecord):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 class JsonRecord:
     """Mixin of the dataclasses saved as JSON: ``to_dict`` / ``from_dict`` (nested dataclasses rebuilt
     from their field types; unknown fields are a ``ValueError``) and ``save`` / ``load`` of a file,
@@ -111,8 +125,9 @@ class JsonRecord:
     absent: typing.ClassVar[dict[str, Any]] = {}
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as JSON values (nested dataclasses as objects, tuples as lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The fields as JSON values (nested records as their own ``to_dict``, other dataclasses as objects,
+        tuples as lists)."""
+        return json.loads(json.dumps({f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}))
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:

@@ -24,11 +24,11 @@ from ..model.config import DEFAULT_HEAD_BUDGET, ScanConfig, check_input_size
 from ..model.macs import count_macs
 from ..model.multi_exit import MultiExitModel, wrap
 from ..model.positions import STEM_MAX_REDUCTION, block_positions, exit_entry
-from ..model.runner import Stage, eval_mode, feature_stages, model_name
+from ..model.runner import eval_mode, feature_stages, model_name
 from .latency import check_timing_arguments, describe_device
 from .timing import wall_clocks
 
-__all__ = ["ExitProposal", "Position", "propose_exits"]
+__all__ = ["ExitProposal", "Position", "halvings", "propose_exits"]
 
 NOISE = 0.1  # timings this far out of order (a share of the backbone's time) are reported as noisy
 
@@ -68,10 +68,16 @@ class ExitProposal:
     notes: list[str] = field(default_factory=list)
 
     def flags(self) -> str:
-        """The ``timm-scan train`` flags that give these exits and heads."""
-        blocks = self.config.head_blocks if isinstance(self.config.head_blocks, list) else []
-        return " ".join(["--exits", *map(str, self.config.exits), *(["--head-blocks", *map(str, blocks)] if blocks
-                                                                     else [])])
+        """The ``timm-scan train`` flags that give these exits and heads (attention and budget where they are
+        not the defaults)."""
+        c = self.config
+        blocks = c.head_blocks if isinstance(c.head_blocks, list) else [c.head_blocks]
+        flags = ["--exits", *map(str, c.exits), "--head-blocks", *map(str, blocks)]
+        if c.attention != ScanConfig.attention:
+            flags += ["--attention", c.attention]
+        if c.head_budget != ScanConfig.head_budget:
+            flags += ["--no-head-budget"] if c.head_budget is None else ["--head-budget", f"{c.head_budget:g}"]
+        return " ".join(flags)
 
 
 def propose_exits(
@@ -122,7 +128,7 @@ def propose_exits(
     chosen = _evenly_spaced(shares, num_exits)
     deepest = feature_stages(model)[-1].reduction
     config = ScanConfig(exits=[positions[i].entry for i in chosen], attention=attention, head_budget=head_budget,
-                        head_blocks=[_halvings(cuts[i], deepest) for i in chosen])
+                        head_blocks=[halvings(cuts[i].reduction, deepest) for i in chosen])
     proposed = wrap(model, config, check_input_size=size)
     return ExitProposal(model_name(model), size, batch_size, describe_device(device), backbone_macs, backbone_ms,
                         positions, chosen, proposed.config, proposed.exit_macs(size), notes)
@@ -177,6 +183,7 @@ def _evenly_spaced(shares: np.ndarray, n: int) -> list[int]:
     return chosen[::-1]
 
 
-def _halvings(stage: Stage, deepest_reduction: int) -> int:
-    """SepConv blocks for a head at ``stage``: one per halving of the map left to the deepest reduction."""
-    return max(1, round(math.log2(max(1, deepest_reduction / stage.reduction))))
+def halvings(reduction: int, deepest_reduction: int) -> int:
+    """SepConv blocks for a head on a map at ``reduction``: one per halving left to the deepest reduction,
+    at least one."""
+    return max(1, round(math.log2(max(1, deepest_reduction / reduction))))

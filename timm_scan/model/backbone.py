@@ -289,8 +289,8 @@ def build_runner(model: nn.Module, cuts: list[Stage], example: Tensor) -> Runner
 def verify_runner(runner: Runner, example: Tensor) -> None:
     """Prove on ``example`` that staged features and logits equal the backbone's own.
 
-    Compares each cut's feature map with the backbone's own (``runner.expected_maps``:
-    ``forward_intermediates``, or a block's output) and the final logits with ``model(x)``, in eval mode
+    Compares each cut's feature map with the backbone's own (`expected_maps`: ``forward_intermediates``'s,
+    or a block's output) and the final logits with ``model(x)``, in eval mode
     (training flags are restored). Raises ``ValueError`` on mismatch.
     """
     model = runner.model

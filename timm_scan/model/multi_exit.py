@@ -15,7 +15,7 @@ from ..exit_costs import ExitCosts
 from ..exit_policy import ExitPolicy
 from ..report import ExitLatency
 from . import hub
-from .backbone import build_runner
+from .backbone import build_runner, check_input_fits
 from .positions import exit_entry, resolve_exits
 from .config import ScanConfig, check_input_size
 from .heads import ExitHead, exit_heads, sized_head_channels
@@ -59,6 +59,7 @@ class MultiExitModel(nn.Module):
         self.class_names: list[str] | None = None
         self.data_config: dict | None = None  # timm data config: input_size, mean, std, crop
         self._policy = ExitPolicy()
+        self._check_size: tuple[int, int, int] | None = None  # the input size wrap proved it at (keep_exits)
         self.exit_latency: list[ExitLatency] = []  # measured costs per exit (timm_scan.measure_exit_latency)
         self.train(backbone.training)
 
@@ -161,14 +162,14 @@ class MultiExitModel(nn.Module):
         shallow = self.num_exits - 1
         if (not isinstance(keep, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in keep)
                 or not all(0 <= i < shallow for i in keep) or len(set(keep)) != len(keep)):
-            raise ValueError(f"keep_exits takes distinct indices of shallow exits, in 0..{shallow - 1} (the deepest, "
-                             f"exit {shallow}, is always kept); got {keep!r}")
+            which = f"in 0..{shallow - 1}" if shallow else "and this model has none"
+            raise ValueError(f"keep_exits takes distinct indices of shallow exits, {which} (the deepest, exit "
+                             f"{shallow}, is always kept); got {keep!r}")
         keep = sorted(keep)
         blocks = [len(self.exits[i].align) for i in keep] if self.config.head == "sepconv" and keep else None
         config = dataclasses.replace(self.config, exits=[self.config.exits[i] for i in keep], head_blocks=blocks)
-        size = tuple(self.data_config["input_size"]) if self.data_config else None
         with torch.no_grad():
-            kept = wrap(without_capture_hooks(copy.deepcopy(self.backbone)), config, check_input_size=size)
+            kept = wrap(without_capture_hooks(copy.deepcopy(self.backbone)), config, check_input_size=self._check_size)
         kept.exits.load_state_dict(nn.ModuleList([self.exits[i] for i in keep]).state_dict(), strict=True)
         kept.class_names, kept.data_config = self.class_names, self.data_config
         return kept.train(self.training)
@@ -275,16 +276,24 @@ def wrap(
             "timm.create_model(..., num_classes=N)"
         )
     example = _check_input(model, check_input_size)
+    check_input_fits(model, example)
     cuts = resolve_exits(model, config.exits, example)
     runner = build_runner(model, cuts, example)
-    config = dataclasses.replace(config, exits=[exit_entry(c) for c in cuts])
+    blocks = config.head_blocks
+    if isinstance(blocks, list) and len(blocks) == len(cuts):  # one per exit as given: put them in forward order
+        stages = feature_stages(model)
+        given = [stages[e].module if isinstance(e, int) else e for e in config.exits]
+        blocks = [dict(zip(given, blocks))[c.module] for c in cuts]
+    config = dataclasses.replace(config, exits=[exit_entry(c) for c in cuts], head_blocks=blocks)
     if config.head == "sepconv" and config.head_channels is None and config.head_budget is not None and cuts:
         with eval_mode(model):
             macs = count_macs(model, example[:1])
         config = dataclasses.replace(config, head_channels=sized_head_channels(
             model, config, cuts, tuple(example.shape[1:]), macs))
     heads = [head.to(device=example.device, dtype=example.dtype) for head in exit_heads(model, config, cuts)]
-    return MultiExitModel(model, config, runner, heads)
+    wrapped = MultiExitModel(model, config, runner, heads)
+    wrapped._check_size = tuple(example.shape[1:])  # keep_exits wraps again at it
+    return wrapped
 
 
 def _check_input(model: nn.Module, input_size: tuple[int, int, int] | None) -> Tensor:

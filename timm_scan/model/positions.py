@@ -61,7 +61,7 @@ def resolve_exits(model: nn.Module, exits: list[int | str] | None, example: Tens
     chosen: list[Stage | str] = []
     for i, e in enumerate(exits):
         if isinstance(e, str) and e not in by_name:
-            _check_block_name(model, e, i, stages)
+            _check_block_name(model, e, i, stages, example)
             chosen.append(e)
             continue
         if isinstance(e, int) and not -n <= e < n:
@@ -71,10 +71,11 @@ def resolve_exits(model: nn.Module, exits: list[int | str] | None, example: Tens
             )
         stage = by_name[e] if isinstance(e, str) else stages[e % n]
         if stage.index == n - 1:
+            inside = _examples(model, example, stage.module)
             raise ValueError(
                 f"ScanConfig.exits[{i}] = {e!r} names the last stage ({stages[-1].module!r}) of "
                 f"{model_name(model)!r}, whose head is the backbone's own classifier; choose from "
-                f"indices 0..{n - 2}, or a block inside it such as {stages[-1].module + '.0'!r}"
+                f"indices 0..{n - 2}" + (f", or a block inside it ({inside})" if inside else "")
             )
         chosen.append(stage)
     if len({c if isinstance(c, str) else c.module for c in chosen}) != len(chosen):
@@ -82,7 +83,14 @@ def resolve_exits(model: nn.Module, exits: list[int | str] | None, example: Tens
     blocks = [c for c in chosen if isinstance(c, str)]
     if not blocks:
         return sorted(chosen, key=lambda s: s.index)
-    probed, order, _ = _probe(model, blocks, [c.module for c in chosen if isinstance(c, Stage)], example)
+    probed, order, outputs = _probe(model, blocks, [s.module for s in stages], example,
+                                    required=[c.module for c in chosen if isinstance(c, Stage)])
+    for name in blocks:  # a stage's last block returns the stage's own output
+        same = next((s for s in stages if s.module in outputs and outputs[s.module] is outputs[name]), None)
+        if same is not None:
+            raise ValueError(f"ScanConfig.exits names {name!r}, whose output is the output of stage {same.module!r}: " + (
+                "name the stage instead" if same.index < n - 1 else
+                "the end of the last stage, whose head is the backbone's own classifier; choose an earlier block"))
     return sorted((probed[c] if isinstance(c, str) else c for c in chosen), key=lambda s: order[s.module])
 
 
@@ -108,23 +116,35 @@ def block_positions(model: nn.Module, example: Tensor) -> list[Stage]:
     return sorted(found, key=lambda s: order[s.module])
 
 
-def _check_block_name(model: nn.Module, name: str, i: int, stages: list[Stage]) -> None:
+def _check_block_name(model: nn.Module, name: str, i: int, stages: list[Stage], example: Tensor) -> None:
     try:
         model.get_submodule(name)
     except AttributeError:
+        blocks = _examples(model, example)
         raise ValueError(
             f"ScanConfig.exits[{i}] = {name!r} is neither a feature_info module nor a module of "
-            f"{model_name(model)!r}; valid stage names are {[s.module for s in stages[:-1]]}, and a block inside a "
-            f"stage is named like {stages[-1].module + '.0'!r} (timm_scan.propose_exits lists them)"
+            f"{model_name(model)!r}; valid stage names are {[s.module for s in stages[:-1]]}"
+            + (f", and blocks inside stages are named like {blocks}" if blocks else "")
+            + " (timm_scan.propose_exits lists every position)"
         ) from None
 
 
-def _probe(model: nn.Module, blocks: list[str], stages: list[str], example: Tensor,
-           strict: bool = True) -> tuple[dict[str, Stage], dict[str, int], dict[str, Any]]:
+def _examples(model: nn.Module, example: Tensor, prefix: str = "") -> str:
+    """A few of the blocks an exit could follow (those inside ``prefix``), for an error message."""
+    try:
+        names = [s.module for s in block_positions(model, example) if s.module.startswith(prefix)]
+    except ValueError:
+        return ""
+    return ", ".join(repr(n) for n in names[:3])
+
+
+def _probe(model: nn.Module, blocks: list[str], stages: list[str], example: Tensor, strict: bool = True,
+           required: list[str] = ()) -> tuple[dict[str, Stage], dict[str, int], dict[str, Any]]:
     """Run ``forward_features`` once on ``example[:1]``: each block's ``Stage`` (channels and reduction of
     its output map), the order in which blocks and stages (those that are modules) return, and what
     those called once returned. ``strict``: a block that is not called once or returns no map is a
-    ``ValueError``, else left out."""
+    ``ValueError``, else left out; so is a stage of ``required`` that is not a module called once (the
+    order of the exits would be unknown). A forward that fails is a ``ValueError``."""
     nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
     calls: dict[str, list[Any]] = {name: [] for name in [*blocks, *stages]}
     order: dict[str, int] = {}
@@ -144,6 +164,9 @@ def _probe(model: nn.Module, blocks: list[str], stages: list[str], example: Tens
     try:
         with eval_mode(model), no_checkpointing(model), torch.no_grad():
             model.forward_features(example[:1])
+    except Exception as exc:
+        raise ValueError(f"cannot place exits inside the stages of {model_name(model)!r}: its forward_features fails "
+                         f"on a batch of {(1, *example.shape[1:])} ({type(exc).__name__}: {exc})") from exc
     finally:
         for h in handles:
             h.remove()
@@ -160,8 +183,9 @@ def _probe(model: nn.Module, blocks: list[str], stages: list[str], example: Tens
                    f"returns {tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}, not a feature map")
             raise ValueError(f"ScanConfig.exits names {name!r}, which {model_name(model)}'s forward_features {got}; an "
                              "exit inside a stage follows a block called once that returns a (B, C, H, W) map")
-    if strict and any(s not in order for s in stages):
-        missing = [s for s in stages if s not in order]
-        raise ValueError(f"cannot place exits inside the stages of {model_name(model)!r}: its stages {missing} are not "
-                         "modules that forward_features calls once, so the order of blocks and stages is unknown")
+    missing = [s for s in required if s not in order]
+    if missing:
+        raise ValueError(f"cannot place exits inside the stages of {model_name(model)!r} beside its stages {missing}: "
+                         "they are not modules that forward_features calls, so the order of blocks and stages is "
+                         "unknown; give blocks only, or stages only")
     return probed, order, {name: out[0] for name, out in calls.items() if len(out) == 1}

@@ -60,8 +60,9 @@ class _Features(nn.Module):
 
 
 class _Tracer(fx.Tracer):
-    """timm's leaf modules and functions, and the exits' stages, as leaves. ``through``: the only modules
-    traced into (the stages' ancestors); ``None``: every module that torch.fx traces by default."""
+    """timm's leaf modules and functions, and the exits' stages and blocks, as leaves. ``through``: the only
+    modules traced into (the cuts' ancestors, a stage holding a block cut among them); ``None``: every
+    module that torch.fx traces by default."""
 
     def __init__(self, cut_names: set[str], through: set[str] | None) -> None:
         super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
@@ -297,11 +298,11 @@ def _split(graph: fx.Graph, cuts: list[fx.Node]) -> list[_Section]:
 
 def _find_cuts(model: nn.Module, graph: fx.Graph, env: dict[fx.Node, Any], expected: list[Tensor | None],
                stages: list[Stage], image_size: tuple[int, int]) -> tuple[list[fx.Node], list[_Layout]]:
-    """For each exit's stage, the graph node whose value (``env``, on the check batch) is that stage's
-    map, and how to read the map off it: the call of the stage module where ``forward_features`` calls
-    it once, else the first later node whose value lays out as the stage's ``forward_intermediates`` map
-    (stages that are not modules of the model: a list of blocks, a name timm uses in features_only
-    mode)."""
+    """For each exit's stage or block, the graph node whose value (``env``, on the check batch) is its map,
+    and how to read the map off it: the call of the module where ``forward_features`` calls it once, else
+    the first later node whose value lays out as its expected map (``expected_maps``: stages that are not
+    modules of the model, a list of blocks or a name timm uses in features_only mode, and stages traced
+    into because a block inside them is a cut too)."""
     cuts: list[fx.Node] = []
     layouts: list[_Layout] = []
     nodes = [n for n in graph.nodes if n.op not in ("output", "placeholder", "get_attr")]
