@@ -26,7 +26,7 @@ from .runner import (
     Stage,
     check_close,
     expected_maps,
-    no_checkpointing,
+    forward_features_with,
     eval_mode,
     feature_stages,
     model_name,
@@ -196,15 +196,7 @@ def _children_called(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Mo
             if all(n != name for n, _ in called):
                 called.append((name, module))
         handles.append(child.register_forward_pre_hook(record))
-    try:
-        with eval_mode(model), no_checkpointing(model), torch.no_grad():
-            model.forward_features(example)
-    except Exception as exc:
-        raise ValueError(f"cannot wrap {model_name(model)!r}: its forward_features fails on a batch of "
-                         f"{tuple(example.shape)} ({type(exc).__name__}: {exc})") from exc
-    finally:
-        for h in handles:
-            h.remove()
+    forward_features_with(model, example, handles, f"cannot wrap {model_name(model)!r}")
     return called
 
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from .runner import Stage, eval_mode, feature_stages, model_name, no_checkpointing
+from .runner import Stage, feature_stages, forward_features_with, model_name
 
 __all__ = ["block_positions", "default_exit_indices", "exit_entry", "resolve_exits"]
 
@@ -161,15 +160,7 @@ def _probe(model: nn.Module, blocks: list[str], stages: list[str], example: Tens
             handles.append(model.get_submodule(name).register_forward_hook(record(name)))
         except AttributeError:
             pass  # a stage that is no module (a list of blocks): ordered by its index alone
-    try:
-        with eval_mode(model), no_checkpointing(model), torch.no_grad():
-            model.forward_features(example[:1])
-    except Exception as exc:
-        raise ValueError(f"cannot place exits inside the stages of {model_name(model)!r}: its forward_features fails "
-                         f"on a batch of {(1, *example.shape[1:])} ({type(exc).__name__}: {exc})") from exc
-    finally:
-        for h in handles:
-            h.remove()
+    forward_features_with(model, example[:1], handles, f"cannot place exits inside the stages of {model_name(model)!r}")
     height = example.shape[-2]
     probed = {}
     for name in blocks:

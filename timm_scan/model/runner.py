@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Runner", "Stage", "check_close", "eval_mode", "expected_maps", "feature_stages", "model_name",
-           "no_checkpointing", "run_mode", "without_capture_hooks"]
+__all__ = ["Runner", "Stage", "check_close", "eval_mode", "expected_maps", "feature_stages", "forward_features_with",
+           "model_name", "no_checkpointing", "run_mode", "without_capture_hooks"]
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,21 @@ def no_checkpointing(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.grad_checkpointing = flag
+
+
+def forward_features_with(model: nn.Module, example: Tensor, handles: list[Any], failure: str) -> None:
+    """``model.forward_features(example)`` in eval mode, without checkpointing or gradients, for the hooks
+    whose ``handles`` are given (removed after, whatever happens); a forward that fails is a ``ValueError``
+    starting with ``failure``."""
+    try:
+        with eval_mode(model), no_checkpointing(model), torch.no_grad():
+            model.forward_features(example)
+    except Exception as exc:
+        raise ValueError(f"{failure}: its forward_features fails on a batch of {tuple(example.shape)} "
+                         f"({type(exc).__name__}: {exc})") from exc
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def expected_maps(model: nn.Module, cuts: list[Stage], example: Tensor) -> list[Tensor | None]:
