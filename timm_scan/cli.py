@@ -1,4 +1,4 @@
-"""The ``timm-scan`` command: ``train``, ``search``, ``evaluate``, ``export``, ``push``, ``inspect`` and ``propose``.
+"""The ``timm-scan`` command: ``train``, ``search``, ``evaluate``, ``export``, ``push``, ``inspect``, ``propose`` and ``serve``.
 
 Each command's flags are generated from its config dataclass (`timm_scan.commands`), one flag per
 field, with the field's metadata as help, so the flags and the docs cannot drift. Training runs under
@@ -192,6 +192,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from .commands.propose import ProposeConfig, propose
     from .commands.push import PushConfig, push
     from .commands.search import SearchConfig, search
+    from .commands.serve import ServeConfig, serve
     from .commands.train import TrainConfig, train
 
     return {
@@ -202,6 +203,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "push": (PushConfig, push, "push a run's best model to the Hugging Face Hub"),
         "inspect": (InspectConfig, inspect, "print a wrapped model's exits and MACs"),
         "propose": (ProposeConfig, propose, "propose exit positions from costs measured on this device"),
+        "serve": (ServeConfig, serve, "serve a model over HTTP with early exit, on Ray Serve (timm-scan[serve])"),
     }
 
 

@@ -1,0 +1,143 @@
+"""The HTTP service on Ray Serve, started on 127.0.0.1 with a tiny model: its answers are the predictor's,
+bad input gets a 4xx with the reason while other requests are answered, and the metrics count them."""
+
+import concurrent.futures
+import io
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from helpers import create
+
+import timm_scan
+from timm_scan.cli import main
+import timm_scan.serve
+from timm_scan.serve import ServiceMetrics
+from timm_scan.training.data import eval_transform, to_rgb
+
+DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
+               "std": (0.5, 0.5, 0.5), "crop_pct": 1.0, "crop_mode": "center"}
+
+
+def encoded(image: PIL.Image.Image, kind: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, kind)
+    return buffer.getvalue()
+
+
+def images(n: int) -> list[PIL.Image.Image]:
+    rng = np.random.default_rng(0)
+    shapes = [(32, 32, 3), (40, 56, 3), (64, 48, 3), (20, 20)]  # other sizes and a grey image: the model's transform
+    return [PIL.Image.fromarray((rng.random(shapes[i % len(shapes)]) * 255).astype(np.uint8)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    folder = tmp_path_factory.mktemp("served")
+    torch.manual_seed(0)
+    model = timm_scan.wrap(create("resnet18", num_classes=3).eval(), check_input_size=(3, 32, 32)).eval()
+    model.data_config, model.class_names = DATA_CONFIG, ["cat", "dog", "fox"]
+    x = torch.stack([eval_transform(DATA_CONFIG)(to_rgb(i)) for i in images(24)])
+    with torch.no_grad():
+        confidence = [torch.softmax(z, -1).amax(-1) for z in model(x).logits]
+    model.policy = timm_scan.ExitPolicy([float(c.median()) for c in confidence[:-1]], "deepest")  # a mix of exits
+    model.save_pretrained(folder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        timm_scan.serve.run(folder, host="127.0.0.1", port=port, max_batch_size=8, batch_wait_ms=20, blocking=False)
+        yield f"http://127.0.0.1:{port}", timm_scan.from_pretrained(folder).eval()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def request(url: str, body: bytes | None = None, content_type: str = "image/png") -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type} if body is not None else {},
+                                 method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_answers_equal_the_predictor_s_from_concurrent_clients(service):
+    url, model = service
+    assert request(f"{url}/health") == (200, b'{"status":"ok"}')
+    pictures = images(24)
+    bodies = [encoded(p, "PNG" if i % 2 else "JPEG") for i, p in enumerate(pictures)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # clients at once: their requests are batched together
+        replies = list(pool.map(lambda b: request(f"{url}/predict", b, "image/png"), bodies))
+    decoded = [PIL.Image.open(io.BytesIO(b)) for b in bodies]  # JPEG is lossy: the reference reads the same bytes
+    x = torch.stack([eval_transform(model.data_config)(to_rgb(p)) for p in decoded])
+    expected = timm_scan.EarlyExitPredictor(model)(x)
+    answers = [json.loads(body) for status, body in replies if status == 200]
+    assert len(answers) == len(bodies)
+    assert [a["label"] for a in answers] == expected.labels.tolist()
+    assert [a["exit"] for a in answers] == expected.exit_index.tolist() and len({a["exit"] for a in answers}) > 1
+    assert [a["confidence"] for a in answers] == pytest.approx(expected.confidence.tolist(), abs=1e-5)
+    assert all(a["class_name"] == model.class_names[a["label"]] and len(a["top_k"]) == 3 for a in answers)
+    assert all(a["top_k"][0]["label"] == a["label"] for a in answers)
+    metrics = request(f"{url}/metrics")[1].decode()
+    assert 'timm_scan_requests_total{outcome="answered"} 24' in metrics
+    batched = int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("timm_scan_batches_total")))
+    assert batched < 24  # some requests shared a batch
+    shares = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("timm_scan_exit_share")]
+    assert len(shares) == model.num_exits and sum(shares) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("body, content_type, status, says", [
+    (b"", "image/png", 400, "empty"),
+    (b"hello", "text/plain", 415, "Content-Type 'text/plain'"),
+    (b"not an image at all", "application/octet-stream", 400, "not an image"),
+    (None, "image/png", 400, "not an image"),  # a truncated PNG
+    (b"\0" * (20 * 2**20 + 1), "image/png", 413, "above the"),
+])
+def test_bad_input_is_refused_with_its_reason_and_the_service_goes_on(service, body, content_type, status, says):
+    url, _ = service
+    if body is None:
+        body = encoded(images(1)[0])[:100]
+    code, reply = request(f"{url}/predict", body, content_type)
+    assert code == status and says in json.loads(reply)["error"]
+    assert request(f"{url}/predict", encoded(images(1)[0]))[0] == 200
+
+
+def test_the_service_says_which_policy_it_runs(service):
+    url, model = service
+    info = json.loads(request(f"{url}/policy")[1])
+    assert info["policy"]["thresholds"] == list(model.policy.thresholds) and info["policy"]["fallback"] == "deepest"
+    assert info["exits"] == [s.module for s in model.exit_stages] and "promise" in info
+
+
+def test_a_model_without_thresholds_is_refused_before_anything_starts(tmp_path):
+    model = timm_scan.wrap(create("resnet18", num_classes=3).eval(), check_input_size=(3, 32, 32))
+    model.data_config = DATA_CONFIG
+    model.save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(tmp_path), "--port", "8765"])
+    assert "timm-scan serve: error: no thresholds" in str(exit_.value.code)
+    assert "search them first: timm-scan search RUN" in str(exit_.value.code)
+
+
+def test_metrics_over_a_sliding_window():
+    metrics = ServiceMetrics(num_exits=2, window=3)
+    for exit_index, confidence in [(0, 0.9), (1, 0.5), (0, 0.7), (0, 0.8)]:  # the first leaves the window
+        metrics.answer(0.01, exit_index, confidence)
+    metrics.refuse("empty")
+    metrics.batch(3)
+    text = metrics.prometheus()
+    assert 'timm_scan_requests_total{outcome="answered"} 4' in text
+    assert 'timm_scan_requests_total{outcome="refused",reason="empty"} 1' in text
+    assert 'timm_scan_exit_share{exit="0"} 0.6667' in text and 'timm_scan_exit_confidence_mean{exit="0"} 0.7500' in text
+    assert "timm_scan_batch_size_mean 3.000" in text

@@ -1,0 +1,18 @@
+"""Serving: the early-exit model behind an HTTP service on Ray Serve (``pip install 'timm-scan[serve]'``).
+
+``timm_scan.serve.run(source, host=..., port=...)`` (``timm-scan serve``) starts it; `ServiceMetrics` is
+what each replica counts. The core package does not import this subpackage or Ray.
+"""
+
+from .metrics import ServiceMetrics
+
+__all__ = ["ServiceMetrics", "run"]
+
+
+def run(*args, **kwargs) -> None:
+    """``timm_scan.serve.app.run``: imported on call, so that a missing Ray is one clear error."""
+    try:
+        from .app import run as run_app
+    except ImportError as exc:
+        raise ValueError(f"serving needs Ray Serve ({exc}); install it with pip install 'timm-scan[serve]'") from None
+    run_app(*args, **kwargs)
