@@ -63,7 +63,7 @@ def load_model(source: str | Path) -> MultiExitModel:
     if not model.data_config:
         raise ValueError(f"{source}: the model has no data config, so images cannot be preprocessed as it was "
                          "trained; serve a training run or a folder it saved")
-    model.policy.check(model.num_exits, needs_thresholds=f"search them first: timm-scan search RUN")
+    model.policy.check(model.num_exits, needs_thresholds="search them first: timm-scan search RUN")
     return model
 
 
