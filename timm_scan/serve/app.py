@@ -97,7 +97,6 @@ class EarlyExitService:
     """One replica: the model, its predictor and preprocessing, and its metrics."""
 
     def __init__(self, source: str, max_batch_size: int = 32, batch_wait_ms: float = 5.0, top_k: int = 5) -> None:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.model = load_model(source)
         self.predictor = EarlyExitPredictor(self.model)
         self.transform = eval_transform(self.model.data_config)
