@@ -36,7 +36,5 @@ class ServeConfig:
 def serve(cfg: ServeConfig) -> None:
     from ..serve import run
 
-    print(f"serving {cfg.source} on http://{cfg.host}:{cfg.port} (POST /predict, GET /health /policy /metrics)",
-          flush=True)
     run(cfg.source, host=cfg.host, port=cfg.port, replicas=cfg.replicas, max_batch_size=cfg.max_batch_size,
         batch_wait_ms=cfg.batch_wait_ms, max_queued_requests=cfg.max_queued_requests, top_k=cfg.top_k)

@@ -4,15 +4,20 @@
 what each replica counts. The core package does not import this subpackage or Ray.
 """
 
+from pathlib import Path
+from typing import Any
+
 from .metrics import ServiceMetrics
 
 __all__ = ["ServiceMetrics", "run"]
 
 
-def run(*args, **kwargs) -> None:
-    """``timm_scan.serve.app.run``: imported on call, so that a missing Ray is one clear error."""
+def run(source: str | Path, **options: Any) -> None:
+    """Serve ``source`` (``timm_scan.serve.app.run``, whose keywords ``options`` are: ``host``, ``port``,
+    ``replicas``, ``max_batch_size``, ``batch_wait_ms``, ``max_queued_requests``, ``top_k``, ``blocking``);
+    Ray is imported on call, so that a missing Ray is one clear error."""
     try:
         from .app import run as run_app
     except ImportError as exc:
         raise ValueError(f"serving needs Ray Serve ({exc}); install it with pip install 'timm-scan[serve]'") from None
-    run_app(*args, **kwargs)
+    run_app(source, **options)

@@ -10,6 +10,7 @@ away from what the thresholds were searched on is the sign that they no longer f
 from __future__ import annotations
 
 import collections
+import math
 import statistics
 import threading
 from dataclasses import dataclass, field
@@ -25,10 +26,11 @@ class ServiceMetrics:
 
     num_exits: int
     window: int = 1000
-    answered: int = 0
-    refused: collections.Counter = field(default_factory=collections.Counter)
-    batches: int = 0
-    batched_samples: int = 0
+    answered: int = field(default=0, init=False)
+    refused: collections.Counter = field(default_factory=collections.Counter, init=False)
+    batches: int = field(default=0, init=False)
+    batched_samples: int = field(default=0, init=False)
+    latency_sum: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         self._latency: collections.deque[float] = collections.deque(maxlen=self.window)
@@ -39,6 +41,7 @@ class ServiceMetrics:
     def answer(self, seconds: float, exit_index: int, confidence: float) -> None:
         with self._lock:
             self.answered += 1
+            self.latency_sum += seconds
             self._latency.append(seconds)
             self._exits.append((exit_index, confidence))
 
@@ -60,22 +63,25 @@ class ServiceMetrics:
             sizes = list(self._batch_sizes)
             lines = ["# TYPE timm_scan_requests_total counter",
                      f'timm_scan_requests_total{{outcome="answered"}} {self.answered}']
-            lines += [f'timm_scan_requests_total{{outcome="refused",reason="{r}"}} {n}' for r, n in sorted(self.refused.items())]
+            lines += [f'timm_scan_requests_total{{outcome="refused",reason="{r}"}} {n}'
+                      for r, n in sorted(self.refused.items())]
             lines += ["# TYPE timm_scan_batches_total counter", f"timm_scan_batches_total {self.batches}",
                       "# TYPE timm_scan_batched_samples_total counter",
-                      f"timm_scan_batched_samples_total {self.batched_samples}"]
-        lines.append("# TYPE timm_scan_request_latency_seconds summary")
-        for q in QUANTILES:
-            value = latency[min(len(latency) - 1, int(q * len(latency)))] if latency else float("nan")
-            lines.append(f'timm_scan_request_latency_seconds{{quantile="{q}"}} {value:.6f}')
-        lines.append("# TYPE timm_scan_batch_size_mean gauge")
-        lines.append(f"timm_scan_batch_size_mean {statistics.fmean(sizes) if sizes else float('nan'):.3f}")
-        lines += ["# TYPE timm_scan_exit_share gauge", "# TYPE timm_scan_exit_confidence_mean gauge"]
-        for k in range(self.num_exits):
-            here = [c for e, c in exits if e == k]
-            share = len(here) / len(exits) if exits else float("nan")
-            lines.append(f'timm_scan_exit_share{{exit="{k}"}} {share:.4f}')
-            lines.append(f'timm_scan_exit_confidence_mean{{exit="{k}"}} '
-                         f'{statistics.fmean(here) if here else float("nan"):.4f}')
+                      f"timm_scan_batched_samples_total {self.batched_samples}",
+                      "# TYPE timm_scan_request_latency_seconds summary"]
+            for q in QUANTILES:  # over the window: the smallest latency at least q of the answers do not exceed
+                value = latency[max(0, math.ceil(q * len(latency)) - 1)] if latency else float("nan")
+                lines.append(f'timm_scan_request_latency_seconds{{quantile="{q}"}} {value:.6f}')
+            lines += [f"timm_scan_request_latency_seconds_sum {self.latency_sum:.6f}",
+                      f"timm_scan_request_latency_seconds_count {self.answered}"]
+        lines += ["# TYPE timm_scan_batch_size_mean gauge",
+                  f"timm_scan_batch_size_mean {statistics.fmean(sizes) if sizes else float('nan'):.3f}"]
+        here = [[c for e, c in exits if e == k] for k in range(self.num_exits)]
+        lines.append("# TYPE timm_scan_exit_share gauge")
+        lines += [f'timm_scan_exit_share{{exit="{k}"}} {len(h) / len(exits) if exits else float("nan"):.4f}'
+                  for k, h in enumerate(here)]
+        lines.append("# TYPE timm_scan_exit_confidence_mean gauge")
+        lines += [f'timm_scan_exit_confidence_mean{{exit="{k}"}} {statistics.fmean(h) if h else float("nan"):.4f}'
+                  for k, h in enumerate(here)]
         lines.append(f"# window: the last {len(exits)} answers (of at most {self.window})")
         return "\n".join(lines) + "\n"
