@@ -162,6 +162,8 @@ def test_head_blocks_follow_their_exits_into_forward_order():
     _, model = wrap("resnet18", 32, ScanConfig(exits=["layer3", 1, "layer2.0"], head_blocks=[1, 3, 2]))
     assert model.config.exits == [1, "layer2.0", 3] and model.config.head_blocks == [3, 2, 1]
     assert [len(h.align) for h in model.exits] == [3, 2, 1]
+    _, default = wrap("resnet18", 32, ScanConfig(head_blocks=[1, 2, 1]))  # the default exits, one count each
+    assert default.config.exits == [1, 2, 3] and [len(h.align) for h in default.exits] == [1, 2, 1]
 
 
 @pytest.mark.parametrize("exits, message", [

@@ -280,7 +280,8 @@ def wrap(
     cuts = resolve_exits(model, config.exits, example)
     runner = build_runner(model, cuts, example)
     blocks = config.head_blocks
-    if isinstance(blocks, list) and len(blocks) == len(cuts):  # one per exit as given: put them in forward order
+    if isinstance(blocks, list) and config.exits is not None and len(blocks) == len(cuts):
+        # one per exit as given: put them in forward order (the default exits are in it already)
         stages = feature_stages(model)
         given = [stages[e].module if isinstance(e, int) else e for e in config.exits]
         blocks = [dict(zip(given, blocks))[c.module] for c in cuts]
