@@ -47,7 +47,7 @@ from timm_scan import EarlyExitPredictor, ExitCosts, ExitPolicy, ScanConfig, pro
 from timm_scan.commands.evaluate import measure_wall_clock
 from timm_scan.deploy.propose import halvings
 from timm_scan.deploy.search import search_thresholds
-from timm_scan.model.macs import count_macs
+from timm_scan.model.heads import head_macs
 from timm_scan.training.runs import cached_outputs, eval_dataset, load_run, run_results, run_splits
 
 
@@ -99,8 +99,7 @@ def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], max_subset: int | Non
     val, val_labels = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
     test, test_labels = cached_outputs(run, "test", model, test_set)
     exit_macs, backbone = model.exit_macs(size), model.backbone_macs(size)
-    heads = [exit_macs[i] - (exit_macs[i - 1] if i else 0) - section for i, section in enumerate(
-        _sections(model, size))]  # what each shallow head adds
+    heads = head_macs(model.backbone, model.config, model.exit_stages[:-1], size)  # what each shallow head adds
     shallow = model.num_exits - 1
     searched = {}
     for r in range(1, min(shallow, max_subset or shallow) + 1):
@@ -127,18 +126,6 @@ def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], max_subset: int | Non
         print(f"{name:20s} exits {kept.config.exits}: no loss {row['no_loss']['test_speedup']:.2f}x at "
               f"{100 * row['no_loss']['test_accuracy']:.2f}% on test", flush=True)
     return report
-
-
-def _sections(model, size: tuple[int, int, int]) -> list[int]:
-    """MACs of each section of ``model`` but the last, for one image."""
-    runner = model._runner
-    h, out = torch.zeros(1, *size), []
-    with torch.no_grad():
-        model.eval()
-        for k in range(model.num_exits - 1):
-            out.append(count_macs(runner.run_section, k, h))
-            h = runner.run_section(k, h)
-    return out
 
 
 def running_mean(run: Path) -> dict:
