@@ -14,7 +14,7 @@ import PIL.Image
 import PIL.ImageOps
 import pytest
 import torch
-from helpers import create
+from helpers import create, sharpen
 
 import timm_scan
 from timm_scan.cli import main
@@ -72,13 +72,8 @@ def service(tmp_path_factory):
     model = timm_scan.wrap(create("resnet18", num_classes=3).eval(), check_input_size=(3, 32, 32)).eval()
     model.data_config, model.class_names = DATA_CONFIG, ["cat", "dog", "fox"]
     x = torch.stack([preprocessed(b) for b in bodies()])
-    with torch.no_grad():  # answers that vary with the image: BatchNorm statistics of these images, sharper logits
-        model.train()
-        for _ in range(20):
-            model(x)
-        model.eval()
-        for fc in [h.fc for h in model.exits] + [model.backbone.get_classifier()]:
-            fc.weight.mul_(10)
+    sharpen(model, x)
+    with torch.no_grad():
         confidence = [torch.softmax(z, -1).amax(-1) for z in model(x).logits]
     model.policy = timm_scan.ExitPolicy([thresholds_with_a_margin(c) for c in confidence[:-1]], "deepest")
     model.save_pretrained(folder)

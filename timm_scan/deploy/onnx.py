@@ -28,7 +28,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -574,6 +574,15 @@ class OnnxEarlyExitPredictor:
 
     def _exit_logits(self, k: int, h: Tensor | TracedState) -> Tensor:
         return self._run(self.exits[k], h)[0]
+
+    def sections(self, image_size: tuple[int, int] | None = None) -> tuple[Callable[[int, Any], Any],
+                                                                          Callable[[int, Any], Tensor]]:
+        """``(section, exit_logits)`` as `run_early_exit` takes them (and `EarlyExitPredictor.sections` gives):
+        each graph on CPU tensors; ``image_size`` must be the exported one (it is fixed)."""
+        if image_size is not None and tuple(image_size) != tuple(self.manifest.input_size[1:]):
+            raise ValueError(f"this export takes {self.manifest.input_size[1]}x{self.manifest.input_size[2]} images; "
+                             f"got {image_size[0]}x{image_size[1]}")
+        return self._section, self._exit_logits
 
     @property
     def exit_macs(self) -> list[int]:

@@ -7,9 +7,9 @@ fallback) is `timm_scan.deploy.policy`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import timm.data
@@ -24,7 +24,8 @@ from ..model.multi_exit import MultiExitModel
 from .fast_heads import inference_copy
 from .policy import decision_step, fallback_probs, leaves
 
-__all__ = ["EarlyExitPredictor", "EarlyExitResult", "check_images", "chosen_policy", "run_early_exit"]
+__all__ = ["EarlyExitPredictor", "EarlyExitResult", "ExitCarry", "check_images", "chosen_policy", "exit_step",
+           "run_early_exit"]
 
 
 @dataclass
@@ -90,16 +91,23 @@ class EarlyExitPredictor:
         refused, not converted). The model runs in eval mode even if it was switched to train mode since."""
         check_images(images)
         self._check_fits(images)
-        model, k = self.model, self.model.num_exits
+        model = self.model
         image_size = (images.shape[-2], images.shape[-1])
         macs = self.exit_macs((images.shape[1], *image_size), images.device)
+        with eval_mode(model) if model.training else nullcontext():
+            return run_early_exit(images, model.num_exits, *self.sections(image_size), self.policy, macs,
+                                  model.num_classes)
 
-        def exit_logits(i: int, h: Tensor) -> Tensor:
+    def sections(self, image_size: tuple[int, int]) -> tuple[Callable[[int, Any], Any], Callable[[int, Any], Tensor]]:
+        """``(section, exit_logits)`` for images of ``image_size``, as `run_early_exit` takes them: section k of
+        the model on its hidden state, and exit k's logits on section k's output (this predictor's inference
+        copies of the heads). Call them under ``torch.no_grad()`` with the model in eval mode."""
+        model, k = self.model, self.model.num_exits
+
+        def exit_logits(i: int, h: Any) -> Tensor:
             return model.exit_logits(i, h, image_size, self.inference_heads[i] if i < k - 1 else None)
 
-        with eval_mode(model) if model.training else nullcontext():
-            return run_early_exit(images, k, model.forward_section, exit_logits, self.policy, macs, model.num_classes)
-
+        return model.forward_section, exit_logits
 
     def _check_fits(self, images: Tensor) -> None:
         """A ``ValueError`` unless the model takes ``images`` (checked by `check_images`) as they are."""
@@ -169,41 +177,34 @@ def run_early_exit(
     probabilities the policy's rule decides with (`decision_step`) are answered with them and only the
     rest run on. ``macs`` (K,): each exit's cumulative cost. The torch and the ONNX Runtime predictors
     both run this."""
-    thresholds, fallback, temperatures, rule = policy.thresholds, policy.fallback, policy.temperatures, policy.rule
+    thresholds = policy.thresholds
     n = images.shape[0]
     if n == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=images.device)
         return EarlyExitResult(empty, empty, empty.float(), images.new_zeros(0, num_classes), empty)
     pending: Tensor | None = None  # input positions of the samples still running; None: all, in order
     answered: list[tuple[Tensor | None, Tensor, int]] = []  # (positions, probs, exit) per group that left
-    seen: list[Tensor] = []  # the running samples' probabilities at each exit so far, for the fallback
-    total: Tensor | None = None  # the running samples' sum of probabilities so far, for the rule
+    carry = ExitCarry()
     h = images
     for i in range(num_exits):
         h = section(i, h)
-        logits = exit_logits(i, h)
-        probs = F.softmax((logits if temperatures is None else logits / temperatures[i]).float(), dim=-1)
+        decided, carry = exit_step(policy, i, num_exits, exit_logits(i, h), carry)
         if i == num_exits - 1:
-            answered.append((pending, fallback_probs([*seen, probs], fallback), i))
+            answered.append((pending, decided, i))
             break
-        decided, total = decision_step(rule, probs, total, i)
-        if len(probs) == 1:  # one sample: one comparison, no mask (most of the cost at batch 1 is per op)
+        if len(decided) == 1:  # one sample: one comparison, no mask (most of the cost at batch 1 is per op)
             n_done = int(leaves(decided.max(), thresholds[i]))  # as a tensor: compared in float32, as batches are
         else:
             done = leaves(decided.amax(-1), thresholds[i])
             n_done = int(done.sum())
-        if n_done == len(probs):
+        if n_done == len(decided):
             answered.append((pending, decided, i))
             break
-        if fallback == "ensemble":
-            seen.append(probs)
         if n_done:
             keep = ~done
             pending = torch.arange(n, device=images.device) if pending is None else pending
             answered.append((pending[done], decided[done], i))
-            pending, h = pending[keep], h[keep]
-            seen = [p[keep] for p in seen]
-            total = total[keep] if total is not None else None
+            pending, h, carry = pending[keep], h[keep], carry[keep]
     result = _assemble(answered, n, macs)
     if not torch.isfinite(result.confidence).all():  # a NaN anywhere in a sample's probabilities makes its max NaN
         bad = (~torch.isfinite(result.confidence)).nonzero()[:, 0].tolist()
@@ -211,6 +212,39 @@ def run_early_exit(
                          "the normalised range (not normalised, or scaled wrongly) or a damaged model do that; "
                          "nothing was answered")
     return result
+
+
+@dataclass
+class ExitCarry:
+    """What Algorithm 1 carries from exit to exit for the samples still running, one row each: their softmax
+    at every exit so far (``seen``, kept for the ensemble fallback only) and its running sum (``total``, for
+    the running-mean rule; ``None`` under ``"own"``). ``carry[keep]`` keeps the rows a mask or positions
+    select; `ExitCarry.cat` joins the rows of several (of the same exits, as a batch joins samples)."""
+
+    seen: list[Tensor] = field(default_factory=list)
+    total: Tensor | None = None
+
+    def __getitem__(self, keep: Tensor) -> ExitCarry:
+        return ExitCarry([p[keep] for p in self.seen], self.total[keep] if self.total is not None else None)
+
+    @staticmethod
+    def cat(carries: Sequence[ExitCarry]) -> ExitCarry:
+        seen = [torch.cat(rows) for rows in zip(*(c.seen for c in carries))]
+        totals = [c.total for c in carries]
+        return ExitCarry(seen, torch.cat(totals) if totals[0] is not None else None)
+
+
+def exit_step(policy: ExitPolicy, i: int, num_exits: int, logits: Tensor, carry: ExitCarry) -> tuple[Tensor, ExitCarry]:
+    """Exit i of ``num_exits`` under ``policy``, for the rows of ``logits`` ``(N, C)`` and their ``carry``: the
+    probabilities they decide and answer with (exit i's softmax at its temperature, through the policy's rule,
+    `decision_step`; at the deepest exit the fallback, `fallback_probs`) and the carry on to exit i+1. Which
+    rows leave is ``leaves(probs.amax(-1), policy.thresholds[i])`` at a shallow exit, every row at the deepest."""
+    temperatures = policy.temperatures
+    probs = F.softmax((logits if temperatures is None else logits / temperatures[i]).float(), dim=-1)
+    if i == num_exits - 1:
+        return fallback_probs([*carry.seen, probs], policy.fallback), ExitCarry()
+    decided, total = decision_step(policy.rule, probs, carry.total, i)
+    return decided, ExitCarry([*carry.seen, probs] if policy.fallback == "ensemble" else [], total)
 
 
 def _assemble(answered: list[tuple[Tensor | None, Tensor, int]], n: int, macs: Tensor) -> EarlyExitResult:

@@ -154,6 +154,13 @@ class TracedState:
         batched = [leaf for leaf in self._leaves if leaf.batch_dim is not None]
         return self.replace_batched([leaf.select(v, index) for v, leaf in zip(self.batched(), batched)])
 
+    @staticmethod
+    def cat(states: Sequence[TracedState]) -> TracedState:
+        """The samples of ``states`` (states the same section handed on), in order, as one state."""
+        batched = [leaf for leaf in states[0]._leaves if leaf.batch_dim is not None]
+        columns = zip(*(state.batched() for state in states))
+        return states[0].replace_batched([torch.cat(column, dim=leaf.batch_dim) for column, leaf in zip(columns, batched)])
+
     def __len__(self) -> int:
         return next(leaf.samples(v) for v, leaf in zip(pytree.tree_leaves(self.values), self._leaves)
                     if leaf.batch_dim is not None)

@@ -1,0 +1,197 @@
+"""Dynamic batching per section: early exit behind a service without near-empty deep batches.
+
+A batch that runs Algorithm 1 shrinks as it goes deeper, so a service that batches whole requests runs its
+deepest (and dearest) sections on the few samples of each batch that are still undecided. `SectionBatcher`
+keeps one queue per section instead. A request's image joins section 0's queue; after each section the
+samples that leave are answered and the rest join the next section's queue beside other requests'
+survivors. One worker runs one section's batch at a time, off the event loop, and takes the deepest queue
+that is ready:
+
+- full (``max_batch_size`` samples),
+- or holding a sample that has waited ``batch_wait_s`` in it,
+- or, past section 0, with no sample upstream that could still join it.
+
+So under load every section runs full batches, and a request that comes alone waits only section 0's
+``batch_wait_s``, as under Ray Serve's ``@serve.batch`` (which forms one function's batches on its own
+timer and so cannot hold survivors back for the next batch of another section). Each sample's answer is
+`EarlyExitPredictor`'s: the same sections and heads (``predictor.sections``) and the same step
+(`exit_step`); only the batches differ, which moves the logits by float rounding.
+
+Sections are numbered 0..K-1 from the shallowest, as exits are; section k ends at exit k.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ..deploy.policy import leaves
+from ..deploy.predictor import ExitCarry, exit_step
+from ..exit_policy import ExitPolicy
+from ..model.traced import TracedState
+
+__all__ = ["SectionBatcher"]
+
+
+class StagedPredictor(Protocol):
+    """What `SectionBatcher` runs: `EarlyExitPredictor`, `OnnxEarlyExitPredictor`, or the plain backbone."""
+
+    policy: ExitPolicy
+
+    def sections(self, image_size: tuple[int, int]) -> tuple[Callable[[int, Any], Any], Callable[[int, Any], Tensor]]:
+        ...
+
+
+@dataclass
+class _Group:
+    """Samples waiting together in one section's queue: their hidden ``state`` (a batch, one row per
+    sample), what Algorithm 1 carries for them, the futures their answers go to, and when they joined it."""
+
+    state: Tensor | TracedState
+    carry: ExitCarry
+    futures: list[asyncio.Future]
+    since: float
+
+    def rows(self, start: int, stop: int) -> _Group:
+        """The samples ``start:stop``, as a group that joined when this one did."""
+        index = torch.arange(start, stop, device=_device(self.state))
+        return _Group(self.state[index], self.carry[index], self.futures[start:stop], self.since)
+
+
+def _device(state: Tensor | TracedState) -> torch.device:
+    return state.device if isinstance(state, Tensor) else state.batched()[0].device
+
+
+def _cat(states: Sequence[Tensor | TracedState]) -> Tensor | TracedState:
+    if len(states) == 1:
+        return states[0]
+    return TracedState.cat(states) if isinstance(states[0], TracedState) else torch.cat(states)
+
+
+class SectionBatcher:
+    """``await batcher(image)`` → ``(probs (C,), exit index)``: one preprocessed image ``(C, H, W)`` of
+    ``image_size`` answered by ``predictor`` under its policy, batched per section with other callers' images
+    (module docstring). An image whose answer is not finite gets a ``ValueError``; a section that fails
+    passes its exception to every caller in its batch. ``on_batch(section, size)`` is told of each batch
+    run. Use it from one event loop."""
+
+    def __init__(self, predictor: StagedPredictor, image_size: tuple[int, int], *, max_batch_size: int = 32,
+                 batch_wait_s: float = 0.005, on_batch: Callable[[int, int], None] | None = None) -> None:
+        if max_batch_size < 1 or batch_wait_s < 0:
+            raise ValueError(f"max_batch_size must be at least 1 and batch_wait_s at least 0; got {max_batch_size} "
+                             f"and {batch_wait_s}")
+        self.policy = predictor.policy
+        self.num_exits = len(self.policy.thresholds) + 1
+        self.section, self.exit_logits = predictor.sections(image_size)
+        self.max_batch_size, self.batch_wait_s, self.on_batch = max_batch_size, batch_wait_s, on_batch
+        self.queues: list[collections.deque[_Group]] = [collections.deque() for _ in range(self.num_exits)]
+        self.waiting = [0] * self.num_exits  # samples in each queue
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+
+    async def __call__(self, image: Tensor) -> tuple[Tensor, int]:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._work())
+        future = loop.create_future()
+        self._put(0, _Group(image[None], ExitCarry(), [future], time.monotonic()))
+        return await future
+
+    def close(self) -> None:
+        """Stop the worker; callers still waiting get a ``RuntimeError``."""
+        if self._worker is not None:
+            self._worker.cancel()
+        for queue in self.queues:
+            for group in queue:
+                for future in group.futures:
+                    if not future.done():
+                        future.set_exception(RuntimeError("the service is shutting down"))
+            queue.clear()
+        self.waiting = [0] * self.num_exits
+
+    def _put(self, i: int, group: _Group) -> None:
+        self.queues[i].append(group)
+        self.waiting[i] += len(group.futures)
+        self._arrived.set()
+
+    def _choose(self, now: float) -> tuple[int | None, float | None]:
+        """The section to run now, or ``None`` and how long to wait at most (``None``: until a request comes)."""
+        wait = None
+        for i in reversed(range(self.num_exits)):
+            if not self.waiting[i]:
+                continue
+            waited = now - self.queues[i][0].since
+            if self.waiting[i] >= self.max_batch_size or waited >= self.batch_wait_s or (i and not any(self.waiting[:i])):
+                return i, None
+            wait = min(wait, self.batch_wait_s - waited) if wait is not None else self.batch_wait_s - waited
+        return None, wait
+
+    def _take(self, i: int) -> list[_Group]:
+        """Up to ``max_batch_size`` samples from section i's queue, oldest first (a group may be split)."""
+        queue, taken, size = self.queues[i], [], 0
+        while queue and size < self.max_batch_size:
+            group, room = queue[0], self.max_batch_size - size
+            if len(group.futures) <= room:
+                taken.append(queue.popleft())
+            else:
+                taken.append(group.rows(0, room))
+                queue[0] = group.rows(room, len(group.futures))
+            size += len(taken[-1].futures)
+        self.waiting[i] -= size
+        return taken
+
+    async def _work(self) -> None:
+        while True:
+            i, wait = self._choose(time.monotonic())
+            if i is None:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            groups = self._take(i)
+            futures = [f for group in groups for f in group.futures]
+            if self.on_batch is not None:
+                self.on_batch(i, len(futures))
+            try:
+                state, decided, carry, done = await asyncio.to_thread(self._run, i, groups)
+                self._deliver(i, futures, state, decided, carry, done)
+            except Exception as exc:  # a section that fails fails its batch, not the service
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc)
+
+    @torch.no_grad()
+    def _run(self, i: int, groups: list[_Group]) -> tuple[Any, Tensor, ExitCarry, Tensor]:
+        """Section i and its exit on the groups' samples as one batch: the state handed on, the probabilities
+        each sample decides (or, at the deepest exit, is answered) with, the carry, and which samples leave."""
+        state = self.section(i, _cat([g.state for g in groups]))
+        carry = ExitCarry.cat([g.carry for g in groups])
+        decided, carry = exit_step(self.policy, i, self.num_exits, self.exit_logits(i, state), carry)
+        if i == self.num_exits - 1:
+            return state, decided, carry, torch.ones(len(decided), dtype=torch.bool, device=decided.device)
+        return state, decided, carry, leaves(decided.amax(-1), self.policy.thresholds[i])
+
+    def _deliver(self, i: int, futures: list[asyncio.Future], state: Any, decided: Tensor, carry: ExitCarry,
+                 done: Tensor) -> None:
+        """Answer the samples that leave at exit i; queue the rest for section i+1."""
+        finite = torch.isfinite(decided.amax(-1)).cpu().tolist()
+        for future, leaves_here, ok, probs in zip(futures, done.tolist(), finite, decided):
+            if leaves_here and not future.done():
+                if ok:
+                    future.set_result((probs.clone(), i))
+                else:
+                    future.set_exception(ValueError(
+                        "the model produced non-finite logits (NaN or infinite) for this image: pixel values far "
+                        "outside the normalised range or a damaged model do that"))
+        if not done.all():
+            stay = (~done).nonzero()[:, 0]
+            self._put(i + 1, _Group(state[stay], carry[stay], [futures[j] for j in stay.tolist()], time.monotonic()))
