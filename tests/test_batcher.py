@@ -95,13 +95,13 @@ def test_an_image_with_a_non_finite_answer_fails_alone_and_a_failing_section_fai
         if i != 3:
             assert answer[1] == expected.exit_index[i] and answer[0].argmax() == expected.labels[i]
 
-    section, exit_logits = predictor.sections((size, size))
+    section, exit_logits = predictor.section_functions((size, size))
 
     class FailsOnce:  # the second section fails the first time it runs
         def __init__(self):
             self.policy, self.failed = policy, False
 
-        def sections(self, image_size):
+        def section_functions(self, image_size):
             def failing(i, h):
                 if i == 1 and not self.failed:
                     self.failed = True

@@ -17,6 +17,7 @@ import torch
 from helpers import create, sharpen
 
 import timm_scan
+from timm_scan.deploy.onnx import export_onnx
 from timm_scan.cli import main
 import timm_scan.serve
 from timm_scan.serve import ServiceMetrics
@@ -77,17 +78,23 @@ def service(tmp_path_factory):
         confidence = [torch.softmax(z, -1).amax(-1) for z in model(x).logits]
     model.policy = timm_scan.ExitPolicy([thresholds_with_a_margin(c) for c in confidence[:-1]], "deepest")
     model.save_pretrained(folder)
+    export_onnx(model, folder / "onnx", (3, 32, 32))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False)  # logical CPUs: one per replica
     try:
-        timm_scan.serve.run(folder, host="127.0.0.1", port=port, max_batch_size=8, batch_wait_ms=20, blocking=False)
         url = f"http://127.0.0.1:{port}"
-        for _ in range(100):  # the route may answer a moment after serve.run returns
-            if request(f"{url}/health")[0] == 200:
-                break
-            time.sleep(0.1)
+        # the model, its ONNX export, its plain backbone, and the model with room for one request and one waiting
+        for prefix, source, options in [("/", folder, {}), ("/onnx", folder / "onnx", {}), ("/plain", folder, {"plain": True}),
+                                        ("/tight", folder, {"max_ongoing_requests": 1, "max_queued_requests": 1,
+                                                            "batch_wait_ms": 300})]:
+            timm_scan.serve.run(source, host="127.0.0.1", port=port, max_batch_size=8,
+                                **{"batch_wait_ms": 20, **options}, route_prefix=prefix, blocking=False)
+            for _ in range(100):  # the route may answer a moment after serve.run returns
+                if request(f"{url}{prefix.rstrip('/')}/health")[0] == 200:
+                    break
+                time.sleep(0.1)
         yield url, timm_scan.from_pretrained(folder).eval()
     finally:
         serve.shutdown()
@@ -124,8 +131,10 @@ def test_answers_equal_the_predictor_s_from_concurrent_clients(service):
     def value(prefix: str) -> float:
         return float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(prefix)))
 
-    answered, batches = value('timm_scan_requests_total{outcome="answered"}'), value("timm_scan_batches_total")
+    answered, batches = value('timm_scan_requests_total{outcome="answered"}'), value('timm_scan_batches_total{section="0"}')
     assert answered >= 24 and batches < answered  # some requests shared a batch
+    ran = [value(f'timm_scan_batched_samples_total{{section="{k}"}}') for k in range(model.num_exits)]
+    assert ran[0] == answered and ran[-1] == sum(a["exit"] == model.num_exits - 1 for a in answers) + (answered - 24)
     shares = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("timm_scan_exit_share")]
     assert len(shares) == model.num_exits and sum(shares) == pytest.approx(1.0, abs=1e-3)
 
@@ -175,11 +184,44 @@ def test_metrics_over_a_sliding_window():
     for exit_index, confidence in [(0, 0.9), (1, 0.5), (0, 0.7), (0, 0.8)]:  # the first leaves the window
         metrics.answer(0.01, exit_index, confidence)
     metrics.refuse("empty")
-    metrics.batch(3)
-    text = metrics.prometheus()
+    metrics.batch(0, 3)
+    metrics.batch(1, 2)
+    metrics.batch(1, 1)
+    text = metrics.prometheus([4, 0])
     assert 'timm_scan_requests_total{outcome="answered"} 4' in text
     assert 'timm_scan_requests_total{outcome="refused",reason="empty"} 1' in text
     assert 'timm_scan_exit_share{exit="0"} 0.6667' in text and 'timm_scan_exit_confidence_mean{exit="0"} 0.7500' in text
-    assert "timm_scan_batch_size_mean 3.000" in text
+    assert 'timm_scan_batch_size_mean{section="0"} 3.000' in text and 'timm_scan_batch_size_mean{section="1"} 1.500' in text
+    assert 'timm_scan_batches_total{section="1"} 2' in text and 'timm_scan_section_queue_samples{section="0"} 4' in text
+    assert "# HELP timm_scan_exit_share " in text and "# TYPE timm_scan_exit_share gauge" in text
     assert 'timm_scan_request_latency_seconds{quantile="0.5"} 0.010000' in text
     assert "timm_scan_request_latency_seconds_count 4" in text
+
+
+def test_the_onnx_export_and_the_plain_backbone_are_served_the_same_way(service):
+    url, model = service
+    sent = bodies()[:12]
+    x = torch.stack([preprocessed(b) for b in sent])
+    expected = timm_scan.EarlyExitPredictor(model)(x)
+    with torch.no_grad():
+        plain = torch.softmax(model.backbone(x), -1)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        onnx = [json.loads(body) for _, body in pool.map(lambda b: request(f"{url}/onnx/predict", b), sent)]
+        backbone = [json.loads(body) for _, body in pool.map(lambda b: request(f"{url}/plain/predict", b), sent)]
+    assert [a["exit"] for a in onnx] == expected.exit_index.tolist()
+    assert [a["label"] for a in onnx] == expected.labels.tolist()
+    assert [a["confidence"] for a in onnx] == pytest.approx(expected.confidence.tolist(), abs=1e-4)
+    assert [a["label"] for a in backbone] == plain.argmax(-1).tolist() and {a["exit"] for a in backbone} == {0}
+    assert [a["confidence"] for a in backbone] == pytest.approx(plain.amax(-1).tolist(), abs=1e-5)
+    assert json.loads(request(f"{url}/onnx/policy")[1])["engine"].startswith("onnxruntime")
+    info = json.loads(request(f"{url}/plain/policy")[1])
+    assert info["promise"].startswith("none") and info["policy"]["thresholds"] == []
+
+
+def test_overload_is_refused_with_503_and_every_request_gets_an_answer(service):
+    url, _ = service  # /tight: one request at a time in the replica, one waiting; each waits 300 ms for a batch
+    body = encoded(images(1)[0])
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        codes = [code for code, _ in pool.map(lambda _: request(f"{url}/tight/predict", body), range(12))]
+    assert set(codes) == {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 6
+    assert request(f"{url}/tight/predict", body)[0] == 200

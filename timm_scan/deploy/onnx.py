@@ -575,9 +575,9 @@ class OnnxEarlyExitPredictor:
     def _exit_logits(self, k: int, h: Tensor | TracedState) -> Tensor:
         return self._run(self.exits[k], h)[0]
 
-    def sections(self, image_size: tuple[int, int] | None = None) -> tuple[Callable[[int, Any], Any],
+    def section_functions(self, image_size: tuple[int, int] | None = None) -> tuple[Callable[[int, Any], Any],
                                                                           Callable[[int, Any], Tensor]]:
-        """``(section, exit_logits)`` as `run_early_exit` takes them (and `EarlyExitPredictor.sections` gives):
+        """``(section, exit_logits)`` as `run_early_exit` takes them (and `EarlyExitPredictor.section_functions` gives):
         each graph on CPU tensors; ``image_size`` must be the exported one (it is fixed)."""
         if image_size is not None and tuple(image_size) != tuple(self.manifest.input_size[1:]):
             raise ValueError(f"this export takes {self.manifest.input_size[1]}x{self.manifest.input_size[2]} images; "

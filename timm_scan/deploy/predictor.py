@@ -95,10 +95,10 @@ class EarlyExitPredictor:
         image_size = (images.shape[-2], images.shape[-1])
         macs = self.exit_macs((images.shape[1], *image_size), images.device)
         with eval_mode(model) if model.training else nullcontext():
-            return run_early_exit(images, model.num_exits, *self.sections(image_size), self.policy, macs,
+            return run_early_exit(images, model.num_exits, *self.section_functions(image_size), self.policy, macs,
                                   model.num_classes)
 
-    def sections(self, image_size: tuple[int, int]) -> tuple[Callable[[int, Any], Any], Callable[[int, Any], Tensor]]:
+    def section_functions(self, image_size: tuple[int, int]) -> tuple[Callable[[int, Any], Any], Callable[[int, Any], Tensor]]:
         """``(section, exit_logits)`` for images of ``image_size``, as `run_early_exit` takes them: section k of
         the model on its hidden state, and exit k's logits on section k's output (this predictor's inference
         copies of the heads). Call them under ``torch.no_grad()`` with the model in eval mode."""

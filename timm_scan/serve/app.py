@@ -1,18 +1,21 @@
 """The early-exit model behind an HTTP service on Ray Serve: `EarlyExitService` and `run`.
 
 One Ray Serve deployment (FastAPI ingress) per service; Ray runs it on one machine or across a cluster,
-with replicas, without code changes. Requests from different clients are batched dynamically
-(``@serve.batch``) and each batch runs `EarlyExitPredictor` (SCAN Algorithm 1 with the model folder's
-exit policy). Routes:
+with replicas, without code changes. In each replica a `SectionBatcher` batches requests per section:
+images from different clients run section 0 together, and the samples that go on past an exit run the
+next section together with other requests' survivors (``batcher.py``). It runs the torch model
+(`EarlyExitPredictor`'s sections, heads and policy), an `export_onnx` folder (`OnnxEarlyExitPredictor`'s
+graphs), or with ``plain=True`` the backbone alone, the same way, for comparison. Routes:
 
-- ``GET /health``: 200 once the replica has loaded the model;
+- ``GET /health``: 200 once the replica has loaded the model and run it once;
 - ``POST /predict``: one encoded image as the body (``image/png``, ``image/jpeg`` or
   ``application/octet-stream``) → JSON ``label``, ``class_name``, ``exit`` (0-based, as
   ``EarlyExitResult.exit_index``), ``confidence`` and ``top_k``; preprocessing is the model's own data
   config (``eval_transform``), so the answer is `EarlyExitPredictor`'s on the same image. A body that is
   empty, too large, of another content type or not an image the service can decode gets a 4xx with the
-  reason;
-- ``GET /policy``: the exit policy in use and what it promises;
+  reason; an image the model answers with non-finite logits a 422; a section that fails a 500 for the
+  requests in its batch, and the service goes on;
+- ``GET /policy``: what is served (engine, exits), the exit policy in use and what it promises;
 - ``GET /metrics``: `ServiceMetrics` in Prometheus' text format (this replica's).
 
 Overload is refused by Ray Serve (``max_queued_requests``: 503) instead of queued without bound.
@@ -23,24 +26,30 @@ Overload is refused by Ray Serve (``max_queued_requests``: 503) instead of queue
 
 import asyncio
 import io
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
 import PIL.ImageOps
+import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from torch import Tensor
 
+from ..deploy.onnx import MANIFEST, OnnxEarlyExitPredictor
 from ..deploy.predictor import EarlyExitPredictor
+from ..exit_policy import ExitPolicy
 from ..model.multi_exit import MultiExitModel
 from ..training.data import eval_transform, to_rgb
+from .batcher import SectionBatcher, StagedPredictor
 from .metrics import ServiceMetrics
 
-__all__ = ["CONTENT_TYPES", "EarlyExitService", "load_model", "run"]
+__all__ = ["CONTENT_TYPES", "BackbonePredictor", "EarlyExitService", "Served", "load", "run"]
 
 CONTENT_TYPES = ("image/png", "image/jpeg", "application/octet-stream")
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what PIL may decode a body as: no format that runs other programs (EPS)
@@ -58,19 +67,71 @@ class BadRequest(ValueError):
         self.status, self.reason = status, reason
 
 
-def load_model(source: str | Path) -> MultiExitModel:
-    """The model to serve: a training run (its ``best/``), a saved folder, or ``"hf-hub:owner/name"``; it must
-    carry a data config and an exit policy with thresholds (``timm-scan search``)."""
+class BackbonePredictor:
+    """The backbone alone as one section, its own head the only exit: the model served without early exit
+    (``plain=True``), so that a comparison runs the same service, batching and preprocessing."""
+
+    def __init__(self, model: MultiExitModel) -> None:
+        self.backbone = model.backbone
+        self.policy = ExitPolicy(thresholds=(), fallback="deepest")
+
+    def section_functions(self, image_size: tuple[int, int]) -> tuple[Any, Any]:
+        return (lambda k, x: self.backbone.forward_features(x)), (lambda k, h: self.backbone.forward_head(h))
+
+
+@dataclass
+class Served:
+    """What a replica serves: the predictor it batches, the data config its images are preprocessed with,
+    class names, the modules the exits follow (shallowest first) and the engine, in words."""
+
+    predictor: StagedPredictor
+    data_config: dict[str, Any]
+    class_names: list[str] | None
+    exits: list[str]
+    engine: str
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.predictor.policy.thresholds) + 1
+
+
+def load(source: str | Path, plain: bool = False) -> Served:
+    """What to serve from ``source``: a training run (its ``best/``), a saved folder, ``"hf-hub:owner/name"``,
+    or an `export_onnx` folder (run with ONNX Runtime on CPU). It must carry a data config and an exit policy
+    with thresholds (``timm-scan search``); ``plain``: its backbone alone (torch only). Every section and exit
+    runs once on a blank image here, so a model that cannot take its own input size fails now."""
     path = Path(source)
-    if (path / "best" / "scan_config.json").is_file():
-        path = path / "best"
-    model = MultiExitModel.from_pretrained(path if path.exists() else str(source)).eval()
-    if not model.data_config:
-        raise ValueError(f"{source}: the model has no data config, so images cannot be preprocessed as it was "
-                         "trained; serve a training run or a folder it saved")
-    model.policy.check(model.num_exits, needs_thresholds="search them first: timm-scan search RUN")
-    EarlyExitPredictor(model)(torch.zeros(1, *model.data_config["input_size"]))  # its input size fits the model
-    return model
+    if (path / MANIFEST).is_file():
+        if plain:
+            raise ValueError(f"{source}: an ONNX export has no graph of the plain backbone; serve the model folder "
+                             "it was exported from with plain=True")
+        predictor = OnnxEarlyExitPredictor(path)
+        m = predictor.manifest
+        if not m.data_config:
+            raise ValueError(f"{source}: the export has no data config, so images cannot be preprocessed as the model "
+                             "was trained; export a model that has one (model.data_config)")
+        served = Served(predictor, m.data_config, m.class_names, list(m.stages), "onnxruntime (CPU)")
+    else:
+        if (path / "best" / "scan_config.json").is_file():
+            path = path / "best"
+        model = MultiExitModel.from_pretrained(path if path.exists() else str(source)).eval()
+        if not model.data_config:
+            raise ValueError(f"{source}: the model has no data config, so images cannot be preprocessed as it was "
+                             "trained; serve a training run or a folder it saved")
+        if plain:
+            served = Served(BackbonePredictor(model), model.data_config, model.class_names, [], "torch, plain backbone")
+        else:
+            model.policy.check(model.num_exits, needs_thresholds="search them first: timm-scan search RUN")
+            served = Served(EarlyExitPredictor(model), model.data_config, model.class_names,
+                            [s.module for s in model.exit_stages], "torch")
+    input_size = tuple(served.data_config["input_size"])
+    section, exit_logits = served.predictor.section_functions(input_size[1:])
+    with torch.no_grad():
+        h: Any = torch.zeros(1, *input_size)
+        for k in range(served.num_exits):
+            h = section(k, h)
+            exit_logits(k, h)
+    return served
 
 
 def check_body(length: int, content_type: str | None) -> None:
@@ -108,35 +169,38 @@ def decode(body: bytes, channels: int) -> PIL.Image.Image:
 @serve.deployment
 @serve.ingress(api)
 class EarlyExitService:
-    """One replica: the model, its predictor and preprocessing, and its metrics."""
+    """One replica: what it serves (`load`), its `SectionBatcher`, preprocessing and metrics."""
 
-    def __init__(self, source: str, max_batch_size: int = 32, batch_wait_ms: float = 5.0, top_k: int = 5) -> None:
-        self.model = load_model(source)
-        self.predictor = EarlyExitPredictor(self.model)
-        self.transform = eval_transform(self.model.data_config)
-        self.channels = self.model.data_config["input_size"][0]
+    def __init__(self, source: str, plain: bool = False, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
+                 top_k: int = 5) -> None:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        torch.set_num_threads(max(1, math.floor(cpus or 1)))  # this replica's share of the machine
+        self.served = load(source, plain)
+        self.transform = eval_transform(self.served.data_config)
+        self.input_size = tuple(self.served.data_config["input_size"])
         self.top_k = top_k
-        self.metrics = ServiceMetrics(self.model.num_exits)
-        self.predict_batch.set_max_batch_size(max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        self.metrics = ServiceMetrics(self.served.num_exits)
+        self.batcher = SectionBatcher(self.served.predictor, self.input_size[1:], max_batch_size=max_batch_size,
+                                      batch_wait_s=batch_wait_ms / 1000, on_batch=self.metrics.batch)
 
     @api.get("/health")
     def health(self) -> dict[str, str]:
-        """200 once this replica has loaded the model."""
+        """200 once this replica has loaded the model and run it once."""
         return {"status": "ok"}
 
     @api.get("/policy")
     def policy(self) -> dict[str, Any]:
-        """The exits, the exit policy the model folder carries and what it promises, the data config."""
-        policy = self.model.policy
-        return {"exits": [s.module for s in self.model.exit_stages], "policy": policy.to_dict(),
-                "promise": policy.origin.promise if policy.origin is not None else "thresholds set by hand: none",
-                "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.model.data_config.items()}}
+        """What is served (engine, exits), the exit policy in use and what it promises, the data config."""
+        policy, served = self.served.predictor.policy, self.served
+        promise = ("none: the plain backbone, without early exit" if served.num_exits == 1 else
+                   policy.origin.promise if policy.origin is not None else "thresholds set by hand: none")
+        return {"engine": served.engine, "exits": served.exits, "policy": policy.to_dict(), "promise": promise,
+                "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in served.data_config.items()}}
 
     @api.get("/metrics")
     def metrics_text(self) -> PlainTextResponse:
         """This replica's `ServiceMetrics`, in Prometheus' text format."""
-        return PlainTextResponse(self.metrics.prometheus(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(self.metrics.prometheus(self.batcher.waiting), media_type="text/plain; version=0.0.4")
 
     @api.post("/predict")
     async def predict(self, request: Request) -> Any:
@@ -149,75 +213,72 @@ class EarlyExitService:
         except BadRequest as exc:
             self.metrics.refuse(exc.reason)
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
-        answer = await self.predict_batch(image)
-        if "error" in answer:
+        try:
+            probs, exit_index = await self.batcher(image)
+        except ValueError as exc:
             self.metrics.refuse("refused_by_model")
-            return JSONResponse(answer, status_code=422)
-        self.metrics.answer(time.perf_counter() - started, answer["exit"], answer["confidence"])
+            return JSONResponse({"error": f"the model cannot answer this image: {exc}"}, status_code=422)
+        except Exception as exc:  # a section that failed (out of memory, a damaged graph): this batch only
+            self.metrics.refuse("failed")
+            return JSONResponse({"error": f"the model failed on this request's batch ({type(exc).__name__}: {exc}); "
+                                          "send it again"}, status_code=500)
+        answer = self.answer(probs, exit_index)
+        self.metrics.answer(time.perf_counter() - started, exit_index, answer["confidence"])
         return answer
 
     def prepare(self, body: bytes) -> Tensor:
         """The body decoded and preprocessed as the model's data config says (`eval_transform`)."""
-        image = decode(body, self.channels)
+        image = decode(body, self.input_size[0])
         try:
             return self.transform(image)
         except Exception as exc:
             raise BadRequest(f"the image cannot be preprocessed ({type(exc).__name__}: {exc})", 400,
                              "not_an_image") from None
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, images: list[Tensor]) -> list[dict[str, Any]]:
-        """The requests that arrived together, run as one batch (off the event loop); one answer each, in
-        order. Where the predictor refuses the batch (an image whose logits are not finite), each image
-        runs alone, so that only the one refused gets an error."""
-        self.metrics.batch(len(images))
-        try:
-            return self.answers(await asyncio.to_thread(self.predictor, torch.stack(images)))
-        except ValueError:
-            answers = []
-            for image in images:
-                try:
-                    answers += self.answers(await asyncio.to_thread(self.predictor, image[None]))
-                except ValueError as exc:
-                    answers.append({"error": f"the model cannot answer this image: {exc}"})
-            return answers
-
-    def answers(self, result: Any) -> list[dict[str, Any]]:
-        """The JSON answers of an `EarlyExitResult`, one per image."""
-        top = result.probs.topk(min(self.top_k, result.probs.shape[-1]), dim=-1)
-        names = self.model.class_names
+    def answer(self, probs: Tensor, exit_index: int) -> dict[str, Any]:
+        """The JSON answer from the probabilities ``(C,)`` a sample was answered with at ``exit_index``."""
+        names = self.served.class_names
 
         def name(label: Any) -> str | None:
             return names[int(label)] if names and int(label) < len(names) else None
 
-        return [{"label": int(result.labels[i]), "class_name": name(result.labels[i]),
-                 "exit": int(result.exit_index[i]), "confidence": float(result.confidence[i]),
-                 "top_k": [{"label": int(c), "class_name": name(c), "probability": float(p)}
-                           for p, c in zip(top.values[i], top.indices[i])]}
-                for i in range(len(result.labels))]
+        top = probs.topk(min(self.top_k, probs.shape[-1]))
+        label = int(top.indices[0])
+        return {"label": label, "class_name": name(label), "exit": exit_index, "confidence": float(top.values[0]),
+                "top_k": [{"label": int(c), "class_name": name(c), "probability": float(p)}
+                          for p, c in zip(top.values, top.indices)]}
 
 
-def run(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, max_batch_size: int = 32,
-        batch_wait_ms: float = 5.0, max_queued_requests: int = 256, top_k: int = 5, blocking: bool = True) -> None:
-    """Serve ``source`` (a run, a folder, or ``"hf-hub:owner/name"``; checked here first) on ``host:port`` with
-    ``replicas`` replicas; requests wait at most ``batch_wait_ms`` to fill a batch of ``max_batch_size``, and
-    beyond ``max_queued_requests`` waiting ones they are refused (503). Starts Ray on this machine unless
-    it is connected to a cluster already (``ray.init(address=...)``, or ``RAY_ADDRESS``; then a folder must be
-    at the same path on every machine, or give a Hub id). ``blocking=False`` returns once the service
-    answers (tests; stop it with ``ray.serve.shutdown()``); else it serves until Ctrl-C, then shuts down."""
-    import ray
-
-    load_model(source)  # a bad source fails here, with its reason, not in a replica that Ray restarts
+def run(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, plain: bool = False, replicas: int = 1,
+        replica_cpus: float = 1.0, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
+        max_ongoing_requests: int | None = None, max_queued_requests: int = 256, top_k: int = 5,
+        address: str | None = None, route_prefix: str = "/", blocking: bool = True) -> None:
+    """Serve ``source`` (`load`: a run, a folder, an ONNX export or ``"hf-hub:owner/name"``; checked here
+    first; ``plain``: its backbone alone) on ``host:port`` with ``replicas`` replicas of ``replica_cpus`` CPUs
+    each (torch's threads). Each section runs batches of up to ``max_batch_size`` samples and a sample waits
+    at most ``batch_wait_ms`` in a section's queue for a fuller batch; a replica takes ``max_ongoing_requests``
+    at once (default ``8 * max_batch_size``: enough survivors to fill the deeper sections' batches), and
+    beyond ``max_queued_requests`` waiting for a replica requests are refused (503). Ray starts on this
+    machine, unless this process is connected to a cluster already, or ``address`` (or ``RAY_ADDRESS``)
+    names one: then a folder must be at the same path on every machine, or give a Hub id. ``route_prefix``:
+    where its routes start (``"/"``; serve several models at once under several prefixes).
+    ``blocking=False`` returns once the service is deployed (tests; stop it with ``ray.serve.shutdown()``);
+    else it serves until Ctrl-C, then shuts down."""
+    load(source, plain)  # a bad source fails here, with its reason, not in a replica that Ray restarts
     path = Path(source)
     source = str(path.resolve()) if path.exists() else str(source)  # replicas do not share this working directory
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": host, "port": port})
-    app = EarlyExitService.options(num_replicas=replicas, max_ongoing_requests=2 * max_batch_size,
-                                   max_queued_requests=max_queued_requests).bind(
-        source, max_batch_size, batch_wait_ms, top_k)
-    serve.run(app, name="timm-scan", route_prefix="/", blocking=False)
-    print(f"serving {source} on http://{host}:{port} (POST /predict; GET /health, /policy, /metrics)", flush=True)
+    app = EarlyExitService.options(
+        num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus},
+        max_ongoing_requests=max_ongoing_requests or 8 * max_batch_size, max_queued_requests=max_queued_requests,
+    ).bind(source, plain, max_batch_size, batch_wait_ms, top_k)
+    serve.run(app, name="timm-scan" + route_prefix.rstrip("/").replace("/", "-"), route_prefix=route_prefix,
+              blocking=False)
+    url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    print(f"serving {source}{' (plain backbone)' if plain else ''} on {url} (POST /predict; GET /health, /policy, "
+          "/metrics)", flush=True)
     if blocking:
         try:
             while True:

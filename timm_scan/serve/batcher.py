@@ -14,7 +14,7 @@ that is ready:
 So under load every section runs full batches, and a request that comes alone waits only section 0's
 ``batch_wait_s``, as under Ray Serve's ``@serve.batch`` (which forms one function's batches on its own
 timer and so cannot hold survivors back for the next batch of another section). Each sample's answer is
-`EarlyExitPredictor`'s: the same sections and heads (``predictor.sections``) and the same step
+`EarlyExitPredictor`'s: the same sections and heads (``predictor.section_functions``) and the same step
 (`exit_step`); only the batches differ, which moves the logits by float rounding.
 
 Sections are numbered 0..K-1 from the shallowest, as exits are; section k ends at exit k.
@@ -45,7 +45,7 @@ class StagedPredictor(Protocol):
 
     policy: ExitPolicy
 
-    def sections(self, image_size: tuple[int, int]) -> tuple[Callable[[int, Any], Any], Callable[[int, Any], Tensor]]:
+    def section_functions(self, image_size: tuple[int, int]) -> tuple[Callable[[int, Any], Any], Callable[[int, Any], Tensor]]:
         ...
 
 
@@ -89,7 +89,7 @@ class SectionBatcher:
                              f"and {batch_wait_s}")
         self.policy = predictor.policy
         self.num_exits = len(self.policy.thresholds) + 1
-        self.section, self.exit_logits = predictor.sections(image_size)
+        self.section, self.exit_logits = predictor.section_functions(image_size)
         self.max_batch_size, self.batch_wait_s, self.on_batch = max_batch_size, batch_wait_s, on_batch
         self.queues: list[collections.deque[_Group]] = [collections.deque() for _ in range(self.num_exits)]
         self.waiting = [0] * self.num_exits  # samples in each queue
