@@ -68,19 +68,56 @@ def test_every_image_gets_the_predictors_answer(name, fallback, rule):
     assert max(n for _, n in batches) <= 8 and sum(n for i, n in batches if i == 0) == len(x)
 
 
-def test_survivors_of_different_requests_run_together_at_the_deeper_sections():
+@pytest.mark.parametrize("fallback, rule", [("deepest", "own"), ("ensemble", "running-mean")])
+def test_survivors_of_different_requests_run_together_at_the_deeper_sections(fallback, rule):
     model, size, x = wrapped("resnet18", 64)
-    predictor = EarlyExitPredictor(model, ExitPolicy(separated_thresholds(model, x, quantile=0.6), "deepest"))
-    reached = [(predictor(x).exit_index >= i).sum().item() for i in range(model.num_exits)]
+    policy = ExitPolicy(separated_thresholds(model, x, rule, quantile=0.6), fallback, rule=rule)
+    predictor = EarlyExitPredictor(model, policy)
+    expected = predictor(x)
+    reached = [(expected.exit_index >= i).sum().item() for i in range(model.num_exits)]
     batches = []
-    # no wait runs out: a deeper section runs when it holds a full batch or nothing upstream can join it
+    # no wait runs out: a deeper section runs when it holds a full batch or nothing upstream can join it, so
+    # groups of survivors are split to fill batches, and what Algorithm 1 carries for them (the probabilities
+    # the ensemble and the running mean need) must follow their rows
     batcher = SectionBatcher(predictor, (size, size), max_batch_size=8, batch_wait_s=60,
                              on_batch=lambda i, n: batches.append((i, n)))
-    asyncio.run(answer_all(batcher, x))
+    answers = asyncio.run(answer_all(batcher, x))
     assert reached[-1] < 0.5 * len(x) and reached[-1] > 8  # several requests' survivors at the deepest section
     for i, n in enumerate(reached):  # every batch is full but one: 8 images in, ~3 out of a batch at the end
         sizes = sorted((m for j, m in batches if j == i), reverse=True)
         assert sizes == [8] * (n // 8) + ([n % 8] if n % 8 else []), (i, sizes)
+    assert [a[1] for a in answers] == expected.exit_index.tolist()
+    torch.testing.assert_close(torch.stack([p for p, _ in answers]), expected.probs, rtol=1e-4, atol=1e-5)
+
+
+def test_callers_that_are_gone_are_not_run_and_a_failing_callback_fails_one_batch():
+    model, size, x = wrapped("resnet18", 16)
+    predictor = EarlyExitPredictor(model, ExitPolicy(separated_thresholds(model, x), "deepest"))
+    expected = predictor(x)
+    calls = []
+
+    def on_batch(i, n):
+        calls.append((i, n))
+        if len(calls) == 1:
+            raise RuntimeError("the metrics broke")
+
+    async def run():
+        batcher = SectionBatcher(predictor, (size, size), max_batch_size=4, batch_wait_s=0.01, on_batch=on_batch)
+        tasks = [asyncio.create_task(batcher(image)) for image in x]
+        await asyncio.sleep(0)  # every image is queued
+        for task in tasks[4:8]:
+            task.cancel()
+        answers = await asyncio.gather(*tasks, return_exceptions=True)
+        with pytest.raises(ValueError, match="one image"):
+            await batcher(x[:2])
+        batcher.close()
+        return answers
+
+    answers = asyncio.run(run())
+    assert all(isinstance(a, RuntimeError) for a in answers[:4])  # the first batch, whose callback failed
+    assert all(isinstance(a, asyncio.CancelledError) for a in answers[4:8])
+    assert [a[1] for a in answers[8:]] == expected.exit_index[8:].tolist()
+    assert sum(n for i, n in calls if i == 0) == 12  # the cancelled four never ran
 
 
 def test_an_image_with_a_non_finite_answer_fails_alone_and_a_failing_section_fails_its_batch():

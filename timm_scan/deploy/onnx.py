@@ -581,7 +581,8 @@ class OnnxEarlyExitPredictor:
         each graph on CPU tensors; ``image_size`` must be the exported one (it is fixed)."""
         if image_size is not None and tuple(image_size) != tuple(self.manifest.input_size[1:]):
             raise ValueError(f"this export takes {self.manifest.input_size[1]}x{self.manifest.input_size[2]} images; "
-                             f"got {image_size[0]}x{image_size[1]}")
+                             f"got {image_size[0]}x{image_size[1]}: resize them so, or export again at that size "
+                             "(timm-scan export RUN --input-size)")
         return self._section, self._exit_logits
 
     @property

@@ -229,7 +229,7 @@ class ExitCarry:
 
     @staticmethod
     def cat(carries: Sequence[ExitCarry]) -> ExitCarry:
-        seen = [torch.cat(rows) for rows in zip(*(c.seen for c in carries))]
+        seen = [torch.cat(rows) for rows in zip(*(c.seen for c in carries), strict=True)]
         totals = [c.total for c in carries]
         return ExitCarry(seen, torch.cat(totals) if totals[0] is not None else None)
 

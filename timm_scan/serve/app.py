@@ -41,12 +41,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from torch import Tensor
 
-from ..deploy.onnx import MANIFEST, OnnxEarlyExitPredictor
+from ..deploy.onnx import MANIFEST, OnnxEarlyExitPredictor, session_options
 from ..deploy.predictor import EarlyExitPredictor
 from ..exit_policy import ExitPolicy
 from ..model.multi_exit import MultiExitModel
 from ..training.data import eval_transform, to_rgb
-from .batcher import SectionBatcher, StagedPredictor
+from .batcher import NonFiniteAnswer, SectionBatcher, StagedPredictor
 from .metrics import ServiceMetrics
 
 __all__ = ["CONTENT_TYPES", "BackbonePredictor", "EarlyExitService", "Served", "load", "run"]
@@ -95,17 +95,18 @@ class Served:
         return len(self.predictor.policy.thresholds) + 1
 
 
-def load(source: str | Path, plain: bool = False) -> Served:
+def load(source: str | Path, plain: bool = False, threads: int | None = None) -> Served:
     """What to serve from ``source``: a training run (its ``best/``), a saved folder, ``"hf-hub:owner/name"``,
     or an `export_onnx` folder (run with ONNX Runtime on CPU). It must carry a data config and an exit policy
-    with thresholds (``timm-scan search``); ``plain``: its backbone alone (torch only). Every section and exit
-    runs once on a blank image here, so a model that cannot take its own input size fails now."""
+    with thresholds (``timm-scan search``); ``plain``: its backbone alone (torch only). ``threads``: ONNX
+    Runtime's per graph (default: its own choice, a thread per core). Every section and exit runs once on a
+    blank image here, so a model that cannot take its own input size fails now."""
     path = Path(source)
     if (path / MANIFEST).is_file():
         if plain:
             raise ValueError(f"{source}: an ONNX export has no graph of the plain backbone; serve the model folder "
                              "it was exported from with plain=True")
-        predictor = OnnxEarlyExitPredictor(path)
+        predictor = OnnxEarlyExitPredictor(path, session_options=session_options(threads))
         m = predictor.manifest
         if not m.data_config:
             raise ValueError(f"{source}: the export has no data config, so images cannot be preprocessed as the model "
@@ -173,9 +174,12 @@ class EarlyExitService:
 
     def __init__(self, source: str, plain: bool = False, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
                  top_k: int = 5) -> None:
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        torch.set_num_threads(max(1, math.floor(cpus or 1)))  # this replica's share of the machine
-        self.served = load(source, plain)
+        cpus = max(1, math.floor(ray.get_runtime_context().get_assigned_resources().get("CPU") or 1))
+        onnx = (Path(source) / MANIFEST).is_file()
+        # this replica's share of the machine: torch's threads, or ONNX Runtime's, with torch's few small ops
+        # between the graphs on one thread (idle torch workers would spin on the cores the graphs need)
+        torch.set_num_threads(1 if onnx else cpus)
+        self.served = load(source, plain, threads=cpus if onnx else None)
         self.transform = eval_transform(self.served.data_config)
         self.input_size = tuple(self.served.data_config["input_size"])
         self.top_k = top_k
@@ -215,13 +219,13 @@ class EarlyExitService:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         try:
             probs, exit_index = await self.batcher(image)
-        except ValueError as exc:
+        except NonFiniteAnswer as exc:
             self.metrics.refuse("refused_by_model")
             return JSONResponse({"error": f"the model cannot answer this image: {exc}"}, status_code=422)
         except Exception as exc:  # a section that failed (out of memory, a damaged graph): this batch only
             self.metrics.refuse("failed")
-            return JSONResponse({"error": f"the model failed on this request's batch ({type(exc).__name__}: {exc}); "
-                                          "send it again"}, status_code=500)
+            return JSONResponse({"error": f"the model failed on the batch this request ran in ({type(exc).__name__}: "
+                                          f"{exc}); the service's log has the traceback"}, status_code=500)
         answer = self.answer(probs, exit_index)
         self.metrics.answer(time.perf_counter() - started, exit_index, answer["confidence"])
         return answer
