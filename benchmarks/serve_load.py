@@ -2,7 +2,8 @@
 the same way (Ray Serve, the same per-section batching settings, the same preprocessing), under open-loop
 Poisson traffic from a bounded asyncio client on 127.0.0.1.
 
-Each request sends one CIFAR-10 test image, JPEG as stored, and the answers are scored against its label.
+Each request sends one CIFAR-10 test image, JPEG as stored (``--per-request N``: N of them, base64 in one
+``/predict_batch`` request), and the answers are scored against their labels.
 At each offered rate the client sends for ``--duration`` seconds (at most ``--max-requests``) and then
 waits for the answers (each at most ``--timeout`` seconds); a rate is sustained when its p99 latency is
 within ``--p99-ms`` and at least 99% of its requests were answered. The offline batch-256 wall-clock
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import datetime
 import json
 import math
@@ -85,25 +87,34 @@ def served_folder(args: argparse.Namespace, bodies: list[bytes], root: Path) -> 
 
 
 async def open_loop(url: str, bodies: list[bytes], rate: float, duration: float, max_requests: int, timeout: float,
-                    seed: int, fault: bool = False) -> list[dict]:
-    """Poisson arrivals at ``rate`` a second for ``duration`` seconds (at most ``max_requests``); each request
-    sends the next body (``fault``: every tenth is malformed) and records when it left, its status, its
-    latency and its answer. Returns once every request is answered or timed out."""
+                    seed: int, fault: bool = False, per_request: int = 1) -> list[dict]:
+    """Poisson arrivals at ``rate`` requests a second for ``duration`` seconds (at most ``max_requests``); each
+    request sends the next body (``per_request`` > 1: that many, base64 in one ``/predict_batch`` request;
+    ``fault``: every tenth request is malformed) and records when it left, its status, its latency and the
+    answered images (``(index into bodies, label, exit)``). Returns once every request is answered or timed out."""
     rng = random.Random(seed)
     records: list[dict] = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         async def send(i: int, sent_at: float) -> None:
             malformed = fault and i % 10 == 9
-            body = b"\xff\xd8 a truncated JPEG" if malformed else bodies[i % len(bodies)]
-            record = {"i": i, "sent": sent_at, "malformed": malformed}
+            indices = [(i * per_request + j) % len(bodies) for j in range(per_request)]
+            if per_request == 1:
+                path, kind, body = "/predict", "image/jpeg", bodies[indices[0]]
+            else:
+                images = [base64.b64encode(bodies[j]).decode() for j in indices]
+                path, kind, body = "/predict_batch", "application/json", json.dumps({"images": images}).encode()
+            if malformed:
+                body = b"\xff\xd8 a truncated JPEG"
+            record = {"i": i, "sent": sent_at, "malformed": malformed, "images": per_request, "answered": []}
             started = time.perf_counter()
             try:
-                async with session.post(f"{url}/predict", data=body, headers={"Content-Type": "image/jpeg"}) as r:
+                async with session.post(f"{url}{path}", data=body, headers={"Content-Type": kind}) as r:
                     record["status"], text = r.status, await r.text()
                 if r.status == 200:
-                    answer = json.loads(text)
-                    record["label"], record["exit"] = answer["label"], answer["exit"]
+                    answers = json.loads(text)
+                    answers = answers["answers"] if per_request > 1 else [answers]
+                    record["answered"] = [(j, a["label"], a["exit"]) for j, a in zip(indices, answers) if "label" in a]
             except asyncio.TimeoutError:
                 record["status"] = "timeout"
             except aiohttp.ClientError as exc:
@@ -128,20 +139,22 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def summary(records: list[dict], labels: list[int], rate: float, duration: float, num_exits: int) -> dict:
-    """Throughput, latency quantiles (answered requests), accuracy and exit shares at one offered rate."""
+    """Throughput (images answered a second), latency quantiles (answered requests), accuracy and exit shares
+    (answered images) at one offered rate."""
     good = [r for r in records if not r["malformed"]]
     answered = [r for r in good if r["status"] == 200]
+    images = [item for r in answered for item in r["answered"]]
     latency = [r["latency"] for r in answered]
     span = max((r["sent"] + r["latency"] for r in answered), default=duration)
     statuses: dict[str, int] = {}
     for r in records:
         statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
     return {"offered_per_s": rate, "sent": len(records), "statuses": statuses,
-            "answered_share": len(answered) / max(1, len(good)),
-            "throughput_per_s": len(answered) / span, "p50_ms": 1000 * quantile(latency, 0.5),
+            "answered_share": len(images) / max(1, sum(r["images"] for r in good)),
+            "throughput_per_s": len(images) / span, "p50_ms": 1000 * quantile(latency, 0.5),
             "p99_ms": 1000 * quantile(latency, 0.99), "mean_ms": 1000 * statistics.fmean(latency) if latency else None,
-            "accuracy": statistics.fmean(r["label"] == labels[r["i"] % len(labels)] for r in answered) if answered else None,
-            "exit_shares": [sum(r["exit"] == k for r in answered) / max(1, len(answered)) for k in range(num_exits)]}
+            "accuracy": statistics.fmean(label == labels[j] for j, label, _ in images) if images else None,
+            "exit_shares": [sum(e == k for _, _, e in images) / max(1, len(images)) for k in range(num_exits)]}
 
 
 def free_port() -> int:
@@ -164,7 +177,8 @@ def measure_service(folder: Path, plain: bool, args: argparse.Namespace, bodies:
     num_exits = load(folder, plain).num_exits
     rows = []
     for rate in args.rates:
-        records = asyncio.run(open_loop(url, bodies, rate, args.duration, args.max_requests, args.timeout, seed=0))
+        records = asyncio.run(open_loop(url, bodies, rate, args.duration, args.max_requests, args.timeout, seed=0,
+                                        per_request=args.per_request))
         rows.append(summary(records, labels, rate, args.duration, num_exits))
         print(("plain      " if plain else "early exit ") + json.dumps({k: rows[-1][k] for k in (
             "offered_per_s", "throughput_per_s", "p50_ms", "p99_ms", "answered_share", "accuracy")}), flush=True)
@@ -178,12 +192,12 @@ def sustained(rows: list[dict], p99_ms: float) -> float | None:
     return max(ok) if ok else None
 
 
-def offline(folder: Path, bodies: list[bytes], threads: int) -> dict:
-    """The predictor and the plain backbone on the same images, batch 256, on ``threads`` torch threads."""
+def offline(folder: Path, bodies: list[bytes], threads: int, n: int) -> dict:
+    """The predictor and the plain backbone on the same ``n`` images, batch 256, on ``threads`` torch threads."""
     torch.set_num_threads(threads)
     model = timm_scan.from_pretrained(folder).eval()
     transform = eval_transform(model.data_config)
-    images = torch.stack([transform(decode(b, 3)) for b in bodies[:1024]])
+    images = torch.stack([transform(decode(b, 3)) for b in bodies[:n]])
     timing = measure_wall_clock(model, EarlyExitPredictor(model), images, 256)
     return {**timing.to_dict(), "speedup": timing.speedup}
 
@@ -205,11 +219,12 @@ def fault_run(folder: Path, args: argparse.Namespace, bodies: list[bytes], label
                     if a["name"].startswith("SERVE_REPLICA::"))
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         killed.update(name=name, at=time.perf_counter())
-        while True:  # until the controller runs two healthy replicas again
+        while True:  # until the controller runs two replicas again, one of them new
             await asyncio.sleep(0.2)
+            alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].startswith("SERVE_REPLICA::")}
             status = serve.status().applications["timm-scan"].deployments["EarlyExitService"]
-            running = status.replica_states.get("RUNNING", 0)
-            if running == 2 and not any(a["name"] == name for a in ray.util.list_named_actors(all_namespaces=True)):
+            if len(alive) == 2 and name not in alive and status.replica_states.get("RUNNING", 0) == 2:
                 killed["recovered_s"] = time.perf_counter() - killed["at"]
                 return
 
@@ -250,9 +265,12 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request waits for its answer at most")
     p.add_argument("--p99-ms", type=float, default=500.0, help="the p99 latency target")
     p.add_argument("--images", type=int, default=2000, help="test images sent in turn")
+    p.add_argument("--offline-images", type=int, default=1024, help="images the offline speed-up is timed on")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--replica-cpus", type=float, default=1.0)
+    p.add_argument("--per-request", type=int, default=1,
+                   help="images in each request (above 1: base64 in one /predict_batch request); rates count requests")
     p.add_argument("--fault", action="store_true", help="the fault run instead of the load comparison")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
@@ -275,7 +293,7 @@ def main() -> None:
                 record["fault"] = fault_run(folder, args, bodies, labels, port)
             else:
                 threads = max(1, math.floor(args.replica_cpus))
-                record["offline_batch_256"] = offline(folder, bodies, threads)
+                record["offline_batch_256"] = offline(folder, bodies, threads, args.offline_images)
                 record["early_exit"] = measure_service(folder, False, args, bodies, labels, port)
                 record["plain"] = measure_service(folder, True, args, bodies, labels, port)
                 ee, plain = sustained(record["early_exit"], args.p99_ms), sustained(record["plain"], args.p99_ms)

@@ -357,3 +357,54 @@ def test_exit_positions(bench_runs, monkeypatch, tmp_path):
     # a rerun reuses the proposal measured first (the runs trained with it are reused as head_budget.py's are)
     flags, again = bench["designs"](runs / "resnet18-sd", root)
     assert again == proposal and flags["proposed"][1:1 + len(proposal["proposed"])] == list(map(str, proposal["proposed"]))
+
+
+def test_serve_load_client_and_its_summary():
+    """The load client of ``serve_load.py`` against a stand-in service (aiohttp on 127.0.0.1, no Ray and no
+    model): Poisson arrivals, one image or a batch a request, statuses, and the figures made of them."""
+    import asyncio
+    import base64
+
+    from aiohttp import web
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import serve_load
+    finally:
+        sys.path.pop(0)
+    bodies, labels = [b"img0", b"img1", b"img2"], [0, 1, 2]
+
+    async def predict(request):
+        body = await request.read()
+        if body.startswith(b"\xff\xd8"):
+            return web.json_response({"error": "not an image"}, status=400)
+        return web.json_response({"label": int(body[-1:]), "exit": 1})
+
+    async def predict_batch(request):
+        images = [base64.b64decode(i) for i in (await request.json())["images"]]
+        return web.json_response({"answers": [{"label": 0, "exit": int(i[-1:])} for i in images]})
+
+    async def measure(per_request, fault):
+        app = web.Application()
+        app.add_routes([web.post("/predict", predict), web.post("/predict_batch", predict_batch)])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            return await serve_load.open_loop(f"http://127.0.0.1:{port}", bodies, 200, 0.2, 30, 10, seed=0, fault=fault,
+                                              per_request=per_request)
+        finally:
+            await runner.cleanup()
+
+    records = asyncio.run(measure(1, True))
+    assert 10 <= len(records) <= 30 and [r["i"] for r in records] == list(range(len(records)))
+    assert all((r["status"] == 400) == r["malformed"] for r in records) and sum(r["malformed"] for r in records) >= 1
+    row = serve_load.summary(records, labels, 200, 0.2, 3)
+    assert row["accuracy"] == 1.0 and row["answered_share"] == 1.0 and row["exit_shares"] == [0, 1, 0]
+    assert row["statuses"]["200"] + row["statuses"]["400"] == len(records) and row["p50_ms"] <= row["p99_ms"]
+    batched = serve_load.summary(asyncio.run(measure(4, False)), labels, 200, 0.2, 3)
+    assert batched["accuracy"] == pytest.approx(1 / 3, abs=0.1) and batched["exit_shares"][1] == pytest.approx(1 / 3, abs=0.1)
+    rows = [{"offered_per_s": r, "p99_ms": p, "answered_share": a} for r, p, a in [(1, 10, 1), (2, 600, 1), (3, 20, 0.5)]]
+    assert serve_load.sustained(rows, 500) == 1 and serve_load.sustained(rows, 1000) == 2

@@ -1,6 +1,7 @@
 """The HTTP service on Ray Serve, started on 127.0.0.1 with a tiny model: its answers are the predictor's,
 bad input gets a 4xx with the reason while other requests are answered, and the metrics count them."""
 
+import base64
 import concurrent.futures
 import io
 import json
@@ -226,3 +227,22 @@ def test_overload_is_refused_with_503_and_every_request_gets_an_answer(service):
         codes = [code for code, _ in pool.map(lambda _: request(f"{url}/tight/predict", body), range(12))]
     assert set(codes) == {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 6
     assert request(f"{url}/tight/predict", body)[0] == 200
+
+
+def test_a_batch_of_images_in_one_request_is_answered_image_by_image(service):
+    url, model = service
+    sent = bodies()[:6]
+    images = [base64.b64encode(b).decode() for b in sent] + ["not base64!", base64.b64encode(b"not an image").decode()]
+    code, reply = request(f"{url}/predict_batch", json.dumps({"images": images}).encode(), "application/json")
+    answers = json.loads(reply)["answers"]
+    expected = timm_scan.EarlyExitPredictor(model)(torch.stack([preprocessed(b) for b in sent]))
+    assert code == 200 and len(answers) == 8
+    assert [a["label"] for a in answers[:6]] == expected.labels.tolist()
+    assert [a["exit"] for a in answers[:6]] == expected.exit_index.tolist()
+    assert answers[6]["status"] == 400 and "base64" in answers[6]["error"]
+    assert answers[7]["status"] == 400 and "not an image" in answers[7]["error"]
+    for body, content_type, status in [(b"[1, 2]", "application/json", 400), (b'{"images": []}', "application/json", 400),
+                                       (json.dumps({"images": images[:1] * 257}).encode(), "application/json", 413),
+                                       (sent[0], "image/png", 415)]:
+        code, reply = request(f"{url}/predict_batch", body, content_type)
+        assert code == status and json.loads(reply)["error"]

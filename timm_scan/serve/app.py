@@ -15,6 +15,8 @@ graphs), or with ``plain=True`` the backbone alone, the same way, for comparison
   empty, too large, of another content type or not an image the service can decode gets a 4xx with the
   reason; an image the model answers with non-finite logits a 422; a section that fails a 500 for the
   requests in its batch, and the service goes on;
+- ``POST /predict_batch``: JSON ``{"images": [base64, ...]}`` (up to 256) → ``{"answers": [...]}``, each
+  image answered as ``/predict`` answers it, or ``{"error", "status"}`` in its place;
 - ``GET /policy``: what is served (engine, exits), the exit policy in use and what it promises;
 - ``GET /metrics``: `ServiceMetrics` in Prometheus' text format (this replica's).
 
@@ -25,7 +27,9 @@ Overload is refused by Ray Serve (``max_queued_requests``: 503) instead of queue
 # run time, and through Ray's wrapping of the class it cannot resolve them from strings.
 
 import asyncio
+import base64
 import io
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -55,6 +59,8 @@ CONTENT_TYPES = ("image/png", "image/jpeg", "application/octet-stream")
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what PIL may decode a body as: no format that runs other programs (EPS)
 MAX_BODY_BYTES = 20 * 2**20  # an encoded image above this is refused (413)
 MAX_PIXELS = 50_000_000  # a decoded image above this is refused (413): PIL's decompression-bomb guard, tighter
+MAX_BATCH_IMAGES = 256  # images in one /predict_batch request at most
+MAX_BATCH_BYTES = 64 * 2**20  # a /predict_batch body above this is refused (413)
 
 api = FastAPI(title="timm-scan early exit")
 
@@ -147,6 +153,34 @@ def check_body(length: int, content_type: str | None) -> None:
         raise BadRequest(f"the body has {length:,} bytes, above the {MAX_BODY_BYTES:,} served", 413, "too_large")
 
 
+def batch_bodies(body: bytes, content_type: str | None) -> list[bytes | BadRequest]:
+    """The images of a ``/predict_batch`` body, JSON ``{"images": [base64, ...]}``: each decoded from base64,
+    or a `BadRequest` in its place; the whole body refused (`BadRequest`) where it is not such a list."""
+    kind = (content_type or "application/json").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise BadRequest(f"Content-Type {kind!r} is not served here; send JSON {{\"images\": [base64, ...]}}", 415,
+                         "content_type")
+    if len(body) > MAX_BATCH_BYTES:
+        raise BadRequest(f"the body has {len(body):,} bytes, above the {MAX_BATCH_BYTES:,} served", 413, "too_large")
+    try:
+        images = json.loads(body)["images"]
+        if not isinstance(images, list):
+            raise TypeError("images is not a list")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadRequest(f"the body is not JSON {{\"images\": [base64, ...]}} ({type(exc).__name__}: {exc})", 400,
+                         "not_a_batch") from None
+    if not images or len(images) > MAX_BATCH_IMAGES:
+        raise BadRequest(f"send 1 to {MAX_BATCH_IMAGES} images in one request; got {len(images)}", 413 if images else 400,
+                         "batch_size")
+    decoded: list[bytes | BadRequest] = []
+    for i, image in enumerate(images):
+        try:
+            decoded.append(base64.b64decode(image, validate=True))
+        except (ValueError, TypeError):
+            decoded.append(BadRequest(f"images[{i}] is not base64 text", 400, "not_base64"))
+    return decoded
+
+
 def decode(body: bytes, channels: int) -> PIL.Image.Image:
     """The body as a PIL image, upright (its EXIF orientation applied, as ``datasets`` decodes images) and in
     the model's colours (`to_rgb`, then grey for one-channel models), or `BadRequest`."""
@@ -210,25 +244,51 @@ class EarlyExitService:
     async def predict(self, request: Request) -> Any:
         """One encoded image → the early-exit answer; a 4xx with the reason for a body it cannot take."""
         started = time.perf_counter()
+        body = await request.body()  # Ray Serve's proxy has buffered it whole already
+        status, payload = await self.respond(body, request.headers.get("content-type"), started)
+        return payload if status == 200 else JSONResponse(payload, status_code=status)
+
+    @api.post("/predict_batch")
+    async def predict_batch(self, request: Request) -> Any:
+        """Several images in one request, JSON ``{"images": [base64 of an encoded image, ...]}`` → ``{"answers":
+        [...]}``, one per image in order: its answer as ``/predict`` gives it, or ``{"error", "status"}`` for an
+        image the service cannot take. Each image is batched per section like any other."""
+        started = time.perf_counter()
         try:
-            body = await request.body()  # Ray Serve's proxy has buffered it whole already
-            check_body(len(body), request.headers.get("content-type"))
-            image = await asyncio.to_thread(self.prepare, body)
+            images = batch_bodies(await request.body(), request.headers.get("content-type"))
         except BadRequest as exc:
             self.metrics.refuse(exc.reason)
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+        async def one(image: bytes | BadRequest) -> dict[str, Any]:
+            if isinstance(image, BadRequest):
+                self.metrics.refuse(image.reason)
+                return {"error": str(image), "status": image.status}
+            status, payload = await self.respond(image, None, started)
+            return payload if status == 200 else {**payload, "status": status}
+
+        return {"answers": await asyncio.gather(*(one(image) for image in images))}
+
+    async def respond(self, body: bytes, content_type: str | None, started: float) -> tuple[int, dict[str, Any]]:
+        """The HTTP status and JSON answer for one encoded image (`check_body`, `prepare`, the batcher)."""
+        try:
+            check_body(len(body), content_type)
+            image = await asyncio.to_thread(self.prepare, body)
+        except BadRequest as exc:
+            self.metrics.refuse(exc.reason)
+            return exc.status, {"error": str(exc)}
         try:
             probs, exit_index = await self.batcher(image)
         except NonFiniteAnswer as exc:
             self.metrics.refuse("refused_by_model")
-            return JSONResponse({"error": f"the model cannot answer this image: {exc}"}, status_code=422)
+            return 422, {"error": f"the model cannot answer this image: {exc}"}
         except Exception as exc:  # a section that failed (out of memory, a damaged graph): this batch only
             self.metrics.refuse("failed")
-            return JSONResponse({"error": f"the model failed on the batch this request ran in ({type(exc).__name__}: "
-                                          f"{exc}); the service's log has the traceback"}, status_code=500)
+            return 500, {"error": f"the model failed on the batch this image ran in ({type(exc).__name__}: {exc}); "
+                                  "the service's log has the traceback"}
         answer = self.answer(probs, exit_index)
         self.metrics.answer(time.perf_counter() - started, exit_index, answer["confidence"])
-        return answer
+        return 200, answer
 
     def prepare(self, body: bytes) -> Tensor:
         """The body decoded and preprocessed as the model's data config says (`eval_transform`)."""
@@ -281,7 +341,7 @@ def run(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, plain:
     serve.run(app, name="timm-scan" + route_prefix.rstrip("/").replace("/", "-"), route_prefix=route_prefix,
               blocking=False)
     url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
-    print(f"serving {source}{' (plain backbone)' if plain else ''} on {url} (POST /predict; GET /health, /policy, "
+    print(f"serving {source}{' (plain backbone)' if plain else ''} on {url} (POST /predict, /predict_batch; GET /health, /policy, "
           "/metrics)", flush=True)
     if blocking:
         try:
