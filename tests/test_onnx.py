@@ -1,5 +1,6 @@
 """Export that keeps the early exit: ONNX graphs per section and exit, run by ONNX Runtime."""
 
+import asyncio
 import dataclasses
 import json
 import random
@@ -67,6 +68,33 @@ def test_onnx_runtime_answers_as_the_torch_predictor(exported, fallback):
     assert len(set(result.exit_index.tolist())) == 4  # a real mix of exits
     for image in x[:6]:  # batch 1
         assert_same_answers(model, folder, image[None], thresholds, fallback)
+
+
+def test_the_service_serves_the_export_batched_per_section(exported):
+    """`timm_scan.serve.app.load` of an export, and its graphs run by the service's `SectionBatcher`: each image
+    answered as the torch predictor answers it, whatever batch it ran in."""
+    pytest.importorskip("ray")
+    from timm_scan.serve.app import load
+    from timm_scan.serve.batcher import SectionBatcher
+
+    model, folder, _ = exported
+    served = load(folder)
+    assert served.engine.startswith("onnxruntime") and served.class_names == model.class_names
+    assert served.data_config["input_size"] == [3, 32, 32] and served.num_exits == model.num_exits
+    x = torch.randn(24, 3, 32, 32)
+    policy = ExitPolicy(thresholds_for(model, x), "ensemble", rule="running-mean")
+    expected = EarlyExitPredictor(model, policy)(x)
+
+    async def answers():
+        batcher = SectionBatcher(OnnxEarlyExitPredictor(folder, policy), (32, 32), max_batch_size=8, batch_wait_s=0.01)
+        try:
+            return await asyncio.gather(*(batcher(image) for image in x))
+        finally:
+            batcher.close()
+
+    got = asyncio.run(answers())
+    assert [e for _, e in got] == expected.exit_index.tolist() and len({e for _, e in got}) > 1
+    torch.testing.assert_close(torch.stack([p for p, _ in got]), expected.probs, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("fallback", ["ensemble", "deepest"])

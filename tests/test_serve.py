@@ -1,6 +1,7 @@
 """The HTTP service on Ray Serve, started on 127.0.0.1 with a tiny model: its answers are the predictor's,
 bad input gets a 4xx with the reason while other requests are answered, and the metrics count them."""
 
+import asyncio
 import base64
 import concurrent.futures
 import io
@@ -18,7 +19,6 @@ import torch
 from helpers import create, sharpen
 
 import timm_scan
-from timm_scan.deploy.onnx import export_onnx
 from timm_scan.cli import main
 import timm_scan.serve
 from timm_scan.serve import ServiceMetrics
@@ -79,17 +79,16 @@ def service(tmp_path_factory):
         confidence = [torch.softmax(z, -1).amax(-1) for z in model(x).logits]
     model.policy = timm_scan.ExitPolicy([thresholds_with_a_margin(c) for c in confidence[:-1]], "deepest")
     model.save_pretrained(folder)
-    export_onnx(model, folder / "onnx", (3, 32, 32))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(num_cpus=8, include_dashboard=False, configure_logging=False)  # logical CPUs: one per replica
     try:
         url = f"http://127.0.0.1:{port}"
-        # the model, its ONNX export, its plain backbone, and the model with room for one request and one waiting
-        for prefix, source, options in [("/", folder, {}), ("/onnx", folder / "onnx", {}), ("/plain", folder, {"plain": True}),
-                                        ("/tight", folder, {"max_ongoing_requests": 1, "max_queued_requests": 1,
-                                                            "batch_wait_ms": 300})]:
+        # the model, and the model with room for one request and one waiting
+        for prefix, source, options in [("/", folder, {}), ("/tight", folder, {"max_ongoing_requests": 1,
+                                                                               "max_queued_requests": 1,
+                                                                               "batch_wait_ms": 300})]:
             timm_scan.serve.run(source, host="127.0.0.1", port=port, max_batch_size=8,
                                 **{"batch_wait_ms": 20, **options}, route_prefix=prefix, blocking=False)
             for _ in range(100):  # the route may answer a moment after serve.run returns
@@ -200,24 +199,35 @@ def test_metrics_over_a_sliding_window():
     assert "timm_scan_request_latency_seconds_count 4" in text
 
 
-def test_the_onnx_export_and_the_plain_backbone_are_served_the_same_way(service):
-    url, model = service
-    sent = bodies()[:12]
-    x = torch.stack([preprocessed(b) for b in sent])
-    expected = timm_scan.EarlyExitPredictor(model)(x)
+def test_the_plain_backbone_is_served_the_same_way(tmp_path):
+    """What a replica serves with ``plain=True`` (`load`), run by its batcher as the service runs it; without
+    Ray's HTTP layer, which the tests above cover (the ONNX export: ``tests/test_onnx.py``)."""
+    pytest.importorskip("ray")
+    from timm_scan.serve.app import load
+
+    torch.manual_seed(0)
+    model = timm_scan.wrap(create("test_resnet", num_classes=3).eval(), check_input_size=(3, 32, 32)).eval()
+    model.data_config, model.policy = DATA_CONFIG, timm_scan.ExitPolicy([0.5] * (model.num_exits - 1))
+    model.save_pretrained(tmp_path)
+    x = torch.stack([preprocessed(b) for b in bodies()])
     with torch.no_grad():
         plain = torch.softmax(model.backbone(x), -1)
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        onnx = [json.loads(body) for _, body in pool.map(lambda b: request(f"{url}/onnx/predict", b), sent)]
-        backbone = [json.loads(body) for _, body in pool.map(lambda b: request(f"{url}/plain/predict", b), sent)]
-    assert [a["exit"] for a in onnx] == expected.exit_index.tolist()
-    assert [a["label"] for a in onnx] == expected.labels.tolist()
-    assert [a["confidence"] for a in onnx] == pytest.approx(expected.confidence.tolist(), abs=1e-4)
-    assert [a["label"] for a in backbone] == plain.argmax(-1).tolist() and {a["exit"] for a in backbone} == {0}
-    assert [a["confidence"] for a in backbone] == pytest.approx(plain.amax(-1).tolist(), abs=1e-5)
-    assert json.loads(request(f"{url}/onnx/policy")[1])["engine"].startswith("onnxruntime")
-    info = json.loads(request(f"{url}/plain/policy")[1])
-    assert info["promise"].startswith("none") and info["policy"]["thresholds"] == []
+    backbone = load(tmp_path, plain=True)
+    assert backbone.num_exits == 1 and backbone.exits == [] and "plain" in backbone.engine
+    got = asyncio.run(batched(backbone.predictor, x))
+    assert {e for _, e in got} == {0}
+    torch.testing.assert_close(torch.stack([p for p, _ in got]), plain, rtol=1e-4, atol=1e-5)
+
+
+async def batched(predictor, x: torch.Tensor) -> list:
+    """``x``'s answers from a `SectionBatcher` of ``predictor``, all sent at once."""
+    from timm_scan.serve.batcher import SectionBatcher
+
+    batcher = SectionBatcher(predictor, tuple(x.shape[-2:]), max_batch_size=8, batch_wait_s=0.01)
+    try:
+        return await asyncio.gather(*(batcher(image) for image in x))
+    finally:
+        batcher.close()
 
 
 def test_overload_is_refused_with_503_and_every_request_gets_an_answer(service):
