@@ -1,7 +1,7 @@
 """Dynamic batching per section: early exit behind a service without near-empty deep batches.
 
 A batch that runs Algorithm 1 shrinks as it goes deeper, so a service that batches whole requests runs its
-deepest (and dearest) sections on the few samples of each batch that are still undecided. `SectionBatcher`
+deeper sections on the few samples of each batch that are still undecided. `SectionBatcher`
 keeps one queue per section instead. A request's image joins section 0's queue; after each section the
 samples that leave are answered and the rest join the next section's queue beside other requests'
 survivors. One worker runs one section's batch at a time, off the event loop, and takes the deepest queue
