@@ -89,7 +89,7 @@ def subset_costs(exit_macs: list[int], head_macs: list[int], backbone: int, keep
     return ExitCosts.macs([*per_exit, backbone + sum(head_macs[j] for j in keep)], backbone)
 
 
-def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], max_subset: int | None, wall: bool) -> dict:
+def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], max_subset: int | None, wall: int | None) -> dict:
     """Every subset (of at most ``max_subset`` shallow exits) of the candidates run searched at no loss on
     validation; the named ``keeps`` and the best reported in full."""
     model, cfg = load_run(run)
@@ -121,7 +121,7 @@ def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], max_subset: int | Non
         row["running_mean"] = operating_points(val_k, val_labels, test_k, test_labels, costs, rule="running-mean")
         if wall:
             row["no_loss"]["wall_clock"] = wall_clock(kept, ExitPolicy(row["no_loss"]["thresholds"], "deepest"),
-                                                      test_set)
+                                                      test_set, wall)
         report["rows"][name] = row
         print(f"{name:20s} exits {kept.config.exits}: no loss {row['no_loss']['test_speedup']:.2f}x at "
               f"{100 * row['no_loss']['test_accuracy']:.2f}% on test", flush=True)
@@ -138,12 +138,13 @@ def running_mean(run: Path) -> dict:
     return operating_points(val, val_labels, test, test_labels, model.exit_costs(size), rule="running-mean")
 
 
-def wall_clock(model, policy, dataset) -> list[dict]:
-    """The predictor under ``policy`` against the plain backbone on test images, batch 256 then 1."""
+def wall_clock(model, policy, dataset, n: int) -> list[dict]:
+    """The predictor under ``policy`` against the plain backbone on test images: ``n`` at batch 256, then a
+    quarter of them at batch 1."""
     model.policy = policy
     predictor = EarlyExitPredictor(model)
-    images = torch.stack([dataset[i][0] for i in range(min(1024, len(dataset)))])
-    return [measure_wall_clock(model, predictor, images[:n], b).to_dict() for b, n in ((256, 1024), (1, 256))]
+    images = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+    return [measure_wall_clock(model, predictor, images[:m], b).to_dict() for b, m in ((256, n), (1, max(1, n // 4)))]
 
 
 def proposal_row(name: str, batch_size: int) -> dict:
@@ -173,7 +174,7 @@ def trained(args: argparse.Namespace) -> dict:
             model = load_run(run)[0]
             row["no_loss"]["wall_clock"] = wall_clock(model, model.policy.replace(
                 thresholds=row["no_loss"]["thresholds"], fallback="deepest"), eval_dataset(
-                run_splits(load_run(run)[1], trained=True), "test", model.data_config))
+                run_splits(load_run(run)[1], trained=True), "test", model.data_config), args.wall_clock)
         record["designs"][name] = row
         print(f"{name:12s} test exits {[round(100 * a, 2) for a in row['test']['exits']]}", *(
             f"{t} {row[t]['test_speedup']:.2f}x at {100 * row[t]['test_accuracy']:.2f}%" for t in TARGETS), flush=True)
@@ -194,7 +195,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--root", default="runs/exit_positions", help="where the exits-only runs go")
     p.add_argument("--max-subset", type=int, help="narrow the candidates to subsets of at most this many exits")
-    p.add_argument("--wall-clock", action="store_true", help="time the predictors on test images (batch 256 and 1)")
+    p.add_argument("--wall-clock", type=int, nargs="?", const=1024, metavar="IMAGES",
+                   help="time the predictors on test images: IMAGES (default 1024) at batch 256, a quarter at batch 1")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     warnings.filterwarnings("ignore")

@@ -338,7 +338,7 @@ def test_exit_positions(bench_runs, monkeypatch, tmp_path):
     root = tmp_path / "runs"
     args = ["--train", str(runs / "resnet18-sd"), "--epochs", "1", "--batch-size", "16", "--max-subset", "2",
             "--root", str(root), "--out", str(out)]
-    bench = run("exit_positions.py", monkeypatch, *args, "--wall-clock")
+    bench = run("exit_positions.py", monkeypatch, *args, "--wall-clock", "32")
     report = json.loads(out.read_text())
     proposal = report["proposal"]
     assert set(report["designs"]) == {"stage-ends", "proposed", "candidates"}
