@@ -35,6 +35,7 @@ import platform
 import random
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -281,7 +282,7 @@ def main() -> None:
     bodies, labels = test_images(args.images)
     record = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
               "torch threads in this process", "timm": timm.__version__, "torch": torch.__version__,
-              "ray": ray.__version__, "command": "python benchmarks/serve_load.py " + " ".join(_argv()),
+              "ray": ray.__version__, "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = served_folder(args, bodies, Path(tmp))
@@ -316,11 +317,6 @@ def main() -> None:
                                                  "peak_throughput_per_s", "peak_speedup",
                                                  "peak_share_of_offline_speedup", "offline_batch_256", "fault")},
                      indent=1))
-
-
-def _argv() -> list[str]:
-    import sys
-    return sys.argv[1:]
 
 
 if __name__ == "__main__":

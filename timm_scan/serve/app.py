@@ -50,6 +50,7 @@ from ..deploy.predictor import EarlyExitPredictor
 from ..exit_policy import ExitPolicy
 from ..model.multi_exit import MultiExitModel
 from ..training.data import eval_transform, to_rgb
+from ..training.run_folder import RunFolder
 from .batcher import NonFiniteAnswer, SectionBatcher, StagedPredictor
 from .metrics import ServiceMetrics
 
@@ -119,8 +120,8 @@ def load(source: str | Path, plain: bool = False, threads: int | None = None) ->
                              "was trained; export a model that has one (model.data_config)")
         served = Served(predictor, m.data_config, m.class_names, list(m.stages), "onnxruntime (CPU)")
     else:
-        if (path / "best" / "scan_config.json").is_file():
-            path = path / "best"
+        if (RunFolder(path).best / "scan_config.json").is_file():
+            path = RunFolder(path).best
         model = MultiExitModel.from_pretrained(path if path.exists() else str(source)).eval()
         if not model.data_config:
             raise ValueError(f"{source}: the model has no data config, so images cannot be preprocessed as it was "
