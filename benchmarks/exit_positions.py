@@ -1,25 +1,29 @@
 """Where the exits go: stage ends, the positions ``propose_exits`` spaces evenly in measured time, and
 candidate exits trained once, then narrowed (``MultiExitModel.keep_exits``) to the subset that measures best.
 
-Exits-only training (``--freeze-backbone``, as ``head_budget.py``) on the frozen backbone of a trained run,
-every design with the same SepConv heads (the default heads' width at the stage ends, no attention, one
-block per halving of the map left), so that the positions alone differ:
+``--train RUN``: exits-only training (``--freeze-backbone``, as ``head_budget.py``) on the frozen backbone of a
+trained run; ``--scratch SETTING``: each design trained from scratch, backbone and exits together, under a
+recipe of ``self_distillation.py`` (its ``default`` loss), so that the backbone learns beside the exits as
+users train it. Every design has the same SepConv heads (the default heads' width at the stage ends, no
+attention, one block per halving of the map left), so that the positions alone differ:
 
 - ``stage-ends``: the default exits (the papers' placement);
 - ``proposed``: what ``propose_exits`` proposes at the run's input size, batch 1, on this machine;
 - ``candidates``: every position ``propose_exits`` considers (stages past the stem, blocks inside them),
   trained together once.
 
-The candidates run is then narrowed without retraining to every subset of its exits; per subset, the
-cheapest thresholds at no loss against the deepest exit on validation (``fallback="deepest"``), and the
-subset with the largest such speed-up (``--max-subset``: among those of at most that many exits) is reported with the stage ends and the proposed positions. For
-each trained design and narrowed subset: test accuracy per exit, thresholds at no loss and within one
-point on validation under Algorithm 1's rule and under the running mean (``rule="running-mean"``), their
-MACs speed-up on test, and (``--wall-clock``, Algorithm 1's no-loss thresholds) the predictor against the plain
-backbone on test images at batch 256 and 1, timed in turns.
+The candidates run is then narrowed without retraining to every subset of its exits; per subset, the cheapest
+thresholds at no loss against the deepest exit on validation (``fallback="deepest"``), and the subset with the
+largest such speed-up (``--max-subset``: among those of at most that many exits) is reported with the stage
+ends and the proposed positions. For each trained design and narrowed subset: test accuracy per exit,
+thresholds at no loss and within one point on validation under Algorithm 1's rule and under the running mean
+(``rule="running-mean"``), their MACs speed-up on test, and (``--wall-clock``, Algorithm 1's no-loss
+thresholds) the predictor against the plain backbone on test images at batch 256 and 1, timed in turns.
 
     python benchmarks/exit_positions.py --train runs/cert-resnet18-45k --epochs 2 --wall-clock \\
         --out benchmarks/results/exit_positions_resnet18.json
+    python benchmarks/exit_positions.py --scratch cifar10-10k --seed 0 --wall-clock \
+        --out benchmarks/results/exit_positions_scratch_cifar10-10k.json
 
 ``--propose``: what ``propose_exits`` proposes at timm's default input size (random weights: costs only) for
 each model and batch size, against where the stage ends fall in the measured time.
@@ -31,6 +35,7 @@ each model and batch size, against where the stage ends fall in the measured tim
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -42,6 +47,7 @@ from pathlib import Path
 import timm
 import torch
 from head_budget import TARGETS, operating_points, summarise, train  # noqa: E402  (benchmarks/: the script's folder)
+from self_distillation import SETTINGS, train_config, train_or_reuse  # noqa: E402
 
 from timm_scan import EarlyExitPredictor, ExitCosts, ExitPolicy, ScanConfig, propose_exits, wrap
 from timm_scan.commands.evaluate import measure_wall_clock
@@ -51,34 +57,37 @@ from timm_scan.model.heads import head_macs
 from timm_scan.training.runs import cached_outputs, eval_dataset, load_run, run_results, run_splits
 
 
-def designs(base: Path, root: Path) -> tuple[dict[str, list[str]], dict]:
-    """The three designs' ``timm-scan train`` flags, and what the proposal measured (measured once: kept in
-    ``root/<base>/proposal.json`` and read from there later, so that a rerun reports the runs it trained)."""
-    saved = root / base.name / "proposal.json"
+def designs(backbone: torch.nn.Module, size: tuple[int, int, int], saved: Path) -> tuple[dict[str, dict], dict]:
+    """The three designs (their ``TrainConfig`` exit fields) for ``backbone`` at ``size``, and what the proposal
+    measured (measured once: kept in ``saved`` and read from there later, so that a rerun reports the runs it
+    trained)."""
     if saved.is_file():
         return json.loads(saved.read_text())
-    model, cfg = load_run(base)
-    size = (3, cfg.input_size, cfg.input_size)
-    backbone = model.backbone
     proposal = propose_exits(backbone, size, batch_size=1)
-    width = wrap(backbone, ScanConfig(), check_input_size=size).config.head_channels
-    deepest = model.exit_stages[-1].reduction
+    wrapped = wrap(backbone, ScanConfig(), check_input_size=size)
+    width, deepest = wrapped.config.head_channels, wrapped.exit_stages[-1].reduction
     blocks = {p.entry: halvings(p.reduction, deepest) for p in proposal.positions}
     stage_ends = wrap(backbone, ScanConfig(head_channels=width), check_input_size=size).config.exits
 
-    def flags(entries: list) -> list[str]:
-        return ["--exits", *map(str, entries), "--head-blocks", *(str(blocks[e]) for e in entries),
-                "--head-channels", str(width), "--attention", "none"]
+    def design(entries: list) -> dict:
+        return {"exits": entries, "head_blocks": [blocks[e] for e in entries], "head_channels": width,
+                "attention": "none"}
 
     chosen = [proposal.positions[i].entry for i in proposal.chosen]
-    result = ({"stage-ends": flags(stage_ends), "proposed": flags(chosen),
-               "candidates": flags([p.entry for p in proposal.positions])},
+    result = ({"stage-ends": design(stage_ends), "proposed": design(chosen),
+               "candidates": design([p.entry for p in proposal.positions])},
               {"positions": [vars(p) for p in proposal.positions], "proposed": chosen, "stage_ends": stage_ends,
                "head_channels": width, "device": proposal.device, "backbone_ms": proposal.backbone_ms,
                "notes": proposal.notes})
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(result, indent=2))
     return result
+
+
+def flags(design: dict) -> list[str]:
+    """A design's ``timm-scan train`` flags."""
+    return ["--exits", *map(str, design["exits"]), "--head-blocks", *map(str, design["head_blocks"]),
+            "--head-channels", str(design["head_channels"]), "--attention", design["attention"]]
 
 
 def subset_costs(exit_macs: list[int], head_macs: list[int], backbone: int, keep: tuple[int, ...]) -> ExitCosts:
@@ -161,11 +170,42 @@ def proposal_row(name: str, batch_size: int) -> dict:
             "exit_macs": p.exit_macs, "notes": p.notes}
 
 
+def frozen(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
+    """The designs trained on ``args.train``'s frozen backbone."""
+    base = Path(args.train)
+    model, cfg = load_run(base)
+    record = {"base": args.train, "base_results": run_results(base).to_dict()}
+    chosen, record["proposal"] = designs(model.backbone, (3, cfg.input_size, cfg.input_size),
+                                         Path(args.root) / base.name / "proposal.json")
+    trained = train(base, {name: flags(d) for name, d in chosen.items()}, args.epochs or 2, args.batch_size or 128,
+                    Path(args.root))
+    return record, dict(zip(chosen, trained))
+
+
+def scratch(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
+    """The designs each trained from scratch with self-distillation, under ``self_distillation.py``'s recipe
+    ``args.scratch`` (its ``default`` variant), the heads and exits alone differing."""
+    recipe = SETTINGS[args.scratch]
+    root = Path(args.root) / f"{args.scratch}-seed{args.seed}"
+    size = (3, recipe["input_size"], recipe["input_size"])
+    chosen, proposal = designs(timm.create_model(recipe["model"]), size, root / "proposal.json")
+    overrides = {k: getattr(args, k) for k in ("dataset", "epochs", "max_train_samples", "val_size", "batch_size",
+                                               "num_workers") if getattr(args, k) is not None}
+    record = {"recipe": {**recipe, **overrides, "name": args.scratch}, "seed": args.seed, "proposal": proposal,
+              "base_results": None}
+    runs = {}
+    for name, design in chosen.items():
+        cfg = train_config(args.scratch, "default", recipe["lr"], args.seed, root, head_budget=None, **design,
+                           **overrides)
+        cfg = dataclasses.replace(cfg, output_dir=str(root / name))
+        train_or_reuse(cfg)
+        runs[name] = Path(cfg.output_dir)
+    return record, runs
+
+
 def trained(args: argparse.Namespace) -> dict:
-    """The designs trained on ``args.train``'s frozen backbone, and the candidates narrowed."""
-    record = {"base": args.train, "base_results": run_results(args.train).to_dict()}
-    flags, record["proposal"] = designs(Path(args.train), Path(args.root))
-    runs = dict(zip(flags, train(Path(args.train), flags, args.epochs, args.batch_size, Path(args.root))))
+    """The designs trained (on a frozen backbone, or from scratch), and the candidates narrowed."""
+    record, runs = scratch(args) if args.scratch else frozen(args)
     record["designs"] = {}
     for name, run in runs.items():
         row = summarise(run)
@@ -188,16 +228,23 @@ def trained(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", help="a trained run whose frozen backbone the designs are trained on")
+    p.add_argument("--scratch", choices=sorted(SETTINGS), help="instead, train each design from scratch under this "
+                                                               "recipe of self_distillation.py")
+    p.add_argument("--seed", type=int, default=0, help="--scratch: the training seed")
     p.add_argument("--propose", nargs="+", help="timm models to propose exits for at their default size (random "
                                                 "weights, costs only), at each of --batch-sizes")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, help="epochs of each design's training (default: 2 with --train, the "
+                                               "recipe's with --scratch)")
+    p.add_argument("--batch-size", type=int, help="default: 128 with --train, the recipe's with --scratch")
     p.add_argument("--root", default="runs/exit_positions", help="where the exits-only runs go")
     p.add_argument("--max-subset", type=int, help="narrow the candidates to subsets of at most this many exits")
     p.add_argument("--wall-clock", type=int, nargs="?", const=1024, metavar="IMAGES",
                    help="time the predictors on test images: IMAGES (default 1024) at batch 256, a quarter at batch 1")
     p.add_argument("--out", required=True)
+    quick = p.add_argument_group("--scratch, a quick look (changes the recipe; pass --out elsewhere)")
+    for flag, kind in (("--dataset", str), ("--max-train-samples", int), ("--val-size", int), ("--num-workers", int)):
+        quick.add_argument(flag, type=kind)
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     record = {"date": datetime.date.today().isoformat(), "timm": timm.__version__, "torch": torch.__version__,
@@ -205,7 +252,7 @@ def main() -> None:
               "command": " ".join(["python", "benchmarks/exit_positions.py", *sys.argv[1:]])}
     if args.propose:
         record["proposals"] = [proposal_row(name, b) for name in args.propose for b in args.batch_sizes]
-    if args.train:
+    if args.train or args.scratch:
         record.update(trained(args))
     Path(args.out).write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}")

@@ -355,8 +355,28 @@ def test_exit_positions(bench_runs, monkeypatch, tmp_path):
     assert all(set(row["running_mean"]) == {"no_loss", "one_point"} for row in narrowed["rows"].values())
     assert set(report["designs"]["stage-ends"]["running_mean"]) == {"no_loss", "one_point"}
     # a rerun reuses the proposal measured first (the runs trained with it are reused as head_budget.py's are)
-    flags, again = bench["designs"](runs / "resnet18-sd", root)
-    assert again == proposal and flags["proposed"][1:1 + len(proposal["proposed"])] == list(map(str, proposal["proposed"]))
+    designs, again = bench["designs"](None, None, root / "resnet18-sd" / "proposal.json")
+    assert again == proposal and designs["proposed"]["exits"] == proposal["proposed"]
+    assert bench["flags"](designs["proposed"])[1:1 + len(proposal["proposed"])] == list(map(str, proposal["proposed"]))
+
+
+def test_exit_positions_from_scratch(tiny_parquet, monkeypatch, tmp_path):
+    """``--scratch``: each design trained from scratch, backbone and exits together, under a recipe of
+    self_distillation.py; the candidates narrowed as on a frozen backbone."""
+    out = tmp_path / "scratch.json"
+    run("exit_positions.py", monkeypatch, "--scratch", "cifar10-10k", "--seed", "1", "--dataset", str(tiny_parquet),
+        "--epochs", "1", "--max-train-samples", "64", "--val-size", "16", "--batch-size", "16", "--num-workers", "0",
+        "--max-subset", "1", "--root", str(tmp_path / "runs"), "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["recipe"]["name"] == "cifar10-10k" and report["recipe"]["epochs"] == 1 and report["seed"] == 1
+    for name, row in report["designs"].items():
+        config = json.loads((tmp_path / "runs" / "cifar10-10k-seed1" / name / "train_config.json").read_text())
+        assert not config["freeze_backbone"] and config["init_from"] is None and config["seed"] == 1
+        assert config["loss_preset"] == "default" and config["attention"] == "none"
+        assert row["scan_config"]["exits"] == config["exits"]
+    positions = report["proposal"]["positions"]
+    assert report["designs"]["candidates"]["scan_config"]["exits"] == [p["entry"] for p in positions]
+    assert all(len(k.split(",")) == 1 for k in report["narrowed"]["subsets"])
 
 
 def test_serve_load_client_and_its_summary():
