@@ -40,15 +40,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # pytest-xdist runs a worker per core: one torch thread each, not a core's worth each
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Tests that share a module-scoped fixture (a trained run, an export, a Ray Serve) run on one xdist worker
-    (``--dist loadgroup``), so that the fixture is built once; the other tests go wherever a worker is free."""
-    for item in items:
-        if any(defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values()):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
