@@ -3,6 +3,7 @@
 import json
 import math
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -354,6 +355,23 @@ def test_exit_positions(bench_runs, monkeypatch, tmp_path):
     assert [w["batch_size"] for w in narrowed["rows"]["proposed"]["no_loss"]["wall_clock"]] == [256, 1]
     assert all(set(row["running_mean"]) == {"no_loss", "one_point"} for row in narrowed["rows"].values())
     assert set(report["designs"]["stage-ends"]["running_mean"]) == {"no_loss", "one_point"}
+    # the ablation reads these runs and head_budget.py's (stand-ins here: copies of the stage ends run)
+    for design in ("papers", "w128-none", "w128-sd", "w32-none"):
+        shutil.copytree(root / "resnet18-sd" / "stage-ends", tmp_path / "heads" / "resnet18-sd" / design)
+    ablation = tmp_path / "ablation.json"
+    run("ablation.py", monkeypatch, "--base", str(runs / "resnet18-sd"), "--positions", str(out), "--heads-root",
+        str(tmp_path / "heads"), "--positions-root", str(root), "--out", str(ablation))
+    rows = json.loads(ablation.read_text())["rows"]
+    assert len(rows) == 7 and all(set(r["rules"]) == {"own", "running-mean"} for r in rows)
+
+    def points(row):  # the operating points of an exit_positions.py row, without its timings
+        return {t: {k: v for k, v in row[t].items() if k != "wall_clock"} for t in ("no_loss", "one_point")}
+
+    assert rows[1]["rules"]["own"] == points(report["designs"]["stage-ends"])
+    best = narrowed["rows"]["best on validation"]
+    assert rows[-1]["keep"] == narrowed["best"] and rows[-1]["exits"] == best["exits"]
+    assert rows[-1]["rules"]["running-mean"] == best["running_mean"] and rows[-1]["test_exits"] == best["test_exits"]
+    assert rows[-1]["rules"]["own"] == points(best)
     # a rerun reuses the proposal measured first (the runs trained with it are reused as head_budget.py's are)
     designs, again = bench["designs"](None, None, root / "resnet18-sd" / "proposal.json")
     assert again == proposal and designs["proposed"]["exits"] == proposal["proposed"]
