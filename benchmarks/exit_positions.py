@@ -188,11 +188,14 @@ def scratch(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
     recipe = SETTINGS[args.scratch]
     root = Path(args.root) / f"{args.scratch}-seed{args.seed}"
     size = (3, recipe["input_size"], recipe["input_size"])
-    chosen, proposal = designs(timm.create_model(recipe["model"]), size, root / "proposal.json")
     overrides = {k: getattr(args, k) for k in ("dataset", "epochs", "max_train_samples", "val_size", "batch_size",
                                                "num_workers") if getattr(args, k) is not None}
-    record = {"recipe": {**recipe, **overrides, "name": args.scratch}, "seed": args.seed, "proposal": proposal,
-              "base_results": None}
+    classes = run_splits(train_config(args.scratch, "default", recipe["lr"], args.seed, root, **overrides),
+                         trained=True).num_classes  # the heads' width counts their classifiers
+    chosen, proposal = designs(timm.create_model(recipe["model"], num_classes=classes), size, root / "proposal.json")
+    applied = {k: v for k, v in {**recipe, **overrides}.items() if k not in ("attention", "head_budget")}
+    record = {"recipe": {**applied, "name": args.scratch, "num_classes": classes}, "seed": args.seed,
+              "proposal": proposal, "base_results": None}
     runs = {}
     for name, design in chosen.items():
         cfg = train_config(args.scratch, "default", recipe["lr"], args.seed, root, head_budget=None, **design,
@@ -227,9 +230,10 @@ def trained(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", help="a trained run whose frozen backbone the designs are trained on")
-    p.add_argument("--scratch", choices=sorted(SETTINGS), help="instead, train each design from scratch under this "
-                                                               "recipe of self_distillation.py")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--train", help="a trained run whose frozen backbone the designs are trained on")
+    source.add_argument("--scratch", choices=sorted(SETTINGS), help="instead, train each design from scratch under "
+                                                                    "this recipe of self_distillation.py")
     p.add_argument("--seed", type=int, default=0, help="--scratch: the training seed")
     p.add_argument("--propose", nargs="+", help="timm models to propose exits for at their default size (random "
                                                 "weights, costs only), at each of --batch-sizes")
@@ -237,7 +241,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="epochs of each design's training (default: 2 with --train, the "
                                                "recipe's with --scratch)")
     p.add_argument("--batch-size", type=int, help="default: 128 with --train, the recipe's with --scratch")
-    p.add_argument("--root", default="runs/exit_positions", help="where the exits-only runs go")
+    p.add_argument("--root", default="runs/exit_positions", help="where the designs' runs go")
     p.add_argument("--max-subset", type=int, help="narrow the candidates to subsets of at most this many exits")
     p.add_argument("--wall-clock", type=int, nargs="?", const=1024, metavar="IMAGES",
                    help="time the predictors on test images: IMAGES (default 1024) at batch 256, a quarter at batch 1")

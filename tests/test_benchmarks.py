@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 
+import timm_scan
 from timm_scan.training import PRESETS, Trainer, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,7 +364,9 @@ def test_exit_positions(bench_runs, monkeypatch, tmp_path):
     run("ablation.py", monkeypatch, "--base", str(runs / "resnet18-sd"), "--positions", str(out), "--heads-root",
         str(tmp_path / "heads"), "--positions-root", str(root), "--out", str(ablation))
     rows = json.loads(ablation.read_text())["rows"]
-    assert len(rows) == 7 and all(set(r["rules"]) == {"own", "running-mean"} for r in rows)
+    assert [Path(r["run"]).name for r in rows] == ["papers", "stage-ends", "w128-none", "w128-sd", "w32-none",
+                                                    "proposed", "candidates"]
+    assert all(set(r["rules"]) == {"own", "running-mean"} for r in rows)
 
     def points(row):  # the operating points of an exit_positions.py row, without its timings
         return {t: {k: v for k, v in row[t].items() if k != "wall_clock"} for t in ("no_loss", "one_point")}
@@ -392,6 +396,8 @@ def test_exit_positions_from_scratch(tiny_parquet, monkeypatch, tmp_path):
         assert not config["freeze_backbone"] and config["init_from"] is None and config["seed"] == 1
         assert config["loss_preset"] == "default" and config["attention"] == "none"
         assert row["scan_config"]["exits"] == config["exits"]
+    width = timm_scan.wrap(timm.create_model("resnet18", num_classes=4), check_input_size=(3, 32, 32)).config.head_channels
+    assert report["recipe"]["num_classes"] == 4 and report["proposal"]["head_channels"] == width  # tiny_parquet: 4
     positions = report["proposal"]["positions"]
     assert report["designs"]["candidates"]["scan_config"]["exits"] == [p["entry"] for p in positions]
     assert all(len(k.split(",")) == 1 for k in report["narrowed"]["subsets"])

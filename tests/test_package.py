@@ -1,13 +1,16 @@
 """The package users install: the wheel and sdist build, and the installed commands work outside the repository."""
 
+import hashlib
 import json
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import zipfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +24,10 @@ def run(cmd, **kwargs):
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", out, ROOT])
+    # setuptools writes build/ and the egg-info in the source tree: one build at a time (xdist workers)
+    lock = Path(tempfile.gettempdir()) / f"timm-scan-build-{hashlib.sha1(str(ROOT).encode()).hexdigest()[:12]}.lock"
+    with FileLock(lock):
+        run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", out, ROOT])
     return out
 
 

@@ -91,10 +91,12 @@ def service(tmp_path_factory):
                                                                                "batch_wait_ms": 300})]:
             timm_scan.serve.run(source, host="127.0.0.1", port=port, max_batch_size=8,
                                 **{"batch_wait_ms": 20, **options}, route_prefix=prefix, blocking=False)
-            for _ in range(100):  # the route may answer a moment after serve.run returns
+            for _ in range(600):  # the route may answer a moment after serve.run returns
                 if request(f"{url}{prefix.rstrip('/')}/health")[0] == 200:
                     break
                 time.sleep(0.1)
+            else:
+                raise AssertionError(f"{url}{prefix} did not answer /health within 60 s")
         yield url, timm_scan.from_pretrained(folder).eval()
     finally:
         serve.shutdown()
