@@ -23,9 +23,8 @@ from pathlib import Path
 
 import timm
 import torch
-from head_budget import TARGETS, operating_points  # noqa: E402  (benchmarks/: the script's folder)
+from head_budget import TARGETS, RunOutputs, operating_points  # noqa: E402  (benchmarks/: the script's folder)
 
-from timm_scan.training.runs import cached_outputs, eval_dataset, load_run, run_splits
 
 RULES = {"own": "own softmax", "running-mean": "running mean"}
 
@@ -47,15 +46,14 @@ def rows(heads: Path, positions: Path, best: list[int]) -> list[dict]:
 
 def evaluate(row: dict) -> dict:
     """``row``'s operating points under each rule."""
-    model, cfg = load_run(row["run"])
-    splits = run_splits(cfg, trained=True)
-    val, val_labels = cached_outputs(row["run"], "val", model, eval_dataset(splits, "val", model.data_config))
-    test, test_labels = cached_outputs(row["run"], "test", model, eval_dataset(splits, "test", model.data_config))
+    outputs = RunOutputs.load(row["run"])
+    model, val, val_labels, test, test_labels = (outputs.model, outputs.val, outputs.val_labels, outputs.test,
+                                                 outputs.test_labels)
     if row.get("keep") is not None:
         model = model.keep_exits(row["keep"])
         val, test = ([outputs[i] for i in row["keep"]] + [outputs[-1]] for outputs in (val, test))
         row["exits"] = model.config.exits
-    costs = model.exit_costs((3, cfg.input_size, cfg.input_size))
+    costs = model.exit_costs(outputs.input_size)
     row["test_exits"] = [float((p.argmax(-1) == test_labels).float().mean()) for p in test]
     row["exit_macs"], row["backbone_macs"] = costs.per_exit, costs.backbone
     row["rules"] = {rule: operating_points(val, val_labels, test, test_labels, costs, rule=rule) for rule in RULES}

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import timm
 import torch
-from head_budget import TARGETS, operating_points, summarise, train  # noqa: E402  (benchmarks/: the script's folder)
+from head_budget import TARGETS, RunOutputs, operating_points, summarise, train  # noqa: E402  (benchmarks/: the script's folder)
 from self_distillation import SETTINGS, train_config, train_or_reuse  # noqa: E402
 
 from timm_scan import EarlyExitPredictor, ExitCosts, ExitPolicy, ScanConfig, propose_exits, wrap
@@ -54,7 +54,7 @@ from timm_scan.commands.evaluate import measure_wall_clock
 from timm_scan.deploy.propose import halvings
 from timm_scan.deploy.search import search_thresholds
 from timm_scan.model.heads import head_macs
-from timm_scan.training.runs import cached_outputs, eval_dataset, load_run, run_results, run_splits
+from timm_scan.training.runs import load_run, run_results, run_splits
 
 
 def designs(backbone: torch.nn.Module, size: tuple[int, int, int], saved: Path) -> tuple[dict[str, dict], dict]:
@@ -101,12 +101,9 @@ def subset_costs(exit_macs: list[int], head_macs: list[int], backbone: int, keep
 def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], max_subset: int | None, wall: int | None) -> dict:
     """Every subset (of at most ``max_subset`` shallow exits) of the candidates run searched at no loss on
     validation; the named ``keeps`` and the best reported in full."""
-    model, cfg = load_run(run)
-    splits = run_splits(cfg, trained=True)
-    size = (3, cfg.input_size, cfg.input_size)
-    test_set = eval_dataset(splits, "test", model.data_config)
-    val, val_labels = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
-    test, test_labels = cached_outputs(run, "test", model, test_set)
+    outputs = RunOutputs.load(run)
+    model, size, test_set = outputs.model, outputs.input_size, outputs.test_set
+    val, val_labels, test, test_labels = outputs.val, outputs.val_labels, outputs.test, outputs.test_labels
     exit_macs, backbone = model.exit_macs(size), model.backbone_macs(size)
     heads = head_macs(model.backbone, model.config, model.exit_stages[:-1], size)  # what each shallow head adds
     shallow = model.num_exits - 1
@@ -135,16 +132,6 @@ def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], max_subset: int | Non
         print(f"{name:20s} exits {kept.config.exits}: no loss {row['no_loss']['test_speedup']:.2f}x at "
               f"{100 * row['no_loss']['test_accuracy']:.2f}% on test", flush=True)
     return report
-
-
-def running_mean(run: Path) -> dict:
-    """`operating_points` of a trained design under the running-mean rule."""
-    model, cfg = load_run(run)
-    splits = run_splits(cfg, trained=True)
-    val, val_labels = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
-    test, test_labels = cached_outputs(run, "test", model, eval_dataset(splits, "test", model.data_config))
-    size = (3, cfg.input_size, cfg.input_size)
-    return operating_points(val, val_labels, test, test_labels, model.exit_costs(size), rule="running-mean")
 
 
 def wall_clock(model, policy, dataset, n: int) -> list[dict]:
@@ -212,12 +199,11 @@ def trained(args: argparse.Namespace) -> dict:
     record["designs"] = {}
     for name, run in runs.items():
         row = summarise(run)
-        row["running_mean"] = running_mean(run)
+        outputs = RunOutputs.load(run)
+        row["running_mean"] = outputs.operating_points(rule="running-mean")
         if args.wall_clock and name != "candidates":
-            model = load_run(run)[0]
-            row["no_loss"]["wall_clock"] = wall_clock(model, model.policy.replace(
-                thresholds=row["no_loss"]["thresholds"], fallback="deepest"), eval_dataset(
-                run_splits(load_run(run)[1], trained=True), "test", model.data_config), args.wall_clock)
+            row["no_loss"]["wall_clock"] = wall_clock(outputs.model, outputs.model.policy.replace(
+                thresholds=row["no_loss"]["thresholds"], fallback="deepest"), outputs.test_set, args.wall_clock)
         record["designs"][name] = row
         print(f"{name:12s} test exits {[round(100 * a, 2) for a in row['test']['exits']]}", *(
             f"{t} {row[t]['test_speedup']:.2f}x at {100 * row[t]['test_accuracy']:.2f}%" for t in TARGETS), flush=True)

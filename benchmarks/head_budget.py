@@ -17,6 +17,7 @@ cheapest thresholds at no loss and within one point of the deepest exit on valid
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -64,17 +65,44 @@ def train(base: Path, designs: dict[str, list[str]], epochs: int, batch_size: in
     return runs
 
 
+@dataclasses.dataclass
+class RunOutputs:
+    """A trained run's best model, its config, its test set and its cached outputs (per exit, first exit
+    first) on validation and test."""
+
+    model: timm_scan.MultiExitModel
+    cfg: timm_scan.training.TrainConfig
+    test_set: torch.utils.data.Dataset
+    val: list[torch.Tensor]
+    val_labels: torch.Tensor
+    test: list[torch.Tensor]
+    test_labels: torch.Tensor
+
+    @classmethod
+    def load(cls, run: Path) -> RunOutputs:
+        model, cfg = load_run(run)
+        splits = run_splits(cfg, trained=True)
+        test_set = eval_dataset(splits, "test", model.data_config)
+        val, val_labels = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
+        return cls(model, cfg, test_set, val, val_labels, *cached_outputs(run, "test", model, test_set))
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (3, self.cfg.input_size, self.cfg.input_size)
+
+    def operating_points(self, rule: str = "own") -> dict:
+        """`operating_points` of the run as trained (every exit) under ``rule``."""
+        return operating_points(self.val, self.val_labels, self.test, self.test_labels,
+                                self.model.exit_costs(self.input_size), rule=rule)
+
+
 def summarise(run: Path) -> dict:
-    model, cfg = load_run(run)
-    splits = run_splits(cfg, trained=True)
-    size = (3, cfg.input_size, cfg.input_size)
-    costs = model.exit_costs(size)
+    outputs = RunOutputs.load(run)
+    costs = outputs.model.exit_costs(outputs.input_size)
     results = run_results(run)
-    val, val_labels = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
-    test, test_labels = cached_outputs(run, "test", model, eval_dataset(splits, "test", model.data_config))
-    row = {"run": str(run), "scan_config": model.config.to_dict(), "val": results.val.to_dict(),
+    row = {"run": str(run), "scan_config": outputs.model.config.to_dict(), "val": results.val.to_dict(),
            "test": results.test.to_dict(), "exit_macs": costs.per_exit, "backbone_macs": costs.backbone}
-    return {**row, **operating_points(val, val_labels, test, test_labels, costs)}
+    return {**row, **outputs.operating_points()}
 
 
 def operating_points(val: list, val_labels, test: list, test_labels, costs, rule: str = "own") -> dict:
