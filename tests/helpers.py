@@ -2,6 +2,7 @@
 ``benchmarks/certified_thresholds.py``); the fixtures stay in ``conftest.py``, which sets the Hub's
 environment before anything here is imported."""
 
+import asyncio
 from collections.abc import Sequence
 
 import numpy as np
@@ -87,3 +88,12 @@ def sharpen(model, x: Tensor) -> None:
         model.eval()
         for fc in [h.fc for h in model.exits] + [model.backbone.get_classifier()]:
             fc.weight.mul_(10)
+
+
+async def answer_all(batcher, x: Tensor) -> list:
+    """Every image of ``x`` sent to a `SectionBatcher` at once: its ``(probs, exit)`` answers, or the exception
+    an image got, in order; the batcher is closed after."""
+    try:
+        return await asyncio.gather(*(batcher(image) for image in x), return_exceptions=True)
+    finally:
+        batcher.close()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 import torch
-from helpers import create, sharpen
+from helpers import answer_all, create, sharpen
 
 import timm_scan
 from timm_scan import EarlyExitPredictor, ExitPolicy
@@ -40,13 +40,6 @@ def separated_thresholds(model, x, rule="own", quantile=0.5):
         assert values[j + 1] - values[j] > 1e-5
         thresholds.append(float(values[j] + values[j + 1]) / 2)
     return thresholds
-
-
-async def answer_all(batcher, x):
-    try:
-        return await asyncio.gather(*(batcher(image) for image in x), return_exceptions=True)
-    finally:
-        batcher.close()
 
 
 @pytest.mark.parametrize("name, fallback, rule", [("resnet18", "ensemble", "own"), ("resnet18", "deepest", "running-mean"),

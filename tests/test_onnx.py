@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 from fuzz_folders import mutate_onnx
-from helpers import create, mixing_thresholds
+from helpers import answer_all, create, mixing_thresholds
 
 import timm_scan
 from timm_scan import EarlyExitPredictor, ExitPolicy, OnnxEarlyExitPredictor, export_onnx
@@ -85,14 +85,8 @@ def test_the_service_serves_the_export_batched_per_section(exported):
     policy = ExitPolicy(thresholds_for(model, x), "ensemble", rule="running-mean")
     expected = EarlyExitPredictor(model, policy)(x)
 
-    async def answers():
-        batcher = SectionBatcher(OnnxEarlyExitPredictor(folder, policy), (32, 32), max_batch_size=8, batch_wait_s=0.01)
-        try:
-            return await asyncio.gather(*(batcher(image) for image in x))
-        finally:
-            batcher.close()
-
-    got = asyncio.run(answers())
+    batcher = SectionBatcher(OnnxEarlyExitPredictor(folder, policy), (32, 32), max_batch_size=8, batch_wait_s=0.01)
+    got = asyncio.run(answer_all(batcher, x))
     assert [e for _, e in got] == expected.exit_index.tolist() and len({e for _, e in got}) > 1
     torch.testing.assert_close(torch.stack([p for p, _ in got]), expected.probs, rtol=1e-4, atol=1e-5)
 

@@ -16,7 +16,7 @@ import PIL.Image
 import PIL.ImageOps
 import pytest
 import torch
-from helpers import create, sharpen
+from helpers import answer_all, create, sharpen
 
 import timm_scan
 from timm_scan.cli import main
@@ -206,6 +206,7 @@ def test_the_plain_backbone_is_served_the_same_way(tmp_path):
     Ray's HTTP layer, which the tests above cover (the ONNX export: ``tests/test_onnx.py``)."""
     pytest.importorskip("ray")
     from timm_scan.serve.app import load
+    from timm_scan.serve.batcher import SectionBatcher
 
     torch.manual_seed(0)
     model = timm_scan.wrap(create("test_resnet", num_classes=3).eval(), check_input_size=(3, 32, 32)).eval()
@@ -216,20 +217,10 @@ def test_the_plain_backbone_is_served_the_same_way(tmp_path):
         plain = torch.softmax(model.backbone(x), -1)
     backbone = load(tmp_path, plain=True)
     assert backbone.num_exits == 1 and backbone.exits == [] and "plain" in backbone.engine
-    got = asyncio.run(batched(backbone.predictor, x))
+    got = asyncio.run(answer_all(SectionBatcher(backbone.predictor, (32, 32), max_batch_size=8, batch_wait_s=0.01), x))
     assert {e for _, e in got} == {0}
     torch.testing.assert_close(torch.stack([p for p, _ in got]), plain, rtol=1e-4, atol=1e-5)
 
-
-async def batched(predictor, x: torch.Tensor) -> list:
-    """``x``'s answers from a `SectionBatcher` of ``predictor``, all sent at once."""
-    from timm_scan.serve.batcher import SectionBatcher
-
-    batcher = SectionBatcher(predictor, tuple(x.shape[-2:]), max_batch_size=8, batch_wait_s=0.01)
-    try:
-        return await asyncio.gather(*(batcher(image) for image in x))
-    finally:
-        batcher.close()
 
 
 def test_overload_is_refused_with_503_and_every_request_gets_an_answer(service):
