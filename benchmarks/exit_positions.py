@@ -67,7 +67,7 @@ def designs(backbone: torch.nn.Module, size: tuple[int, int, int], saved: Path) 
     wrapped = wrap(backbone, ScanConfig(), check_input_size=size)
     width, deepest = wrapped.config.head_channels, wrapped.exit_stages[-1].reduction
     blocks = {p.entry: halvings(p.reduction, deepest) for p in proposal.positions}
-    stage_ends = wrap(backbone, ScanConfig(head_channels=width), check_input_size=size).config.exits
+    stage_ends = wrapped.config.exits
 
     def design(entries: list) -> dict:
         return {"exits": entries, "head_blocks": [blocks[e] for e in entries], "head_channels": width,
