@@ -18,12 +18,17 @@ largest such speed-up (``--max-subset``: among those of at most that many exits)
 ends and the proposed positions. For each trained design and narrowed subset: test accuracy per exit,
 thresholds at no loss and within one point on validation under Algorithm 1's rule and under the running mean
 (``rule="running-mean"``), their MACs speed-up on test, and (``--wall-clock``, Algorithm 1's no-loss
-thresholds) the predictor against the plain backbone on test images at batch 256 and 1, timed in turns.
+thresholds) the predictor against the plain backbone on test images at batch 256 and 1, timed in turns; and
+``bound``, the largest no-loss speed-up any rule choosing among the exits' answers could reach (an oracle that
+knows the labels, `head_budget.no_loss_bound`). ``--designs`` trains some designs only (no narrowing without
+the candidates).
 
     python benchmarks/exit_positions.py --train runs/cert-resnet18-45k --epochs 2 --wall-clock \\
         --out benchmarks/results/exit_positions_resnet18.json
-    python benchmarks/exit_positions.py --scratch cifar10-10k --seed 0 --wall-clock \
+    python benchmarks/exit_positions.py --scratch cifar10-10k --seed 0 --wall-clock \\
         --out benchmarks/results/exit_positions_scratch_cifar10-10k.json
+    python benchmarks/exit_positions.py --scratch cifar10 --seed 0 --designs stage-ends --wall-clock \\
+        --out benchmarks/results/exit_positions_scratch_cifar10.json
 
 ``--propose``: what ``propose_exits`` proposes at timm's default input size (random weights: costs only) for
 each model and batch size, against where the stage ends fall in the measured time.
@@ -46,7 +51,7 @@ from pathlib import Path
 
 import timm
 import torch
-from head_budget import TARGETS, RunOutputs, operating_points, summarise, train  # noqa: E402  (benchmarks/: the script's folder)
+from head_budget import TARGETS, RunOutputs, no_loss_bound, operating_points, summarise, train  # noqa: E402  (benchmarks/: the script's folder)
 from self_distillation import SETTINGS, train_config, train_or_reuse  # noqa: E402
 
 from timm_scan import EarlyExitPredictor, ExitCosts, ExitPolicy, ScanConfig, propose_exits, wrap
@@ -55,6 +60,9 @@ from timm_scan.deploy.propose import halvings
 from timm_scan.deploy.search import search_thresholds
 from timm_scan.model.heads import head_macs
 from timm_scan.training.runs import load_run, run_results, run_splits
+
+
+DESIGNS = ("stage-ends", "proposed", "candidates")
 
 
 def designs(backbone: torch.nn.Module, size: tuple[int, int, int], saved: Path) -> tuple[dict[str, dict], dict]:
@@ -125,6 +133,8 @@ def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], max_subset: int | Non
                "test_exits": [float((o.argmax(-1) == test_labels).float().mean()) for o in test_k]}
         row.update(operating_points(val_k, val_labels, test_k, test_labels, costs))
         row["running_mean"] = operating_points(val_k, val_labels, test_k, test_labels, costs, rule="running-mean")
+        row["bound"] = {"val_speedup": no_loss_bound(val_k, val_labels, costs),
+                        "test_speedup": no_loss_bound(test_k, test_labels, costs)}
         if wall:
             row["no_loss"]["wall_clock"] = wall_clock(kept, ExitPolicy(row["no_loss"]["thresholds"], "deepest"),
                                                       test_set, wall)
@@ -164,9 +174,9 @@ def frozen(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
     record = {"base": args.train, "base_results": run_results(base).to_dict()}
     chosen, record["proposal"] = designs(model.backbone, (3, cfg.input_size, cfg.input_size),
                                          Path(args.root) / base.name / "proposal.json")
-    trained = train(base, {name: flags(d) for name, d in chosen.items()}, args.epochs or 2, args.batch_size or 128,
+    trained = train(base, {name: flags(d) for name, d in chosen.items() if name in args.designs}, args.epochs or 2, args.batch_size or 128,
                     Path(args.root))
-    return record, dict(zip(chosen, trained))
+    return record, dict(zip([name for name in chosen if name in args.designs], trained))
 
 
 def scratch(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
@@ -185,6 +195,8 @@ def scratch(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
               "proposal": proposal, "base_results": None}
     runs = {}
     for name, design in chosen.items():
+        if name not in args.designs:
+            continue
         cfg = train_config(args.scratch, "default", recipe["lr"], args.seed, root, head_budget=None, **design,
                            **overrides)
         cfg = dataclasses.replace(cfg, output_dir=str(root / name))
@@ -206,7 +218,10 @@ def trained(args: argparse.Namespace) -> dict:
                 thresholds=row["no_loss"]["thresholds"], fallback="deepest"), outputs.test_set, args.wall_clock)
         record["designs"][name] = row
         print(f"{name:12s} test exits {[round(100 * a, 2) for a in row['test']['exits']]}", *(
-            f"{t} {row[t]['test_speedup']:.2f}x at {100 * row[t]['test_accuracy']:.2f}%" for t in TARGETS), flush=True)
+            f"{t} {row[t]['test_speedup']:.2f}x at {100 * row[t]['test_accuracy']:.2f}%" for t in TARGETS),
+            f"bound {row['bound']['test_speedup']:.2f}x", flush=True)
+    if "candidates" not in runs:
+        return record
     entries = [q["entry"] for q in record["proposal"]["positions"]]
     keeps = {name: tuple(entries.index(e) for e in record["proposal"][key])
              for name, key in (("stage ends", "stage_ends"), ("proposed", "proposed"))}
@@ -221,6 +236,8 @@ def main() -> None:
     source.add_argument("--scratch", choices=sorted(SETTINGS), help="instead, train each design from scratch under "
                                                                     "this recipe of self_distillation.py")
     p.add_argument("--seed", type=int, default=0, help="--scratch: the training seed")
+    p.add_argument("--designs", nargs="+", choices=DESIGNS, default=list(DESIGNS),
+                   help="the designs to train (the narrowing needs candidates)")
     p.add_argument("--propose", nargs="+", help="timm models to propose exits for at their default size (random "
                                                 "weights, costs only), at each of --batch-sizes")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])

@@ -90,6 +90,12 @@ class RunOutputs:
     def input_size(self) -> tuple[int, int, int]:
         return (3, self.cfg.input_size, self.cfg.input_size)
 
+    def no_loss_bound(self) -> dict:
+        """`no_loss_bound` of the run as trained, on validation and on test."""
+        costs = self.model.exit_costs(self.input_size)
+        return {"val_speedup": no_loss_bound(self.val, self.val_labels, costs),
+                "test_speedup": no_loss_bound(self.test, self.test_labels, costs)}
+
     def operating_points(self, rule: str = "own") -> dict:
         """`operating_points` of the run as trained (every exit) under ``rule``."""
         return operating_points(self.val, self.val_labels, self.test, self.test_labels,
@@ -102,7 +108,7 @@ def summarise(run: Path) -> dict:
     results = run_results(run)
     row = {"run": str(run), "scan_config": outputs.model.config.to_dict(), "val": results.val.to_dict(),
            "test": results.test.to_dict(), "exit_macs": costs.per_exit, "backbone_macs": costs.backbone}
-    return {**row, **outputs.operating_points()}
+    return {**row, **outputs.operating_points(), "bound": outputs.no_loss_bound()}
 
 
 def operating_points(val: list, val_labels, test: list, test_labels, costs, rule: str = "own") -> dict:
@@ -116,6 +122,21 @@ def operating_points(val: list, val_labels, test: list, test_labels, costs, rule
         points[name] = {"thresholds": list(chosen.policy.thresholds), "val_speedup": chosen.speedup,
                         "test_accuracy": float(accuracy[0]), "test_speedup": float(speedup[0])}
     return points
+
+
+def no_loss_bound(outputs: list[torch.Tensor], labels: torch.Tensor, costs: timm_scan.ExitCosts) -> float:
+    """The largest MACs speed-up at no loss against the deepest exit that any decision rule choosing among the
+    exits' own answers could reach (an oracle that knows the labels): each sample leaves at the first exit that
+    answers it right, or at exit 1 where none does; then, while more samples are right than the deepest exit
+    gets right, the costliest right ones leave wrong at exit 1 instead. ``outputs``: logits per exit, first
+    exit first."""
+    right = torch.stack([o.argmax(-1) == labels for o in outputs])  # (exits, samples)
+    per_exit = torch.tensor(costs.per_exit, dtype=torch.float64)
+    any_right = right.any(0)
+    cost = torch.where(any_right, per_exit[right.int().argmax(0)], per_exit[0])
+    spare = int(any_right.sum() - right[-1].sum())  # right answers beyond the deepest exit's
+    saving = torch.sort(torch.where(any_right, cost - per_exit[0], torch.zeros_like(cost)), descending=True).values
+    return costs.backbone / float((cost.sum() - saving[:spare].sum()) / len(labels))
 
 
 def latency(name: str, batch_sizes: list[int], repeats: int) -> dict:

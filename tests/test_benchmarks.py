@@ -319,8 +319,8 @@ def test_decision_rules(bench_runs, monkeypatch):
 def test_head_budget(bench_runs, monkeypatch, tmp_path):
     runs, _ = bench_runs
     out = tmp_path / "heads.json"
-    run("head_budget.py", monkeypatch, "--train", str(runs / "resnet18-sd"), "--designs", "w32-none", "--epochs", "1",
-        "--batch-size", "16",
+    bench = run("head_budget.py", monkeypatch, "--train", str(runs / "resnet18-sd"), "--designs", "w32-none",
+                "--epochs", "1", "--batch-size", "16",
         "--root", str(tmp_path / "runs"), "--latency", "test_resnet", "--batch-sizes", "1", "--repeats", "1",
         "--out", str(out))
     report = json.loads(out.read_text())
@@ -328,6 +328,19 @@ def test_head_budget(bench_runs, monkeypatch, tmp_path):
     assert row["scan_config"]["head_channels"] == 32 and row["scan_config"]["attention"] == "none"
     assert TrainConfig.load(tmp_path / "runs" / "resnet18-sd" / "w32-none").freeze_backbone
     assert set(row) >= {"no_loss", "one_point"} and len(row["test"]["exits"]) == 4
+    # no thresholds beat the oracle bound on the split they were searched on
+    assert row["bound"]["val_speedup"] >= row["no_loss"]["val_speedup"] - 1e-9
+    torch, costs = bench["torch"], timm_scan.ExitCosts.macs([1, 2, 4], 4)
+    labels = torch.arange(4)
+    answers = lambda *preds: [torch.nn.functional.one_hot(torch.tensor(p), 4).float() for p in preds]  # noqa: E731
+    # each sample at its first right exit (1, 1, 2, 4 MACs); the deepest exit gets two right, the oracle four, so
+    # the two costliest right samples may leave wrong at exit 1: every sample at 1 MAC
+    assert bench["no_loss_bound"](answers([0, 1, 0, 0], [0, 1, 2, 0], [1, 0, 2, 3]), labels, costs) == 4.0
+    # only the deepest exit is ever right: everything runs to the end
+    assert bench["no_loss_bound"](answers([1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 2, 3]), labels, costs) == 1.0
+    # exit 2 alone gets sample 0 right beside the deepest's four: 3 runs to the end, 1 leaves at 2 MACs
+    assert bench["no_loss_bound"](answers([1, 0, 1, 1], [0, 0, 1, 1], [0, 1, 2, 3]), labels, costs) == 4 / (
+        (2 + 4 + 4 + 4) / 4)
     [timed] = report["latency"]
     default, papers = timed["designs"]["default"], timed["designs"]["papers"]
     assert papers["scan_config"]["attention"] == "sd" and papers["scan_config"]["head_budget"] is None
@@ -357,6 +370,8 @@ def test_exit_positions(bench_runs, monkeypatch, tmp_path):
     assert [w["batch_size"] for w in narrowed["rows"]["proposed"]["no_loss"]["wall_clock"]] == [256, 1]
     assert all(set(row["running_mean"]) == {"no_loss", "one_point"} for row in narrowed["rows"].values())
     assert set(report["designs"]["stage-ends"]["running_mean"]) == {"no_loss", "one_point"}
+    for row in [*report["designs"].values(), *narrowed["rows"].values()]:  # the oracle bound is never beaten
+        assert row["bound"]["val_speedup"] >= row["no_loss"]["val_speedup"] - 1e-9
     # the ablation reads these runs and head_budget.py's (stand-ins here: copies of the stage ends run)
     for design in ("papers", "w128-none", "w128-sd", "w32-none"):
         shutil.copytree(root / "resnet18-sd" / "stage-ends", tmp_path / "heads" / "resnet18-sd" / design)
@@ -401,6 +416,13 @@ def test_exit_positions_from_scratch(tiny_parquet, monkeypatch, tmp_path):
     positions = report["proposal"]["positions"]
     assert report["designs"]["candidates"]["scan_config"]["exits"] == [p["entry"] for p in positions]
     assert all(len(k.split(",")) == 1 for k in report["narrowed"]["subsets"])
+    # one design alone (its run reused): no candidates, so nothing is narrowed
+    run("exit_positions.py", monkeypatch, "--scratch", "cifar10-10k", "--seed", "1", "--dataset", str(tiny_parquet),
+        "--epochs", "1", "--max-train-samples", "64", "--val-size", "16", "--batch-size", "16", "--num-workers", "0",
+        "--designs", "stage-ends", "--root", str(tmp_path / "runs"), "--out", str(out))
+    alone = json.loads(out.read_text())
+    assert list(alone["designs"]) == ["stage-ends"] and "narrowed" not in alone
+    assert alone["designs"]["stage-ends"]["test"] == report["designs"]["stage-ends"]["test"]
 
 
 def test_serve_load_client_and_its_summary():
