@@ -19,8 +19,8 @@ ends and the proposed positions. For each trained design and narrowed subset: te
 thresholds at no loss and within one point on validation under Algorithm 1's rule and under the running mean
 (``rule="running-mean"``), their MACs speed-up on test, and (``--wall-clock``, Algorithm 1's no-loss
 thresholds) the predictor against the plain backbone on test images at batch 256 and 1, timed in turns; and
-``bound``, the largest no-loss speed-up any rule choosing among the exits' answers could reach (an oracle that
-knows the labels, `head_budget.no_loss_bound`). ``--designs`` trains some designs only (no narrowing without
+``bound``, the largest no-loss speed-up that any rule answering with one exit's own prediction could reach (an
+oracle that knows the labels, `head_budget.no_loss_bound`). ``--designs`` trains some designs only (no narrowing without
 the candidates).
 
     python benchmarks/exit_positions.py --train runs/cert-resnet18-45k --epochs 2 --wall-clock \\

@@ -125,11 +125,12 @@ def operating_points(val: list, val_labels, test: list, test_labels, costs, rule
 
 
 def no_loss_bound(outputs: list[torch.Tensor], labels: torch.Tensor, costs: timm_scan.ExitCosts) -> float:
-    """The largest MACs speed-up at no loss against the deepest exit that any decision rule choosing among the
-    exits' own answers could reach (an oracle that knows the labels): each sample leaves at the first exit that
-    answers it right, or at exit 1 where none does; then, while more samples are right than the deepest exit
-    gets right, the costliest right ones leave wrong at exit 1 instead. ``outputs``: logits per exit, first
-    exit first."""
+    """The largest speed-up (in ``costs``' unit) at no loss against the deepest exit, on these samples, that any
+    decision rule answering with one exit's own prediction (Algorithm 1's answers; not an ensemble's, which can
+    be right where every exit is wrong) could reach: an oracle that knows the labels. Each sample leaves at the
+    first exit that answers it right, or at exit 1 where none does; then, while more samples are right than the
+    deepest exit gets right, the costliest right ones leave wrong at exit 1 instead. ``outputs``: logits per
+    exit, first exit first."""
     right = torch.stack([o.argmax(-1) == labels for o in outputs])  # (exits, samples)
     per_exit = torch.tensor(costs.per_exit, dtype=torch.float64)
     any_right = right.any(0)

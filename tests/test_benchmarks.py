@@ -341,6 +341,12 @@ def test_head_budget(bench_runs, monkeypatch, tmp_path):
     # exit 2 alone gets sample 0 right beside the deepest's four: 3 runs to the end, 1 leaves at 2 MACs
     assert bench["no_loss_bound"](answers([1, 0, 1, 1], [0, 0, 1, 1], [0, 1, 2, 3]), labels, costs) == 4 / (
         (2 + 4 + 4 + 4) / 4)
+    # one right answer to spare (four right against the deepest's three): only the costliest right sample
+    # (4 MACs, saving 3) leaves wrong at exit 1; the sample no exit gets right leaves at exit 1 too
+    five = torch.tensor([0, 1, 2, 3, 0])
+    answers5 = [torch.nn.functional.one_hot(torch.tensor(p), 4).float()
+                for p in ([0, 0, 0, 0, 1], [0, 1, 0, 0, 1], [0, 0, 2, 3, 1])]
+    assert bench["no_loss_bound"](answers5, five, costs) == pytest.approx(4 / ((1 + 2 + 4 + 4 + 1 - 3) / 5))
     [timed] = report["latency"]
     default, papers = timed["designs"]["default"], timed["designs"]["papers"]
     assert papers["scan_config"]["attention"] == "sd" and papers["scan_config"]["head_budget"] is None
