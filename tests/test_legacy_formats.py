@@ -1,5 +1,5 @@
-"""Folders, runs and ONNX exports written by older timm-scan load with this code and answer exactly as
-they did (issue 32).
+"""Folders, runs and ONNX exports written by older timm-scan load with this code and answer as they did
+(issue 32): the same labels and exits, and the same logits to float32 precision across CPUs.
 
 The fixtures in ``tests/fixtures/legacy/<version>/`` were written by that version's own code
 (``tests/fixtures/legacy/make_fixtures.py`` says how): ``v0_1_0`` by the 0.1.0 release, ``pre_policy``
@@ -31,7 +31,11 @@ LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"
 VERSIONS = ["v0_1_0", "pre_policy"]
 MODELS = [("v0_1_0", "model"), ("pre_policy", "model"), ("pre_policy", "model_calibrated")]
 ONNX = [("pre_policy", "onnx"), ("pre_policy", "onnx_calibrated")]
-TOL = dict(atol=1e-5, rtol=1e-5)
+# logits: float32 computed on another CPU differs in its last bits (other kernels, other summation orders);
+# on a second machine, up to 2e-4 relative on large logits and 1e-3 on one near zero beside large ones.
+# A wrong weight or config moves them by whole units.
+RTOL, ATOL_OF_LARGEST = 1e-3, 1e-4
+TOL = dict(atol=1e-5, rtol=1e-5)  # confidences and probabilities, in [0, 1]
 
 
 @cache
@@ -51,7 +55,8 @@ def assert_logits(model, images: torch.Tensor, want: list[torch.Tensor]) -> None
         got = model(images).logits
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
-        torch.testing.assert_close(g, w, **TOL, msg=lambda m, i=i: f"exit {i}: {m}")
+        atol = ATOL_OF_LARGEST * max(1.0, float(w.abs().max()))
+        torch.testing.assert_close(g, w, rtol=RTOL, atol=atol, msg=lambda m, i=i: f"exit {i}: {m}")
 
 
 def assert_answers(result, version: str, prefix: str) -> None:
