@@ -20,8 +20,8 @@ thresholds at no loss and within one point on validation under Algorithm 1's rul
 (``rule="running-mean"``), their MACs speed-up on test, and (``--wall-clock``, Algorithm 1's no-loss
 thresholds) the predictor against the plain backbone on test images at batch 256 and 1, timed in turns; and
 ``bound``, the largest no-loss speed-up that any rule answering with one exit's own prediction could reach (an
-oracle that knows the labels, `head_budget.no_loss_bound`). ``--designs`` trains some designs only (no narrowing without
-the candidates).
+oracle that knows the labels, `head_budget.no_loss_bound`). ``--designs`` trains some designs only (no
+narrowing without the candidates).
 
     python benchmarks/exit_positions.py --train runs/cert-resnet18-45k --epochs 2 --wall-clock \\
         --out benchmarks/results/exit_positions_resnet18.json
@@ -174,9 +174,10 @@ def frozen(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
     record = {"base": args.train, "base_results": run_results(base).to_dict()}
     chosen, record["proposal"] = designs(model.backbone, (3, cfg.input_size, cfg.input_size),
                                          Path(args.root) / base.name / "proposal.json")
-    trained = train(base, {name: flags(d) for name, d in chosen.items() if name in args.designs}, args.epochs or 2, args.batch_size or 128,
+    names = [name for name in chosen if name in args.designs]
+    trained = train(base, {name: flags(chosen[name]) for name in names}, args.epochs or 2, args.batch_size or 128,
                     Path(args.root))
-    return record, dict(zip([name for name in chosen if name in args.designs], trained))
+    return record, dict(zip(names, trained))
 
 
 def scratch(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
