@@ -51,7 +51,7 @@ def evaluate(row: dict) -> dict:
                                                  outputs.test_labels)
     if row.get("keep") is not None:
         model = model.keep_exits(row["keep"])
-        val, test = ([outputs[i] for i in row["keep"]] + [outputs[-1]] for outputs in (val, test))
+        val, test = ([split[i] for i in row["keep"]] + [split[-1]] for split in (val, test))
         row["exits"] = model.config.exits
     costs = model.exit_costs(outputs.input_size)
     row["test_exits"] = [float((p.argmax(-1) == test_labels).float().mean()) for p in test]

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import timm
 import torch
-from head_budget import TARGETS, RunOutputs, no_loss_bound, operating_points, summarise, train  # noqa: E402  (benchmarks/: the script's folder)
+from head_budget import TARGETS, RunOutputs, bounds, operating_points, summarise, train  # noqa: E402  (benchmarks/: the script's folder)
 from self_distillation import SETTINGS, train_config, train_or_reuse  # noqa: E402
 
 from timm_scan import EarlyExitPredictor, ExitCosts, ExitPolicy, ScanConfig, propose_exits, wrap
@@ -133,8 +133,7 @@ def narrowed(run: Path, keeps: dict[str, tuple[int, ...]], max_subset: int | Non
                "test_exits": [float((o.argmax(-1) == test_labels).float().mean()) for o in test_k]}
         row.update(operating_points(val_k, val_labels, test_k, test_labels, costs))
         row["running_mean"] = operating_points(val_k, val_labels, test_k, test_labels, costs, rule="running-mean")
-        row["bound"] = {"val_speedup": no_loss_bound(val_k, val_labels, costs),
-                        "test_speedup": no_loss_bound(test_k, test_labels, costs)}
+        row["bound"] = bounds(val_k, val_labels, test_k, test_labels, costs)
         if wall:
             row["no_loss"]["wall_clock"] = wall_clock(kept, ExitPolicy(row["no_loss"]["thresholds"], "deepest"),
                                                       test_set, wall)
@@ -211,8 +210,8 @@ def trained(args: argparse.Namespace) -> dict:
     record, runs = scratch(args) if args.scratch else frozen(args)
     record["designs"] = {}
     for name, run in runs.items():
-        row = summarise(run)
         outputs = RunOutputs.load(run)
+        row = summarise(outputs)
         row["running_mean"] = outputs.operating_points(rule="running-mean")
         if args.wall_clock and name != "candidates":
             row["no_loss"]["wall_clock"] = wall_clock(outputs.model, outputs.model.policy.replace(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import platform
 import subprocess
@@ -67,9 +68,10 @@ def train(base: Path, designs: dict[str, list[str]], epochs: int, batch_size: in
 
 @dataclasses.dataclass
 class RunOutputs:
-    """A trained run's best model, its config, its test set and its cached outputs (per exit, first exit
-    first) on validation and test."""
+    """A trained run's folder, best model, config, test set and cached outputs (per exit, first exit first) on
+    validation and test."""
 
+    run: Path
     model: timm_scan.MultiExitModel
     cfg: timm_scan.training.TrainConfig
     test_set: torch.utils.data.Dataset
@@ -84,31 +86,32 @@ class RunOutputs:
         splits = run_splits(cfg, trained=True)
         test_set = eval_dataset(splits, "test", model.data_config)
         val, val_labels = cached_outputs(run, "val", model, eval_dataset(splits, "val", model.data_config))
-        return cls(model, cfg, test_set, val, val_labels, *cached_outputs(run, "test", model, test_set))
+        return cls(run, model, cfg, test_set, val, val_labels, *cached_outputs(run, "test", model, test_set))
 
     @property
     def input_size(self) -> tuple[int, int, int]:
         return (3, self.cfg.input_size, self.cfg.input_size)
 
-    def no_loss_bound(self) -> dict:
-        """`no_loss_bound` of the run as trained, on validation and on test."""
-        costs = self.model.exit_costs(self.input_size)
-        return {"val_speedup": no_loss_bound(self.val, self.val_labels, costs),
-                "test_speedup": no_loss_bound(self.test, self.test_labels, costs)}
+    @functools.cached_property
+    def costs(self) -> timm_scan.ExitCosts:
+        """Each exit's MACs at the training size, as trained (every exit)."""
+        return self.model.exit_costs(self.input_size)
 
     def operating_points(self, rule: str = "own") -> dict:
         """`operating_points` of the run as trained (every exit) under ``rule``."""
-        return operating_points(self.val, self.val_labels, self.test, self.test_labels,
-                                self.model.exit_costs(self.input_size), rule=rule)
+        return operating_points(self.val, self.val_labels, self.test, self.test_labels, self.costs, rule=rule)
+
+    def bounds(self) -> dict:
+        """`bounds` of the run as trained (every exit)."""
+        return bounds(self.val, self.val_labels, self.test, self.test_labels, self.costs)
 
 
-def summarise(run: Path) -> dict:
-    outputs = RunOutputs.load(run)
-    costs = outputs.model.exit_costs(outputs.input_size)
-    results = run_results(run)
-    row = {"run": str(run), "scan_config": outputs.model.config.to_dict(), "val": results.val.to_dict(),
+def summarise(outputs: RunOutputs) -> dict:
+    results = run_results(outputs.run)
+    costs = outputs.costs
+    row = {"run": str(outputs.run), "scan_config": outputs.model.config.to_dict(), "val": results.val.to_dict(),
            "test": results.test.to_dict(), "exit_macs": costs.per_exit, "backbone_macs": costs.backbone}
-    return {**row, **outputs.operating_points(), "bound": outputs.no_loss_bound()}
+    return {**row, **outputs.operating_points(), "bound": outputs.bounds()}
 
 
 def operating_points(val: list, val_labels, test: list, test_labels, costs, rule: str = "own") -> dict:
@@ -138,6 +141,12 @@ def no_loss_bound(outputs: list[torch.Tensor], labels: torch.Tensor, costs: timm
     spare = int(any_right.sum() - right[-1].sum())  # right answers beyond the deepest exit's
     saving = torch.sort(torch.where(any_right, cost - per_exit[0], torch.zeros_like(cost)), descending=True).values
     return costs.backbone / float((cost.sum() - saving[:spare].sum()) / len(labels))
+
+
+def bounds(val: list, val_labels, test: list, test_labels, costs) -> dict:
+    """`no_loss_bound` on validation and on test."""
+    return {"val_speedup": no_loss_bound(val, val_labels, costs),
+            "test_speedup": no_loss_bound(test, test_labels, costs)}
 
 
 def latency(name: str, batch_sizes: list[int], repeats: int) -> dict:
@@ -176,7 +185,7 @@ def main() -> None:
     if args.train:
         record["base"] = args.train
         record["base_results"] = run_results(args.train).to_dict()
-        record["designs"] = {d: summarise(r) for d, r in zip(args.designs, train(
+        record["designs"] = {d: summarise(RunOutputs.load(r)) for d, r in zip(args.designs, train(
             Path(args.train), {d: DESIGNS[d] for d in args.designs}, args.epochs, args.batch_size, Path(args.root)))}
         for design, row in record["designs"].items():
             print(f"{design:10s} test exits {[round(100 * a, 2) for a in row['test']['exits']]}", *(
